@@ -1,0 +1,20 @@
+"""bbt-onnx: Black-Box Tuning (Sun et al., ICML 2022) over forward-only ONNX Runtime engines.
+
+The runtime needs onnxruntime, numpy, cma, tokenizers and click; it never imports torch.
+"""
+
+__version__ = "0.1.0"
+
+from .data import DataSpec, Example, read_examples  # noqa: E402
+from .encoding import EncodedSet, Encoder  # noqa: E402
+from .engine import Engine, OrtEngine  # noqa: E402
+from .errors import BBTError  # noqa: E402
+from .manifest import Manifest, load_manifest  # noqa: E402
+from .model import Model  # noqa: E402
+from .prompt import Prediction, TunedPrompt  # noqa: E402
+from .tasks import PRESETS, Task, resolve_task  # noqa: E402
+from .tuner import BlackBoxTuner, FitReport, GenerationEvent, TuneConfig  # noqa: E402
+
+__all__ = ["BBTError", "BlackBoxTuner", "DataSpec", "EncodedSet", "Encoder", "Engine", "Example", "FitReport",
+           "GenerationEvent", "Manifest", "Model", "OrtEngine", "PRESETS", "Prediction", "Task", "TuneConfig",
+           "TunedPrompt", "load_manifest", "read_examples", "resolve_task"]

@@ -1,0 +1,314 @@
+"""`bbt-onnx`: thin click commands over the library. Progress and logs go to stderr, results to stdout."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import BBTError
+from .manifest import PRECISIONS
+
+DEVICE = click.Choice(["cpu", "cuda"])
+PRECISION = click.Choice(list(PRECISIONS))
+
+
+class Group(click.Group):
+    """Turns a BBTError into one line on stderr and exit code 2; other exceptions stay bugs with tracebacks."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BBTError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+
+
+def err(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def emit_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2))
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="bbt-onnx")
+def cli():
+    """Black-Box Tuning of language models served as forward-only ONNX Runtime engines.
+
+    export turns a Hugging Face model into a prompt graph; tune learns a continuous prompt
+    with CMA-ES from a few labelled examples; evaluate and predict use it.
+    """
+
+
+# --------------------------------------------------------------------------- export
+@cli.command()
+@click.option("--model", "model", required=True, help="Hugging Face hub id, or a directory written by save_pretrained.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Model directory to write.")
+@click.option("--prompt-tokens", default=50, show_default=True, help="Most soft-prompt tokens a run may use (P).")
+@click.option("--opset", default=17, show_default=True, help="ONNX opset.")
+@click.option("--fp16", is_flag=True, help="Also write a fused fp16 graph for CUDA (model.fp16.onnx).")
+@click.option("--int8", is_flag=True, help="Also write a dynamically quantized int8 graph for CPU (model.int8.onnx).")
+@click.option("--force", is_flag=True, help="Replace an existing --out directory.")
+def export(model, out, prompt_tokens, opset, fp16, int8, force):
+    """Export a masked LM to an ONNX prompt graph, check it against PyTorch, write its manifest."""
+    try:
+        from bbt_onnx_export import ExportOptions, export_model
+    except ImportError as exc:
+        raise BBTError(f"export needs the `export` extra (torch, transformers, onnx): pip install 'bbt-onnx[export]' "
+                       f"after pip install torch==2.13.0 ({exc})") from None
+    manifest = export_model(ExportOptions(model, out, prompt_tokens, opset, fp16, int8, force), log=err)
+    summary = {name: {"file": g.file, **g.parity, **({"fused_ops": g.fused_ops} if g.fused_ops else {})}
+               for name, g in manifest.graphs.items()}
+    emit_json({"out": str(out), "kind": manifest.kind, "architecture": manifest.architecture,
+               "prompt_tokens": manifest.prompt_tokens, "embedding_std": manifest.embedding_std, "graphs": summary})
+
+
+# --------------------------------------------------------------------------- shared options
+def task_options(f):
+    f = click.option("--metric", type=click.Choice(["accuracy", "f1"]), help="Override the task's metric.")(f)
+    f = click.option("--task-file", type=click.Path(dir_okay=False), help="JSON with template, labels, metric.")(f)
+    f = click.option("--labels", help="Custom verbalizer: name=word,... in class order, e.g. neg=bad,pos=great.")(f)
+    f = click.option("--template", help='Custom template with {text}, {text_b}, {mask}, e.g. " {text} It was {mask} ."')(f)
+    f = click.option("--task", "task_name", help="Preset: sst2, yelpp, agnews, dbpedia, mrpc, rte, snli.")(f)
+    return f
+
+
+def engine_options(f):
+    f = click.option("--threads", type=click.IntRange(1), help="CPU threads for onnxruntime [default: all cores].")(f)
+    f = click.option("--precision", type=PRECISION, default="fp32", show_default=True, help="Which exported graph.")(f)
+    f = click.option("--device", type=DEVICE, default="cpu", show_default=True, help="onnxruntime execution provider.")(f)
+    return f
+
+
+def get_task(task_name, template, labels, task_file, metric):
+    from .tasks import resolve_task
+
+    return resolve_task(task_name, template, labels, task_file, metric)
+
+
+# --------------------------------------------------------------------------- tune
+TUNE_FLAGS = ("model_dir", "task_name", "template", "labels", "task_file", "metric", "data", "train", "dev", "test",
+              "k_shot", "out", "prompt_tokens", "intrinsic_dim", "popsize", "budget", "sigma", "alpha",
+              "random_proj", "bound", "diagonal", "loss", "eval_every", "seed", "checkpoint_every", "precision",
+              "max_length", "force")
+
+
+@cli.command()
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), help="Model directory from `bbt-onnx export`.")
+@task_options
+@click.option("--data", help="Labelled pool (CSV/TSV/JSONL or hf:NAME) to draw k per class for train and dev from.")
+@click.option("--train", type=click.Path(dir_okay=False), help="Explicit training file, used whole (no sampling).")
+@click.option("--dev", type=click.Path(dir_okay=False), help="Explicit dev file.")
+@click.option("--test", type=click.Path(dir_okay=False), help="Test file, scored once at the end.")
+@click.option("--k-shot", default=16, show_default=True, help="Examples per class for train (and again for dev).")
+@click.option("--out", type=click.Path(path_type=Path), help="Run directory to write.")
+@click.option("--prompt-tokens", default=50, show_default=True, help="Soft-prompt tokens P.")
+@click.option("--intrinsic-dim", default=500, show_default=True, help="Subspace dimension d.")
+@click.option("--popsize", default=20, show_default=True, help="CMA-ES population per generation.")
+@click.option("--budget", default=8000, show_default=True, help="API calls: one call = one candidate on the train set.")
+@click.option("--sigma", default=1.0, show_default=True, help="CMA-ES initial step size.")
+@click.option("--alpha", default=1.0, show_default=True, help="Scale of the normal projection.")
+@click.option("--random-proj", type=click.Choice(["normal", "uniform"]), default="normal", show_default=True)
+@click.option("--bound", default=0.0, show_default=True, help="Box z to [-bound, bound]; 0 is off.")
+@click.option("--diagonal", is_flag=True, help="sep-CMA (diagonal covariance): far cheaper per generation.")
+@click.option("--loss", type=click.Choice(["ce", "hinge", "perf"]), default="ce", show_default=True)
+@click.option("--eval-every", default=100, show_default=True, help="Score the best-so-far prompt on dev every N calls.")
+@click.option("--seed", default=42, show_default=True)
+@click.option("--checkpoint-every", default=10, show_default=True, help="Generations between checkpoints; 0 is off.")
+@click.option("--max-length", type=click.IntRange(8), help="Token limit per row [default: the model's].")
+@engine_options
+@click.option("--resume", type=click.Path(path_type=Path, file_okay=False), help="Continue an interrupted run.")
+@click.option("--force", is_flag=True, help="Replace an earlier run in --out.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or notes.")
+@click.pass_context
+def tune(ctx, resume, quiet, device, threads, **flags):
+    """Learn a continuous prompt with CMA-ES, using only forward calls of the exported graph.
+
+    Writes prompt.npz, run.json, log.jsonl and loss.png into --out, prints the metrics JSON.
+    """
+    from .data import DataSpec
+    from .tuner import TuneConfig
+    from .workflow import Hooks, TuneRequest, tune as run_tune
+
+    if resume:
+        given = [k for k in TUNE_FLAGS if k in flags and
+                 ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise BBTError(f"--resume takes the run's own settings; drop {', '.join('--' + g.replace('_', '-') for g in given)}")
+        from .runs import RunDir
+
+        settings = RunDir.open_existing(resume).read_json().get("settings", {})
+        request = TuneRequest.from_settings(settings, str(resume), device=device, threads=threads)
+    else:
+        if not flags["model_dir"]:
+            raise BBTError("--model is required")
+        if not flags["out"]:
+            raise BBTError("--out is required (the run directory)")
+        task = get_task(flags["task_name"], flags["template"], flags["labels"], flags["task_file"], flags["metric"])
+        config = TuneConfig(**{k: flags[k] for k in ("prompt_tokens", "intrinsic_dim", "popsize", "budget", "sigma",
+                                                      "alpha", "random_proj", "bound", "diagonal", "loss",
+                                                      "eval_every", "seed", "checkpoint_every")})
+        data = DataSpec(flags["data"], flags["train"], flags["dev"], flags["test"], flags["k_shot"], flags["seed"])
+        request = TuneRequest(flags["model_dir"], task, data, config, str(flags["out"]), device, flags["precision"],
+                              threads, flags["max_length"])
+
+    progress = Progress(quiet)
+    hooks = Hooks(log=(lambda m: None) if quiet else err, start=progress.start, event=progress.update)
+    try:
+        outcome = run_tune(request, hooks, resume=bool(resume), force=bool(flags.get("force")))
+    except KeyboardInterrupt:
+        progress.close()
+        err(f"interrupted; continue with: bbt-onnx tune --resume {request.out}")
+        ctx.exit(130)
+    finally:
+        progress.close()
+    m = outcome.metrics
+    dev = "n/a" if m["best_dev_metric"] is None else f"{m['best_dev_metric']:.4f}"
+    test = "n/a" if m["test_metric"] is None else f"{m['test_metric']:.4f}"
+    err(f"done: {m['api_calls']} calls in {m['wall_seconds']:.1f}s ({m['calls_per_second']:.1f}/s), train loss "
+        f"{m['train_loss_initial']:.4f} -> {m['train_loss_final']:.4f}, dev {m['metric_name']} {dev}, "
+        f"test {test}; wrote {outcome.run_dir}")
+    emit_json(m)
+
+
+class Progress:
+    """A progress bar on stderr: calls, best loss, dev metric."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bar = None
+        self.dev = None
+
+    def start(self, total: int, done: int) -> None:
+        if self.quiet:
+            return
+        self.bar = click.progressbar(length=total, label="tuning", file=sys.stderr, show_pos=True,
+                                     show_percent=False, item_show_func=lambda s: s)
+        self.bar.__enter__()
+        if done:
+            self.bar.update(done)
+
+    def update(self, event) -> None:
+        if self.bar is None:
+            return
+        if event.dev_metric is not None:
+            self.dev = event.dev_metric
+        dev = "-" if self.dev is None else f"{self.dev:.3f}"
+        self.bar.update(event.calls - self.bar.pos, f"loss {event.best_loss_so_far:.4f}  dev {dev}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+# --------------------------------------------------------------------------- evaluate / predict
+def load_prompt(model, prompt_dir, no_prompt, task_args, prompt_tokens):
+    """The tuned prompt from a run, or z = 0 (the manual template) with --no-prompt."""
+    from .prompt import TunedPrompt
+    from .subspace import ProjectionSpec
+
+    task_given = any(a is not None for a in task_args)
+    if prompt_dir is not None:
+        prompt = TunedPrompt.load(prompt_dir)
+        if task_given:
+            raise BBTError("--task/--template/--labels come from the run with --prompt; drop them")
+        if no_prompt:
+            return TunedPrompt.zero(prompt.projection, prompt.task)
+        return prompt
+    if not no_prompt:
+        raise BBTError("give --prompt RUN_DIR, or --no-prompt with a task to score the manual template")
+    task = get_task(*task_args)
+    m = model.manifest
+    spec = ProjectionSpec(0, 1, prompt_tokens if prompt_tokens is not None else m.prompt_tokens, m.hidden_size,
+                          m.embedding_std)
+    return TunedPrompt.zero(spec, task)
+
+
+@cli.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--prompt", "prompt_dir", type=click.Path(path_type=Path), help="Run directory (or prompt.npz).")
+@click.option("--data", required=True, help="Labelled CSV/TSV/JSONL file to score.")
+@click.option("--no-prompt", is_flag=True, help="Score z = 0: the manual template, the untuned baseline.")
+@click.option("--prompt-tokens", type=int, help="Prompt slots for --no-prompt without a run [default: model's P].")
+@task_options
+@engine_options
+def evaluate(model_dir, prompt_dir, data, no_prompt, prompt_tokens, task_name, template, labels, task_file, metric,
+             device, precision, threads):
+    """Score a tuned prompt (or the bare template) on a labelled file; prints a metrics JSON."""
+    from .data import check_labels, read_examples
+    from .model import Model
+
+    model = Model.load(model_dir, device=device, precision=precision, threads=threads)
+    prompt = load_prompt(model, prompt_dir, no_prompt, (task_name, template, labels, task_file, metric), prompt_tokens)
+    rows = read_examples(data)
+    check_labels(rows, prompt.task.label_keys, data)
+    result = prompt.evaluate(model, rows)
+    result.update(task=prompt.task.name, prompt="none (z = 0)" if no_prompt else str(prompt_dir),
+                  provider=model.engine.provider)
+    emit_json(result)
+
+
+@cli.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--prompt", "prompt_dir", required=True, type=click.Path(path_type=Path), help="Run directory.")
+@click.option("--input", "input_path", required=True,
+              help="CSV/TSV/JSONL with a text column, a .txt with one text per line, or - for stdin.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Write JSONL here [default: stdout].")
+@engine_options
+def predict(model_dir, prompt_dir, input_path, output, device, precision, threads):
+    """Label texts with a tuned prompt; writes JSONL: text, label and per-label probabilities."""
+    from .model import Model
+    from .prompt import TunedPrompt
+
+    model = Model.load(model_dir, device=device, precision=precision, threads=threads)
+    prompt = TunedPrompt.load(prompt_dir)
+    rows = read_input(input_path)
+    preds = prompt.predict(model, rows)
+    lines = "".join(json.dumps({"text": r.text, **({"text_b": r.text_b} if r.text_b else {}), "label": p.label,
+                                "probabilities": p.probabilities}) + "\n" for r, p in zip(rows, preds))
+    if output:
+        from .fileio import write_text_atomic
+
+        write_text_atomic(output, lines)
+        err(f"wrote {len(preds)} predictions to {output}")
+    else:
+        click.echo(lines, nl=False)
+
+
+def read_input(path: str):
+    from .data import Example, read_examples, rows_to_examples
+
+    if path != "-" and not path.endswith(".txt"):
+        return read_examples(path, need_label=False)
+    text = sys.stdin.read() if path == "-" else _read_text(path)
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise BBTError(f"{'stdin' if path == '-' else path} holds no text")
+    if lines[0].lstrip().startswith("{"):
+        try:
+            rows = [json.loads(line) for line in lines]
+        except json.JSONDecodeError as exc:
+            raise BBTError(f"input line is not JSON: {exc.msg}") from None
+        return rows_to_examples(rows, list(dict.fromkeys(k for r in rows for k in r)), "input", need_label=False)
+    return [Example(line.strip()) for line in lines]
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BBTError(f"cannot read {path}: {exc}") from None
+
+
+def main() -> None:
+    cli(prog_name="bbt-onnx")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Labelled rows from CSV/TSV/JSONL files or Hugging Face datasets, and seeded k-shot sampling."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .errors import BBTError
+
+TEXT_COLUMNS = ("text", "sentence", "sentence1", "content", "premise")
+TEXT_B_COLUMNS = ("text_b", "sentence2", "hypothesis")
+LABEL_COLUMN = "label"
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    text_b: str | None = None
+    label: str | None = None
+
+
+def _label_str(value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    return text or None
+
+
+def _pick(columns: Sequence[str], wanted: Sequence[str]) -> str | None:
+    lowered = {c.strip().lower(): c for c in columns}
+    return next((lowered[w] for w in wanted if w in lowered), None)
+
+
+def rows_to_examples(rows: Iterable[dict], columns: Sequence[str], source: str, need_label: bool) -> list[Example]:
+    text_col = _pick(columns, TEXT_COLUMNS)
+    if text_col is None:
+        raise BBTError(f"{source} has no text column (one of: {', '.join(TEXT_COLUMNS)}); "
+                       f"its columns are: {', '.join(columns) or 'none'}")
+    b_col = _pick(columns, TEXT_B_COLUMNS)
+    label_col = _pick(columns, (LABEL_COLUMN,))
+    if need_label and label_col is None:
+        raise BBTError(f"{source} has no 'label' column; its columns are: {', '.join(columns)}")
+    out = []
+    for i, row in enumerate(rows, start=1):
+        text = row.get(text_col)
+        if text is None or not str(text).strip():
+            raise BBTError(f"{source} row {i}: empty {text_col!r}")
+        label = _label_str(row.get(label_col)) if label_col else None
+        if need_label and label is None:
+            raise BBTError(f"{source} row {i}: empty label")
+        b = row.get(b_col) if b_col else None
+        out.append(Example(str(text).strip(), None if b is None else str(b).strip(), label))
+    if not out:
+        raise BBTError(f"{source} has no rows")
+    return out
+
+
+def read_examples(path: str | Path, need_label: bool = True) -> list[Example]:
+    """CSV, TSV (by extension) or JSONL with a header naming `text`|`sentence`, `text_b`|`sentence2`, `label`."""
+    path = Path(path)
+    if str(path).startswith("hf:"):
+        return load_hf(str(path), "train", need_label)
+    if not path.is_file():
+        raise BBTError(f"data file {path} does not exist")
+    try:
+        raw = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BBTError(f"cannot read {path}: {exc}") from None
+    if not raw.strip():
+        raise BBTError(f"{path} is empty")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return _read_jsonl(raw, path, need_label)
+    if suffix in (".csv", ".tsv", ".txt"):
+        delim = "\t" if suffix == ".tsv" else ","
+        if suffix == ".txt":
+            delim = "\t" if "\t" in raw.splitlines()[0] else ","
+        reader = csv.DictReader(io.StringIO(raw, newline=""), delimiter=delim)
+        columns = reader.fieldnames or []
+        try:
+            rows = list(reader)
+        except csv.Error as exc:
+            raise BBTError(f"{path} is not valid {'TSV' if delim == chr(9) else 'CSV'}: {exc}") from None
+        if any(None in r for r in rows):
+            bad = next(i for i, r in enumerate(rows, 1) if None in r)
+            raise BBTError(f"{path} row {bad} has more fields than the header")
+        return rows_to_examples(rows, columns, str(path), need_label)
+    raise BBTError(f"{path}: unknown data format {suffix!r}; use .csv, .tsv or .jsonl")
+
+
+def _read_jsonl(raw: str, path: Path, need_label: bool) -> list[Example]:
+    rows = []
+    for i, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BBTError(f"{path} line {i} is not JSON: {exc.msg}") from None
+        if not isinstance(obj, dict):
+            raise BBTError(f"{path} line {i} is not a JSON object")
+        rows.append(obj)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return rows_to_examples(rows, columns, str(path), need_label)
+
+
+def load_hf(spec: str, split: str, need_label: bool = True) -> list[Example]:
+    """`hf:glue/sst2` -> datasets.load_dataset("glue", "sst2", split=...); unlabelled rows (-1) are dropped."""
+    name = spec[3:]
+    if not name:
+        raise BBTError("hf: needs a dataset name, e.g. hf:glue/sst2")
+    try:
+        import datasets  # noqa: PLC0415 - optional
+    except ImportError:
+        raise BBTError(f"{spec} needs the `datasets` package (pip install datasets); or pass a local CSV/TSV/JSONL file") from None
+    path, _, config = name.partition("/")
+    try:
+        ds = datasets.load_dataset(path, config or None, split=split)
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types for offline/missing
+        raise BBTError(f"cannot load {spec} split {split!r} from the Hugging Face hub ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0][:200]}); offline, pass local files instead") from None
+    rows = [r for r in ds if LABEL_COLUMN not in r or r[LABEL_COLUMN] is None or int(r[LABEL_COLUMN]) >= 0]
+    return rows_to_examples(rows, list(ds.column_names), f"{spec}[{split}]", need_label)
+
+
+def hf_test_split(spec: str) -> list[Example]:
+    """The labelled evaluation split: `test` when it has labels, else `validation` (as the reference does)."""
+    try:
+        return load_hf(spec, "test")
+    except BBTError:
+        return load_hf(spec, "validation")
+
+
+def check_labels(examples: Sequence[Example], keys: Sequence[str], source: str) -> None:
+    unknown = Counter(e.label for e in examples if e.label not in keys)
+    if unknown:
+        shown = ", ".join(f"{k!r} ({n} rows)" for k, n in unknown.most_common(5))
+        raise BBTError(f"{source} has labels the task does not know: {shown}; the task's labels are "
+                       f"{', '.join(keys)} (name them with --labels name=word,...)")
+
+
+def k_shot_split(examples: Sequence[Example], keys: Sequence[str], k: int, rng: np.random.Generator,
+                 with_dev: bool = True) -> tuple[list[Example], list[Example]]:
+    """The reference's true few-shot split: shuffle, then take k per class for train and the next k for dev."""
+    if k < 1:
+        raise BBTError("--k-shot must be at least 1")
+    need = 2 * k if with_dev else k
+    counts = Counter(e.label for e in examples)
+    for key in keys:
+        if counts[key] < need:
+            what = f"k={k} for train and k={k} for dev need {need}" if with_dev else f"k={k} needs {k}"
+            raise BBTError(f"class {key!r} has only {counts[key]} examples; {what} (lower --k-shot)")
+    order = rng.permutation(len(examples))
+    train, dev = [], []
+    taken_train, taken_dev = Counter(), Counter()
+    for i in order:
+        e = examples[i]
+        if taken_train[e.label] < k:
+            train.append(e)
+            taken_train[e.label] += 1
+        elif with_dev and taken_dev[e.label] < k:
+            dev.append(e)
+            taken_dev[e.label] += 1
+    return train, dev
+
+
+def file_fingerprint(path: str | Path) -> str:
+    from .fileio import sha256_file
+
+    return f"hf:{str(path)[3:]}" if str(path).startswith("hf:") else sha256_file(path)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where a run's rows come from: a pool to k-shot sample (`data`), or explicit split files."""
+
+    data: str | None = None
+    train: str | None = None
+    dev: str | None = None
+    test: str | None = None
+    k_shot: int = 16
+    seed: int = 42
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: list[Example]
+    dev: list[Example] | None
+    test: list[Example] | None
+    fingerprints: dict[str, str]
+
+
+def load_splits(spec: DataSpec, keys: Sequence[str]) -> Splits:
+    """Train/dev/test rows as the reference forms them; every label checked against the task."""
+    from .seeding import generator
+
+    if spec.data and spec.train:
+        raise BBTError("give --data (k-shot sampled) or --train (used whole), not both")
+    if not (spec.data or spec.train):
+        raise BBTError("no training data: give --data FILE to sample k per class, or --train FILE")
+    sources = {"data": spec.data, "train": spec.train, "dev": spec.dev, "test": spec.test}
+    loaded = {name: read_examples(src) for name, src in sources.items() if src}
+    for name, rows in loaded.items():
+        check_labels(rows, keys, f"--{name} {sources[name]}")
+    if spec.data:
+        train, dev = k_shot_split(loaded["data"], keys, spec.k_shot, generator(spec.seed, "sampling"),
+                                  with_dev=not spec.dev)
+        dev = loaded.get("dev", dev)
+    else:
+        train, dev = loaded["train"], loaded.get("dev")
+    test = loaded.get("test")
+    if test is None and spec.data and spec.data.startswith("hf:"):
+        test = hf_test_split(spec.data)
+        check_labels(test, keys, f"{spec.data} (evaluation split)")
+    fingerprints = {name: file_fingerprint(src) for name, src in sources.items() if src}
+    return Splits(train, dev or None, test, fingerprints)

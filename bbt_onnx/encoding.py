@@ -1,0 +1,195 @@
+"""Template filling and tokenisation into the graph's inputs, with `tokenizers` alone.
+
+Each row becomes `[bos] + P' placeholder ids + template tokens (+ [eos] for masked LMs)`.
+The filled template is tokenized as one string, exactly as the model would see it; the
+tokens that came from the text fields are then known by their character offsets, so
+truncation cuts text only, never the template, the prompt slots or the mask.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, replace
+from typing import Iterator, Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .data import Example
+from .errors import BBTError
+from .manifest import Manifest
+from .tasks import Task, check_template
+
+
+@dataclass(frozen=True)
+class EncodedSet:
+    """N encoded rows, right-padded to the longest: the graph inputs bar the prompt."""
+
+    input_ids: np.ndarray  # int64 [N, T]
+    attention_mask: np.ndarray  # int64 [N, T]
+    mask_pos: np.ndarray  # int64 [N]
+    labels: np.ndarray  # int64 [N], class index, -1 when unknown
+    label_ids: np.ndarray  # int64 [K]
+    truncated: int = 0  # rows whose text was cut to fit
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.attention_mask.sum(axis=1)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.input_ids.size)
+
+    def take(self, index: np.ndarray) -> "EncodedSet":
+        """Rows `index`, with padding trimmed to their own longest row."""
+        width = int(self.lengths[index].max()) if len(index) else 0
+        return replace(self, input_ids=self.input_ids[index, :width], attention_mask=self.attention_mask[index, :width],
+                       mask_pos=self.mask_pos[index], labels=self.labels[index], truncated=0)
+
+    def batches(self, rows: int) -> Iterator[tuple[np.ndarray, "EncodedSet"]]:
+        """Length-sorted batches of at most `rows` rows, so little padding is computed."""
+        order = np.argsort(self.lengths, kind="stable")
+        for start in range(0, len(order), rows):
+            idx = order[start:start + rows]
+            yield idx, self.take(idx)
+
+
+def load_tokenizer(manifest: Manifest) -> Tokenizer:
+    path = manifest.tokenizer_path
+    if not path.is_file():
+        raise BBTError(f"{manifest.directory} has no tokenizer.json; re-export the model")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exception
+        raise BBTError(f"cannot load {path}: {exc}") from None
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+def label_token_ids(tokenizer: Tokenizer, words: Sequence[str], prefix: str) -> tuple[list[int], list[str]]:
+    """The first piece of each label word, and a warning for each word that splits.
+
+    A word that starts with a space is tokenized as written; otherwise `prefix` (the
+    model's convention: none for masked LMs, as the reference does, a space for causal
+    LMs) is put before it.
+    """
+    ids, warnings, owner = [], [], {}
+    for word in words:
+        piece_text = word if word.startswith(" ") else prefix + word
+        enc = tokenizer.encode(piece_text, add_special_tokens=False)
+        if not enc.ids:
+            raise BBTError(f"label word {word!r} produces no tokens")
+        if len(enc.ids) > 1:
+            warnings.append(f"label word {word!r} splits into {len(enc.ids)} pieces {enc.tokens}; "
+                            f"using the first, {enc.tokens[0]!r}")
+        first = enc.ids[0]
+        if first in owner:
+            raise BBTError(f"label words {owner[first]!r} and {word!r} share their first piece "
+                           f"{enc.tokens[0]!r}; choose words that differ there")
+        owner[first] = word
+        ids.append(first)
+    return ids, warnings
+
+
+class Encoder:
+    """Turns examples into an EncodedSet for one (model, task, prompt length)."""
+
+    def __init__(self, tokenizer: Tokenizer, manifest: Manifest, task: Task, prompt_tokens: int,
+                 max_length: int | None = None):
+        check_template(task.template, manifest.kind)
+        if not 0 <= prompt_tokens <= manifest.prompt_tokens:
+            raise BBTError(f"--prompt-tokens {prompt_tokens} is outside 0..{manifest.prompt_tokens}, "
+                           "the most this model was exported for (re-export with a larger --prompt-tokens)")
+        self.tokenizer = tokenizer
+        self.manifest = manifest
+        self.task = task
+        self.prompt_tokens = prompt_tokens
+        self.max_length = min(max_length or manifest.max_positions, manifest.max_positions)
+        self.label_ids, self.warnings = label_token_ids(tokenizer, task.label_words, manifest.label_prefix)
+        self.head = ([manifest.bos_id] if manifest.bos_id is not None else []) + \
+            list(manifest.placeholder_ids[:prompt_tokens])
+        self.tail = [manifest.eos_id] if manifest.appends_eos else []
+        self.mask_text = tokenizer.id_to_token(manifest.mask_id) if manifest.kind == "masked" else ""
+        self.parts = list(string.Formatter().parse(task.template))
+
+    def _render(self, ex: Example) -> tuple[str, dict[str, tuple[int, int]]]:
+        out, spans = [], {}
+        pos = 0
+        for literal, field, _, _ in self.parts:
+            out.append(literal)
+            pos += len(literal)
+            if field is None:
+                continue
+            if field == "mask":
+                value = self.mask_text
+            elif field == "text_b":
+                if ex.text_b is None:
+                    raise BBTError("the template uses {text_b} but a row has no text_b/sentence2 column")
+                value = ex.text_b
+            else:
+                value = ex.text
+            spans[field] = (pos, pos + len(value))
+            out.append(value)
+            pos += len(value)
+        return "".join(out), spans
+
+    def encode(self, examples: Sequence[Example]) -> EncodedSet:
+        if not examples:
+            raise BBTError("no rows to encode")
+        rendered = [self._render(e) for e in examples]
+        encs = self.tokenizer.encode_batch([r[0] for r in rendered], add_special_tokens=False)
+        rows, mask_pos, truncated = [], [], 0
+        fixed = len(self.head) + len(self.tail)
+        for (text, spans), enc in zip(rendered, encs):
+            ids, owner = self._own(enc, spans)
+            over = fixed + len(ids) - self.max_length
+            if over > 0:
+                ids, owner = self._truncate(ids, owner, over)
+                truncated += 1
+            if self.manifest.kind == "masked":
+                if "mask" not in owner:
+                    raise BBTError(f"the mask token vanished while tokenizing {text[:80]!r}")
+                mp = len(self.head) + owner.index("mask")
+            else:
+                mp = len(self.head) + len(ids) - 1
+            rows.append(self.head + ids + self.tail)
+            mask_pos.append(mp)
+        width = max(len(r) for r in rows)
+        input_ids = np.full((len(rows), width), self.manifest.pad_id, dtype=np.int64)
+        attention = np.zeros((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            input_ids[i, :len(r)] = r
+            attention[i, :len(r)] = 1
+        labels = np.array([-1 if e.label is None else self.task.class_index(e.label) for e in examples], dtype=np.int64)
+        return EncodedSet(input_ids, attention, np.array(mask_pos, dtype=np.int64), labels,
+                          np.array(self.label_ids, dtype=np.int64), truncated)
+
+    @staticmethod
+    def _own(enc, spans: dict[str, tuple[int, int]]) -> tuple[list[int], list[str | None]]:
+        """Which field each token came from, by overlap of its characters with the field's span."""
+        owner: list[str | None] = []
+        for start, end in enc.offsets:
+            who = None
+            for field, (a, b) in spans.items():
+                if start < b and end > a:
+                    who = field
+                    break
+            owner.append(who)
+        return list(enc.ids), owner
+
+    def _truncate(self, ids: list[int], owner: list[str | None], over: int) -> tuple[list[int], list[str | None]]:
+        """Drop `over` tokens from the end of the longest text field, one at a time (longest first)."""
+        ids, owner = list(ids), list(owner)
+        for _ in range(over):
+            counts = {f: owner.count(f) for f in ("text", "text_b")}
+            field = max(counts, key=lambda f: counts[f])
+            if counts[field] <= 1:
+                raise BBTError(f"the template and {self.prompt_tokens} prompt tokens leave no room for text within "
+                               f"{self.max_length} tokens; shorten the template or use fewer prompt tokens")
+            last = len(owner) - 1 - owner[::-1].index(field)
+            del ids[last], owner[last]
+        return ids, owner

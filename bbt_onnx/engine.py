@@ -1,0 +1,98 @@
+"""Engines: the forward-only service the tuner queries.
+
+An engine turns C prompts [C, P', H] and N encoded rows into label logits [C, N, K].
+`OrtEngine` runs the exported graph with onnxruntime; anything with the same method
+(a remote server, say) can stand in for it without touching the tuner.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from .encoding import EncodedSet
+from .errors import BBTError
+from .fileio import sha256_file
+from .manifest import GRAPH_INPUTS, GRAPH_OUTPUTS, Manifest
+
+DEVICES = ("cpu", "cuda")
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+
+
+@runtime_checkable
+class Engine(Protocol):
+    provider: str
+
+    def label_logits(self, prompt_embeds: np.ndarray, batch: EncodedSet) -> np.ndarray:
+        """[C, P', H] prompts x N rows -> [C, N, K] float32 logits of the label words."""
+        ...
+
+
+def cpu_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class OrtEngine:
+    """One onnxruntime session over one graph of a model directory, created once."""
+
+    def __init__(self, manifest: Manifest, precision: str = "fp32", device: str = "cpu",
+                 threads: int | None = None, verify: bool = True):
+        import onnxruntime as ort
+
+        if device not in DEVICES:
+            raise BBTError(f"--device {device!r} is not one of {', '.join(DEVICES)}")
+        spec = manifest.graph(precision)
+        path = manifest.graph_path(precision)
+        if verify and sha256_file(path) != spec.sha256:
+            raise BBTError(f"{path} does not match the sha256 in its manifest: the graph was changed or "
+                           "half-copied; re-export the model")
+        provider = PROVIDERS[device]
+        available = ort.get_available_providers()
+        if provider not in available:
+            raise BBTError(f"--device {device} needs onnxruntime's {provider}, which this install lacks "
+                           f"(available: {', '.join(available)}); install the gpu extra (onnxruntime-gpu) "
+                           "in an environment without the CPU onnxruntime")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or cpu_threads()
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+            raise BBTError(f"onnxruntime cannot load {path} on {device}: {str(exc).splitlines()[0][:300]}") from None
+        got = self.session.get_providers()
+        if not got or got[0] != provider:
+            raise BBTError(f"onnxruntime fell back to {got} instead of {provider}: check the CUDA and cuDNN "
+                           "libraries onnxruntime-gpu needs; refusing to run on CPU silently")
+        names = [i.name for i in self.session.get_inputs()]
+        outs = [o.name for o in self.session.get_outputs()]
+        if sorted(names) != sorted(GRAPH_INPUTS) or outs != list(GRAPH_OUTPUTS):
+            raise BBTError(f"{path} has inputs {names} and outputs {outs}, not the bbt-onnx contract "
+                           f"{list(GRAPH_INPUTS)} -> {list(GRAPH_OUTPUTS)}; re-export the model")
+        self.prompt_dtype = ORT_TYPES[next(i.type for i in self.session.get_inputs() if i.name == "prompt_embeds")]
+        self.manifest = manifest
+        self.precision = precision
+        self.device = device
+        self.provider = provider
+        self.hidden_size = manifest.hidden_size
+
+    def label_logits(self, prompt_embeds: np.ndarray, batch: EncodedSet) -> np.ndarray:
+        prompts = np.ascontiguousarray(prompt_embeds, dtype=self.prompt_dtype)
+        if prompts.ndim != 3 or prompts.shape[2] != self.hidden_size:
+            raise ValueError(f"prompt_embeds must be [C, P, {self.hidden_size}], got {prompts.shape}")
+        feeds = {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+            "mask_pos": batch.mask_pos,
+            "prompt_embeds": prompts,
+            "label_ids": batch.label_ids,
+        }
+        out = self.session.run(list(GRAPH_OUTPUTS), feeds)[0]
+        return np.asarray(out, dtype=np.float32)

@@ -1,0 +1,72 @@
+"""Losses and metrics over label-word logits [C, N, K] for C candidates at once. Pure numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import BBTError
+
+LOSSES = ("ce", "hinge", "perf")
+HINGE_MARGIN = 2.0  # the reference's margin for every task
+
+
+def _as3d(logits: np.ndarray) -> np.ndarray:
+    logits = np.asarray(logits, dtype=np.float64)
+    return logits[None] if logits.ndim == 2 else logits
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Mean CE over the N rows, per candidate: [C]."""
+    lp = log_softmax(_as3d(logits))
+    n = len(labels)
+    return -lp[:, np.arange(n), labels].mean(axis=1)
+
+
+def hinge(logits: np.ndarray, labels: np.ndarray, margin: float = HINGE_MARGIN) -> np.ndarray:
+    """The reference's multi-class hinge: sum over wrong classes of max(0, l_j - l_y + margin), / N."""
+    x = _as3d(logits)
+    n = len(labels)
+    target = x[:, np.arange(n), labels][..., None]
+    loss = np.maximum(x - target + margin, 0.0)
+    loss[:, np.arange(n), labels] = 0.0
+    return loss.sum(axis=(1, 2)) / n
+
+
+def predictions(logits: np.ndarray) -> np.ndarray:
+    return _as3d(logits).argmax(axis=-1)
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return (predictions(logits) == labels[None]).mean(axis=1)
+
+
+def f1(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Binary F1 with class 1 positive (sklearn's default), 0 when there are no true or predicted positives."""
+    pred = predictions(logits) == 1
+    true = (labels == 1)[None]
+    tp = (pred & true).sum(axis=1)
+    denom = pred.sum(axis=1) + true.sum(axis=1)
+    return np.where(denom > 0, 2.0 * tp / np.maximum(denom, 1), 0.0)
+
+
+METRIC_FUNCTIONS = {"accuracy": accuracy, "f1": f1}
+
+
+def metric(name: str, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return METRIC_FUNCTIONS[name](logits, labels)
+
+
+def loss(name: str, metric_name: str, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-candidate loss [C]; `perf` is the negative task metric."""
+    if name == "ce":
+        return cross_entropy(logits, labels)
+    if name == "hinge":
+        return hinge(logits, labels)
+    if name == "perf":
+        return -metric(metric_name, logits, labels)
+    raise BBTError(f"--loss {name!r} is not one of {', '.join(LOSSES)}")

@@ -1,0 +1,193 @@
+"""The contract between export and runtime: `manifest.json` beside the graphs.
+
+The runtime learns every dimension, special id and the embedding scale from here, and
+never from model weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BBTError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+TOKENIZER_NAME = "tokenizer.json"
+KINDS = ("masked", "causal")
+PRECISIONS = ("fp32", "fp16", "int8")
+GRAPH_INPUTS = ("input_ids", "attention_mask", "mask_pos", "prompt_embeds", "label_ids")
+GRAPH_OUTPUTS = ("label_logits",)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One graph file of the model directory and what was measured on it at export."""
+
+    file: str
+    precision: str
+    sha256: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    parity: dict[str, Any] = field(default_factory=dict)
+    fused_ops: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    kind: str
+    architecture: str
+    model_type: str
+    source: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    vocab_size: int
+    max_positions: int
+    prompt_tokens: int
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int
+    mask_id: int | None
+    placeholder_ids: tuple[int, ...]
+    embedding_std: float
+    embedding_mean: float
+    label_prefix: str
+    opset: int
+    versions: dict[str, str]
+    graphs: dict[str, GraphSpec]
+    format_version: int = FORMAT_VERSION
+    directory: Path | None = field(default=None, compare=False)
+
+    # -- derived -------------------------------------------------------------
+    @property
+    def appends_eos(self) -> bool:
+        """Masked LMs close the sequence with </s>; causal LMs score the next token instead."""
+        return self.kind == "masked" and self.eos_id is not None
+
+    def graph(self, precision: str) -> GraphSpec:
+        if precision not in self.graphs:
+            have = ", ".join(sorted(self.graphs))
+            hint = f" (re-export with --{precision})" if precision in ("fp16", "int8") else ""
+            raise BBTError(f"model has no {precision} graph{hint}; it has: {have}")
+        return self.graphs[precision]
+
+    def graph_path(self, precision: str) -> Path:
+        assert self.directory is not None
+        return self.directory / self.graph(precision).file
+
+    @property
+    def tokenizer_path(self) -> Path:
+        assert self.directory is not None
+        return self.directory / TOKENIZER_NAME
+
+    def fingerprint(self) -> str:
+        """sha256 of the manifest file: names the exact model a run used."""
+        assert self.directory is not None
+        return hashlib.sha256((self.directory / MANIFEST_NAME).read_bytes()).hexdigest()
+
+    # -- (de)serialisation ---------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("directory")
+        return {"format_version": data.pop("format_version"), **data}
+
+    def write(self, directory: Path) -> None:
+        from .fileio import write_json_atomic
+
+        write_json_atomic(Path(directory) / MANIFEST_NAME, self.to_json())
+
+
+def _tensor(raw: dict[str, Any]) -> TensorSpec:
+    return TensorSpec(name=str(raw["name"]), dtype=str(raw["dtype"]), shape=tuple(raw["shape"]))
+
+
+def _graph(raw: dict[str, Any]) -> GraphSpec:
+    return GraphSpec(
+        file=str(raw["file"]),
+        precision=str(raw["precision"]),
+        sha256=str(raw["sha256"]),
+        inputs=tuple(_tensor(t) for t in raw["inputs"]),
+        outputs=tuple(_tensor(t) for t in raw["outputs"]),
+        parity=dict(raw.get("parity", {})),
+        fused_ops={str(k): int(v) for k, v in raw.get("fused_ops", {}).items()},
+    )
+
+
+def load_manifest(model_dir: str | Path) -> Manifest:
+    """Read and check `manifest.json`; every problem becomes a BBTError naming the file."""
+    directory = Path(model_dir)
+    if not directory.is_dir():
+        raise BBTError(f"model directory {directory} does not exist; run `bbt-onnx export` first")
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise BBTError(f"{directory} has no {MANIFEST_NAME}: it is not a model directory written by `bbt-onnx export`")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BBTError(f"cannot read {path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise BBTError(f"{path} is not a JSON object")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BBTError(f"{path} has format_version {version!r}; this bbt-onnx reads {FORMAT_VERSION}: re-export the model")
+    try:
+        manifest = Manifest(
+            kind=str(raw["kind"]),
+            architecture=str(raw["architecture"]),
+            model_type=str(raw["model_type"]),
+            source=str(raw["source"]),
+            hidden_size=int(raw["hidden_size"]),
+            num_layers=int(raw["num_layers"]),
+            num_heads=int(raw["num_heads"]),
+            vocab_size=int(raw["vocab_size"]),
+            max_positions=int(raw["max_positions"]),
+            prompt_tokens=int(raw["prompt_tokens"]),
+            bos_id=None if raw["bos_id"] is None else int(raw["bos_id"]),
+            eos_id=None if raw["eos_id"] is None else int(raw["eos_id"]),
+            pad_id=int(raw["pad_id"]),
+            mask_id=None if raw["mask_id"] is None else int(raw["mask_id"]),
+            placeholder_ids=tuple(int(i) for i in raw["placeholder_ids"]),
+            embedding_std=float(raw["embedding_std"]),
+            embedding_mean=float(raw["embedding_mean"]),
+            label_prefix=str(raw["label_prefix"]),
+            opset=int(raw["opset"]),
+            versions={str(k): str(v) for k, v in raw["versions"].items()},
+            graphs={str(k): _graph(v) for k, v in raw["graphs"].items()},
+            directory=directory,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BBTError(f"{path} is incomplete or malformed ({type(exc).__name__}: {exc}); re-export the model") from None
+    _check(manifest, path)
+    return manifest
+
+
+def _check(m: Manifest, path: Path) -> None:
+    problems = []
+    if m.kind not in KINDS:
+        problems.append(f"kind {m.kind!r} is not one of {KINDS}")
+    if m.kind == "masked" and m.mask_id is None:
+        problems.append("a masked LM needs mask_id")
+    if len(m.placeholder_ids) != m.prompt_tokens:
+        problems.append(f"{len(m.placeholder_ids)} placeholder ids for prompt_tokens={m.prompt_tokens}")
+    if not m.graphs:
+        problems.append("no graphs listed")
+    for name, g in m.graphs.items():
+        if name not in PRECISIONS or g.precision != name:
+            problems.append(f"graph entry {name!r} has precision {g.precision!r}")
+        if not (m.directory / g.file).is_file():  # type: ignore[operator]
+            problems.append(f"graph file {g.file} is missing")
+    if not m.embedding_std > 0:
+        problems.append("embedding_std must be positive")
+    if problems:
+        raise BBTError(f"{path}: " + "; ".join(problems))

@@ -1,0 +1,33 @@
+"""An exported model ready to use: its manifest, tokenizer and engine, loaded once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from .encoding import Encoder, load_tokenizer
+from .engine import Engine, OrtEngine
+from .manifest import Manifest, load_manifest
+from .tasks import Task
+
+
+@dataclass
+class Model:
+    manifest: Manifest
+    tokenizer: Tokenizer
+    engine: Engine
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str = "cpu", precision: str = "fp32",
+             threads: int | None = None, engine: Engine | None = None) -> "Model":
+        """Open a directory written by `bbt-onnx export`; pass `engine` to use another backend."""
+        manifest = load_manifest(directory)
+        tokenizer = load_tokenizer(manifest)
+        if engine is None:
+            engine = OrtEngine(manifest, precision=precision, device=device, threads=threads)
+        return cls(manifest, tokenizer, engine)
+
+    def encoder(self, task: Task, prompt_tokens: int, max_length: int | None = None) -> Encoder:
+        return Encoder(self.tokenizer, self.manifest, task, prompt_tokens, max_length)

@@ -1,0 +1,123 @@
+"""A tuned prompt: z, the P x H embeddings A.z, and what is needed to use and rebuild them."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import losses
+from .data import Example
+from .encoding import EncodedSet
+from .errors import BBTError
+from .fileio import write_bytes_atomic
+from .subspace import ProjectionSpec, build_projection, project
+from .tasks import Task
+
+PROMPT_NAME = "prompt.npz"
+EVAL_ROWS = 64  # rows per engine call when scoring a dev/test set
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    probabilities: dict[str, float]
+
+
+@dataclass(frozen=True)
+class TunedPrompt:
+    z: np.ndarray  # [d]
+    embeds: np.ndarray  # [P, H] float32, = A.z
+    projection: ProjectionSpec
+    task: Task
+    model_fingerprint: str = ""
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.embeds.shape[0])
+
+    @classmethod
+    def from_z(cls, z: np.ndarray, spec: ProjectionSpec, task: Task, model_fingerprint: str = "",
+               a_t: np.ndarray | None = None) -> "TunedPrompt":
+        a_t = build_projection(spec) if a_t is None else a_t
+        z = np.asarray(z, dtype=np.float64)
+        return cls(z, project(a_t, z, spec.prompt_tokens)[0], spec, task, model_fingerprint)
+
+    @classmethod
+    def zero(cls, spec: ProjectionSpec, task: Task, model_fingerprint: str = "") -> "TunedPrompt":
+        """z = 0: the manual template with the placeholder tokens' own embeddings."""
+        return cls(np.zeros(spec.intrinsic_dim), np.zeros((spec.prompt_tokens, spec.hidden_size), np.float32),
+                   spec, task, model_fingerprint)
+
+    # -- files ---------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        if path.is_dir():
+            path = path / PROMPT_NAME
+        meta = {"projection": self.projection.to_json(), "task": self.task.to_json(),
+                "model_fingerprint": self.model_fingerprint, "seed": self.projection.seed}
+        buf = io.BytesIO()
+        np.savez(buf, prompt=self.embeds, z=self.z, meta=np.array(json.dumps(meta)))
+        write_bytes_atomic(path, buf.getvalue())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TunedPrompt":
+        path = Path(path)
+        if path.is_dir():
+            path = path / PROMPT_NAME
+        if not path.is_file():
+            raise BBTError(f"{path} does not exist: give a run directory written by `bbt-onnx tune`")
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                meta = json.loads(str(f["meta"]))
+                embeds, z = f["prompt"].astype(np.float32), f["z"]
+            spec = ProjectionSpec(**meta["projection"])
+            task = Task.from_json(meta["task"])
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            raise BBTError(f"{path} is not a bbt-onnx prompt file ({exc})") from None
+        return cls(z, embeds, spec, task, meta.get("model_fingerprint", ""))
+
+    # -- use -----------------------------------------------------------------
+    def check_model(self, model) -> None:
+        m = model.manifest
+        if self.embeds.shape[1] != m.hidden_size:
+            raise BBTError(f"this prompt has hidden size {self.embeds.shape[1]} but the model has {m.hidden_size}: "
+                           "it was tuned for another model")
+        if self.prompt_tokens > m.prompt_tokens:
+            raise BBTError(f"this prompt has {self.prompt_tokens} tokens; the model was exported for at most "
+                           f"{m.prompt_tokens}")
+
+    def logits(self, model, rows: Sequence[Example] | EncodedSet, batch_rows: int = EVAL_ROWS) -> np.ndarray:
+        """[N, K] label logits for every row, in the rows' order, scored in length-sorted batches."""
+        self.check_model(model)
+        enc = rows if isinstance(rows, EncodedSet) else model.encoder(self.task, self.prompt_tokens).encode(rows)
+        out = np.empty((len(enc), len(enc.label_ids)), np.float32)
+        prompt = self.embeds[None]
+        for idx, batch in enc.batches(batch_rows):
+            out[idx] = model.engine.label_logits(prompt, batch)[0]
+        return out
+
+    def evaluate(self, model, rows: Sequence[Example] | EncodedSet, batch_rows: int = EVAL_ROWS) -> dict:
+        enc = rows if isinstance(rows, EncodedSet) else model.encoder(self.task, self.prompt_tokens).encode(rows)
+        if (enc.labels < 0).any():
+            raise BBTError("every row needs a label to be evaluated")
+        logits = self.logits(model, enc, batch_rows)
+        return {
+            "metric_name": self.task.metric,
+            "metric": float(losses.metric(self.task.metric, logits, enc.labels)[0]),
+            "accuracy": float(losses.accuracy(logits, enc.labels)[0]),
+            "ce_loss": float(losses.cross_entropy(logits, enc.labels)[0]),
+            "rows": len(enc),
+            "truncated_rows": enc.truncated,
+        }
+
+    def predict(self, model, rows: Sequence[Example], batch_rows: int = EVAL_ROWS) -> list[Prediction]:
+        logits = self.logits(model, rows, batch_rows)
+        probs = np.exp(losses.log_softmax(logits.astype(np.float64)))
+        keys = self.task.label_keys
+        return [Prediction(keys[int(p.argmax())], {k: float(v) for k, v in zip(keys, p)}) for p in probs]

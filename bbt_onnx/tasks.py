@@ -1,0 +1,172 @@
+"""Tasks: a template, a verbalizer (label -> word) and a metric.
+
+The presets copy the reference implementation (txsun1997/Black-Box-Tuning): its
+templates put the soft prompt first, then ` . `; label keys are the datasets' own
+integer labels.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BBTError
+
+FIELDS = ("text", "text_b", "mask")
+METRICS = ("accuracy", "f1")
+
+
+@dataclass(frozen=True)
+class Task:
+    """What the model is asked, and how its answer is read.
+
+    `template` holds `{text}`, optionally `{text_b}`, and `{mask}` where the label word
+    goes; it is tokenized as written, right after the prompt slots. `labels` pairs the
+    data's label values with the verbalizer words, in class order. For `f1` the second
+    label is the positive class.
+    """
+
+    name: str
+    template: str
+    labels: tuple[tuple[str, str], ...]
+    metric: str = "accuracy"
+
+    @property
+    def label_keys(self) -> tuple[str, ...]:
+        return tuple(k for k, _ in self.labels)
+
+    @property
+    def label_words(self) -> tuple[str, ...]:
+        return tuple(w for _, w in self.labels)
+
+    @property
+    def uses_text_b(self) -> bool:
+        return "text_b" in template_fields(self.template)
+
+    def class_index(self, label: str) -> int:
+        try:
+            return self.label_keys.index(label)
+        except ValueError:
+            raise KeyError(label) from None
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "template": self.template,
+                "labels": [list(p) for p in self.labels], "metric": self.metric}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "Task":
+        labels = raw["labels"]
+        pairs = tuple(labels.items()) if isinstance(labels, dict) else tuple(tuple(p) for p in labels)
+        return make_task(str(raw.get("name", "custom")), str(raw["template"]),
+                         tuple((str(k), str(w)) for k, w in pairs), str(raw.get("metric", "accuracy")))
+
+
+def _pairs(words: list[str]) -> tuple[tuple[str, str], ...]:
+    return tuple((str(i), w) for i, w in enumerate(words))
+
+
+SENTIMENT = " . {text} . It was {mask} ."
+PAIR = " . {text} ? {mask} , {text_b}"
+
+PRESETS: dict[str, Task] = {
+    "sst2": Task("sst2", SENTIMENT, _pairs(["bad", "great"])),
+    "yelpp": Task("yelpp", SENTIMENT, _pairs(["bad", "great"])),
+    "agnews": Task("agnews", " . {mask} News: {text}", _pairs(["World", "Sports", "Business", "Tech"])),
+    "dbpedia": Task("dbpedia", " [ Category: {mask} ] {text}", _pairs([
+        "Company", "Education", "Artist", "Athlete", "Office", "Transportation", "Building",
+        "Natural", "Village", "Animal", "Plant", "Album", "Film", "Written"])),
+    "mrpc": Task("mrpc", PAIR, _pairs(["No", "Yes"]), metric="f1"),
+    "rte": Task("rte", PAIR, _pairs(["Yes", "No"])),
+    "snli": Task("snli", PAIR, _pairs(["Yes", "Maybe", "No"])),
+}
+
+
+def template_fields(template: str) -> list[str]:
+    try:
+        return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise BBTError(f"template {template!r} is malformed: {exc} (write a literal brace as {{{{ or }}}})") from None
+
+
+def check_template(template: str, kind: str = "masked") -> None:
+    """Reject templates the encoder could not fill: each problem is a user mistake."""
+    fields = template_fields(template)
+    unknown = sorted(set(fields) - set(FIELDS))
+    if unknown:
+        raise BBTError(f"template has unknown placeholder(s) {', '.join('{' + u + '}' for u in unknown)}; "
+                       "use {text}, {text_b} and {mask}")
+    if "text" not in fields:
+        raise BBTError("template has no {text} placeholder: it must say where the input text goes")
+    for f in FIELDS:
+        if fields.count(f) > 1:
+            raise BBTError(f"template uses {{{f}}} more than once")
+    if kind == "masked" and "mask" not in fields:
+        raise BBTError("template has no {mask} placeholder: a masked LM needs to know where the label word goes")
+    if kind == "causal" and "mask" in fields and not template.rstrip().endswith("{mask}"):
+        raise BBTError("for a causal LM {mask} may only end the template: the label word is the next token")
+
+
+def make_task(name: str, template: str, labels: tuple[tuple[str, str], ...], metric: str = "accuracy") -> Task:
+    template_fields(template)
+    if len(labels) < 2:
+        raise BBTError("a task needs at least two labels")
+    keys = [k for k, _ in labels]
+    if len(set(keys)) != len(keys):
+        raise BBTError(f"label names repeat: {', '.join(keys)}")
+    if any(not k or not w.strip() for k, w in labels):
+        raise BBTError("every label needs a name and a non-empty word (name=word)")
+    if metric not in METRICS:
+        raise BBTError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
+    if metric == "f1" and len(labels) != 2:
+        raise BBTError("f1 is defined here for two labels (the second is the positive class)")
+    return Task(name, template, tuple(labels), metric)
+
+
+def parse_labels(spec: str) -> tuple[tuple[str, str], ...]:
+    """`negative=bad,positive=great` -> (("negative", "bad"), ("positive", "great"))."""
+    pairs = []
+    for item in spec.split(","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise BBTError(f"--labels item {item!r} is not name=word (e.g. negative=bad,positive=great)")
+        key, word = item.split("=", 1)
+        pairs.append((key.strip(), word.strip()))
+    return tuple(pairs)
+
+
+def load_task_file(path: str | Path) -> Task:
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BBTError(f"cannot read task file {path}: {exc}") from None
+    if not isinstance(raw, dict) or "template" not in raw or "labels" not in raw:
+        raise BBTError(f"task file {path} needs an object with \"template\" and \"labels\" "
+                       '(e.g. {"template": " {text} It was {mask} .", "labels": {"neg": "bad", "pos": "great"}})')
+    try:
+        return Task.from_json({"name": path.stem, **raw})
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise BBTError(f"task file {path}: {exc}") from None
+
+
+def resolve_task(name: str | None = None, template: str | None = None, labels: str | None = None,
+                 task_file: str | Path | None = None, metric: str | None = None) -> Task:
+    """One task from the CLI's three ways of naming it: a preset, flags, or a file."""
+    if task_file is not None:
+        if name or template or labels:
+            raise BBTError("--task-file cannot be combined with --task, --template or --labels")
+        task = load_task_file(task_file)
+        return make_task(task.name, task.template, task.labels, metric or task.metric)
+    if name is not None:
+        if name not in PRESETS:
+            raise BBTError(f"unknown task {name!r}; presets: {', '.join(PRESETS)} "
+                           "(or give --template and --labels, or --task-file)")
+        base = PRESETS[name]
+        return make_task(base.name, template or base.template,
+                         parse_labels(labels) if labels else base.labels, metric or base.metric)
+    if template is None or labels is None:
+        raise BBTError("say what the task is: --task PRESET, or --template and --labels, or --task-file")
+    return make_task("custom", template, parse_labels(labels), metric or "accuracy")

@@ -1,0 +1,295 @@
+"""The Black-Box Tuning loop: CMA-ES over z, scored only through engine calls.
+
+Faithful to the reference (txsun1997/Black-Box-Tuning `bbt.py`): z starts at 0 with step
+sigma, a generation scores the whole population on the whole training set in one engine
+call, the best candidate so far is scored on dev every `eval_every` calls (those calls are
+free), and the prompt with the best dev metric wins. The tuner prints nothing: it reports
+events and hands checkpoints to callbacks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import cma
+import numpy as np
+
+from . import losses
+from .data import Example
+from .encoding import EncodedSet
+from .errors import BBTError
+from .model import Model
+from .prompt import TunedPrompt
+from .seeding import seeds
+from .subspace import ProjectionSpec, build_projection, project
+from .tasks import Task
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """The reference's defaults (the paper's settings for RoBERTa-large)."""
+
+    prompt_tokens: int = 50
+    intrinsic_dim: int = 500
+    popsize: int = 20
+    budget: int = 8000
+    sigma: float = 1.0
+    alpha: float = 1.0
+    random_proj: str = "normal"
+    bound: float = 0.0
+    diagonal: bool = False
+    loss: str = "ce"
+    eval_every: int = 100
+    seed: int = 42
+    checkpoint_every: int = 10
+
+    def check(self) -> None:
+        if self.popsize < 2:
+            raise BBTError("--popsize must be at least 2")
+        if self.budget < self.popsize:
+            raise BBTError(f"--budget {self.budget} is smaller than --popsize {self.popsize}: not even one generation")
+        if self.loss not in losses.LOSSES:
+            raise BBTError(f"--loss {self.loss!r} is not one of {', '.join(losses.LOSSES)}")
+        if self.eval_every < 1:
+            raise BBTError("--eval-every must be at least 1")
+        if self.bound < 0:
+            raise BBTError("--bound must be 0 (off) or positive")
+        if self.checkpoint_every < 0:
+            raise BBTError("--checkpoint-every must be 0 (off) or positive")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GenerationEvent:
+    """One line of `log.jsonl`."""
+
+    generation: int
+    calls: int
+    best_loss: float  # best of this generation
+    mean_loss: float
+    best_loss_so_far: float
+    sigma: float
+    dev_metric: float | None
+    seconds: float  # wall time since the run began, resumed parts included
+    engine_seconds: float  # this generation
+    optimizer_seconds: float
+    host_seconds: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class GeneratorRandn:
+    """pycma's `randn` option backed by our own Generator: seeded, picklable, and the global RNG stays untouched."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, *shape):
+        return self.rng.standard_normal(shape)
+
+
+@dataclass
+class TunerState:
+    """Everything a resumed run needs to continue bit for bit (pycma pickles with its RNG)."""
+
+    config: TuneConfig
+    es: cma.CMAEvolutionStrategy
+    generation: int = 0
+    calls: int = 0
+    dev_calls: int = 0
+    train_loss_initial: float = float("nan")
+    best_z: np.ndarray | None = None
+    best_loss: float = float("inf")
+    best_dev_z: np.ndarray | None = None
+    best_dev_metric: float = float("-inf")
+    last_dev_z: np.ndarray | None = None
+    last_dev_metric: float = float("nan")
+    seconds: float = 0.0
+    engine_seconds: float = 0.0
+    optimizer_seconds: float = 0.0
+    host_seconds: float = 0.0
+    stop_reason: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FitReport:
+    train_loss_initial: float
+    train_loss_final: float
+    best_train_loss: float
+    best_dev_metric: float | None
+    metric_name: str
+    api_calls: int
+    dev_calls: int
+    generations: int
+    wall_seconds: float
+    engine_seconds: float
+    optimizer_seconds: float
+    host_seconds: float
+    calls_per_second: float
+    provider: str
+    stop_reason: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def new_es(config: TuneConfig, cma_seed: int) -> cma.CMAEvolutionStrategy:
+    opts = {
+        "popsize": config.popsize,
+        "maxiter": config.budget // config.popsize,
+        "randn": GeneratorRandn(cma_seed),
+        "seed": np.nan,  # ignored with our randn; nan keeps pycma off the global RNG
+        "verbose": -9,
+        "verb_disp": 0,
+        "verb_log": 0,
+        "CMA_diagonal": bool(config.diagonal),
+    }
+    if config.bound > 0:
+        opts["bounds"] = [-config.bound, config.bound]
+    return cma.CMAEvolutionStrategy(config.intrinsic_dim * [0.0], config.sigma, inopts=opts)
+
+
+class BlackBoxTuner:
+    """`BlackBoxTuner(model, task, config).fit(train, dev) -> TunedPrompt`."""
+
+    def __init__(self, model: Model, task: Task, config: TuneConfig = TuneConfig()):
+        config.check()
+        self.model = model
+        self.task = task
+        self.config = config
+        m = model.manifest
+        self.spec = ProjectionSpec(seed=config.seed, intrinsic_dim=config.intrinsic_dim,
+                                   prompt_tokens=config.prompt_tokens, hidden_size=m.hidden_size,
+                                   embedding_std=m.embedding_std, alpha=config.alpha, sigma=config.sigma,
+                                   kind=config.random_proj)
+        self.encoder = model.encoder(task, config.prompt_tokens)
+        self.a_t = build_projection(self.spec)
+        self.report: FitReport | None = None
+        self.state: TunerState | None = None
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.encoder.warnings)
+
+    def encode(self, rows: Sequence[Example] | EncodedSet | None) -> EncodedSet | None:
+        if rows is None or isinstance(rows, EncodedSet):
+            return rows
+        return self.encoder.encode(rows)
+
+    def new_state(self) -> TunerState:
+        return TunerState(self.config, new_es(self.config, seeds(self.config.seed)["cma"]))
+
+    def _logits(self, z: np.ndarray, data: EncodedSet) -> np.ndarray:
+        return self.model.engine.label_logits(project(self.a_t, z, self.config.prompt_tokens), data)
+
+    def fit(self, train: Sequence[Example] | EncodedSet, dev: Sequence[Example] | EncodedSet | None = None,
+            on_event: Callable[[GenerationEvent], None] | None = None,
+            on_checkpoint: Callable[[TunerState], None] | None = None,
+            state: TunerState | None = None) -> TunedPrompt:
+        """Tune on `train`, choose by `dev`; pass a checkpointed `state` to resume."""
+        cfg = self.config
+        train_set, dev_set = self.encode(train), self.encode(dev)
+        if state is None:
+            state = self.new_state()
+        elif state.config != cfg:
+            raise BBTError("the checkpoint was written with other settings than this run's")
+        self.state = state
+        labels = train_set.labels
+        if (labels < 0).any():
+            raise BBTError("every training row needs a label")
+        es = state.es
+        started = time.perf_counter() - state.seconds
+        if state.generation == 0:
+            zero = np.zeros((1, cfg.intrinsic_dim))
+            state.train_loss_initial = float(self._loss(self._logits(zero, train_set), labels)[0])
+
+        while state.calls + cfg.popsize <= cfg.budget and not es.stop():
+            t0 = time.perf_counter()
+            z = np.asarray(es.ask())
+            t1 = time.perf_counter()
+            prompts = project(self.a_t, z, cfg.prompt_tokens)
+            t2 = time.perf_counter()
+            logits = self.model.engine.label_logits(prompts, train_set)
+            t3 = time.perf_counter()
+            cand_loss = self._loss(logits, labels)
+            t4 = time.perf_counter()
+            es.tell(list(z), cand_loss.tolist())
+            t5 = time.perf_counter()
+
+            before = state.calls
+            state.calls += len(z)
+            state.generation += 1
+            i = int(np.argmin(cand_loss))
+            if cand_loss[i] < state.best_loss:
+                state.best_loss, state.best_z = float(cand_loss[i]), z[i].copy()
+            dev_metric = None
+            if dev_set is not None and state.calls // cfg.eval_every > before // cfg.eval_every:
+                dev_metric = self._evaluate_dev(state, dev_set)
+            t6 = time.perf_counter()
+
+            engine_s, optimizer_s = t3 - t2, (t1 - t0) + (t5 - t4)
+            host_s = (t6 - t0) - engine_s - optimizer_s
+            state.engine_seconds += engine_s
+            state.optimizer_seconds += optimizer_s
+            state.host_seconds += host_s
+            state.seconds = time.perf_counter() - started
+            if on_event:
+                on_event(GenerationEvent(state.generation, state.calls, float(cand_loss[i]), float(cand_loss.mean()),
+                                         state.best_loss, float(es.sigma), dev_metric, state.seconds,
+                                         engine_s, optimizer_s, host_s))
+            if on_checkpoint and cfg.checkpoint_every and state.generation % cfg.checkpoint_every == 0:
+                on_checkpoint(state)
+
+        if dev_set is not None and state.best_z is not None and not _same(state.last_dev_z, state.best_z):
+            self._evaluate_dev(state, dev_set)  # the last best may not have met a dev evaluation yet
+        state.seconds = time.perf_counter() - started
+        state.stop_reason = {k: str(v) for k, v in es.stop().items()} or {"budget": str(cfg.budget)}
+
+        final_z = state.best_dev_z if dev_set is not None else state.best_z
+        if final_z is None:
+            final_z = np.zeros(cfg.intrinsic_dim)
+        prompt = TunedPrompt.from_z(final_z, self.spec, self.task, self.model.manifest.fingerprint(), self.a_t)
+        final_loss = float(self._loss(self._logits(final_z, train_set), labels)[0])
+        self.report = FitReport(
+            train_loss_initial=state.train_loss_initial, train_loss_final=final_loss,
+            best_train_loss=state.best_loss,
+            best_dev_metric=None if dev_set is None else state.best_dev_metric,
+            metric_name=self.task.metric, api_calls=state.calls, dev_calls=state.dev_calls,
+            generations=state.generation, wall_seconds=state.seconds, engine_seconds=state.engine_seconds,
+            optimizer_seconds=state.optimizer_seconds, host_seconds=state.host_seconds,
+            calls_per_second=state.calls / state.seconds if state.seconds > 0 else 0.0,
+            provider=getattr(self.model.engine, "provider", type(self.model.engine).__name__),
+            stop_reason=", ".join(f"{k}={v}" for k, v in state.stop_reason.items()))
+        return prompt
+
+    def _loss(self, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        return losses.loss(self.config.loss, self.task.metric, logits, labels)
+
+    def _evaluate_dev(self, state: TunerState, dev_set: EncodedSet) -> float:
+        """Score the best-so-far z on dev (free calls); keep it when it beats the best dev metric."""
+        z = state.best_z
+        if _same(z, state.last_dev_z):
+            return state.last_dev_metric
+        logits = self._dev_logits(z, dev_set)
+        value = float(losses.metric(self.task.metric, logits, dev_set.labels)[0])
+        state.dev_calls += 1
+        state.last_dev_z, state.last_dev_metric = z.copy(), value
+        if value > state.best_dev_metric:
+            state.best_dev_metric, state.best_dev_z = value, z.copy()
+        return value
+
+    def _dev_logits(self, z: np.ndarray, dev_set: EncodedSet) -> np.ndarray:
+        prompt = project(self.a_t, z, self.config.prompt_tokens)
+        out = np.empty((1, len(dev_set), len(dev_set.label_ids)), np.float32)
+        for idx, batch in dev_set.batches(256):
+            out[:, idx] = self.model.engine.label_logits(prompt, batch)
+        return out
+
+
+def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    return a is not None and b is not None and np.array_equal(a, b)

@@ -1,0 +1,211 @@
+"""`bbt-onnx export`: checkpoint -> validated graphs + tokenizer.json + manifest.json, written atomically."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, replace
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from bbt_onnx.data import Example
+from bbt_onnx.encoding import Encoder
+from bbt_onnx.fileio import umask, sha256_file
+from bbt_onnx.manifest import GraphSpec, Manifest, TensorSpec
+from bbt_onnx.tasks import Task
+
+from . import optimize, validate
+from .errors import ExportError
+from .loading import Loaded, load_model
+from .wrappers import DYNAMIC_AXES, INPUT_NAMES, OUTPUT_NAMES, scorer_for
+
+GRAPH_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+PLACEHOLDER_OFFSET = 1000  # the reference's prompt tokens are ids 1000..1000+P
+PARITY_TEXTS = [
+    "a gripping , funny and moving film",
+    "the plot is thin and the acting is worse .",
+    "It was fine.",
+    "An ambitious story about a family , a war and a long road home , told with patience and care "
+    "over three hours that never once drag .",
+]
+ONNX_TYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32"}
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    model: str
+    out: Path
+    prompt_tokens: int = 50
+    opset: int = 17
+    fp16: bool = False
+    int8: bool = False
+    force: bool = False
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("bbt-onnx", "torch", "transformers", "onnx", "onnxruntime", "optimum-onnx"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def check_out(out: Path, force: bool) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise ExportError(f"--out {out} is a file")
+        if any(out.iterdir()) and not force:
+            raise ExportError(f"--out {out} already exists; pass --force to replace it")
+
+
+def max_positions(config, kind: str) -> int:
+    n = int(config.max_position_embeddings)
+    if getattr(config, "model_type", "") == "roberta":  # positions start after padding_idx
+        n -= int(config.pad_token_id) + 1
+    return n
+
+
+def placeholder_ids(vocab_size: int, count: int, special: set[int]) -> list[int]:
+    """The reference's ids 1000..1000+P when they fit the vocabulary, else a run from its middle."""
+    start = PLACEHOLDER_OFFSET if PLACEHOLDER_OFFSET + count <= vocab_size else max(0, (vocab_size - count) // 2)
+    ids = [i for i in range(start, vocab_size) if i not in special][:count]
+    if len(ids) < count:
+        raise ExportError(f"the vocabulary ({vocab_size} ids) is too small for {count} prompt tokens")
+    return ids
+
+
+def special_ids(tokenizer) -> dict[str, int | None]:
+    return {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "mask")}
+
+
+def tensor_specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    init = {i.name for i in graph.initializer}
+
+    def spec(v):
+        dims = tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim)
+        return TensorSpec(v.name, ONNX_TYPES.get(v.type.tensor_type.elem_type, str(v.type.tensor_type.elem_type)), dims)
+
+    return tuple(spec(v) for v in graph.input if v.name not in init), tuple(spec(v) for v in graph.output)
+
+
+def export_onnx(scorer, sample: validate.ParityInputs, path: Path, opset: int) -> None:
+    import torch
+
+    args = tuple(torch.from_numpy(v) for v in sample.feeds().values())
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(scorer, args, str(path), dynamo=False, opset_version=opset, input_names=INPUT_NAMES,
+                          output_names=OUTPUT_NAMES, dynamic_axes=DYNAMIC_AXES, do_constant_folding=True)
+
+
+def parity_inputs(manifest: Manifest, tokenizer, prompt_count: int = 3, seed: int = 0) -> validate.ParityInputs:
+    """Padded, tokenized texts through the runtime's own encoder, random prompts at the embedding scale."""
+    rng = np.random.default_rng(seed)
+    template = " . {text} . It was {mask} ." if manifest.kind == "masked" else " {text}\nAnswer:"
+    task = Task("parity", template, (("0", "a"), ("1", "b")))
+    enc = Encoder(tokenizer, manifest, task, manifest.prompt_tokens).encode([Example(t) for t in PARITY_TEXTS])
+    specials = {i for i in (manifest.bos_id, manifest.eos_id, manifest.pad_id, manifest.mask_id) if i is not None}
+    labels = rng.choice([i for i in range(manifest.vocab_size) if i not in specials], size=4, replace=False)
+    enc = replace(enc, label_ids=labels.astype(np.int64))
+    prompts = rng.normal(0.0, manifest.embedding_std,
+                         size=(prompt_count, manifest.prompt_tokens, manifest.hidden_size)).astype(np.float32)
+    return validate.ParityInputs(enc.input_ids, enc.attention_mask, enc.mask_pos, prompts, enc.label_ids)
+
+
+def base_manifest(loaded: Loaded, prompt_tokens: int, opset: int) -> Manifest:
+    config = loaded.model.config
+    ids = special_ids(loaded.tokenizer)
+    vocab = int(config.vocab_size)
+    positions = max_positions(config, loaded.kind)
+    if prompt_tokens < 1:
+        raise ExportError("--prompt-tokens must be at least 1")
+    if prompt_tokens > positions - 4:
+        raise ExportError(f"--prompt-tokens {prompt_tokens} leaves no room for text within the model's {positions} "
+                          f"positions; use at most {positions - 4}")
+    weight = loaded.model.get_input_embeddings().weight.detach().double().numpy()
+    return Manifest(
+        kind=loaded.kind, architecture=loaded.architecture, model_type=str(config.model_type), source=loaded.source,
+        hidden_size=int(config.hidden_size), num_layers=int(config.num_hidden_layers),
+        num_heads=int(config.num_attention_heads), vocab_size=vocab, max_positions=positions,
+        prompt_tokens=prompt_tokens, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=int(ids["pad"]),
+        mask_id=ids["mask"],
+        placeholder_ids=tuple(placeholder_ids(vocab, prompt_tokens, set(loaded.tokenizer.all_special_ids))),
+        embedding_std=float(weight.std()), embedding_mean=float(weight.mean()),
+        label_prefix="" if loaded.kind == "masked" else " ", opset=opset, versions=_versions(), graphs={})
+
+
+def export_model(opts: ExportOptions, log: Callable[[str], None] = lambda _msg: None) -> Manifest:
+    out = Path(opts.out)
+    check_out(out, opts.force)
+    log(f"loading {opts.model}")
+    loaded = load_model(opts.model)
+    manifest = base_manifest(loaded, opts.prompt_tokens, opts.opset)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp.chmod(0o777 & ~umask())
+    try:
+        loaded.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+        manifest = replace(manifest, directory=tmp)
+        from bbt_onnx.encoding import load_tokenizer
+
+        sample = parity_inputs(manifest, load_tokenizer(manifest))
+        reference = validate.torch_reference(loaded, sample)
+        graphs = {}
+
+        fp32 = tmp / GRAPH_FILES["fp32"]
+        log(f"exporting {loaded.architecture} to ONNX (opset {opts.opset}, P={opts.prompt_tokens})")
+        export_onnx(scorer_for(loaded), sample, fp32, opts.opset)
+        parity = validate.compare(reference, validate.run_onnx(fp32, sample))
+        log(f"fp32 parity: max abs diff {parity['max_abs_diff']:.2e}")
+        if not parity["max_abs_diff"] <= validate.FP32_TOLERANCE:
+            raise ExportError(f"the fp32 graph disagrees with PyTorch: max abs diff {parity['max_abs_diff']:.3g} > "
+                              f"{validate.FP32_TOLERANCE}; this is a bug, please report it")
+        graphs["fp32"] = (fp32, parity, {})
+
+        if opts.fp16:
+            path = tmp / GRAPH_FILES["fp16"]
+            log("fusing and converting to fp16")
+            fused = optimize.fused_fp16(fp32, path, manifest.num_heads, manifest.hidden_size)
+            graphs["fp16"] = (path, validate.compare(reference, validate.run_onnx(path, sample)), fused)
+        if opts.int8:
+            path = tmp / GRAPH_FILES["int8"]
+            log("quantizing to int8 (dynamic)")
+            optimize.dynamic_int8(fp32, path)
+            graphs["int8"] = (path, validate.compare(reference, validate.run_onnx(path, sample)), {})
+        for name, (path, par, fused) in graphs.items():
+            if name != "fp32":
+                log(f"{name} parity: max abs diff {par['max_abs_diff']:.2e}, "
+                    f"argmax agreement {par['argmax_agreement']:.1%}")
+
+        specs = {}
+        for name, (path, par, fused) in graphs.items():
+            inputs, outputs = tensor_specs(path)
+            specs[name] = GraphSpec(path.name, name, sha256_file(path), inputs, outputs, par, fused)
+        manifest = replace(manifest, graphs=specs)
+        manifest.write(tmp)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {out}")
+    return replace(manifest, directory=out)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished folder into place; an old one (with --force) goes only once the new one is there."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

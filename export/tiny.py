@@ -1,0 +1,77 @@
+"""Tiny random-weight checkpoints, built offline, for tests and the CPU demo.
+
+A byte-level BPE tokenizer with RoBERTa's special tokens is trained with `tokenizers` on
+text we write here, and a small RobertaForMaskedLM is created from a config: no hub.
+`python -m bbt_onnx_export.tiny DIR` writes one.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+WORDS = ("the a an this that movie film story plot acting music scene actor director it was is "
+         "great good fine bad awful terrible boring fun moving funny dull slow sharp warm cold "
+         "world sports business tech news company school artist athlete office village animal plant "
+         "album written yes no maybe category really very quite not never always love hate like "
+         "day night city team game market price science computer phone river mountain song book").split()
+# the presets' label words, which the reference tokenizes without a leading space
+LABEL_WORDS = ("bad great World Sports Business Tech Company Education Artist Athlete Office Transportation "
+               "Building Natural Village Animal Plant Album Film Written No Yes Maybe").split()
+SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+
+
+def corpus(lines: int = 3000, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(lines):
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 16))) + rng.choice([" .", " !", " ?", ""])
+        out.append(f"{rng.choice(LABEL_WORDS)} {words}" if rng.random() < 0.5 else words)
+    return out
+
+
+def make_tokenizer(directory: Path, texts: list[str] | None = None, vocab_size: int = 800):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts or corpus(), vocab_size=vocab_size, min_frequency=1, special_tokens=SPECIALS,
+                          show_progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        bpe.save_model(tmp)
+        return RobertaTokenizerFast(vocab_file=f"{tmp}/vocab.json", merges_file=f"{tmp}/merges.txt")
+
+
+def make_tiny_roberta(directory: str | Path, hidden: int = 32, layers: int = 2, heads: int = 4,
+                      max_positions: int = 128, seed: int = 0, texts: list[str] | None = None,
+                      architecture: str = "RobertaForMaskedLM", init_std: float = 0.02) -> Path:
+    """Write a save_pretrained directory (weights + fast tokenizer) of a random RoBERTa.
+
+    A larger `init_std` than the usual 0.02 makes a random model respond visibly to its
+    prompt, which tests of the tuning mechanics need.
+    """
+    import torch
+    import transformers
+    from transformers import RobertaConfig
+
+    directory = Path(directory)
+    tokenizer = make_tokenizer(directory, texts)
+    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                           num_attention_heads=heads, intermediate_size=hidden * 2,
+                           max_position_embeddings=max_positions + 2, type_vocab_size=1,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id, initializer_range=init_std)
+    torch.manual_seed(seed)
+    model = getattr(transformers, architecture)(config)
+    model.eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m bbt_onnx_export.tiny OUT_DIR")
+    print(make_tiny_roberta(sys.argv[1]))

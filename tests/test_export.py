@@ -1,0 +1,240 @@
+"""Export: the graph contract, parity with PyTorch, the manifest, variants, the CLI and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bbt_onnx.cli import cli
+from bbt_onnx.data import Example
+from bbt_onnx.encoding import Encoder, load_tokenizer
+from bbt_onnx.fileio import sha256_file
+from bbt_onnx.manifest import GRAPH_INPUTS, load_manifest
+from bbt_onnx.tasks import PRESETS
+from bbt_onnx_export import ExportError, ExportOptions, export_model
+from bbt_onnx_export import validate
+from bbt_onnx_export.loading import load_model
+
+from conftest import PROMPT_TOKENS
+from helpers import cli_error
+
+
+def session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def run(path, feeds):
+    return session(path).run(["label_logits"], feeds)[0]
+
+
+@pytest.fixture(scope="module")
+def encoded(tiny_model):
+    m = load_manifest(tiny_model)
+    enc = Encoder(load_tokenizer(m), m, PRESETS["sst2"], PROMPT_TOKENS)
+    return m, enc.encode([Example("a fun movie"), Example("the plot was really very slow and dull ."),
+                          Example("it was")])
+
+
+def feeds(enc, prompts, label_ids=None):
+    return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "mask_pos": enc.mask_pos,
+            "prompt_embeds": prompts.astype(np.float32),
+            "label_ids": enc.label_ids if label_ids is None else np.asarray(label_ids, np.int64)}
+
+
+def test_manifest_describes_the_model(tiny_model, tiny_src):
+    m = load_manifest(tiny_model)
+    hf = load_model(str(tiny_src))
+    weights = hf.model.get_input_embeddings().weight.detach().double().numpy()
+    assert m.kind == "masked" and m.architecture == "RobertaForMaskedLM"
+    assert (m.hidden_size, m.num_layers, m.num_heads) == (32, 2, 4)
+    assert m.vocab_size == hf.model.config.vocab_size
+    assert m.max_positions == 128 and m.prompt_tokens == PROMPT_TOKENS
+    assert (m.bos_id, m.eos_id, m.pad_id, m.mask_id) == (0, 2, 1, hf.tokenizer.mask_token_id)
+    assert len(m.placeholder_ids) == PROMPT_TOKENS and not set(m.placeholder_ids) & set(hf.tokenizer.all_special_ids)
+    assert m.embedding_std == pytest.approx(weights.std(), rel=1e-9)
+    for name in ("torch", "transformers", "onnx", "onnxruntime"):
+        assert m.versions[name]
+    assert set(m.graphs) == {"fp32", "fp16", "int8"}
+    for g in m.graphs.values():
+        assert g.sha256 == sha256_file(tiny_model / g.file)
+        assert [t.name for t in g.inputs] == list(GRAPH_INPUTS)
+        assert [t.name for t in g.outputs] == ["label_logits"]
+        assert g.parity["max_abs_diff"] >= 0 and "argmax_agreement" in g.parity
+    assert m.graphs["fp32"].parity["max_abs_diff"] <= 1e-4
+    assert (tiny_model / "tokenizer.json").is_file()
+    raw = json.loads((tiny_model / "manifest.json").read_text())
+    assert raw["opset"] == 17 and raw["graphs"]["fp32"]["inputs"][3]["shape"] == ["C", "P", 32]
+
+
+def test_graph_matches_pytorch_with_dynamic_c_n_k_and_shorter_prompts(tiny_model, tiny_src, encoded):
+    """C, N, K and P' all vary; the answer equals the unmodified HF model with the prompt added after its embeddings."""
+    m, enc = encoded
+    loaded = load_model(str(tiny_src))
+    rng = np.random.default_rng(0)
+    for c, p, k in ((1, PROMPT_TOKENS, 2), (4, 3, 5)):
+        prompts = rng.normal(0, m.embedding_std, (c, p, m.hidden_size)).astype(np.float32)
+        labels = rng.choice(np.arange(10, m.vocab_size), size=k, replace=False)
+        short = Encoder(load_tokenizer(m), m, PRESETS["sst2"], p).encode(
+            [Example("a fun movie"), Example("the plot was really very slow and dull ."), Example("it was")])
+        inputs = validate.ParityInputs(short.input_ids, short.attention_mask, short.mask_pos, prompts,
+                                       labels.astype(np.int64))
+        got = run(tiny_model / "model.onnx", inputs.feeds())
+        assert got.shape == (c, 3, k)
+        np.testing.assert_allclose(got, validate.torch_reference(loaded, inputs), atol=1e-4)
+
+
+def test_prompt_is_added_at_positions_after_bos_only(tiny_model, encoded):
+    m, enc = encoded
+    prompts = np.zeros((2, PROMPT_TOKENS, m.hidden_size), np.float32)
+    prompts[1, 0] = 1.0  # only the second candidate moves its first slot
+    out = run(tiny_model / "model.onnx", feeds(enc, prompts))
+    assert not np.allclose(out[0], out[1])
+    # z = 0 must equal the plain model on the same ids: the graph adds nothing else
+    hf_free = validate.torch_reference(load_model(str(Path(m.source))),
+                                       validate.ParityInputs(**feeds(enc, prompts[:1])))
+    np.testing.assert_allclose(out[:1], hf_free, atol=1e-4)
+
+
+def test_graph_never_computes_the_full_vocabulary(tiny_model):
+    m = load_manifest(tiny_model)
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(tiny_model / "model.onnx")))
+    init_names = {i.name for i in model.graph.initializer}
+    dims = [[d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info
+            if v.name not in init_names]
+    assert dims, "shape inference found no intermediate values"
+    assert not any(m.vocab_size in d for d in dims)
+
+
+def test_fp16_graph_is_fused_and_agrees_on_cpu(tiny_model, encoded):
+    m, enc = encoded
+    fused = m.graphs["fp16"].fused_ops
+    assert fused.get("Attention") == m.num_layers
+    assert fused.get("SkipLayerNormalization") == 2 * m.num_layers
+    assert fused.get("BiasGelu") == m.num_layers
+    prompts = np.random.default_rng(1).normal(0, m.embedding_std, (3, PROMPT_TOKENS, m.hidden_size))
+    ref = run(tiny_model / "model.onnx", feeds(enc, prompts))
+    fp16 = run(tiny_model / m.graphs["fp16"].file, feeds(enc, prompts))
+    assert fp16.dtype == np.float32 and fp16.shape == ref.shape
+    assert np.abs(fp16 - ref).max() < 1e-2 * np.abs(ref).max()
+    assert (fp16.argmax(-1) == ref.argmax(-1)).mean() >= 0.75
+    # int8 on weights 25x the usual init drifts far more than on a real model (see the slow test): it must
+    # still track fp32 closely
+    int8 = run(tiny_model / m.graphs["int8"].file, feeds(enc, prompts))
+    assert int8.dtype == np.float32 and int8.shape == ref.shape
+    assert np.corrcoef(int8.ravel(), ref.ravel())[0, 1] > 0.9
+    assert m.graphs["fp16"].parity["argmax_agreement"] >= 0.9
+
+
+def test_cli_export_prints_json_and_writes_the_directory(tiny_src, tmp_path):
+    out = tmp_path / "m"
+    result = CliRunner().invoke(cli, ["export", "--model", str(tiny_src), "--out", str(out), "--prompt-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["prompt_tokens"] == 4 and summary["graphs"]["fp32"]["max_abs_diff"] <= 1e-4
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "tokenizer.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def save_hf(tmp_path, cls_name, name):
+    import transformers
+    from bbt_onnx_export.tiny import make_tokenizer
+
+    tok = make_tokenizer(tmp_path)
+    if cls_name.startswith("Bert"):
+        config = transformers.BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, intermediate_size=32)
+    else:
+        config = transformers.RobertaConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
+                                            num_attention_heads=2, intermediate_size=32, max_position_embeddings=66)
+    path = tmp_path / name
+    getattr(transformers, cls_name)(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("cls_name", ["BertForMaskedLM", "RobertaForSequenceClassification"])
+def test_unsupported_architectures_name_what_is_supported(tmp_path, cls_name):
+    src = save_hf(tmp_path, cls_name, "m")
+    line = cli_error(["export", "--model", str(src), "--out", str(tmp_path / "o")])
+    assert "RobertaForMaskedLM" in line and cls_name in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_directory(tmp_path):
+    line = cli_error(["export", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert "does not exist" in line
+
+
+def test_unreadable_directory(tiny_src, tmp_path, monkeypatch):
+    import os
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == Path(tiny_src) else real(p, mode))
+    line = cli_error(["export", "--model", str(tiny_src), "--out", str(tmp_path / "o")])
+    assert "cannot read" in line and "permission" in line
+
+
+def test_directory_without_checkpoint(tmp_path):
+    (tmp_path / "empty").mkdir()
+    line = cli_error(["export", "--model", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    assert "config.json" in line
+
+
+def test_hub_id_offline_says_so_and_points_to_local_dirs(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    line = cli_error(["export", "--model", "roberta-large", "--out", str(tmp_path / "o")])
+    assert "hub" in line and "cannot be reached" in line and "local directory" in line
+
+
+def test_existing_out_needs_force(tiny_src, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    line = cli_error(["export", "--model", str(tiny_src), "--out", str(out)])
+    assert "--force" in line and (out / "keep.txt").read_text() == "mine"
+
+
+def test_prompt_too_long_for_positions(tiny_src, tmp_path):
+    line = cli_error(["export", "--model", str(tiny_src), "--out", str(tmp_path / "o"), "--prompt-tokens", "126"])
+    assert "no room for text" in line and "at most 124" in line
+
+
+def test_failed_validation_leaves_nothing_half_written(tiny_src, tmp_path, monkeypatch):
+    monkeypatch.setattr(validate, "compare", lambda ref, got: {"max_abs_diff": 1.0, "argmax_agreement": 0.0, "rows": 1})
+    with pytest.raises(ExportError, match="disagrees with PyTorch"):
+        export_model(ExportOptions(str(tiny_src), tmp_path / "o", prompt_tokens=4))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_force_replaces_an_old_export(tiny_src, tmp_path):
+    out = tmp_path / "o"
+    export_model(ExportOptions(str(tiny_src), out, prompt_tokens=4))
+    export_model(ExportOptions(str(tiny_src), out, prompt_tokens=6, force=True))
+    assert load_manifest(out).prompt_tokens == 6
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]
+
+
+@pytest.mark.slow
+def test_roberta_base_shape_exports_and_matches(tmp_path):
+    """Real sizes work: a RoBERTa-base-shaped model (random weights, 50265 vocab, 12 layers)."""
+    import transformers
+
+    from bbt_onnx_export.tiny import make_tokenizer
+
+    tok = make_tokenizer(tmp_path)
+    config = transformers.RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1)
+    torch.manual_seed(0)
+    src = tmp_path / "base"
+    transformers.RobertaForMaskedLM(config).save_pretrained(src)
+    tok.save_pretrained(src)
+    m = export_model(ExportOptions(str(src), tmp_path / "out", prompt_tokens=50, int8=True))
+    assert m.placeholder_ids == tuple(range(1000, 1050))
+    assert m.graphs["fp32"].parity["max_abs_diff"] <= 1e-4
+    assert m.graphs["int8"].parity["argmax_agreement"] >= 0.9

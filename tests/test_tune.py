@@ -1,0 +1,282 @@
+"""Tuning: mechanics, determinism, resume, the CLI end to end, evaluate/predict, and bad input."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+from bbt_onnx import BlackBoxTuner, Model, TuneConfig, TunedPrompt
+from bbt_onnx.data import read_examples
+from bbt_onnx.errors import BBTError
+from bbt_onnx.runs import RunDir
+from bbt_onnx.synthetic import sentiment_rows, write_csv
+from bbt_onnx.tasks import PRESETS
+
+from conftest import PROMPT_TOKENS
+from helpers import cli_error, invoke
+
+SMALL = dict(prompt_tokens=PROMPT_TOKENS, intrinsic_dim=40, popsize=10, eval_every=40)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return Model.load(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def splits(data_dir):
+    pool = read_examples(data_dir / "pool.csv")
+    return pool[:32], pool[32:64]
+
+
+def train_accuracy(model, prompt, rows):
+    return prompt.evaluate(model, rows)["accuracy"]
+
+
+def test_tuning_lowers_train_loss_and_raises_train_accuracy(model, splits):
+    """Without dev, the best-train prompt is kept: random weights can fit 32 rows but not generalise."""
+    train, _ = splits
+    tuner = BlackBoxTuner(model, PRESETS["sst2"], TuneConfig(budget=600, **SMALL))
+    prompt = tuner.fit(train)
+    r = tuner.report
+    assert r.api_calls == 600 and r.generations == 60 and r.dev_calls == 0 and r.best_dev_metric is None
+    assert r.train_loss_final == pytest.approx(r.best_train_loss, rel=1e-5)
+    assert r.train_loss_final < 0.8 * r.train_loss_initial
+    zero = TunedPrompt.zero(prompt.projection, prompt.task)
+    assert train_accuracy(model, prompt, train) > train_accuracy(model, zero, train) + 0.1
+    assert prompt.embeds.shape == (PROMPT_TOKENS, model.manifest.hidden_size)
+    assert r.engine_seconds > 0 and r.optimizer_seconds > 0 and r.calls_per_second > 0
+
+
+def test_same_seed_same_z_bit_for_bit_and_global_rng_untouched(model, splits):
+    train, dev = splits
+    np.random.seed(123)
+    before = np.random.get_state()[1].copy()
+    cfg = TuneConfig(budget=100, **SMALL)
+    a = BlackBoxTuner(model, PRESETS["sst2"], cfg).fit(train, dev)
+    b = BlackBoxTuner(model, PRESETS["sst2"], cfg).fit(train, dev)
+    c = BlackBoxTuner(model, PRESETS["sst2"], TuneConfig(budget=100, **{**SMALL, "seed": 7})).fit(train, dev)
+    assert a.z.tobytes() == b.z.tobytes() and a.embeds.tobytes() == b.embeds.tobytes()
+    assert not np.array_equal(a.z, c.z)
+    np.testing.assert_array_equal(np.random.get_state()[1], before)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_resume_from_a_checkpoint_ends_with_the_same_prompt(model, splits):
+    train, dev = splits
+    cfg = TuneConfig(budget=200, checkpoint_every=3, **SMALL)
+    whole = BlackBoxTuner(model, PRESETS["sst2"], cfg).fit(train, dev)
+
+    saved = []
+
+    def interrupt(event):
+        if event.generation == 8:
+            raise Stop
+
+    with pytest.raises(Stop):
+        BlackBoxTuner(model, PRESETS["sst2"], cfg).fit(
+            train, dev, on_event=interrupt, on_checkpoint=lambda s: saved.append(pickle.dumps(s)))
+    state = pickle.loads(saved[-1])
+    assert state.generation == 6
+    resumed = BlackBoxTuner(model, PRESETS["sst2"], cfg).fit(train, dev, state=state)
+    assert resumed.z.tobytes() == whole.z.tobytes()
+
+
+@pytest.mark.parametrize("loss", ["hinge", "perf"])
+def test_other_losses_run(model, splits, loss):
+    train, dev = splits
+    tuner = BlackBoxTuner(model, PRESETS["sst2"], TuneConfig(budget=60, loss=loss, diagonal=True, bound=2.0, **SMALL))
+    prompt = tuner.fit(train, dev)
+    assert np.abs(prompt.z).max() <= 2.0 and tuner.report.api_calls <= 60
+
+
+def test_an_engine_is_any_object_with_label_logits(model, splits):
+    """A remote service can stand in for ORT: the tuner only calls label_logits."""
+    train, _ = splits
+    calls = []
+
+    class Counting:
+        provider = "test"
+
+        def label_logits(self, prompts, batch):
+            calls.append(prompts.shape[0])
+            return model.engine.label_logits(prompts, batch)
+
+    other = Model(model.manifest, model.tokenizer, Counting())
+    BlackBoxTuner(other, PRESETS["sst2"], TuneConfig(budget=40, **SMALL)).fit(train)
+    assert calls.count(10) == 4  # one engine call per generation, C = popsize
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+def tune_args(tiny_model, data_dir, out, *extra):
+    return ["tune", "--model", tiny_model, "--task", "sst2", "--data", data_dir / "pool.csv", "--test",
+            data_dir / "test.csv", "--out", out, "--prompt-tokens", PROMPT_TOKENS, "--intrinsic-dim", 40,
+            "--popsize", 10, "--budget", 200, "--eval-every", 40, "--checkpoint-every", 4, *extra]
+
+
+def test_cli_tune_writes_the_run_and_prints_metrics(tiny_model, data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # pycma must not litter the working directory
+    out = tmp_path / "run"
+    result = invoke(tune_args(tiny_model, data_dir, out))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    for key in ("train_loss_initial", "train_loss_final", "best_dev_metric", "test_metric", "metric_name",
+                "api_calls", "wall_seconds", "calls_per_second", "provider"):
+        assert key in metrics
+    assert metrics["api_calls"] == 200 and metrics["provider"] == "CPUExecutionProvider"
+    assert metrics["test_rows"] == 60 and 0 <= metrics["test_metric"] <= 1
+    assert "done:" in result.stderr and "test" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pkl", "log.jsonl", "loss.png", "prompt.npz", "run.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "complete" and run["settings"]["tune"]["budget"] == 200
+    assert set(run["settings"]["data_fingerprints"]) == {"data", "test"}
+    assert len(run["settings"]["model"]["fingerprint"]) == 64
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["calls"] for r in log] == list(range(10, 201, 10))
+    assert sum(r["dev_metric"] is not None for r in log) >= 1 and {"best_loss", "mean_loss", "sigma"} <= set(log[0])
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    prompt = TunedPrompt.load(out)
+    assert prompt.projection.seed == 42 and prompt.task.name == "sst2"
+
+    # evaluate: the tuned prompt, and the z = 0 baseline
+    ev = invoke(["evaluate", "--model", tiny_model, "--prompt", out, "--data", data_dir / "test.csv"])
+    assert ev.exit_code == 0, ev.output
+    assert json.loads(ev.stdout)["metric"] == pytest.approx(metrics["test_metric"])
+    base = invoke(["evaluate", "--model", tiny_model, "--no-prompt", "--task", "sst2", "--data",
+                   data_dir / "test.csv", "--prompt-tokens", PROMPT_TOKENS])
+    assert base.exit_code == 0, base.output
+    assert json.loads(base.stdout)["rows"] == 60
+
+    # predict: JSONL with a label and probabilities per row, from a file and from stdin
+    pr = invoke(["predict", "--model", tiny_model, "--prompt", out, "--input", data_dir / "test.csv"])
+    assert pr.exit_code == 0, pr.output
+    rows = [json.loads(line) for line in pr.stdout.splitlines()]
+    assert len(rows) == 60 and rows[0]["label"] in ("0", "1")
+    assert sum(rows[0]["probabilities"].values()) == pytest.approx(1.0)
+    stdin = invoke(["predict", "--model", tiny_model, "--prompt", out, "--input", "-"],
+                   input="a fun film\n{}\n".format("dull and slow"))
+    assert stdin.exit_code == 0, stdin.output
+    assert [json.loads(x)["text"] for x in stdin.stdout.splitlines()] == ["a fun film", "dull and slow"]
+
+
+def test_cli_resume_after_interrupt_matches_an_uninterrupted_run(tiny_model, data_dir, tmp_path, monkeypatch):
+    whole = invoke(tune_args(tiny_model, data_dir, tmp_path / "a", "-q"))
+    assert whole.exit_code == 0, whole.output
+
+    real = RunDir.append_log
+
+    def interrupt(self, row):
+        real(self, row)
+        if row["generation"] == 10:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "append_log", interrupt)
+    cut = invoke(tune_args(tiny_model, data_dir, tmp_path / "b", "-q"))
+    assert cut.exit_code == 130 and "--resume" in cut.stderr
+    monkeypatch.setattr(RunDir, "append_log", real)
+    assert "continue it with --resume" in cli_error(tune_args(tiny_model, data_dir, tmp_path / "b"))
+    resumed = invoke(["tune", "--resume", tmp_path / "b", "-q"])
+    assert resumed.exit_code == 0, resumed.output
+    a, b = TunedPrompt.load(tmp_path / "a"), TunedPrompt.load(tmp_path / "b")
+    assert a.z.tobytes() == b.z.tobytes()
+    log = [json.loads(line)["generation"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert log == list(range(1, 21))
+    assert json.loads(resumed.stdout)["test_metric"] == json.loads(whole.stdout)["test_metric"]
+
+
+def test_explicit_splits_and_custom_task(tiny_model, tmp_path):
+    rows = [(t, "pos" if y else "neg") for t, y in sentiment_rows(40, seed=5)]
+    write_csv(tmp_path / "train.csv", rows[:20])
+    write_csv(tmp_path / "dev.csv", rows[20:])
+    result = invoke(["tune", "--model", tiny_model, "--template", " {text} It was {mask} .", "--labels",
+                     "neg=bad,pos=great", "--train", tmp_path / "train.csv", "--dev", tmp_path / "dev.csv",
+                     "--out", tmp_path / "r", "--prompt-tokens", 4, "--intrinsic-dim", 20, "--popsize", 10,
+                     "--budget", 40, "-q"])
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)
+    assert m["train_rows"] == 20 and m["dev_rows"] == 20 and m["test_metric"] is None
+
+
+# -- bad input -------------------------------------------------------------------------------------
+@pytest.fixture
+def earlier_run(tiny_model, data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert invoke(tune_args(tiny_model, data_dir, out, "--budget", 20, "-q")).exit_code == 0
+    return out, {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+@pytest.mark.parametrize("change,match", [
+    (["--data", "EMPTY"], "is empty"),
+    (["--data", "BADCOLS"], "no text column"),
+    (["--data", "BADLABELS"], "labels the task does not know"),
+    (["--template", " {text} It was ."], "no {mask}"),
+    (["--template", " {mask} ."], "no {text}"),
+    (["--k-shot", 40], "class '0' has only 60 examples"),
+    (["--budget", 5], "smaller than --popsize"),
+    (["--task", "imdb"], "unknown task"),
+    (["--model", "NOMANIFEST"], "no manifest.json"),
+    (["--model", "TAMPERED"], "does not match the sha256"),
+    (["--device", "cuda"], "CUDAExecutionProvider"),
+    (["--precision", "fp16", "--model", "FP32ONLY"], "no fp16 graph"),
+])
+def test_bad_tune_input_is_one_line_and_keeps_the_earlier_run(tiny_model, data_dir, tmp_path, earlier_run, change,
+                                                               match):
+    out, files = earlier_run
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.csv").write_text("")
+    (bad / "cols.csv").write_text("words,label\nx,0\n")
+    write_csv(bad / "labels.csv", [("good", "positive")] * 40 + [("bad", "0")] * 40)
+    (bad / "nomanifest").mkdir()
+    tampered = bad / "tampered"
+    import shutil
+
+    shutil.copytree(tiny_model, tampered)
+    with open(tampered / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    fp32only = bad / "fp32only"
+    shutil.copytree(tiny_model, fp32only)
+    manifest = json.loads((fp32only / "manifest.json").read_text())
+    manifest["graphs"] = {"fp32": manifest["graphs"]["fp32"]}
+    (fp32only / "manifest.json").write_text(json.dumps(manifest))
+    subst = {"EMPTY": bad / "empty.csv", "BADCOLS": bad / "cols.csv", "BADLABELS": bad / "labels.csv",
+             "NOMANIFEST": bad / "nomanifest", "TAMPERED": tampered, "FP32ONLY": fp32only}
+    args = tune_args(tiny_model, data_dir, out, "--force", *[subst.get(c, c) for c in change])
+    line = cli_error(args)
+    assert match in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+
+
+def test_existing_run_needs_force_or_resume(tiny_model, data_dir, earlier_run):
+    out, _ = earlier_run
+    line = cli_error(tune_args(tiny_model, data_dir, out))
+    assert "--force" in line and "--resume" not in line  # a finished run has nothing to resume
+
+
+def test_resume_rejects_new_settings_and_missing_checkpoints(tiny_model, data_dir, earlier_run, tmp_path):
+    out, _ = earlier_run
+    assert "drop --budget" in cli_error(["tune", "--resume", out, "--budget", 10])
+    (tmp_path / "plain").mkdir()
+    assert "no run.json" in cli_error(["tune", "--resume", tmp_path / "plain"])
+
+
+def test_evaluate_and_predict_mistakes(tiny_model, data_dir, earlier_run, tmp_path):
+    out, _ = earlier_run
+    assert "--no-prompt" in cli_error(["evaluate", "--model", tiny_model, "--data", data_dir / "test.csv"])
+    assert "does not exist" in cli_error(["evaluate", "--model", tiny_model, "--prompt", tmp_path / "none",
+                                          "--data", data_dir / "test.csv"])
+    assert "come from the run" in cli_error(["evaluate", "--model", tiny_model, "--prompt", out, "--task", "sst2",
+                                             "--data", data_dir / "test.csv"])
+    assert "no text" in cli_error(["predict", "--model", tiny_model, "--prompt", out, "--input", "-"])
+
+
+def test_budget_smaller_than_popsize_in_the_api():
+    with pytest.raises(BBTError, match="smaller than --popsize"):
+        TuneConfig(budget=10, popsize=20).check()

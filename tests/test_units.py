@@ -1,0 +1,267 @@
+"""Pure parts of the runtime: projection, seeds, losses, tasks, data, k-shot sampling, encoding."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bbt_onnx import losses
+from bbt_onnx.data import DataSpec, Example, check_labels, k_shot_split, load_splits, read_examples
+from bbt_onnx.encoding import Encoder, label_token_ids, load_tokenizer
+from bbt_onnx.errors import BBTError
+from bbt_onnx.manifest import load_manifest
+from bbt_onnx.seeding import seeds
+from bbt_onnx.subspace import ProjectionSpec, build_projection, normal_std, project
+from bbt_onnx.tasks import PRESETS, Task, check_template, parse_labels, resolve_task
+
+from conftest import PROMPT_TOKENS
+
+
+# -- projection ----------------------------------------------------------------------------------
+def test_normal_projection_std_follows_the_reference_formula():
+    assert normal_std(0.2, 400, alpha=1.0, sigma=1.0) == pytest.approx(0.2 / 20)
+    assert normal_std(0.2, 400, alpha=3.0, sigma=0.5) == pytest.approx(3 * 0.2 / (20 * 0.5))
+    spec = ProjectionSpec(seed=7, intrinsic_dim=100, prompt_tokens=20, hidden_size=50, embedding_std=0.3,
+                          alpha=2.0, sigma=0.5)
+    a = build_projection(spec)
+    assert a.shape == (100, 1000) and a.dtype == np.float32
+    assert a.std() == pytest.approx(2.0 * 0.3 / (10 * 0.5), rel=0.02)
+    assert abs(a.mean()) < 0.01
+
+
+def test_uniform_projection_is_the_papers_range():
+    a = build_projection(ProjectionSpec(1, 64, 4, 8, 0.3, kind="uniform"))
+    assert a.max() <= 1 / 8 and a.min() >= -1 / 8 and a.max() > 0.12 and a.min() < -0.12
+
+
+def test_projection_is_regenerated_from_the_seed_and_projects_as_a_matmul():
+    spec = ProjectionSpec(3, 10, 2, 4, 0.1)
+    a = build_projection(spec)
+    np.testing.assert_array_equal(a, build_projection(spec))
+    assert not np.array_equal(a, build_projection(ProjectionSpec(4, 10, 2, 4, 0.1)))
+    z = np.arange(20, dtype=np.float64).reshape(2, 10) / 10
+    prompts = project(a, z, 2)
+    assert prompts.shape == (2, 2, 4)
+    np.testing.assert_allclose(prompts[1].ravel(), a.T @ z[1].astype(np.float32), rtol=1e-5)
+
+
+def test_seed_streams_are_independent_and_stable():
+    s = seeds(42)
+    assert len(set(s.values())) == 3 and s == seeds(42) and s != seeds(43)
+
+
+def test_bad_projection_settings_are_user_errors():
+    with pytest.raises(BBTError, match="random-proj"):
+        ProjectionSpec(1, 10, 2, 4, 0.1, kind="sparse")
+    with pytest.raises(BBTError, match="sigma"):
+        ProjectionSpec(1, 10, 2, 4, 0.1, sigma=0)
+
+
+# -- losses ----------------------------------------------------------------------------------------
+LOGITS = np.array([[[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]]])  # C=1, N=2, K=3
+LABELS = np.array([0, 2])
+
+
+def test_cross_entropy_by_hand():
+    row0 = -np.log(np.exp(2) / (np.exp(2) + 1 + np.exp(-1)))
+    row1 = -np.log(1 / (np.exp(0.5) + np.exp(1.5) + 1))
+    assert losses.cross_entropy(LOGITS, LABELS)[0] == pytest.approx((row0 + row1) / 2)
+
+
+def test_hinge_by_hand_with_margin_two():
+    # row 0 (y=0): max(0, 0-2+2)=0, max(0, -1-2+2)=0 ; row 1 (y=2): max(0, .5-0+2)=2.5, max(0, 1.5+2)=3.5
+    assert losses.hinge(LOGITS, LABELS)[0] == pytest.approx((0 + 0 + 2.5 + 3.5) / 2)
+
+
+def test_metrics_and_perf_loss():
+    assert losses.accuracy(LOGITS, LABELS)[0] == pytest.approx(0.5)
+    assert losses.loss("perf", "accuracy", LOGITS, LABELS)[0] == pytest.approx(-0.5)
+    two = np.array([[[0, 1], [0, 1], [1, 0], [1, 0]]], dtype=float)  # predicts 1, 1, 0, 0
+    y = np.array([1, 0, 1, 0])  # tp=1, fp=1, fn=1 -> f1 = 0.5
+    assert losses.f1(two, y)[0] == pytest.approx(0.5)
+    assert losses.f1(np.array([[[1.0, 0.0]]]), np.array([0]))[0] == 0.0
+
+
+def test_losses_score_every_candidate_at_once():
+    stacked = np.concatenate([LOGITS, -LOGITS])
+    ce = losses.cross_entropy(stacked, LABELS)
+    assert ce.shape == (2,) and ce[0] == pytest.approx(losses.cross_entropy(LOGITS, LABELS)[0])
+    assert losses.hinge(stacked, LABELS)[1] == pytest.approx(losses.hinge(-LOGITS, LABELS)[0])
+
+
+# -- tasks -----------------------------------------------------------------------------------------
+def test_presets_follow_the_reference():
+    assert PRESETS["sst2"].template == " . {text} . It was {mask} ."
+    assert PRESETS["agnews"].label_words == ("World", "Sports", "Business", "Tech")
+    assert len(PRESETS["dbpedia"].labels) == 14 and PRESETS["dbpedia"].label_words[-1] == "Written"
+    assert PRESETS["mrpc"].metric == "f1" and PRESETS["rte"].label_words == ("Yes", "No")
+    assert PRESETS["snli"].label_words == ("Yes", "Maybe", "No")
+
+
+def test_custom_tasks_from_flags_and_files(tmp_path):
+    task = resolve_task(template=" {text} It was {mask} .", labels="negative=bad,positive=great")
+    assert task.labels == (("negative", "bad"), ("positive", "great"))
+    f = tmp_path / "t.json"
+    f.write_text(json.dumps({"template": " {text} ? {mask}", "labels": {"n": "No", "y": "Yes"}, "metric": "f1"}))
+    assert resolve_task(task_file=f).metric == "f1"
+    assert parse_labels("a=x, b = y") == (("a", "x"), ("b", "y"))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"name": "imdb"}, "unknown task"),
+    ({"template": " {text} It was .", "labels": "a=x,b=y"}, None),  # checked against the model kind later
+    ({"template": " {mask} only", "labels": "a=x,b=y"}, "no {text}"),
+    ({"template": " {text} {mask}", "labels": "a=x"}, "at least two labels"),
+    ({"template": " {text} {mask}", "labels": "ax,b=y"}, "name=word"),
+    ({"template": " {txt} {mask}", "labels": "a=x,b=y"}, "unknown placeholder"),
+    ({}, "say what the task is"),
+])
+def test_task_mistakes(kwargs, match):
+    if match is None:
+        task = resolve_task(**kwargs)
+        with pytest.raises(BBTError, match="no \\{mask\\}"):
+            check_template(task.template, "masked")
+        return
+    with pytest.raises(BBTError, match=match):
+        task = resolve_task(**kwargs)
+        check_template(task.template, "masked")
+
+
+# -- label ids ---------------------------------------------------------------------------------------
+def test_preset_label_ids_are_the_first_piece_without_a_space(tiny_model, tiny_src):
+    """Cross-checked against the reference's own call: tokenizer.encode(word, add_special_tokens=False)[0]."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tiny_src))
+    tok = load_tokenizer(load_manifest(tiny_model))
+    for task in PRESETS.values():
+        ids, _ = label_token_ids(tok, task.label_words, prefix="")
+        assert ids == [hf.encode(w, add_special_tokens=False)[0] for w in task.label_words], task.name
+
+
+def test_split_label_words_warn_naming_the_piece(tiny_model):
+    tok = load_tokenizer(load_manifest(tiny_model))
+    ids, warnings = label_token_ids(tok, ["Xylophonic", "great"], prefix="")
+    assert len(ids) == 2 and len(warnings) == 1
+    assert "Xylophonic" in warnings[0] and "using the first" in warnings[0]
+    first = tok.encode("Xylophonic", add_special_tokens=False).tokens[0]
+    assert repr(first) in warnings[0]
+
+
+def test_label_words_sharing_a_first_piece_are_rejected(tiny_model):
+    tok = load_tokenizer(load_manifest(tiny_model))
+    with pytest.raises(BBTError, match="share their first piece"):
+        label_token_ids(tok, ["Xylophonic", "Xylem"], prefix="")
+
+
+# -- data ------------------------------------------------------------------------------------------
+def test_readers_accept_csv_tsv_jsonl_with_aliases(tmp_path):
+    (tmp_path / "a.csv").write_text("\ufeffsentence,label\n\"hello, world\",1\nbye,0\n", encoding="utf-8")
+    (tmp_path / "b.tsv").write_text("text\ttext_b\tlabel\nx\ty\tpos\n")
+    (tmp_path / "c.jsonl").write_text('{"sentence1": "p", "sentence2": "h", "label": 2}\n\n{"sentence1": "q", "sentence2": "i", "label": 0}\n')
+    assert read_examples(tmp_path / "a.csv") == [Example("hello, world", None, "1"), Example("bye", None, "0")]
+    assert read_examples(tmp_path / "b.tsv") == [Example("x", "y", "pos")]
+    assert read_examples(tmp_path / "c.jsonl")[0] == Example("p", "h", "2")
+
+
+@pytest.mark.parametrize("name,content,match", [
+    ("e.csv", "", "is empty"),
+    ("h.csv", "sentence,label\n", "no rows"),
+    ("m.csv", "words,label\nx,1\n", "no text column"),
+    ("l.csv", "sentence\nx\n", "no 'label' column"),
+    ("b.jsonl", '{"text": "x", "label": 1}\nnot json\n', "line 2 is not JSON"),
+    ("x.parquet", "abc", "unknown data format"),
+    ("r.csv", "sentence,label\nx,1,extra\n", "more fields"),
+    ("v.csv", "sentence,label\n,1\n", "empty 'sentence'"),
+])
+def test_malformed_files(tmp_path, name, content, match):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(BBTError, match=match):
+        read_examples(tmp_path / name)
+
+
+def test_unknown_labels_are_named():
+    with pytest.raises(BBTError, match="'positive'.*labels are 0, 1"):
+        check_labels([Example("x", label="positive")], ["0", "1"], "train.csv")
+
+
+def test_k_shot_split_takes_k_per_class_for_train_and_dev_deterministically():
+    rows = [Example(f"t{i}", label=str(i % 3)) for i in range(90)]
+    train, dev = k_shot_split(rows, ["0", "1", "2"], 4, np.random.default_rng(0))
+    assert len(train) == 12 and len(dev) == 12
+    assert all(sum(e.label == c for e in part) == 4 for part in (train, dev) for c in "012")
+    assert not set(train) & set(dev)
+    again, _ = k_shot_split(rows, ["0", "1", "2"], 4, np.random.default_rng(0))
+    other, _ = k_shot_split(rows, ["0", "1", "2"], 4, np.random.default_rng(1))
+    assert again == train and other != train
+
+
+def test_k_larger_than_a_class_names_it():
+    rows = [Example("a", label="0")] * 10 + [Example("b", label="1")] * 5
+    with pytest.raises(BBTError, match="class '1' has only 5 examples"):
+        k_shot_split(rows, ["0", "1"], 4, np.random.default_rng(0))
+
+
+def test_hf_sources_need_datasets_or_say_offline(tmp_path):
+    with pytest.raises(BBTError, match="datasets|Hugging Face hub"):
+        load_splits(DataSpec(data="hf:glue/sst2"), ["0", "1"])
+
+
+# -- encoding ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_parts(tiny_model):
+    m = load_manifest(tiny_model)
+    return m, load_tokenizer(m)
+
+
+def test_rows_are_bos_placeholders_template_eos(model_parts):
+    m, tok = model_parts
+    enc = Encoder(tok, m, PRESETS["sst2"], 5).encode([Example("great fun"), Example("bad")])
+    ids = enc.input_ids[0][enc.attention_mask[0] == 1]
+    assert ids[0] == m.bos_id and ids[-1] == m.eos_id
+    assert list(ids[1:6]) == list(m.placeholder_ids[:5])
+    whole = tok.encode(" . great fun . It was <mask> .", add_special_tokens=False).ids
+    assert list(ids[6:-1]) == whole
+    assert ids[enc.mask_pos[0]] == m.mask_id and enc.input_ids[1, enc.mask_pos[1]] == m.mask_id
+    assert enc.attention_mask[1].sum() < enc.attention_mask[0].sum()
+    assert (enc.input_ids[1][enc.attention_mask[1] == 0] == m.pad_id).all()
+    assert list(enc.labels) == [-1, -1]
+
+
+def test_truncation_cuts_only_the_text(model_parts):
+    m, tok = model_parts
+    task = PRESETS["mrpc"]
+    long = " ".join(["movie"] * 200)
+    enc = Encoder(tok, m, task, PROMPT_TOKENS, max_length=40).encode([Example(long, "short one", "1")])
+    ids = list(enc.input_ids[0])
+    assert len(ids) == 40 and enc.truncated == 1
+    assert ids[enc.mask_pos[0]] == m.mask_id and ids[-1] == m.eos_id
+    assert ids[1:1 + PROMPT_TOKENS] == list(m.placeholder_ids)
+    tail = tok.encode(" short one", add_special_tokens=False).ids
+    assert ids[-1 - len(tail):-1] == tail  # text_b kept whole: the longest field was cut
+
+
+def test_template_that_cannot_fit_is_a_user_error(model_parts):
+    m, tok = model_parts
+    task = Task("t", " " + "word " * 60 + "{text} {mask}", (("0", "a"), ("1", "b")))
+    with pytest.raises(BBTError, match="no room for text"):
+        Encoder(tok, m, task, PROMPT_TOKENS, max_length=30).encode([Example("hello there you")])
+
+
+def test_prompt_tokens_beyond_the_export_are_rejected(model_parts):
+    m, tok = model_parts
+    with pytest.raises(BBTError, match="re-export"):
+        Encoder(tok, m, PRESETS["sst2"], PROMPT_TOKENS + 1)
+
+
+def test_batches_sort_by_length_and_trim_padding(model_parts):
+    m, tok = model_parts
+    rows = [Example("x " * n) for n in (30, 1, 12, 2, 25)]
+    enc = Encoder(tok, m, PRESETS["sst2"], 2).encode(rows)
+    seen = []
+    for idx, batch in enc.batches(2):
+        assert batch.input_ids.shape[1] == batch.attention_mask.sum(1).max()
+        seen.extend(idx.tolist())
+    assert sorted(seen) == list(range(5)) and seen[:2] == [1, 3]
