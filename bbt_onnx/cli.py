@@ -41,7 +41,8 @@ def cli():
     """Black-Box Tuning of language models served as forward-only ONNX Runtime engines.
 
     export turns a Hugging Face model into a prompt graph; tune learns a continuous prompt
-    with CMA-ES from a few labelled examples; evaluate and predict use it.
+    with CMA-ES from a few labelled examples; evaluate and predict use it; bench times the
+    engine against PyTorch. Every mistake a user can make ends in one `error:` line, exit 2.
     """
 
 
@@ -53,15 +54,16 @@ def cli():
 @click.option("--opset", default=17, show_default=True, help="ONNX opset.")
 @click.option("--fp16", is_flag=True, help="Also write a fused fp16 graph for CUDA (model.fp16.onnx).")
 @click.option("--int8", is_flag=True, help="Also write a dynamically quantized int8 graph for CPU (model.int8.onnx).")
+@click.option("--gguf-file", help="Load this GGUF file from the --model directory (needs the gguf extra).")
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
-def export(model, out, prompt_tokens, opset, fp16, int8, force):
-    """Export a masked LM to an ONNX prompt graph, check it against PyTorch, write its manifest."""
+def export(model, out, prompt_tokens, opset, fp16, int8, gguf_file, force):
+    """Export a masked or causal LM to an ONNX prompt graph, check it against PyTorch, write its manifest."""
     try:
         from bbt_onnx_export import ExportOptions, export_model
     except ImportError as exc:
         raise BBTError(f"export needs the `export` extra (torch, transformers, onnx): pip install 'bbt-onnx[export]' "
                        f"after pip install torch==2.13.0 ({exc})") from None
-    manifest = export_model(ExportOptions(model, out, prompt_tokens, opset, fp16, int8, force), log=err)
+    manifest = export_model(ExportOptions(model, out, prompt_tokens, opset, fp16, int8, force, gguf_file), log=err)
     summary = {name: {"file": g.file, **g.parity, **({"fused_ops": g.fused_ops} if g.fused_ops else {})}
                for name, g in manifest.graphs.items()}
     emit_json({"out": str(out), "kind": manifest.kind, "architecture": manifest.architecture,
@@ -95,7 +97,7 @@ def get_task(task_name, template, labels, task_file, metric):
 TUNE_FLAGS = ("model_dir", "task_name", "template", "labels", "task_file", "metric", "data", "train", "dev", "test",
               "k_shot", "out", "prompt_tokens", "intrinsic_dim", "popsize", "budget", "sigma", "alpha",
               "random_proj", "bound", "diagonal", "loss", "eval_every", "seed", "checkpoint_every", "precision",
-              "max_length", "force")
+              "max_length", "force", "prompt_init")
 
 
 @cli.command()
@@ -121,6 +123,8 @@ TUNE_FLAGS = ("model_dir", "task_name", "template", "labels", "task_file", "metr
 @click.option("--seed", default=42, show_default=True)
 @click.option("--checkpoint-every", default=10, show_default=True, help="Generations between checkpoints; 0 is off.")
 @click.option("--max-length", type=click.IntRange(8), help="Token limit per row [default: the model's].")
+@click.option("--prompt-init", help="Text whose tokens fill the prompt slots (z = 0 is then the template with this "
+              "text before it); its token count must equal --prompt-tokens [default: the model's placeholders].")
 @engine_options
 @click.option("--resume", type=click.Path(path_type=Path, file_okay=False), help="Continue an interrupted run.")
 @click.option("--force", is_flag=True, help="Replace an earlier run in --out.")
@@ -152,7 +156,7 @@ def tune(ctx, resume, quiet, device, threads, **flags):
         task = get_task(flags["task_name"], flags["template"], flags["labels"], flags["task_file"], flags["metric"])
         config = TuneConfig(**{k: flags[k] for k in ("prompt_tokens", "intrinsic_dim", "popsize", "budget", "sigma",
                                                       "alpha", "random_proj", "bound", "diagonal", "loss",
-                                                      "eval_every", "seed", "checkpoint_every")})
+                                                      "eval_every", "seed", "checkpoint_every", "prompt_init")})
         data = DataSpec(flags["data"], flags["train"], flags["dev"], flags["test"], flags["k_shot"], flags["seed"])
         request = TuneRequest(flags["model_dir"], task, data, config, str(flags["out"]), device, flags["precision"],
                               threads, flags["max_length"])
@@ -304,6 +308,84 @@ def _read_text(path: str) -> str:
         return Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise BBTError(f"cannot read {path}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- bench
+@cli.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--device", type=DEVICE, default="cpu", show_default=True)
+@click.option("--precision", "precisions", type=PRECISION, multiple=True,
+              help="Graphs to time (repeatable) [default: fp32 and int8 on cpu, fp16 and fp32 on cuda, those exported].")
+@click.option("--batch", default=64, show_default=True, help="Sequences per engine call (candidates x up to 32 texts).")
+@click.option("--seq", default=80, show_default=True, help="Tokens per sequence.")
+@click.option("--baseline", type=click.Choice(["torch", "none"]), default="torch", show_default=True,
+              help="Time Hugging Face transformers on the same inputs (eager and SDPA; needs torch).")
+@click.option("--torch-model", help="Checkpoint for the torch baseline [default: the manifest's source].")
+@click.option("--repeat", default=3, show_default=True, help="Timed calls per measurement (median).")
+@click.option("--e2e-budget", type=click.IntRange(0),
+              help="API calls of the end-to-end tune (popsize 20, 32 texts); 0 skips it [default: 40 on cpu, 2000 on cuda].")
+@click.option("--e2e-dim", default=500, show_default=True, help="d of the end-to-end tune.")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads for onnxruntime [default: all cores].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+def bench(model_dir, device, precisions, batch, seq, baseline, torch_model, repeat, e2e_budget, e2e_dim, threads,
+          as_json):
+    """Time engine calls per precision against PyTorch in the same process, and an end-to-end tune."""
+    from . import bench as b
+    from .manifest import load_manifest
+    from .model import Model
+
+    manifest = load_manifest(model_dir)
+    if not precisions:
+        wanted = ("fp32", "int8") if device == "cpu" else ("fp16", "fp32")
+        precisions = tuple(p for p in wanted if p in manifest.graphs)
+    prompts, enc = b.synthetic_inputs(manifest, batch, seq)
+    results, models = [], {}
+    for precision in precisions:
+        models[precision] = Model.load(model_dir, device=device, precision=precision, threads=threads)
+        err(f"timing {precision} on {device}: {batch} sequences x {seq} tokens")
+        results.append(b.time_engine(models[precision].engine, precision, device, prompts, enc, repeat))
+
+    torch_note = None
+    if baseline == "torch":
+        torch_note = torch_baseline(manifest, torch_model or manifest.source, prompts, enc, device, results, repeat)
+        if torch_note:
+            err(f"note: {torch_note}")
+    report = {"model": str(model_dir), "architecture": manifest.architecture, "device": device,
+              "results": [r.to_json() for r in results], "torch_baseline": torch_note or "measured"}
+    report["optimizer_ms_per_generation"] = b.optimizer_costs(e2e_dim, 20)
+    if e2e_budget is None:
+        e2e_budget = 40 if device == "cpu" else 2000
+    if e2e_budget:
+        fast = min(results, key=lambda r: r.ms_per_call).precision if results else "fp32"
+        err(f"end to end: {e2e_budget} calls, popsize 20, d={e2e_dim}, {fast}")
+        report["end_to_end"] = {"precision": fast, **b.end_to_end(
+            models.get(fast) or Model.load(model_dir, device=device, precision=fast, threads=threads), e2e_budget, 20,
+            e2e_dim, manifest.prompt_tokens, words=max(1, (seq - manifest.prompt_tokens) // 2))}
+    if as_json:
+        emit_json(report)
+    else:
+        click.echo(b.format_report(report))
+
+
+def torch_baseline(manifest, source, prompts, enc, device, results, repeat) -> str | None:
+    """Fill the torch columns of `results`; a reason when the baseline cannot run."""
+    try:
+        from bbt_onnx_export.baseline import VARIANTS, torch_ms
+    except ImportError as exc:
+        return f"no torch baseline: {exc}"
+    fp16 = device == "cuda"
+    timings = {}
+    for attn in VARIANTS:
+        err(f"timing torch {attn} ({'fp16' if fp16 else 'fp32'}) on {device}")
+        try:
+            timings[attn] = torch_ms(manifest, source, prompts, enc, device, fp16, attn, repeat)
+        except BBTError as exc:
+            return f"no torch baseline: {exc}"
+    best = min(timings, key=timings.get)
+    for r in results:
+        r.torch_ms_per_call, r.torch_variant = timings[best], f"{best} {'fp16' if fp16 else 'fp32'}"
+        r.ratio_vs_torch = timings[best] / r.ms_per_call
+    return None
 
 
 def main() -> None:

@@ -95,23 +95,35 @@ def label_token_ids(tokenizer: Tokenizer, words: Sequence[str], prefix: str) -> 
     return ids, warnings
 
 
+def init_placeholders(tokenizer: Tokenizer, text: str, prompt_tokens: int) -> list[int]:
+    """Prompt slots holding the tokens of `text`, so z = 0 is exactly the template with `text` before it."""
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    if len(ids) != prompt_tokens:
+        raise BBTError(f"--prompt-init {text!r} is {len(ids)} tokens; pass --prompt-tokens {len(ids)} with it")
+    return ids
+
+
 class Encoder:
     """Turns examples into an EncodedSet for one (model, task, prompt length)."""
 
     def __init__(self, tokenizer: Tokenizer, manifest: Manifest, task: Task, prompt_tokens: int,
-                 max_length: int | None = None):
+                 max_length: int | None = None, placeholder_ids: Sequence[int] | None = None):
         check_template(task.template, manifest.kind)
         if not 0 <= prompt_tokens <= manifest.prompt_tokens:
             raise BBTError(f"--prompt-tokens {prompt_tokens} is outside 0..{manifest.prompt_tokens}, "
                            "the most this model was exported for (re-export with a larger --prompt-tokens)")
+        if placeholder_ids is None:
+            placeholder_ids = manifest.placeholder_ids[:prompt_tokens]
+        elif len(placeholder_ids) != prompt_tokens:
+            raise BBTError(f"{len(placeholder_ids)} placeholder ids for {prompt_tokens} prompt tokens")
         self.tokenizer = tokenizer
         self.manifest = manifest
         self.task = task
         self.prompt_tokens = prompt_tokens
         self.max_length = min(max_length or manifest.max_positions, manifest.max_positions)
         self.label_ids, self.warnings = label_token_ids(tokenizer, task.label_words, manifest.label_prefix)
-        self.head = ([manifest.bos_id] if manifest.bos_id is not None else []) + \
-            list(manifest.placeholder_ids[:prompt_tokens])
+        self.placeholder_ids = [int(i) for i in placeholder_ids]
+        self.head = ([manifest.bos_id] if manifest.bos_id is not None else []) + self.placeholder_ids
         self.tail = [manifest.eos_id] if manifest.appends_eos else []
         self.mask_text = tokenizer.id_to_token(manifest.mask_id) if manifest.kind == "masked" else ""
         self.parts = list(string.Formatter().parse(task.template))
@@ -164,6 +176,9 @@ class Encoder:
         for i, r in enumerate(rows):
             input_ids[i, :len(r)] = r
             attention[i, :len(r)] = 1
+        from .data import check_labels
+
+        check_labels([e for e in examples if e.label is not None], self.task.label_keys, "the rows")
         labels = np.array([-1 if e.label is None else self.task.class_index(e.label) for e in examples], dtype=np.int64)
         return EncodedSet(input_ids, attention, np.array(mask_pos, dtype=np.int64), labels,
                           np.array(self.label_ids, dtype=np.int64), truncated)
@@ -193,3 +208,37 @@ class Encoder:
             last = len(owner) - 1 - owner[::-1].index(field)
             del ids[last], owner[last]
         return ids, owner
+
+
+def length_buckets(lengths: np.ndarray, max_buckets: int = 4, min_saving: float = 0.1) -> list[np.ndarray]:
+    """Split rows into at most `max_buckets` groups of similar length, minimising padded tokens.
+
+    Rows are sorted by length and cut into contiguous runs by dynamic programming. Returns
+    the row indices of each group: a single group with every row unless splitting saves at
+    least `min_saving` of the padded tokens of one call, and no more groups than it takes to
+    come within 5% of the fewest padded tokens.
+    """
+    order = np.argsort(lengths, kind="stable")
+    sorted_len = np.asarray(lengths)[order].astype(np.int64)
+    n = len(order)
+    groups = max(1, min(max_buckets, n))
+    # cost[b, j]: fewest padded tokens for the j shortest rows in b groups; start[b, j]: where the last group begins
+    cost = np.full((groups + 1, n + 1), np.iinfo(np.int64).max // 2, dtype=np.int64)
+    start = np.zeros((groups + 1, n + 1), dtype=np.int64)
+    cost[0, 0] = 0
+    for b in range(1, groups + 1):
+        for j in range(b, n + 1):
+            i = np.arange(b - 1, j)
+            total = cost[b - 1, i] + (j - i) * sorted_len[j - 1]
+            k = int(np.argmin(total))
+            cost[b, j], start[b, j] = total[k], i[k]
+    fewest = cost[1:, n].min()
+    b = int(np.argmax(cost[1:, n] <= 1.05 * fewest)) + 1
+    if cost[1, n] - cost[b, n] < min_saving * cost[1, n]:
+        return [order]
+    cuts, j = [n], n
+    for level in range(b, 0, -1):
+        j = int(start[level, j])
+        cuts.append(j)
+    cuts.reverse()
+    return [order[a:c] for a, c in zip(cuts[:-1], cuts[1:])]

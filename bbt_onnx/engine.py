@@ -8,17 +8,19 @@ An engine turns C prompts [C, P', H] and N encoded rows into label logits [C, N,
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from .encoding import EncodedSet
+from .encoding import EncodedSet, length_buckets
 from .errors import BBTError
 from .fileio import sha256_file
 from .manifest import GRAPH_INPUTS, GRAPH_OUTPUTS, Manifest
 
 DEVICES = ("cpu", "cuda")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+ROW_INPUTS = ("input_ids", "attention_mask", "mask_pos", "label_ids")
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
@@ -42,7 +44,7 @@ class OrtEngine:
     """One onnxruntime session over one graph of a model directory, created once."""
 
     def __init__(self, manifest: Manifest, precision: str = "fp32", device: str = "cpu",
-                 threads: int | None = None, verify: bool = True):
+                 threads: int | None = None, verify: bool = True, max_buckets: int | None = None):
         import onnxruntime as ort
 
         if device not in DEVICES:
@@ -82,17 +84,68 @@ class OrtEngine:
         self.device = device
         self.provider = provider
         self.hidden_size = manifest.hidden_size
+        # On CPU, padding is computed like any token: rows of similar length go in one call. A GPU
+        # prefers one large call.
+        self.max_buckets = max_buckets if max_buckets is not None else (4 if device == "cpu" else 1)
+        # On CUDA the rows are bound on the device once per batch; each call uploads only the prompts
+        # and downloads only [C, N, K].
+        self.io_binding = device == "cuda"
+        self._plans: dict[int, tuple[np.ndarray, list[Part]]] = {}
 
     def label_logits(self, prompt_embeds: np.ndarray, batch: EncodedSet) -> np.ndarray:
         prompts = np.ascontiguousarray(prompt_embeds, dtype=self.prompt_dtype)
         if prompts.ndim != 3 or prompts.shape[2] != self.hidden_size:
             raise ValueError(f"prompt_embeds must be [C, P, {self.hidden_size}], got {prompts.shape}")
-        feeds = {
-            "input_ids": batch.input_ids,
-            "attention_mask": batch.attention_mask,
-            "mask_pos": batch.mask_pos,
-            "prompt_embeds": prompts,
-            "label_ids": batch.label_ids,
-        }
-        out = self.session.run(list(GRAPH_OUTPUTS), feeds)[0]
-        return np.asarray(out, dtype=np.float32)
+        parts = self._plan(batch)
+        if len(parts) == 1:
+            return self._run(prompts, parts[0])
+        out = np.empty((prompts.shape[0], len(batch), len(batch.label_ids)), np.float32)
+        for part in parts:
+            out[:, part.index] = self._run(prompts, part)
+        return out
+
+    def _plan(self, batch: EncodedSet) -> list["Part"]:
+        """How a batch is run: its length buckets, with their rows on the device when binding. Cached,
+        since the training set is scored every generation."""
+        key = id(batch.attention_mask)
+        hit = self._plans.get(key)
+        if hit is None or hit[0] is not batch.attention_mask:
+            if len(self._plans) >= 8:
+                self._plans.clear()
+            groups = length_buckets(batch.lengths, self.max_buckets)
+            subsets = [batch] if len(groups) == 1 else [batch.take(g) for g in groups]
+            parts = [Part(g, sub, self._bind_rows(sub) if self.io_binding else None)
+                     for g, sub in zip(groups, subsets)]
+            hit = (batch.attention_mask, parts)
+            self._plans[key] = hit
+        return hit[1]
+
+    def _bind_rows(self, batch: EncodedSet) -> dict:
+        import onnxruntime as ort
+
+        return {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(getattr(batch, name)), self.device, 0)
+                for name in ROW_INPUTS}
+
+    def _run(self, prompts: np.ndarray, part: "Part") -> np.ndarray:
+        if part.device_rows is None:
+            feeds = {name: getattr(part.batch, name) for name in ROW_INPUTS}
+            feeds["prompt_embeds"] = prompts
+            return np.asarray(self.session.run(list(GRAPH_OUTPUTS), feeds)[0], dtype=np.float32)
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        for name, value in part.device_rows.items():
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_ortvalue_input("prompt_embeds", ort.OrtValue.ortvalue_from_numpy(prompts, self.device, 0))
+        binding.bind_output(GRAPH_OUTPUTS[0], "cpu")
+        self.session.run_with_iobinding(binding)
+        return np.asarray(binding.copy_outputs_to_cpu()[0], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Part:
+    """Rows `index` of a batch, run in one call."""
+
+    index: np.ndarray
+    batch: EncodedSet
+    device_rows: dict | None = None

@@ -66,10 +66,16 @@ class Manifest:
     opset: int
     versions: dict[str, str]
     graphs: dict[str, GraphSpec]
+    gguf_file: str | None = None
     format_version: int = FORMAT_VERSION
     directory: Path | None = field(default=None, compare=False)
 
     # -- derived -------------------------------------------------------------
+    @property
+    def prompt_start(self) -> int:
+        """First prompt slot: right after BOS, or the very first position when the model has none."""
+        return 0 if self.bos_id is None else 1
+
     @property
     def appends_eos(self) -> bool:
         """Masked LMs close the sequence with </s>; causal LMs score the next token instead."""
@@ -164,6 +170,7 @@ def load_manifest(model_dir: str | Path) -> Manifest:
             opset=int(raw["opset"]),
             versions={str(k): str(v) for k, v in raw["versions"].items()},
             graphs={str(k): _graph(v) for k, v in raw["graphs"].items()},
+            gguf_file=raw.get("gguf_file"),
             directory=directory,
         )
     except (KeyError, TypeError, ValueError) as exc:

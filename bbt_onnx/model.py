@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from tokenizers import Tokenizer
 
@@ -29,5 +30,6 @@ class Model:
             engine = OrtEngine(manifest, precision=precision, device=device, threads=threads)
         return cls(manifest, tokenizer, engine)
 
-    def encoder(self, task: Task, prompt_tokens: int, max_length: int | None = None) -> Encoder:
-        return Encoder(self.tokenizer, self.manifest, task, prompt_tokens, max_length)
+    def encoder(self, task: Task, prompt_tokens: int, max_length: int | None = None,
+                placeholder_ids: Sequence[int] | None = None) -> Encoder:
+        return Encoder(self.tokenizer, self.manifest, task, prompt_tokens, max_length, placeholder_ids)

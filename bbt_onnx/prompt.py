@@ -22,6 +22,10 @@ PROMPT_NAME = "prompt.npz"
 EVAL_ROWS = 64  # rows per engine call when scoring a dev/test set
 
 
+def _ids(ids) -> tuple[int, ...] | None:
+    return None if ids is None else tuple(int(i) for i in ids)
+
+
 @dataclass(frozen=True)
 class Prediction:
     label: str
@@ -35,6 +39,7 @@ class TunedPrompt:
     projection: ProjectionSpec
     task: Task
     model_fingerprint: str = ""
+    placeholder_ids: tuple[int, ...] | None = None  # None: the model's own, manifest.placeholder_ids[:P]
 
     @property
     def prompt_tokens(self) -> int:
@@ -42,16 +47,18 @@ class TunedPrompt:
 
     @classmethod
     def from_z(cls, z: np.ndarray, spec: ProjectionSpec, task: Task, model_fingerprint: str = "",
-               a_t: np.ndarray | None = None) -> "TunedPrompt":
+               a_t: np.ndarray | None = None, placeholder_ids=None) -> "TunedPrompt":
         a_t = build_projection(spec) if a_t is None else a_t
         z = np.asarray(z, dtype=np.float64)
-        return cls(z, project(a_t, z, spec.prompt_tokens)[0], spec, task, model_fingerprint)
+        return cls(z, project(a_t, z, spec.prompt_tokens)[0], spec, task, model_fingerprint,
+                   _ids(placeholder_ids))
 
     @classmethod
-    def zero(cls, spec: ProjectionSpec, task: Task, model_fingerprint: str = "") -> "TunedPrompt":
+    def zero(cls, spec: ProjectionSpec, task: Task, model_fingerprint: str = "",
+             placeholder_ids=None) -> "TunedPrompt":
         """z = 0: the manual template with the placeholder tokens' own embeddings."""
         return cls(np.zeros(spec.intrinsic_dim), np.zeros((spec.prompt_tokens, spec.hidden_size), np.float32),
-                   spec, task, model_fingerprint)
+                   spec, task, model_fingerprint, _ids(placeholder_ids))
 
     # -- files ---------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -59,7 +66,8 @@ class TunedPrompt:
         if path.is_dir():
             path = path / PROMPT_NAME
         meta = {"projection": self.projection.to_json(), "task": self.task.to_json(),
-                "model_fingerprint": self.model_fingerprint, "seed": self.projection.seed}
+                "model_fingerprint": self.model_fingerprint, "seed": self.projection.seed,
+                "placeholder_ids": None if self.placeholder_ids is None else list(self.placeholder_ids)}
         buf = io.BytesIO()
         np.savez(buf, prompt=self.embeds, z=self.z, meta=np.array(json.dumps(meta)))
         write_bytes_atomic(path, buf.getvalue())
@@ -80,9 +88,12 @@ class TunedPrompt:
             task = Task.from_json(meta["task"])
         except (OSError, KeyError, ValueError, TypeError) as exc:
             raise BBTError(f"{path} is not a bbt-onnx prompt file ({exc})") from None
-        return cls(z, embeds, spec, task, meta.get("model_fingerprint", ""))
+        return cls(z, embeds, spec, task, meta.get("model_fingerprint", ""), _ids(meta.get("placeholder_ids")))
 
     # -- use -----------------------------------------------------------------
+    def encoder(self, model):
+        return model.encoder(self.task, self.prompt_tokens, placeholder_ids=self.placeholder_ids)
+
     def check_model(self, model) -> None:
         m = model.manifest
         if self.embeds.shape[1] != m.hidden_size:
@@ -95,7 +106,7 @@ class TunedPrompt:
     def logits(self, model, rows: Sequence[Example] | EncodedSet, batch_rows: int = EVAL_ROWS) -> np.ndarray:
         """[N, K] label logits for every row, in the rows' order, scored in length-sorted batches."""
         self.check_model(model)
-        enc = rows if isinstance(rows, EncodedSet) else model.encoder(self.task, self.prompt_tokens).encode(rows)
+        enc = rows if isinstance(rows, EncodedSet) else self.encoder(model).encode(rows)
         out = np.empty((len(enc), len(enc.label_ids)), np.float32)
         prompt = self.embeds[None]
         for idx, batch in enc.batches(batch_rows):
@@ -103,7 +114,7 @@ class TunedPrompt:
         return out
 
     def evaluate(self, model, rows: Sequence[Example] | EncodedSet, batch_rows: int = EVAL_ROWS) -> dict:
-        enc = rows if isinstance(rows, EncodedSet) else model.encoder(self.task, self.prompt_tokens).encode(rows)
+        enc = rows if isinstance(rows, EncodedSet) else self.encoder(model).encode(rows)
         if (enc.labels < 0).any():
             raise BBTError("every row needs a label to be evaluated")
         logits = self.logits(model, enc, batch_rows)

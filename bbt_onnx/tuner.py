@@ -18,7 +18,7 @@ import numpy as np
 
 from . import losses
 from .data import Example
-from .encoding import EncodedSet
+from .encoding import EncodedSet, init_placeholders
 from .errors import BBTError
 from .model import Model
 from .prompt import TunedPrompt
@@ -44,6 +44,7 @@ class TuneConfig:
     eval_every: int = 100
     seed: int = 42
     checkpoint_every: int = 10
+    prompt_init: str | None = None  # text whose tokens fill the prompt slots instead of the model's placeholders
 
     def check(self) -> None:
         if self.popsize < 2:
@@ -167,7 +168,10 @@ class BlackBoxTuner:
                                    prompt_tokens=config.prompt_tokens, hidden_size=m.hidden_size,
                                    embedding_std=m.embedding_std, alpha=config.alpha, sigma=config.sigma,
                                    kind=config.random_proj)
-        self.encoder = model.encoder(task, config.prompt_tokens)
+        self.placeholder_ids = None
+        if config.prompt_init is not None:
+            self.placeholder_ids = init_placeholders(model.tokenizer, config.prompt_init, config.prompt_tokens)
+        self.encoder = model.encoder(task, config.prompt_tokens, placeholder_ids=self.placeholder_ids)
         self.a_t = build_projection(self.spec)
         self.report: FitReport | None = None
         self.state: TunerState | None = None
@@ -253,7 +257,8 @@ class BlackBoxTuner:
         final_z = state.best_dev_z if dev_set is not None else state.best_z
         if final_z is None:
             final_z = np.zeros(cfg.intrinsic_dim)
-        prompt = TunedPrompt.from_z(final_z, self.spec, self.task, self.model.manifest.fingerprint(), self.a_t)
+        prompt = TunedPrompt.from_z(final_z, self.spec, self.task, self.model.manifest.fingerprint(), self.a_t,
+                                    self.placeholder_ids)
         final_loss = float(self._loss(self._logits(final_z, train_set), labels)[0])
         self.report = FitReport(
             train_loss_initial=state.train_loss_initial, train_loss_final=final_loss,

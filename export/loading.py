@@ -10,9 +10,13 @@ from pathlib import Path
 from .errors import ExportError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
-SUPPORTED = "RoBERTa masked LMs (RobertaForMaskedLM)"
+SUPPORTED = "RoBERTa masked LMs (RobertaForMaskedLM) and causal LMs (LlamaForCausalLM, GPT2LMHeadModel)"
 # model_type -> (kind, architecture class name)
-ARCHITECTURES = {"roberta": ("masked", "RobertaForMaskedLM")}
+ARCHITECTURES = {
+    "roberta": ("masked", "RobertaForMaskedLM"),
+    "llama": ("causal", "LlamaForCausalLM"),
+    "gpt2": ("causal", "GPT2LMHeadModel"),
+}
 
 
 @dataclass
@@ -22,6 +26,7 @@ class Loaded:
     kind: str
     architecture: str
     source: str
+    gguf_file: str | None = None
 
 
 def _is_local(source: str) -> bool:
@@ -34,7 +39,7 @@ def _hub_error(source: str, exc: Exception) -> ExportError:
                        f"has no such model ({first}); pass a local directory written by save_pretrained instead")
 
 
-def check_source(source: str) -> str:
+def check_source(source: str, gguf_file: str | None = None) -> str:
     """A readable local checkpoint directory, or a hub id; anything else is a one-line error."""
     path = Path(source).expanduser()
     if _is_local(source):
@@ -44,22 +49,35 @@ def check_source(source: str) -> str:
             raise ExportError(f"{source} is a file; --model takes a directory written by save_pretrained or a hub id")
         if not os.access(path, os.R_OK | os.X_OK):
             raise ExportError(f"cannot read model directory {source} (permission denied)")
-        if not (path / "config.json").is_file():
-            raise ExportError(f"{source} has no config.json: it is not a directory written by save_pretrained")
-        if not os.access(path / "config.json", os.R_OK):
-            raise ExportError(f"cannot read {path / 'config.json'} (permission denied)")
+        if gguf_file is None and not (path / "config.json").is_file():
+            raise ExportError(f"{source} has no config.json: it is not a directory written by save_pretrained "
+                              "(for a GGUF file, add --gguf-file NAME)")
         return str(path)
     if not HUB_ID.match(source):
         raise ExportError(f"{source!r} is neither an existing directory nor a Hugging Face hub id")
     return source
 
 
-def load_config(source: str):
+def check_gguf(source: str, gguf_file: str | None) -> dict:
+    """Extra from_pretrained arguments for a GGUF checkpoint (transformers dequantises it to fp32)."""
+    if gguf_file is None:
+        return {}
+    if Path(source).is_dir() and not (Path(source) / gguf_file).is_file():
+        raise ExportError(f"{source} has no {gguf_file}")
+    for module, pkg in (("gguf", "gguf"), ("accelerate", "accelerate")):
+        try:
+            __import__(module)
+        except ImportError:
+            raise ExportError(f"--gguf-file needs the {pkg} package: pip install 'bbt-onnx[gguf]'") from None
+    return {"gguf_file": gguf_file}
+
+
+def load_config(source: str, gguf: dict | None = None):
     from transformers import AutoConfig
 
     local = Path(source).is_dir()
     try:
-        return AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(source, **(gguf or {}))
     except (OSError, ValueError) as exc:
         if local:
             raise ExportError(f"cannot read the config in {source}: {str(exc).splitlines()[0][:200]}") from None
@@ -80,33 +98,35 @@ def classify(config) -> tuple[str, str]:
     return kind, arch
 
 
-def load_model(source: str) -> Loaded:
-    source = check_source(source)
-    config = load_config(source)
+def load_model(source: str, gguf_file: str | None = None) -> Loaded:
+    source = check_source(source, gguf_file)
+    gguf = check_gguf(source, gguf_file)
+    config = load_config(source, gguf)
     kind, arch = classify(config)
     import transformers
 
     cls = getattr(transformers, arch)
     try:
-        model, info = cls.from_pretrained(source, attn_implementation="eager", output_loading_info=True)
+        model, info = cls.from_pretrained(source, attn_implementation="eager", output_loading_info=True, **gguf)
     except (OSError, ValueError) as exc:
         if Path(source).is_dir():
             raise ExportError(f"cannot load the weights in {source}: {str(exc).splitlines()[0][:200]}") from None
         raise _hub_error(source, exc) from None
-    missing = [k for k in info.get("missing_keys", []) if "position_ids" not in k and not k.endswith("decoder.bias")]
+    tied = ("decoder.bias", "lm_head.weight")  # tied to other weights, or filled from them
+    missing = [k for k in info.get("missing_keys", []) if "position_ids" not in k and not k.endswith(tied)]
     if missing:
         raise ExportError(f"{source} lacks weights the {arch} needs ({', '.join(missing[:4])}"
                           f"{' …' if len(missing) > 4 else ''}): it is not a {arch} checkpoint")
     model.eval()
-    tokenizer = load_tokenizer(source)
-    return Loaded(model, tokenizer, kind, arch, source)
+    tokenizer = load_tokenizer(source, gguf)
+    return Loaded(model, tokenizer, kind, arch, source, gguf_file)
 
 
-def load_tokenizer(source: str):
+def load_tokenizer(source: str, gguf: dict | None = None):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(source, use_fast=True)
+        tok = AutoTokenizer.from_pretrained(source, use_fast=True, **(gguf or {}))
     except (OSError, ValueError, TypeError) as exc:
         raise ExportError(f"cannot load the tokenizer of {source}: {str(exc).splitlines()[0][:200]}") from None
     if not getattr(tok, "is_fast", False):

@@ -6,6 +6,7 @@ import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass, replace
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
@@ -14,7 +15,7 @@ import numpy as np
 
 from bbt_onnx.data import Example
 from bbt_onnx.encoding import Encoder
-from bbt_onnx.fileio import umask, sha256_file
+from bbt_onnx.fileio import sha256_file, umask
 from bbt_onnx.manifest import GraphSpec, Manifest, TensorSpec
 from bbt_onnx.tasks import Task
 
@@ -44,6 +45,7 @@ class ExportOptions:
     fp16: bool = False
     int8: bool = False
     force: bool = False
+    gguf_file: str | None = None
 
 
 def _versions() -> dict[str, str]:
@@ -80,8 +82,18 @@ def placeholder_ids(vocab_size: int, count: int, special: set[int]) -> list[int]
     return ids
 
 
-def special_ids(tokenizer) -> dict[str, int | None]:
-    return {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "mask")}
+def special_ids(tokenizer, kind: str) -> dict[str, int | None]:
+    """The ids a row is built from. A causal LM's BOS counts only when its tokenizer adds it;
+    without a pad token, padding reuses EOS (the attention mask hides it)."""
+    ids = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "mask")}
+    if kind == "causal":
+        ids["mask"] = None
+        probe = tokenizer("a")["input_ids"]
+        if ids["bos"] is None or not probe or probe[0] != ids["bos"]:
+            ids["bos"] = None
+    if ids["pad"] is None:
+        ids["pad"] = next((i for i in (ids["eos"], ids["bos"]) if i is not None), 0)
+    return ids
 
 
 def tensor_specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
@@ -123,7 +135,7 @@ def parity_inputs(manifest: Manifest, tokenizer, prompt_count: int = 3, seed: in
 
 def base_manifest(loaded: Loaded, prompt_tokens: int, opset: int) -> Manifest:
     config = loaded.model.config
-    ids = special_ids(loaded.tokenizer)
+    ids = special_ids(loaded.tokenizer, loaded.kind)
     vocab = int(config.vocab_size)
     positions = max_positions(config, loaded.kind)
     if prompt_tokens < 1:
@@ -140,14 +152,15 @@ def base_manifest(loaded: Loaded, prompt_tokens: int, opset: int) -> Manifest:
         mask_id=ids["mask"],
         placeholder_ids=tuple(placeholder_ids(vocab, prompt_tokens, set(loaded.tokenizer.all_special_ids))),
         embedding_std=float(weight.std()), embedding_mean=float(weight.mean()),
-        label_prefix="" if loaded.kind == "masked" else " ", opset=opset, versions=_versions(), graphs={})
+        label_prefix="" if loaded.kind == "masked" else " ", opset=opset, versions=_versions(), graphs={},
+        gguf_file=loaded.gguf_file)
 
 
 def export_model(opts: ExportOptions, log: Callable[[str], None] = lambda _msg: None) -> Manifest:
     out = Path(opts.out)
     check_out(out, opts.force)
     log(f"loading {opts.model}")
-    loaded = load_model(opts.model)
+    loaded = load_model(opts.model, opts.gguf_file)
     manifest = base_manifest(loaded, opts.prompt_tokens, opts.opset)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -158,33 +171,30 @@ def export_model(opts: ExportOptions, log: Callable[[str], None] = lambda _msg: 
         from bbt_onnx.encoding import load_tokenizer
 
         sample = parity_inputs(manifest, load_tokenizer(manifest))
-        reference = validate.torch_reference(loaded, sample)
+        reference = validate.torch_reference(loaded, sample, manifest.prompt_start)
         graphs = {}
 
-        fp32 = tmp / GRAPH_FILES["fp32"]
+        plain = tmp / "plain.onnx"
         log(f"exporting {loaded.architecture} to ONNX (opset {opts.opset}, P={opts.prompt_tokens})")
-        export_onnx(scorer_for(loaded), sample, fp32, opts.opset)
-        parity = validate.compare(reference, validate.run_onnx(fp32, sample))
-        log(f"fp32 parity: max abs diff {parity['max_abs_diff']:.2e}")
-        if not parity["max_abs_diff"] <= validate.FP32_TOLERANCE:
-            raise ExportError(f"the fp32 graph disagrees with PyTorch: max abs diff {parity['max_abs_diff']:.3g} > "
-                              f"{validate.FP32_TOLERANCE}; this is a bug, please report it")
-        graphs["fp32"] = (fp32, parity, {})
-
+        export_onnx(scorer_for(loaded, manifest.prompt_start), sample, plain, opts.opset)
+        fuse = partial(optimize.fuse, plain, num_heads=manifest.num_heads, hidden_size=manifest.hidden_size,
+                       model_type=optimize.FUSION_TYPES.get(manifest.model_type))
+        builders = {"fp32": partial(fuse, fp16=False)}  # CPU fusions; fp16 takes the CUDA ones
         if opts.fp16:
-            path = tmp / GRAPH_FILES["fp16"]
-            log("fusing and converting to fp16")
-            fused = optimize.fused_fp16(fp32, path, manifest.num_heads, manifest.hidden_size)
-            graphs["fp16"] = (path, validate.compare(reference, validate.run_onnx(path, sample)), fused)
+            builders["fp16"] = partial(fuse, fp16=True)
         if opts.int8:
-            path = tmp / GRAPH_FILES["int8"]
-            log("quantizing to int8 (dynamic)")
-            optimize.dynamic_int8(fp32, path)
-            graphs["int8"] = (path, validate.compare(reference, validate.run_onnx(path, sample)), {})
-        for name, (path, par, fused) in graphs.items():
-            if name != "fp32":
-                log(f"{name} parity: max abs diff {par['max_abs_diff']:.2e}, "
-                    f"argmax agreement {par['argmax_agreement']:.1%}")
+            builders["int8"] = partial(optimize.dynamic_int8, plain)  # from the unfused graph: faster on CPU
+        for name, build in builders.items():
+            path = tmp / GRAPH_FILES[name]
+            fused = build(path)
+            parity = validate.compare(reference, validate.run_onnx(path, sample))
+            graphs[name] = (path, parity, fused)
+            log(f"{name}: max abs diff vs PyTorch {parity['max_abs_diff']:.2e}, argmax agreement "
+                f"{parity['argmax_agreement']:.1%}" + (f", fused {fused}" if fused else ""))
+            if name == "fp32" and not parity["max_abs_diff"] <= validate.FP32_TOLERANCE:
+                raise ExportError(f"the fp32 graph disagrees with PyTorch: max abs diff {parity['max_abs_diff']:.3g} > "
+                                  f"{validate.FP32_TOLERANCE}; this is a bug, please report it")
+        plain.unlink()
 
         specs = {}
         for name, (path, par, fused) in graphs.items():

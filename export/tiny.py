@@ -32,16 +32,23 @@ def corpus(lines: int = 3000, seed: int = 0) -> list[str]:
     return out
 
 
-def make_tokenizer(directory: Path, texts: list[str] | None = None, vocab_size: int = 800):
+def train_bpe(directory: str, texts: list[str] | None = None, vocab_size: int = 800) -> None:
+    """vocab.json + merges.txt of a byte-level BPE with RoBERTa's special tokens, which the fast
+    tokenizers' from_pretrained reads in transformers 4 and 5 alike."""
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import RobertaTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts or corpus(), vocab_size=vocab_size, min_frequency=1, special_tokens=SPECIALS,
-                          show_progress=False)
+                            show_progress=False)
+    bpe.save_model(directory)
+
+
+def make_tokenizer(texts: list[str] | None = None, vocab_size: int = 800):
+    from transformers import RobertaTokenizerFast
+
     with tempfile.TemporaryDirectory() as tmp:
-        bpe.save_model(tmp)
-        return RobertaTokenizerFast(vocab_file=f"{tmp}/vocab.json", merges_file=f"{tmp}/merges.txt")
+        train_bpe(tmp, texts, vocab_size)
+        return RobertaTokenizerFast.from_pretrained(tmp)
 
 
 def make_tiny_roberta(directory: str | Path, hidden: int = 32, layers: int = 2, heads: int = 4,
@@ -57,12 +64,43 @@ def make_tiny_roberta(directory: str | Path, hidden: int = 32, layers: int = 2, 
     from transformers import RobertaConfig
 
     directory = Path(directory)
-    tokenizer = make_tokenizer(directory, texts)
+    tokenizer = make_tokenizer(texts)
     config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
                            num_attention_heads=heads, intermediate_size=hidden * 2,
                            max_position_embeddings=max_positions + 2, type_vocab_size=1,
                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=tokenizer.pad_token_id, initializer_range=init_std)
+    torch.manual_seed(seed)
+    model = getattr(transformers, architecture)(config)
+    model.eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def make_tiny_causal(directory: str | Path, architecture: str = "LlamaForCausalLM", hidden: int = 32,
+                     layers: int = 2, heads: int = 4, max_positions: int = 128, seed: int = 0,
+                     init_std: float = 0.02) -> Path:
+    """A random decoder: Llama (its tokenizer adds <s>) or GPT-2 (no BOS, like the real GPT-2)."""
+    import torch
+    import transformers
+    from transformers import GPT2TokenizerFast
+
+    directory = Path(directory)
+    if architecture == "GPT2LMHeadModel":
+        with tempfile.TemporaryDirectory() as tmp:
+            train_bpe(tmp)
+            tokenizer = GPT2TokenizerFast.from_pretrained(tmp, unk_token="<unk>", bos_token="</s>", eos_token="</s>")
+        config = transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=hidden, n_layer=layers, n_head=heads,
+                                         n_positions=max_positions, initializer_range=init_std,
+                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    else:
+        tokenizer = make_tokenizer()
+        config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+                                          num_hidden_layers=layers, num_attention_heads=heads,
+                                          num_key_value_heads=heads // 2, max_position_embeddings=max_positions,
+                                          initializer_range=init_std, bos_token_id=tokenizer.bos_token_id,
+                                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = getattr(transformers, architecture)(config)
     model.eval()

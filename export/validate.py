@@ -27,7 +27,7 @@ class ParityInputs:
         return dict(self.__dict__)
 
 
-def torch_reference(loaded, inputs: ParityInputs) -> np.ndarray:
+def torch_reference(loaded, inputs: ParityInputs, prompt_start: int = 1) -> np.ndarray:
     """[C, N, K] label logits from the Hugging Face model, one prompt at a time."""
     model = loaded.model
     embeddings = model.get_input_embeddings() if loaded.kind == "causal" else model.roberta.embeddings
@@ -42,7 +42,7 @@ def torch_reference(loaded, inputs: ParityInputs) -> np.ndarray:
 
         def add_prompt(_module, _args, output, p=p):
             output = output.clone()
-            output[:, 1:1 + p.shape[0]] += p
+            output[:, prompt_start:prompt_start + p.shape[0]] += p
             return output
 
         handle = embeddings.register_forward_hook(add_prompt)

