@@ -232,12 +232,13 @@ class BlackBoxTuner:
             if cand_loss[i] < state.best_loss:
                 state.best_loss, state.best_z = float(cand_loss[i]), z[i].copy()
             dev_metric = None
+            t6 = time.perf_counter()
             if dev_set is not None and state.calls // cfg.eval_every > before // cfg.eval_every:
                 dev_metric = self._evaluate_dev(state, dev_set)
-            t6 = time.perf_counter()
+            t7 = time.perf_counter()
 
-            engine_s, optimizer_s = t3 - t2, (t1 - t0) + (t5 - t4)
-            host_s = (t6 - t0) - engine_s - optimizer_s
+            engine_s, optimizer_s = (t3 - t2) + (t7 - t6), (t1 - t0) + (t5 - t4)  # dev scoring is engine work
+            host_s = (t7 - t0) - engine_s - optimizer_s
             state.engine_seconds += engine_s
             state.optimizer_seconds += optimizer_s
             state.host_seconds += host_s

@@ -51,6 +51,19 @@ def make_tokenizer(texts: list[str] | None = None, vocab_size: int = 800):
         return RobertaTokenizerFast.from_pretrained(tmp)
 
 
+def save_random(directory: Path, architecture: str, config, tokenizer, seed: int) -> Path:
+    """A seeded random model of `architecture` and its tokenizer, as save_pretrained writes them."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = getattr(transformers, architecture)(config)
+    model.eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def make_tiny_roberta(directory: str | Path, hidden: int = 32, layers: int = 2, heads: int = 4,
                       max_positions: int = 128, seed: int = 0, texts: list[str] | None = None,
                       architecture: str = "RobertaForMaskedLM", init_std: float = 0.02) -> Path:
@@ -59,8 +72,6 @@ def make_tiny_roberta(directory: str | Path, hidden: int = 32, layers: int = 2, 
     A larger `init_std` than the usual 0.02 makes a random model respond visibly to its
     prompt, which tests of the tuning mechanics need.
     """
-    import torch
-    import transformers
     from transformers import RobertaConfig
 
     directory = Path(directory)
@@ -70,19 +81,13 @@ def make_tiny_roberta(directory: str | Path, hidden: int = 32, layers: int = 2, 
                            max_position_embeddings=max_positions + 2, type_vocab_size=1,
                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=tokenizer.pad_token_id, initializer_range=init_std)
-    torch.manual_seed(seed)
-    model = getattr(transformers, architecture)(config)
-    model.eval()
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_random(directory, architecture, config, tokenizer, seed)
 
 
 def make_tiny_causal(directory: str | Path, architecture: str = "LlamaForCausalLM", hidden: int = 32,
                      layers: int = 2, heads: int = 4, max_positions: int = 128, seed: int = 0,
                      init_std: float = 0.02) -> Path:
     """A random decoder: Llama (its tokenizer adds <s>) or GPT-2 (no BOS, like the real GPT-2)."""
-    import torch
     import transformers
     from transformers import GPT2TokenizerFast
 
@@ -101,12 +106,7 @@ def make_tiny_causal(directory: str | Path, architecture: str = "LlamaForCausalL
                                           num_key_value_heads=heads // 2, max_position_embeddings=max_positions,
                                           initializer_range=init_std, bos_token_id=tokenizer.bos_token_id,
                                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    model = getattr(transformers, architecture)(config)
-    model.eval()
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_random(directory, architecture, config, tokenizer, seed)
 
 
 if __name__ == "__main__":

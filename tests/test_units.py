@@ -265,3 +265,9 @@ def test_batches_sort_by_length_and_trim_padding(model_parts):
         assert batch.input_ids.shape[1] == batch.attention_mask.sum(1).max()
         seen.extend(idx.tolist())
     assert sorted(seen) == list(range(5)) and seen[:2] == [1, 3]
+
+
+def test_encoding_rows_with_unknown_labels_is_a_user_error(model_parts):
+    m, tok = model_parts
+    with pytest.raises(BBTError, match="'positive'.*labels are 0, 1"):
+        Encoder(tok, m, PRESETS["sst2"], 2).encode([Example("fine", label="positive")])
