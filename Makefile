@@ -37,8 +37,8 @@ demo: $(SMOLLM2)/manifest.json
 		--prompt-tokens 0 --data $(DATA)/mr/test.csv
 	@echo "== BBT: 16 examples per class, CPU-sized budget"
 	$(BIN)/bbt-onnx tune --model $(SMOLLM2) --task-file benchmarks/tasks/mr.json --data $(DATA)/mr/pool.csv \
-		--test $(DATA)/mr/test.csv --prompt-tokens 10 --intrinsic-dim 100 --popsize 10 --budget 100 \
-		--eval-every 20 --seed 0 --out runs/demo-mr --force
+		--test $(DATA)/mr/test.csv --prompt-tokens 10 --intrinsic-dim 100 --popsize 10 --budget 200 \
+		--eval-every 40 --seed 0 --out runs/demo-mr --force
 
 # the same walk-through on a tiny random RoBERTa, in seconds
 demo-tiny:

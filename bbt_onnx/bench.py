@@ -34,6 +34,7 @@ class EngineTiming:
     torch_ms_per_call: float | None = None
     torch_variant: str | None = None
     ratio_vs_torch: float | None = None
+    memcpy_nodes: int | None = None  # host<->device copies inside the graph; 0: every node on the provider
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -95,6 +96,28 @@ def time_engine(engine, precision: str, device: str, prompts: np.ndarray, enc: E
                         1000 * batch * seq / ms)
 
 
+# NodeProto.op_type is field 4 (tag 0x22), then the string's length: enough to count copy nodes without onnx
+MEMCPY_OPS = (b"\x22\x0cMemcpyToHost", b"\x22\x0eMemcpyFromHost")
+
+
+def memcpy_nodes(manifest: Manifest, precision: str, device: str) -> int:
+    """Copies between host and device that onnxruntime inserted into the graph (0 when every node
+    runs on the chosen provider): the session writes its optimised graph, and we count them there."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from .engine import PROVIDERS
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.optimized_model_filepath = f"{tmp}/optimized.onnx"
+        ort.InferenceSession(str(manifest.graph_path(precision)), opts, providers=[PROVIDERS[device]])
+        data = open(opts.optimized_model_filepath, "rb").read()
+    return sum(data.count(op) for op in MEMCPY_OPS)
+
+
 def optimizer_costs(dim: int, popsize: int, generations: int = 10) -> dict[str, float]:
     """ms per ask+tell generation for full and diagonal CMA-ES at this d, on a dummy objective."""
     from .tuner import TuneConfig, new_es
@@ -145,12 +168,12 @@ def format_report(report: dict) -> str:
     """The human table."""
     lines = [f"{report['architecture']} on {report['device']}",
              f"{'precision':<9} {'batch':>5} {'seq':>4} {'ms/call':>9} {'seq/s':>8} {'tok/s':>9} {'torch ms':>9} "
-             f"{'vs torch':>8}"]
+             f"{'vs torch':>8} {'memcpy':>6}"]
     for r in report["results"]:
         torch = f"{r['torch_ms_per_call']:9.1f} {r['ratio_vs_torch']:7.2f}x" if r["torch_ms_per_call"] else \
             f"{'-':>9} {'-':>8}"
         lines.append(f"{r['precision']:<9} {r['batch']:>5} {r['seq']:>4} {r['ms_per_call']:9.1f} "
-                     f"{r['sequences_per_s']:8.1f} {r['tokens_per_s']:9.0f} {torch}")
+                     f"{r['sequences_per_s']:8.1f} {r['tokens_per_s']:9.0f} {torch} {r['memcpy_nodes']!s:>6}")
     if report["results"] and report["results"][0]["torch_variant"]:
         lines.append(f"torch baseline: {report['results'][0]['torch_variant']} (the faster of eager and SDPA)")
     elif report.get("torch_baseline") != "measured":

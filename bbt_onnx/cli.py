@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -242,8 +243,9 @@ def load_prompt(model, prompt_dir, no_prompt, task_args, prompt_tokens):
 @click.option("--prompt-tokens", type=int, help="Prompt slots for --no-prompt without a run [default: model's P].")
 @task_options
 @engine_options
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def evaluate(model_dir, prompt_dir, data, no_prompt, prompt_tokens, task_name, template, labels, task_file, metric,
-             device, precision, threads):
+             device, precision, threads, quiet):
     """Score a tuned prompt (or the bare template) on a labelled file; prints a metrics JSON."""
     from .data import check_labels, read_examples
     from .model import Model
@@ -252,7 +254,8 @@ def evaluate(model_dir, prompt_dir, data, no_prompt, prompt_tokens, task_name, t
     prompt = load_prompt(model, prompt_dir, no_prompt, (task_name, template, labels, task_file, metric), prompt_tokens)
     rows = read_examples(data)
     check_labels(rows, prompt.task.label_keys, data)
-    result = prompt.evaluate(model, rows)
+    with row_progress(len(rows), "scoring", quiet) as advance:
+        result = prompt.evaluate(model, rows, on_batch=advance)
     result.update(task=prompt.task.name, prompt="none (z = 0)" if no_prompt else str(prompt_dir),
                   provider=model.engine.provider)
     emit_json(result)
@@ -265,7 +268,8 @@ def evaluate(model_dir, prompt_dir, data, no_prompt, prompt_tokens, task_name, t
               help="CSV/TSV/JSONL with a text column, a .txt with one text per line, or - for stdin.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Write JSONL here [default: stdout].")
 @engine_options
-def predict(model_dir, prompt_dir, input_path, output, device, precision, threads):
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def predict(model_dir, prompt_dir, input_path, output, device, precision, threads, quiet):
     """Label texts with a tuned prompt; writes JSONL: text, label and per-label probabilities."""
     from .model import Model
     from .prompt import TunedPrompt
@@ -273,7 +277,8 @@ def predict(model_dir, prompt_dir, input_path, output, device, precision, thread
     model = Model.load(model_dir, device=device, precision=precision, threads=threads)
     prompt = TunedPrompt.load(prompt_dir)
     rows = read_input(input_path)
-    preds = prompt.predict(model, rows)
+    with row_progress(len(rows), "predicting", quiet) as advance:
+        preds = prompt.predict(model, rows, on_batch=advance)
     lines = "".join(json.dumps({"text": r.text, **({"text_b": r.text_b} if r.text_b else {}), "label": p.label,
                                 "probabilities": p.probabilities}) + "\n" for r, p in zip(rows, preds))
     if output:
@@ -283,6 +288,16 @@ def predict(model_dir, prompt_dir, input_path, output, device, precision, thread
         err(f"wrote {len(preds)} predictions to {output}")
     else:
         click.echo(lines, nl=False)
+
+
+@contextmanager
+def row_progress(total: int, label: str, quiet: bool):
+    """A progress bar over rows on stderr; yields the function that advances it."""
+    if quiet:
+        yield lambda _n: None
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True) as bar:
+        yield bar.update
 
 
 def read_input(path: str):
@@ -344,6 +359,7 @@ def bench(model_dir, device, precisions, batch, seq, baseline, torch_model, repe
         models[precision] = Model.load(model_dir, device=device, precision=precision, threads=threads)
         err(f"timing {precision} on {device}: {batch} sequences x {seq} tokens")
         results.append(b.time_engine(models[precision].engine, precision, device, prompts, enc, repeat))
+        results[-1].memcpy_nodes = b.memcpy_nodes(manifest, precision, device)
 
     torch_note = None
     if baseline == "torch":

@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
-from .data import Example
+from .data import Example, check_labels
 from .errors import BBTError
 from .manifest import Manifest
 from .tasks import Task, check_template
@@ -176,8 +176,6 @@ class Encoder:
         for i, r in enumerate(rows):
             input_ids[i, :len(r)] = r
             attention[i, :len(r)] = 1
-        from .data import check_labels
-
         check_labels([e for e in examples if e.label is not None], self.task.label_keys, "the rows")
         labels = np.array([-1 if e.label is None else self.task.class_index(e.label) for e in examples], dtype=np.int64)
         return EncodedSet(input_ids, attention, np.array(mask_pos, dtype=np.int64), labels,

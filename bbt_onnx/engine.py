@@ -55,6 +55,11 @@ class OrtEngine:
             raise BBTError(f"{path} does not match the sha256 in its manifest: the graph was changed or "
                            "half-copied; re-export the model")
         provider = PROVIDERS[device]
+        if device == "cuda" and hasattr(ort, "preload_dlls"):
+            try:  # CUDA and cuDNN from the nvidia-* wheels (torch's), when the system has none on its path
+                ort.preload_dlls()
+            except Exception:  # noqa: BLE001 - best effort; the provider check below says what is missing
+                pass
         available = ort.get_available_providers()
         if provider not in available:
             raise BBTError(f"--device {device} needs onnxruntime's {provider}, which this install lacks "

@@ -6,7 +6,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -103,21 +103,26 @@ class TunedPrompt:
             raise BBTError(f"this prompt has {self.prompt_tokens} tokens; the model was exported for at most "
                            f"{m.prompt_tokens}")
 
-    def logits(self, model, rows: Sequence[Example] | EncodedSet, batch_rows: int = EVAL_ROWS) -> np.ndarray:
-        """[N, K] label logits for every row, in the rows' order, scored in length-sorted batches."""
+    def logits(self, model, rows: Sequence[Example] | EncodedSet, batch_rows: int = EVAL_ROWS,
+               on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+        """[N, K] label logits for every row, in the rows' order, scored in length-sorted batches;
+        `on_batch(rows)` hears of each batch done."""
         self.check_model(model)
         enc = rows if isinstance(rows, EncodedSet) else self.encoder(model).encode(rows)
         out = np.empty((len(enc), len(enc.label_ids)), np.float32)
         prompt = self.embeds[None]
         for idx, batch in enc.batches(batch_rows):
             out[idx] = model.engine.label_logits(prompt, batch)[0]
+            if on_batch:
+                on_batch(len(idx))
         return out
 
-    def evaluate(self, model, rows: Sequence[Example] | EncodedSet, batch_rows: int = EVAL_ROWS) -> dict:
+    def evaluate(self, model, rows: Sequence[Example] | EncodedSet, batch_rows: int = EVAL_ROWS,
+                 on_batch: Callable[[int], None] | None = None) -> dict:
         enc = rows if isinstance(rows, EncodedSet) else self.encoder(model).encode(rows)
         if (enc.labels < 0).any():
             raise BBTError("every row needs a label to be evaluated")
-        logits = self.logits(model, enc, batch_rows)
+        logits = self.logits(model, enc, batch_rows, on_batch)
         return {
             "metric_name": self.task.metric,
             "metric": float(losses.metric(self.task.metric, logits, enc.labels)[0]),
@@ -127,8 +132,9 @@ class TunedPrompt:
             "truncated_rows": enc.truncated,
         }
 
-    def predict(self, model, rows: Sequence[Example], batch_rows: int = EVAL_ROWS) -> list[Prediction]:
-        logits = self.logits(model, rows, batch_rows)
+    def predict(self, model, rows: Sequence[Example], batch_rows: int = EVAL_ROWS,
+                on_batch: Callable[[int], None] | None = None) -> list[Prediction]:
+        logits = self.logits(model, rows, batch_rows, on_batch)
         probs = np.exp(losses.log_softmax(logits.astype(np.float64)))
         keys = self.task.label_keys
         return [Prediction(keys[int(p.argmax())], {k: float(v) for k, v in zip(keys, p)}) for p in probs]

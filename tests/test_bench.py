@@ -26,6 +26,7 @@ def test_bench_json_reports_every_precision_against_torch(tiny_model):
     assert [x["precision"] for x in report["results"]] == ["fp32", "int8"]
     for x in report["results"]:
         assert x["device"] == "cpu" and x["batch"] == 32 and x["seq"] == 24 and x["ms_per_call"] > 0
+        assert x["memcpy_nodes"] == 0
         assert x["sequences_per_s"] == pytest.approx(32000 / x["ms_per_call"])
         assert x["torch_ms_per_call"] > 0 and x["ratio_vs_torch"] == pytest.approx(x["torch_ms_per_call"] / x["ms_per_call"])
     e2e = report["end_to_end"]
@@ -94,3 +95,17 @@ def test_io_binding_path_gives_the_same_logits(tiny_model):
     for _ in range(2):  # the second call reuses the bound rows
         np.testing.assert_array_equal(bound.engine.label_logits(prompts, enc), plain.engine.label_logits(prompts, enc))
     assert all(part.device_rows is not None for part in bound.engine._plan(enc))
+
+
+def test_memcpy_nodes_are_counted_from_the_optimised_graph(tiny_model):
+    from bbt_onnx import bench
+
+    m = Model.load(tiny_model).manifest
+    assert bench.memcpy_nodes(m, "fp32", "cpu") == 0
+    # the count reads NodeProto op_type fields: a graph holding two such nodes counts two
+    import onnx
+
+    node = onnx.helper.make_node("MemcpyToHost", ["a"], ["b"], domain="")
+    node2 = onnx.helper.make_node("MemcpyFromHost", ["b"], ["c"], domain="")
+    data = node.SerializeToString() + node2.SerializeToString()
+    assert sum(data.count(op) for op in bench.MEMCPY_OPS) == 2
