@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Sequence
+
+from .fileio import write_bytes_atomic
 
 
 def plot_run(events: Sequence[dict], path: Path, title: str = "") -> bool:
@@ -15,23 +18,21 @@ def plot_run(events: Sequence[dict], path: Path, title: str = "") -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    from .fileio import write_bytes_atomic
-    import io
-
     calls = [e["calls"] for e in events]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(calls, [e["best_loss"] for e in events], color="#1f77b4", lw=1, alpha=0.5, label="generation best")
     ax.plot(calls, [e["best_loss_so_far"] for e in events], color="#1f77b4", lw=2, label="best so far")
     ax.set_xlabel("API calls")
     ax.set_ylabel("train loss", color="#1f77b4")
+    handles = ax.get_lines()
     dev = [(e["calls"], e["dev_metric"]) for e in events if e.get("dev_metric") is not None]
     if dev:
         ax2 = ax.twinx()
-        ax2.plot(*zip(*dev), color="#d62728", marker="o", ms=3, lw=1.5, label="dev metric")
+        handles += ax2.plot(*zip(*dev), color="#d62728", marker="o", ms=3, lw=1.5, label="dev metric")
         ax2.set_ylabel("dev metric", color="#d62728")
-    ax.legend(loc="upper right", fontsize=8)
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
