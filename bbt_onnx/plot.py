@@ -12,14 +12,12 @@ from .fileio import write_bytes_atomic
 def plot_run(events: Sequence[dict], path: Path, title: str = "") -> bool:
     """Write a PNG; False when matplotlib is missing (it is the optional `plot` extra)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: the host application's backend stays as it is
     except ImportError:
         return False
     calls = [e["calls"] for e in events]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.subplots()
     ax.plot(calls, [e["best_loss"] for e in events], color="#1f77b4", lw=1, alpha=0.5, label="generation best")
     ax.plot(calls, [e["best_loss_so_far"] for e in events], color="#1f77b4", lw=2, label="best so far")
     ax.set_xlabel("API calls")
@@ -35,6 +33,5 @@ def plot_run(events: Sequence[dict], path: Path, title: str = "") -> bool:
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     write_bytes_atomic(path, buf.getvalue())
     return True
