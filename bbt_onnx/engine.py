@@ -33,6 +33,18 @@ class Engine(Protocol):
         ...
 
 
+def score_rows(engine: Engine, prompt: np.ndarray, rows: EncodedSet, batch_rows: int,
+               on_batch=None) -> np.ndarray:
+    """[N, K] label logits of one prompt [1, P', H] on every row, in the rows' order, scored in
+    length-sorted batches of `batch_rows`; `on_batch(rows)` hears of each batch done."""
+    out = np.empty((len(rows), len(rows.label_ids)), np.float32)
+    for idx, batch in rows.batches(batch_rows):
+        out[idx] = engine.label_logits(prompt, batch)[0]
+        if on_batch:
+            on_batch(len(idx))
+    return out
+
+
 def cpu_threads() -> int:
     try:
         return len(os.sched_getaffinity(0))

@@ -13,6 +13,7 @@ import numpy as np
 from . import losses
 from .data import Example
 from .encoding import EncodedSet
+from .engine import score_rows
 from .errors import BBTError
 from .fileio import write_bytes_atomic
 from .subspace import ProjectionSpec, build_projection, project
@@ -109,13 +110,7 @@ class TunedPrompt:
         `on_batch(rows)` hears of each batch done."""
         self.check_model(model)
         enc = rows if isinstance(rows, EncodedSet) else self.encoder(model).encode(rows)
-        out = np.empty((len(enc), len(enc.label_ids)), np.float32)
-        prompt = self.embeds[None]
-        for idx, batch in enc.batches(batch_rows):
-            out[idx] = model.engine.label_logits(prompt, batch)[0]
-            if on_batch:
-                on_batch(len(idx))
-        return out
+        return score_rows(model.engine, self.embeds[None], enc, batch_rows, on_batch)
 
     def evaluate(self, model, rows: Sequence[Example] | EncodedSet, batch_rows: int = EVAL_ROWS,
                  on_batch: Callable[[int], None] | None = None) -> dict:

@@ -19,12 +19,16 @@ import numpy as np
 from . import losses
 from .data import Example
 from .encoding import EncodedSet, init_placeholders
+from .engine import score_rows
 from .errors import BBTError
 from .model import Model
 from .prompt import TunedPrompt
 from .seeding import seeds
 from .subspace import ProjectionSpec, build_projection, project
 from .tasks import Task
+
+
+DEV_ROWS = 256  # dev rows per engine call
 
 
 @dataclass(frozen=True)
@@ -281,20 +285,13 @@ class BlackBoxTuner:
         z = state.best_z
         if _same(z, state.last_dev_z):
             return state.last_dev_metric
-        logits = self._dev_logits(z, dev_set)
+        logits = score_rows(self.model.engine, project(self.a_t, z, self.config.prompt_tokens), dev_set, DEV_ROWS)
         value = float(losses.metric(self.task.metric, logits, dev_set.labels)[0])
         state.dev_calls += 1
         state.last_dev_z, state.last_dev_metric = z.copy(), value
         if value > state.best_dev_metric:
             state.best_dev_metric, state.best_dev_z = value, z.copy()
         return value
-
-    def _dev_logits(self, z: np.ndarray, dev_set: EncodedSet) -> np.ndarray:
-        prompt = project(self.a_t, z, self.config.prompt_tokens)
-        out = np.empty((1, len(dev_set), len(dev_set.label_ids)), np.float32)
-        for idx, batch in dev_set.batches(256):
-            out[:, idx] = self.model.engine.label_logits(prompt, batch)
-        return out
 
 
 def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:

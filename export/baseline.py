@@ -14,7 +14,7 @@ from bbt_onnx.encoding import EncodedSet
 
 from .errors import ExportError
 from .loading import check_gguf, check_source, classify, load_config
-from .wrappers import gather_rows, place_prompts
+from .wrappers import gather_rows, padding_mask, with_prompts
 
 VARIANTS = ("eager", "sdpa")
 
@@ -26,15 +26,10 @@ class MaskedReference:
         self.mlm = mlm
 
     def __call__(self, input_ids, attention_mask, mask_pos, prompt_embeds, label_ids):
-        import torch
-
-        n, t = input_ids.shape
+        n = input_ids.shape[0]
         c = prompt_embeds.shape[0]
-        hidden = self.mlm.roberta.embeddings(input_ids=input_ids)
-        x = (hidden.unsqueeze(0) + place_prompts(prompt_embeds, t).unsqueeze(1)).reshape(c * n, t, -1)
-        mask = attention_mask.repeat(c, 1)
-        additive = (1.0 - mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
-        x = self.mlm.roberta.encoder(x, attention_mask=additive)[0]
+        x = with_prompts(self.mlm.roberta.embeddings(input_ids=input_ids), prompt_embeds)
+        x = self.mlm.roberta.encoder(x, attention_mask=padding_mask(attention_mask.repeat(c, 1), x.dtype))[0]
         logits = self.mlm.lm_head(gather_rows(x, mask_pos.repeat(c)))  # the full vocabulary, as bbt.py does
         return logits[:, label_ids].view(c, n, -1)
 
@@ -48,11 +43,9 @@ class CausalReference:
         self.prompt_start = prompt_start
 
     def __call__(self, input_ids, attention_mask, mask_pos, prompt_embeds, label_ids):
-        n, t = input_ids.shape
+        n = input_ids.shape[0]
         c = prompt_embeds.shape[0]
-        tokens = self.lm.get_input_embeddings()(input_ids)
-        x = tokens.unsqueeze(0) + place_prompts(prompt_embeds, t, self.prompt_start).unsqueeze(1)
-        x = x.reshape(c * n, t, -1)
+        x = with_prompts(self.lm.get_input_embeddings()(input_ids), prompt_embeds, self.prompt_start)
         hidden = self.lm.base_model(inputs_embeds=x, attention_mask=attention_mask.repeat(c, 1), use_cache=False)[0]
         logits = self.lm.get_output_embeddings()(gather_rows(hidden, mask_pos.repeat(c)))
         return logits[:, label_ids].view(c, n, -1)

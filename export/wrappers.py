@@ -34,6 +34,18 @@ def place_prompts(prompt_embeds: torch.Tensor, seq_len: int, start: int = 1) -> 
     return torch.cat(parts, dim=1)
 
 
+def with_prompts(tokens: torch.Tensor, prompt_embeds: torch.Tensor, start: int = 1) -> torch.Tensor:
+    """N embedded texts [N, T, H] x C prompts [C, P', H] -> [C*N, T, H], each prompt added at its slots."""
+    n, t, h = tokens.shape
+    c = prompt_embeds.shape[0]
+    return (tokens.unsqueeze(0) + place_prompts(prompt_embeds, t, start).unsqueeze(1)).reshape(c * n, t, h)
+
+
+def padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T] padding mask -> [B, 1, 1, T] additive mask (0 for tokens, the dtype's minimum for padding)."""
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
 def gather_rows(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """hidden [B, T, H], positions [B] -> [B, H]."""
     b, _, h = hidden.shape
@@ -41,8 +53,7 @@ def gather_rows(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return torch.gather(hidden, 1, index).squeeze(1)
 
 
-def bert_attention_probs(attn: nn.Module, q_in: torch.Tensor, x: torch.Tensor,
-                         additive_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def bert_attention(attn: nn.Module, q_in: torch.Tensor, x: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
     """Scaled dot-product attention written out in the classic BERT op order, which
     onnxruntime's optimizer fuses into one Attention node whatever the transformers version."""
     b, t, _ = x.shape
@@ -53,7 +64,7 @@ def bert_attention_probs(attn: nn.Module, q_in: torch.Tensor, x: torch.Tensor,
     v = attn.value(x).view(b, -1, heads, d).transpose(1, 2)
     scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d) + additive_mask
     context = torch.matmul(torch.softmax(scores, dim=-1), v)  # [B, heads, Tq, d]
-    return context.permute(0, 2, 1, 3).contiguous().view(b, -1, heads * d), q_in
+    return context.permute(0, 2, 1, 3).contiguous().view(b, -1, heads * d)
 
 
 def bert_layer(layer: nn.Module, x: torch.Tensor, additive_mask: torch.Tensor,
@@ -62,9 +73,9 @@ def bert_layer(layer: nn.Module, x: torch.Tensor, additive_mask: torch.Tensor,
     sequence) leave the layer: keys and values still see all T positions, but the query,
     attention output and feed-forward run on one row. The last layer needs nothing else."""
     q_in = x if positions is None else gather_rows(x, positions).unsqueeze(1)
-    context, residual = bert_attention_probs(layer.attention.self, q_in, x, additive_mask)
+    context = bert_attention(layer.attention.self, q_in, x, additive_mask)
     out = layer.attention.output
-    a = out.LayerNorm(out.dense(context) + residual)
+    a = out.LayerNorm(out.dense(context) + q_in)
     y = layer.output.LayerNorm(layer.output.dense(layer.intermediate(a)) + a)
     return y if positions is None else y.squeeze(1)
 
@@ -81,13 +92,10 @@ class MaskedPromptScorer(nn.Module):
         self.lm_head = mlm.lm_head
 
     def forward(self, input_ids, attention_mask, mask_pos, prompt_embeds, label_ids):
-        n, t = input_ids.shape
+        n = input_ids.shape[0]
         c = prompt_embeds.shape[0]
-        hidden = self.embeddings(input_ids=input_ids)  # [N, T, H], computed once for all candidates
-        h = hidden.shape[-1]
-        x = (hidden.unsqueeze(0) + place_prompts(prompt_embeds, t).unsqueeze(1)).reshape(c * n, t, h)
-        mask = attention_mask.repeat(c, 1)
-        additive = (1.0 - mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+        x = with_prompts(self.embeddings(input_ids=input_ids), prompt_embeds)  # texts embedded once for all C
+        additive = padding_mask(attention_mask.repeat(c, 1), x.dtype)
         for layer in self.layers[:-1]:
             x = bert_layer(layer, x, additive)
         x = bert_layer(self.layers[-1], x, additive, mask_pos.repeat(c))  # [C*N, H]
@@ -121,12 +129,9 @@ class CausalPromptScorer(nn.Module):
         self.prompt_start = prompt_start
 
     def forward(self, input_ids, attention_mask, mask_pos, prompt_embeds, label_ids):
-        n, t = input_ids.shape
+        n = input_ids.shape[0]
         c = prompt_embeds.shape[0]
-        tokens = self.embed(input_ids)  # [N, T, H]
-        h = tokens.shape[-1]
-        x = tokens.unsqueeze(0) + place_prompts(prompt_embeds, t, self.prompt_start).unsqueeze(1)
-        x = x.reshape(c * n, t, h)
+        x = with_prompts(self.embed(input_ids), prompt_embeds, self.prompt_start)
         mask = causal_mask(attention_mask.repeat(c, 1), x.dtype)
         x = self.body(inputs_embeds=x, attention_mask=mask, use_cache=False)[0]
         x = gather_rows(x, mask_pos.repeat(c))
