@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 
 from .encoding import EncodedSet
-from .errors import BBTError
+from .errors import SettingsError
 from .manifest import Manifest
 
 TEXTS_PER_CALL = 32  # the reference's few-shot set: 16 per class x 2 classes
@@ -44,7 +44,7 @@ def split_batch(batch: int) -> tuple[int, int]:
     """(candidates, texts) for `batch` sequences: up to 32 texts, the population fills the rest."""
     texts = min(batch, TEXTS_PER_CALL)
     if batch % texts:
-        raise BBTError(f"--batch {batch} is not a multiple of {texts} texts per call")
+        raise SettingsError(f"--batch {batch} is not a multiple of {texts} texts per call")
     return batch // texts, texts
 
 
@@ -54,9 +54,9 @@ def synthetic_inputs(manifest: Manifest, batch: int, seq: int, seed: int = 0) ->
     p = manifest.prompt_tokens
     head = 1 + p
     if seq < head + 4:
-        raise BBTError(f"--seq {seq} is too short for {p} prompt tokens; use at least {head + 4}")
+        raise SettingsError(f"--seq {seq} is too short for {p} prompt tokens; use at least {head + 4}")
     if seq > manifest.max_positions:
-        raise BBTError(f"--seq {seq} exceeds the model's {manifest.max_positions} positions")
+        raise SettingsError(f"--seq {seq} exceeds the model's {manifest.max_positions} positions")
     rng = np.random.default_rng(seed)
     specials = {i for i in (manifest.bos_id, manifest.eos_id, manifest.pad_id, manifest.mask_id) if i is not None}
     low = max(specials) + 1 if specials else 0
@@ -102,7 +102,16 @@ MEMCPY_OPS = (b"\x22\x0cMemcpyToHost", b"\x22\x0eMemcpyFromHost")
 
 def memcpy_nodes(manifest: Manifest, precision: str, device: str) -> int:
     """Copies between host and device that onnxruntime inserted into the graph (0 when every node
-    runs on the chosen provider): the session writes its optimised graph, and we count them there."""
+    runs on the chosen provider), counted in the optimised graph the session writes."""
+    return count_memcpy(optimized_graph(manifest, precision, device))
+
+
+def count_memcpy(model_bytes: bytes) -> int:
+    return sum(model_bytes.count(op) for op in MEMCPY_OPS)
+
+
+def optimized_graph(manifest: Manifest, precision: str, device: str) -> bytes:
+    """The serialized graph as onnxruntime runs it on `device`, after its own optimisations."""
     import tempfile
 
     import onnxruntime as ort
@@ -114,8 +123,8 @@ def memcpy_nodes(manifest: Manifest, precision: str, device: str) -> int:
         opts.log_severity_level = 3
         opts.optimized_model_filepath = f"{tmp}/optimized.onnx"
         ort.InferenceSession(str(manifest.graph_path(precision)), opts, providers=[PROVIDERS[device]])
-        data = open(opts.optimized_model_filepath, "rb").read()
-    return sum(data.count(op) for op in MEMCPY_OPS)
+        with open(opts.optimized_model_filepath, "rb") as f:
+            return f.read()
 
 
 def optimizer_costs(dim: int, popsize: int, generations: int = 10) -> dict[str, float]:

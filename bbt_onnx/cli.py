@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import errno
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,7 +10,8 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import BBTError
+from .errors import BBTError, DataError, SettingsError
+from .fileio import dumps, storage_error
 from .manifest import PRECISIONS
 
 DEVICE = click.Choice(["cpu", "cuda"])
@@ -18,14 +19,35 @@ PRECISION = click.Choice(list(PRECISIONS))
 
 
 class Group(click.Group):
-    """Turns a BBTError into one line on stderr and exit code 2; other exceptions stay bugs with tracebacks."""
+    """User mistakes, ours (BBTError) and click's (usage errors), end as one `error:` line on stderr and exit
+    code 2; a refused read or write too. Any other exception is a bug and keeps its traceback."""
+
+    def parse_args(self, ctx, args):
+        with one_line_errors(ctx):
+            return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
-        try:
+        with one_line_errors(ctx):
             return super().invoke(ctx)
-        except BBTError as exc:
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(2)
+
+
+@contextmanager
+def one_line_errors(ctx):
+    try:
+        yield
+    except click.exceptions.NoArgsIsHelpError:
+        raise  # bare `bbt-onnx`: click prints the help
+    except (BBTError, click.ClickException) as exc:
+        fail(ctx, exc.format_message() if isinstance(exc, click.ClickException) else str(exc))
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            raise  # a closed pipe downstream (`| head`): click handles it quietly
+        fail(ctx, str(storage_error(exc.filename, exc, "use") if exc.filename else exc))
+
+
+def fail(ctx, message: str) -> None:
+    click.echo("error: " + " ".join(message.split()), err=True)
+    ctx.exit(2)
 
 
 def err(msg: str) -> None:
@@ -33,7 +55,7 @@ def err(msg: str) -> None:
 
 
 def emit_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=2))
+    click.echo(dumps(obj, indent=2))
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -141,26 +163,32 @@ def tune(ctx, resume, quiet, device, threads, **flags):
     from .workflow import Hooks, TuneRequest, tune as run_tune
 
     if resume:
-        given = [k for k in TUNE_FLAGS if k in flags and
-                 ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
+        given = [k for k in TUNE_FLAGS if k in flags and given_on_command_line(ctx, k)]
         if given:
-            raise BBTError(f"--resume takes the run's own settings; drop {', '.join('--' + g.replace('_', '-') for g in given)}")
+            raise SettingsError(f"--resume takes the run's own settings; drop "
+                                f"{', '.join('--' + g.replace('_', '-') for g in given)}")
         from .runs import RunDir
 
-        settings = RunDir.open_existing(resume).read_json().get("settings", {})
+        settings = RunDir.open_existing(resume).read_json()["settings"]
         request = TuneRequest.from_settings(settings, str(resume), device=device, threads=threads)
     else:
         if not flags["model_dir"]:
-            raise BBTError("--model is required")
+            raise SettingsError("--model is required")
         if not flags["out"]:
-            raise BBTError("--out is required (the run directory)")
+            raise SettingsError("--out is required (the run directory)")
+        if flags["train"] and given_on_command_line(ctx, "k_shot"):
+            raise SettingsError("--k-shot samples --data; a --train file is used whole, so drop one of them")
+        if flags["train"] and not flags["dev"] and given_on_command_line(ctx, "eval_every"):
+            raise SettingsError("--eval-every scores a dev set, and --train without --dev has none; add --dev or "
+                                "drop --eval-every")
         task = get_task(flags["task_name"], flags["template"], flags["labels"], flags["task_file"], flags["metric"])
         config = TuneConfig(**{k: flags[k] for k in ("prompt_tokens", "intrinsic_dim", "popsize", "budget", "sigma",
                                                       "alpha", "random_proj", "bound", "diagonal", "loss",
-                                                      "eval_every", "seed", "checkpoint_every", "prompt_init")})
+                                                      "eval_every", "seed", "checkpoint_every", "prompt_init",
+                                                      "max_length")})
         data = DataSpec(flags["data"], flags["train"], flags["dev"], flags["test"], flags["k_shot"], flags["seed"])
         request = TuneRequest(flags["model_dir"], task, data, config, str(flags["out"]), device, flags["precision"],
-                              threads, flags["max_length"])
+                              threads)
 
     progress = Progress(quiet)
     hooks = Hooks(log=(lambda m: None) if quiet else err, start=progress.start, event=progress.update)
@@ -168,7 +196,13 @@ def tune(ctx, resume, quiet, device, threads, **flags):
         outcome = run_tune(request, hooks, resume=bool(resume), force=bool(flags.get("force")))
     except KeyboardInterrupt:
         progress.close()
-        err(f"interrupted; continue with: bbt-onnx tune --resume {request.out}")
+        from .runs import CHECKPOINT
+
+        if (Path(request.out) / CHECKPOINT).is_file():
+            err(f"interrupted; continue with: bbt-onnx tune --resume {request.out}")
+        else:
+            err("interrupted before the first checkpoint, so there is nothing to resume; run the same command "
+                "again to start over")
         ctx.exit(130)
     finally:
         progress.close()
@@ -179,6 +213,10 @@ def tune(ctx, resume, quiet, device, threads, **flags):
         f"{m['train_loss_initial']:.4f} -> {m['train_loss_final']:.4f}, dev {m['metric_name']} {dev}, "
         f"test {test}; wrote {outcome.run_dir}")
     emit_json(m)
+
+
+def given_on_command_line(ctx, name: str) -> bool:
+    return ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
 
 
 class Progress:
@@ -220,16 +258,22 @@ def load_prompt(model, prompt_dir, no_prompt, task_args, prompt_tokens):
 
     task_given = any(a is not None for a in task_args)
     if prompt_dir is not None:
-        prompt = TunedPrompt.load(prompt_dir)
         if task_given:
-            raise BBTError("--task/--template/--labels come from the run with --prompt; drop them")
+            raise SettingsError("--task/--template/--labels/--task-file/--metric come from the run with --prompt; "
+                                "drop them")
+        if prompt_tokens is not None:
+            raise SettingsError("--prompt-tokens comes from the run with --prompt; drop it")
+        prompt = TunedPrompt.load(prompt_dir)
         if no_prompt:
             return TunedPrompt.zero(prompt.projection, prompt.task)
         return prompt
     if not no_prompt:
-        raise BBTError("give --prompt RUN_DIR, or --no-prompt with a task to score the manual template")
+        raise SettingsError("give --prompt RUN_DIR, or --no-prompt with a task to score the manual template")
     task = get_task(*task_args)
     m = model.manifest
+    if prompt_tokens is not None and prompt_tokens > m.prompt_tokens:
+        raise SettingsError(f"--prompt-tokens {prompt_tokens} is more than the {m.prompt_tokens} this model was "
+                            "exported for")
     spec = ProjectionSpec(0, 1, prompt_tokens if prompt_tokens is not None else m.prompt_tokens, m.hidden_size,
                           m.embedding_std)
     return TunedPrompt.zero(spec, task)
@@ -240,7 +284,8 @@ def load_prompt(model, prompt_dir, no_prompt, task_args, prompt_tokens):
 @click.option("--prompt", "prompt_dir", type=click.Path(path_type=Path), help="Run directory (or prompt.npz).")
 @click.option("--data", required=True, help="Labelled CSV/TSV/JSONL file to score.")
 @click.option("--no-prompt", is_flag=True, help="Score z = 0: the manual template, the untuned baseline.")
-@click.option("--prompt-tokens", type=int, help="Prompt slots for --no-prompt without a run [default: model's P].")
+@click.option("--prompt-tokens", type=click.IntRange(0),
+              help="Prompt slots for --no-prompt without a run [default: model's P].")
 @task_options
 @engine_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -254,8 +299,10 @@ def evaluate(model_dir, prompt_dir, data, no_prompt, prompt_tokens, task_name, t
     prompt = load_prompt(model, prompt_dir, no_prompt, (task_name, template, labels, task_file, metric), prompt_tokens)
     rows = read_examples(data)
     check_labels(rows, prompt.task.label_keys, data)
+    prompt.check_model(model)
+    enc = prompt.encoder(model).encode(rows)  # every row checked before the progress bar starts
     with row_progress(len(rows), "scoring", quiet) as advance:
-        result = prompt.evaluate(model, rows, on_batch=advance)
+        result = prompt.evaluate(model, enc, on_batch=advance)
     result.update(task=prompt.task.name, prompt="none (z = 0)" if no_prompt else str(prompt_dir),
                   provider=model.engine.provider)
     emit_json(result)
@@ -271,15 +318,20 @@ def evaluate(model_dir, prompt_dir, data, no_prompt, prompt_tokens, task_name, t
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def predict(model_dir, prompt_dir, input_path, output, device, precision, threads, quiet):
     """Label texts with a tuned prompt; writes JSONL: text, label and per-label probabilities."""
+    from .fileio import check_writable
     from .model import Model
     from .prompt import TunedPrompt
 
+    if output:
+        check_writable(output)
     model = Model.load(model_dir, device=device, precision=precision, threads=threads)
     prompt = TunedPrompt.load(prompt_dir)
+    prompt.check_model(model)
     rows = read_input(input_path)
+    enc = prompt.encoder(model).encode(rows)  # every row checked before the progress bar starts
     with row_progress(len(rows), "predicting", quiet) as advance:
-        preds = prompt.predict(model, rows, on_batch=advance)
-    lines = "".join(json.dumps({"text": r.text, **({"text_b": r.text_b} if r.text_b else {}), "label": p.label,
+        preds = prompt.predict(model, enc, on_batch=advance)
+    lines = "".join(dumps({"text": r.text, **({"text_b": r.text_b} if r.text_b else {}), "label": p.label,
                                 "probabilities": p.probabilities}) + "\n" for r, p in zip(rows, preds))
     if output:
         from .fileio import write_text_atomic
@@ -301,28 +353,23 @@ def row_progress(total: int, label: str, quiet: bool):
 
 
 def read_input(path: str):
-    from .data import Example, read_examples, rows_to_examples
+    """Rows to label: a data file, or text lines / JSON lines from a .txt file or stdin."""
+    from .data import parse_lines, read_examples
 
     if path != "-" and not path.endswith(".txt"):
         return read_examples(path, need_label=False)
-    text = sys.stdin.read() if path == "-" else _read_text(path)
-    lines = [line for line in text.splitlines() if line.strip()]
-    if not lines:
-        raise BBTError(f"{'stdin' if path == '-' else path} holds no text")
-    if lines[0].lstrip().startswith("{"):
+    if path == "-":
+        raw, source = click.get_binary_stream("stdin").read(), "stdin"
+    else:
         try:
-            rows = [json.loads(line) for line in lines]
-        except json.JSONDecodeError as exc:
-            raise BBTError(f"input line is not JSON: {exc.msg}") from None
-        return rows_to_examples(rows, list(dict.fromkeys(k for r in rows for k in r)), "input", need_label=False)
-    return [Example(line.strip()) for line in lines]
-
-
-def _read_text(path: str) -> str:
+            raw, source = Path(path).read_bytes(), path
+        except OSError as exc:
+            raise storage_error(path, exc, "read") from None
     try:
-        return Path(path).read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BBTError(f"cannot read {path}: {exc}") from None
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{source} is not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})") from None
+    return parse_lines(text, source)
 
 
 # --------------------------------------------------------------------------- bench
@@ -331,15 +378,17 @@ def _read_text(path: str) -> str:
 @click.option("--device", type=DEVICE, default="cpu", show_default=True)
 @click.option("--precision", "precisions", type=PRECISION, multiple=True,
               help="Graphs to time (repeatable) [default: fp32 and int8 on cpu, fp16 and fp32 on cuda, those exported].")
-@click.option("--batch", default=64, show_default=True, help="Sequences per engine call (candidates x up to 32 texts).")
-@click.option("--seq", default=80, show_default=True, help="Tokens per sequence.")
+@click.option("--batch", default=64, show_default=True, type=click.IntRange(1),
+              help="Sequences per engine call (candidates x up to 32 texts).")
+@click.option("--seq", default=80, show_default=True, type=click.IntRange(1), help="Tokens per sequence.")
 @click.option("--baseline", type=click.Choice(["torch", "none"]), default="torch", show_default=True,
               help="Time Hugging Face transformers on the same inputs (eager and SDPA; needs torch).")
 @click.option("--torch-model", help="Checkpoint for the torch baseline [default: the manifest's source].")
-@click.option("--repeat", default=3, show_default=True, help="Timed calls per measurement (median).")
+@click.option("--repeat", default=3, show_default=True, type=click.IntRange(1),
+              help="Timed calls per measurement (median).")
 @click.option("--e2e-budget", type=click.IntRange(0),
               help="API calls of the end-to-end tune (popsize 20, 32 texts); 0 skips it [default: 40 on cpu, 2000 on cuda].")
-@click.option("--e2e-dim", default=500, show_default=True, help="d of the end-to-end tune.")
+@click.option("--e2e-dim", default=500, show_default=True, type=click.IntRange(1), help="d of the end-to-end tune.")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads for onnxruntime [default: all cores].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def bench(model_dir, device, precisions, batch, seq, baseline, torch_model, repeat, e2e_budget, e2e_dim, threads,
@@ -349,6 +398,10 @@ def bench(model_dir, device, precisions, batch, seq, baseline, torch_model, repe
     from .manifest import load_manifest
     from .model import Model
 
+    if torch_model and baseline == "none":
+        raise SettingsError("--torch-model is the checkpoint of the torch baseline; drop it with --baseline none")
+    if e2e_budget == 0 and given_on_command_line(click.get_current_context(), "e2e_dim"):
+        raise SettingsError("--e2e-dim sets the end-to-end tune, which --e2e-budget 0 skips; drop one of them")
     manifest = load_manifest(model_dir)
     if not precisions:
         wanted = ("fp32", "int8") if device == "cpu" else ("fp16", "fp32")

@@ -12,8 +12,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .errors import BBTError
+from .errors import DataError, SettingsError
 
+MAX_ROW_CHARS = 1_000_000  # one row's text fields together; far beyond any model's positions
 TEXT_COLUMNS = ("text", "sentence", "sentence1", "content", "premise")
 TEXT_B_COLUMNS = ("text_b", "sentence2", "hypothesis")
 LABEL_COLUMN = "label"
@@ -43,24 +44,30 @@ def _pick(columns: Sequence[str], wanted: Sequence[str]) -> str | None:
 def rows_to_examples(rows: Iterable[dict], columns: Sequence[str], source: str, need_label: bool) -> list[Example]:
     text_col = _pick(columns, TEXT_COLUMNS)
     if text_col is None:
-        raise BBTError(f"{source} has no text column (one of: {', '.join(TEXT_COLUMNS)}); "
+        raise DataError(f"{source} has no text column (one of: {', '.join(TEXT_COLUMNS)}); "
                        f"its columns are: {', '.join(columns) or 'none'}")
     b_col = _pick(columns, TEXT_B_COLUMNS)
     label_col = _pick(columns, (LABEL_COLUMN,))
     if need_label and label_col is None:
-        raise BBTError(f"{source} has no 'label' column; its columns are: {', '.join(columns)}")
+        raise DataError(f"{source} has no 'label' column; its columns are: {', '.join(columns)}")
     out = []
     for i, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise DataError(f"{source} row {i} is not a JSON object with a {text_col!r} field")
         text = row.get(text_col)
         if text is None or not str(text).strip():
-            raise BBTError(f"{source} row {i}: empty {text_col!r}")
+            raise DataError(f"{source} row {i}: empty {text_col!r}")
         label = _label_str(row.get(label_col)) if label_col else None
         if need_label and label is None:
-            raise BBTError(f"{source} row {i}: empty label")
+            raise DataError(f"{source} row {i}: empty label")
         b = row.get(b_col) if b_col else None
+        size = len(str(text)) + (len(str(b)) if b is not None else 0)
+        if size > MAX_ROW_CHARS:
+            raise DataError(f"{source} row {i} holds {size:,} characters; one row may hold at most "
+                            f"{MAX_ROW_CHARS:,} (the model reads only its first few hundred tokens): shorten it")
         out.append(Example(str(text).strip(), None if b is None else str(b).strip(), label))
     if not out:
-        raise BBTError(f"{source} has no rows")
+        raise DataError(f"{source} has no rows")
     return out
 
 
@@ -69,14 +76,16 @@ def read_examples(path: str | Path, need_label: bool = True) -> list[Example]:
     path = Path(path)
     if str(path).startswith("hf:"):
         return load_hf(str(path), "train", need_label)
+    if path.is_dir():
+        raise DataError(f"data file {path} is a folder, not a file")
     if not path.is_file():
-        raise BBTError(f"data file {path} does not exist")
+        raise DataError(f"data file {path} does not exist")
     try:
         raw = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
-        raise BBTError(f"cannot read {path}: {exc}") from None
+        raise DataError(f"cannot read {path}: {exc}") from None
     if not raw.strip():
-        raise BBTError(f"{path} is empty")
+        raise DataError(f"{path} is empty")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
         return _read_jsonl(raw, path, need_label)
@@ -84,49 +93,71 @@ def read_examples(path: str | Path, need_label: bool = True) -> list[Example]:
         delim = "\t" if suffix == ".tsv" else ","
         if suffix == ".txt":
             delim = "\t" if "\t" in raw.splitlines()[0] else ","
-        reader = csv.DictReader(io.StringIO(raw, newline=""), delimiter=delim)
-        columns = reader.fieldnames or []
+        limit = csv.field_size_limit(MAX_ROW_CHARS)  # restored below: the csv module's limit is process-wide
         try:
+            reader = csv.DictReader(io.StringIO(raw, newline=""), delimiter=delim)
+            columns = reader.fieldnames or []
             rows = list(reader)
         except csv.Error as exc:
-            raise BBTError(f"{path} is not valid {'TSV' if delim == chr(9) else 'CSV'}: {exc}") from None
+            if "field larger than field limit" in str(exc):
+                raise DataError(f"{path} has a field of over {MAX_ROW_CHARS:,} characters; one row may hold at "
+                                "most that (the model reads only its first few hundred tokens): shorten it") from None
+            raise DataError(f"{path} is not valid {'TSV' if delim == chr(9) else 'CSV'}: {exc}") from None
+        finally:
+            csv.field_size_limit(limit)
         if any(None in r for r in rows):
             bad = next(i for i, r in enumerate(rows, 1) if None in r)
-            raise BBTError(f"{path} row {bad} has more fields than the header")
+            raise DataError(f"{path} row {bad} has more fields than the header")
         return rows_to_examples(rows, columns, str(path), need_label)
-    raise BBTError(f"{path}: unknown data format {suffix!r}; use .csv, .tsv or .jsonl")
+    raise DataError(f"{path}: unknown data format {suffix!r}; use .csv, .tsv or .jsonl")
 
 
 def _read_jsonl(raw: str, path: Path, need_label: bool) -> list[Example]:
+    rows = json_objects(raw, str(path))
+    return rows_to_examples(rows, list(dict.fromkeys(k for r in rows for k in r)), str(path), need_label)
+
+
+def json_objects(text: str, source: str) -> list[dict]:
+    """One JSON object per non-blank line; anything else names its line."""
     rows = []
-    for i, line in enumerate(raw.splitlines(), start=1):
+    for i, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise BBTError(f"{path} line {i} is not JSON: {exc.msg}") from None
+            raise DataError(f"{source} line {i} is not JSON: {exc.msg}") from None
         if not isinstance(obj, dict):
-            raise BBTError(f"{path} line {i} is not a JSON object")
+            raise DataError(f"{source} line {i} is not a JSON object")
         rows.append(obj)
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    return rows_to_examples(rows, columns, str(path), need_label)
+    return rows
+
+
+def parse_lines(text: str, source: str) -> list[Example]:
+    """One text per non-blank line, or JSON lines (objects with a text field) when the first one is JSON."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise DataError(f"{source} holds no text")
+    if lines[0].lstrip().startswith("{"):
+        rows = json_objects(text, source)
+        return rows_to_examples(rows, list(dict.fromkeys(k for r in rows for k in r)), source, need_label=False)
+    return rows_to_examples(({"text": line} for line in lines), ["text"], source, need_label=False)
 
 
 def load_hf(spec: str, split: str, need_label: bool = True) -> list[Example]:
     """`hf:glue/sst2` -> datasets.load_dataset("glue", "sst2", split=...); unlabelled rows (-1) are dropped."""
     name = spec[3:]
     if not name:
-        raise BBTError("hf: needs a dataset name, e.g. hf:glue/sst2")
+        raise DataError("hf: needs a dataset name, e.g. hf:glue/sst2")
     try:
         import datasets  # noqa: PLC0415 - optional
     except ImportError:
-        raise BBTError(f"{spec} needs the `datasets` package (pip install datasets); or pass a local CSV/TSV/JSONL file") from None
+        raise DataError(f"{spec} needs the `datasets` package (pip install datasets); or pass a local CSV/TSV/JSONL file") from None
     path, _, config = name.partition("/")
     try:
         ds = datasets.load_dataset(path, config or None, split=split)
     except Exception as exc:  # noqa: BLE001 - datasets raises many types for offline/missing
-        raise BBTError(f"cannot load {spec} split {split!r} from the Hugging Face hub ({type(exc).__name__}: "
+        raise DataError(f"cannot load {spec} split {split!r} from the Hugging Face hub ({type(exc).__name__}: "
                        f"{str(exc).splitlines()[0][:200]}); offline, pass local files instead") from None
     rows = [r for r in ds if LABEL_COLUMN not in r or r[LABEL_COLUMN] is None or int(r[LABEL_COLUMN]) >= 0]
     return rows_to_examples(rows, list(ds.column_names), f"{spec}[{split}]", need_label)
@@ -136,7 +167,7 @@ def hf_test_split(spec: str) -> list[Example]:
     """The labelled evaluation split: `test` when it has labels, else `validation` (as the reference does)."""
     try:
         return load_hf(spec, "test")
-    except BBTError:
+    except DataError:
         return load_hf(spec, "validation")
 
 
@@ -144,7 +175,7 @@ def check_labels(examples: Sequence[Example], keys: Sequence[str], source: str) 
     unknown = Counter(e.label for e in examples if e.label not in keys)
     if unknown:
         shown = ", ".join(f"{k!r} ({n} rows)" for k, n in unknown.most_common(5))
-        raise BBTError(f"{source} has labels the task does not know: {shown}; the task's labels are "
+        raise DataError(f"{source} has labels the task does not know: {shown}; the task's labels are "
                        f"{', '.join(keys)} (name them with --labels name=word,...)")
 
 
@@ -152,13 +183,13 @@ def k_shot_split(examples: Sequence[Example], keys: Sequence[str], k: int, rng: 
                  with_dev: bool = True) -> tuple[list[Example], list[Example]]:
     """The reference's true few-shot split: shuffle, then take k per class for train and the next k for dev."""
     if k < 1:
-        raise BBTError("--k-shot must be at least 1")
+        raise SettingsError("--k-shot must be at least 1")
     need = 2 * k if with_dev else k
     counts = Counter(e.label for e in examples)
     for key in keys:
         if counts[key] < need:
             what = f"k={k} for train and k={k} for dev need {need}" if with_dev else f"k={k} needs {k}"
-            raise BBTError(f"class {key!r} has only {counts[key]} examples; {what} (lower --k-shot)")
+            raise DataError(f"class {key!r} has only {counts[key]} examples; {what} (lower --k-shot)")
     order = rng.permutation(len(examples))
     train, dev = [], []
     taken_train, taken_dev = Counter(), Counter()
@@ -190,6 +221,14 @@ class DataSpec:
     k_shot: int = 16
     seed: int = 42
 
+    def check(self) -> None:
+        if self.data and self.train:
+            raise SettingsError("give --data (k-shot sampled) or --train (used whole), not both")
+        if not (self.data or self.train):
+            raise SettingsError("no training data: give --data FILE to sample k per class, or --train FILE")
+        if isinstance(self.k_shot, bool) or not isinstance(self.k_shot, int) or self.k_shot < 1:
+            raise SettingsError(f"--k-shot must be at least 1, got {self.k_shot!r}")
+
     def to_json(self) -> dict:
         return dict(self.__dict__)
 
@@ -206,10 +245,7 @@ def load_splits(spec: DataSpec, keys: Sequence[str]) -> Splits:
     """Train/dev/test rows as the reference forms them; every label checked against the task."""
     from .seeding import generator
 
-    if spec.data and spec.train:
-        raise BBTError("give --data (k-shot sampled) or --train (used whole), not both")
-    if not (spec.data or spec.train):
-        raise BBTError("no training data: give --data FILE to sample k per class, or --train FILE")
+    spec.check()
     sources = {"data": spec.data, "train": spec.train, "dev": spec.dev, "test": spec.test}
     loaded = {name: read_examples(src) for name, src in sources.items() if src}
     for name, rows in loaded.items():

@@ -16,7 +16,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .data import Example, check_labels
-from .errors import BBTError
+from .errors import DataError, ModelError, SettingsError
 from .manifest import Manifest
 from .tasks import Task, check_template
 
@@ -60,11 +60,11 @@ class EncodedSet:
 def load_tokenizer(manifest: Manifest) -> Tokenizer:
     path = manifest.tokenizer_path
     if not path.is_file():
-        raise BBTError(f"{manifest.directory} has no tokenizer.json; re-export the model")
+        raise ModelError(f"{manifest.directory} has no tokenizer.json; re-export the model")
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exception
-        raise BBTError(f"cannot load {path}: {exc}") from None
+        raise ModelError(f"cannot load {path}: {exc}") from None
     tok.no_truncation()
     tok.no_padding()
     return tok
@@ -82,13 +82,13 @@ def label_token_ids(tokenizer: Tokenizer, words: Sequence[str], prefix: str) -> 
         piece_text = word if word.startswith(" ") else prefix + word
         enc = tokenizer.encode(piece_text, add_special_tokens=False)
         if not enc.ids:
-            raise BBTError(f"label word {word!r} produces no tokens")
+            raise SettingsError(f"label word {word!r} produces no tokens")
         if len(enc.ids) > 1:
             warnings.append(f"label word {word!r} splits into {len(enc.ids)} pieces {enc.tokens}; "
                             f"using the first, {enc.tokens[0]!r}")
         first = enc.ids[0]
         if first in owner:
-            raise BBTError(f"label words {owner[first]!r} and {word!r} share their first piece "
+            raise SettingsError(f"label words {owner[first]!r} and {word!r} share their first piece "
                            f"{enc.tokens[0]!r}; choose words that differ there")
         owner[first] = word
         ids.append(first)
@@ -99,7 +99,7 @@ def init_placeholders(tokenizer: Tokenizer, text: str, prompt_tokens: int) -> li
     """Prompt slots holding the tokens of `text`, so z = 0 is exactly the template with `text` before it."""
     ids = tokenizer.encode(text, add_special_tokens=False).ids
     if len(ids) != prompt_tokens:
-        raise BBTError(f"--prompt-init {text!r} is {len(ids)} tokens; pass --prompt-tokens {len(ids)} with it")
+        raise SettingsError(f"--prompt-init {text!r} is {len(ids)} tokens; pass --prompt-tokens {len(ids)} with it")
     return ids
 
 
@@ -110,12 +110,12 @@ class Encoder:
                  max_length: int | None = None, placeholder_ids: Sequence[int] | None = None):
         check_template(task.template, manifest.kind)
         if not 0 <= prompt_tokens <= manifest.prompt_tokens:
-            raise BBTError(f"--prompt-tokens {prompt_tokens} is outside 0..{manifest.prompt_tokens}, "
+            raise SettingsError(f"--prompt-tokens {prompt_tokens} is outside 0..{manifest.prompt_tokens}, "
                            "the most this model was exported for (re-export with a larger --prompt-tokens)")
         if placeholder_ids is None:
             placeholder_ids = manifest.placeholder_ids[:prompt_tokens]
         elif len(placeholder_ids) != prompt_tokens:
-            raise BBTError(f"{len(placeholder_ids)} placeholder ids for {prompt_tokens} prompt tokens")
+            raise SettingsError(f"{len(placeholder_ids)} placeholder ids for {prompt_tokens} prompt tokens")
         self.tokenizer = tokenizer
         self.manifest = manifest
         self.task = task
@@ -140,7 +140,7 @@ class Encoder:
                 value = self.mask_text
             elif field == "text_b":
                 if ex.text_b is None:
-                    raise BBTError("the template uses {text_b} but a row has no text_b/sentence2 column")
+                    raise DataError("the template uses {text_b} but a row has no text_b/sentence2 column")
                 value = ex.text_b
             else:
                 value = ex.text
@@ -151,7 +151,7 @@ class Encoder:
 
     def encode(self, examples: Sequence[Example]) -> EncodedSet:
         if not examples:
-            raise BBTError("no rows to encode")
+            raise DataError("no rows to encode")
         rendered = [self._render(e) for e in examples]
         encs = self.tokenizer.encode_batch([r[0] for r in rendered], add_special_tokens=False)
         rows, mask_pos, truncated = [], [], 0
@@ -164,7 +164,7 @@ class Encoder:
                 truncated += 1
             if self.manifest.kind == "masked":
                 if "mask" not in owner:
-                    raise BBTError(f"the mask token vanished while tokenizing {text[:80]!r}")
+                    raise DataError(f"the mask token vanished while tokenizing {text[:80]!r}")
                 mp = len(self.head) + owner.index("mask")
             else:
                 mp = len(self.head) + len(ids) - 1
@@ -195,17 +195,45 @@ class Encoder:
         return list(enc.ids), owner
 
     def _truncate(self, ids: list[int], owner: list[str | None], over: int) -> tuple[list[int], list[str | None]]:
-        """Drop `over` tokens from the end of the longest text field, one at a time (longest first)."""
-        ids, owner = list(ids), list(owner)
-        for _ in range(over):
-            counts = {f: owner.count(f) for f in ("text", "text_b")}
-            field = max(counts, key=lambda f: counts[f])
-            if counts[field] <= 1:
-                raise BBTError(f"the template and {self.prompt_tokens} prompt tokens leave no room for text within "
-                               f"{self.max_length} tokens; shorten the template or use fewer prompt tokens")
-            last = len(owner) - 1 - owner[::-1].index(field)
-            del ids[last], owner[last]
-        return ids, owner
+        """Drop `over` tokens from the ends of the text fields, longest field first, in one pass."""
+        counts = {f: owner.count(f) for f in ("text", "text_b")}
+        drop = truncation_plan(counts, over)
+        if drop is None:
+            limit = (f"--max-length {self.max_length}" if self.max_length < self.manifest.max_positions
+                     else f"the model's {self.max_length} positions")
+            raise SettingsError(f"the template and {self.prompt_tokens} prompt tokens leave no room for text within "
+                                f"{limit}; shorten the template, use fewer prompt tokens or a larger --max-length")
+        keep = [True] * len(ids)
+        for i in range(len(ids) - 1, -1, -1):
+            field = owner[i]
+            if drop.get(field, 0) > 0:
+                keep[i] = False
+                drop[field] -= 1
+        return [t for t, k in zip(ids, keep) if k], [o for o, k in zip(owner, keep) if k]
+
+
+def truncation_plan(counts: dict[str, int], over: int) -> dict[str, int] | None:
+    """How many tokens to cut from each field so that `over` go in all: always from the longest field
+    (the first named wins a tie), each keeping at least one token; None when that cannot be done."""
+    order = list(counts)
+    present = [f for f in order if counts[f] > 0]
+    if sum(counts[f] for f in present) - over < len(present):
+        return None
+    drop = {f: 0 for f in order}
+    left = dict(counts)
+    # cut the longest down to the next one's length, then share the rest out evenly, first named first
+    while over > 0:
+        top = max(left.values())
+        longest = [f for f in order if left[f] == top]
+        below = max([v for v in left.values() if v < top], default=0)
+        step = min(over, (top - below) * len(longest))
+        share, extra = divmod(step, len(longest))
+        for j, f in enumerate(longest):
+            cut = share + (1 if j < extra else 0)
+            drop[f] += cut
+            left[f] -= cut
+        over -= step
+    return drop
 
 
 def length_buckets(lengths: np.ndarray, max_buckets: int = 4, min_saving: float = 0.1) -> list[np.ndarray]:

@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from .encoding import EncodedSet, length_buckets
-from .errors import BBTError
+from .errors import ModelError, SettingsError
 from .fileio import sha256_file
 from .manifest import GRAPH_INPUTS, GRAPH_OUTPUTS, Manifest
 
@@ -60,11 +60,11 @@ class OrtEngine:
         import onnxruntime as ort
 
         if device not in DEVICES:
-            raise BBTError(f"--device {device!r} is not one of {', '.join(DEVICES)}")
+            raise SettingsError(f"--device {device!r} is not one of {', '.join(DEVICES)}")
         spec = manifest.graph(precision)
         path = manifest.graph_path(precision)
         if verify and sha256_file(path) != spec.sha256:
-            raise BBTError(f"{path} does not match the sha256 in its manifest: the graph was changed or "
+            raise ModelError(f"{path} does not match the sha256 in its manifest: the graph was changed or "
                            "half-copied; re-export the model")
         provider = PROVIDERS[device]
         if device == "cuda" and hasattr(ort, "preload_dlls"):
@@ -74,7 +74,7 @@ class OrtEngine:
                 pass
         available = ort.get_available_providers()
         if provider not in available:
-            raise BBTError(f"--device {device} needs onnxruntime's {provider}, which this install lacks "
+            raise ModelError(f"--device {device} needs onnxruntime's {provider}, which this install lacks "
                            f"(available: {', '.join(available)}); install the gpu extra (onnxruntime-gpu) "
                            "in an environment without the CPU onnxruntime")
         opts = ort.SessionOptions()
@@ -85,15 +85,15 @@ class OrtEngine:
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-            raise BBTError(f"onnxruntime cannot load {path} on {device}: {str(exc).splitlines()[0][:300]}") from None
+            raise ModelError(f"onnxruntime cannot load {path} on {device}: {str(exc).splitlines()[0][:300]}") from None
         got = self.session.get_providers()
         if not got or got[0] != provider:
-            raise BBTError(f"onnxruntime fell back to {got} instead of {provider}: check the CUDA and cuDNN "
+            raise ModelError(f"onnxruntime fell back to {got} instead of {provider}: check the CUDA and cuDNN "
                            "libraries onnxruntime-gpu needs; refusing to run on CPU silently")
         names = [i.name for i in self.session.get_inputs()]
         outs = [o.name for o in self.session.get_outputs()]
         if sorted(names) != sorted(GRAPH_INPUTS) or outs != list(GRAPH_OUTPUTS):
-            raise BBTError(f"{path} has inputs {names} and outputs {outs}, not the bbt-onnx contract "
+            raise ModelError(f"{path} has inputs {names} and outputs {outs}, not the bbt-onnx contract "
                            f"{list(GRAPH_INPUTS)} -> {list(GRAPH_OUTPUTS)}; re-export the model")
         self.prompt_dtype = ORT_TYPES[next(i.type for i in self.session.get_inputs() if i.name == "prompt_embeds")]
         self.manifest = manifest

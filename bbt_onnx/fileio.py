@@ -1,18 +1,52 @@
-"""Atomic file writes and hashing: every file the tool writes appears whole or not at all."""
+"""Atomic file writes, strict JSON and hashing: every file the tool writes appears whole or not at all,
+and a failed write is one clear StorageError, never a traceback."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from .errors import StorageError
+
+
+def storage_error(path: str | Path, exc: OSError, doing: str = "write") -> StorageError:
+    """One line that says which file, and why the system refused it."""
+    path = Path(path)
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.ENOENT and doing == "write":
+        parent = next((p for p in path.parents if p.exists()), None)
+        missing = next((p for p in reversed(path.parents) if not p.exists()), path.parent)
+        if parent is not None and not parent.is_dir():
+            reason = f"{parent} is a file, not a folder"
+        else:
+            reason = f"the folder {missing} does not exist"
+    elif exc.errno == errno.ENOTDIR:
+        file_part = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), None)
+        reason = f"{file_part} is a file, not a folder" if file_part else reason
+    return StorageError(f"cannot {doing} {path}: {reason}")
+
+
+def check_writable(path: str | Path) -> None:
+    """Before long work whose result goes to `path`: its folder must exist, and `path` must not be one."""
+    path = Path(path)
+    if path.is_dir():
+        raise StorageError(f"cannot write {path}: it is a folder")
+    if not path.parent.is_dir():
+        raise storage_error(path, FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path)))
+
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise storage_error(path, exc) from None
     try:
         os.chmod(tmp, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
@@ -20,9 +54,11 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise storage_error(path, exc) from None
         raise
 
 
@@ -39,17 +75,36 @@ def umask() -> int:
     return mask
 
 
+def json_safe(obj: Any) -> Any:
+    """`obj` with every NaN or infinity replaced by None: JSON has no such numbers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kwargs) -> str:
+    """Strict JSON: non-finite numbers become null rather than the invalid `NaN`."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    write_text_atomic(path, dumps(obj, indent=2) + "\n")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+    except OSError as exc:
+        raise storage_error(path, exc, "read") from None
     return h.hexdigest()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import BBTError
+from .errors import SettingsError
 
 LOSSES = ("ce", "hinge", "perf")
 HINGE_MARGIN = 2.0  # the reference's margin for every task
@@ -69,4 +69,4 @@ def loss(name: str, metric_name: str, logits: np.ndarray, labels: np.ndarray) ->
         return hinge(logits, labels)
     if name == "perf":
         return -metric(metric_name, logits, labels)
-    raise BBTError(f"--loss {name!r} is not one of {', '.join(LOSSES)}")
+    raise SettingsError(f"--loss {name!r} is not one of {', '.join(LOSSES)}")

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import BBTError
+from .errors import ModelError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -85,7 +85,7 @@ class Manifest:
         if precision not in self.graphs:
             have = ", ".join(sorted(self.graphs))
             hint = f" (re-export with --{precision})" if precision in ("fp16", "int8") else ""
-            raise BBTError(f"model has no {precision} graph{hint}; it has: {have}")
+            raise ModelError(f"model has no {precision} graph{hint}; it has: {have}")
         return self.graphs[precision]
 
     def graph_path(self, precision: str) -> Path:
@@ -131,22 +131,22 @@ def _graph(raw: dict[str, Any]) -> GraphSpec:
 
 
 def load_manifest(model_dir: str | Path) -> Manifest:
-    """Read and check `manifest.json`; every problem becomes a BBTError naming the file."""
+    """Read and check `manifest.json`; every problem becomes a ModelError naming the file."""
     directory = Path(model_dir)
     if not directory.is_dir():
-        raise BBTError(f"model directory {directory} does not exist; run `bbt-onnx export` first")
+        raise ModelError(f"model directory {directory} does not exist; run `bbt-onnx export` first")
     path = directory / MANIFEST_NAME
     if not path.is_file():
-        raise BBTError(f"{directory} has no {MANIFEST_NAME}: it is not a model directory written by `bbt-onnx export`")
+        raise ModelError(f"{directory} has no {MANIFEST_NAME}: it is not a model directory written by `bbt-onnx export`")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BBTError(f"cannot read {path}: {exc}") from None
+        raise ModelError(f"cannot read {path}: {exc}") from None
     if not isinstance(raw, dict):
-        raise BBTError(f"{path} is not a JSON object")
+        raise ModelError(f"{path} is not a JSON object")
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
-        raise BBTError(f"{path} has format_version {version!r}; this bbt-onnx reads {FORMAT_VERSION}: re-export the model")
+        raise ModelError(f"{path} has format_version {version!r}; this bbt-onnx reads {FORMAT_VERSION}: re-export the model")
     try:
         manifest = Manifest(
             kind=str(raw["kind"]),
@@ -173,8 +173,8 @@ def load_manifest(model_dir: str | Path) -> Manifest:
             gguf_file=raw.get("gguf_file"),
             directory=directory,
         )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BBTError(f"{path} is incomplete or malformed ({type(exc).__name__}: {exc}); re-export the model") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ModelError(f"{path} is incomplete or malformed ({type(exc).__name__}: {exc}); re-export the model") from None
     _check(manifest, path)
     return manifest
 
@@ -197,4 +197,4 @@ def _check(m: Manifest, path: Path) -> None:
     if not m.embedding_std > 0:
         problems.append("embedding_std must be positive")
     if problems:
-        raise BBTError(f"{path}: " + "; ".join(problems))
+        raise ModelError(f"{path}: " + "; ".join(problems))

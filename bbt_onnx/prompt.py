@@ -14,7 +14,7 @@ from . import losses
 from .data import Example
 from .encoding import EncodedSet
 from .engine import score_rows
-from .errors import BBTError
+from .errors import DataError, PromptError
 from .fileio import write_bytes_atomic
 from .subspace import ProjectionSpec, build_projection, project
 from .tasks import Task
@@ -41,6 +41,7 @@ class TunedPrompt:
     task: Task
     model_fingerprint: str = ""
     placeholder_ids: tuple[int, ...] | None = None  # None: the model's own, manifest.placeholder_ids[:P]
+    max_length: int | None = None  # tokens per row it was tuned with; None: the model's positions
 
     @property
     def prompt_tokens(self) -> int:
@@ -48,11 +49,11 @@ class TunedPrompt:
 
     @classmethod
     def from_z(cls, z: np.ndarray, spec: ProjectionSpec, task: Task, model_fingerprint: str = "",
-               a_t: np.ndarray | None = None, placeholder_ids=None) -> "TunedPrompt":
+               a_t: np.ndarray | None = None, placeholder_ids=None, max_length: int | None = None) -> "TunedPrompt":
         a_t = build_projection(spec) if a_t is None else a_t
         z = np.asarray(z, dtype=np.float64)
         return cls(z, project(a_t, z, spec.prompt_tokens)[0], spec, task, model_fingerprint,
-                   _ids(placeholder_ids))
+                   _ids(placeholder_ids), max_length)
 
     @classmethod
     def zero(cls, spec: ProjectionSpec, task: Task, model_fingerprint: str = "",
@@ -66,9 +67,13 @@ class TunedPrompt:
         path = Path(path)
         if path.is_dir():
             path = path / PROMPT_NAME
+        if not (np.isfinite(self.z).all() and np.isfinite(self.embeds).all()):
+            raise PromptError("the prompt holds NaN or infinite numbers; it is not saved (check --alpha, --sigma "
+                              "and the model's embedding_std)")
         meta = {"projection": self.projection.to_json(), "task": self.task.to_json(),
                 "model_fingerprint": self.model_fingerprint, "seed": self.projection.seed,
-                "placeholder_ids": None if self.placeholder_ids is None else list(self.placeholder_ids)}
+                "placeholder_ids": None if self.placeholder_ids is None else list(self.placeholder_ids),
+                "max_length": self.max_length}
         buf = io.BytesIO()
         np.savez(buf, prompt=self.embeds, z=self.z, meta=np.array(json.dumps(meta)))
         write_bytes_atomic(path, buf.getvalue())
@@ -80,29 +85,40 @@ class TunedPrompt:
         if path.is_dir():
             path = path / PROMPT_NAME
         if not path.is_file():
-            raise BBTError(f"{path} does not exist: give a run directory written by `bbt-onnx tune`")
+            raise PromptError(f"{path} does not exist: give a run directory written by `bbt-onnx tune`")
         try:
             with np.load(path, allow_pickle=False) as f:
                 meta = json.loads(str(f["meta"]))
-                embeds, z = f["prompt"].astype(np.float32), f["z"]
+                embeds, z = f["prompt"].astype(np.float32), f["z"].astype(np.float64)
             spec = ProjectionSpec(**meta["projection"])
             task = Task.from_json(meta["task"])
-        except (OSError, KeyError, ValueError, TypeError) as exc:
-            raise BBTError(f"{path} is not a bbt-onnx prompt file ({exc})") from None
-        return cls(z, embeds, spec, task, meta.get("model_fingerprint", ""), _ids(meta.get("placeholder_ids")))
+            prompt = cls(z, embeds, spec, task, str(meta.get("model_fingerprint") or ""),
+                         _ids(meta.get("placeholder_ids")), meta.get("max_length"))
+        except Exception as exc:  # noqa: BLE001 - a damaged zip or field can raise almost any type
+            raise PromptError(f"{path} is not a bbt-onnx prompt file, or it is damaged ({type(exc).__name__}); "
+                              "tune again or restore it") from None
+        if embeds.ndim != 2 or z.ndim != 1 or embeds.shape != (spec.prompt_tokens, spec.hidden_size) \
+                or len(z) != spec.intrinsic_dim or not (np.isfinite(z).all() and np.isfinite(embeds).all()):
+            raise PromptError(f"{path} is damaged: its arrays do not match its own description")
+        return prompt
 
     # -- use -----------------------------------------------------------------
     def encoder(self, model):
-        return model.encoder(self.task, self.prompt_tokens, placeholder_ids=self.placeholder_ids)
+        return model.encoder(self.task, self.prompt_tokens, self.max_length, self.placeholder_ids)
 
     def check_model(self, model) -> None:
+        """Refuse a model other than the one this prompt was tuned on: its numbers mean nothing there."""
         m = model.manifest
         if self.embeds.shape[1] != m.hidden_size:
-            raise BBTError(f"this prompt has hidden size {self.embeds.shape[1]} but the model has {m.hidden_size}: "
-                           "it was tuned for another model")
+            raise PromptError(f"this prompt has hidden size {self.embeds.shape[1]} but the model has "
+                              f"{m.hidden_size}: it was tuned for another model")
+        if self.model_fingerprint and self.model_fingerprint != m.fingerprint():
+            raise PromptError(f"this prompt was tuned on another model than {m.directory} (manifest fingerprint "
+                              f"{self.model_fingerprint[:12]}, this model's {m.fingerprint()[:12]}); use the model "
+                              "directory it was tuned on")
         if self.prompt_tokens > m.prompt_tokens:
-            raise BBTError(f"this prompt has {self.prompt_tokens} tokens; the model was exported for at most "
-                           f"{m.prompt_tokens}")
+            raise PromptError(f"this prompt has {self.prompt_tokens} tokens; the model was exported for at most "
+                              f"{m.prompt_tokens}")
 
     def logits(self, model, rows: Sequence[Example] | EncodedSet, batch_rows: int = EVAL_ROWS,
                on_batch: Callable[[int], None] | None = None) -> np.ndarray:
@@ -114,9 +130,10 @@ class TunedPrompt:
 
     def evaluate(self, model, rows: Sequence[Example] | EncodedSet, batch_rows: int = EVAL_ROWS,
                  on_batch: Callable[[int], None] | None = None) -> dict:
+        self.check_model(model)
         enc = rows if isinstance(rows, EncodedSet) else self.encoder(model).encode(rows)
         if (enc.labels < 0).any():
-            raise BBTError("every row needs a label to be evaluated")
+            raise DataError("every row needs a label to be evaluated")
         logits = self.logits(model, enc, batch_rows, on_batch)
         return {
             "metric_name": self.task.metric,
@@ -127,7 +144,7 @@ class TunedPrompt:
             "truncated_rows": enc.truncated,
         }
 
-    def predict(self, model, rows: Sequence[Example], batch_rows: int = EVAL_ROWS,
+    def predict(self, model, rows: Sequence[Example] | EncodedSet, batch_rows: int = EVAL_ROWS,
                 on_batch: Callable[[int], None] | None = None) -> list[Prediction]:
         logits = self.logits(model, rows, batch_rows, on_batch)
         probs = np.exp(losses.log_softmax(logits.astype(np.float64)))

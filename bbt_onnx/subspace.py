@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .errors import BBTError
+from .errors import SettingsError
 from .seeding import seeds
 
 KINDS = ("normal", "uniform")
@@ -30,11 +30,11 @@ class ProjectionSpec:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise BBTError(f"--random-proj {self.kind!r} is not one of {', '.join(KINDS)}")
+            raise SettingsError(f"--random-proj {self.kind!r} is not one of {', '.join(KINDS)}")
         if self.intrinsic_dim < 1:
-            raise BBTError("--intrinsic-dim must be at least 1")
+            raise SettingsError("--intrinsic-dim must be at least 1")
         if self.sigma <= 0:
-            raise BBTError("--sigma must be positive")
+            raise SettingsError("--sigma must be positive")
 
     def to_json(self) -> dict:
         return asdict(self)

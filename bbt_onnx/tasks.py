@@ -12,7 +12,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BBTError
+from .errors import SettingsError
 
 FIELDS = ("text", "text_b", "mask")
 METRICS = ("accuracy", "f1")
@@ -87,7 +87,7 @@ def template_fields(template: str) -> list[str]:
     try:
         return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as exc:
-        raise BBTError(f"template {template!r} is malformed: {exc} (write a literal brace as {{{{ or }}}})") from None
+        raise SettingsError(f"template {template!r} is malformed: {exc} (write a literal brace as {{{{ or }}}})") from None
 
 
 def check_template(template: str, kind: str = "masked") -> None:
@@ -95,32 +95,32 @@ def check_template(template: str, kind: str = "masked") -> None:
     fields = template_fields(template)
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
-        raise BBTError(f"template has unknown placeholder(s) {', '.join('{' + u + '}' for u in unknown)}; "
+        raise SettingsError(f"template has unknown placeholder(s) {', '.join('{' + u + '}' for u in unknown)}; "
                        "use {text}, {text_b} and {mask}")
     if "text" not in fields:
-        raise BBTError("template has no {text} placeholder: it must say where the input text goes")
+        raise SettingsError("template has no {text} placeholder: it must say where the input text goes")
     for f in FIELDS:
         if fields.count(f) > 1:
-            raise BBTError(f"template uses {{{f}}} more than once")
+            raise SettingsError(f"template uses {{{f}}} more than once")
     if kind == "masked" and "mask" not in fields:
-        raise BBTError("template has no {mask} placeholder: a masked LM needs to know where the label word goes")
+        raise SettingsError("template has no {mask} placeholder: a masked LM needs to know where the label word goes")
     if kind == "causal" and "mask" in fields and not template.rstrip().endswith("{mask}"):
-        raise BBTError("for a causal LM {mask} may only end the template: the label word is the next token")
+        raise SettingsError("for a causal LM {mask} may only end the template: the label word is the next token")
 
 
 def make_task(name: str, template: str, labels: tuple[tuple[str, str], ...], metric: str = "accuracy") -> Task:
     template_fields(template)
     if len(labels) < 2:
-        raise BBTError("a task needs at least two labels")
+        raise SettingsError("a task needs at least two labels")
     keys = [k for k, _ in labels]
     if len(set(keys)) != len(keys):
-        raise BBTError(f"label names repeat: {', '.join(keys)}")
+        raise SettingsError(f"label names repeat: {', '.join(keys)}")
     if any(not k or not w.strip() for k, w in labels):
-        raise BBTError("every label needs a name and a non-empty word (name=word)")
+        raise SettingsError("every label needs a name and a non-empty word (name=word)")
     if metric not in METRICS:
-        raise BBTError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
+        raise SettingsError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
     if metric == "f1" and len(labels) != 2:
-        raise BBTError("f1 is defined here for two labels (the second is the positive class)")
+        raise SettingsError("f1 is defined here for two labels (the second is the positive class)")
     return Task(name, template, tuple(labels), metric)
 
 
@@ -131,9 +131,9 @@ def parse_labels(spec: str) -> tuple[tuple[str, str], ...]:
         if not item.strip():
             continue
         if "=" not in item:
-            raise BBTError(f"--labels item {item!r} is not name=word (e.g. negative=bad,positive=great)")
+            raise SettingsError(f"--labels item {item!r} is not name=word (e.g. negative=bad,positive=great)")
         key, word = item.split("=", 1)
-        pairs.append((key.strip(), word.strip()))
+        pairs.append((key.strip(), word.rstrip()))  # a leading space is the word's own, as the README says
     return tuple(pairs)
 
 
@@ -142,14 +142,14 @@ def load_task_file(path: str | Path) -> Task:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BBTError(f"cannot read task file {path}: {exc}") from None
+        raise SettingsError(f"cannot read task file {path}: {exc}") from None
     if not isinstance(raw, dict) or "template" not in raw or "labels" not in raw:
-        raise BBTError(f"task file {path} needs an object with \"template\" and \"labels\" "
+        raise SettingsError(f"task file {path} needs an object with \"template\" and \"labels\" "
                        '(e.g. {"template": " {text} It was {mask} .", "labels": {"neg": "bad", "pos": "great"}})')
     try:
         return Task.from_json({"name": path.stem, **raw})
     except (TypeError, ValueError, AttributeError) as exc:
-        raise BBTError(f"task file {path}: {exc}") from None
+        raise SettingsError(f"task file {path}: {exc}") from None
 
 
 def resolve_task(name: str | None = None, template: str | None = None, labels: str | None = None,
@@ -157,16 +157,16 @@ def resolve_task(name: str | None = None, template: str | None = None, labels: s
     """One task from the CLI's three ways of naming it: a preset, flags, or a file."""
     if task_file is not None:
         if name or template or labels:
-            raise BBTError("--task-file cannot be combined with --task, --template or --labels")
+            raise SettingsError("--task-file cannot be combined with --task, --template or --labels")
         task = load_task_file(task_file)
         return make_task(task.name, task.template, task.labels, metric or task.metric)
     if name is not None:
         if name not in PRESETS:
-            raise BBTError(f"unknown task {name!r}; presets: {', '.join(PRESETS)} "
+            raise SettingsError(f"unknown task {name!r}; presets: {', '.join(PRESETS)} "
                            "(or give --template and --labels, or --task-file)")
         base = PRESETS[name]
         return make_task(base.name, template or base.template,
                          parse_labels(labels) if labels else base.labels, metric or base.metric)
     if template is None or labels is None:
-        raise BBTError("say what the task is: --task PRESET, or --template and --labels, or --task-file")
+        raise SettingsError("say what the task is: --task PRESET, or --template and --labels, or --task-file")
     return make_task("custom", template, parse_labels(labels), metric or "accuracy")

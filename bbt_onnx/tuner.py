@@ -9,6 +9,7 @@ events and hands checkpoints to callbacks.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
@@ -20,15 +21,20 @@ from . import losses
 from .data import Example
 from .encoding import EncodedSet, init_placeholders
 from .engine import score_rows
-from .errors import BBTError
+from .errors import DataError, RunError, SettingsError
 from .model import Model
 from .prompt import TunedPrompt
 from .seeding import seeds
-from .subspace import ProjectionSpec, build_projection, project
+from .subspace import KINDS, ProjectionSpec, build_projection, project
 from .tasks import Task
 
 
 DEV_ROWS = 256  # dev rows per engine call
+MIN_LENGTH = 8  # --max-length below this leaves no room for a template
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -49,20 +55,40 @@ class TuneConfig:
     seed: int = 42
     checkpoint_every: int = 10
     prompt_init: str | None = None  # text whose tokens fill the prompt slots instead of the model's placeholders
+    max_length: int | None = None  # tokens per row; None: the model's positions
 
     def check(self) -> None:
-        if self.popsize < 2:
-            raise BBTError("--popsize must be at least 2")
+        """Every setting in range, before anything runs or touches disk."""
+        ints = {"prompt_tokens": 1, "intrinsic_dim": 1, "popsize": 2, "budget": 1, "eval_every": 1, "seed": 0,
+                "checkpoint_every": 0}
+        for name, least in ints.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise SettingsError(f"{flag(name)} must be a whole number, got {value!r}")
+            if value < least:
+                raise SettingsError(f"{flag(name)} must be at least {least}, got {value}")
+        if self.seed >= 2**32:
+            raise SettingsError(f"--seed must be below 2**32, got {self.seed}")
+        if self.max_length is not None and (not isinstance(self.max_length, (int, np.integer))
+                                            or self.max_length < MIN_LENGTH):
+            raise SettingsError(f"--max-length must be at least {MIN_LENGTH}, got {self.max_length!r}")
+        for name, positive in (("sigma", True), ("alpha", True), ("bound", False)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+                    or not math.isfinite(value):
+                raise SettingsError(f"{flag(name)} must be a finite number, got {value!r}")
+            if value < 0 or (positive and value == 0):
+                raise SettingsError(f"{flag(name)} must be {'positive' if positive else '0 (off) or positive'}, "
+                                    f"got {value}")
         if self.budget < self.popsize:
-            raise BBTError(f"--budget {self.budget} is smaller than --popsize {self.popsize}: not even one generation")
+            raise SettingsError(f"--budget {self.budget} is smaller than --popsize {self.popsize}: not even one "
+                                "generation")
         if self.loss not in losses.LOSSES:
-            raise BBTError(f"--loss {self.loss!r} is not one of {', '.join(losses.LOSSES)}")
-        if self.eval_every < 1:
-            raise BBTError("--eval-every must be at least 1")
-        if self.bound < 0:
-            raise BBTError("--bound must be 0 (off) or positive")
-        if self.checkpoint_every < 0:
-            raise BBTError("--checkpoint-every must be 0 (off) or positive")
+            raise SettingsError(f"--loss {self.loss!r} is not one of {', '.join(losses.LOSSES)}")
+        if self.random_proj not in KINDS:
+            raise SettingsError(f"--random-proj {self.random_proj!r} is not one of {', '.join(KINDS)}")
+        if self.prompt_init is not None and not str(self.prompt_init).strip():
+            raise SettingsError("--prompt-init is empty; leave it out to use the model's placeholder tokens")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -175,7 +201,7 @@ class BlackBoxTuner:
         self.placeholder_ids = None
         if config.prompt_init is not None:
             self.placeholder_ids = init_placeholders(model.tokenizer, config.prompt_init, config.prompt_tokens)
-        self.encoder = model.encoder(task, config.prompt_tokens, placeholder_ids=self.placeholder_ids)
+        self.encoder = model.encoder(task, config.prompt_tokens, config.max_length, self.placeholder_ids)
         self.a_t = build_projection(self.spec)
         self.report: FitReport | None = None
         self.state: TunerState | None = None
@@ -192,6 +218,12 @@ class BlackBoxTuner:
     def new_state(self) -> TunerState:
         return TunerState(self.config, new_es(self.config, seeds(self.config.seed)["cma"]))
 
+    def check_state(self, state: TunerState) -> None:
+        """A checkpoint continues only the run it came from: its settings must be this tuner's."""
+        if not isinstance(state, TunerState) or state.config != self.config:
+            raise RunError("the checkpoint was written with other settings than this run's; it cannot be resumed "
+                           "with these")
+
     def _logits(self, z: np.ndarray, data: EncodedSet) -> np.ndarray:
         return self.model.engine.label_logits(project(self.a_t, z, self.config.prompt_tokens), data)
 
@@ -204,12 +236,11 @@ class BlackBoxTuner:
         train_set, dev_set = self.encode(train), self.encode(dev)
         if state is None:
             state = self.new_state()
-        elif state.config != cfg:
-            raise BBTError("the checkpoint was written with other settings than this run's")
+        self.check_state(state)
         self.state = state
         labels = train_set.labels
         if (labels < 0).any():
-            raise BBTError("every training row needs a label")
+            raise DataError("every training row needs a label")
         es = state.es
         started = time.perf_counter() - state.seconds
         if state.generation == 0:
@@ -263,7 +294,7 @@ class BlackBoxTuner:
         if final_z is None:
             final_z = np.zeros(cfg.intrinsic_dim)
         prompt = TunedPrompt.from_z(final_z, self.spec, self.task, self.model.manifest.fingerprint(), self.a_t,
-                                    self.placeholder_ids)
+                                    self.placeholder_ids, cfg.max_length)
         final_loss = float(self._loss(self._logits(final_z, train_set), labels)[0])
         self.report = FitReport(
             train_loss_initial=state.train_loss_initial, train_loss_final=final_loss,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from .data import DataSpec, load_splits
-from .errors import BBTError
+from .errors import BBTError, RunError
 from .model import Model
 from .prompt import TunedPrompt
 from .runs import RunDir
@@ -26,7 +26,6 @@ class TuneRequest:
     device: str = "cpu"
     precision: str = "fp32"
     threads: int | None = None
-    max_length: int | None = None
 
     def settings(self, model: Model) -> dict:
         return {
@@ -35,19 +34,21 @@ class TuneRequest:
             "task": self.task.to_json(),
             "data": self.data.to_json(),
             "tune": self.config.to_json(),
-            "max_length": self.max_length,
         }
 
     @classmethod
     def from_settings(cls, settings: dict, out: str, device: str | None = None,
                       threads: int | None = None) -> "TuneRequest":
         try:
+            tune = dict(settings["tune"])
+            tune.setdefault("max_length", settings.get("max_length"))  # runs from before it moved into "tune"
             return cls(model_dir=settings["model"]["dir"], task=Task.from_json(settings["task"]),
-                       data=DataSpec(**settings["data"]), config=TuneConfig(**settings["tune"]), out=out,
+                       data=DataSpec(**settings["data"]), config=TuneConfig(**tune), out=out,
                        device=device or settings["model"]["device"], precision=settings["model"]["precision"],
-                       threads=threads, max_length=settings.get("max_length"))
-        except (KeyError, TypeError) as exc:
-            raise BBTError(f"{out}/run.json has incomplete settings ({exc}); it cannot be resumed") from None
+                       threads=threads)
+        except (KeyError, TypeError, ValueError, AttributeError, BBTError) as exc:
+            raise RunError(f"{out}/run.json has incomplete or damaged settings ({type(exc).__name__}: {exc}); "
+                           "it cannot be resumed") from None
 
 
 @dataclass
@@ -68,7 +69,9 @@ class TuneOutcome:
 
 
 def tune(request: TuneRequest, hooks: Hooks = Hooks(), resume: bool = False, force: bool = False) -> TuneOutcome:
-    """Check every input first, then tune, checkpoint, score the test set and write the run directory."""
+    """Check every input first, then claim the run directory, tune, checkpoint, score the test set and
+    write the run. Nothing on disk changes until every input and setting has been checked."""
+    request.config.check()
     run = RunDir.open_existing(request.out) if resume else RunDir.check_new(request.out, force)
     model = Model.load(request.model_dir, device=request.device, precision=request.precision,
                        threads=request.threads)
@@ -85,42 +88,56 @@ def tune(request: TuneRequest, hooks: Hooks = Hooks(), resume: bool = False, for
         hooks.log("note: no dev set; the prompt with the lowest training loss is kept")
     settings = request.settings(model)
     settings["data_fingerprints"] = splits.fingerprints
+    state = resume_state(run, settings, request) if resume else None
+    if state is not None:
+        tuner.check_state(state)
 
-    state: TunerState | None = None
-    if resume:
-        recorded = run.read_json().get("settings", {})
-        if recorded.get("model", {}).get("fingerprint") != settings["model"]["fingerprint"]:
-            raise BBTError(f"the model in {request.model_dir} is not the one this run started with")
-        if recorded.get("data_fingerprints") != splits.fingerprints:
-            raise BBTError("the data files changed since this run started; it cannot be resumed")
-        state = run.load_checkpoint()
-        run.truncate_log(state.generation)
-        hooks.log(f"resuming {run.path} at {state.calls} calls (generation {state.generation})")
-    else:
-        run.start(settings)
-    hooks.log(f"tuning: {len(train)} train rows, {len(dev) if dev else 0} dev rows, budget {request.config.budget} "
-              f"calls, popsize {request.config.popsize}, d={request.config.intrinsic_dim}, "
-              f"P={request.config.prompt_tokens}, {model.engine.provider}")
-    hooks.start(request.config.budget, state.calls if state else 0)
+    with run.claim():
+        if resume:
+            run.truncate_log(state.generation)
+            hooks.log(f"resuming {run.path} at {state.calls} calls (generation {state.generation})")
+        else:
+            run.check_empty(force)  # again, now that no other tune can be writing it
+            run.start(settings)
+        hooks.log(f"tuning: {len(train)} train rows, {len(dev) if dev else 0} dev rows, budget "
+                  f"{request.config.budget} calls, popsize {request.config.popsize}, d={request.config.intrinsic_dim}, "
+                  f"P={request.config.prompt_tokens}, {model.engine.provider}")
+        hooks.start(request.config.budget, state.calls if state else 0)
 
-    def on_event(event: GenerationEvent) -> None:
-        run.append_log(event.to_json())
-        hooks.event(event)
+        def on_event(event: GenerationEvent) -> None:
+            run.append_log(event.to_json())
+            hooks.event(event)
 
-    prompt = tuner.fit(train, dev, on_event=on_event, on_checkpoint=run.save_checkpoint, state=state)
-    report = tuner.report
+        prompt = tuner.fit(train, dev, on_event=on_event, on_checkpoint=run.save_checkpoint, state=state)
+        metrics = fit_metrics(tuner.report, len(train), len(dev) if dev else 0, len(test) if test else 0)
+        if test is not None:
+            t0 = time.perf_counter()
+            result = prompt.evaluate(model, test)
+            metrics["test_metric"] = result["metric"]
+            metrics["test_accuracy"] = result["accuracy"]
+            metrics["test_seconds"] = time.perf_counter() - t0
+        prompt.save(run.path)
+        if not run.finish(settings, metrics, {"warnings": tuner.warnings}):
+            hooks.log("note: matplotlib is not installed, so no loss.png (pip install 'bbt-onnx[plot]')")
+    return TuneOutcome(prompt, metrics, run.path, tuner.warnings)
+
+
+def resume_state(run: RunDir, settings: dict, request: TuneRequest) -> TunerState:
+    """The checkpoint of a run that may continue: same model, same data, same settings."""
+    recorded = run.read_json()["settings"]
+    if not isinstance(recorded.get("model"), dict) or recorded["model"].get("fingerprint") != settings["model"]["fingerprint"]:
+        raise RunError(f"the model in {request.model_dir} is not the one this run started with")
+    if recorded.get("data_fingerprints") != settings["data_fingerprints"]:
+        raise RunError("the data files changed since this run started; it cannot be resumed")
+    state = run.load_checkpoint()
+    run.read_log()  # damage before the last line is an error now, not after the claim
+    return state
+
+
+def fit_metrics(report, train_rows: int, dev_rows: int, test_rows: int) -> dict:
     metrics = report.to_json()
     metrics["optimizer_ms_per_generation"] = 1000 * report.optimizer_seconds / max(report.generations, 1)
     metrics["optimizer_share"] = report.optimizer_seconds / report.wall_seconds if report.wall_seconds else 0.0
     metrics["test_metric"] = None
-    metrics.update(train_rows=len(train), dev_rows=len(dev) if dev else 0, test_rows=len(test) if test else 0)
-    if test is not None:
-        t0 = time.perf_counter()
-        result = prompt.evaluate(model, test)
-        metrics["test_metric"] = result["metric"]
-        metrics["test_accuracy"] = result["accuracy"]
-        metrics["test_seconds"] = time.perf_counter() - t0
-    prompt.save(run.path)
-    if not run.finish(settings, metrics, {"warnings": tuner.warnings}):
-        hooks.log("note: matplotlib is not installed, so no loss.png (pip install 'bbt-onnx[plot]')")
-    return TuneOutcome(prompt, metrics, run.path, tuner.warnings)
+    metrics.update(train_rows=train_rows, dev_rows=dev_rows, test_rows=test_rows)
+    return metrics

@@ -1,7 +1,7 @@
-"""Export failures a user can act on share the runtime's BBTError, so the CLI reports them the same way."""
+"""Export failures a user can act on are the runtime's ModelError, so the CLI reports them the same way."""
 
-from bbt_onnx.errors import BBTError
+from bbt_onnx.errors import ModelError
 
 
-class ExportError(BBTError):
+class ExportError(ModelError):
     """The model cannot be exported, or the exported graph failed validation."""

@@ -15,7 +15,8 @@ import numpy as np
 
 from bbt_onnx.data import Example
 from bbt_onnx.encoding import Encoder
-from bbt_onnx.fileio import sha256_file, umask
+from bbt_onnx.errors import SettingsError, StorageError
+from bbt_onnx.fileio import sha256_file, storage_error, umask
 from bbt_onnx.manifest import GraphSpec, Manifest, TensorSpec
 from bbt_onnx.tasks import Task
 
@@ -33,6 +34,7 @@ PARITY_TEXTS = [
     "An ambitious story about a family , a war and a long road home , told with patience and care "
     "over three hours that never once drag .",
 ]
+MIN_OPSET, MAX_OPSET = 14, 20
 ONNX_TYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32"}
 
 
@@ -47,6 +49,14 @@ class ExportOptions:
     force: bool = False
     gguf_file: str | None = None
 
+    def check(self) -> None:
+        """Settings first: nothing is loaded or written for a value that cannot work."""
+        if self.prompt_tokens < 1:
+            raise SettingsError(f"--prompt-tokens must be at least 1, got {self.prompt_tokens}")
+        if not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise SettingsError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET} (the TorchScript exporter's "
+                                f"range), got {self.opset}")
+
 
 def _versions() -> dict[str, str]:
     out = {}
@@ -59,6 +69,9 @@ def _versions() -> dict[str, str]:
 
 
 def check_out(out: Path, force: bool) -> None:
+    file_parent = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if file_parent is not None:
+        raise StorageError(f"--out {out} cannot be created: {file_parent} is a file, not a folder")
     if out.exists():
         if not out.is_dir():
             raise ExportError(f"--out {out} is a file")
@@ -138,10 +151,8 @@ def base_manifest(loaded: Loaded, prompt_tokens: int, opset: int) -> Manifest:
     ids = special_ids(loaded.tokenizer, loaded.kind)
     vocab = int(config.vocab_size)
     positions = max_positions(config, loaded.kind)
-    if prompt_tokens < 1:
-        raise ExportError("--prompt-tokens must be at least 1")
     if prompt_tokens > positions - 4:
-        raise ExportError(f"--prompt-tokens {prompt_tokens} leaves no room for text within the model's {positions} "
+        raise SettingsError(f"--prompt-tokens {prompt_tokens} leaves no room for text within the model's {positions} "
                           f"positions; use at most {positions - 4}")
     weight = loaded.model.get_input_embeddings().weight.detach().double().numpy()
     return Manifest(
@@ -158,13 +169,17 @@ def base_manifest(loaded: Loaded, prompt_tokens: int, opset: int) -> Manifest:
 
 def export_model(opts: ExportOptions, log: Callable[[str], None] = lambda _msg: None) -> Manifest:
     out = Path(opts.out)
+    opts.check()
     check_out(out, opts.force)
-    log(f"loading {opts.model}")
     loaded = load_model(opts.model, opts.gguf_file)
     manifest = base_manifest(loaded, opts.prompt_tokens, opts.opset)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    tmp.chmod(0o777 & ~umask())
+    log(f"loaded {opts.model}: {loaded.architecture}, {manifest.num_layers} layers, hidden size {manifest.hidden_size}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        tmp.chmod(0o777 & ~umask())
+    except OSError as exc:
+        raise storage_error(out, exc, "create") from None
     try:
         loaded.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
         manifest = replace(manifest, directory=tmp)
@@ -203,8 +218,10 @@ def export_model(opts: ExportOptions, log: Callable[[str], None] = lambda _msg: 
         manifest = replace(manifest, graphs=specs)
         manifest.write(tmp)
         _replace_dir(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise storage_error(out, exc) from None
         raise
     log(f"wrote {out}")
     return replace(manifest, directory=out)

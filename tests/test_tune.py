@@ -10,7 +10,7 @@ import pytest
 
 from bbt_onnx import BlackBoxTuner, Model, TuneConfig, TunedPrompt
 from bbt_onnx.data import read_examples
-from bbt_onnx.errors import BBTError
+from bbt_onnx.errors import BBTError, PromptError, RunError
 from bbt_onnx.runs import RunDir
 from bbt_onnx.synthetic import sentiment_rows, write_csv
 from bbt_onnx.tasks import PRESETS
@@ -93,7 +93,29 @@ def test_other_losses_run(model, splits, loss):
     train, dev = splits
     tuner = BlackBoxTuner(model, PRESETS["sst2"], TuneConfig(budget=60, loss=loss, diagonal=True, bound=2.0, **SMALL))
     prompt = tuner.fit(train, dev)
-    assert np.abs(prompt.z).max() <= 2.0 and tuner.report.api_calls <= 60
+    assert np.abs(prompt.z).max() <= 2.0 and tuner.report.api_calls == 60 and tuner.report.generations == 6
+
+
+def test_the_last_best_z_is_scored_on_dev_before_the_choice(model, splits):
+    """With no dev evaluation during the run (eval_every > budget), the final one decides: the kept prompt
+    is the best training z, scored once on dev, not the untouched z = 0."""
+    train, dev = splits
+    tuner = BlackBoxTuner(model, PRESETS["sst2"], TuneConfig(budget=60, **{**SMALL, "eval_every": 1000}))
+    prompt = tuner.fit(train, dev)
+    assert tuner.report.dev_calls == 1 and tuner.report.best_dev_metric is not None
+    assert 0 <= tuner.report.best_dev_metric <= 1
+    np.testing.assert_array_equal(prompt.z, tuner.state.best_z)
+    assert np.abs(prompt.z).max() > 0
+
+
+def test_a_checkpoint_continues_only_the_settings_it_was_written_with(model, splits):
+    train, dev = splits
+    cfg = TuneConfig(budget=40, checkpoint_every=1, **SMALL)
+    saved = []
+    BlackBoxTuner(model, PRESETS["sst2"], cfg).fit(train, dev, on_checkpoint=lambda s: saved.append(pickle.dumps(s)))
+    other = BlackBoxTuner(model, PRESETS["sst2"], TuneConfig(budget=80, checkpoint_every=1, **SMALL))
+    with pytest.raises(RunError, match="other settings"):
+        other.fit(train, dev, state=pickle.loads(saved[0]))
 
 
 def test_an_engine_is_any_object_with_label_logits(model, splits):
@@ -280,3 +302,57 @@ def test_evaluate_and_predict_mistakes(tiny_model, data_dir, earlier_run, tmp_pa
 def test_budget_smaller_than_popsize_in_the_api():
     with pytest.raises(BBTError, match="smaller than --popsize"):
         TuneConfig(budget=10, popsize=20).check()
+
+
+def other_model(tiny_model, where):
+    """The same graphs under another manifest: to the fingerprint, another model."""
+    import shutil
+
+    shutil.copytree(tiny_model, where)
+    manifest = json.loads((where / "manifest.json").read_text())
+    manifest["source"] = "another-checkpoint"
+    (where / "manifest.json").write_text(json.dumps(manifest))
+    return where
+
+
+def test_a_prompt_is_refused_by_another_model(tiny_model, data_dir, earlier_run, tmp_path):
+    out, _ = earlier_run
+    other = other_model(tiny_model, tmp_path / "other")
+    for args in (["evaluate", "--data", data_dir / "test.csv"], ["predict", "--input", data_dir / "test.csv"]):
+        assert "tuned on another model" in cli_error([args[0], "--model", other, "--prompt", out, *args[1:]])
+    prompt = TunedPrompt.load(out)
+    rows = read_examples(data_dir / "test.csv")
+    with pytest.raises(PromptError, match="another model"):
+        prompt.evaluate(Model.load(other), rows)
+    with pytest.raises(PromptError, match="another model"):
+        prompt.predict(Model.load(other), rows)
+    assert prompt.evaluate(Model.load(tiny_model), rows)["rows"] == 60  # its own model takes it
+
+
+def test_resume_refuses_a_checkpoint_from_other_settings(tiny_model, data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert invoke(tune_args(tiny_model, data_dir, out, "--budget", 40, "-q")).exit_code == 0
+    run = json.loads((out / "run.json").read_text())
+    run["status"] = "running"
+    run["settings"]["tune"]["budget"] = 80  # run.json edited after the checkpoint was written
+    (out / "run.json").write_text(json.dumps(run))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "other settings" in cli_error(["tune", "--resume", out])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_max_length_reaches_the_encoder_and_travels_with_the_prompt(tiny_model, data_dir, tmp_path):
+    out = tmp_path / "run"
+    tuned = invoke(tune_args(tiny_model, data_dir, out, "--budget", 20, "--max-length", 20, "-q"))
+    assert tuned.exit_code == 0, tuned.output
+    assert json.loads((out / "run.json").read_text())["settings"]["tune"]["max_length"] == 20
+    prompt = TunedPrompt.load(out)
+    assert prompt.max_length == 20
+    rows = read_examples(data_dir / "test.csv")
+    model = Model.load(tiny_model)
+    enc = prompt.encoder(model).encode(rows)
+    assert enc.input_ids.shape[1] == 20 and enc.truncated > 0
+    ev = json.loads(invoke(["evaluate", "--model", tiny_model, "--prompt", out, "--data", data_dir / "test.csv",
+                            "-q"]).stdout)
+    assert ev["truncated_rows"] == enc.truncated
+    assert json.loads(tuned.stdout)["test_metric"] == pytest.approx(ev["metric"])

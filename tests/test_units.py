@@ -13,6 +13,7 @@ from bbt_onnx.encoding import Encoder, label_token_ids, load_tokenizer
 from bbt_onnx.errors import BBTError
 from bbt_onnx.manifest import load_manifest
 from bbt_onnx.seeding import seeds
+from bbt_onnx.synthetic import write_csv
 from bbt_onnx.subspace import ProjectionSpec, build_projection, normal_std, project
 from bbt_onnx.tasks import PRESETS, Task, check_template, parse_labels, resolve_task
 
@@ -106,7 +107,7 @@ def test_custom_tasks_from_flags_and_files(tmp_path):
     f = tmp_path / "t.json"
     f.write_text(json.dumps({"template": " {text} ? {mask}", "labels": {"n": "No", "y": "Yes"}, "metric": "f1"}))
     assert resolve_task(task_file=f).metric == "f1"
-    assert parse_labels("a=x, b = y") == (("a", "x"), ("b", "y"))
+    assert parse_labels("a=x, b =y") == (("a", "x"), ("b", "y"))
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -271,3 +272,96 @@ def test_encoding_rows_with_unknown_labels_is_a_user_error(model_parts):
     m, tok = model_parts
     with pytest.raises(BBTError, match="'positive'.*labels are 0, 1"):
         Encoder(tok, m, PRESETS["sst2"], 2).encode([Example("fine", label="positive")])
+
+
+def reference_truncation(counts: dict, over: int):
+    """The original rule, one token per pass: cut from the field with the most tokens, the first named on a
+    tie; give up when that field is down to one."""
+    left, drop = dict(counts), {f: 0 for f in counts}
+    for _ in range(over):
+        field = max(left, key=lambda f: left[f])
+        if left[field] <= 1:
+            return None
+        left[field] -= 1
+        drop[field] += 1
+    return drop
+
+
+def test_truncation_plan_is_the_longest_first_rule_in_one_step():
+    from bbt_onnx.encoding import truncation_plan
+
+    rng = np.random.default_rng(0)
+    cases = [({"text": 5, "text_b": 5}, 3), ({"text": 1, "text_b": 10}, 9), ({"text": 1, "text_b": 10}, 10),
+             ({"text": 10, "text_b": 0}, 9), ({"text": 10, "text_b": 0}, 10)]
+    cases += [({"text": int(a), "text_b": int(b)}, int(o)) for a, b, o in rng.integers(0, 40, size=(300, 3))]
+    for counts, over in cases:
+        assert truncation_plan(counts, over) == reference_truncation(counts, over), (counts, over)
+
+
+def test_truncating_a_huge_row_is_linear(model_parts):
+    """A row of a million characters is cut in one pass (it took 39 s at 200 KB, one token per pass)."""
+    import time
+
+    m, tok = model_parts
+    text = "great fun but slow " * 52_000
+    t0 = time.perf_counter()
+    enc = Encoder(tok, m, PRESETS["sst2"], PROMPT_TOKENS, max_length=64).encode([Example(text)])
+    assert enc.truncated == 1 and enc.input_ids.shape[1] == 64
+    assert time.perf_counter() - t0 < 20  # a bound against a hang, not a timing: the quadratic cut took hours
+
+
+def test_a_row_over_the_bound_is_refused_by_name(tmp_path):
+    from bbt_onnx.data import MAX_ROW_CHARS
+    from bbt_onnx.errors import DataError
+
+    huge = "x" * (MAX_ROW_CHARS + 1)
+    (tmp_path / "big.jsonl").write_text(json.dumps({"text": "fine", "label": 0}) + "\n" +
+                                        json.dumps({"text": huge, "label": 1}) + "\n")
+    with pytest.raises(DataError, match="row 2 holds 1,000,001 characters"):
+        read_examples(tmp_path / "big.jsonl")
+    write_csv(tmp_path / "big.csv", [("fine", 0), (huge, 1)])
+    with pytest.raises(DataError, match="over 1,000,000 characters"):
+        read_examples(tmp_path / "big.csv")
+    import csv
+
+    assert csv.field_size_limit() == 131072  # the process-wide csv limit is left as it was
+
+
+def test_a_label_word_written_with_a_leading_space_keeps_it():
+    assert parse_labels("0= bad,1=great ") == (("0", " bad"), ("1", "great"))
+    assert parse_labels(" neg=bad, pos = great") == (("neg", "bad"), ("pos", " great"))
+
+
+def test_strict_json_never_holds_nan():
+    from bbt_onnx.fileio import dumps
+
+    text = dumps({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf")}, "e": 0.5})
+    assert json.loads(text) == {"a": None, "b": [1.0, None], "c": {"d": None}, "e": 0.5}
+    assert "NaN" not in text and "Infinity" not in text
+
+
+@pytest.mark.parametrize("field,value", [("prompt_tokens", 0), ("intrinsic_dim", 0), ("popsize", 1), ("budget", 0),
+                                         ("sigma", float("nan")), ("sigma", 0.0), ("alpha", float("inf")),
+                                         ("alpha", 0.0), ("bound", -1.0), ("bound", float("nan")), ("eval_every", 0),
+                                         ("seed", -1), ("seed", 2**32), ("checkpoint_every", -1), ("max_length", 4),
+                                         ("loss", "mse"), ("random_proj", "sparse"), ("prompt_tokens", 2.5)])
+def test_every_tune_setting_is_checked_as_a_settings_error(field, value):
+    from bbt_onnx.errors import SettingsError
+    from bbt_onnx.tuner import TuneConfig
+
+    with pytest.raises(SettingsError, match=field.replace("_", "-") if field != "prompt_tokens" or value != 2.5
+                       else "whole number"):
+        TuneConfig(**{field: value}).check()
+    TuneConfig().check()  # the defaults pass
+
+
+def test_error_kinds_can_be_caught_by_kind(tmp_path):
+    from bbt_onnx.errors import BBTError, DataError, ModelError, SettingsError
+
+    with pytest.raises(DataError):
+        read_examples(tmp_path / "missing.csv")
+    with pytest.raises(ModelError):
+        load_manifest(tmp_path)
+    with pytest.raises(SettingsError):
+        parse_labels("nope")
+    assert all(issubclass(e, BBTError) for e in (DataError, ModelError, SettingsError))
