@@ -129,7 +129,8 @@ def optimized_graph(manifest: Manifest, precision: str, device: str) -> bytes:
 
 def optimizer_costs(dim: int, popsize: int, generations: int = 10) -> dict[str, float]:
     """ms per ask+tell generation for full and diagonal CMA-ES at this d, on a dummy objective."""
-    from .tuner import TuneConfig, new_es
+    from .methods import new_es
+    from .tuner import TuneConfig
 
     out = {}
     for name, diagonal in (("full", False), ("diagonal", True)):

@@ -77,16 +77,18 @@ def cli():
 @click.option("--opset", default=17, show_default=True, help="ONNX opset.")
 @click.option("--fp16", is_flag=True, help="Also write a fused fp16 graph for CUDA (model.fp16.onnx).")
 @click.option("--int8", is_flag=True, help="Also write a dynamically quantized int8 graph for CPU (model.int8.onnx).")
+@click.option("--deep", is_flag=True, help="Also write the deep-prompt graphs BBTv2 tunes (tune --method bbtv2).")
 @click.option("--gguf-file", help="Load this GGUF file from the --model directory (needs the gguf extra).")
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
-def export(model, out, prompt_tokens, opset, fp16, int8, gguf_file, force):
+def export(model, out, prompt_tokens, opset, fp16, int8, deep, gguf_file, force):
     """Export a masked or causal LM to an ONNX prompt graph, check it against PyTorch, write its manifest."""
     try:
         from bbt_onnx_export import ExportOptions, export_model
     except ImportError as exc:
         raise BBTError(f"export needs the `export` extra (torch, transformers, onnx): pip install 'bbt-onnx[export]' "
                        f"after pip install torch==2.13.0 ({exc})") from None
-    manifest = export_model(ExportOptions(model, out, prompt_tokens, opset, fp16, int8, force, gguf_file), log=err)
+    manifest = export_model(ExportOptions(model, out, prompt_tokens, opset, fp16, int8, force, gguf_file, deep),
+                            log=err)
     summary = {name: {"file": g.file, **g.parity, **({"fused_ops": g.fused_ops} if g.fused_ops else {})}
                for name, g in manifest.graphs.items()}
     emit_json({"out": str(out), "kind": manifest.kind, "architecture": manifest.architecture,
@@ -120,7 +122,7 @@ def get_task(task_name, template, labels, task_file, metric):
 TUNE_FLAGS = ("model_dir", "task_name", "template", "labels", "task_file", "metric", "data", "train", "dev", "test",
               "k_shot", "out", "prompt_tokens", "intrinsic_dim", "popsize", "budget", "sigma", "alpha",
               "random_proj", "bound", "diagonal", "loss", "eval_every", "seed", "checkpoint_every", "precision",
-              "max_length", "force", "prompt_init")
+              "max_length", "force", "prompt_init", "method")
 
 
 @cli.command()
@@ -146,6 +148,9 @@ TUNE_FLAGS = ("model_dir", "task_name", "template", "labels", "task_file", "metr
 @click.option("--seed", default=42, show_default=True)
 @click.option("--checkpoint-every", default=10, show_default=True, help="Generations between checkpoints; 0 is off.")
 @click.option("--max-length", type=click.IntRange(8), help="Token limit per row [default: the model's].")
+@click.option("--method", type=click.Choice(["bbt", "bbtv2"]), default="bbt", show_default=True,
+              help="bbt: one prompt on the embeddings; bbtv2: a prompt on every layer, one CMA-ES per layer "
+              "(needs a model exported with --deep).")
 @click.option("--prompt-init", help="Text whose tokens fill the prompt slots (z = 0 is then the template with this "
               "text before it); its token count must equal --prompt-tokens [default: the model's placeholders].")
 @engine_options
@@ -185,7 +190,7 @@ def tune(ctx, resume, quiet, device, threads, **flags):
         config = TuneConfig(**{k: flags[k] for k in ("prompt_tokens", "intrinsic_dim", "popsize", "budget", "sigma",
                                                       "alpha", "random_proj", "bound", "diagonal", "loss",
                                                       "eval_every", "seed", "checkpoint_every", "prompt_init",
-                                                      "max_length")})
+                                                      "max_length", "method")})
         data = DataSpec(flags["data"], flags["train"], flags["dev"], flags["test"], flags["k_shot"], flags["seed"])
         request = TuneRequest(flags["model_dir"], task, data, config, str(flags["out"]), device, flags["precision"],
                               threads)
@@ -251,24 +256,28 @@ class Progress:
 
 
 # --------------------------------------------------------------------------- evaluate / predict
-def load_prompt(model, prompt_dir, no_prompt, task_args, prompt_tokens):
-    """The tuned prompt from a run, or z = 0 (the manual template) with --no-prompt."""
+def load_run_prompt(prompt_dir, no_prompt, task_args, prompt_tokens):
+    """The tuned prompt of a run (z = 0 in its place with --no-prompt), or None when there is no run."""
+    from .prompt import TunedPrompt
+
+    if prompt_dir is None:
+        if not no_prompt:
+            raise SettingsError("give --prompt RUN_DIR, or --no-prompt with a task to score the manual template")
+        return None
+    if any(a is not None for a in task_args):
+        raise SettingsError("--task/--template/--labels/--task-file/--metric come from the run with --prompt; "
+                            "drop them")
+    if prompt_tokens is not None:
+        raise SettingsError("--prompt-tokens comes from the run with --prompt; drop it")
+    prompt = TunedPrompt.load(prompt_dir)
+    return TunedPrompt.zero(prompt.projection, prompt.task) if no_prompt else prompt
+
+
+def template_prompt(model, task_args, prompt_tokens):
+    """z = 0 without a run: the manual template after the model's placeholder tokens."""
     from .prompt import TunedPrompt
     from .subspace import ProjectionSpec
 
-    task_given = any(a is not None for a in task_args)
-    if prompt_dir is not None:
-        if task_given:
-            raise SettingsError("--task/--template/--labels/--task-file/--metric come from the run with --prompt; "
-                                "drop them")
-        if prompt_tokens is not None:
-            raise SettingsError("--prompt-tokens comes from the run with --prompt; drop it")
-        prompt = TunedPrompt.load(prompt_dir)
-        if no_prompt:
-            return TunedPrompt.zero(prompt.projection, prompt.task)
-        return prompt
-    if not no_prompt:
-        raise SettingsError("give --prompt RUN_DIR, or --no-prompt with a task to score the manual template")
     task = get_task(*task_args)
     m = model.manifest
     if prompt_tokens is not None and prompt_tokens > m.prompt_tokens:
@@ -295,8 +304,11 @@ def evaluate(model_dir, prompt_dir, data, no_prompt, prompt_tokens, task_name, t
     from .data import check_labels, read_examples
     from .model import Model
 
-    model = Model.load(model_dir, device=device, precision=precision, threads=threads)
-    prompt = load_prompt(model, prompt_dir, no_prompt, (task_name, template, labels, task_file, metric), prompt_tokens)
+    task_args = (task_name, template, labels, task_file, metric)
+    prompt = load_run_prompt(prompt_dir, no_prompt, task_args, prompt_tokens)
+    model = Model.load(model_dir, device=device, precision=precision, threads=threads,
+                       deep=prompt is not None and prompt.deep)
+    prompt = prompt or template_prompt(model, task_args, prompt_tokens)
     rows = read_examples(data)
     check_labels(rows, prompt.task.label_keys, data)
     prompt.check_model(model)
@@ -324,8 +336,8 @@ def predict(model_dir, prompt_dir, input_path, output, device, precision, thread
 
     if output:
         check_writable(output)
-    model = Model.load(model_dir, device=device, precision=precision, threads=threads)
     prompt = TunedPrompt.load(prompt_dir)
+    model = Model.load(model_dir, device=device, precision=precision, threads=threads, deep=prompt.deep)
     prompt.check_model(model)
     rows = read_input(input_path)
     enc = prompt.encoder(model).encode(rows)  # every row checked before the progress bar starts

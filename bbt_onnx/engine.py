@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 
 from .encoding import EncodedSet, length_buckets
 from .errors import ModelError, SettingsError
 from .fileio import sha256_file
-from .manifest import GRAPH_INPUTS, GRAPH_OUTPUTS, Manifest
+from .manifest import DEEP_INPUTS, GRAPH_INPUTS, GRAPH_OUTPUTS, Manifest, graph_key
 
 DEVICES = ("cpu", "cuda")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -33,13 +33,31 @@ class Engine(Protocol):
         ...
 
 
-def score_rows(engine: Engine, prompt: np.ndarray, rows: EncodedSet, batch_rows: int,
+@runtime_checkable
+class DeepEngine(Protocol):
+    """An engine for deep prompts (BBTv2): a prompt on the input of every layer."""
+
+    provider: str
+
+    def deep_label_logits(self, prompt_embeds: np.ndarray, batch: EncodedSet, layer_prompts: np.ndarray,
+                          layer: int) -> np.ndarray:
+        """C candidates [C, P', H] for layer `layer`, every other layer at `layer_prompts` [L, P', H]
+        -> [C, N, K] float32 logits of the label words."""
+        ...
+
+
+def takes_deep_prompts(engine) -> bool:
+    """Whether `engine` scores deep prompts: it has `deep_label_logits`, and (an OrtEngine) opened its deep graph."""
+    return callable(getattr(engine, "deep_label_logits", None)) and bool(getattr(engine, "deep", True))
+
+
+def score_rows(score: Callable[[EncodedSet], np.ndarray], rows: EncodedSet, batch_rows: int,
                on_batch=None) -> np.ndarray:
-    """[N, K] label logits of one prompt [1, P', H] on every row, in the rows' order, scored in
-    length-sorted batches of `batch_rows`; `on_batch(rows)` hears of each batch done."""
+    """[N, K] label logits of one prompt on every row, in the rows' order, scored in length-sorted batches of
+    `batch_rows`; `score(batch)` gives [1, n, K] for a batch, and `on_batch(rows)` hears of each batch done."""
     out = np.empty((len(rows), len(rows.label_ids)), np.float32)
     for idx, batch in rows.batches(batch_rows):
-        out[idx] = engine.label_logits(prompt, batch)[0]
+        out[idx] = score(batch)[0]
         if on_batch:
             on_batch(len(idx))
     return out
@@ -56,13 +74,13 @@ class OrtEngine:
     """One onnxruntime session over one graph of a model directory, created once."""
 
     def __init__(self, manifest: Manifest, precision: str = "fp32", device: str = "cpu",
-                 threads: int | None = None, verify: bool = True, max_buckets: int | None = None):
+                 threads: int | None = None, verify: bool = True, max_buckets: int | None = None, deep: bool = False):
         import onnxruntime as ort
 
         if device not in DEVICES:
             raise SettingsError(f"--device {device!r} is not one of {', '.join(DEVICES)}")
-        spec = manifest.graph(precision)
-        path = manifest.graph_path(precision)
+        spec = manifest.graph(precision, deep)
+        path = manifest.graph_path(precision, deep)
         if verify and sha256_file(path) != spec.sha256:
             raise ModelError(f"{path} does not match the sha256 in its manifest: the graph was changed or "
                            "half-copied; re-export the model")
@@ -92,12 +110,15 @@ class OrtEngine:
                            "libraries onnxruntime-gpu needs; refusing to run on CPU silently")
         names = [i.name for i in self.session.get_inputs()]
         outs = [o.name for o in self.session.get_outputs()]
-        if sorted(names) != sorted(GRAPH_INPUTS) or outs != list(GRAPH_OUTPUTS):
+        contract = DEEP_INPUTS if deep else GRAPH_INPUTS
+        if sorted(names) != sorted(contract) or outs != list(GRAPH_OUTPUTS):
             raise ModelError(f"{path} has inputs {names} and outputs {outs}, not the bbt-onnx contract "
-                           f"{list(GRAPH_INPUTS)} -> {list(GRAPH_OUTPUTS)}; re-export the model")
+                             f"{list(contract)} -> {list(GRAPH_OUTPUTS)}; re-export the model")
         self.prompt_dtype = ORT_TYPES[next(i.type for i in self.session.get_inputs() if i.name == "prompt_embeds")]
         self.manifest = manifest
         self.precision = precision
+        self.deep = deep
+        self.graph = graph_key(precision, deep)
         self.device = device
         self.provider = provider
         self.hidden_size = manifest.hidden_size
@@ -110,15 +131,37 @@ class OrtEngine:
         self._plans: dict[int, tuple[np.ndarray, list[Part]]] = {}
 
     def label_logits(self, prompt_embeds: np.ndarray, batch: EncodedSet) -> np.ndarray:
+        if self.deep:  # the deep graph scores plain prompts as layer 0's, with no prompt on the other layers
+            zeros = np.zeros((self.manifest.num_layers, *np.shape(prompt_embeds)[1:]), self.prompt_dtype)
+            return self.deep_label_logits(prompt_embeds, batch, zeros, 0)
+        return self._score(self._prompts(prompt_embeds), batch, {})
+
+    def deep_label_logits(self, prompt_embeds: np.ndarray, batch: EncodedSet, layer_prompts: np.ndarray,
+                          layer: int) -> np.ndarray:
+        if not self.deep:
+            raise ModelError(f"the {self.graph} graph takes no deep prompts; open the engine with deep=True")
+        prompts = self._prompts(prompt_embeds)
+        layers = np.ascontiguousarray(layer_prompts, dtype=self.prompt_dtype)
+        if layers.shape != (self.manifest.num_layers, *prompts.shape[1:]):
+            raise ValueError(f"layer_prompts must be [{self.manifest.num_layers}, {prompts.shape[1]}, "
+                             f"{self.hidden_size}], got {layers.shape}")
+        if not 0 <= layer < self.manifest.num_layers:
+            raise ValueError(f"layer {layer} is outside 0..{self.manifest.num_layers - 1}")
+        return self._score(prompts, batch, {"deep_prompts": layers, "prompt_layer": np.array(layer, np.int64)})
+
+    def _prompts(self, prompt_embeds: np.ndarray) -> np.ndarray:
         prompts = np.ascontiguousarray(prompt_embeds, dtype=self.prompt_dtype)
         if prompts.ndim != 3 or prompts.shape[2] != self.hidden_size:
             raise ValueError(f"prompt_embeds must be [C, P, {self.hidden_size}], got {prompts.shape}")
+        return prompts
+
+    def _score(self, prompts: np.ndarray, batch: EncodedSet, extra: dict) -> np.ndarray:
         parts = self._plan(batch)
         if len(parts) == 1:
-            return self._run(prompts, parts[0])
+            return self._run(prompts, parts[0], extra)
         out = np.empty((prompts.shape[0], len(batch), len(batch.label_ids)), np.float32)
         for part in parts:
-            out[:, part.index] = self._run(prompts, part)
+            out[:, part.index] = self._run(prompts, part, extra)
         return out
 
     def _plan(self, batch: EncodedSet) -> list["Part"]:
@@ -143,17 +186,19 @@ class OrtEngine:
         return {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(getattr(batch, name)), self.device, 0)
                 for name in ROW_INPUTS}
 
-    def _run(self, prompts: np.ndarray, part: "Part") -> np.ndarray:
+    def _run(self, prompts: np.ndarray, part: "Part", extra: dict) -> np.ndarray:
+        """One session call; `extra` holds the deep graph's per-call inputs."""
         if part.device_rows is None:
             feeds = {name: getattr(part.batch, name) for name in ROW_INPUTS}
-            feeds["prompt_embeds"] = prompts
+            feeds.update(extra, prompt_embeds=prompts)
             return np.asarray(self.session.run(list(GRAPH_OUTPUTS), feeds)[0], dtype=np.float32)
         import onnxruntime as ort
 
         binding = self.session.io_binding()
         for name, value in part.device_rows.items():
             binding.bind_ortvalue_input(name, value)
-        binding.bind_ortvalue_input("prompt_embeds", ort.OrtValue.ortvalue_from_numpy(prompts, self.device, 0))
+        for name, value in {**extra, "prompt_embeds": prompts}.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, self.device, 0))
         binding.bind_output(GRAPH_OUTPUTS[0], "cpu")
         self.session.run_with_iobinding(binding)
         return np.asarray(binding.copy_outputs_to_cpu()[0], dtype=np.float32)

@@ -20,7 +20,13 @@ TOKENIZER_NAME = "tokenizer.json"
 KINDS = ("masked", "causal")
 PRECISIONS = ("fp32", "fp16", "int8")
 GRAPH_INPUTS = ("input_ids", "attention_mask", "mask_pos", "prompt_embeds", "label_ids")
+DEEP_INPUTS = GRAPH_INPUTS + ("deep_prompts", "prompt_layer")  # BBTv2: a prompt on every layer's input
 GRAPH_OUTPUTS = ("label_logits",)
+
+
+def graph_key(precision: str, deep: bool = False) -> str:
+    """The manifest's name for a graph: `fp32`, or `deep-fp32` for the deep-prompt variant."""
+    return f"deep-{precision}" if deep else precision
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,7 @@ class GraphSpec:
     outputs: tuple[TensorSpec, ...]
     parity: dict[str, Any] = field(default_factory=dict)
     fused_ops: dict[str, int] = field(default_factory=dict)
+    deep: bool = False  # takes deep_prompts [L, P', H] and prompt_layer too (BBTv2)
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,9 @@ class Manifest:
     versions: dict[str, str]
     graphs: dict[str, GraphSpec]
     gguf_file: str | None = None
+    # BBTv2's projection scale per layer: [0] the word embeddings' std, [i] the clipped std of the hidden
+    # states entering layer i, measured at export; empty for models exported before it existed
+    layer_std: tuple[float, ...] = ()
     format_version: int = FORMAT_VERSION
     directory: Path | None = field(default=None, compare=False)
 
@@ -81,16 +91,18 @@ class Manifest:
         """Masked LMs close the sequence with </s>; causal LMs score the next token instead."""
         return self.kind == "masked" and self.eos_id is not None
 
-    def graph(self, precision: str) -> GraphSpec:
-        if precision not in self.graphs:
+    def graph(self, precision: str, deep: bool = False) -> GraphSpec:
+        key = graph_key(precision, deep)
+        if key not in self.graphs:
             have = ", ".join(sorted(self.graphs))
-            hint = f" (re-export with --{precision})" if precision in ("fp16", "int8") else ""
-            raise ModelError(f"model has no {precision} graph{hint}; it has: {have}")
-        return self.graphs[precision]
+            flags = " ".join(f for f, wanted in (("--deep", deep), (f"--{precision}", precision != "fp32")) if wanted)
+            hint = f" (re-export with {flags})" if flags else ""
+            raise ModelError(f"model has no {key} graph{hint}; it has: {have}")
+        return self.graphs[key]
 
-    def graph_path(self, precision: str) -> Path:
+    def graph_path(self, precision: str, deep: bool = False) -> Path:
         assert self.directory is not None
-        return self.directory / self.graph(precision).file
+        return self.directory / self.graph(precision, deep).file
 
     @property
     def tokenizer_path(self) -> Path:
@@ -127,6 +139,7 @@ def _graph(raw: dict[str, Any]) -> GraphSpec:
         outputs=tuple(_tensor(t) for t in raw["outputs"]),
         parity=dict(raw.get("parity", {})),
         fused_ops={str(k): int(v) for k, v in raw.get("fused_ops", {}).items()},
+        deep=bool(raw.get("deep", False)),
     )
 
 
@@ -171,6 +184,7 @@ def load_manifest(model_dir: str | Path) -> Manifest:
             versions={str(k): str(v) for k, v in raw["versions"].items()},
             graphs={str(k): _graph(v) for k, v in raw["graphs"].items()},
             gguf_file=raw.get("gguf_file"),
+            layer_std=tuple(float(v) for v in raw.get("layer_std", ())),
             directory=directory,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -190,11 +204,13 @@ def _check(m: Manifest, path: Path) -> None:
     if not m.graphs:
         problems.append("no graphs listed")
     for name, g in m.graphs.items():
-        if name not in PRECISIONS or g.precision != name:
-            problems.append(f"graph entry {name!r} has precision {g.precision!r}")
+        if g.precision not in PRECISIONS or name != graph_key(g.precision, g.deep):
+            problems.append(f"graph entry {name!r} has precision {g.precision!r}{' (deep)' if g.deep else ''}")
         if not (m.directory / g.file).is_file():  # type: ignore[operator]
             problems.append(f"graph file {g.file} is missing")
     if not m.embedding_std > 0:
         problems.append("embedding_std must be positive")
+    if m.layer_std and (len(m.layer_std) != m.num_layers or not all(v > 0 for v in m.layer_std)):
+        problems.append(f"layer_std must hold {m.num_layers} positive numbers")
     if problems:
         raise ModelError(f"{path}: " + "; ".join(problems))

@@ -22,12 +22,13 @@ class Model:
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "cpu", precision: str = "fp32",
-             threads: int | None = None, engine: Engine | None = None) -> "Model":
-        """Open a directory written by `bbt-onnx export`; pass `engine` to use another backend."""
+             threads: int | None = None, engine: Engine | None = None, deep: bool = False) -> "Model":
+        """Open a directory written by `bbt-onnx export`; `deep` opens its deep-prompt graph (BBTv2); pass
+        `engine` to use another backend."""
         manifest = load_manifest(directory)
         tokenizer = load_tokenizer(manifest)
         if engine is None:
-            engine = OrtEngine(manifest, precision=precision, device=device, threads=threads)
+            engine = OrtEngine(manifest, precision=precision, device=device, threads=threads, deep=deep)
         return cls(manifest, tokenizer, engine)
 
     def encoder(self, task: Task, prompt_tokens: int, max_length: int | None = None,

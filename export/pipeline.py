@@ -17,13 +17,13 @@ from bbt_onnx.data import Example
 from bbt_onnx.encoding import Encoder
 from bbt_onnx.errors import SettingsError, StorageError
 from bbt_onnx.fileio import sha256_file, storage_error, umask
-from bbt_onnx.manifest import GraphSpec, Manifest, TensorSpec
+from bbt_onnx.manifest import GraphSpec, Manifest, TensorSpec, graph_key
 from bbt_onnx.tasks import Task
 
 from . import optimize, validate
 from .errors import ExportError
 from .loading import Loaded, load_model
-from .wrappers import DYNAMIC_AXES, INPUT_NAMES, OUTPUT_NAMES, scorer_for
+from .wrappers import DEEP_DYNAMIC_AXES, DEEP_INPUT_NAMES, DYNAMIC_AXES, INPUT_NAMES, OUTPUT_NAMES, scorer_for
 
 GRAPH_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 PLACEHOLDER_OFFSET = 1000  # the reference's prompt tokens are ids 1000..1000+P
@@ -48,6 +48,7 @@ class ExportOptions:
     int8: bool = False
     force: bool = False
     gguf_file: str | None = None
+    deep: bool = False  # also the deep-prompt (BBTv2) graph in every precision asked for
 
     def check(self) -> None:
         """Settings first: nothing is loaded or written for a value that cannot work."""
@@ -122,14 +123,15 @@ def tensor_specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, 
     return tuple(spec(v) for v in graph.input if v.name not in init), tuple(spec(v) for v in graph.output)
 
 
-def export_onnx(scorer, sample: validate.ParityInputs, path: Path, opset: int) -> None:
+def export_onnx(scorer, sample: validate.ParityInputs, path: Path, opset: int, deep: bool = False) -> None:
     import torch
 
     args = tuple(torch.from_numpy(v) for v in sample.feeds().values())
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(scorer, args, str(path), dynamo=False, opset_version=opset, input_names=INPUT_NAMES,
-                          output_names=OUTPUT_NAMES, dynamic_axes=DYNAMIC_AXES, do_constant_folding=True)
+        torch.onnx.export(scorer, args, str(path), dynamo=False, opset_version=opset,
+                          input_names=DEEP_INPUT_NAMES if deep else INPUT_NAMES, output_names=OUTPUT_NAMES,
+                          dynamic_axes=DEEP_DYNAMIC_AXES if deep else DYNAMIC_AXES, do_constant_folding=True)
 
 
 def parity_inputs(manifest: Manifest, tokenizer, prompt_count: int = 3, seed: int = 0) -> validate.ParityInputs:
@@ -186,35 +188,18 @@ def export_model(opts: ExportOptions, log: Callable[[str], None] = lambda _msg: 
         from bbt_onnx.encoding import load_tokenizer
 
         sample = parity_inputs(manifest, load_tokenizer(manifest))
-        reference = validate.torch_reference(loaded, sample, manifest.prompt_start)
+        manifest = replace(manifest, layer_std=validate.layer_stds(loaded, sample, manifest.embedding_std))
         graphs = {}
-
-        plain = tmp / "plain.onnx"
-        log(f"exporting {loaded.architecture} to ONNX (opset {opts.opset}, P={opts.prompt_tokens})")
-        export_onnx(scorer_for(loaded, manifest.prompt_start), sample, plain, opts.opset)
-        fuse = partial(optimize.fuse, plain, num_heads=manifest.num_heads, hidden_size=manifest.hidden_size,
-                       model_type=optimize.FUSION_TYPES.get(manifest.model_type))
-        builders = {"fp32": partial(fuse, fp16=False)}  # CPU fusions; fp16 takes the CUDA ones
-        if opts.fp16:
-            builders["fp16"] = partial(fuse, fp16=True)
-        if opts.int8:
-            builders["int8"] = partial(optimize.dynamic_int8, plain)  # from the unfused graph: faster on CPU
-        for name, build in builders.items():
-            path = tmp / GRAPH_FILES[name]
-            fused = build(path)
-            parity = validate.compare(reference, validate.run_onnx(path, sample))
-            graphs[name] = (path, parity, fused)
-            log(f"{name}: max abs diff vs PyTorch {parity['max_abs_diff']:.2e}, argmax agreement "
-                f"{parity['argmax_agreement']:.1%}" + (f", fused {fused}" if fused else ""))
-            if name == "fp32" and not parity["max_abs_diff"] <= validate.FP32_TOLERANCE:
-                raise ExportError(f"the fp32 graph disagrees with PyTorch: max abs diff {parity['max_abs_diff']:.3g} > "
-                                  f"{validate.FP32_TOLERANCE}; this is a bug, please report it")
-        plain.unlink()
+        variants = [(False, sample)]
+        if opts.deep:
+            variants.append((True, deep_parity_inputs(manifest, sample)))
+        for deep, inputs in variants:
+            graphs.update(build_graphs(loaded, manifest, inputs, opts, tmp, deep, log))
 
         specs = {}
-        for name, (path, par, fused) in graphs.items():
+        for key, (path, precision, deep, par, fused) in graphs.items():
             inputs, outputs = tensor_specs(path)
-            specs[name] = GraphSpec(path.name, name, sha256_file(path), inputs, outputs, par, fused)
+            specs[key] = GraphSpec(path.name, precision, sha256_file(path), inputs, outputs, par, fused, deep)
         manifest = replace(manifest, graphs=specs)
         manifest.write(tmp)
         _replace_dir(tmp, out)
@@ -225,6 +210,48 @@ def export_model(opts: ExportOptions, log: Callable[[str], None] = lambda _msg: 
         raise
     log(f"wrote {out}")
     return replace(manifest, directory=out)
+
+
+def build_graphs(loaded: Loaded, manifest: Manifest, sample: validate.ParityInputs, opts: ExportOptions, tmp: Path,
+                 deep: bool, log: Callable[[str], None]) -> dict:
+    """One contract (plain or deep) in every asked precision, each checked against PyTorch."""
+    reference = validate.torch_reference(loaded, sample, manifest.prompt_start)
+    plain = tmp / ("plain.deep.onnx" if deep else "plain.onnx")
+    what = "deep-prompt graph" if deep else "ONNX"
+    log(f"exporting {loaded.architecture} to {what} (opset {opts.opset}, P={opts.prompt_tokens})")
+    export_onnx(scorer_for(loaded, manifest.prompt_start, deep), sample, plain, opts.opset, deep)
+    fuse = partial(optimize.fuse, plain, num_heads=manifest.num_heads, hidden_size=manifest.hidden_size,
+                   model_type=optimize.FUSION_TYPES.get(manifest.model_type))
+    builders = {"fp32": partial(fuse, fp16=False)}  # CPU fusions; fp16 takes the CUDA ones
+    if opts.fp16:
+        builders["fp16"] = partial(fuse, fp16=True)
+    if opts.int8:
+        builders["int8"] = partial(optimize.dynamic_int8, plain)  # from the unfused graph: faster on CPU
+    graphs = {}
+    for precision, build in builders.items():
+        key = graph_key(precision, deep)
+        path = tmp / (GRAPH_FILES[precision].replace("model.", "model.deep.", 1) if deep else GRAPH_FILES[precision])
+        fused = build(path)
+        parity = validate.compare(reference, validate.run_onnx(path, sample))
+        graphs[key] = (path, precision, deep, parity, fused)
+        log(f"{key}: max abs diff vs PyTorch {parity['max_abs_diff']:.2e}, argmax agreement "
+            f"{parity['argmax_agreement']:.1%}" + (f", fused {fused}" if fused else ""))
+        if precision == "fp32" and not parity["max_abs_diff"] <= validate.FP32_TOLERANCE:
+            raise ExportError(f"the {key} graph disagrees with PyTorch: max abs diff {parity['max_abs_diff']:.3g} > "
+                              f"{validate.FP32_TOLERANCE}; this is a bug, please report it")
+    plain.unlink()
+    return graphs
+
+
+def deep_parity_inputs(manifest: Manifest, sample: validate.ParityInputs, seed: int = 1) -> validate.ParityInputs:
+    """The plain sample plus a random prompt on every layer, each at its layer's scale; the candidates replace
+    a middle layer, so both the replaced and the kept layers are checked."""
+    rng = np.random.default_rng(seed)
+    _, p, h = sample.prompt_embeds.shape
+    deep = np.stack([rng.normal(0.0, std, size=(p, h)) for std in manifest.layer_std]).astype(np.float32)
+    layer = manifest.num_layers // 2
+    candidates = rng.normal(0.0, manifest.layer_std[layer], size=sample.prompt_embeds.shape).astype(np.float32)
+    return replace(sample, prompt_embeds=candidates, deep_prompts=deep, prompt_layer=layer)
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

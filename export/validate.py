@@ -1,8 +1,8 @@
 """Parity at export: the ONNX graph against the unmodified PyTorch model on the same inputs.
 
 The reference side does not use the export wrapper: it runs the Hugging Face model
-itself, with a forward hook that adds the prompt onto the embedding output, so a bug in
-the wrapper cannot hide in both sides.
+itself, with forward pre-hooks that add each prompt onto its layer's input (the embedding
+output for layer 0), so a bug in the wrapper cannot hide in both sides.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from .wrappers import decoder_layers, pre_hook_adding
 
 FP32_TOLERANCE = 1e-4
 
@@ -22,37 +24,79 @@ class ParityInputs:
     mask_pos: np.ndarray
     prompt_embeds: np.ndarray
     label_ids: np.ndarray
+    deep_prompts: np.ndarray | None = None  # [L, P, H]: the deep graph's per-layer prompts
+    prompt_layer: int = 0  # the layer the candidates replace there
 
     def feeds(self) -> dict[str, np.ndarray]:
-        return dict(self.__dict__)
+        feeds = {name: getattr(self, name) for name in ("input_ids", "attention_mask", "mask_pos", "prompt_embeds",
+                                                         "label_ids")}
+        if self.deep_prompts is not None:
+            feeds.update(deep_prompts=self.deep_prompts, prompt_layer=np.array(self.prompt_layer, dtype=np.int64))
+        return feeds
+
+    def layer_prompts(self) -> np.ndarray:
+        """[C, L', P, H]: every layer's prompt for each candidate (L' = 1 for the plain graph)."""
+        if self.deep_prompts is None:
+            return self.prompt_embeds[:, None]
+        full = np.repeat(self.deep_prompts[None], len(self.prompt_embeds), axis=0)
+        full[:, self.prompt_layer] = self.prompt_embeds
+        return full
+
+
+def hf_layers(loaded) -> torch.nn.ModuleList:
+    return loaded.model.roberta.encoder.layer if loaded.kind == "masked" else decoder_layers(loaded.model.base_model)
 
 
 def torch_reference(loaded, inputs: ParityInputs, prompt_start: int = 1) -> np.ndarray:
-    """[C, N, K] label logits from the Hugging Face model, one prompt at a time."""
+    """[C, N, K] label logits from the Hugging Face model, one candidate at a time: forward pre-hooks add
+    prompt i onto the input of layer i (layer 0's input is the embedding output)."""
     model = loaded.model
-    embeddings = model.get_input_embeddings() if loaded.kind == "causal" else model.roberta.embeddings
+    layers = hf_layers(loaded)
     ids = torch.from_numpy(inputs.input_ids)
     mask = torch.from_numpy(inputs.attention_mask)
     rows = torch.arange(ids.shape[0])
     pos = torch.from_numpy(inputs.mask_pos)
     labels = torch.from_numpy(inputs.label_ids)
     out = []
-    for prompt in inputs.prompt_embeds:
-        p = torch.from_numpy(prompt)
-
-        def add_prompt(_module, _args, output, p=p):
-            output = output.clone()
-            output[:, prompt_start:prompt_start + p.shape[0]] += p
-            return output
-
-        handle = embeddings.register_forward_hook(add_prompt)
+    for candidate in inputs.layer_prompts():
+        handles = [layers[i].register_forward_pre_hook(_adding(torch.from_numpy(p), prompt_start), with_kwargs=True)
+                   for i, p in enumerate(candidate)]
         try:
             with torch.no_grad():
                 logits = model(input_ids=ids, attention_mask=mask).logits
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         out.append(logits[rows, pos][:, labels].float().numpy())
     return np.stack(out)
+
+
+def _adding(p: torch.Tensor, start: int):
+    def add(hidden):
+        hidden = hidden.clone()
+        hidden[:, start:start + p.shape[0]] += p
+        return hidden
+    return pre_hook_adding(add)
+
+
+def clipped_std(values: np.ndarray, rounds: int = 5, width: float = 3.0) -> float:
+    """The reference's hidden-state scale: clip to mean +- 3 std, recompute, five times over."""
+    h = np.asarray(values, dtype=np.float64).ravel()
+    for _ in range(rounds):
+        mu, sd = h.mean(), h.std()
+        h = np.clip(h, mu - width * sd, mu + width * sd)
+    return float(h.std())
+
+
+def layer_stds(loaded, inputs: ParityInputs, embedding_std: float) -> tuple[float, ...]:
+    """The std BBTv2 scales each layer's projection by: the word embeddings' for layer 0, and for layer i the
+    clipped std of the hidden states entering it (with zero prompts), measured on the sample rows."""
+    with torch.no_grad():
+        hidden = loaded.model(input_ids=torch.from_numpy(inputs.input_ids),
+                              attention_mask=torch.from_numpy(inputs.attention_mask),
+                              output_hidden_states=True).hidden_states
+    layers = len(hf_layers(loaded))
+    return (embedding_std, *(clipped_std(hidden[i].float().numpy()) for i in range(1, layers)))
 
 
 def compare(reference: np.ndarray, got: np.ndarray) -> dict:

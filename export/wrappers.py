@@ -4,6 +4,11 @@ One wrapper per architecture family. Each takes the contract's five inputs and r
 label logits [C, N, K]: the N texts are embedded once, every one of the C prompts is
 added onto the placeholder positions (1..P' after <s>, or 0..P'-1 for a causal LM
 without BOS), and only the K label rows of the output layer are computed.
+
+The deep variant (BBTv2) takes two more inputs: `deep_prompts` [L, P', H], one prompt
+added to the input of each of the L layers (layer 0's input is the embedding output),
+and `prompt_layer`, the layer whose prompt the C candidates replace. So one call scores a
+population for one layer with every other layer at its current prompt.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ DYNAMIC_AXES = {
     "label_ids": {0: "K"},
     "label_logits": {0: "C", 1: "N", 2: "K"},
 }
+DEEP_INPUT_NAMES = INPUT_NAMES + ["deep_prompts", "prompt_layer"]
+DEEP_DYNAMIC_AXES = {**DYNAMIC_AXES, "deep_prompts": {1: "P"}}
 
 
 def place_prompts(prompt_embeds: torch.Tensor, seq_len: int, start: int = 1) -> torch.Tensor:
@@ -39,6 +46,20 @@ def with_prompts(tokens: torch.Tensor, prompt_embeds: torch.Tensor, start: int =
     n, t, h = tokens.shape
     c = prompt_embeds.shape[0]
     return (tokens.unsqueeze(0) + place_prompts(prompt_embeds, t, start).unsqueeze(1)).reshape(c * n, t, h)
+
+
+def add_prompts(x: torch.Tensor, prompt_embeds: torch.Tensor, start: int = 1) -> torch.Tensor:
+    """Hidden states [C*N, T, H] of C candidates x N texts, plus candidate c's prompt at its slots."""
+    t, h = x.shape[1], x.shape[2]
+    c = prompt_embeds.shape[0]
+    return (x.view(c, -1, t, h) + place_prompts(prompt_embeds, t, start).unsqueeze(1)).reshape(-1, t, h)
+
+
+def layer_prompts(deep_prompts: torch.Tensor, prompt_embeds: torch.Tensor, prompt_layer: torch.Tensor,
+                  layers: int) -> list[torch.Tensor]:
+    """[C, P', H] per layer: the candidates at `prompt_layer`, the layer's own prompt everywhere else."""
+    return [torch.where(prompt_layer == i, prompt_embeds, deep_prompts[i].unsqueeze(0).expand_as(prompt_embeds))
+            for i in range(layers)]
 
 
 def padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -92,13 +113,19 @@ class MaskedPromptScorer(nn.Module):
         self.lm_head = mlm.lm_head
 
     def forward(self, input_ids, attention_mask, mask_pos, prompt_embeds, label_ids):
+        return self.score(input_ids, attention_mask, mask_pos, label_ids, [prompt_embeds])
+
+    def score(self, input_ids, attention_mask, mask_pos, label_ids, prompts: list[torch.Tensor]):
+        """`prompts[i]` [C, P', H] goes onto the input of layer i; one entry is plain BBT."""
         n = input_ids.shape[0]
-        c = prompt_embeds.shape[0]
-        x = with_prompts(self.embeddings(input_ids=input_ids), prompt_embeds)  # texts embedded once for all C
+        c = prompts[0].shape[0]
+        x = with_prompts(self.embeddings(input_ids=input_ids), prompts[0])  # texts embedded once for all C
         additive = padding_mask(attention_mask.repeat(c, 1), x.dtype)
-        for layer in self.layers[:-1]:
-            x = bert_layer(layer, x, additive)
-        x = bert_layer(self.layers[-1], x, additive, mask_pos.repeat(c))  # [C*N, H]
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            if 0 < i < len(prompts):
+                x = add_prompts(x, prompts[i])
+            x = bert_layer(layer, x, additive, mask_pos.repeat(c) if i == last else None)  # last: [C*N, H]
         head = self.lm_head
         x = head.layer_norm(nn.functional.gelu(head.dense(x)))
         logits = x @ head.decoder.weight[label_ids].t() + head.decoder.bias[label_ids]
@@ -117,6 +144,21 @@ def causal_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
         ~allowed, torch.finfo(dtype).min)
 
 
+def decoder_layers(base_model: nn.Module) -> nn.ModuleList:
+    """The blocks of a decoder body: `layers` (Llama family) or `h` (GPT-2)."""
+    layers = getattr(base_model, "layers", None)
+    return layers if layers is not None else base_model.h
+
+
+def pre_hook_adding(add):
+    """A forward pre-hook that passes a layer's input hidden states through `add`, positional or keyword."""
+    def hook(_module, args, kwargs):
+        if args:
+            return (add(args[0]),) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": add(kwargs["hidden_states"])}
+    return hook
+
+
 class CausalPromptScorer(nn.Module):
     """Decoder LMs (Llama family, GPT-2): prompts are added to the token embeddings; the
     label words are scored by the next-token logits at `mask_pos` (the last template token)."""
@@ -129,11 +171,22 @@ class CausalPromptScorer(nn.Module):
         self.prompt_start = prompt_start
 
     def forward(self, input_ids, attention_mask, mask_pos, prompt_embeds, label_ids):
+        return self.score(input_ids, attention_mask, mask_pos, label_ids, [prompt_embeds])
+
+    def score(self, input_ids, attention_mask, mask_pos, label_ids, prompts: list[torch.Tensor]):
+        """`prompts[i]` [C, P', H] goes onto the input of block i (block 0's input is the embeddings)."""
         n = input_ids.shape[0]
-        c = prompt_embeds.shape[0]
-        x = with_prompts(self.embed(input_ids), prompt_embeds, self.prompt_start)
+        c = prompts[0].shape[0]
+        x = with_prompts(self.embed(input_ids), prompts[0], self.prompt_start)
         mask = causal_mask(attention_mask.repeat(c, 1), x.dtype)
-        x = self.body(inputs_embeds=x, attention_mask=mask, use_cache=False)[0]
+        hooks = [block.register_forward_pre_hook(
+                     pre_hook_adding(lambda h, p=p: add_prompts(h, p, self.prompt_start)), with_kwargs=True)
+                 for block, p in zip(list(decoder_layers(self.body))[1:], prompts[1:])]
+        try:
+            x = self.body(inputs_embeds=x, attention_mask=mask, use_cache=False)[0]
+        finally:
+            for hook in hooks:
+                hook.remove()
         x = gather_rows(x, mask_pos.repeat(c))
         logits = x @ self.head.weight[label_ids].t()
         if self.head.bias is not None:
@@ -141,7 +194,24 @@ class CausalPromptScorer(nn.Module):
         return logits.view(c, n, -1)
 
 
-def scorer_for(loaded, prompt_start: int = 1) -> nn.Module:
+class DeepPromptScorer(nn.Module):
+    """The deep (BBTv2) contract over either family's scorer: a prompt on every layer's input."""
+
+    def __init__(self, scorer: nn.Module, layers: int):
+        super().__init__()
+        self.scorer = scorer
+        self.layers = layers
+
+    def forward(self, input_ids, attention_mask, mask_pos, prompt_embeds, label_ids, deep_prompts, prompt_layer):
+        prompts = layer_prompts(deep_prompts, prompt_embeds, prompt_layer, self.layers)
+        return self.scorer.score(input_ids, attention_mask, mask_pos, label_ids, prompts)
+
+
+def scorer_for(loaded, prompt_start: int = 1, deep: bool = False) -> nn.Module:
     if loaded.kind == "masked":
-        return MaskedPromptScorer(loaded.model).eval()
-    return CausalPromptScorer(loaded.model, prompt_start).eval()
+        scorer = MaskedPromptScorer(loaded.model)
+    else:
+        scorer = CausalPromptScorer(loaded.model, prompt_start)
+    if deep:
+        scorer = DeepPromptScorer(scorer, int(loaded.model.config.num_hidden_layers))
+    return scorer.eval()

@@ -297,6 +297,8 @@ CASES = [
     case("tune-task-file-is-a-list", [*TUNE_NOTASK, *DATA, *OVER, "--task-file", "@task_list"], "task_list.json"),
     case("tune-f1-with-three-labels", over_run("--task", "snli", "--metric", "f1"), "f1"),
     case("tune-prompt-init-wrong-length", over_run("--prompt-init", "great"), "--prompt-init"),
+    case("tune-bbtv2-without-deep-graph", over_run("--method", "bbtv2"), "--deep"),
+    case("tune-method-unknown", over_run("--method", "bbtv3"), "--method"),
 
     # 3b. data files
     case("tune-data-missing", over_run("--data", "@root/none.csv"), "none.csv"),
