@@ -384,6 +384,64 @@ def read_input(path: str):
     return parse_lines(text, source)
 
 
+# --------------------------------------------------------------------------- check
+@cli.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--prompt", "prompt_dir", type=click.Path(path_type=Path),
+              help="Run directory: its tuned prompt and z = 0 [default: z = 0 and three random prompts].")
+@click.option("--data", help="Rows to score (labelled for a metric) [default: built-in sample rows].")
+@click.option("--engines", help="Comma-separated DEVICE:PRECISION, e.g. cpu:fp32,cpu:int8,cuda:fp16 "
+              "[default: every graph of the model on every provider installed; those that cannot run are skipped].")
+@task_options
+@click.option("--fp32-max-diff", default=1e-3, show_default=True, help="fp32 engines: largest max abs logit diff.")
+@click.option("--fp32-agreement", default=1.0, show_default=True, help="fp32 engines: least prediction agreement.")
+@click.option("--lowp-agreement", default=0.98, show_default=True, help="fp16 and int8: least prediction agreement.")
+@click.option("--lowp-metric-delta", default=0.01, show_default=True,
+              help="fp16 and int8: largest change of the task metric (with labelled rows).")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads for onnxruntime [default: all cores].")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.pass_context
+def check(ctx, model_dir, prompt_dir, data, engines, task_name, template, labels, task_file, metric, fp32_max_diff,
+          fp32_agreement, lowp_agreement, lowp_metric_delta, threads, as_json):
+    """Score the same rows and prompts on several engines and compare each with CPU fp32.
+
+    Exit code 0 when every engine is within tolerance (and every graph matches its sha256), 1 when one is
+    not, 2 for a mistake. The table goes to stderr; --json prints the report on stdout.
+    """
+    from . import check as c
+    from .data import check_labels, read_examples
+    from .encoding import load_tokenizer
+    from .engines import ALL_ENGINES, parse_engines
+    from .manifest import load_manifest
+    from .model import Model
+
+    tolerances = c.Tolerances(fp32_max_diff, fp32_agreement, lowp_agreement, lowp_metric_delta)
+    tolerances.check()
+    task_args = (task_name, template, labels, task_file, metric)
+    prompt = load_run_prompt(prompt_dir, prompt_dir is None, task_args, None)
+    named = parse_engines(engines) if engines else []
+    manifest = load_manifest(model_dir)
+    tokenizer = load_tokenizer(manifest)
+    if prompt is None:
+        zero = template_prompt(Model(manifest, tokenizer, None), task_args, None)
+        prompts = [("z=0", zero)] + [(f"random{i}", p) for i, p in enumerate(c.random_prompts(zero, manifest), 1)]
+    else:
+        from .prompt import TunedPrompt
+
+        prompt.check_model(Model(manifest, tokenizer, None))
+        prompts = [("tuned", prompt), ("z=0", TunedPrompt.zero(prompt.projection, prompt.task))]
+    task = prompts[0][1].task
+    rows = read_examples(data) if data else c.sample_rows(task.uses_text_b)
+    if data:
+        check_labels([r for r in rows if r.label is not None], task.label_keys, data)
+    specs = [(s, True) for s in named] or [(s, False) for s in ALL_ENGINES]
+    report = c.check_engines(manifest, tokenizer, prompts, rows, specs, tolerances, threads, log=err)
+    err(c.format_report(report))
+    if as_json:
+        emit_json(report.to_json())
+    ctx.exit(0 if report.passed else 1)
+
+
 # --------------------------------------------------------------------------- bench
 @cli.command()
 @click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False))

@@ -1,0 +1,226 @@
+"""`bbt-onnx check`: one set of rows and prompts scored on several engines, compared with CPU fp32.
+
+Polygraphy compares raw outputs per tensor; a prompt's user cares one level up: do the
+engines agree on the predictions, and on the task metric? So the check reports, per
+engine, the max abs logit difference, the prediction agreement, the metric and its delta,
+and the time per call, and passes or fails each engine by tolerances set per precision.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from . import losses
+from .compare import compare_logits
+from .data import Example
+from .engines import REFERENCE, EngineSpec
+from .errors import ModelError, SettingsError
+from .fileio import sha256_file
+from .manifest import DEEP_INPUTS, GRAPH_INPUTS, GRAPH_OUTPUTS, Manifest, graph_key
+from .model import Model
+from .prompt import EVAL_ROWS, TunedPrompt
+
+# rows for a check without --data: plain sentences of several kinds, and a second text for pair templates
+SAMPLE_TEXTS = (
+    "a gripping , funny and moving film", "the plot is thin and the acting is worse .", "It was fine.",
+    "Shares rose after the company reported strong quarterly profits.", "The striker scored twice in the final.",
+    "A new chip promises faster phones and longer battery life.", "Leaders met to discuss the border dispute.",
+    "I would not watch it again, even for free.", "The service was slow but the food was excellent.",
+    "An ambitious story told with patience and care over three hours that never once drag .",
+    "The museum reopens next week with a larger collection.", "Rain is expected across the north tomorrow.",
+    "Nothing in this album sounds new, yet every song works.", "The bill passed after a long night of debate.",
+    "Two small villages share one school and a bus.", "This phone is the best I have owned.",
+)
+SAMPLE_PAIRS = ("The film was good.", "The company lost money.", "It rained all day.", "The team won.")
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """When an engine passes: fp32 engines must match closely; fp16 and int8 must agree on predictions."""
+
+    fp32_max_diff: float = 1e-3
+    fp32_agreement: float = 1.0
+    lowp_agreement: float = 0.98
+    lowp_metric_delta: float = 0.01  # one point of accuracy or F1
+
+    def check(self) -> None:
+        for name, value in asdict(self).items():
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise SettingsError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value!r}")
+        for name in ("fp32_agreement", "lowp_agreement"):
+            if getattr(self, name) > 1:
+                raise SettingsError(f"--{name.replace('_', '-')} is a fraction of rows: at most 1")
+
+
+@dataclass
+class EngineResult:
+    engine: str
+    status: str  # reference | pass | fail | skipped
+    max_abs_diff: float | None = None
+    argmax_agreement: float | None = None
+    metric: float | None = None
+    metric_delta: float | None = None
+    ms_per_call: float | None = None
+    reasons: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CheckReport:
+    model: str
+    task: str
+    metric_name: str
+    prompts: list[str]
+    rows: int
+    labelled: bool
+    graphs: dict[str, str]  # graph -> "ok" or what is wrong with it
+    providers: list[str]
+    engines: list[EngineResult]
+
+    @property
+    def passed(self) -> bool:
+        return all(r.status in ("reference", "pass", "skipped") for r in self.engines) and \
+            all(v == "ok" for v in self.graphs.values())
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def verify_graphs(manifest: Manifest) -> dict[str, str]:
+    """Every graph of the directory: its file's sha256 against the manifest, and its recorded contract."""
+    out = {}
+    for key, g in manifest.graphs.items():
+        path = manifest.directory / g.file
+        want = DEEP_INPUTS if g.deep else GRAPH_INPUTS
+        if not path.is_file():
+            out[key] = f"{g.file} is missing"
+        elif sha256_file(path) != g.sha256:
+            out[key] = f"{g.file} does not match its sha256 (changed or half-copied)"
+        elif sorted(t.name for t in g.inputs) != sorted(want) or [t.name for t in g.outputs] != list(GRAPH_OUTPUTS):
+            out[key] = f"{g.file} does not have the bbt-onnx contract's inputs and outputs"
+        else:
+            out[key] = "ok"
+    return out
+
+
+def sample_rows(uses_text_b: bool) -> list[Example]:
+    return [Example(t, SAMPLE_PAIRS[i % len(SAMPLE_PAIRS)] if uses_text_b else None)
+            for i, t in enumerate(SAMPLE_TEXTS)]
+
+
+def random_prompts(base: TunedPrompt, manifest: Manifest, count: int = 3, seed: int = 0) -> list[TunedPrompt]:
+    """Prompts at the embedding scale, like those tuning explores, beside z = 0."""
+    rng = np.random.default_rng(seed)
+    shape = (base.prompt_tokens, manifest.hidden_size)
+    return [TunedPrompt(base.z, rng.normal(0.0, manifest.embedding_std, shape).astype(np.float32), base.projection,
+                        base.task, base.model_fingerprint, base.placeholder_ids, base.max_length)
+            for _ in range(count)]
+
+
+def passes(spec: EngineSpec, result: EngineResult, tol: Tolerances, labelled: bool) -> list[str]:
+    """Why an engine fails its tolerances (empty: it passes)."""
+    reasons = []
+    if spec.precision == "fp32":
+        if result.max_abs_diff > tol.fp32_max_diff:
+            reasons.append(f"max abs diff {result.max_abs_diff:.3g} > {tol.fp32_max_diff:g}")
+        if result.argmax_agreement < tol.fp32_agreement:
+            reasons.append(f"agreement {result.argmax_agreement:.2%} < {tol.fp32_agreement:.2%}")
+    else:
+        if result.argmax_agreement < tol.lowp_agreement:
+            reasons.append(f"agreement {result.argmax_agreement:.2%} < {tol.lowp_agreement:.2%}")
+        if labelled and abs(result.metric_delta) > tol.lowp_metric_delta:
+            reasons.append(f"metric delta {result.metric_delta:+.4f} beyond {tol.lowp_metric_delta:g}")
+    return reasons
+
+
+def check_engines(manifest: Manifest, tokenizer, prompts: Sequence[tuple[str, TunedPrompt]], rows: Sequence[Example],
+                  engines: Sequence[tuple[EngineSpec, bool]], tolerances: Tolerances = Tolerances(),
+                  threads: int | None = None, log: Callable[[str], None] = lambda _m: None) -> CheckReport:
+    """Score `rows` with every prompt on every engine (`(spec, named)`: a named engine that cannot open is an
+    error, an unnamed one is skipped) and compare each with CPU fp32. The first prompt's metric is reported."""
+    tolerances.check()
+    deep = any(p.deep for _, p in prompts)
+    for spec, named in engines:
+        reason = spec.unavailable(manifest, deep)
+        if reason and named:
+            raise SettingsError(f"engine {spec.name} cannot run here: {reason}")
+    graphs = verify_graphs(manifest)
+    if graphs[graph_key(REFERENCE.precision, deep)] != "ok":
+        raise ModelError(f"the reference graph ({REFERENCE.name}) is damaged: {graphs[graph_key('fp32', deep)]}; "
+                         "re-export the model")
+    labelled = all(r.label is not None for r in rows)
+    first = prompts[0][1]
+    reference = Model(manifest, tokenizer, REFERENCE.open(manifest, threads, deep))
+    encoded = [p.encoder(reference).encode(rows) for _, p in prompts]
+    labels = encoded[0].labels
+
+    def score(engine) -> tuple[np.ndarray, float]:
+        model = Model(manifest, tokenizer, engine)
+        prompts[0][1].logits(model, encoded[0].take(np.arange(1)))  # warm-up: the first call builds the session's plans
+        calls = 0
+        t0 = time.perf_counter()
+        out = []
+        for (_, prompt), enc in zip(prompts, encoded):
+            out.append(prompt.logits(model, enc, EVAL_ROWS))
+            calls += math.ceil(len(enc) / EVAL_ROWS)
+        return np.stack(out), 1000 * (time.perf_counter() - t0) / calls
+
+    def metric(logits: np.ndarray) -> float | None:
+        return float(losses.metric(first.task.metric, logits[0], labels)[0]) if labelled else None
+
+    order = [(REFERENCE, False)] + [e for e in engines if e[0] != REFERENCE]
+    log(f"reference {REFERENCE.name}: {len(prompts)} prompts x {len(rows)} rows")
+    ref_logits, ref_ms = score(reference.engine)
+    ref_metric = metric(ref_logits)
+    results = []
+    for spec, _ in order:
+        if spec == REFERENCE:
+            results.append(EngineResult(spec.name, "reference", 0.0, 1.0, ref_metric, 0.0 if labelled else None,
+                                        ref_ms))
+            continue
+        reason = spec.unavailable(manifest, deep)
+        if reason:
+            results.append(EngineResult(spec.name, "skipped", reasons=[reason]))
+            continue
+        damage = graphs[graph_key(spec.precision, deep)]
+        if damage != "ok":
+            results.append(EngineResult(spec.name, "fail", reasons=[damage]))
+            continue
+        log(f"scoring on {spec.name}")
+        logits, ms = score(spec.open(manifest, threads, deep))
+        cmp = compare_logits(ref_logits, logits)
+        got = metric(logits)
+        result = EngineResult(spec.name, "pass", cmp["max_abs_diff"], cmp["argmax_agreement"], got,
+                              None if got is None else got - ref_metric, ms)
+        result.reasons = passes(spec, result, tolerances, labelled)
+        result.status = "fail" if result.reasons else "pass"
+        results.append(result)
+    import onnxruntime as ort
+
+    return CheckReport(str(manifest.directory), first.task.name, first.task.metric, [n for n, _ in prompts], len(rows),
+                       labelled, graphs, list(ort.get_available_providers()), results)
+
+
+def format_report(report: CheckReport) -> str:
+    lines = [f"{report.model}: {len(report.prompts)} prompts ({', '.join(report.prompts)}) x {report.rows} rows, "
+             f"task {report.task}" + ("" if report.labelled else " (no labels: no metric)"),
+             f"{'engine':<11} {'status':<9} {'max |diff|':>10} {'agree':>7} {report.metric_name:>9} {'delta':>8} "
+             f"{'ms/call':>8}"]
+    for r in report.engines:
+        if r.max_abs_diff is None:  # skipped, or a damaged graph
+            lines.append(f"{r.engine:<11} {r.status:<9} {r.reasons[0]}")
+            continue
+        metric = "-" if r.metric is None else f"{r.metric:.4f}"
+        delta = "-" if r.metric_delta is None else f"{r.metric_delta:+.4f}"
+        lines.append(f"{r.engine:<11} {r.status:<9} {r.max_abs_diff:>10.3g} {r.argmax_agreement:>7.2%} {metric:>9} "
+                     f"{delta:>8} {r.ms_per_call:>8.1f}" + (f"  ({'; '.join(r.reasons)})" if r.reasons else ""))
+    bad = {k: v for k, v in report.graphs.items() if v != "ok"}
+    lines.append("graphs: " + (", ".join(f"{k}: {v}" for k, v in bad.items()) if bad else
+                               f"all {len(report.graphs)} match their sha256 and the contract"))
+    lines.append(f"providers installed: {', '.join(report.providers)}")
+    lines.append("PASS" if report.passed else "FAIL")
+    return "\n".join(lines)
