@@ -86,11 +86,11 @@ def _adding(p: torch.Tensor, start: int):
 @contextmanager
 def float64(model):
     """The model in float64 for the duration: the exact reference fp32 results are judged against."""
-    model.double()
+    torch.nn.Module.double(model)  # the Module methods: transformers 5 refuses .double()/.float() on GGUF models
     try:
         yield model
     finally:
-        model.float()
+        torch.nn.Module.float(model)
 
 
 def judge(torch_fp32: np.ndarray, exact: np.ndarray, got: np.ndarray) -> dict:
