@@ -1,4 +1,4 @@
-"""The export step: the only code in bbt-onnx that imports torch, transformers or optimum."""
+"""The export step: the only code in bbt-onnx that imports torch or transformers."""
 
 from .errors import ExportError
 from .pipeline import ExportOptions, export_model

@@ -61,7 +61,7 @@ class ExportOptions:
 
 def _versions() -> dict[str, str]:
     out = {}
-    for pkg in ("bbt-onnx", "torch", "transformers", "onnx", "onnxruntime", "optimum-onnx"):
+    for pkg in ("bbt-onnx", "torch", "transformers", "onnx", "onnxruntime"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
