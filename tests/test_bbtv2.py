@@ -204,4 +204,10 @@ def test_cli_bbtv2_tune_evaluate_predict(deep, tmp_path):
     base = invoke(["evaluate", "--model", out, "--prompt", tmp_path / "run", "--no-prompt", "--data",
                    tmp_path / "test.csv", "-q"])
     assert base.exit_code == 0, base.output
+    checked = invoke(["check", "--model", out, "--prompt", tmp_path / "run", "--data", tmp_path / "test.csv",
+                      "--engines", "cpu:fp32", "--json"])  # on the deep graph
+    assert checked.exit_code == 0, checked.output
+    report = json.loads(checked.stdout)
+    assert report["prompts"] == ["tuned", "z=0"] and report["engines"][0]["metric"] == pytest.approx(
+        metrics["test_metric"])
     assert "less than one BBTv2 round" in cli_error([*args, "--budget", 10, "--out", tmp_path / "r2"])
