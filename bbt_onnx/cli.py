@@ -64,8 +64,9 @@ def cli():
     """Black-Box Tuning of language models served as forward-only ONNX Runtime engines.
 
     export turns a Hugging Face model into a prompt graph; tune learns a continuous prompt
-    with CMA-ES from a few labelled examples; evaluate and predict use it; bench times the
-    engine against PyTorch. Every mistake a user can make ends in one `error:` line, exit 2.
+    with CMA-ES from a few labelled examples (BBT, or BBTv2 with --method bbtv2); evaluate and
+    predict use it; check compares engines on the same prompts; bench times the engine against
+    PyTorch. Every mistake a user can make ends in one `error:` line, exit 2.
     """
 
 
