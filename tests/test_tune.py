@@ -356,3 +356,33 @@ def test_max_length_reaches_the_encoder_and_travels_with_the_prompt(tiny_model, 
                             "-q"]).stdout)
     assert ev["truncated_rows"] == enc.truncated
     assert json.loads(tuned.stdout)["test_metric"] == pytest.approx(ev["metric"])
+
+
+def test_prompts_and_checkpoints_from_before_bbtv2_still_load(model, splits, tmp_path):
+    """A prompt.npz without method, layer scales or max length is a BBT prompt; a checkpoint holding one
+    CMA-ES (not a list) resumes."""
+    import io
+
+    from bbt_onnx.methods import new_es
+    from bbt_onnx.seeding import seeds
+    from bbt_onnx.tuner import TunerState
+
+    train, dev = splits
+    cfg = TuneConfig(budget=40, **SMALL)
+    prompt = BlackBoxTuner(model, PRESETS["sst2"], cfg).fit(train, dev)
+    path = prompt.save(tmp_path)
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(str(arrays["meta"]))
+    for key in ("method", "layer_std", "max_length"):
+        meta.pop(key)
+    buf = io.BytesIO()
+    np.savez(buf, **{**arrays, "meta": np.array(json.dumps(meta))})
+    path.write_bytes(buf.getvalue())
+    old = TunedPrompt.load(tmp_path)
+    assert old.method == "bbt" and not old.deep and old.max_length is None
+    assert old.evaluate(model, dev)["metric"] == pytest.approx(prompt.evaluate(model, dev)["metric"])
+
+    state = TunerState(cfg, new_es(cfg, seeds(cfg.seed)["cma"]))  # as checkpoints held it
+    resumed = BlackBoxTuner(model, PRESETS["sst2"], cfg).fit(train, dev, state=state)
+    assert resumed.z.tobytes() == prompt.z.tobytes()
