@@ -121,7 +121,7 @@ def random_prompts(base: TunedPrompt, manifest: Manifest, count: int = 3, seed: 
             for _ in range(count)]
 
 
-def passes(spec: EngineSpec, result: EngineResult, tol: Tolerances, labelled: bool) -> list[str]:
+def failures(spec: EngineSpec, result: EngineResult, tol: Tolerances, labelled: bool) -> list[str]:
     """Why an engine fails its tolerances (empty: it passes)."""
     reasons = []
     if spec.precision == "fp32":
@@ -196,7 +196,7 @@ def check_engines(manifest: Manifest, tokenizer, prompts: Sequence[tuple[str, Tu
         got = metric(logits)
         result = EngineResult(spec.name, "pass", cmp["max_abs_diff"], cmp["argmax_agreement"], got,
                               None if got is None else got - ref_metric, ms)
-        result.reasons = passes(spec, result, tolerances, labelled)
+        result.reasons = failures(spec, result, tolerances, labelled)
         result.status = "fail" if result.reasons else "pass"
         results.append(result)
     import onnxruntime as ort

@@ -58,6 +58,9 @@ class Bbt:
         self.a_t = [build_projection(spec)]
         self.prompt_tokens = spec.prompt_tokens
 
+    def check(self, config) -> None:
+        """Settings this method cannot run with, found before anything runs (config.check did the rest)."""
+
     def strategies(self, config, cma_seed: int) -> list[cma.CMAEvolutionStrategy]:
         return [new_es(config, cma_seed)]
 
@@ -121,6 +124,9 @@ class BbtV2(Bbt):
             raise SettingsError(f"--budget {config.budget} is less than one BBTv2 round: --popsize {config.popsize} "
                                 f"x {self.layers} layers = {config.popsize * self.layers} calls")
         return rounds
+
+    def check(self, config) -> None:
+        self.rounds(config)  # a budget too small for one round
 
     def strategies(self, config, cma_seed: int) -> list[cma.CMAEvolutionStrategy]:
         rounds = self.rounds(config)

@@ -16,6 +16,7 @@ from .encoding import EncodedSet
 from .engine import score_rows, takes_deep_prompts
 from .errors import DataError, PromptError
 from .fileio import write_bytes_atomic
+from .methods import METHODS
 from .subspace import ProjectionSpec, build_projection, project
 from .tasks import Task
 
@@ -105,7 +106,7 @@ class TunedPrompt:
             raise PromptError(f"{path} is not a bbt-onnx prompt file, or it is damaged ({type(exc).__name__}); "
                               "tune again or restore it") from None
         layers = (len(prompt.layer_std),) if prompt.deep else ()
-        if prompt.method not in ("bbt", "bbtv2") or embeds.shape != (*layers, spec.prompt_tokens, spec.hidden_size) \
+        if prompt.method not in METHODS or embeds.shape != (*layers, spec.prompt_tokens, spec.hidden_size) \
                 or z.shape != (*layers, spec.intrinsic_dim) or not (np.isfinite(z).all() and np.isfinite(embeds).all()):
             raise PromptError(f"{path} is damaged: its arrays do not match its own description")
         return prompt
@@ -153,7 +154,7 @@ class TunedPrompt:
         enc = rows if isinstance(rows, EncodedSet) else self.encoder(model).encode(rows)
         if (enc.labels < 0).any():
             raise DataError("every row needs a label to be evaluated")
-        logits = self.logits(model, enc, batch_rows, on_batch)
+        logits = score_rows(self.scorer(model), enc, batch_rows, on_batch)  # the model was checked above
         return {
             "metric_name": self.task.metric,
             "metric": float(losses.metric(self.task.metric, logits, enc.labels)[0]),

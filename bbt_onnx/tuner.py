@@ -186,8 +186,7 @@ class BlackBoxTuner:
             self.placeholder_ids = init_placeholders(model.tokenizer, config.prompt_init, config.prompt_tokens)
         self.encoder = model.encoder(task, config.prompt_tokens, config.max_length, self.placeholder_ids)
         self.method = method_for(config.method)(model, self.spec)
-        if config.method == "bbtv2":
-            self.method.rounds(config)  # a budget too small for one round is a settings error now
+        self.method.check(config)
         self.report: FitReport | None = None
         self.state: TunerState | None = None
 
