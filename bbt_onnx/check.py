@@ -21,7 +21,7 @@ from .data import Example
 from .engines import REFERENCE, EngineSpec
 from .errors import ModelError, SettingsError
 from .fileio import sha256_file
-from .manifest import DEEP_INPUTS, GRAPH_INPUTS, GRAPH_OUTPUTS, Manifest, graph_key
+from .manifest import Manifest, graph_key
 from .model import Model
 from .prompt import EVAL_ROWS, TunedPrompt
 
@@ -95,12 +95,11 @@ def verify_graphs(manifest: Manifest) -> dict[str, str]:
     out = {}
     for key, g in manifest.graphs.items():
         path = manifest.directory / g.file
-        want = DEEP_INPUTS if g.deep else GRAPH_INPUTS
         if not path.is_file():
             out[key] = f"{g.file} is missing"
         elif sha256_file(path) != g.sha256:
             out[key] = f"{g.file} does not match its sha256 (changed or half-copied)"
-        elif sorted(t.name for t in g.inputs) != sorted(want) or [t.name for t in g.outputs] != list(GRAPH_OUTPUTS):
+        elif not g.keeps_contract([t.name for t in g.inputs], [t.name for t in g.outputs]):
             out[key] = f"{g.file} does not have the bbt-onnx contract's inputs and outputs"
         else:
             out[key] = "ok"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,16 +80,18 @@ def cli():
 @click.option("--fp16", is_flag=True, help="Also write a fused fp16 graph for CUDA (model.fp16.onnx).")
 @click.option("--int8", is_flag=True, help="Also write a dynamically quantized int8 graph for CPU (model.int8.onnx).")
 @click.option("--deep", is_flag=True, help="Also write the deep-prompt graphs BBTv2 tunes (tune --method bbtv2).")
+@click.option("--kv-cache", is_flag=True, help="Decoders: also write the text/tail graph pair that computes the text "
+              "once per run for suffix prompts (--prompt-position suffix).")
 @click.option("--gguf-file", help="Load this GGUF file from the --model directory (needs the gguf extra).")
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
-def export(model, out, prompt_tokens, opset, fp16, int8, deep, gguf_file, force):
+def export(model, out, prompt_tokens, opset, fp16, int8, deep, kv_cache, gguf_file, force):
     """Export a masked or causal LM to an ONNX prompt graph, check it against PyTorch, write its manifest."""
     try:
         from bbt_onnx_export import ExportOptions, export_model
     except ImportError as exc:
         raise BBTError(f"export needs the `export` extra (torch, transformers, onnx): pip install 'bbt-onnx[export]' "
                        f"after pip install torch==2.13.0 ({exc})") from None
-    manifest = export_model(ExportOptions(model, out, prompt_tokens, opset, fp16, int8, force, gguf_file, deep),
+    manifest = export_model(ExportOptions(model, out, prompt_tokens, opset, fp16, int8, force, gguf_file, deep, kv_cache),
                             log=err)
     summary = {name: {"file": g.file, **g.parity, **({"fused_ops": g.fused_ops} if g.fused_ops else {})}
                for name, g in manifest.graphs.items()}
@@ -97,7 +100,27 @@ def export(model, out, prompt_tokens, opset, fp16, int8, deep, gguf_file, force)
 
 
 # --------------------------------------------------------------------------- shared options
+TASK_FLAGS = ("task_name", "template", "labels", "task_file", "metric", "bos", "chat", "prompt_position")
+
+
 def task_options(f):
+    """The options that name a task and its framing, handed to the command as one `task_args` tuple."""
+    inner = f
+
+    @functools.wraps(inner)
+    def command(*args, **kwargs):
+        return inner(*args, task_args=tuple(kwargs.pop(k) for k in TASK_FLAGS), **kwargs)
+
+    f = command
+    f = click.option("--prompt-position", type=click.Choice(["prefix", "suffix"]),
+                     help="Decoders: prompt slots before the template (prefix) or after the text, before the "
+                          "answer cue (suffix, whose text is computed once with a --kv-cache export) "
+                          "[default: the task's, else prefix].")(f)
+    f = click.option("--chat/--no-chat", default=None,
+                     help="Decoders: wrap the template in the model's chat template [default: the task's, else no].")(f)
+    f = click.option("--bos", type=click.Choice(["auto", "always", "never"]),
+                     help="Decoders: BOS first as the tokenizer (or chat template) does, always, or never "
+                          "[default: the task's, else auto].")(f)
     f = click.option("--metric", type=click.Choice(["accuracy", "f1"]), help="Override the task's metric.")(f)
     f = click.option("--task-file", type=click.Path(dir_okay=False), help="JSON with template, labels, metric.")(f)
     f = click.option("--labels", help="Custom verbalizer: name=word,... in class order, e.g. neg=bad,pos=great.")(f)
@@ -113,14 +136,14 @@ def engine_options(f):
     return f
 
 
-def get_task(task_name, template, labels, task_file, metric):
+def get_task(task_name, template, labels, task_file, metric, bos, chat, prompt_position):
     from .tasks import resolve_task
 
-    return resolve_task(task_name, template, labels, task_file, metric)
+    return resolve_task(task_name, template, labels, task_file, metric, bos, chat, prompt_position)
 
 
 # --------------------------------------------------------------------------- tune
-TUNE_FLAGS = ("model_dir", "task_name", "template", "labels", "task_file", "metric", "data", "train", "dev", "test",
+TUNE_FLAGS = ("model_dir", *TASK_FLAGS, "data", "train", "dev", "test",
               "k_shot", "out", "prompt_tokens", "intrinsic_dim", "popsize", "budget", "sigma", "alpha",
               "random_proj", "bound", "diagonal", "loss", "eval_every", "seed", "checkpoint_every", "precision",
               "max_length", "force", "prompt_init", "method")
@@ -159,7 +182,7 @@ TUNE_FLAGS = ("model_dir", "task_name", "template", "labels", "task_file", "metr
 @click.option("--force", is_flag=True, help="Replace an earlier run in --out.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or notes.")
 @click.pass_context
-def tune(ctx, resume, quiet, device, threads, **flags):
+def tune(ctx, resume, quiet, device, threads, task_args, **flags):
     """Learn a continuous prompt with CMA-ES, using only forward calls of the exported graph.
 
     Writes prompt.npz, run.json, log.jsonl and loss.png into --out, prints the metrics JSON.
@@ -169,7 +192,7 @@ def tune(ctx, resume, quiet, device, threads, **flags):
     from .workflow import Hooks, TuneRequest, tune as run_tune
 
     if resume:
-        given = [k for k in TUNE_FLAGS if k in flags and given_on_command_line(ctx, k)]
+        given = [k for k in TUNE_FLAGS if given_on_command_line(ctx, k)]
         if given:
             raise SettingsError(f"--resume takes the run's own settings; drop "
                                 f"{', '.join('--' + g.replace('_', '-') for g in given)}")
@@ -187,7 +210,7 @@ def tune(ctx, resume, quiet, device, threads, **flags):
         if flags["train"] and not flags["dev"] and given_on_command_line(ctx, "eval_every"):
             raise SettingsError("--eval-every scores a dev set, and --train without --dev has none; add --dev or "
                                 "drop --eval-every")
-        task = get_task(flags["task_name"], flags["template"], flags["labels"], flags["task_file"], flags["metric"])
+        task = get_task(*task_args)
         config = TuneConfig(**{k: flags[k] for k in ("prompt_tokens", "intrinsic_dim", "popsize", "budget", "sigma",
                                                       "alpha", "random_proj", "bound", "diagonal", "loss",
                                                       "eval_every", "seed", "checkpoint_every", "prompt_init",
@@ -266,8 +289,8 @@ def load_run_prompt(prompt_dir, no_prompt, task_args, prompt_tokens):
             raise SettingsError("give --prompt RUN_DIR, or --no-prompt with a task to score the manual template")
         return None
     if any(a is not None for a in task_args):
-        raise SettingsError("--task/--template/--labels/--task-file/--metric come from the run with --prompt; "
-                            "drop them")
+        raise SettingsError("--task/--template/--labels/--task-file/--metric/--bos/--chat/--prompt-position come "
+                            "from the run with --prompt; drop them")
     if prompt_tokens is not None:
         raise SettingsError("--prompt-tokens comes from the run with --prompt; drop it")
     prompt = TunedPrompt.load(prompt_dir)
@@ -299,13 +322,11 @@ def template_prompt(model, task_args, prompt_tokens):
 @task_options
 @engine_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def evaluate(model_dir, prompt_dir, data, no_prompt, prompt_tokens, task_name, template, labels, task_file, metric,
-             device, precision, threads, quiet):
+def evaluate(model_dir, prompt_dir, data, no_prompt, prompt_tokens, task_args, device, precision, threads, quiet):
     """Score a tuned prompt (or the bare template) on a labelled file; prints a metrics JSON."""
     from .data import check_labels, read_examples
     from .model import Model
 
-    task_args = (task_name, template, labels, task_file, metric)
     prompt = load_run_prompt(prompt_dir, no_prompt, task_args, prompt_tokens)
     model = Model.load(model_dir, device=device, precision=precision, threads=threads,
                        deep=prompt is not None and prompt.deep)
@@ -402,8 +423,8 @@ def read_input(path: str):
 @click.option("--threads", type=click.IntRange(1), help="CPU threads for onnxruntime [default: all cores].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.pass_context
-def check(ctx, model_dir, prompt_dir, data, engines, task_name, template, labels, task_file, metric, fp32_max_diff,
-          fp32_agreement, lowp_agreement, lowp_metric_delta, threads, as_json):
+def check(ctx, model_dir, prompt_dir, data, engines, task_args, fp32_max_diff, fp32_agreement, lowp_agreement,
+          lowp_metric_delta, threads, as_json):
     """Score the same rows and prompts on several engines and compare each with CPU fp32.
 
     Exit code 0 when every engine is within tolerance (and every graph matches its sha256), 1 when one is
@@ -418,7 +439,6 @@ def check(ctx, model_dir, prompt_dir, data, engines, task_name, template, labels
 
     tolerances = c.Tolerances(fp32_max_diff, fp32_agreement, lowp_agreement, lowp_metric_delta)
     tolerances.check()
-    task_args = (task_name, template, labels, task_file, metric)
     prompt = load_run_prompt(prompt_dir, prompt_dir is None, task_args, None)
     named = parse_engines(engines) if engines else []
     manifest = load_manifest(model_dir)

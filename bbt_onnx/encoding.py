@@ -4,6 +4,10 @@ Each row becomes `[bos] + P' placeholder ids + template tokens (+ [eos] for mask
 The filled template is tokenized as one string, exactly as the model would see it; the
 tokens that came from the text fields are then known by their character offsets, so
 truncation cuts text only, never the template, the prompt slots or the mask.
+
+Decoders may frame it (tasks.Framing): BOS or not, the model's chat template around it, and
+the slots after the text instead (suffix). Then the row is tokenized in two pieces, the one
+before the slots and the one after, each as one string.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from tokenizers import Tokenizer
 from .data import Example, check_labels
 from .errors import DataError, ModelError, SettingsError
 from .manifest import Manifest
-from .tasks import Task, check_template
+from .tasks import Framing, Task, check_template
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,16 @@ class EncodedSet:
     labels: np.ndarray  # int64 [N], class index, -1 when unknown
     label_ids: np.ndarray  # int64 [K]
     truncated: int = 0  # rows whose text was cut to fit
+    prompt_pos: np.ndarray | None = None  # int64 [N]: each row's first prompt slot; None: right after BOS
+
+    @property
+    def suffix_tail(self) -> int | None:
+        """Tokens from the first prompt slot to the end when every row has the same number (a suffix prompt's
+        slots and answer cue): everything before them is then independent of the prompt; None otherwise."""
+        if self.prompt_pos is None or not len(self):
+            return None
+        tails = self.lengths - self.prompt_pos
+        return int(tails[0]) if (tails == tails[0]).all() and (self.mask_pos >= self.prompt_pos).all() else None
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -47,7 +61,8 @@ class EncodedSet:
         """Rows `index`, with padding trimmed to their own longest row."""
         width = int(self.lengths[index].max()) if len(index) else 0
         return replace(self, input_ids=self.input_ids[index, :width], attention_mask=self.attention_mask[index, :width],
-                       mask_pos=self.mask_pos[index], labels=self.labels[index], truncated=0)
+                       mask_pos=self.mask_pos[index], labels=self.labels[index], truncated=0,
+                       prompt_pos=None if self.prompt_pos is None else self.prompt_pos[index])
 
     def batches(self, rows: int) -> Iterator[tuple[np.ndarray, "EncodedSet"]]:
         """Length-sorted batches of at most `rows` rows, so little padding is computed."""
@@ -55,6 +70,29 @@ class EncodedSet:
         for start in range(0, len(order), rows):
             idx = order[start:start + rows]
             yield idx, self.take(idx)
+
+
+@dataclass(frozen=True)
+class CacheSplit:
+    """Suffix-prompt rows cut where the slots begin: the texts (right-padded) and the equal-length tails."""
+
+    text_ids: np.ndarray  # int64 [N, S]
+    text_mask: np.ndarray  # int64 [N, S]
+    tail_ids: np.ndarray  # int64 [N, U]: the slots and the answer cue
+    tail_mask_pos: np.ndarray  # int64 [N]: mask_pos within the tail
+
+
+def cache_split(batch: EncodedSet) -> CacheSplit | None:
+    """The split the cached pair of graphs takes, or None when the rows are not suffix-prompt rows."""
+    tail = batch.suffix_tail
+    if tail is None or not batch.prompt_pos.max() > 0:
+        return None
+    width = int(batch.prompt_pos.max())
+    text_mask = (np.arange(width)[None, :] < batch.prompt_pos[:, None]).astype(np.int64)
+    text_ids = np.where(text_mask == 1, batch.input_ids[:, :width], 0).astype(np.int64)
+    tail_ids = np.take_along_axis(batch.input_ids, batch.prompt_pos[:, None] + np.arange(tail)[None, :], axis=1)
+    return CacheSplit(text_ids, text_mask, np.ascontiguousarray(tail_ids),
+                      (batch.mask_pos - batch.prompt_pos).astype(np.int64))
 
 
 def load_tokenizer(manifest: Manifest) -> Tokenizer:
@@ -103,12 +141,49 @@ def init_placeholders(tokenizer: Tokenizer, text: str, prompt_tokens: int) -> li
     return ids
 
 
+SLOTS = "@slots"  # the owner of the marker that stands for the prompt slots while a row is cut to fit
+
+
+def check_framing(task: Task, manifest: Manifest) -> None:
+    """A framing the model can honour; each refusal is a user mistake."""
+    f = task.framing
+    if manifest.kind == "masked":
+        if f != Framing():
+            raise SettingsError("--bos, --chat and --prompt-position are for decoders; a masked LM keeps the "
+                                "reference's prompt right after <s>")
+        return
+    if f.chat and not manifest.has_chat:
+        raise SettingsError("--chat needs the model's chat template, and this model directory has none (its "
+                            "tokenizer ships none, or it was exported before chat templates were recorded: re-export)")
+    if f.bos == "always" and manifest.bos_token_id is None and manifest.bos_id is None:
+        raise SettingsError("--bos always: this model's tokenizer has no BOS token")
+
+
+def bos_ids(task: Task, manifest: Manifest) -> list[int]:
+    """The BOS the framing asks for: auto follows the tokenizer, or the chat template (which writes its own)."""
+    bos = task.framing.bos
+    if bos == "never" or (bos == "auto" and task.framing.chat):
+        return []
+    token = manifest.bos_id if bos == "auto" else next(i for i in (manifest.bos_token_id, manifest.bos_id)
+                                                       if i is not None)
+    return [] if token is None else [token]
+
+
+def lstrip_parts(parts: list) -> list:
+    """Template parts with the whitespace at their start removed: the chat markup brings its own."""
+    if not parts:
+        return parts
+    literal, *rest = parts[0]
+    return [(literal.lstrip(), *rest)] + parts[1:]
+
+
 class Encoder:
     """Turns examples into an EncodedSet for one (model, task, prompt length)."""
 
     def __init__(self, tokenizer: Tokenizer, manifest: Manifest, task: Task, prompt_tokens: int,
                  max_length: int | None = None, placeholder_ids: Sequence[int] | None = None):
         check_template(task.template, manifest.kind)
+        check_framing(task, manifest)
         if not 0 <= prompt_tokens <= manifest.prompt_tokens:
             raise SettingsError(f"--prompt-tokens {prompt_tokens} is outside 0..{manifest.prompt_tokens}, "
                            "the most this model was exported for (re-export with a larger --prompt-tokens)")
@@ -123,15 +198,29 @@ class Encoder:
         self.max_length = min(max_length or manifest.max_positions, manifest.max_positions)
         self.label_ids, self.warnings = label_token_ids(tokenizer, task.label_words, manifest.label_prefix)
         self.placeholder_ids = [int(i) for i in placeholder_ids]
-        self.head = ([manifest.bos_id] if manifest.bos_id is not None else []) + self.placeholder_ids
+        self.lead = bos_ids(task, manifest)
         self.tail = [manifest.eos_id] if manifest.appends_eos else []
         self.mask_text = tokenizer.id_to_token(manifest.mask_id) if manifest.kind == "masked" else ""
-        self.parts = list(string.Formatter().parse(task.template))
+        self.before, self.after = self._pieces(list(string.Formatter().parse(task.template)))
 
-    def _render(self, ex: Example) -> tuple[str, dict[str, tuple[int, int]]]:
+    def _pieces(self, parts: list) -> tuple[list, list]:
+        """The template parts before the prompt slots and after them."""
+        framing = self.task.framing
+        last = max(i for i, part in enumerate(parts) if part[1] in ("text", "text_b"))
+        body, cue = parts[:last + 1], parts[last + 1:]
+        if framing.chat:
+            body = [(self.manifest.chat_prefix, None, None, None)] + lstrip_parts(body)
+            cue = [(self.manifest.chat_suffix, None, None, None)] + lstrip_parts(cue)
+        if framing.position == "suffix":
+            return body, cue
+        if framing.chat:  # the slots open the user turn
+            return body[:1], body[1:] + cue
+        return [], parts
+
+    def _render(self, parts: list, ex: Example) -> tuple[str, dict[str, tuple[int, int]]]:
         out, spans = [], {}
         pos = 0
-        for literal, field, _, _ in self.parts:
+        for literal, field, _, _ in parts:
             out.append(literal)
             pos += len(literal)
             if field is None:
@@ -149,27 +238,36 @@ class Encoder:
             pos += len(value)
         return "".join(out), spans
 
+    def _tokenize(self, parts: list, examples: Sequence[Example]) -> list[tuple[list[int], list[str | None]]]:
+        if not parts:
+            return [([], [])] * len(examples)
+        rendered = [self._render(parts, e) for e in examples]
+        encs = self.tokenizer.encode_batch([r[0] for r in rendered], add_special_tokens=False)
+        return [self._own(enc, spans) for (_, spans), enc in zip(rendered, encs)]
+
     def encode(self, examples: Sequence[Example]) -> EncodedSet:
         if not examples:
             raise DataError("no rows to encode")
-        rendered = [self._render(e) for e in examples]
-        encs = self.tokenizer.encode_batch([r[0] for r in rendered], add_special_tokens=False)
-        rows, mask_pos, truncated = [], [], 0
-        fixed = len(self.head) + len(self.tail)
-        for (text, spans), enc in zip(rendered, encs):
-            ids, owner = self._own(enc, spans)
-            over = fixed + len(ids) - self.max_length
+        rows, mask_pos, prompt_pos, truncated = [], [], [], 0
+        fixed = len(self.lead) + len(self.placeholder_ids) + len(self.tail)
+        for ex, left, right in zip(examples, self._tokenize(self.before, examples), self._tokenize(self.after, examples)):
+            ids, owner = left[0] + [-1] + right[0], left[1] + [SLOTS] + right[1]  # -1 marks where the slots go
+            over = fixed + len(ids) - 1 - self.max_length
             if over > 0:
                 ids, owner = self._truncate(ids, owner, over)
                 truncated += 1
+            cut = owner.index(SLOTS)
+            row = self.lead + ids[:cut] + self.placeholder_ids + ids[cut + 1:] + self.tail
+            owner = [None] * len(self.lead) + owner[:cut] + [SLOTS] * len(self.placeholder_ids) + owner[cut + 1:]
             if self.manifest.kind == "masked":
                 if "mask" not in owner:
-                    raise DataError(f"the mask token vanished while tokenizing {text[:80]!r}")
-                mp = len(self.head) + owner.index("mask")
+                    raise DataError(f"the mask token vanished while tokenizing {self._render(self.after, ex)[0][:80]!r}")
+                mp = owner.index("mask")
             else:
-                mp = len(self.head) + len(ids) - 1
-            rows.append(self.head + ids + self.tail)
+                mp = len(row) - 1
+            rows.append(row)
             mask_pos.append(mp)
+            prompt_pos.append(len(self.lead) + cut)
         width = max(len(r) for r in rows)
         input_ids = np.full((len(rows), width), self.manifest.pad_id, dtype=np.int64)
         attention = np.zeros((len(rows), width), dtype=np.int64)
@@ -179,7 +277,7 @@ class Encoder:
         check_labels([e for e in examples if e.label is not None], self.task.label_keys, "the rows")
         labels = np.array([-1 if e.label is None else self.task.class_index(e.label) for e in examples], dtype=np.int64)
         return EncodedSet(input_ids, attention, np.array(mask_pos, dtype=np.int64), labels,
-                          np.array(self.label_ids, dtype=np.int64), truncated)
+                          np.array(self.label_ids, dtype=np.int64), truncated, np.array(prompt_pos, dtype=np.int64))
 
     @staticmethod
     def _own(enc, spans: dict[str, tuple[int, int]]) -> tuple[list[int], list[str | None]]:

@@ -13,15 +13,16 @@ from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 
-from .encoding import EncodedSet, length_buckets
+from .encoding import CacheSplit, EncodedSet, cache_split, length_buckets
 from .errors import ModelError, SettingsError
 from .fileio import sha256_file
-from .manifest import DEEP_INPUTS, GRAPH_INPUTS, GRAPH_OUTPUTS, Manifest, graph_key
+from .manifest import GRAPH_OUTPUTS, PROMPT_POS, TEXT_OUTPUTS, GraphSpec, Manifest, graph_key
 
 DEVICES = ("cpu", "cuda")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 ROW_INPUTS = ("input_ids", "attention_mask", "mask_pos", "label_ids")
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+KV_CACHE_LIMIT = 4 << 30  # bytes of cached text keys and values an engine may hold
 
 
 @runtime_checkable
@@ -74,53 +75,22 @@ class OrtEngine:
     """One onnxruntime session over one graph of a model directory, created once."""
 
     def __init__(self, manifest: Manifest, precision: str = "fp32", device: str = "cpu",
-                 threads: int | None = None, verify: bool = True, max_buckets: int | None = None, deep: bool = False):
-        import onnxruntime as ort
-
+                 threads: int | None = None, verify: bool = True, max_buckets: int | None = None, deep: bool = False,
+                 kv_cache: bool | None = None, kv_cache_limit: int = KV_CACHE_LIMIT):
         if device not in DEVICES:
             raise SettingsError(f"--device {device!r} is not one of {', '.join(DEVICES)}")
-        spec = manifest.graph(precision, deep)
-        path = manifest.graph_path(precision, deep)
-        if verify and sha256_file(path) != spec.sha256:
-            raise ModelError(f"{path} does not match the sha256 in its manifest: the graph was changed or "
-                           "half-copied; re-export the model")
-        provider = PROVIDERS[device]
-        if device == "cuda" and hasattr(ort, "preload_dlls"):
-            try:  # CUDA and cuDNN from the nvidia-* wheels (torch's), when the system has none on its path
-                ort.preload_dlls()
-            except Exception:  # noqa: BLE001 - best effort; the provider check below says what is missing
-                pass
-        available = ort.get_available_providers()
-        if provider not in available:
-            raise ModelError(f"--device {device} needs onnxruntime's {provider}, which this install lacks "
-                           f"(available: {', '.join(available)}); install the gpu extra (onnxruntime-gpu) "
-                           "in an environment without the CPU onnxruntime")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or cpu_threads()
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
-        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-            raise ModelError(f"onnxruntime cannot load {path} on {device}: {str(exc).splitlines()[0][:300]}") from None
-        got = self.session.get_providers()
-        if not got or got[0] != provider:
-            raise ModelError(f"onnxruntime fell back to {got} instead of {provider}: check the CUDA and cuDNN "
-                           "libraries onnxruntime-gpu needs; refusing to run on CPU silently")
-        names = [i.name for i in self.session.get_inputs()]
-        outs = [o.name for o in self.session.get_outputs()]
-        contract = DEEP_INPUTS if deep else GRAPH_INPUTS
-        if sorted(names) != sorted(contract) or outs != list(GRAPH_OUTPUTS):
-            raise ModelError(f"{path} has inputs {names} and outputs {outs}, not the bbt-onnx contract "
-                             f"{list(contract)} -> {list(GRAPH_OUTPUTS)}; re-export the model")
-        self.prompt_dtype = ORT_TYPES[next(i.type for i in self.session.get_inputs() if i.name == "prompt_embeds")]
         self.manifest = manifest
         self.precision = precision
         self.deep = deep
-        self.graph = graph_key(precision, deep)
         self.device = device
-        self.provider = provider
+        self.provider = PROVIDERS[device]
+        self.threads = threads
+        self.verify = verify
+        self.graph = graph_key(precision, deep)
+        self.session = self._open(manifest.graph(precision, deep))
+        names = [i.name for i in self.session.get_inputs()]
+        self.takes_prompt_pos = PROMPT_POS in names
+        self.prompt_dtype = ORT_TYPES[next(i.type for i in self.session.get_inputs() if i.name == "prompt_embeds")]
         self.hidden_size = manifest.hidden_size
         # On CPU, padding is computed like any token: rows of similar length go in one call. A GPU
         # prefers one large call.
@@ -128,7 +98,58 @@ class OrtEngine:
         # On CUDA the rows are bound on the device once per batch; each call uploads only the prompts
         # and downloads only [C, N, K].
         self.io_binding = device == "cuda"
+        self.row_inputs = ROW_INPUTS + ((PROMPT_POS,) if self.takes_prompt_pos else ())
         self._plans: dict[int, tuple[np.ndarray, list[Part]]] = {}
+        # Suffix prompts on a decoder: the text's keys and values once per set of rows, then only the tails.
+        has_pair = not deep and manifest.has_cache_graphs(precision)
+        if kv_cache and not has_pair:
+            raise ModelError(f"the model has no cached pair of graphs for {graph_key(precision, deep)} (re-export "
+                             "a decoder with --kv-cache; BBTv2's deep graph has none)")
+        self.kv_cache = has_pair if kv_cache is None else bool(kv_cache)
+        self.kv_cache_limit = kv_cache_limit
+        self._text = self._tail = None
+        self._cached_bytes = 0
+
+    def _open(self, spec: GraphSpec):
+        """One onnxruntime session over one graph, its file checked against the manifest first."""
+        import onnxruntime as ort
+
+        path = self.manifest.directory / spec.file
+        if self.verify and sha256_file(path) != spec.sha256:
+            raise ModelError(f"{path} does not match the sha256 in its manifest: the graph was changed or "
+                           "half-copied; re-export the model")
+        provider = self.provider
+        if self.device == "cuda" and hasattr(ort, "preload_dlls"):
+            try:  # CUDA and cuDNN from the nvidia-* wheels (torch's), when the system has none on its path
+                ort.preload_dlls()
+            except Exception:  # noqa: BLE001 - best effort; the provider check below says what is missing
+                pass
+        available = ort.get_available_providers()
+        if provider not in available:
+            raise ModelError(f"--device {self.device} needs onnxruntime's {provider}, which this install lacks "
+                           f"(available: {', '.join(available)}); install the gpu extra (onnxruntime-gpu) "
+                           "in an environment without the CPU onnxruntime")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads or cpu_threads()
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+            raise ModelError(f"onnxruntime cannot load {path} on {self.device}: "
+                             f"{str(exc).splitlines()[0][:300]}") from None
+        got = session.get_providers()
+        if not got or got[0] != provider:
+            raise ModelError(f"onnxruntime fell back to {got} instead of {provider}: check the CUDA and cuDNN "
+                           "libraries onnxruntime-gpu needs; refusing to run on CPU silently")
+        names = [i.name for i in session.get_inputs()]
+        outs = [o.name for o in session.get_outputs()]
+        if not spec.keeps_contract(names, outs):
+            inputs, outputs = spec.contract()
+            raise ModelError(f"{path} has inputs {names} and outputs {outs}, not the bbt-onnx contract "
+                             f"{list(inputs)} -> {list(outputs)}; re-export the model")
+        return session
 
     def label_logits(self, prompt_embeds: np.ndarray, batch: EncodedSet) -> np.ndarray:
         if self.deep:  # the deep graph scores plain prompts as layer 0's, with no prompt on the other layers
@@ -156,6 +177,9 @@ class OrtEngine:
         return prompts
 
     def _score(self, prompts: np.ndarray, batch: EncodedSet, extra: dict) -> np.ndarray:
+        self._check_positions(batch)
+        if self.kv_cache and not extra and cache_split(batch) is not None:
+            return self._score_cached(prompts, batch)
         parts = self._plan(batch)
         if len(parts) == 1:
             return self._run(prompts, parts[0], extra)
@@ -164,18 +188,88 @@ class OrtEngine:
             out[:, part.index] = self._run(prompts, part, extra)
         return out
 
-    def _plan(self, batch: EncodedSet) -> list["Part"]:
+    def _check_positions(self, batch: EncodedSet) -> None:
+        if self.takes_prompt_pos or batch.prompt_pos is None or (batch.prompt_pos == self.manifest.prompt_start).all():
+            return
+        raise ModelError(f"the {self.graph} graph puts the prompt right after BOS only, and these rows have it "
+                         "elsewhere (--bos, --chat or --prompt-position suffix); re-export the model")
+
+    def _score_cached(self, prompts: np.ndarray, batch: EncodedSet) -> np.ndarray:
+        """Suffix prompts: each length bucket's text through the text graph once (kept), then the tail graph."""
+        out = np.empty((prompts.shape[0], len(batch), len(batch.label_ids)), np.float32)
+        for part in self._plan(batch, cached=True):
+            feeds = {"text_mask": part.split.text_mask, "tail_ids": part.split.tail_ids,
+                     "mask_pos": part.split.tail_mask_pos, "prompt_embeds": prompts, "label_ids": part.batch.label_ids}
+            out[:, part.index] = self._run_tail(part.text_kv, feeds)
+        return out
+
+    def _cache_pair(self):
+        if self._text is None:
+            graphs = self.manifest.graphs
+            self._text = self._open(graphs[graph_key(self.precision, part="text")])
+            self._tail = self._open(graphs[graph_key(self.precision, part="tail")])
+            shape = next(i.shape for i in self._tail.get_inputs() if i.name == "text_kv")
+            self._kv_unit = int(np.prod([d for d in shape if isinstance(d, int)])) * 4  # bytes per row and token
+        return self._text, self._tail
+
+    def _text_kv(self, split: CacheSplit):
+        """Every layer's keys and values for these texts, on the engine's device."""
+        text, _ = self._cache_pair()
+        need = self._kv_unit * split.text_ids.size
+        if need > self.kv_cache_limit:
+            raise SettingsError(f"the cached keys and values of these {len(split.text_ids)} rows would take "
+                                f"{need / 2**30:.1f} GiB, over the engine's limit of {self.kv_cache_limit / 2**30:.1f} "
+                                "GiB; use fewer training rows or a smaller --max-length, or tune with a prefix prompt")
+        if self._cached_bytes + need > self.kv_cache_limit:
+            self._plans.clear()  # drop every cached text: the new rows come first
+            self._cached_bytes = 0
+        self._cached_bytes += need
+        feeds = {"input_ids": split.text_ids, "attention_mask": split.text_mask}
+        if not self.io_binding:
+            return text.run(list(TEXT_OUTPUTS), feeds)[0]
+        import onnxruntime as ort
+
+        binding = text.io_binding()
+        for name, value in feeds.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, self.device, 0))
+        binding.bind_output(TEXT_OUTPUTS[0], self.device)
+        text.run_with_iobinding(binding)
+        return binding.get_outputs()[0]  # stays on the device
+
+    def _run_tail(self, text_kv, feeds: dict) -> np.ndarray:
+        _, tail = self._cache_pair()
+        if not self.io_binding:
+            return np.asarray(tail.run(list(GRAPH_OUTPUTS), {"text_kv": text_kv, **feeds})[0], dtype=np.float32)
+        import onnxruntime as ort
+
+        binding = tail.io_binding()
+        binding.bind_ortvalue_input("text_kv", text_kv)
+        for name, value in feeds.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device, 0))
+        binding.bind_output(GRAPH_OUTPUTS[0], "cpu")
+        tail.run_with_iobinding(binding)
+        return np.asarray(binding.copy_outputs_to_cpu()[0], dtype=np.float32)
+
+    def _plan(self, batch: EncodedSet, cached: bool = False) -> list["Part"]:
         """How a batch is run: its length buckets, with their rows on the device when binding. Cached,
         since the training set is scored every generation."""
-        key = id(batch.attention_mask)
+        key = (id(batch.attention_mask), cached)
         hit = self._plans.get(key)
         if hit is None or hit[0] is not batch.attention_mask:
             if len(self._plans) >= 8:
                 self._plans.clear()
-            groups = length_buckets(batch.lengths, self.max_buckets)
+                self._cached_bytes = 0
+            lengths = batch.prompt_pos if cached else batch.lengths  # a cached text's length is its cost
+            groups = length_buckets(lengths, self.max_buckets)
             subsets = [batch] if len(groups) == 1 else [batch.take(g) for g in groups]
-            parts = [Part(g, sub, self._bind_rows(sub) if self.io_binding else None)
-                     for g, sub in zip(groups, subsets)]
+            if cached:
+                parts = []
+                for g, sub in zip(groups, subsets):
+                    split = cache_split(sub)
+                    parts.append(Part(g, sub, split=split, text_kv=self._text_kv(split)))
+            else:
+                parts = [Part(g, sub, self._bind_rows(sub) if self.io_binding else None)
+                         for g, sub in zip(groups, subsets)]
             hit = (batch.attention_mask, parts)
             self._plans[key] = hit
         return hit[1]
@@ -183,13 +277,19 @@ class OrtEngine:
     def _bind_rows(self, batch: EncodedSet) -> dict:
         import onnxruntime as ort
 
-        return {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(getattr(batch, name)), self.device, 0)
-                for name in ROW_INPUTS}
+        return {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(self._row_input(batch, name)),
+                                                        self.device, 0)
+                for name in self.row_inputs}
+
+    def _row_input(self, batch: EncodedSet, name: str) -> np.ndarray:
+        if name == PROMPT_POS and batch.prompt_pos is None:
+            return np.full(len(batch), self.manifest.prompt_start, np.int64)
+        return getattr(batch, name)
 
     def _run(self, prompts: np.ndarray, part: "Part", extra: dict) -> np.ndarray:
         """One session call; `extra` holds the deep graph's per-call inputs."""
         if part.device_rows is None:
-            feeds = {name: getattr(part.batch, name) for name in ROW_INPUTS}
+            feeds = {name: self._row_input(part.batch, name) for name in self.row_inputs}
             feeds.update(extra, prompt_embeds=prompts)
             return np.asarray(self.session.run(list(GRAPH_OUTPUTS), feeds)[0], dtype=np.float32)
         import onnxruntime as ort
@@ -211,3 +311,5 @@ class Part:
     index: np.ndarray
     batch: EncodedSet
     device_rows: dict | None = None
+    split: CacheSplit | None = None  # suffix rows: the texts and tails of the cached pair
+    text_kv: object = None  # their keys and values (numpy, or an OrtValue on the device)

@@ -21,12 +21,20 @@ KINDS = ("masked", "causal")
 PRECISIONS = ("fp32", "fp16", "int8")
 GRAPH_INPUTS = ("input_ids", "attention_mask", "mask_pos", "prompt_embeds", "label_ids")
 DEEP_INPUTS = GRAPH_INPUTS + ("deep_prompts", "prompt_layer")  # BBTv2: a prompt on every layer's input
+PROMPT_POS = "prompt_pos"  # decoders' graphs: each row's first prompt slot [N] (older graphs fix it after BOS)
 GRAPH_OUTPUTS = ("label_logits",)
+# the cached pair for suffix prompts: the text graph computes every layer's keys and values once, the tail
+# graph scores C prompts on the P slots and the answer cue, attending to them
+TEXT_INPUTS = ("input_ids", "attention_mask")
+TEXT_OUTPUTS = ("text_kv",)  # [L, 2, N, kv_heads, T, head_dim]
+TAIL_INPUTS = ("text_kv", "text_mask", "tail_ids", "mask_pos", "prompt_embeds", "label_ids")
+PARTS = ("text", "tail")
 
 
-def graph_key(precision: str, deep: bool = False) -> str:
-    """The manifest's name for a graph: `fp32`, or `deep-fp32` for the deep-prompt variant."""
-    return f"deep-{precision}" if deep else precision
+def graph_key(precision: str, deep: bool = False, part: str = "") -> str:
+    """The manifest's name for a graph: `fp32`, `deep-fp32` for the deep-prompt variant, `text-fp32` and
+    `tail-fp32` for the cached pair."""
+    return f"{part}-{precision}" if part else f"deep-{precision}" if deep else precision
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,20 @@ class GraphSpec:
     parity: dict[str, Any] = field(default_factory=dict)
     fused_ops: dict[str, int] = field(default_factory=dict)
     deep: bool = False  # takes deep_prompts [L, P', H] and prompt_layer too (BBTv2)
+    part: str = ""  # "text" or "tail": one half of the cached pair for suffix prompts
+
+    def contract(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The inputs and outputs a graph of this kind must have (besides a decoder's optional prompt_pos)."""
+        if self.part == "text":
+            return TEXT_INPUTS, TEXT_OUTPUTS
+        if self.part == "tail":
+            return TAIL_INPUTS, GRAPH_OUTPUTS
+        return (DEEP_INPUTS if self.deep else GRAPH_INPUTS), GRAPH_OUTPUTS
+
+    def keeps_contract(self, inputs: list[str], outputs: list[str]) -> bool:
+        want_in, want_out = self.contract()
+        return sorted(n for n in inputs if n != PROMPT_POS or self.part) == sorted(want_in) and \
+            list(outputs) == list(want_out)
 
 
 @dataclass(frozen=True)
@@ -77,6 +99,10 @@ class Manifest:
     # BBTv2's projection scale per layer: [0] the word embeddings' std, [i] the clipped std of the hidden
     # states entering layer i, measured at export; empty for models exported before it existed
     layer_std: tuple[float, ...] = ()
+    bos_token_id: int | None = None  # the tokenizer's BOS token, added or not (for `bos: always`)
+    # the chat template rendered around one user message: before it, and from its end to the assistant's reply
+    chat_prefix: str | None = None
+    chat_suffix: str | None = None
     format_version: int = FORMAT_VERSION
     directory: Path | None = field(default=None, compare=False)
 
@@ -103,6 +129,13 @@ class Manifest:
     def graph_path(self, precision: str, deep: bool = False) -> Path:
         assert self.directory is not None
         return self.directory / self.graph(precision, deep).file
+
+    def has_cache_graphs(self, precision: str) -> bool:
+        return all(graph_key(precision, part=p) in self.graphs for p in PARTS)
+
+    @property
+    def has_chat(self) -> bool:
+        return self.chat_prefix is not None and self.chat_suffix is not None
 
     @property
     def tokenizer_path(self) -> Path:
@@ -140,6 +173,7 @@ def _graph(raw: dict[str, Any]) -> GraphSpec:
         parity=dict(raw.get("parity", {})),
         fused_ops={str(k): int(v) for k, v in raw.get("fused_ops", {}).items()},
         deep=bool(raw.get("deep", False)),
+        part=str(raw.get("part", "")),
     )
 
 
@@ -185,6 +219,9 @@ def load_manifest(model_dir: str | Path) -> Manifest:
             graphs={str(k): _graph(v) for k, v in raw["graphs"].items()},
             gguf_file=raw.get("gguf_file"),
             layer_std=tuple(float(v) for v in raw.get("layer_std", ())),
+            bos_token_id=None if raw.get("bos_token_id") is None else int(raw["bos_token_id"]),
+            chat_prefix=None if raw.get("chat_prefix") is None else str(raw["chat_prefix"]),
+            chat_suffix=None if raw.get("chat_suffix") is None else str(raw["chat_suffix"]),
             directory=directory,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -204,7 +241,7 @@ def _check(m: Manifest, path: Path) -> None:
     if not m.graphs:
         problems.append("no graphs listed")
     for name, g in m.graphs.items():
-        if g.precision not in PRECISIONS or name != graph_key(g.precision, g.deep):
+        if g.precision not in PRECISIONS or g.part not in ("", *PARTS) or name != graph_key(g.precision, g.deep, g.part):
             problems.append(f"graph entry {name!r} has precision {g.precision!r}{' (deep)' if g.deep else ''}")
         if not (m.directory / g.file).is_file():  # type: ignore[operator]
             problems.append(f"graph file {g.file} is missing")

@@ -9,13 +9,55 @@ from __future__ import annotations
 
 import json
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import SettingsError
 
 FIELDS = ("text", "text_b", "mask")
 METRICS = ("accuracy", "f1")
+BOS_CHOICES = ("auto", "always", "never")  # auto: as the model's tokenizer does
+POSITIONS = ("prefix", "suffix")
+
+
+@dataclass(frozen=True)
+class Framing:
+    """What goes around the filled template on a decoder, recorded with the task so that prompts reproduce.
+
+    `bos`: put the BOS token first as the tokenizer does (auto), always, or never. `chat`: wrap the template in
+    the model's chat template (the text in the user turn, the answer cue opening the assistant turn).
+    `position`: the prompt slots before the template (prefix) or right after the text, before the answer cue
+    (suffix), where every text token is independent of the prompt and its keys and values can be cached.
+    """
+
+    bos: str = "auto"
+    chat: bool = False
+    position: str = "prefix"
+
+    def to_json(self) -> dict:
+        """Only what differs from the defaults, so tasks written before framing existed read back equal."""
+        default = Framing()
+        return {k: v for k, v in (("bos", self.bos), ("chat", self.chat), ("prompt_position", self.position))
+                if v != getattr(default, "position" if k == "prompt_position" else k)}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "Framing":
+        return make_framing(raw.get("bos"), raw.get("chat"), raw.get("prompt_position"))
+
+
+def make_framing(bos: str | None = None, chat: bool | None = None, position: str | None = None,
+                 base: "Framing" = Framing()) -> Framing:
+    """`base` with the given values replaced, each checked."""
+    bos = base.bos if bos is None else bos
+    position = base.position if position is None else position
+    chat = base.chat if chat is None else chat
+    if bos not in BOS_CHOICES:
+        raise SettingsError(f"bos {bos!r} is not one of {', '.join(BOS_CHOICES)}")
+    if position not in POSITIONS:
+        raise SettingsError(f"prompt position {position!r} is not one of {', '.join(POSITIONS)}")
+    if not isinstance(chat, bool):
+        raise SettingsError(f"chat must be true or false, got {chat!r}")
+    return Framing(bos, chat, position)
 
 
 @dataclass(frozen=True)
@@ -32,6 +74,7 @@ class Task:
     template: str
     labels: tuple[tuple[str, str], ...]
     metric: str = "accuracy"
+    framing: Framing = Framing()
 
     @property
     def label_keys(self) -> tuple[str, ...]:
@@ -53,14 +96,15 @@ class Task:
 
     def to_json(self) -> dict:
         return {"name": self.name, "template": self.template,
-                "labels": [list(p) for p in self.labels], "metric": self.metric}
+                "labels": [list(p) for p in self.labels], "metric": self.metric, **self.framing.to_json()}
 
     @classmethod
     def from_json(cls, raw: dict) -> "Task":
         labels = raw["labels"]
         pairs = tuple(labels.items()) if isinstance(labels, dict) else tuple(tuple(p) for p in labels)
         return make_task(str(raw.get("name", "custom")), str(raw["template"]),
-                         tuple((str(k), str(w)) for k, w in pairs), str(raw.get("metric", "accuracy")))
+                         tuple((str(k), str(w)) for k, w in pairs), str(raw.get("metric", "accuracy")),
+                         Framing.from_json(raw))
 
 
 def _pairs(words: list[str]) -> tuple[tuple[str, str], ...]:
@@ -108,7 +152,8 @@ def check_template(template: str, kind: str = "masked") -> None:
         raise SettingsError("for a causal LM {mask} may only end the template: the label word is the next token")
 
 
-def make_task(name: str, template: str, labels: tuple[tuple[str, str], ...], metric: str = "accuracy") -> Task:
+def make_task(name: str, template: str, labels: tuple[tuple[str, str], ...], metric: str = "accuracy",
+              framing: Framing = Framing()) -> Task:
     template_fields(template)
     if len(labels) < 2:
         raise SettingsError("a task needs at least two labels")
@@ -121,7 +166,7 @@ def make_task(name: str, template: str, labels: tuple[tuple[str, str], ...], met
         raise SettingsError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
     if metric == "f1" and len(labels) != 2:
         raise SettingsError("f1 is defined here for two labels (the second is the positive class)")
-    return Task(name, template, tuple(labels), metric)
+    return Task(name, template, tuple(labels), metric, framing)
 
 
 def parse_labels(spec: str) -> tuple[tuple[str, str], ...]:
@@ -153,13 +198,20 @@ def load_task_file(path: str | Path) -> Task:
 
 
 def resolve_task(name: str | None = None, template: str | None = None, labels: str | None = None,
-                 task_file: str | Path | None = None, metric: str | None = None) -> Task:
-    """One task from the CLI's three ways of naming it: a preset, flags, or a file."""
+                 task_file: str | Path | None = None, metric: str | None = None, bos: str | None = None,
+                 chat: bool | None = None, position: str | None = None) -> Task:
+    """One task from the CLI's three ways of naming it: a preset, flags, or a file; `bos`, `chat` and
+    `position` override the framing (a task file may set its own)."""
+    task = _named_task(name, template, labels, task_file, metric)
+    return replace(task, framing=make_framing(bos, chat, position, task.framing))
+
+
+def _named_task(name, template, labels, task_file, metric) -> Task:
     if task_file is not None:
         if name or template or labels:
             raise SettingsError("--task-file cannot be combined with --task, --template or --labels")
         task = load_task_file(task_file)
-        return make_task(task.name, task.template, task.labels, metric or task.metric)
+        return make_task(task.name, task.template, task.labels, metric or task.metric, task.framing)
     if name is not None:
         if name not in PRESETS:
             raise SettingsError(f"unknown task {name!r}; presets: {', '.join(PRESETS)} "

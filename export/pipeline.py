@@ -18,12 +18,13 @@ from bbt_onnx.encoding import Encoder
 from bbt_onnx.errors import SettingsError, StorageError
 from bbt_onnx.fileio import sha256_file, storage_error, umask
 from bbt_onnx.manifest import GraphSpec, Manifest, TensorSpec, graph_key
-from bbt_onnx.tasks import Task
+from bbt_onnx.tasks import Framing, Task
 
 from . import optimize, validate
 from .errors import ExportError
 from .loading import Loaded, load_model
-from .wrappers import DEEP_DYNAMIC_AXES, DEEP_INPUT_NAMES, DYNAMIC_AXES, INPUT_NAMES, OUTPUT_NAMES, scorer_for
+from .wrappers import (CACHE_AXES, DYNAMIC_AXES, OUTPUT_NAMES, TAIL_NAMES, TEXT_NAMES, CausalTailGraph, CausalTextGraph,
+                       input_names, scorer_for)
 
 GRAPH_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 PLACEHOLDER_OFFSET = 1000  # the reference's prompt tokens are ids 1000..1000+P
@@ -49,6 +50,7 @@ class ExportOptions:
     force: bool = False
     gguf_file: str | None = None
     deep: bool = False  # also the deep-prompt (BBTv2) graph in every precision asked for
+    kv_cache: bool = False  # also the text/tail pair that caches the text for suffix prompts (decoders, fp32)
 
     def check(self) -> None:
         """Settings first: nothing is loaded or written for a value that cannot work."""
@@ -100,6 +102,7 @@ def special_ids(tokenizer, kind: str) -> dict[str, int | None]:
     """The ids a row is built from. A causal LM's BOS counts only when its tokenizer adds it;
     without a pad token, padding reuses EOS (the attention mask hides it)."""
     ids = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "mask")}
+    ids["bos_token"] = ids["bos"]
     if kind == "causal":
         ids["mask"] = None
         probe = tokenizer("a")["input_ids"]
@@ -108,6 +111,25 @@ def special_ids(tokenizer, kind: str) -> dict[str, int | None]:
     if ids["pad"] is None:
         ids["pad"] = next((i for i in (ids["eos"], ids["bos"]) if i is not None), 0)
     return ids
+
+
+CHAT_SENTINEL = "\x00bbt-onnx-user-message\x00"
+
+
+def chat_strings(tokenizer) -> tuple[str | None, str | None]:
+    """The chat template rendered around one user message and the opening of the assistant's reply, as the two
+    strings around it: the runtime has no jinja. (None, None) when the tokenizer has no chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None, None
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_SENTINEL}], tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - a template that cannot render a lone user turn is not offered
+        return None, None
+    if not isinstance(text, str) or text.count(CHAT_SENTINEL) != 1:
+        return None, None
+    before, after = text.split(CHAT_SENTINEL)
+    return before, after
 
 
 def tensor_specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
@@ -123,29 +145,33 @@ def tensor_specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, 
     return tuple(spec(v) for v in graph.input if v.name not in init), tuple(spec(v) for v in graph.output)
 
 
-def export_onnx(scorer, sample: validate.ParityInputs, path: Path, opset: int, deep: bool = False) -> None:
+def export_onnx(scorer, feeds: dict[str, np.ndarray], path: Path, opset: int, names: tuple[list[str], list[str]],
+                axes: dict) -> None:
     import torch
 
-    args = tuple(torch.from_numpy(v) for v in sample.feeds().values())
+    args = tuple(torch.from_numpy(v) for v in feeds.values())
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(scorer, args, str(path), dynamo=False, opset_version=opset,
-                          input_names=DEEP_INPUT_NAMES if deep else INPUT_NAMES, output_names=OUTPUT_NAMES,
-                          dynamic_axes=DEEP_DYNAMIC_AXES if deep else DYNAMIC_AXES, do_constant_folding=True)
+        torch.onnx.export(scorer, args, str(path), dynamo=False, opset_version=opset, input_names=names[0],
+                          output_names=names[1], dynamic_axes=axes, do_constant_folding=True)
 
 
 def parity_inputs(manifest: Manifest, tokenizer, prompt_count: int = 3, seed: int = 0) -> validate.ParityInputs:
-    """Padded, tokenized texts through the runtime's own encoder, random prompts at the embedding scale."""
+    """Padded, tokenized texts through the runtime's own encoder, random prompts at the embedding scale. A
+    decoder's rows carry a suffix prompt, so the slots sit at a different position in every row."""
     rng = np.random.default_rng(seed)
-    template = " . {text} . It was {mask} ." if manifest.kind == "masked" else " {text}\nAnswer:"
-    task = Task("parity", template, (("0", "a"), ("1", "b")))
+    if manifest.kind == "masked":
+        task = Task("parity", " . {text} . It was {mask} .", (("0", "a"), ("1", "b")))
+    else:
+        task = Task("parity", " {text}\nAnswer:", (("0", "a"), ("1", "b")), framing=Framing(position="suffix"))
     enc = Encoder(tokenizer, manifest, task, manifest.prompt_tokens).encode([Example(t) for t in PARITY_TEXTS])
     specials = {i for i in (manifest.bos_id, manifest.eos_id, manifest.pad_id, manifest.mask_id) if i is not None}
     labels = rng.choice([i for i in range(manifest.vocab_size) if i not in specials], size=4, replace=False)
     enc = replace(enc, label_ids=labels.astype(np.int64))
     prompts = rng.normal(0.0, manifest.embedding_std,
                          size=(prompt_count, manifest.prompt_tokens, manifest.hidden_size)).astype(np.float32)
-    return validate.ParityInputs(enc.input_ids, enc.attention_mask, enc.mask_pos, prompts, enc.label_ids)
+    return validate.ParityInputs(enc.input_ids, enc.attention_mask, enc.mask_pos, prompts, enc.label_ids,
+                                 prompt_pos=enc.prompt_pos if manifest.kind == "causal" else None)
 
 
 def base_manifest(loaded: Loaded, prompt_tokens: int, opset: int) -> Manifest:
@@ -157,6 +183,7 @@ def base_manifest(loaded: Loaded, prompt_tokens: int, opset: int) -> Manifest:
         raise SettingsError(f"--prompt-tokens {prompt_tokens} leaves no room for text within the model's {positions} "
                           f"positions; use at most {positions - 4}")
     weight = loaded.model.get_input_embeddings().weight.detach().double().numpy()
+    chat_prefix, chat_suffix = chat_strings(loaded.tokenizer) if loaded.kind == "causal" else (None, None)
     return Manifest(
         kind=loaded.kind, architecture=loaded.architecture, model_type=str(config.model_type), source=loaded.source,
         hidden_size=int(config.hidden_size), num_layers=int(config.num_hidden_layers),
@@ -166,7 +193,7 @@ def base_manifest(loaded: Loaded, prompt_tokens: int, opset: int) -> Manifest:
         placeholder_ids=tuple(placeholder_ids(vocab, prompt_tokens, set(loaded.tokenizer.all_special_ids))),
         embedding_std=float(weight.std()), embedding_mean=float(weight.mean()),
         label_prefix="" if loaded.kind == "masked" else " ", opset=opset, versions=_versions(), graphs={},
-        gguf_file=loaded.gguf_file)
+        gguf_file=loaded.gguf_file, bos_token_id=ids["bos_token"], chat_prefix=chat_prefix, chat_suffix=chat_suffix)
 
 
 def export_model(opts: ExportOptions, log: Callable[[str], None] = lambda _msg: None) -> Manifest:
@@ -174,6 +201,8 @@ def export_model(opts: ExportOptions, log: Callable[[str], None] = lambda _msg: 
     opts.check()
     check_out(out, opts.force)
     loaded = load_model(opts.model, opts.gguf_file)
+    if opts.kv_cache and loaded.kind != "causal":
+        raise SettingsError("--kv-cache is for decoders: a masked LM's prompt comes before its text")
     manifest = base_manifest(loaded, opts.prompt_tokens, opts.opset)
     log(f"loaded {opts.model}: {loaded.architecture}, {manifest.num_layers} layers, hidden size {manifest.hidden_size}")
     try:
@@ -195,11 +224,14 @@ def export_model(opts: ExportOptions, log: Callable[[str], None] = lambda _msg: 
             variants.append((True, deep_parity_inputs(manifest, sample)))
         for deep, inputs in variants:
             graphs.update(build_graphs(loaded, manifest, inputs, opts, tmp, deep, log))
+        if opts.kv_cache:
+            graphs.update(build_cache_graphs(loaded, manifest, sample, opts, tmp, log))
 
         specs = {}
         for key, (path, precision, deep, par, fused) in graphs.items():
             inputs, outputs = tensor_specs(path)
-            specs[key] = GraphSpec(path.name, precision, sha256_file(path), inputs, outputs, par, fused, deep)
+            part = key.split("-")[0] if key.startswith(("text-", "tail-")) else ""
+            specs[key] = GraphSpec(path.name, precision, sha256_file(path), inputs, outputs, par, fused, deep, part)
         manifest = replace(manifest, graphs=specs)
         manifest.write(tmp)
         _replace_dir(tmp, out)
@@ -221,7 +253,8 @@ def build_graphs(loaded: Loaded, manifest: Manifest, sample: validate.ParityInpu
     plain = tmp / ("plain.deep.onnx" if deep else "plain.onnx")
     what = "deep-prompt graph" if deep else "ONNX"
     log(f"exporting {loaded.architecture} to {what} (opset {opts.opset}, P={opts.prompt_tokens})")
-    export_onnx(scorer_for(loaded, manifest.prompt_start, deep), sample, plain, opts.opset, deep)
+    export_onnx(scorer_for(loaded, deep), sample.feeds(), plain, opts.opset, (input_names(loaded.kind, deep),
+                OUTPUT_NAMES), DYNAMIC_AXES)
     fuse = partial(optimize.fuse, plain, num_heads=manifest.num_heads, hidden_size=manifest.hidden_size,
                    model_type=optimize.FUSION_TYPES.get(manifest.model_type))
     builders = {"fp32": partial(fuse, fp16=False)}  # CPU fusions; fp16 takes the CUDA ones
@@ -245,6 +278,36 @@ def build_graphs(loaded: Loaded, manifest: Manifest, sample: validate.ParityInpu
                               f"there is {parity['torch_fp32_vs_fp64']:.3g}); this is a bug, please report it")
     plain.unlink()
     return graphs
+
+
+def build_cache_graphs(loaded: Loaded, manifest: Manifest, sample: validate.ParityInputs, opts: ExportOptions,
+                       tmp: Path, log: Callable[[str], None]) -> dict:
+    """The text/tail pair (fp32) for suffix prompts on a decoder, judged like the full graph: the tail's logits
+    on the cached text against PyTorch on the whole rows."""
+    from bbt_onnx.encoding import EncodedSet, cache_split
+
+    reference = validate.torch_reference(loaded, sample)
+    with validate.float64(loaded.model):
+        exact = validate.torch_reference(loaded, sample)
+    rows = EncodedSet(sample.input_ids, sample.attention_mask, sample.mask_pos, np.zeros(len(sample.input_ids)),
+                      sample.label_ids, prompt_pos=sample.prompt_pos)
+    split = cache_split(rows)
+    text, tail = tmp / "model.text.onnx", tmp / "model.tail.onnx"
+    log(f"exporting the cached pair for suffix prompts (text {text.name}, tail {tail.name})")
+    export_onnx(CausalTextGraph(loaded.model).eval(), {"input_ids": split.text_ids, "attention_mask": split.text_mask},
+                text, opts.opset, TEXT_NAMES, CACHE_AXES)
+    kv = validate.session(text).run(["text_kv"], {"input_ids": split.text_ids, "attention_mask": split.text_mask})[0]
+    export_onnx(CausalTailGraph(loaded.model).eval(),
+                {"text_kv": kv, "text_mask": split.text_mask, "tail_ids": split.tail_ids, "mask_pos": split.tail_mask_pos,
+                 "prompt_embeds": sample.prompt_embeds, "label_ids": sample.label_ids}, tail, opts.opset, TAIL_NAMES,
+                CACHE_AXES)
+    parity = validate.judge(reference, exact, validate.run_cached(text, tail, sample))
+    log(f"text+tail: max abs diff vs PyTorch on the whole rows {parity['max_abs_diff']:.2e} (vs float64 "
+        f"{parity['max_abs_diff_fp64']:.2e}), argmax agreement {parity['argmax_agreement']:.1%}")
+    if not parity["max_abs_diff_fp64"] <= parity["fp32_tolerance"]:
+        raise ExportError(f"the cached pair disagrees with PyTorch: max abs diff {parity['max_abs_diff_fp64']:.3g} > "
+                          f"{parity['fp32_tolerance']:.3g}; this is a bug, please report it")
+    return {"text-fp32": (text, "fp32", False, {}, {}), "tail-fp32": (tail, "fp32", False, parity, {})}
 
 
 def deep_parity_inputs(manifest: Manifest, sample: validate.ParityInputs, seed: int = 1) -> validate.ParityInputs:

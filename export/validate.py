@@ -30,10 +30,14 @@ class ParityInputs:
     label_ids: np.ndarray
     deep_prompts: np.ndarray | None = None  # [L, P, H]: the deep graph's per-layer prompts
     prompt_layer: int = 0  # the layer the candidates replace there
+    prompt_pos: np.ndarray | None = None  # [N]: each row's first slot (decoders' graphs take it)
 
     def feeds(self) -> dict[str, np.ndarray]:
+        """The graph's inputs, in the order the scorers take them."""
         feeds = {name: getattr(self, name) for name in ("input_ids", "attention_mask", "mask_pos", "prompt_embeds",
                                                          "label_ids")}
+        if self.prompt_pos is not None:
+            feeds["prompt_pos"] = self.prompt_pos
         if self.deep_prompts is not None:
             feeds.update(deep_prompts=self.deep_prompts, prompt_layer=np.array(self.prompt_layer, dtype=np.int64))
         return feeds
@@ -53,7 +57,8 @@ def hf_layers(loaded) -> torch.nn.ModuleList:
 
 def torch_reference(loaded, inputs: ParityInputs, prompt_start: int = 1) -> np.ndarray:
     """[C, N, K] label logits from the Hugging Face model, one candidate at a time: forward pre-hooks add
-    prompt i onto the input of layer i (layer 0's input is the embedding output)."""
+    prompt i onto the input of layer i (layer 0's input is the embedding output), at each row's
+    `prompt_pos`, or at `prompt_start` when the inputs have none."""
     model = loaded.model
     layers = hf_layers(loaded)
     ids = torch.from_numpy(inputs.input_ids)
@@ -61,9 +66,10 @@ def torch_reference(loaded, inputs: ParityInputs, prompt_start: int = 1) -> np.n
     rows = torch.arange(ids.shape[0])
     pos = torch.from_numpy(inputs.mask_pos)
     labels = torch.from_numpy(inputs.label_ids)
+    starts = [prompt_start] * len(ids) if inputs.prompt_pos is None else [int(p) for p in inputs.prompt_pos]
     out = []
     for candidate in inputs.layer_prompts():
-        handles = [layers[i].register_forward_pre_hook(_adding(torch.from_numpy(p), prompt_start), with_kwargs=True)
+        handles = [layers[i].register_forward_pre_hook(_adding(torch.from_numpy(p), starts), with_kwargs=True)
                    for i, p in enumerate(candidate)]
         try:
             with torch.no_grad():
@@ -75,10 +81,11 @@ def torch_reference(loaded, inputs: ParityInputs, prompt_start: int = 1) -> np.n
     return np.stack(out)
 
 
-def _adding(p: torch.Tensor, start: int):
+def _adding(p: torch.Tensor, starts: list[int]):
     def add(hidden):
         hidden = hidden.clone()
-        hidden[:, start:start + p.shape[0]] += p
+        for row, start in enumerate(starts):
+            hidden[row, start:start + p.shape[0]] += p
         return hidden
     return pre_hook_adding(add)
 
@@ -123,10 +130,27 @@ def layer_stds(loaded, inputs: ParityInputs, embedding_std: float) -> tuple[floa
     return (embedding_std, *(clipped_std(hidden[i].float().numpy()) for i in range(1, layers)))
 
 
-def run_onnx(path, inputs: ParityInputs) -> np.ndarray:
+def session(path):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    return session.run(["label_logits"], inputs.feeds())[0]
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path, inputs: ParityInputs) -> np.ndarray:
+    return session(path).run(["label_logits"], inputs.feeds())[0]
+
+
+def run_cached(text_path, tail_path, inputs: ParityInputs) -> np.ndarray:
+    """The cached pair on suffix-prompt rows: the texts' keys and values once, then the tails."""
+    from bbt_onnx.encoding import EncodedSet, cache_split
+
+    rows = EncodedSet(inputs.input_ids, inputs.attention_mask, inputs.mask_pos, np.zeros(len(inputs.input_ids)),
+                      inputs.label_ids, prompt_pos=inputs.prompt_pos)
+    split = cache_split(rows)
+    assert split is not None, "the parity rows are not suffix-prompt rows"
+    kv = session(text_path).run(["text_kv"], {"input_ids": split.text_ids, "attention_mask": split.text_mask})[0]
+    return session(tail_path).run(["label_logits"], {
+        "text_kv": kv, "text_mask": split.text_mask, "tail_ids": split.tail_ids, "mask_pos": split.tail_mask_pos,
+        "prompt_embeds": inputs.prompt_embeds, "label_ids": inputs.label_ids})[0]

@@ -27,9 +27,20 @@ DYNAMIC_AXES = {
     "prompt_embeds": {0: "C", 1: "P"},
     "label_ids": {0: "K"},
     "label_logits": {0: "C", 1: "N", 2: "K"},
+    "prompt_pos": {0: "N"},
+    "deep_prompts": {1: "P"},
 }
-DEEP_INPUT_NAMES = INPUT_NAMES + ["deep_prompts", "prompt_layer"]
-DEEP_DYNAMIC_AXES = {**DYNAMIC_AXES, "deep_prompts": {1: "P"}}
+TEXT_NAMES = (["input_ids", "attention_mask"], ["text_kv"])
+TAIL_NAMES = (["text_kv", "text_mask", "tail_ids", "mask_pos", "prompt_embeds", "label_ids"], OUTPUT_NAMES)
+CACHE_AXES = {"input_ids": {0: "N", 1: "S"}, "attention_mask": {0: "N", 1: "S"}, "text_kv": {2: "N", 4: "S"},
+              "text_mask": {0: "N", 1: "S"}, "tail_ids": {0: "N", 1: "U"}, "mask_pos": {0: "N"},
+              "prompt_embeds": {0: "C", 1: "P"}, "label_ids": {0: "K"}, "label_logits": {0: "C", 1: "N", 2: "K"}}
+
+
+def input_names(kind: str, deep: bool) -> list[str]:
+    """The contract's inputs, in the order the scorers take them: decoders take each row's prompt position."""
+    names = INPUT_NAMES + (["prompt_pos"] if kind == "causal" else [])
+    return names + (["deep_prompts", "prompt_layer"] if deep else [])
 
 
 def place_prompts(prompt_embeds: torch.Tensor, seq_len: int, start: int = 1) -> torch.Tensor:
@@ -46,6 +57,22 @@ def with_prompts(tokens: torch.Tensor, prompt_embeds: torch.Tensor, start: int =
     n, t, h = tokens.shape
     c = prompt_embeds.shape[0]
     return (tokens.unsqueeze(0) + place_prompts(prompt_embeds, t, start).unsqueeze(1)).reshape(c * n, t, h)
+
+
+def scatter_prompts(prompt_embeds: torch.Tensor, prompt_pos: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[C, P', H] prompts, [N] first slots -> [C, N, T, H]: prompt c on row n's slots, zero elsewhere."""
+    c, p, h = prompt_embeds.shape
+    padded = torch.cat([prompt_embeds, prompt_embeds.new_zeros(c, 1, h)], dim=1)  # index p is the zero row
+    offset = torch.arange(seq_len, device=prompt_pos.device).unsqueeze(0) - prompt_pos.unsqueeze(1)  # [N, T]
+    inside = (offset >= 0) & (offset < p)
+    return padded[:, torch.where(inside, offset, torch.full_like(offset, p))]
+
+
+def add_prompts_at(x: torch.Tensor, prompt_embeds: torch.Tensor, prompt_pos: torch.Tensor) -> torch.Tensor:
+    """Hidden states [C*N, T, H] (or [N, T, H], shared by all C) plus candidate c's prompt at each row's slots."""
+    t, h = x.shape[1], x.shape[2]
+    placed = scatter_prompts(prompt_embeds, prompt_pos, t)  # [C, N, T, H]
+    return (x.view(-1, placed.shape[1], t, h) + placed).reshape(-1, t, h)
 
 
 def add_prompts(x: torch.Tensor, prompt_embeds: torch.Tensor, start: int = 1) -> torch.Tensor:
@@ -116,7 +143,7 @@ class MaskedPromptScorer(nn.Module):
         return self.score(input_ids, attention_mask, mask_pos, label_ids, [prompt_embeds])
 
     def score(self, input_ids, attention_mask, mask_pos, label_ids, prompts: list[torch.Tensor]):
-        """`prompts[i]` [C, P', H] goes onto the input of layer i; one entry is plain BBT."""
+        """`prompts[i]` [C, P', H] goes onto the input of layer i, right after <s>; one entry is plain BBT."""
         n = input_ids.shape[0]
         c = prompts[0].shape[0]
         x = with_prompts(self.embeddings(input_ids=input_ids), prompts[0])  # texts embedded once for all C
@@ -160,38 +187,87 @@ def pre_hook_adding(add):
 
 
 class CausalPromptScorer(nn.Module):
-    """Decoder LMs (Llama family, GPT-2): prompts are added to the token embeddings; the
-    label words are scored by the next-token logits at `mask_pos` (the last template token)."""
+    """Decoder LMs (Llama family, GPT-2): prompts are added to the token embeddings at each row's
+    `prompt_pos` (before the template, or after the text for a suffix prompt); the label words are scored by
+    the next-token logits at `mask_pos` (the last template token)."""
 
-    def __init__(self, lm: nn.Module, prompt_start: int):
+    def __init__(self, lm: nn.Module):
         super().__init__()
         self.embed = lm.get_input_embeddings()
         self.body = lm.base_model  # ends with the final norm
         self.head = lm.get_output_embeddings()
-        self.prompt_start = prompt_start
 
-    def forward(self, input_ids, attention_mask, mask_pos, prompt_embeds, label_ids):
-        return self.score(input_ids, attention_mask, mask_pos, label_ids, [prompt_embeds])
+    def forward(self, input_ids, attention_mask, mask_pos, prompt_embeds, label_ids, prompt_pos):
+        return self.score(input_ids, attention_mask, mask_pos, label_ids, [prompt_embeds], prompt_pos)
 
-    def score(self, input_ids, attention_mask, mask_pos, label_ids, prompts: list[torch.Tensor]):
+    def score(self, input_ids, attention_mask, mask_pos, label_ids, prompts: list[torch.Tensor], prompt_pos=None):
         """`prompts[i]` [C, P', H] goes onto the input of block i (block 0's input is the embeddings)."""
         n = input_ids.shape[0]
         c = prompts[0].shape[0]
-        x = with_prompts(self.embed(input_ids), prompts[0], self.prompt_start)
+        x = add_prompts_at(self.embed(input_ids), prompts[0], prompt_pos)
         mask = causal_mask(attention_mask.repeat(c, 1), x.dtype)
         hooks = [block.register_forward_pre_hook(
-                     pre_hook_adding(lambda h, p=p: add_prompts(h, p, self.prompt_start)), with_kwargs=True)
+                     pre_hook_adding(lambda h, p=p: add_prompts_at(h, p, prompt_pos)), with_kwargs=True)
                  for block, p in zip(list(decoder_layers(self.body))[1:], prompts[1:])]
         try:
             x = self.body(inputs_embeds=x, attention_mask=mask, use_cache=False)[0]
         finally:
             for hook in hooks:
                 hook.remove()
-        x = gather_rows(x, mask_pos.repeat(c))
+        return self.label_logits(x, mask_pos.repeat(c), label_ids).view(c, n, -1)
+
+    def label_logits(self, hidden: torch.Tensor, positions: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T, H] final hidden states -> [B, K] logits of the label words at `positions`."""
+        x = gather_rows(hidden, positions)
         logits = x @ self.head.weight[label_ids].t()
         if self.head.bias is not None:
             logits = logits + self.head.bias[label_ids]
-        return logits.view(c, n, -1)
+        return logits
+
+
+def legacy_cache(cache) -> tuple:
+    return cache.to_legacy_cache() if hasattr(cache, "to_legacy_cache") else cache
+
+
+class CausalTextGraph(CausalPromptScorer):
+    """The text half of the cached pair: N texts (everything before a suffix prompt's slots) -> every layer's
+    keys and values [L, 2, N, kv_heads, S, head_dim], computed once per set of rows."""
+
+    def forward(self, input_ids, attention_mask):
+        x = self.embed(input_ids)
+        out = self.body(inputs_embeds=x, attention_mask=causal_mask(attention_mask, x.dtype), use_cache=True)
+        return torch.stack([torch.stack([k, v]) for k, v in legacy_cache(out.past_key_values)])
+
+
+class CausalTailGraph(CausalPromptScorer):
+    """The tail half: C prompts on the slots of each row's tail (the slots and the answer cue, U tokens from
+    position len(text)), attending to the cached text -> label logits [C, N, K], equal to the full graph's.
+
+    The C candidates' tails of a row run as one sequence of C*U queries over that row's cached keys, with a
+    block-diagonal causal mask and each block's own positions, so the cache is never copied C times."""
+
+    def forward(self, text_kv, text_mask, tail_ids, mask_pos, prompt_embeds, label_ids):
+        from transformers import DynamicCache
+
+        n, u = tail_ids.shape
+        c = prompt_embeds.shape[0]
+        emb = self.embed(tail_ids)  # [N, U, H]
+        h = emb.shape[-1]
+        x = (emb.unsqueeze(1) + place_prompts(prompt_embeds, u, 0).unsqueeze(0)).reshape(n, c * u, h)
+        step = torch.arange(u, device=tail_ids.device).repeat(c)  # each query's place within its tail
+        block = torch.arange(c, device=tail_ids.device).repeat_interleave(u)  # and its candidate
+        positions = text_mask.sum(1, keepdim=True) + step.unsqueeze(0)  # [N, C*U]
+        own_tail = (block[:, None] == block[None, :]) & (step[:, None] >= step[None, :])  # [C*U, C*U]
+        allowed = torch.cat([text_mask[:, None, None, :].bool().expand(n, 1, c * u, text_mask.shape[1]),
+                             own_tail[None, None].expand(n, 1, c * u, c * u)], dim=-1)
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, torch.finfo(x.dtype).min)
+        past = DynamicCache.from_legacy_cache(tuple((text_kv[i, 0], text_kv[i, 1]) for i in range(text_kv.shape[0])))
+        out = self.body(inputs_embeds=x, attention_mask=mask, position_ids=positions, past_key_values=past,
+                        use_cache=True)[0]  # [N, C*U, H]
+        rows = torch.arange(c, device=tail_ids.device).unsqueeze(0) * u + mask_pos.unsqueeze(1)  # [N, C]
+        picked = torch.gather(out, 1, rows.unsqueeze(-1).expand(n, c, h)).transpose(0, 1).reshape(c * n, 1, h)
+        zero = torch.zeros(c * n, dtype=torch.long, device=tail_ids.device)
+        return self.label_logits(picked, zero, label_ids).view(c, n, -1)
 
 
 class DeepPromptScorer(nn.Module):
@@ -202,16 +278,18 @@ class DeepPromptScorer(nn.Module):
         self.scorer = scorer
         self.layers = layers
 
-    def forward(self, input_ids, attention_mask, mask_pos, prompt_embeds, label_ids, deep_prompts, prompt_layer):
+    def forward(self, input_ids, attention_mask, mask_pos, prompt_embeds, label_ids, *rest):
+        """`rest`: (deep_prompts, prompt_layer), after `prompt_pos` for a decoder."""
+        *positions, deep_prompts, prompt_layer = rest
         prompts = layer_prompts(deep_prompts, prompt_embeds, prompt_layer, self.layers)
-        return self.scorer.score(input_ids, attention_mask, mask_pos, label_ids, prompts)
+        return self.scorer.score(input_ids, attention_mask, mask_pos, label_ids, prompts, *positions)
 
 
-def scorer_for(loaded, prompt_start: int = 1, deep: bool = False) -> nn.Module:
+def scorer_for(loaded, deep: bool = False) -> nn.Module:
     if loaded.kind == "masked":
         scorer = MaskedPromptScorer(loaded.model)
     else:
-        scorer = CausalPromptScorer(loaded.model, prompt_start)
+        scorer = CausalPromptScorer(loaded.model)
     if deep:
         scorer = DeepPromptScorer(scorer, int(loaded.model.config.num_hidden_layers))
     return scorer.eval()
