@@ -481,9 +481,11 @@ def check(ctx, model_dir, prompt_dir, data, engines, task_args, fp32_max_diff, f
               help="API calls of the end-to-end tune (popsize 20, 32 texts); 0 skips it [default: 40 on cpu, 2000 on cuda].")
 @click.option("--e2e-dim", default=500, show_default=True, type=click.IntRange(1), help="d of the end-to-end tune.")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads for onnxruntime [default: all cores].")
+@click.option("--suffix-data", help="Rows (CSV/TSV/JSONL) for the suffix-prompt timing of a --kv-cache decoder: "
+              "32 drawn at random [default: synthetic reviews].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def bench(model_dir, device, precisions, batch, seq, baseline, torch_model, repeat, e2e_budget, e2e_dim, threads,
-          as_json):
+          suffix_data, as_json):
     """Time engine calls per precision against PyTorch in the same process, and an end-to-end tune."""
     from . import bench as b
     from .manifest import load_manifest
@@ -513,6 +515,15 @@ def bench(model_dir, device, precisions, batch, seq, baseline, torch_model, repe
     report = {"model": str(model_dir), "architecture": manifest.architecture, "device": device,
               "results": [r.to_json() for r in results], "torch_baseline": torch_note or "measured"}
     report["optimizer_ms_per_generation"] = b.optimizer_costs(e2e_dim, 20)
+    cache_precision = next((p for p in precisions if manifest.has_cache_graphs(p)), None)
+    if suffix_data and cache_precision is None:
+        raise SettingsError("--suffix-data times the cached pair of graphs, and this model has none; re-export a "
+                            "decoder with --kv-cache")
+    if cache_precision:
+        rows = suffix_rows(suffix_data)
+        p = min(10, manifest.prompt_tokens)
+        err(f"timing a suffix prompt ({cache_precision}): {len(rows)} rows, P={p}, popsize 10, full vs cached text")
+        report["suffix_cache"] = b.suffix_cache(manifest, cache_precision, device, rows, p, 10, repeat, threads)
     if e2e_budget is None:
         e2e_budget = 40 if device == "cpu" else 2000
     if e2e_budget:
@@ -525,6 +536,20 @@ def bench(model_dir, device, precisions, batch, seq, baseline, torch_model, repe
         emit_json(report)
     else:
         click.echo(b.format_report(report))
+
+
+def suffix_rows(path: str | None, count: int = 32) -> list:
+    """`count` rows drawn at random from `path`, or synthetic reviews of about an MR sentence's length."""
+    import random
+
+    if path is None:
+        from .synthetic import sentiment_examples
+
+        return sentiment_examples(count, seed=0, min_words=12, max_words=30)
+    from .data import Example, read_examples
+
+    rows = read_examples(path)
+    return [Example(r.text, r.text_b) for r in random.Random(0).sample(rows, min(count, len(rows)))]  # text only
 
 
 def torch_baseline(manifest, source, prompts, enc, device, results, repeat) -> str | None:

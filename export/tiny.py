@@ -86,8 +86,9 @@ def make_tiny_roberta(directory: str | Path, hidden: int = 32, layers: int = 2, 
 
 def make_tiny_causal(directory: str | Path, architecture: str = "LlamaForCausalLM", hidden: int = 32,
                      layers: int = 2, heads: int = 4, max_positions: int = 128, seed: int = 0,
-                     init_std: float = 0.02) -> Path:
-    """A random decoder: Llama (its tokenizer adds <s>) or GPT-2 (no BOS, like the real GPT-2)."""
+                     init_std: float = 0.02, chat_template: str | None = None) -> Path:
+    """A random decoder: Llama (its tokenizer adds <s>) or GPT-2 (no BOS, like the real GPT-2), with
+    `chat_template` (jinja, as in tokenizer_config.json) when given."""
     import transformers
     from transformers import GPT2TokenizerFast
 
@@ -106,6 +107,8 @@ def make_tiny_causal(directory: str | Path, architecture: str = "LlamaForCausalL
                                           num_key_value_heads=heads // 2, max_position_embeddings=max_positions,
                                           initializer_range=init_std, bos_token_id=tokenizer.bos_token_id,
                                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     return save_random(directory, architecture, config, tokenizer, seed)
 
 
