@@ -261,7 +261,10 @@ class OrtEngine:
                 self._cached_bytes = 0
             lengths = batch.prompt_pos if cached else batch.lengths  # a cached text's length is its cost
             groups = length_buckets(lengths, self.max_buckets)
-            subsets = [batch] if len(groups) == 1 else [batch.take(g) for g in groups]
+            if len(groups) == 1:  # the batch as it is, in its own order
+                groups, subsets = [np.arange(len(batch))], [batch]
+            else:
+                subsets = [batch.take(g) for g in groups]
             if cached:
                 parts = []
                 for g, sub in zip(groups, subsets):

@@ -148,9 +148,14 @@ def main() -> None:
     ap.add_argument("--model-dir", type=Path, default=Path("models/smollm2"))
     ap.add_argument("--data-dir", type=Path, default=Path(".data"))
     ap.add_argument("--json-out", type=Path, default=Path("runs/real_fewshot.jsonl"))
+    ap.add_argument("--report", type=Path, help="Only print the table of the runs logged in this JSONL file")
     ap.add_argument("--plain-json", type=Path,
                     help="Read the plain baselines from this file when it exists, else write them there")
     args = ap.parse_args()
+    if args.report:
+        logged = [json.loads(line) for line in args.report.read_text().splitlines() if line.strip()]
+        print(table([r for r in logged if "method" in r], f"as logged in {args.report}"))
+        return
 
     ensure_model(args.model_dir, args.precision)
     methods = args.methods.split(",")

@@ -166,6 +166,9 @@ def test_the_cached_text_gives_the_full_graphs_logits_across_buckets_and_batches
         np.testing.assert_allclose(cached.label_logits(prompts, enc), full.label_logits(prompts, enc), atol=1e-4)
         np.testing.assert_allclose(cached.label_logits(prompts, sub), full.label_logits(prompts, sub), atol=1e-4)
     assert len(cached._plans) == 2  # the texts were kept, not recomputed per call
+    one_call = OrtEngine(m, max_buckets=1)  # rows in one call, in their own (unsorted) order
+    assert not (np.diff(enc.prompt_pos) >= 0).all()
+    np.testing.assert_allclose(one_call.label_logits(prompts, enc), full.label_logits(prompts, enc), atol=1e-4)
 
 
 def test_a_tune_on_the_cached_text_ends_with_the_same_z(decoder):

@@ -20,7 +20,7 @@
 # drops); everything that runs a graph on CUDA runs with the pack first on PYTHONPATH.
 # Writes to $OUT (at most 8 files come back): summary.json, summary.txt, results.tar.gz (every log and JSON).
 # Env: BBT_GPU_DRY=1 runs the same plumbing on CPU with tiny shapes (benchmarks/gpu/dry_run.sh);
-#      BBT_GPU_SEEDS (3), BBT_GPU_TASKS (mr,bbc), BBT_GPU_METHODS (bbt,bbtv2), BBT_GPU_DEEP (0: no deep graphs
+#      BBT_GPU_SEEDS (0,1,2), BBT_GPU_TASKS (mr,bbc), BBT_GPU_METHODS (bbt,bbtv2), BBT_GPU_DEEP (0: no deep graphs
 #      for the large model), BBT_GPU_WORK (/tmp/bbt-gpu), BBT_GPU_PYTHON (python3).
 set -u -o pipefail
 START=$(date +%s)
@@ -38,11 +38,11 @@ SITE=$WORK/site
 PKGS=$WORK/pkgs
 ORT_DIR=$WORK/ort
 GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
-SEEDS=${BBT_GPU_SEEDS:-3}
+SEEDS=${BBT_GPU_SEEDS:-0,1,2}
 TASKS=${BBT_GPU_TASKS:-mr,bbc}
 METHODS=${BBT_GPU_METHODS:-bbt,bbtv2}
 if [ "$DRY" = 1 ]; then                      # CPU, tiny shapes, a few calls: the plumbing only
-  DEV=cpu; PREC=fp32; FEWSHOT_CONFIG=cpu; SEEDS=${BBT_GPU_SEEDS:-1}; DEEP=${BBT_GPU_DEEP:-1}
+  DEV=cpu; PREC=fp32; FEWSHOT_CONFIG=cpu; SEEDS=${BBT_GPU_SEEDS:-0}; DEEP=${BBT_GPU_DEEP:-1}
   LARGE_ARGS="--hidden 64 --layers 2 --heads 4 --intermediate 128 --max-positions 128 --vocab 0"
   BIG_BATCH=64; SMALL_BATCH=32; SEQ=80; REPEAT=1; PARITY_BATCH=32; E2E_ARGS="--budget 40 --dim 50"
   THREADS="--threads ${BBT_GPU_THREADS:-1}"; export OMP_NUM_THREADS=${BBT_GPU_THREADS:-1}
@@ -188,9 +188,10 @@ smollm2_export() {
     (cd "$WORK/smollm2-src" && sha256sum -c "$REPO/benchmarks/gpu/smollm2.gguf.sha256")
     GGUF_ARGS="--gguf-file $GGUF"
   fi
-  # real_fewshot.py's ensure_model: P = 50, fp16 when asked, deep graphs; it finds this manifest and skips its own.
+  # real_fewshot.py's ensure_model: P = 50, fp16 when asked, deep graphs, the cached pair; it finds this manifest
+  # and skips its own.
   "$PY" -m bbt_onnx.cli export --model "$WORK/smollm2-src" $GGUF_ARGS --out "$SMOL_DIR" --prompt-tokens 50 \
-    $([ "$PREC" = fp16 ] && echo --fp16) --deep --force
+    $([ "$PREC" = fp16 ] && echo --fp16) --deep --kv-cache --force
 }
 if has_step fewshot; then
   if [ "$DRY" = 1 ] || [ -n "$(ls "$WORK"/gguf/smollm2.gguf.part-* 2>/dev/null)" ]; then

@@ -64,7 +64,7 @@ def main() -> None:
     check = load(res / "check.json")
     if check:
         s["check"] = {"passed": check.get("passed"), "graphs": check.get("graphs"), "engines": check.get("engines")}
-    rows = [r for r in jsonl(res / "fewshot.jsonl") if "task" in r]
+    rows = [r for r in jsonl(res / "fewshot.jsonl") if "method" in r]  # tuned runs, not the plain-baseline lines
     if rows:
         s["fewshot_rows"] = rows
     out_path.write_text(json.dumps(s, indent=2))
@@ -108,11 +108,12 @@ def main() -> None:
                      f"{r['optimizer_and_host_share']:.1%}")
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["task"], r["method"]), []).append(r)
-    for (task, method), rs in groups.items():
+        groups.setdefault((r["task"], r.get("setting", "prefix"), r["method"]), []).append(r)
+    for (task, setting, method), rs in groups.items():
         acc = [r["tuned"] for r in rs]
-        lines.append(f"== fewshot {task} {method}: tuned {statistics.mean(acc):.3f} over {len(rs)} seed(s) "
-                     f"({', '.join(f'{a:.3f}' for a in acc)}), plain {rs[0]['plain']:.3f}, z=0 {rs[0]['zero']:.3f}, "
+        lines.append(f"== fewshot {task} {setting} {method}: tuned {statistics.mean(acc):.3f} over {len(rs)} seed(s) "
+                     f"({', '.join(f'{a:.3f}' for a in acc)}), best plain {rs[0]['best_plain']:.3f}, "
+                     f"z=0 {rs[0]['zero']:.3f}, "
                      f"tune {statistics.mean(r['tune_seconds'] for r in rs):.1f} s/run")
     for f in sorted(res.glob("fewshot_*.log")):  # per-seed lines of a task cut short by the time limit
         done = [ln for ln in f.read_text(errors="replace").splitlines()
