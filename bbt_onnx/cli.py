@@ -499,6 +499,10 @@ def bench(model_dir, device, precisions, batch, seq, baseline, torch_model, repe
     if not precisions:
         wanted = ("fp32", "int8") if device == "cpu" else ("fp16", "fp32")
         precisions = tuple(p for p in wanted if p in manifest.graphs)
+    cache_precision = next((p for p in precisions if manifest.has_cache_graphs(p)), None)
+    if suffix_data and cache_precision is None:
+        raise SettingsError("--suffix-data times the cached pair of graphs, and this model has none; re-export a "
+                            "decoder with --kv-cache")
     prompts, enc = b.synthetic_inputs(manifest, batch, seq)
     results, models = [], {}
     for precision in precisions:
@@ -515,10 +519,6 @@ def bench(model_dir, device, precisions, batch, seq, baseline, torch_model, repe
     report = {"model": str(model_dir), "architecture": manifest.architecture, "device": device,
               "results": [r.to_json() for r in results], "torch_baseline": torch_note or "measured"}
     report["optimizer_ms_per_generation"] = b.optimizer_costs(e2e_dim, 20)
-    cache_precision = next((p for p in precisions if manifest.has_cache_graphs(p)), None)
-    if suffix_data and cache_precision is None:
-        raise SettingsError("--suffix-data times the cached pair of graphs, and this model has none; re-export a "
-                            "decoder with --kv-cache")
     if cache_precision:
         rows = suffix_rows(suffix_data)
         p = min(10, manifest.prompt_tokens)

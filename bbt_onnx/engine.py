@@ -212,18 +212,24 @@ class OrtEngine:
             self._kv_unit = int(np.prod([d for d in shape if isinstance(d, int)])) * 4  # bytes per row and token
         return self._text, self._tail
 
+    def _reserve(self, splits: list[CacheSplit]) -> None:
+        """Room for these texts' keys and values within the limit: older cached texts go first; a set of rows that
+        alone is over the limit is a clear error."""
+        self._cache_pair()
+        need = self._kv_unit * sum(split.text_ids.size for split in splits)
+        if need > self.kv_cache_limit:
+            rows = sum(len(split.text_ids) for split in splits)
+            raise SettingsError(f"the cached keys and values of these {rows} rows would take {need / 2**30:.1f} GiB, "
+                                f"over the engine's limit of {self.kv_cache_limit / 2**30:.1f} GiB; use fewer "
+                                "training rows or a smaller --max-length, or tune with a prefix prompt")
+        if self._cached_bytes + need > self.kv_cache_limit:
+            self._plans = {k: v for k, v in self._plans.items() if not k[1]}
+            self._cached_bytes = 0
+        self._cached_bytes += need
+
     def _text_kv(self, split: CacheSplit):
         """Every layer's keys and values for these texts, on the engine's device."""
         text, _ = self._cache_pair()
-        need = self._kv_unit * split.text_ids.size
-        if need > self.kv_cache_limit:
-            raise SettingsError(f"the cached keys and values of these {len(split.text_ids)} rows would take "
-                                f"{need / 2**30:.1f} GiB, over the engine's limit of {self.kv_cache_limit / 2**30:.1f} "
-                                "GiB; use fewer training rows or a smaller --max-length, or tune with a prefix prompt")
-        if self._cached_bytes + need > self.kv_cache_limit:
-            self._plans.clear()  # drop every cached text: the new rows come first
-            self._cached_bytes = 0
-        self._cached_bytes += need
         feeds = {"input_ids": split.text_ids, "attention_mask": split.text_mask}
         if not self.io_binding:
             return text.run(list(TEXT_OUTPUTS), feeds)[0]
@@ -266,10 +272,10 @@ class OrtEngine:
             else:
                 subsets = [batch.take(g) for g in groups]
             if cached:
-                parts = []
-                for g, sub in zip(groups, subsets):
-                    split = cache_split(sub)
-                    parts.append(Part(g, sub, split=split, text_kv=self._text_kv(split)))
+                splits = [cache_split(sub) for sub in subsets]
+                self._reserve(splits)
+                parts = [Part(g, sub, split=split, text_kv=self._text_kv(split))
+                         for g, sub, split in zip(groups, subsets, splits)]
             else:
                 parts = [Part(g, sub, self._bind_rows(sub) if self.io_binding else None)
                          for g, sub in zip(groups, subsets)]

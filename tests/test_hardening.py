@@ -392,6 +392,13 @@ CASES = [
     case("bench-torch-model-without-baseline", [*BENCH, "--torch-model", "@src"], "--torch-model"),
     case("bench-e2e-dim-without-e2e", [*BENCH, "--e2e-dim", 50], "--e2e-dim"),
     case("tune-eval-every-without-dev", [*TUNE, *OVER, "--train", "@test", "--eval-every", 20], "--eval-every"),
+    case("tune-suffix-prompt-on-a-masked-lm", over_run("--prompt-position", "suffix"), "for decoders"),
+    case("tune-chat-on-a-masked-lm", over_run("--chat"), "for decoders"),
+    case("tune-bos-never-on-a-masked-lm", over_run("--bos", "never"), "for decoders"),
+    case("tune-prompt-position-unknown", over_run("--prompt-position", "middle"), "--prompt-position"),
+    case("evaluate-framing-with-prompt", [*EVAL, "--prompt-position", "suffix"], "--prompt-position"),
+    case("export-kv-cache-on-a-masked-lm", [*EXPORT, "--kv-cache"], "--kv-cache"),
+    case("bench-suffix-data-without-cached-pair", [*BENCH, "--suffix-data", "@test"], "--kv-cache"),
 
     # 8. one row of 2,000,000 characters: a clear error naming the row, in seconds, never a hang
     case("evaluate-huge-row-csv", [*EVAL0, "--data", "@huge", "-q"], "row", timeout=HUGE_ROW_TIMEOUT_S),
