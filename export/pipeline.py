@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import shutil
-from contextlib import contextmanager
 import tempfile
+from contextlib import contextmanager
 import warnings
 from dataclasses import dataclass, replace
 from functools import partial
@@ -220,13 +220,14 @@ def export_model(opts: ExportOptions, log: Callable[[str], None] = lambda _msg: 
         sample = parity_inputs(manifest, load_tokenizer(manifest))
         manifest = replace(manifest, layer_std=validate.layer_stds(loaded, sample, manifest.embedding_std))
         graphs = {}
-        variants = [(False, sample)]
+        plain_refs = validate.references(loaded, sample, manifest.prompt_start)
+        graphs.update(build_graphs(loaded, manifest, sample, plain_refs, opts, tmp, False, log))
         if opts.deep:
-            variants.append((True, deep_parity_inputs(manifest, sample)))
-        for deep, inputs in variants:
-            graphs.update(build_graphs(loaded, manifest, inputs, opts, tmp, deep, log))
+            deep = deep_parity_inputs(manifest, sample)
+            graphs.update(build_graphs(loaded, manifest, deep, validate.references(loaded, deep, manifest.prompt_start),
+                                       opts, tmp, True, log))
         if opts.kv_cache:
-            graphs.update(build_cache_graphs(loaded, manifest, sample, opts, tmp, log))
+            graphs.update(build_cache_graphs(loaded, sample, plain_refs, opts, tmp, log))
 
         specs = {}
         for key, (path, precision, deep, par, fused) in graphs.items():
@@ -245,12 +246,11 @@ def export_model(opts: ExportOptions, log: Callable[[str], None] = lambda _msg: 
     return replace(manifest, directory=out)
 
 
-def build_graphs(loaded: Loaded, manifest: Manifest, sample: validate.ParityInputs, opts: ExportOptions, tmp: Path,
-                 deep: bool, log: Callable[[str], None]) -> dict:
-    """One contract (plain or deep) in every asked precision, each checked against PyTorch."""
-    reference = validate.torch_reference(loaded, sample, manifest.prompt_start)
-    with validate.float64(loaded.model):
-        exact = validate.torch_reference(loaded, sample, manifest.prompt_start)
+def build_graphs(loaded: Loaded, manifest: Manifest, sample: validate.ParityInputs, refs: tuple[np.ndarray, np.ndarray],
+                 opts: ExportOptions, tmp: Path, deep: bool, log: Callable[[str], None]) -> dict:
+    """One contract (plain or deep) in every asked precision, each checked against PyTorch (`refs`: its fp32 and
+    fp64 logits on `sample`)."""
+    reference, exact = refs
     plain = tmp / ("plain.deep.onnx" if deep else "plain.onnx")
     what = "deep-prompt graph" if deep else "ONNX"
     log(f"exporting {loaded.architecture} to {what} (opset {opts.opset}, P={opts.prompt_tokens})")
@@ -281,18 +281,12 @@ def build_graphs(loaded: Loaded, manifest: Manifest, sample: validate.ParityInpu
     return graphs
 
 
-def build_cache_graphs(loaded: Loaded, manifest: Manifest, sample: validate.ParityInputs, opts: ExportOptions,
-                       tmp: Path, log: Callable[[str], None]) -> dict:
+def build_cache_graphs(loaded: Loaded, sample: validate.ParityInputs, refs: tuple[np.ndarray, np.ndarray],
+                       opts: ExportOptions, tmp: Path, log: Callable[[str], None]) -> dict:
     """The text/tail pair (fp32) for suffix prompts on a decoder, judged like the full graph: the tail's logits
-    on the cached text against PyTorch on the whole rows."""
-    from bbt_onnx.encoding import EncodedSet, cache_split
-
-    reference = validate.torch_reference(loaded, sample)
-    with validate.float64(loaded.model):
-        exact = validate.torch_reference(loaded, sample)
-    rows = EncodedSet(sample.input_ids, sample.attention_mask, sample.mask_pos, np.zeros(len(sample.input_ids)),
-                      sample.label_ids, prompt_pos=sample.prompt_pos)
-    split = cache_split(rows)
+    on the cached text against PyTorch on the whole rows (`refs`)."""
+    reference, exact = refs
+    split = sample.cache_split()
     text, tail = tmp / "model.text.onnx", tmp / "model.tail.onnx"
     log(f"exporting the cached pair for suffix prompts (text {text.name}, tail {tail.name})")
     # SDPA: GPT-2's eager attention slices a causal buffer of max_positions keys, and the tail's C*U queries

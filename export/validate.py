@@ -42,6 +42,16 @@ class ParityInputs:
             feeds.update(deep_prompts=self.deep_prompts, prompt_layer=np.array(self.prompt_layer, dtype=np.int64))
         return feeds
 
+    def cache_split(self):
+        """The rows cut for the cached pair (they must carry a suffix prompt)."""
+        from bbt_onnx.encoding import EncodedSet, cache_split
+
+        rows = EncodedSet(self.input_ids, self.attention_mask, self.mask_pos, np.zeros(len(self.input_ids)),
+                          self.label_ids, prompt_pos=self.prompt_pos)
+        split = cache_split(rows)
+        assert split is not None, "the parity rows carry no suffix prompt"
+        return split
+
     def layer_prompts(self) -> np.ndarray:
         """[C, L', P, H]: every layer's prompt for each candidate (L' = 1 for the plain graph)."""
         if self.deep_prompts is None:
@@ -79,6 +89,13 @@ def torch_reference(loaded, inputs: ParityInputs, prompt_start: int = 1) -> np.n
                 handle.remove()
         out.append(logits[rows, pos][:, labels].numpy())
     return np.stack(out)
+
+
+def references(loaded, inputs: ParityInputs, prompt_start: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The Hugging Face model's logits on `inputs` in float32 and in float64: what a graph is judged against."""
+    fp32 = torch_reference(loaded, inputs, prompt_start)
+    with float64(loaded.model):
+        return fp32, torch_reference(loaded, inputs, prompt_start)
 
 
 def _adding(p: torch.Tensor, starts: list[int]):
@@ -144,12 +161,7 @@ def run_onnx(path, inputs: ParityInputs) -> np.ndarray:
 
 def run_cached(text_path, tail_path, inputs: ParityInputs) -> np.ndarray:
     """The cached pair on suffix-prompt rows: the texts' keys and values once, then the tails."""
-    from bbt_onnx.encoding import EncodedSet, cache_split
-
-    rows = EncodedSet(inputs.input_ids, inputs.attention_mask, inputs.mask_pos, np.zeros(len(inputs.input_ids)),
-                      inputs.label_ids, prompt_pos=inputs.prompt_pos)
-    split = cache_split(rows)
-    assert split is not None, "the parity rows are not suffix-prompt rows"
+    split = inputs.cache_split()
     kv = session(text_path).run(["text_kv"], {"input_ids": split.text_ids, "attention_mask": split.text_mask})[0]
     return session(tail_path).run(["label_logits"], {
         "text_kv": kv, "text_mask": split.text_mask, "tail_ids": split.tail_ids, "mask_pos": split.tail_mask_pos,
