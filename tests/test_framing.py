@@ -169,6 +169,10 @@ def test_the_cached_text_gives_the_full_graphs_logits_across_buckets_and_batches
     one_call = OrtEngine(m, max_buckets=1)  # rows in one call, in their own (unsorted) order
     assert not (np.diff(enc.prompt_pos) >= 0).all()
     np.testing.assert_allclose(one_call.label_logits(prompts, enc), full.label_logits(prompts, enc), atol=1e-4)
+    bound = OrtEngine(m)  # CUDA's path, with the rows and the cached keys and values bound as OrtValues
+    bound.io_binding = True
+    np.testing.assert_allclose(bound.label_logits(prompts, enc), full.label_logits(prompts, enc), atol=1e-4)
+    assert type(next(iter(bound._plans.values()))[1][0].text_kv).__name__ == "OrtValue"
 
 
 def test_a_tune_on_the_cached_text_ends_with_the_same_z(decoder):
