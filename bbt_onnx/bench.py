@@ -189,7 +189,8 @@ def suffix_cache(manifest: Manifest, precision: str, device: str, rows: list, pr
     task = Task("bench", *SUFFIX_TASK, framing=Framing(bos="never", position="suffix"))
     enc = Encoder(load_tokenizer(manifest), manifest, task, prompt_tokens).encode(rows)
     rng = np.random.default_rng(seed)
-    prompts = rng.normal(0, manifest.embedding_std, size=(popsize, prompt_tokens, manifest.hidden_size)).astype(np.float32)
+    shape = (popsize, prompt_tokens, manifest.hidden_size)
+    prompts = rng.normal(0, manifest.embedding_std, size=shape).astype(np.float32)
     full = OrtEngine(manifest, precision, device, threads, kv_cache=False)
     cached = OrtEngine(manifest, precision, device, threads, kv_cache=True)
     t0 = time.perf_counter()
@@ -223,10 +224,11 @@ def format_report(report: dict) -> str:
     lines.append(f"CMA-ES ask+tell per generation: full {opt['full']:.1f} ms, diagonal {opt['diagonal']:.1f} ms")
     c = report.get("suffix_cache")
     if c:
-        lines.append(f"suffix prompt ({c['precision']}, {c['rows']} rows of {c['text_tokens']} text + {c['tail_tokens']} "
-                     f"tail tokens, P={c['prompt_tokens']}, popsize {c['popsize']}): full {c['full_ms_per_generation']:.1f} "
-                     f"ms/generation, cached text {c['cached_ms_per_generation']:.1f} ms ({c['speedup']:.2f}x; the text "
-                     f"once {c['text_once_ms']:.1f} ms), max abs diff {c['max_abs_diff']:.1e}")
+        lines.append(f"suffix prompt ({c['precision']}, {c['rows']} rows of {c['text_tokens']} text + "
+                     f"{c['tail_tokens']} tail tokens, P={c['prompt_tokens']}, popsize {c['popsize']}): full "
+                     f"{c['full_ms_per_generation']:.1f} ms/generation, cached text {c['cached_ms_per_generation']:.1f} "
+                     f"ms ({c['speedup']:.2f}x; the text once {c['text_once_ms']:.1f} ms), max abs diff "
+                     f"{c['max_abs_diff']:.1e}")
     e = report.get("end_to_end")
     if e:
         lines.append(f"end to end ({e['precision']}): {e['budget']} calls in {e['wall_seconds']:.2f}s = "

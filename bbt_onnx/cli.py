@@ -91,8 +91,8 @@ def export(model, out, prompt_tokens, opset, fp16, int8, deep, kv_cache, gguf_fi
     except ImportError as exc:
         raise BBTError(f"export needs the `export` extra (torch, transformers, onnx): pip install 'bbt-onnx[export]' "
                        f"after pip install torch==2.13.0 ({exc})") from None
-    manifest = export_model(ExportOptions(model, out, prompt_tokens, opset, fp16, int8, force, gguf_file, deep, kv_cache),
-                            log=err)
+    options = ExportOptions(model, out, prompt_tokens, opset, fp16, int8, force, gguf_file, deep, kv_cache)
+    manifest = export_model(options, log=err)
     summary = {name: {"file": g.file, **g.parity, **({"fused_ops": g.fused_ops} if g.fused_ops else {})}
                for name, g in manifest.graphs.items()}
     emit_json({"out": str(out), "kind": manifest.kind, "architecture": manifest.architecture,

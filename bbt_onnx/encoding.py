@@ -250,7 +250,8 @@ class Encoder:
             raise DataError("no rows to encode")
         rows, mask_pos, prompt_pos, truncated = [], [], [], 0
         fixed = len(self.lead) + len(self.placeholder_ids) + len(self.tail)
-        for ex, left, right in zip(examples, self._tokenize(self.before, examples), self._tokenize(self.after, examples)):
+        pieces = zip(examples, self._tokenize(self.before, examples), self._tokenize(self.after, examples))
+        for ex, left, right in pieces:
             ids, owner = left[0] + [-1] + right[0], left[1] + [SLOTS] + right[1]  # -1 marks where the slots go
             over = fixed + len(ids) - 1 - self.max_length
             if over > 0:
@@ -261,7 +262,8 @@ class Encoder:
             owner = [None] * len(self.lead) + owner[:cut] + [SLOTS] * len(self.placeholder_ids) + owner[cut + 1:]
             if self.manifest.kind == "masked":
                 if "mask" not in owner:
-                    raise DataError(f"the mask token vanished while tokenizing {self._render(self.after, ex)[0][:80]!r}")
+                    text = self._render(self.after, ex)[0]
+                    raise DataError(f"the mask token vanished while tokenizing {text[:80]!r}")
                 mp = owner.index("mask")
             else:
                 mp = len(row) - 1

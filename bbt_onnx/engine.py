@@ -251,7 +251,8 @@ class OrtEngine:
         binding = tail.io_binding()
         binding.bind_ortvalue_input("text_kv", text_kv)
         for name, value in feeds.items():
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device, 0))
+            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device, 0)
+            binding.bind_ortvalue_input(name, value)
         binding.bind_output(GRAPH_OUTPUTS[0], "cpu")
         tail.run_with_iobinding(binding)
         return np.asarray(binding.copy_outputs_to_cpu()[0], dtype=np.float32)

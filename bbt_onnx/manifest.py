@@ -241,7 +241,8 @@ def _check(m: Manifest, path: Path) -> None:
     if not m.graphs:
         problems.append("no graphs listed")
     for name, g in m.graphs.items():
-        if g.precision not in PRECISIONS or g.part not in ("", *PARTS) or name != graph_key(g.precision, g.deep, g.part):
+        known = g.precision in PRECISIONS and g.part in ("", *PARTS)
+        if not known or name != graph_key(g.precision, g.deep, g.part):
             problems.append(f"graph entry {name!r} has precision {g.precision!r}{' (deep)' if g.deep else ''}")
         if not (m.directory / g.file).is_file():  # type: ignore[operator]
             problems.append(f"graph file {g.file} is missing")

@@ -260,7 +260,8 @@ class CausalTailGraph(CausalPromptScorer):
         own_tail = (block[:, None] == block[None, :]) & (step[:, None] >= step[None, :])  # [C*U, C*U]
         allowed = torch.cat([text_mask[:, None, None, :].bool().expand(n, 1, c * u, text_mask.shape[1]),
                              own_tail[None, None].expand(n, 1, c * u, c * u)], dim=-1)
-        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, torch.finfo(x.dtype).min)
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed,
+                                                                                      torch.finfo(x.dtype).min)
         past = DynamicCache.from_legacy_cache(tuple((text_kv[i, 0], text_kv[i, 1]) for i in range(text_kv.shape[0])))
         out = self.body(inputs_embeds=x, attention_mask=mask, position_ids=positions, past_key_values=past,
                         use_cache=True)[0]  # [N, C*U, H]

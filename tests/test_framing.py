@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from bbt_onnx import BlackBoxTuner, Model, TuneConfig, TunedPrompt
 from bbt_onnx.data import Example
-from bbt_onnx.encoding import cache_split
 from bbt_onnx.engine import OrtEngine
-from bbt_onnx.errors import BBTError, ModelError, SettingsError
+from bbt_onnx.errors import ModelError, SettingsError
 from bbt_onnx.manifest import load_manifest
 from bbt_onnx.synthetic import sentiment_examples, sentiment_rows, write_csv
 from bbt_onnx.tasks import Framing, Task, make_framing, resolve_task
@@ -111,14 +109,16 @@ def test_suffix_puts_the_slots_between_the_text_and_the_cue(decoder):
 def test_chat_wraps_the_template_in_the_user_turn_and_opens_the_reply_with_the_cue(decoder):
     _, _, out = decoder
     model = Model.load(out)
-    for framing, expected in ((Framing(chat=True), "<s>[user] {slots}Review: a fine film </s><s>[assistant] Sentiment:"),
+    for framing, expected in ((Framing(chat=True),
+                               "<s>[user] {slots}Review: a fine film </s><s>[assistant] Sentiment:"),
                               (Framing(chat=True, position="suffix"),
                                "<s>[user] Review: a fine film{slots} </s><s>[assistant] Sentiment:")):
         enc = model.encoder(task(framing), 2).encode([Example("a fine film")])
         ids = list(enc.input_ids[0])
         p = int(enc.prompt_pos[0])
         slots = model.tokenizer.decode(ids[p:p + 2])
-        text = "{slots}".join(model.tokenizer.decode(part, skip_special_tokens=False) for part in (ids[:p], ids[p + 2:]))
+        text = "{slots}".join(model.tokenizer.decode(part, skip_special_tokens=False)
+                              for part in (ids[:p], ids[p + 2:]))
         assert slots == model.tokenizer.decode(list(model.manifest.placeholder_ids[:2]))
         assert text.replace(" ", "") == expected.replace(" ", "")  # byte-level decoding may space tokens apart
         head = model.tokenizer.encode(model.manifest.chat_prefix, add_special_tokens=False).ids
