@@ -81,8 +81,9 @@ def zero_accuracy(model: Model, task: Task, test, prompt_tokens: int) -> float:
 
 
 def plain_baselines(model: Model, name: str, test) -> dict[str, float]:
-    """The template alone in each framing: the strongest is the one a tuned prompt must beat."""
-    out = {f: zero_accuracy(model, replace(TASKS[name], framing=framing), test, 0) for f, framing in FRAMINGS.items()}
+    """The template alone in each framing the model has: the strongest is the one a tuned prompt must beat."""
+    out = {f: zero_accuracy(model, replace(TASKS[name], framing=framing), test, 0) for f, framing in FRAMINGS.items()
+           if model.manifest.has_chat or not framing.chat}
     print(f"{name}: plain " + ", ".join(f"{k} {v:.3f}" for k, v in out.items()), file=sys.stderr)
     return out
 
