@@ -273,6 +273,9 @@ def test_cli_tune_with_a_suffix_prompt_records_its_framing(decoder, tmp_path):
     ev = invoke(["evaluate", "--model", out, "--prompt", tmp_path / "run", "--data", tmp_path / "test.csv", "-q"])
     assert ev.exit_code == 0, ev.output
     assert json.loads(ev.stdout)["metric"] == pytest.approx(json.loads(r.stdout)["test_metric"])
+    checked = invoke(["check", "--model", out, "--prompt", tmp_path / "run", "--data", tmp_path / "test.csv",
+                      "--engines", "cpu:fp32", "--json"])  # the reference engine scores on the cached text
+    assert checked.exit_code == 0, checked.output
     assert "come from the run" in cli_error(["evaluate", "--model", out, "--prompt", tmp_path / "run", "--data",
                                              tmp_path / "test.csv", "--chat"])
     assert "--prompt-position" in cli_error(["tune", "--resume", tmp_path / "run", "--prompt-position", "prefix"])
