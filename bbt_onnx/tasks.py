@@ -18,6 +18,7 @@ FIELDS = ("text", "text_b", "mask")
 METRICS = ("accuracy", "f1")
 BOS_CHOICES = ("auto", "always", "never")  # auto: as the model's tokenizer does
 POSITIONS = ("prefix", "suffix")
+FRAMING_KEYS = (("bos", "bos"), ("chat", "chat"), ("prompt_position", "position"))  # JSON key, Framing field
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,7 @@ class Framing:
     def to_json(self) -> dict:
         """Only what differs from the defaults, so tasks written before framing existed read back equal."""
         default = Framing()
-        return {k: v for k, v in (("bos", self.bos), ("chat", self.chat), ("prompt_position", self.position))
-                if v != getattr(default, "position" if k == "prompt_position" else k)}
+        return {key: getattr(self, attr) for key, attr in FRAMING_KEYS if getattr(self, attr) != getattr(default, attr)}
 
     @classmethod
     def from_json(cls, raw: dict) -> "Framing":
