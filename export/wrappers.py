@@ -1,9 +1,13 @@
 """Torch modules that compute the graph contract from a Hugging Face model.
 
-One wrapper per architecture family. Each takes the contract's five inputs and returns
-label logits [C, N, K]: the N texts are embedded once, every one of the C prompts is
-added onto the placeholder positions (1..P' after <s>, or 0..P'-1 for a causal LM
-without BOS), and only the K label rows of the output layer are computed.
+One wrapper per architecture family. Each takes the contract's inputs and returns label
+logits [C, N, K]: the N texts are embedded once, every one of the C prompts is added onto
+the placeholder positions (1..P' after <s> for RoBERTa; from each row's `prompt_pos` for a
+decoder), and only the K label rows of the output layer are computed.
+
+A decoder's suffix prompt also has a cached pair: a text graph that returns every layer's
+keys and values for the text before the slots, and a tail graph that scores the slots and
+the answer cue on them.
 
 The deep variant (BBTv2) takes two more inputs: `deep_prompts` [L, P', H], one prompt
 added to the input of each of the L layers (layer 0's input is the embedding output),
