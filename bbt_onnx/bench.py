@@ -18,6 +18,7 @@ from .errors import SettingsError
 from .manifest import Manifest
 
 TEXTS_PER_CALL = 32  # the reference's few-shot set: 16 per class x 2 classes
+DECODER_TASK = (" Review: {text}\nSentiment:", (("0", " negative"), ("1", " positive")))  # template, labels
 
 
 @dataclass
@@ -155,7 +156,7 @@ def end_to_end(model, budget: int, popsize: int, dim: int, prompt_tokens: int, w
     if model.manifest.kind == "masked":
         task = Task("bench", " . {text} . It was {mask} .", (("0", "bad"), ("1", "great")))
     else:
-        task = Task("bench", " Review: {text}\nSentiment:", (("0", " negative"), ("1", " positive")))
+        task = Task("bench", *DECODER_TASK)
     rows = sentiment_examples(TEXTS_PER_CALL, seed, min_words=words, max_words=words)
     config = TuneConfig(prompt_tokens=prompt_tokens, intrinsic_dim=dim, popsize=popsize, budget=budget,
                         seed=seed, checkpoint_every=0)
@@ -174,9 +175,6 @@ def end_to_end(model, budget: int, popsize: int, dim: int, prompt_tokens: int, w
     }
 
 
-SUFFIX_TASK = (" Review: {text}\nSentiment:", (("0", " negative"), ("1", " positive")))
-
-
 def suffix_cache(manifest: Manifest, precision: str, device: str, rows: list, prompt_tokens: int, popsize: int,
                  repeat: int, threads: int | None = None, seed: int = 0) -> dict:
     """One generation of a suffix prompt (`popsize` candidates on the training rows) recomputed in full, with
@@ -186,7 +184,7 @@ def suffix_cache(manifest: Manifest, precision: str, device: str, rows: list, pr
     from .engine import OrtEngine
     from .tasks import Framing, Task
 
-    task = Task("bench", *SUFFIX_TASK, framing=Framing(bos="never", position="suffix"))
+    task = Task("bench", *DECODER_TASK, framing=Framing(bos="never", position="suffix"))
     enc = Encoder(load_tokenizer(manifest), manifest, task, prompt_tokens).encode(rows)
     rng = np.random.default_rng(seed)
     shape = (popsize, prompt_tokens, manifest.hidden_size)

@@ -99,7 +99,7 @@ class OrtEngine:
         # and downloads only [C, N, K].
         self.io_binding = device == "cuda"
         self.row_inputs = ROW_INPUTS + ((PROMPT_POS,) if self.takes_prompt_pos else ())
-        self._plans: dict[int, tuple[np.ndarray, list[Part]]] = {}
+        self._plans: dict[int, tuple[np.ndarray, list[Part]]] = {}  # by the rows' identity
         # Suffix prompts on a decoder: the text's keys and values once per set of rows, then only the tails.
         has_pair = not deep and manifest.has_cache_graphs(precision)
         if kv_cache and not has_pair:
@@ -177,10 +177,9 @@ class OrtEngine:
         return prompts
 
     def _score(self, prompts: np.ndarray, batch: EncodedSet, extra: dict) -> np.ndarray:
-        self._check_positions(batch)
-        if self.kv_cache and not extra and cache_split(batch) is not None:
-            return self._score_cached(prompts, batch)
         parts = self._plan(batch)
+        if parts[0].split is not None:
+            return self._score_cached(prompts, batch, parts)
         if len(parts) == 1:
             return self._run(prompts, parts[0], extra)
         out = np.empty((prompts.shape[0], len(batch), len(batch.label_ids)), np.float32)
@@ -194,10 +193,11 @@ class OrtEngine:
         raise ModelError(f"the {self.graph} graph puts the prompt right after BOS only, and these rows have it "
                          "elsewhere (--bos, --chat or --prompt-position suffix); re-export the model")
 
-    def _score_cached(self, prompts: np.ndarray, batch: EncodedSet) -> np.ndarray:
-        """Suffix prompts: each length bucket's text through the text graph once (kept), then the tail graph."""
+    def _score_cached(self, prompts: np.ndarray, batch: EncodedSet, parts: list["Part"]) -> np.ndarray:
+        """Suffix prompts: each length bucket's text went through the text graph once (kept with the plan); each
+        call runs the tail graph."""
         out = np.empty((prompts.shape[0], len(batch), len(batch.label_ids)), np.float32)
-        for part in self._plan(batch, cached=True):
+        for part in parts:
             feeds = {"text_mask": part.split.text_mask, "tail_ids": part.split.tail_ids,
                      "mask_pos": part.split.tail_mask_pos, "prompt_embeds": prompts, "label_ids": part.batch.label_ids}
             out[:, part.index] = self._run_tail(part.text_kv, feeds)
@@ -223,7 +223,7 @@ class OrtEngine:
                                 f"over the engine's limit of {self.kv_cache_limit / 2**30:.1f} GiB; use fewer "
                                 "training rows or a smaller --max-length, or tune with a prefix prompt")
         if self._cached_bytes + need > self.kv_cache_limit:
-            self._plans = {k: v for k, v in self._plans.items() if not k[1]}
+            self._plans = {k: v for k, v in self._plans.items() if v[1][0].split is None}
             self._cached_bytes = 0
         self._cached_bytes += need
 
@@ -257,12 +257,16 @@ class OrtEngine:
         tail.run_with_iobinding(binding)
         return np.asarray(binding.copy_outputs_to_cpu()[0], dtype=np.float32)
 
-    def _plan(self, batch: EncodedSet, cached: bool = False) -> list["Part"]:
-        """How a batch is run: its length buckets, with their rows on the device when binding. Cached,
-        since the training set is scored every generation."""
-        key = (id(batch.attention_mask), cached)
+    def _plan(self, batch: EncodedSet) -> list["Part"]:
+        """How a batch is run: its length buckets, with their rows on the device when binding, or for suffix rows
+        on a model with the cached pair, their texts' keys and values. Decided and built once per batch, since
+        the training set is scored every generation."""
+        key = id(batch.attention_mask)
         hit = self._plans.get(key)
         if hit is None or hit[0] is not batch.attention_mask:
+            self._check_positions(batch)
+            whole = cache_split(batch) if self.kv_cache else None
+            cached = whole is not None
             if len(self._plans) >= 8:
                 self._plans.clear()
                 self._cached_bytes = 0
@@ -273,7 +277,7 @@ class OrtEngine:
             else:
                 subsets = [batch.take(g) for g in groups]
             if cached:
-                splits = [cache_split(sub) for sub in subsets]
+                splits = [whole] if len(subsets) == 1 else [cache_split(sub) for sub in subsets]
                 self._reserve(splits)
                 parts = [Part(g, sub, split=split, text_kv=self._text_kv(split))
                          for g, sub, split in zip(groups, subsets, splits)]
