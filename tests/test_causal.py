@@ -43,6 +43,27 @@ def test_manifest_and_parity(causal):
     assert m.graphs["fp32"].parity["max_abs_diff"] <= 1e-4
     for name in ("fp16", "int8"):
         assert m.graphs[name].parity["argmax_agreement"] >= 0.5
+    # a decoder's int8 is the calibrated pass (export/quantize.py): every linear of these 2-layer models is an
+    # edge layer's, so all take two levels (GPT-2's Conv1D layers export as Gemm)
+    int8 = m.graphs["int8"]
+    assert int8.fused_ops.get("two-level groups", 0) >= 4 and "one-level groups" not in int8.fused_ops
+
+
+def test_int8_is_far_closer_to_fp32_than_dynamic_int8(causal, tmp_path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from bbt_onnx.encoding import load_tokenizer
+    from bbt_onnx_export.pipeline import parity_inputs
+
+    _, _, out = causal
+    m = load_manifest(out)
+    sample = parity_inputs(m, load_tokenizer(m))
+    quantize_dynamic(str(out / "model.onnx"), str(tmp_path / "dynamic.onnx"), op_types_to_quantize=["MatMul", "Gemm"],
+                     weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": 1})  # 1: float
+    ref = validate.run_onnx(out / "model.onnx", sample)
+    err = {name: float(np.sqrt(((validate.run_onnx(path, sample) - ref) ** 2).mean()))
+           for name, path in (("ours", out / "model.int8.onnx"), ("dynamic", tmp_path / "dynamic.onnx"))}
+    assert err["ours"] < 0.5 * err["dynamic"], err
 
 
 def test_graph_matches_the_hf_model_for_other_shapes(causal):
