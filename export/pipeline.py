@@ -206,6 +206,7 @@ def parity_inputs(manifest: Manifest, tokenizer, prompt_count: int = 3, seed: in
 
 def encoded_inputs(manifest: Manifest, tokenizer, task: Task, texts: list[str], prompt_count: int,
                    prompt_tokens: int, seed: int) -> validate.ParityInputs:
+    """`texts` in `task`'s rows with `prompt_count` random prompts of `prompt_tokens` and 4 random label ids."""
     rng = np.random.default_rng(seed)
     enc = Encoder(tokenizer, manifest, task, prompt_tokens).encode([Example(t) for t in texts])
     specials = {i for i in (manifest.bos_id, manifest.eos_id, manifest.pad_id, manifest.mask_id) if i is not None}
@@ -218,18 +219,21 @@ def encoded_inputs(manifest: Manifest, tokenizer, task: Task, texts: list[str], 
 
 
 def calibration_feeds(manifest: Manifest, tokenizer, deep: bool) -> list[dict[str, np.ndarray]]:
-    """The int8 calibration's graph inputs: a third of the calibration texts in each generic template (default
-    framing), with a short and the model's full prompt length, each scored with the template's own prompt
+    """The int8 calibration's graph inputs: a third of the calibration texts in each generic template, with and
+    without BOS, with a short and the model's full prompt length, each scored with the template's own prompt
     (zeros) and a random one at the embedding scale."""
     feeds = []
     lengths = sorted({min(CALIBRATION_PROMPT_TOKENS, manifest.prompt_tokens), manifest.prompt_tokens})
+    # with and without BOS: without it, the first text token takes the outsized activations BOS otherwise takes
+    framings = [Framing(), Framing(bos="never")] if manifest.bos_id is not None else [Framing()]
     for i, template in enumerate(CALIBRATION_TEMPLATES):
-        task = Task("calibration", template, (("0", "a"), ("1", "b")))
-        for tokens in lengths:
-            rows = encoded_inputs(manifest, tokenizer, task, CALIBRATION_TEXTS[i::len(CALIBRATION_TEMPLATES)], 2,
-                                  tokens, seed=i)
-            rows.prompt_embeds[0] = 0.0
-            feeds.append((deep_parity_inputs(manifest, rows) if deep else rows).feeds())
+        for framing in framings:
+            task = Task("calibration", template, (("0", "a"), ("1", "b")), framing=framing)
+            for tokens in lengths:
+                rows = encoded_inputs(manifest, tokenizer, task, CALIBRATION_TEXTS[i::len(CALIBRATION_TEMPLATES)], 2,
+                                      tokens, seed=i)
+                rows.prompt_embeds[0] = 0.0
+                feeds.append((deep_parity_inputs(manifest, rows) if deep else rows).feeds())
     return feeds
 
 

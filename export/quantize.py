@@ -109,11 +109,11 @@ def outlier_channels(channel_max: np.ndarray, count: int, ratio: float) -> np.nd
 # --------------------------------------------------------------------------- graph
 def _plain_gemm(node) -> bool:
     """A Gemm that is x @ W (+ bias): GPT-2's Conv1D exports as one."""
-    attrs = {a.name: helper_value(a) for a in node.attribute}
+    attrs = {a.name: _attr(a) for a in node.attribute}
     return attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
 
 
-def helper_value(attribute):
+def _attr(attribute):
     from onnx import helper
 
     return helper.get_attribute_value(attribute)
@@ -135,7 +135,7 @@ def _weight(node, inits) -> np.ndarray:
     from onnx import numpy_helper
 
     w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
-    transposed = node.op_type == "Gemm" and any(a.name == "transB" and helper_value(a) for a in node.attribute)
+    transposed = node.op_type == "Gemm" and any(a.name == "transB" and _attr(a) for a in node.attribute)
     return w.T if transposed else w
 
 
@@ -186,9 +186,91 @@ def _norm_weight(node, inits: dict, width: int):
     return (node, name) if name else None
 
 
+@dataclass
+class GroupPlan:
+    """How one group (the linears reading one tensor) is quantized."""
+
+    one_level: bool
+    scales: np.ndarray  # smoothing: the input is divided by these, the weights' rows multiplied
+    outliers: np.ndarray  # [K] bool: channels multiplied in fp32
+    norm: tuple | None  # (Mul node, its weight's name) that absorbs the smoothing
+
+
+def plan_group(model_facts: tuple, activation: str, linears: list, weights: list[np.ndarray],
+               calibration: Calibration, family: Int8Family, num_layers: int, settings: Int8Settings) -> GroupPlan:
+    inits, producer, readers = model_facts
+    width = weights[0].shape[0]
+    act_max = calibration.channel_max[activation]
+    layer = _layer(linears[0].name, family)
+    edge = layer is None or layer < settings.edge_layers or layer >= num_layers - settings.edge_layers
+    # the norm can take the smoothing only when the group's linears are all that read its output
+    norm = _norm_weight(producer.get(activation), inits, width) if readers[activation] == len(linears) else None
+    one_level = not edge and norm is not None and all(re.search(family.one_level, n.name) for n in linears)
+    if one_level:
+        w_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+        return GroupPlan(True, smoothing_scales(act_max, w_max, settings.alpha), np.zeros(width, bool), norm)
+    outliers = np.zeros(width, bool) if norm is not None else \
+        outlier_channels(act_max, settings.outliers, settings.outlier_ratio)
+    return GroupPlan(False, np.ones(width), outliers, None)
+
+
+def activation_nodes(tag: str, activation: str, plan: GroupPlan) -> tuple[list, list]:
+    """Quantize the group's input once (and its residual, for two levels); split off fp32 outlier channels."""
+    from onnx import helper, numpy_helper
+
+    nodes, inits, source = [], [], activation
+    if plan.outliers.any():
+        inits += [numpy_helper.from_array((~plan.outliers).astype(np.float32), tag + "_keep"),
+                  numpy_helper.from_array(np.nonzero(plan.outliers)[0].astype(np.int64), tag + "_outliers")]
+        nodes += [helper.make_node("Mul", [activation, tag + "_keep"], [tag + "_in"]),
+                  helper.make_node("Gather", [activation, tag + "_outliers"], [tag + "_out"], axis=-1)]
+        source = tag + "_in"
+    nodes.append(helper.make_node("DynamicQuantizeLinear", [source], [tag + "_q", tag + "_s", tag + "_zp"]))
+    if not plan.one_level:
+        nodes += [helper.make_node("DequantizeLinear", [tag + "_q", tag + "_s", tag + "_zp"], [tag + "_dq"]),
+                  helper.make_node("Sub", [source, tag + "_dq"], [tag + "_r"]),
+                  helper.make_node("Mul", [tag + "_s", "int8_level2"], [tag + "_s2"]),
+                  helper.make_node("QuantizeLinear", [tag + "_r", tag + "_s2", "int8_zero_point"], [tag + "_q2"])]
+    return nodes, inits
+
+
+def linear_nodes(tag: str, node, weight: np.ndarray, gram: np.ndarray, plan: GroupPlan,
+                 settings: Int8Settings) -> tuple[list, list]:
+    """One linear on the group's quantized input: an integer matmul per level, plus fp32 outliers, summed into
+    the node's own output name."""
+    from onnx import helper, numpy_helper
+
+    name = re.sub(r"[^A-Za-z0-9]+", "_", node.name or node.output[0]).strip("_") + "_int8"
+    smoothed = np.where(plan.outliers[:, None], 0.0, weight * plan.scales[:, None])
+    col = column_scales(smoothed)
+    inits = [numpy_helper.from_array(gptq(smoothed, gram, col, settings.damp, settings.block), name + "_w"),
+             numpy_helper.from_array(col.astype(np.float32), name + "_ws")]
+    bias = [node.input[2]] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else []
+    nodes = [helper.make_node("MatMulIntegerToFloat", [tag + "_q", name + "_w", tag + "_s", name + "_ws", tag + "_zp",
+                                                       *([""] + bias if bias else [])], [name + "_y1"],
+                              domain=MS_DOMAIN)]
+    parts = [name + "_y1"]
+    if not plan.one_level:
+        nodes.append(helper.make_node("MatMulIntegerToFloat", [tag + "_q2", name + "_w", tag + "_s2", name + "_ws",
+                                                               "int8_zero_point"], [name + "_y2"], domain=MS_DOMAIN))
+        parts.append(name + "_y2")
+    if plan.outliers.any():
+        inits.append(numpy_helper.from_array(weight[plan.outliers].astype(np.float32), name + "_wout"))
+        nodes.append(helper.make_node("MatMul", [tag + "_out", name + "_wout"], [name + "_yo"]))
+        parts.append(name + "_yo")
+    total = parts[0]
+    for i, part in enumerate(parts[1:], 1):
+        target = node.output[0] if i == len(parts) - 1 else f"{name}_sum{i}"
+        nodes.append(helper.make_node("Add", [total, part], [target]))
+        total = target
+    if len(parts) == 1:
+        nodes[-1].output[0] = node.output[0]
+    return nodes, inits
+
+
 def rewrite(model, calibration: Calibration, family: Int8Family, num_layers: int,
             settings: Int8Settings = Int8Settings()) -> dict[str, int]:
-    """Replace every constant-weight MatMul of `model` (in place) with the integer path; returns what it did."""
+    """Replace every constant-weight linear of `model` (in place) with the integer path; returns what it did."""
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
@@ -196,79 +278,34 @@ def rewrite(model, calibration: Calibration, family: Int8Family, num_layers: int
     readers = collections.Counter(name for node in model.graph.node for name in node.input)
     added = [numpy_helper.from_array(np.array(1.0 / LEVEL2, np.float32), "int8_level2"),
              numpy_helper.from_array(np.array(128, np.uint8), "int8_zero_point")]
-    replaced: dict[str, list] = {}
+    replaced: dict[int, list] = {}
     stats = collections.Counter()
     for activation, linears in linear_groups(model).items():
         weights = [_weight(n, inits) for n in linears]
-        width = weights[0].shape[0]
-        act_max = calibration.channel_max[activation]
-        layer = _layer(linears[0].name, family)
-        edge = layer is None or layer < settings.edge_layers or layer >= num_layers - settings.edge_layers
-        # the norm can take the smoothing only when the group's linears are all that read its output
-        norm = _norm_weight(producer.get(activation), inits, width) if readers[activation] == len(linears) else None
-        one_level = (not edge and norm is not None and all(re.search(family.one_level, n.name) for n in linears))
-        tag = re.sub(r"[^A-Za-z0-9]+", "_", linears[0].name).strip("_") + "_int8"
-        nodes = []
-        scales = np.ones(width)
-        if one_level:
-            w_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
-            scales = smoothing_scales(act_max, w_max, settings.alpha)
-            mul, gamma = norm
-            folded = numpy_helper.to_array(inits[gamma]).astype(np.float64) / scales
+        plan = plan_group((inits, producer, readers), activation, linears, weights, calibration, family, num_layers,
+                          settings)
+        tag = re.sub(r"[^A-Za-z0-9]+", "_", activation).strip("_") + "_int8"
+        if plan.one_level:  # the norm's weight takes 1/s; a new initializer, as the exporter may share weights
+            mul, gamma = plan.norm
+            folded = numpy_helper.to_array(inits[gamma]).astype(np.float64) / plan.scales
             added.append(numpy_helper.from_array(folded.astype(np.float32), tag + "_norm"))
             mul.input[list(mul.input).index(gamma)] = tag + "_norm"
             stats["smoothed groups"] += 1
-        out = np.zeros(width, bool) if one_level or norm is not None else \
-            outlier_channels(act_max, settings.outliers, settings.outlier_ratio)
-        source = activation
-        if out.any():
-            added += [numpy_helper.from_array((~out).astype(np.float32), tag + "_keep"),
-                      numpy_helper.from_array(np.nonzero(out)[0].astype(np.int64), tag + "_outliers")]
-            nodes += [helper.make_node("Mul", [activation, tag + "_keep"], [tag + "_in"]),
-                      helper.make_node("Gather", [activation, tag + "_outliers"], [tag + "_out"], axis=-1)]
-            source = tag + "_in"
-            stats["outlier groups"] += 1
-        nodes.append(helper.make_node("DynamicQuantizeLinear", [source], [tag + "_q", tag + "_s", tag + "_zp"]))
-        if not one_level:
-            nodes += [helper.make_node("DequantizeLinear", [tag + "_q", tag + "_s", tag + "_zp"], [tag + "_dq"]),
-                      helper.make_node("Sub", [source, tag + "_dq"], [tag + "_r"]),
-                      helper.make_node("Mul", [tag + "_s", "int8_level2"], [tag + "_s2"]),
-                      helper.make_node("QuantizeLinear", [tag + "_r", tag + "_s2", "int8_zero_point"], [tag + "_q2"])]
-        stats["one-level groups" if one_level else "two-level groups"] += 1
-        gram = calibration.gram[activation] / scales[:, None] / scales[None, :]
-        gram[out, :] = 0.0
-        gram[:, out] = 0.0
+        stats["one-level groups" if plan.one_level else "two-level groups"] += 1
+        stats["outlier groups"] += int(plan.outliers.any())
+        nodes, new = activation_nodes(tag, activation, plan)
+        added += new
+        gram = calibration.gram[activation] / plan.scales[:, None] / plan.scales[None, :]
+        gram[plan.outliers, :] = 0.0
+        gram[:, plan.outliers] = 0.0
         for node, weight in zip(linears, weights):
-            name = re.sub(r"[^A-Za-z0-9]+", "_", node.name).strip("_") + "_int8"
-            smoothed = np.where(out[:, None], 0.0, weight * scales[:, None])
-            col = column_scales(smoothed)
-            added += [numpy_helper.from_array(gptq(smoothed, gram, col, settings.damp, settings.block), name + "_w"),
-                      numpy_helper.from_array(col.astype(np.float32), name + "_ws")]
-            parts = [name + "_y1"]
-            bias = [node.input[2]] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else []
-            nodes.append(helper.make_node("MatMulIntegerToFloat", [tag + "_q", name + "_w", tag + "_s", name + "_ws",
-                                                                   tag + "_zp", *([""] + bias if bias else [])],
-                                          [name + "_y1"], domain=MS_DOMAIN))
-            if not one_level:
-                nodes.append(helper.make_node("MatMulIntegerToFloat", [tag + "_q2", name + "_w", tag + "_s2",
-                                                                       name + "_ws", "int8_zero_point"],
-                                              [name + "_y2"], domain=MS_DOMAIN))
-                parts.append(name + "_y2")
-            if out.any():
-                added.append(numpy_helper.from_array(weight[out].astype(np.float32), name + "_wout"))
-                nodes.append(helper.make_node("MatMul", [tag + "_out", name + "_wout"], [name + "_yo"]))
-                parts.append(name + "_yo")
-            total = parts[0]
-            for i, part in enumerate(parts[1:], 1):
-                target = node.output[0] if i == len(parts) - 1 else f"{name}_sum{i}"
-                nodes.append(helper.make_node("Add", [total, part], [target]))
-                total = target
-            if len(parts) == 1:
-                nodes[-1].output[0] = node.output[0]
-        replaced[linears[0].name] = nodes
+            more, new = linear_nodes(tag, node, weight, gram, plan, settings)
+            nodes += more
+            added += new
+        replaced[id(linears[0])] = nodes  # the group's nodes go where its first linear was
         for node in linears[1:]:
-            replaced[node.name] = []
-    kept = [n for node in model.graph.node for n in replaced.get(node.name, [node])]
+            replaced[id(node)] = []
+    kept = [n for node in model.graph.node for n in replaced.get(id(node), [node])]
     del model.graph.node[:]
     model.graph.node.extend(kept)
     used = {name for node in kept for name in node.input}
@@ -277,7 +314,7 @@ def rewrite(model, calibration: Calibration, family: Int8Family, num_layers: int
     model.graph.initializer.extend(initializers)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return dict(stats)
+    return {k: v for k, v in stats.items() if v}
 
 
 def accurate_int8(src, dst, feeds: list[dict[str, np.ndarray]], model_type: str, num_layers: int,

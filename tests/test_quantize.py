@@ -137,3 +137,25 @@ def test_the_edge_layers_keep_two_levels(layer, one_level):
         node.name = node.name.replace("layers.1", f"layers.{layer}")
     q, stats = quantized(model, inputs(rng))
     assert (stats.get("one-level groups", 0) == 1) == one_level
+
+
+def test_a_decoder_exports_its_deep_graph_in_int8_too(tmp_path):
+    """BBTv2's deep graph is calibrated with prompts on every layer, and scores close to its fp32 twin."""
+    from bbt_onnx import Model
+    from bbt_onnx.synthetic import sentiment_examples
+    from bbt_onnx.tasks import Task
+    from bbt_onnx_export import ExportOptions, export_model
+    from bbt_onnx_export.tiny import make_tiny_causal
+
+    src = make_tiny_causal(tmp_path / "src", "LlamaForCausalLM")
+    m = export_model(ExportOptions(str(src), tmp_path / "model", prompt_tokens=4, deep=True, int8=True))
+    assert m.graphs["deep-int8"].fused_ops["two-level groups"] >= 4
+    task = Task("sentiment", " Review: {text}\nSentiment:", (("0", "bad"), ("1", "great")))
+    rng = np.random.default_rng(0)
+    layers = np.stack([rng.normal(0, s, (4, m.hidden_size)) for s in m.layer_std]).astype(np.float32)
+    out = {}
+    for precision in ("fp32", "int8"):
+        model = Model.load(tmp_path / "model", precision=precision, deep=True)
+        enc = model.encoder(task, 4).encode(sentiment_examples(6, seed=0))
+        out[precision] = model.engine.deep_label_logits(layers[1][None], enc, layers, 1)
+    assert rel_error(out["int8"], out["fp32"]) < 0.02
