@@ -74,6 +74,7 @@ CALIBRATION_TEXTS = [
 CALIBRATION_TEMPLATES = (" {text}\nSentiment:", " Text: {text}\nTopic:", " Question: {text}\nAnswer:")
 CALIBRATION_PROMPT_TOKENS = 10  # besides the model's P: the short prompts of CPU tuning
 MIN_OPSET, MAX_OPSET = 14, 20
+INT8_LEVELS = ("mixed", "two")
 ONNX_TYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32"}
 
 
@@ -89,6 +90,7 @@ class ExportOptions:
     gguf_file: str | None = None
     deep: bool = False  # also the deep-prompt (BBTv2) graph in every precision asked for
     kv_cache: bool = False  # also the text/tail pair that caches the text for suffix prompts (decoders, fp32)
+    int8_levels: str = "mixed"  # decoders' int8: "mixed" (one level on the middle MLP inputs) or "two" (everywhere)
 
     def check(self) -> None:
         """Settings first: nothing is loaded or written for a value that cannot work."""
@@ -97,6 +99,10 @@ class ExportOptions:
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
             raise SettingsError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET} (the TorchScript exporter's "
                                 f"range), got {self.opset}")
+        if self.int8_levels not in INT8_LEVELS:
+            raise SettingsError(f"--int8-levels must be one of {', '.join(INT8_LEVELS)}, got {self.int8_levels!r}")
+        if self.int8_levels != "mixed" and not self.int8:
+            raise SettingsError("--int8-levels needs --int8")
 
 
 def _versions() -> dict[str, str]:
@@ -264,6 +270,8 @@ def export_model(opts: ExportOptions, log: Callable[[str], None] = lambda _msg: 
     opts.check()
     check_out(out, opts.force)
     loaded = load_model(opts.model, opts.gguf_file)
+    if opts.int8_levels != "mixed" and loaded.kind != "causal":
+        raise SettingsError("--int8-levels is for decoders: a masked LM's int8 graph is dynamic int8")
     if opts.kv_cache and loaded.kind != "causal":
         raise SettingsError("--kv-cache is for decoders: a masked LM's prompt comes before its text")
     manifest = base_manifest(loaded, opts.prompt_tokens, opts.opset)
@@ -327,8 +335,9 @@ def build_graphs(loaded: Loaded, manifest: Manifest, sample: validate.ParityInpu
         from bbt_onnx.encoding import load_tokenizer
 
         feeds = calibration_feeds(manifest, load_tokenizer(manifest), deep)
-        builders["int8"] = partial(quantize.accurate_int8, plain, feeds=feeds,
-                                   model_type=manifest.model_type, num_layers=manifest.num_layers)
+        builders["int8"] = partial(quantize.accurate_int8, plain, feeds=feeds, model_type=manifest.model_type,
+                                   num_layers=manifest.num_layers,
+                                   settings=quantize.Int8Settings(one_level=opts.int8_levels == "mixed"))
     elif opts.int8:
         builders["int8"] = partial(optimize.dynamic_int8, plain)  # from the unfused graph: faster on CPU
     graphs = {}

@@ -45,6 +45,7 @@ FAMILIES = {"llama": Int8Family(one_level=r"/mlp/(gate|up)_proj/")}
 
 @dataclass(frozen=True)
 class Int8Settings:
+    one_level: bool = True  # the family's one-level groups take one level (False: two levels everywhere)
     edge_layers: int = 2  # the first and last layers keep two levels everywhere
     alpha: float = 0.8  # SmoothQuant migration strength for the one-level layers
     outliers: int = 8  # input channels kept in fp32 on a two-level layer without a norm ...
@@ -177,13 +178,18 @@ def _layer(name: str, family: Int8Family) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def _norm_weight(node, inits: dict, width: int):
-    """(node, name of its 1-D weight) when `node` is a Mul by a [width] initializer (an RMSNorm's scale), which
-    can absorb smoothing scales; else None."""
+def _norm_weight(node, inits: dict, producer: dict, width: int):
+    """(node, its input, the initializer behind it) when `node` is a Mul by a [width] initializer (an RMSNorm's
+    scale), which can absorb smoothing scales; else None. The exporter shares equal weights through Identity."""
     if node is None or node.op_type != "Mul":
         return None
-    name = next((i for i in node.input if i in inits and tuple(inits[i].dims) == (width,)), None)
-    return (node, name) if name else None
+    for name in node.input:
+        source = name
+        while source not in inits and source in producer and producer[source].op_type == "Identity":
+            source = producer[source].input[0]
+        if source in inits and tuple(inits[source].dims) == (width,):
+            return node, name, source
+    return None
 
 
 @dataclass
@@ -193,7 +199,7 @@ class GroupPlan:
     one_level: bool
     scales: np.ndarray  # smoothing: the input is divided by these, the weights' rows multiplied
     outliers: np.ndarray  # [K] bool: channels multiplied in fp32
-    norm: tuple | None  # (Mul node, its weight's name) that absorbs the smoothing
+    norm: tuple | None  # (Mul node, its input, the initializer behind it) that absorbs the smoothing
 
 
 def plan_group(model_facts: tuple, activation: str, linears: list, weights: list[np.ndarray],
@@ -204,8 +210,10 @@ def plan_group(model_facts: tuple, activation: str, linears: list, weights: list
     layer = _layer(linears[0].name, family)
     edge = layer is None or layer < settings.edge_layers or layer >= num_layers - settings.edge_layers
     # the norm can take the smoothing only when the group's linears are all that read its output
-    norm = _norm_weight(producer.get(activation), inits, width) if readers[activation] == len(linears) else None
-    one_level = not edge and norm is not None and all(re.search(family.one_level, n.name) for n in linears)
+    norm = _norm_weight(producer.get(activation), inits, producer, width) if readers[activation] == len(linears) \
+        else None
+    one_level = (settings.one_level and not edge and norm is not None
+                 and all(re.search(family.one_level, n.name) for n in linears))
     if one_level:
         w_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
         return GroupPlan(True, smoothing_scales(act_max, w_max, settings.alpha), np.zeros(width, bool), norm)
@@ -286,10 +294,10 @@ def rewrite(model, calibration: Calibration, family: Int8Family, num_layers: int
                           settings)
         tag = re.sub(r"[^A-Za-z0-9]+", "_", activation).strip("_") + "_int8"
         if plan.one_level:  # the norm's weight takes 1/s; a new initializer, as the exporter may share weights
-            mul, gamma = plan.norm
+            mul, wired, gamma = plan.norm
             folded = numpy_helper.to_array(inits[gamma]).astype(np.float64) / plan.scales
             added.append(numpy_helper.from_array(folded.astype(np.float32), tag + "_norm"))
-            mul.input[list(mul.input).index(gamma)] = tag + "_norm"
+            mul.input[list(mul.input).index(wired)] = tag + "_norm"
             stats["smoothed groups"] += 1
         stats["one-level groups" if plan.one_level else "two-level groups"] += 1
         stats["outlier groups"] += int(plan.outliers.any())

@@ -398,6 +398,8 @@ CASES = [
     case("tune-prompt-position-unknown", over_run("--prompt-position", "middle"), "--prompt-position"),
     case("evaluate-framing-with-prompt", [*EVAL, "--prompt-position", "suffix"], "--prompt-position"),
     case("export-kv-cache-on-a-masked-lm", [*EXPORT, "--kv-cache"], "--kv-cache"),
+    case("export-int8-levels-without-int8", [*EXPORT, "--int8-levels", "two"], "needs --int8"),
+    case("export-int8-levels-on-a-masked-lm", [*EXPORT, "--int8", "--int8-levels", "two"], "decoders"),
     case("bench-suffix-data-without-cached-pair", [*BENCH, "--suffix-data", "@test"], "--kv-cache"),
 
     # 8. one row of 2,000,000 characters: a clear error naming the row, in seconds, never a hang

@@ -121,11 +121,12 @@ def test_two_levels_carry_the_activation_to_about_15_bits():
     assert rel_error(got, want) < 1e-3
 
 
-def test_a_family_without_a_record_keeps_two_levels_everywhere():
+@pytest.mark.parametrize("family,settings", [(quantize.Int8Family(), Int8Settings(edge_layers=1)),
+                                              (FAMILIES["llama"], Int8Settings(edge_layers=1, one_level=False))])
+def test_two_levels_everywhere_without_a_record_or_when_asked(family, settings):
     rng = np.random.default_rng(6)
     model = graph(rng)
-    stats = rewrite(model, calibrate(model, inputs(rng)), quantize.Int8Family(), num_layers=3,
-                    settings=Int8Settings(edge_layers=1))
+    stats = rewrite(model, calibrate(model, inputs(rng)), family, num_layers=3, settings=settings)
     assert stats.get("one-level groups", 0) == 0 and stats["two-level groups"] == 2
 
 
@@ -159,3 +160,19 @@ def test_a_decoder_exports_its_deep_graph_in_int8_too(tmp_path):
         enc = model.encoder(task, 4).encode(sentiment_examples(6, seed=0))
         out[precision] = model.engine.deep_label_logits(layers[1][None], enc, layers, 1)
     assert rel_error(out["int8"], out["fp32"]) < 0.02
+
+
+@pytest.mark.parametrize("levels,one_level", [(None, 1), ("two", 0)])
+def test_export_cli_int8_levels(tmp_path, levels, one_level):
+    """5 layers: the middle one (2) is the only one past the two edge layers on each side."""
+    import json
+
+    from bbt_onnx_export.tiny import make_tiny_causal
+    from helpers import invoke
+
+    src = make_tiny_causal(tmp_path / "src", "LlamaForCausalLM", layers=5)
+    r = invoke(["export", "--model", src, "--out", tmp_path / "m", "--prompt-tokens", 4, "--int8",
+                *(["--int8-levels", levels] if levels else [])])
+    assert r.exit_code == 0, r.output
+    stats = json.loads(r.stdout)["graphs"]["int8"]["fused_ops"]
+    assert stats.get("one-level groups", 0) == one_level and stats["two-level groups"] == 4 * 5 - one_level
