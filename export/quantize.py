@@ -204,6 +204,8 @@ class GroupPlan:
 
 def plan_group(model_facts: tuple, activation: str, linears: list, weights: list[np.ndarray],
                calibration: Calibration, family: Int8Family, num_layers: int, settings: Int8Settings) -> GroupPlan:
+    """One level (smoothed into the norm) for the family's groups past the edge layers; else two levels, with
+    fp32 outlier channels where no norm could have smoothed them."""
     inits, producer, readers = model_facts
     width = weights[0].shape[0]
     act_max = calibration.channel_max[activation]
