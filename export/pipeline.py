@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from contextlib import contextmanager
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from importlib import metadata
@@ -287,15 +287,16 @@ def export_model(opts: ExportOptions, log: Callable[[str], None] = lambda _msg: 
         manifest = replace(manifest, directory=tmp)
         from bbt_onnx.encoding import load_tokenizer
 
-        sample = parity_inputs(manifest, load_tokenizer(manifest))
+        tokenizer = load_tokenizer(manifest)
+        sample = parity_inputs(manifest, tokenizer)
         manifest = replace(manifest, layer_std=validate.layer_stds(loaded, sample, manifest.embedding_std))
         graphs = {}
         plain_refs = validate.references(loaded, sample, manifest.prompt_start)
-        graphs.update(build_graphs(loaded, manifest, sample, plain_refs, opts, tmp, False, log))
+        graphs.update(build_graphs(loaded, manifest, tokenizer, sample, plain_refs, opts, tmp, False, log))
         if opts.deep:
             deep = deep_parity_inputs(manifest, sample)
-            graphs.update(build_graphs(loaded, manifest, deep, validate.references(loaded, deep, manifest.prompt_start),
-                                       opts, tmp, True, log))
+            graphs.update(build_graphs(loaded, manifest, tokenizer, deep,
+                                       validate.references(loaded, deep, manifest.prompt_start), opts, tmp, True, log))
         if opts.kv_cache:
             graphs.update(build_cache_graphs(loaded, sample, plain_refs, opts, tmp, log))
 
@@ -316,8 +317,9 @@ def export_model(opts: ExportOptions, log: Callable[[str], None] = lambda _msg: 
     return replace(manifest, directory=out)
 
 
-def build_graphs(loaded: Loaded, manifest: Manifest, sample: validate.ParityInputs, refs: tuple[np.ndarray, np.ndarray],
-                 opts: ExportOptions, tmp: Path, deep: bool, log: Callable[[str], None]) -> dict:
+def build_graphs(loaded: Loaded, manifest: Manifest, tokenizer, sample: validate.ParityInputs,
+                 refs: tuple[np.ndarray, np.ndarray], opts: ExportOptions, tmp: Path, deep: bool,
+                 log: Callable[[str], None]) -> dict:
     """One contract (plain or deep) in every asked precision, each checked against PyTorch (`refs`: its fp32 and
     fp64 logits on `sample`)."""
     reference, exact = refs
@@ -332,9 +334,7 @@ def build_graphs(loaded: Loaded, manifest: Manifest, sample: validate.ParityInpu
     if opts.fp16:
         builders["fp16"] = partial(fuse, fp16=True)
     if opts.int8 and manifest.kind == "causal":
-        from bbt_onnx.encoding import load_tokenizer
-
-        feeds = calibration_feeds(manifest, load_tokenizer(manifest), deep)
+        feeds = calibration_feeds(manifest, tokenizer, deep)
         builders["int8"] = partial(quantize.accurate_int8, plain, feeds=feeds, model_type=manifest.model_type,
                                    num_layers=manifest.num_layers,
                                    settings=quantize.Int8Settings(one_level=opts.int8_levels == "mixed"))
