@@ -134,8 +134,11 @@ class OrtEngine:
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        # CUDA's default lets fp32 MatMuls run in TF32 (10-bit mantissa): an fp32 graph there drifted 2e-3 from
+        # CPU on a 24-layer model (H100). fp32 means fp32; the fp16 graph is the fast path.
+        options = {"use_tf32": "0"} if self.device == "cuda" else {}
         try:
-            session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
+            session = ort.InferenceSession(str(path), sess_options=opts, providers=[(provider, options)])
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
             raise ModelError(f"onnxruntime cannot load {path} on {self.device}: "
                              f"{str(exc).splitlines()[0][:300]}") from None

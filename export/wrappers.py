@@ -229,8 +229,21 @@ class CausalPromptScorer(nn.Module):
         return logits
 
 
-def legacy_cache(cache) -> tuple:
-    return cache.to_legacy_cache() if hasattr(cache, "to_legacy_cache") else cache
+def cache_pairs(cache) -> list:
+    """Every layer's (keys, values) of a transformers cache: a tuple of pairs before 4.56, layers since (5.x
+    dropped `to_legacy_cache`, and iterating its cache yields triples)."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return [(k, v) for k, v in cache]
+
+
+def cache_from_pairs(pairs: tuple):
+    """A DynamicCache holding these (keys, values), on transformers 4.x and 5.x alike."""
+    from transformers import DynamicCache
+
+    if hasattr(DynamicCache, "from_legacy_cache"):
+        return DynamicCache.from_legacy_cache(pairs)
+    return DynamicCache(pairs)
 
 
 class CausalTextGraph(CausalPromptScorer):
@@ -240,7 +253,7 @@ class CausalTextGraph(CausalPromptScorer):
     def forward(self, input_ids, attention_mask):
         x = self.embed(input_ids)
         out = self.body(inputs_embeds=x, attention_mask=causal_mask(attention_mask, x.dtype), use_cache=True)
-        return torch.stack([torch.stack([k, v]) for k, v in legacy_cache(out.past_key_values)])
+        return torch.stack([torch.stack([k, v]) for k, v in cache_pairs(out.past_key_values)])
 
 
 class CausalTailGraph(CausalPromptScorer):
@@ -251,8 +264,6 @@ class CausalTailGraph(CausalPromptScorer):
     block-diagonal causal mask and each block's own positions, so the cache is never copied C times."""
 
     def forward(self, text_kv, text_mask, tail_ids, mask_pos, prompt_embeds, label_ids):
-        from transformers import DynamicCache
-
         n, u = tail_ids.shape
         c = prompt_embeds.shape[0]
         emb = self.embed(tail_ids)  # [N, U, H]
@@ -266,7 +277,7 @@ class CausalTailGraph(CausalPromptScorer):
                              own_tail[None, None].expand(n, 1, c * u, c * u)], dim=-1)
         mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed,
                                                                                       torch.finfo(x.dtype).min)
-        past = DynamicCache.from_legacy_cache(tuple((text_kv[i, 0], text_kv[i, 1]) for i in range(text_kv.shape[0])))
+        past = cache_from_pairs(tuple((text_kv[i, 0], text_kv[i, 1]) for i in range(text_kv.shape[0])))
         out = self.body(inputs_embeds=x, attention_mask=mask, position_ids=positions, past_key_values=past,
                         use_cache=True)[0]  # [N, C*U, H]
         rows = torch.arange(c, device=tail_ids.device).unsqueeze(0) * u + mask_pos.unsqueeze(1)  # [N, C]

@@ -365,3 +365,24 @@ def test_error_kinds_can_be_caught_by_kind(tmp_path):
     with pytest.raises(SettingsError):
         parse_labels("nope")
     assert all(issubclass(e, BBTError) for e in (DataError, ModelError, SettingsError))
+
+
+@pytest.mark.parametrize("device,options", [("cuda", {"use_tf32": "0"}), ("cpu", {})])
+def test_cuda_sessions_keep_fp32_matmuls_in_fp32(tiny_model, monkeypatch, device, options):
+    """onnxruntime's CUDA provider defaults to TF32 MatMuls (2e-3 off CPU on an H100): the engine turns it off."""
+    import onnxruntime as ort
+
+    from bbt_onnx.engine import OrtEngine
+
+    asked = []
+
+    def session(path, sess_options=None, providers=None):
+        asked.append(providers)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    monkeypatch.setattr(ort, "preload_dlls", lambda: None, raising=False)
+    with pytest.raises(BBTError, match="stop here"):
+        OrtEngine(load_manifest(tiny_model), device=device)
+    assert asked == [[(f"{device.upper()}ExecutionProvider", options)]]

@@ -69,7 +69,7 @@ if [ "$DRY" = 1 ]; then PP_RUN=$PP_EXPORT; else PP_RUN="$ORT_DIR:$PP_EXPORT"; fi
 SMOL_DIR=$MODELS/smollm2
 LARGE=$MODELS/large
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-export REPO DRY PY WORK RES MODELS SITE PKGS ORT_DIR GGUF DEV PREC PP_RUN PP_EXPORT SMOL_DIR   # for bash -c steps
+export REPO DRY PY WORK RES MODELS SITE PKGS ORT_DIR GGUF DEV PREC PP_RUN PP_EXPORT SMOL_DIR METHODS   # for bash -c steps
 
 left() { echo $((DEADLINE - $(date +%s))); }
 note() { echo "[$(date +%T) +$(( $(date +%s) - START ))s] $*"; }
@@ -191,13 +191,13 @@ smollm2_export() {
   # real_fewshot.py's ensure_model: P = 50, fp16 when asked, deep graphs, the cached pair; it finds this manifest
   # and skips its own.
   "$PY" -m bbt_onnx.cli export --model "$WORK/smollm2-src" $GGUF_ARGS --out "$SMOL_DIR" --prompt-tokens 50 \
-    $([ "$PREC" = fp16 ] && echo --fp16) --deep --kv-cache --force
+    $([ "$PREC" = fp16 ] && echo --fp16) $([[ "$METHODS" == *bbtv2* ]] && echo --deep) --kv-cache --force
 }
 if has_step fewshot; then
   if [ "$DRY" = 1 ] || [ -n "$(ls "$WORK"/gguf/smollm2.gguf.part-* 2>/dev/null)" ]; then
     export -f smollm2_export
     # half the cores, so the large model's export next to it keeps the rest
-    ( PYTHONPATH=$PP_EXPORT OMP_NUM_THREADS=${OMP_NUM_THREADS:-8} run_step smollm2_export 60 - \
+    ( PYTHONPATH=$PP_EXPORT OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(has_step export && echo 8 || nproc)} run_step smollm2_export 60 - \
         nice -n 5 bash -c smollm2_export ) > "$RES/smollm2_bg.out" 2>&1 &   # off the console's tee
     SMOL_PID=$!
   else
@@ -257,6 +257,13 @@ if has_step fewshot; then
   else
     record fewshot skipped null 0 "no exported SmolLM2 (see smollm2_export.log)"
   fi
+fi
+
+# the same on the real model, with the MR task (after the few-shot runs, which reuse its export)
+if has_step check_smol && [ -f "$SMOL_DIR/manifest.json" ]; then
+  PYTHONPATH=$PP_RUN run_step check_smol 30 "$RES/check_smol.json" "$PY" -m bbt_onnx.cli check --model "$SMOL_DIR" \
+    --task-file "$REPO/benchmarks/tasks/mr.json" --engines "$(if [ "$DEV" = cpu ]; then echo cpu:fp32,cpu:fp16; \
+    else echo cpu:fp32,cuda:fp32,cuda:fp16; fi)" $THREADS --json
 fi
 
 # the project's own cross-engine check (`bbt-onnx check`), when this checkout has it
