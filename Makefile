@@ -15,7 +15,7 @@ $(BIN)/python:
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build
 install: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[export,gguf,test]"
+	$(BIN)/pip install -q -e ".[export,gguf,serve,test]"
 
 test:
 	$(BIN)/python -m pytest -q

@@ -14,6 +14,7 @@ from . import __version__
 from .errors import BBTError, DataError, SettingsError
 from .fileio import dumps, storage_error
 from .manifest import PRECISIONS
+from .remote import DEFAULT_MAX_REQUEST
 
 DEVICE = click.Choice(["cpu", "cuda"])
 PRECISION = click.Choice(list(PRECISIONS))
@@ -135,10 +136,34 @@ def task_options(f):
 
 
 def engine_options(f):
+    """The in-process engine's options, and --server/--token-file for a served one, handed over as `remote`
+    (None in process)."""
+    inner = f
+
+    @functools.wraps(inner)
+    def command(*args, **kwargs):
+        return inner(*args, remote=remote_from(kwargs.pop("server"), kwargs.pop("token_file")), **kwargs)
+
+    f = command
+    f = click.option("--token-file", type=click.Path(dir_okay=False),
+                     help="File holding the server's access token (sent as the triton-access-token header).")(f)
+    f = click.option("--server", help="Score on a Triton server (`bbt-onnx serve`, or a stock tritonserver over "
+                                      "`bbt-onnx triton-repo`): http://HOST:PORT or grpc://HOST:PORT. --model may "
+                                      "then be a client directory (`bbt-onnx client-dir`).")(f)
     f = click.option("--threads", type=click.IntRange(1), help="CPU threads for onnxruntime [default: all cores].")(f)
     f = click.option("--precision", type=PRECISION, default="fp32", show_default=True, help="Which exported graph.")(f)
     f = click.option("--device", type=DEVICE, default="cpu", show_default=True, help="onnxruntime execution provider.")(f)
     return f
+
+
+def remote_from(server, token_file):
+    from .remote import Remote, read_token
+
+    if token_file and not server:
+        raise SettingsError("--token-file goes with --server")
+    if not server:
+        return None
+    return Remote(server, read_token(token_file) if token_file else None).check()
 
 
 def get_task(task_name, template, labels, task_file, metric, bos, chat, prompt_position):
@@ -187,7 +212,7 @@ TUNE_FLAGS = ("model_dir", *TASK_FLAGS, "data", "train", "dev", "test",
 @click.option("--force", is_flag=True, help="Replace an earlier run in --out.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or notes.")
 @click.pass_context
-def tune(ctx, resume, quiet, device, threads, task_args, **flags):
+def tune(ctx, resume, quiet, device, threads, remote, task_args, **flags):
     """Learn a continuous prompt with CMA-ES, using only forward calls of the exported graph.
 
     Writes prompt.npz, run.json, log.jsonl and loss.png into --out, prints the metrics JSON.
@@ -204,7 +229,7 @@ def tune(ctx, resume, quiet, device, threads, task_args, **flags):
         from .runs import RunDir
 
         settings = RunDir.open_existing(resume).read_json()["settings"]
-        request = TuneRequest.from_settings(settings, str(resume), device=device, threads=threads)
+        request = TuneRequest.from_settings(settings, str(resume), device=device, threads=threads, remote=remote)
     else:
         if not flags["model_dir"]:
             raise SettingsError("--model is required")
@@ -222,7 +247,7 @@ def tune(ctx, resume, quiet, device, threads, task_args, **flags):
                                                       "max_length", "method")})
         data = DataSpec(flags["data"], flags["train"], flags["dev"], flags["test"], flags["k_shot"], flags["seed"])
         request = TuneRequest(flags["model_dir"], task, data, config, str(flags["out"]), device, flags["precision"],
-                              threads)
+                              threads, remote)
 
     progress = Progress(quiet)
     hooks = Hooks(log=(lambda m: None) if quiet else err, start=progress.start, event=progress.update)
@@ -327,14 +352,15 @@ def template_prompt(model, task_args, prompt_tokens):
 @task_options
 @engine_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def evaluate(model_dir, prompt_dir, data, no_prompt, prompt_tokens, task_args, device, precision, threads, quiet):
+def evaluate(model_dir, prompt_dir, data, no_prompt, prompt_tokens, task_args, device, precision, threads, remote,
+             quiet):
     """Score a tuned prompt (or the bare template) on a labelled file; prints a metrics JSON."""
     from .data import check_labels, read_examples
     from .model import Model
 
     prompt = load_run_prompt(prompt_dir, no_prompt, task_args, prompt_tokens)
     model = Model.load(model_dir, device=device, precision=precision, threads=threads,
-                       deep=prompt is not None and prompt.deep)
+                       deep=prompt is not None and prompt.deep, remote=remote)
     prompt = prompt or template_prompt(model, task_args, prompt_tokens)
     rows = read_examples(data)
     check_labels(rows, prompt.task.label_keys, data)
@@ -355,7 +381,7 @@ def evaluate(model_dir, prompt_dir, data, no_prompt, prompt_tokens, task_args, d
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Write JSONL here [default: stdout].")
 @engine_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def predict(model_dir, prompt_dir, input_path, output, device, precision, threads, quiet):
+def predict(model_dir, prompt_dir, input_path, output, device, precision, threads, remote, quiet):
     """Label texts with a tuned prompt; writes JSONL: text, label and per-label probabilities."""
     from .fileio import check_writable
     from .model import Model
@@ -364,7 +390,8 @@ def predict(model_dir, prompt_dir, input_path, output, device, precision, thread
     if output:
         check_writable(output)
     prompt = TunedPrompt.load(prompt_dir)
-    model = Model.load(model_dir, device=device, precision=precision, threads=threads, deep=prompt.deep)
+    model = Model.load(model_dir, device=device, precision=precision, threads=threads, deep=prompt.deep,
+                       remote=remote)
     prompt.check_model(model)
     rows = read_input(input_path)
     enc = prompt.encoder(model).encode(rows)  # every row checked before the progress bar starts
@@ -417,8 +444,10 @@ def read_input(path: str):
 @click.option("--prompt", "prompt_dir", type=click.Path(path_type=Path),
               help="Run directory: its tuned prompt and z = 0 [default: z = 0 and three random prompts].")
 @click.option("--data", help="Rows to score (labelled for a metric) [default: built-in sample rows].")
-@click.option("--engines", help="Comma-separated DEVICE:PRECISION, e.g. cpu:fp32,cpu:int8,cuda:fp16 "
-              "[default: every graph of the model on every provider installed; those that cannot run are skipped].")
+@click.option("--engines", help="Comma-separated DEVICE:PRECISION or server URL, e.g. cpu:fp32,cpu:int8,cuda:fp16,"
+              "http://127.0.0.1:8000 [default: every graph of the model on every provider installed; those that "
+              "cannot run are skipped].")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="Access token for the servers in --engines.")
 @task_options
 @click.option("--fp32-max-diff", default=1e-3, show_default=True, help="fp32 engines: largest max abs logit diff.")
 @click.option("--fp32-agreement", default=1.0, show_default=True, help="fp32 engines: least prediction agreement.")
@@ -428,8 +457,8 @@ def read_input(path: str):
 @click.option("--threads", type=click.IntRange(1), help="CPU threads for onnxruntime [default: all cores].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.pass_context
-def check(ctx, model_dir, prompt_dir, data, engines, task_args, fp32_max_diff, fp32_agreement, lowp_agreement,
-          lowp_metric_delta, threads, as_json):
+def check(ctx, model_dir, prompt_dir, data, engines, token_file, task_args, fp32_max_diff, fp32_agreement,
+          lowp_agreement, lowp_metric_delta, threads, as_json):
     """Score the same rows and prompts on several engines and compare each with CPU fp32.
 
     Exit code 0 when every engine is within tolerance (and every graph matches its sha256), 1 when one is
@@ -445,7 +474,11 @@ def check(ctx, model_dir, prompt_dir, data, engines, task_args, fp32_max_diff, f
     tolerances = c.Tolerances(fp32_max_diff, fp32_agreement, lowp_agreement, lowp_metric_delta)
     tolerances.check()
     prompt = load_run_prompt(prompt_dir, prompt_dir is None, task_args, None)
-    named = parse_engines(engines) if engines else []
+    from .remote import read_token
+
+    named = parse_engines(engines, read_token(token_file) if token_file else None) if engines else []
+    if token_file and not any(spec.remote for spec in named):
+        raise SettingsError("--token-file goes with a server URL in --engines")
     manifest = load_manifest(model_dir)
     tokenizer = load_tokenizer(manifest)
     if prompt is None:
@@ -488,14 +521,42 @@ def check(ctx, model_dir, prompt_dir, data, engines, task_args, fp32_max_diff, f
 @click.option("--threads", type=click.IntRange(1), help="CPU threads for onnxruntime [default: all cores].")
 @click.option("--suffix-data", help="Rows (CSV/TSV/JSONL) for the suffix-prompt timing of a --kv-cache decoder: "
               "32 drawn at random [default: synthetic reviews].")
+@click.option("--server", help="Load-test this Triton server instead (http://HOST:PORT or grpc://HOST:PORT): "
+              "latency p50/p99, calls/s, errors and bytes per call at each --clients count, and the API overhead "
+              "against the same call in process.")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="The server's access token.")
+@click.option("--clients", default="1,4,8", show_default=True, help="With --server: concurrent clients, one run each.")
+@click.option("--calls", default=20, show_default=True, type=click.IntRange(1),
+              help="With --server: calls per client.")
+@click.option("--max-seconds", default=120.0, show_default=True, type=click.FloatRange(min=1),
+              help="With --server: time limit of each run.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
-def bench(model_dir, device, precisions, batch, seq, baseline, torch_model, repeat, e2e_budget, e2e_dim, threads,
-          suffix_data, as_json):
-    """Time engine calls per precision against PyTorch in the same process, and an end-to-end tune."""
+@click.pass_context
+def bench(ctx, model_dir, device, precisions, batch, seq, baseline, torch_model, repeat, e2e_budget, e2e_dim, threads,
+          suffix_data, server, token_file, clients, calls, max_seconds, as_json):
+    """Time engine calls per precision against PyTorch in the same process, and an end-to-end tune; or, with
+    --server, load-test a served model."""
     from . import bench as b
     from .manifest import load_manifest
     from .model import Model
 
+    local_only = {"precisions": "--precision", "baseline": "--baseline", "torch_model": "--torch-model",
+                  "e2e_budget": "--e2e-budget", "e2e_dim": "--e2e-dim", "suffix_data": "--suffix-data"}
+    server_only = {"clients": "--clients", "calls": "--calls", "max_seconds": "--max-seconds",
+                   "token_file": "--token-file"}
+    if server:
+        from .load import format_load
+
+        given = [flag for name, flag in local_only.items() if given_on_command_line(ctx, name)]
+        if given:
+            raise SettingsError(f"--server load-tests the served graph; drop {', '.join(given)}")
+        report = bench_server(model_dir, remote_from(server, token_file), device, batch, seq, repeat, threads,
+                              clients, calls, max_seconds)
+        emit_json(report) if as_json else click.echo(format_load(report))
+        return
+    given = [flag for name, flag in server_only.items() if given_on_command_line(ctx, name)]
+    if given:
+        raise SettingsError(f"{', '.join(given)} go with --server")
     if torch_model and baseline == "none":
         raise SettingsError("--torch-model is the checkpoint of the torch baseline; drop it with --baseline none")
     if e2e_budget == 0 and given_on_command_line(click.get_current_context(), "e2e_dim"):
@@ -543,6 +604,38 @@ def bench(model_dir, device, precisions, batch, seq, baseline, torch_model, repe
         click.echo(b.format_report(report))
 
 
+def bench_server(model_dir, remote, device, batch, seq, repeat, threads, clients, calls, max_seconds) -> dict:
+    """The load runs against the server, then the same call in process when the directory has the graph."""
+    from . import bench as b
+    from .load import load_test, parse_clients
+    from .manifest import load_manifest
+    from .remote import TritonEngine
+
+    counts = parse_clients(clients)
+    manifest = load_manifest(model_dir, graphs=False)
+    prompts, enc = b.synthetic_inputs(manifest, batch, seq)
+    probe = TritonEngine(manifest, remote)
+    report = {"server": remote.url, "model": probe.model, "precision": probe.precision, "batch": batch, "seq": seq,
+              "load": []}
+    for count in counts:
+        err(f"{count} client(s) x {calls} calls (at most {max_seconds:g} s)")
+        report["load"].append(load_test(manifest, remote, prompts, enc, count, calls, max_seconds).to_json())
+    graph = manifest.graphs.get(probe.precision)
+    if graph is None or not (manifest.directory / graph.file).is_file():
+        report["in_process_ms"] = None
+        report["in_process_note"] = f"{model_dir} has no {probe.precision} graph to run in process"
+        return report
+    from .engine import OrtEngine
+
+    err(f"the same call in process ({probe.precision} on {device})")
+    engine = OrtEngine(load_manifest(model_dir), precision=probe.precision, device=device, threads=threads)
+    report["in_process_ms"] = b.median_ms(lambda: engine.label_logits(prompts, enc), max(repeat, calls))
+    single = next((r for r in report["load"] if r["clients"] == 1), None)
+    report["api_overhead"] = None if single is None or single["p50_ms"] is None else \
+        single["p50_ms"] / report["in_process_ms"] - 1
+    return report
+
+
 def suffix_rows(path: str | None, count: int = 32) -> list:
     """`count` rows drawn at random from `path`, or synthetic reviews of about an MR sentence's length."""
     import random
@@ -576,6 +669,68 @@ def torch_baseline(manifest, source, prompts, enc, device, results, repeat) -> s
         r.torch_ms_per_call, r.torch_variant = timings[best], f"{best} {'fp16' if fp16 else 'fp32'}"
         r.ratio_vs_torch = timings[best] / r.ms_per_call
     return None
+
+
+# --------------------------------------------------------------------------- serving
+@cli.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False), help="Model directory to serve.")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True, help="onnxruntime execution provider.")
+@click.option("--precision", type=PRECISION, default="fp32", show_default=True, help="Which exported graph.")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads for onnxruntime [default: all cores].")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; one other machines can reach needs --token-file.")
+@click.option("--http-port", default=8000, show_default=True, type=int)
+@click.option("--grpc-port", default=8001, show_default=True, type=int)
+@click.option("--metrics-port", default=8002, show_default=True, type=int)
+@click.option("--token-file", type=click.Path(dir_okay=False),
+              help="File holding a shared secret every request but health must send (triton-access-token).")
+@click.option("--max-request", default=DEFAULT_MAX_REQUEST, show_default=True, type=int,
+              help="Largest request, as prompts x rows x tokens (C x N x T).")
+def serve(model_dir, device, precision, threads, host, http_port, grpc_port, metrics_port, token_file, max_request):
+    """Serve the model's prompt graph on Triton Inference Server (PyTriton) until Ctrl-C or SIGTERM.
+
+    Tune against it with `--server http://HOST:HTTP_PORT` (or grpc://HOST:GRPC_PORT) from a client directory.
+    """
+    from .remote import read_token
+    from .serve import ServeOptions, serve as run_serve
+
+    opts = ServeOptions(model_dir, device, precision, host, http_port, grpc_port, metrics_port,
+                        read_token(token_file) if token_file else None, max_request, threads)
+    run_serve(opts, log=err)
+
+
+@cli.command("client-dir")
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False), help="Model directory.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Client directory to write.")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+def client_dir(model_dir, out, force):
+    """Write what a user of the served model needs: manifest.json and tokenizer.json, no graphs or weights."""
+    from .remote import write_client_dir
+
+    written = write_client_dir(model_dir, out, force)
+    err(f"wrote {written}: use it as --model with --server URL")
+
+
+@cli.command("triton-repo")
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False), help="Model directory.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Model repository to write.")
+@click.option("--precision", type=PRECISION, help="Which graph [default: fp16 when exported, else fp32].")
+@click.option("--kind", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
+              help="Instance kind (KIND_GPU or KIND_CPU).")
+@click.option("--instances", default=1, show_default=True, type=int, help="Model instances per server.")
+@click.option("--tensorrt", is_flag=True, help="Add onnxruntime's TensorRT accelerator (fp16, engine cache).")
+@click.option("--max-request", default=DEFAULT_MAX_REQUEST, show_default=True, type=int,
+              help="Largest request the client sends, as prompts x rows x tokens (C x N x T).")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+def triton_repo(model_dir, out, precision, kind, instances, tensorrt, max_request, force):
+    """Write a model repository for a stock tritonserver (onnxruntime backend): the production server.
+
+    Run it with: tritonserver --model-repository OUT --disable-auto-complete-config (see docs/serving.md).
+    """
+    from .triton_repo import RepoOptions, write_repo
+
+    written = write_repo(RepoOptions(model_dir, str(out), precision, kind, instances, tensorrt, max_request, force))
+    err(f"wrote {written}: tritonserver --model-repository {out} --disable-auto-complete-config")
 
 
 def main() -> None:

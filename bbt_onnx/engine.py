@@ -64,6 +64,30 @@ def score_rows(score: Callable[[EncodedSet], np.ndarray], rows: EncodedSet, batc
     return out
 
 
+def row_groups(batch: EncodedSet, lengths: np.ndarray, max_buckets: int) -> tuple[list[np.ndarray], list[EncodedSet]]:
+    """How a batch is split into calls: rows of similar `lengths` together, at most `max_buckets` calls; one
+    group keeps the batch as it is, in its own order. In-process and remote engines split alike, so a server
+    runs the very tensors the in-process engine would."""
+    groups = length_buckets(lengths, max_buckets)
+    if len(groups) == 1:
+        return [np.arange(len(batch))], [batch]
+    return groups, [batch.take(g) for g in groups]
+
+
+def row_input(batch: EncodedSet, name: str, prompt_start: int) -> np.ndarray:
+    """One per-row input of the graph; rows encoded before prompt positions existed put the prompt after BOS."""
+    if name == PROMPT_POS and batch.prompt_pos is None:
+        return np.full(len(batch), prompt_start, np.int64)
+    return getattr(batch, name)
+
+
+def check_prompt_positions(batch: EncodedSet, takes_prompt_pos: bool, prompt_start: int, graph: str) -> None:
+    if takes_prompt_pos or batch.prompt_pos is None or (batch.prompt_pos == prompt_start).all():
+        return
+    raise ModelError(f"the {graph} graph puts the prompt right after BOS only, and these rows have it "
+                     "elsewhere (--bos, --chat or --prompt-position suffix); re-export the model")
+
+
 def cpu_threads() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -190,12 +214,6 @@ class OrtEngine:
             out[:, part.index] = self._run(prompts, part, extra)
         return out
 
-    def _check_positions(self, batch: EncodedSet) -> None:
-        if self.takes_prompt_pos or batch.prompt_pos is None or (batch.prompt_pos == self.manifest.prompt_start).all():
-            return
-        raise ModelError(f"the {self.graph} graph puts the prompt right after BOS only, and these rows have it "
-                         "elsewhere (--bos, --chat or --prompt-position suffix); re-export the model")
-
     def _score_cached(self, prompts: np.ndarray, batch: EncodedSet, parts: list["Part"]) -> np.ndarray:
         """Suffix prompts: each length bucket's text went through the text graph once (kept with the plan); each
         call runs the tail graph."""
@@ -267,18 +285,14 @@ class OrtEngine:
         key = id(batch.attention_mask)
         hit = self._plans.get(key)
         if hit is None or hit[0] is not batch.attention_mask:
-            self._check_positions(batch)
+            check_prompt_positions(batch, self.takes_prompt_pos, self.manifest.prompt_start, self.graph)
             whole = cache_split(batch) if self.kv_cache else None
             cached = whole is not None
             if len(self._plans) >= 8:
                 self._plans.clear()
                 self._cached_bytes = 0
             lengths = batch.prompt_pos if cached else batch.lengths  # a cached text's length is its cost
-            groups = length_buckets(lengths, self.max_buckets)
-            if len(groups) == 1:  # the batch as it is, in its own order
-                groups, subsets = [np.arange(len(batch))], [batch]
-            else:
-                subsets = [batch.take(g) for g in groups]
+            groups, subsets = row_groups(batch, lengths, self.max_buckets)
             if cached:
                 splits = [whole] if len(subsets) == 1 else [cache_split(sub) for sub in subsets]
                 self._reserve(splits)
@@ -299,9 +313,7 @@ class OrtEngine:
                 for name in self.row_inputs}
 
     def _row_input(self, batch: EncodedSet, name: str) -> np.ndarray:
-        if name == PROMPT_POS and batch.prompt_pos is None:
-            return np.full(len(batch), self.manifest.prompt_start, np.int64)
-        return getattr(batch, name)
+        return row_input(batch, name, self.manifest.prompt_start)
 
     def _run(self, prompts: np.ndarray, part: "Part", extra: dict) -> np.ndarray:
         """One session call; `extra` holds the deep graph's per-call inputs."""

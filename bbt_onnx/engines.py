@@ -1,7 +1,8 @@
-"""Engines named by a spec (`cpu:fp32`, `ort:cuda:fp16`): one way for every command and the API to open them.
+"""Engines named by a spec (`cpu:fp32`, `ort:cuda:fp16`, `http://HOST:PORT`): one way for every command and the
+API to open them.
 
-A spec names a backend, a device and a graph precision. Only onnxruntime (`ort`) exists today;
-a remote backend parses and opens through the same two steps.
+An in-process spec names a device and a graph precision for onnxruntime (`ort`); a URL names a Triton server
+(`triton`), whose precision is the one it serves. Both parse and open through the same two steps.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from dataclasses import dataclass
 from .engine import DEVICES, PROVIDERS, OrtEngine
 from .errors import ModelError, SettingsError
 from .manifest import PRECISIONS, Manifest, graph_key
+from .remote import Remote, TritonEngine
 
-BACKENDS = ("ort",)
+BACKENDS = ("ort", "triton")
 
 
 @dataclass(frozen=True)
@@ -20,14 +22,19 @@ class EngineSpec:
     device: str
     precision: str
     backend: str = "ort"
+    remote: Remote | None = None
 
     @property
     def name(self) -> str:
-        return f"{self.device}:{self.precision}"
+        return self.remote.url if self.remote else f"{self.device}:{self.precision}"
 
     @classmethod
-    def parse(cls, text: str) -> "EngineSpec":
-        """`cpu:fp32`, `cuda:fp16`, or with the backend first, `ort:cpu:int8`."""
+    def parse(cls, text: str, token: str | None = None) -> "EngineSpec":
+        """`cpu:fp32`, `cuda:fp16`, with the backend first, `ort:cpu:int8`; or a server, `http://HOST:PORT`,
+        `grpc://HOST:PORT` (optionally `triton:` first), which `token` opens."""
+        url = str(text).strip().removeprefix("triton:")
+        if "://" in url:
+            return cls("server", "served", "triton", Remote(url, token).check())
         parts = [p.strip().lower() for p in str(text).split(":")]
         if parts and parts[0] in BACKENDS:
             parts = parts[1:]
@@ -38,6 +45,8 @@ class EngineSpec:
 
     def unavailable(self, manifest: Manifest, deep: bool = False) -> str | None:
         """Why this engine cannot open for `manifest`, or None when it can."""
+        if self.remote:
+            return "a server serves no deep-prompt graph" if deep else None
         import onnxruntime as ort
 
         if graph_key(self.precision, deep) not in manifest.graphs:
@@ -46,15 +55,17 @@ class EngineSpec:
             return f"onnxruntime's {PROVIDERS[self.device]} is not installed"
         return None
 
-    def open(self, manifest: Manifest, threads: int | None = None, deep: bool = False) -> OrtEngine:
+    def open(self, manifest: Manifest, threads: int | None = None, deep: bool = False) -> OrtEngine | TritonEngine:
         reason = self.unavailable(manifest, deep)
         if reason:
             raise ModelError(f"engine {self.name} cannot run: {reason}")
+        if self.remote:
+            return TritonEngine(manifest, self.remote)
         return OrtEngine(manifest, precision=self.precision, device=self.device, threads=threads, deep=deep)
 
 
-def parse_engines(text: str) -> list[EngineSpec]:
-    specs = [EngineSpec.parse(part) for part in str(text).split(",") if part.strip()]
+def parse_engines(text: str, token: str | None = None) -> list[EngineSpec]:
+    specs = [EngineSpec.parse(part, token) for part in str(text).split(",") if part.strip()]
     if not specs:
         raise SettingsError("--engines names no engine; e.g. --engines cpu:fp32,cpu:int8")
     if len(set(specs)) != len(specs):

@@ -31,3 +31,8 @@ class RunError(BBTError):
 
 class StorageError(BBTError):
     """The filesystem refused a read or write: no permission, read-only, full disk, a missing folder."""
+
+
+class ServerError(BBTError):
+    """A remote engine refused or failed: server down, token refused, unknown model, another model, a request
+    over its limit."""

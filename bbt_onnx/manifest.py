@@ -177,8 +177,9 @@ def _graph(raw: dict[str, Any]) -> GraphSpec:
     )
 
 
-def load_manifest(model_dir: str | Path) -> Manifest:
-    """Read and check `manifest.json`; every problem becomes a ModelError naming the file."""
+def load_manifest(model_dir: str | Path, graphs: bool = True) -> Manifest:
+    """Read and check `manifest.json`; every problem becomes a ModelError naming the file. `graphs=False` reads a
+    client directory (manifest and tokenizer only) for a model served elsewhere."""
     directory = Path(model_dir)
     if not directory.is_dir():
         raise ModelError(f"model directory {directory} does not exist; run `bbt-onnx export` first")
@@ -226,11 +227,14 @@ def load_manifest(model_dir: str | Path) -> Manifest:
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ModelError(f"{path} is incomplete or malformed ({type(exc).__name__}: {exc}); re-export the model") from None
-    _check(manifest, path)
+    _check(manifest, path, graphs)
     return manifest
 
 
-def _check(m: Manifest, path: Path) -> None:
+def _check(m: Manifest, path: Path, graphs: bool = True) -> None:
+    if graphs and not any((m.directory / g.file).is_file() for g in m.graphs.values()):  # type: ignore[operator]
+        raise ModelError(f"{m.directory} holds no graph files: a client directory (manifest and tokenizer only) is "
+                         "used with --server URL, where the model is served")
     problems = []
     if m.kind not in KINDS:
         problems.append(f"kind {m.kind!r} is not one of {KINDS}")
@@ -244,7 +248,7 @@ def _check(m: Manifest, path: Path) -> None:
         known = g.precision in PRECISIONS and g.part in ("", *PARTS)
         if not known or name != graph_key(g.precision, g.deep, g.part):
             problems.append(f"graph entry {name!r} has precision {g.precision!r}{' (deep)' if g.deep else ''}")
-        if not (m.directory / g.file).is_file():  # type: ignore[operator]
+        if graphs and not (m.directory / g.file).is_file():  # type: ignore[operator]
             problems.append(f"graph file {g.file} is missing")
     if not m.embedding_std > 0:
         problems.append("embedding_std must be positive")

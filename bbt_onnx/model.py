@@ -10,7 +10,9 @@ from tokenizers import Tokenizer
 
 from .encoding import Encoder, load_tokenizer
 from .engine import Engine, OrtEngine
+from .errors import SettingsError
 from .manifest import Manifest, load_manifest
+from .remote import Remote, TritonEngine
 from .tasks import Task
 
 
@@ -22,11 +24,18 @@ class Model:
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "cpu", precision: str = "fp32",
-             threads: int | None = None, engine: Engine | None = None, deep: bool = False) -> "Model":
+             threads: int | None = None, engine: Engine | None = None, deep: bool = False,
+             remote: Remote | None = None) -> "Model":
         """Open a directory written by `bbt-onnx export`; `deep` opens its deep-prompt graph (BBTv2); pass
-        `engine` to use another backend."""
-        manifest = load_manifest(directory)
+        `engine` to use another backend, or `remote` for the model served by Triton (the directory may then be a
+        client directory: manifest and tokenizer only)."""
+        manifest = load_manifest(directory, graphs=remote is None and engine is None)
         tokenizer = load_tokenizer(manifest)
+        if remote is not None and engine is None:
+            if deep:
+                raise SettingsError("BBTv2 needs the deep-prompt graph, which a server does not serve; tune BBTv2 in "
+                                    "process (without --server)")
+            engine = TritonEngine(manifest, remote)
         if engine is None:
             engine = OrtEngine(manifest, precision=precision, device=device, threads=threads, deep=deep)
         return cls(manifest, tokenizer, engine)

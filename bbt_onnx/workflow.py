@@ -11,6 +11,7 @@ from .data import DataSpec, load_splits
 from .errors import BBTError, RunError
 from .model import Model
 from .prompt import TunedPrompt
+from .remote import Remote
 from .runs import RunDir
 from .tasks import Task
 from .tuner import BlackBoxTuner, GenerationEvent, TuneConfig, TunerState
@@ -26,11 +27,14 @@ class TuneRequest:
     device: str = "cpu"
     precision: str = "fp32"
     threads: int | None = None
+    remote: Remote | None = None  # a Triton server scores the calls; the token is never written to the run
 
     def settings(self, model: Model) -> dict:
+        engine = {"server": self.remote.url, "precision": getattr(model.engine, "precision", None)} if self.remote \
+            else {"precision": self.precision, "device": self.device}
         return {
             "model": {"dir": str(Path(self.model_dir).resolve()), "fingerprint": model.manifest.fingerprint(),
-                      "precision": self.precision, "device": self.device},
+                      **engine},
             "task": self.task.to_json(),
             "data": self.data.to_json(),
             "tune": self.config.to_json(),
@@ -38,14 +42,16 @@ class TuneRequest:
 
     @classmethod
     def from_settings(cls, settings: dict, out: str, device: str | None = None,
-                      threads: int | None = None) -> "TuneRequest":
+                      threads: int | None = None, remote: Remote | None = None) -> "TuneRequest":
+        """The request that continues a run; the engine is the one given now (a run may move between a server
+        and the process: the fingerprint check makes sure the model is the same)."""
         try:
             tune = dict(settings["tune"])
             tune.setdefault("max_length", settings.get("max_length"))  # runs from before it moved into "tune"
             return cls(model_dir=settings["model"]["dir"], task=Task.from_json(settings["task"]),
                        data=DataSpec(**settings["data"]), config=TuneConfig(**tune), out=out,
-                       device=device or settings["model"]["device"], precision=settings["model"]["precision"],
-                       threads=threads)
+                       device=device or settings["model"].get("device", "cpu"),
+                       precision=settings["model"].get("precision") or "fp32", threads=threads, remote=remote)
         except (KeyError, TypeError, ValueError, AttributeError, BBTError) as exc:
             raise RunError(f"{out}/run.json has incomplete or damaged settings ({type(exc).__name__}: {exc}); "
                            "it cannot be resumed") from None
@@ -74,7 +80,7 @@ def tune(request: TuneRequest, hooks: Hooks = Hooks(), resume: bool = False, for
     request.config.check()
     run = RunDir.open_existing(request.out) if resume else RunDir.check_new(request.out, force)
     model = Model.load(request.model_dir, device=request.device, precision=request.precision,
-                       threads=request.threads, deep=request.config.method == "bbtv2")
+                       threads=request.threads, deep=request.config.method == "bbtv2", remote=request.remote)
     splits = load_splits(request.data, request.task.label_keys)
     tuner = BlackBoxTuner(model, request.task, request.config)
     for w in tuner.warnings:

@@ -1,0 +1,136 @@
+"""A model repository for a stock tritonserver (its onnxruntime backend), the production twin of `bbt-onnx serve`.
+
+The repository holds one model: the graph file, unchanged, and a `config.pbtxt` that states the graph contract
+(names, types, dynamic dims), GPU instances, an optional TensorRT accelerator, a warm-up request and the
+parameters our client checks (the manifest's fingerprint, the request limit). Run tritonserver with
+`--disable-auto-complete-config`, so the config is used as written.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SettingsError
+from .fileio import write_text_atomic
+from .manifest import GraphSpec, Manifest, load_manifest
+from .remote import BUCKETS_PARAM, DEFAULT_MAX_REQUEST, FINGERPRINT_PARAM, LIMIT_PARAM, PRECISION_PARAM, served_name
+
+TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64"}
+WARMUP_SIZES = {"C": 2, "N": 2, "T": 16, "P": 4, "K": 2}  # a small request of every input, all zeros
+KINDS = ("gpu", "cpu")
+
+
+@dataclass(frozen=True)
+class RepoOptions:
+    model_dir: str
+    out: str
+    precision: str | None = None  # None: fp16 when the model has it (for GPUs), else fp32
+    kind: str = "gpu"
+    instances: int = 1
+    tensorrt: bool = False
+    max_request: int = DEFAULT_MAX_REQUEST
+    force: bool = False
+
+    def check(self) -> "RepoOptions":
+        if self.kind not in KINDS:
+            raise SettingsError(f"--kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if not (isinstance(self.instances, int) and 1 <= self.instances <= 64):
+            raise SettingsError(f"--instances must be in 1..64, got {self.instances}")
+        if not (isinstance(self.max_request, int) and self.max_request >= 1):
+            raise SettingsError(f"--max-request must be a positive integer, got {self.max_request}")
+        if self.tensorrt and self.kind != "gpu":
+            raise SettingsError("--tensorrt runs on GPU instances only; drop it or use --kind gpu")
+        return self
+
+
+def pick_precision(manifest: Manifest, wanted: str | None) -> str:
+    if wanted:
+        manifest.graph(wanted)  # a clear error when the model lacks it
+        return wanted
+    return "fp16" if "fp16" in manifest.graphs else "fp32"
+
+
+def _dims(shape) -> str:
+    return ", ".join(str(d) if isinstance(d, int) else "-1" for d in shape)
+
+
+def _tensor(t, indent: str) -> str:
+    return (f"{indent}{{\n{indent}  name: \"{t.name}\"\n{indent}  data_type: {TRITON_TYPES[t.dtype]}\n"
+            f"{indent}  dims: [ {_dims(t.shape)} ]\n{indent}}}")
+
+
+def _param(key: str, value: str) -> str:
+    return f"parameters {{\n  key: \"{key}\"\n  value {{ string_value: \"{value}\" }}\n}}"
+
+
+def _warmup(graph: GraphSpec, prompt_tokens: int) -> str:
+    """One all-zero request (batch_size 1: the model does not batch), so the first client does not pay for the
+    session's set-up."""
+    sizes = {**WARMUP_SIZES, "P": min(WARMUP_SIZES["P"], prompt_tokens)}
+    items = []
+    for t in graph.inputs:
+        dims = ", ".join(str(d) if isinstance(d, int) else str(sizes.get(str(d), 2)) for d in t.shape)
+        items.append(f"    inputs {{\n      key: \"{t.name}\"\n      value {{\n        data_type: "
+                     f"{TRITON_TYPES[t.dtype]}\n        dims: [ {dims} ]\n        zero_data: true\n      }}\n    }}")
+    return "model_warmup [\n  {\n    name: \"population\"\n    batch_size: 1\n" + "\n".join(items) + "\n  }\n]"
+
+
+def config_text(manifest: Manifest, precision: str, opts: RepoOptions) -> str:
+    """config.pbtxt in protobuf text format (Triton's ModelConfig message)."""
+    graph = manifest.graph(precision)
+    kind = "KIND_GPU" if opts.kind == "gpu" else "KIND_CPU"
+    parts = [
+        f"name: \"{served_name(manifest)}\"",
+        "backend: \"onnxruntime\"",
+        "max_batch_size: 0",
+        "input [\n" + ",\n".join(_tensor(t, "  ") for t in graph.inputs) + "\n]",
+        "output [\n" + ",\n".join(_tensor(t, "  ") for t in graph.outputs) + "\n]",
+        f"instance_group [\n  {{\n    count: {opts.instances}\n    kind: {kind}\n  }}\n]",
+        "default_model_filename: \"model.onnx\"",
+        _param(FINGERPRINT_PARAM, manifest.fingerprint()),
+        _param(LIMIT_PARAM, str(opts.max_request)),
+        _param(PRECISION_PARAM, precision),
+        _param(BUCKETS_PARAM, "1" if opts.kind == "gpu" else "4"),  # as OrtEngine splits rows on each device
+    ]
+    if opts.tensorrt:
+        cache = "/tmp/bbt-trt-cache"
+        parts.append(
+            "optimization {\n  execution_accelerators {\n    gpu_execution_accelerator : [\n      {\n"
+            "        name : \"tensorrt\"\n"
+            "        parameters { key: \"precision_mode\" value: \"FP16\" }\n"
+            "        parameters { key: \"trt_engine_cache_enable\" value: \"1\" }\n"
+            f"        parameters {{ key: \"trt_engine_cache_path\" value: \"{cache}\" }}\n"
+            "      }\n    ]\n  }\n}")
+    parts.append(_warmup(graph, manifest.prompt_tokens))
+    return "\n".join(parts) + "\n"
+
+
+def write_repo(opts: RepoOptions) -> Path:
+    """REPO/NAME/config.pbtxt and REPO/NAME/1/model.onnx, written into a fresh directory, then moved in place."""
+    opts.check()
+    manifest = load_manifest(opts.model_dir)
+    precision = pick_precision(manifest, opts.precision)
+    graph = manifest.graph(precision)
+    if graph.deep or graph.part:
+        raise SettingsError("only the plain prompt graph is served")
+    repo = Path(opts.out)
+    if repo.exists() and not repo.is_dir():
+        raise SettingsError(f"--out {repo} is a file")
+    if repo.is_dir() and any(repo.iterdir()) and not opts.force:
+        raise SettingsError(f"{repo} exists and is not empty; pass --force to replace it")
+    name = served_name(manifest)
+    staging = repo.with_name(repo.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / name / "1").mkdir(parents=True)
+    try:
+        shutil.copyfile(manifest.directory / graph.file, staging / name / "1" / "model.onnx")
+        write_text_atomic(staging / name / "config.pbtxt", config_text(manifest, precision, opts))
+        if repo.exists():
+            shutil.rmtree(repo)
+        staging.rename(repo)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return repo / name
