@@ -142,9 +142,21 @@ def engine_options(f):
 
     @functools.wraps(inner)
     def command(*args, **kwargs):
-        return inner(*args, remote=remote_from(kwargs.pop("server"), kwargs.pop("token_file")), **kwargs)
+        ctx = click.get_current_context()
+        if not kwargs["server"] and given_on_command_line(ctx, "server_timeout"):
+            raise SettingsError("--server-timeout goes with --server")
+        if kwargs["server"]:
+            local = [f"--{name}" for name in ("device", "precision", "threads") if given_on_command_line(ctx, name)]
+            if local:
+                raise SettingsError(f"{', '.join(local)} choose the in-process engine; with --server the server's "
+                                    "graph and device are used, so drop them")
+        return inner(*args, remote=remote_from(kwargs.pop("server"), kwargs.pop("token_file"),
+                                               kwargs.pop("server_timeout")), **kwargs)
 
     f = command
+    f = click.option("--server-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+                     help="Seconds a request to --server may take (a busy server queues requests); a timed-out "
+                          "request is retried up to 3 times.")(f)
     f = click.option("--token-file", type=click.Path(dir_okay=False),
                      help="File holding the server's access token (sent as the triton-access-token header).")(f)
     f = click.option("--server", help="Score on a Triton server (`bbt-onnx serve`, or a stock tritonserver over "
@@ -156,14 +168,14 @@ def engine_options(f):
     return f
 
 
-def remote_from(server, token_file):
+def remote_from(server, token_file, timeout: float = 60.0):
     from .remote import Remote, read_token
 
     if token_file and not server:
         raise SettingsError("--token-file goes with --server")
     if not server:
         return None
-    return Remote(server, read_token(token_file) if token_file else None).check()
+    return Remote(server, read_token(token_file) if token_file else None, timeout).check()
 
 
 def get_task(task_name, template, labels, task_file, metric, bos, chat, prompt_position):
@@ -525,6 +537,8 @@ def check(ctx, model_dir, prompt_dir, data, engines, token_file, task_args, fp32
               "latency p50/p99, calls/s, errors and bytes per call at each --clients count, and the API overhead "
               "against the same call in process.")
 @click.option("--token-file", type=click.Path(dir_okay=False), help="The server's access token.")
+@click.option("--server-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+              help="With --server: seconds a request may take (queued behind the other clients' included).")
 @click.option("--clients", default="1,4,8", show_default=True, help="With --server: concurrent clients, one run each.")
 @click.option("--calls", default=20, show_default=True, type=click.IntRange(1),
               help="With --server: calls per client.")
@@ -533,7 +547,7 @@ def check(ctx, model_dir, prompt_dir, data, engines, token_file, task_args, fp32
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.pass_context
 def bench(ctx, model_dir, device, precisions, batch, seq, baseline, torch_model, repeat, e2e_budget, e2e_dim, threads,
-          suffix_data, server, token_file, clients, calls, max_seconds, as_json):
+          suffix_data, server, token_file, server_timeout, clients, calls, max_seconds, as_json):
     """Time engine calls per precision against PyTorch in the same process, and an end-to-end tune; or, with
     --server, load-test a served model."""
     from . import bench as b
@@ -543,15 +557,15 @@ def bench(ctx, model_dir, device, precisions, batch, seq, baseline, torch_model,
     local_only = {"precisions": "--precision", "baseline": "--baseline", "torch_model": "--torch-model",
                   "e2e_budget": "--e2e-budget", "e2e_dim": "--e2e-dim", "suffix_data": "--suffix-data"}
     server_only = {"clients": "--clients", "calls": "--calls", "max_seconds": "--max-seconds",
-                   "token_file": "--token-file"}
+                   "token_file": "--token-file", "server_timeout": "--server-timeout"}
     if server:
         from .load import format_load
 
         given = [flag for name, flag in local_only.items() if given_on_command_line(ctx, name)]
         if given:
             raise SettingsError(f"--server load-tests the served graph; drop {', '.join(given)}")
-        report = bench_server(model_dir, remote_from(server, token_file), device, batch, seq, repeat, threads,
-                              clients, calls, max_seconds)
+        report = bench_server(model_dir, remote_from(server, token_file, server_timeout), device, batch, seq, repeat,
+                              threads, clients, calls, max_seconds)
         emit_json(report) if as_json else click.echo(format_load(report))
         return
     given = [flag for name, flag in server_only.items() if given_on_command_line(ctx, name)]

@@ -177,18 +177,15 @@ class TritonEngine:
                               f"server's limit of {self.max_request} (C x N x T); use a smaller --popsize, fewer "
                               "rows per call or a shorter --max-length, or raise the server's --max-request")
         inputs = self._inputs(feeds)
-        for attempt in range(self.remote.retries + 1):
-            try:
-                result = self._client.infer(self.model, inputs, outputs=self._outputs(), headers=self.remote.headers(),
-                                            **self._timeout_kw())
-                self.calls += 1
-                return np.asarray(result.as_numpy(GRAPH_OUTPUTS[0]), dtype=np.float32)
-            except Exception as exc:  # noqa: BLE001 - tritonclient raises its own and the transport's errors
-                if not self._transient(exc) or attempt == self.remote.retries:
-                    raise self._error(exc) from None
-                self.retried += 1
-                time.sleep(self.remote.backoff * 2 ** attempt)
-        raise AssertionError("unreachable")
+        result = self._retrying(lambda: self._client.infer(self.model, inputs, outputs=self._outputs(),
+                                                           headers=self.remote.headers(), **self._timeout_kw()))
+        self.calls += 1
+        logits = result.as_numpy(GRAPH_OUTPUTS[0])
+        want = (c, n, len(feeds["label_ids"]))
+        if logits is None or logits.shape != want:
+            raise ServerError(f"the server at {self.remote.url} answered {None if logits is None else logits.shape} "
+                              f"label logits for a [{c}, {n}, {want[2]}] request: it does not run a bbt-onnx graph")
+        return np.asarray(logits, dtype=np.float32)
 
     # -- the protocol ---------------------------------------------------------
     @property
@@ -236,12 +233,14 @@ class TritonEngine:
         return client
 
     def _retrying(self, call):
+        """`call()`, tried again after a transient failure, up to `retries` times with exponential backoff."""
         for attempt in range(self.remote.retries + 1):
             try:
                 return call()
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - tritonclient raises its own and the transport's errors
                 if not self._transient(exc) or attempt == self.remote.retries:
                     raise self._error(exc) from None
+                self.retried += 1
                 time.sleep(self.remote.backoff * 2 ** attempt)
 
     def _config(self) -> dict:

@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 import sysconfig
 import time
@@ -56,6 +57,18 @@ class ServeOptions:
             raise SettingsError(f"--host {self.host} is reachable from other machines: pass --token-file, or serve on "
                                 "127.0.0.1 (and put TLS and authentication in a gateway in front; see docs/serving.md)")
         return self
+
+
+def check_ports_free(host: str, ports: dict[str, int]) -> None:
+    """A port another process holds is one line now, not a tritonserver start-up failure later."""
+    for flag, port in ports.items():
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                raise SettingsError(f"cannot listen on {host}:{port} ({flag}): {exc.strerror}; pick another port"
+                                    ) from None
 
 
 def is_loopback(host: str) -> bool:
@@ -106,6 +119,8 @@ def serve(opts: ServeOptions, log: Callable[[str], None] = lambda _m: None) -> N
 
 def _serve(opts: ServeOptions, log: Callable[[str], None]) -> None:
     opts.check()
+    check_ports_free(opts.host, {"--http-port": opts.http_port, "--grpc-port": opts.grpc_port,
+                                 "--metrics-port": opts.metrics_port})
     manifest = load_manifest(opts.model_dir)
     engine = OrtEngine(manifest, precision=opts.precision, device=opts.device, threads=opts.threads)
     spec = manifest.graph(opts.precision)
@@ -137,7 +152,13 @@ def _serve(opts: ServeOptions, log: Callable[[str], None]) -> None:
                                  PRECISION_PARAM: opts.precision, BUCKETS_PARAM: str(engine.max_buckets)})
         log(f"starting tritonserver: model {name!r} ({opts.precision} on {opts.device}), workspace "
             f"{triton._workspace.path}")
-        triton.run()
+        try:
+            triton.run()
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - PyTriton's start-up errors: the cause is in tritonserver's log
+            raise ServerError(f"tritonserver did not start ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                              "its log is above") from None
         log(f"serving {name!r}: http://{opts.host}:{opts.http_port}, grpc://{opts.host}:{opts.grpc_port}, metrics "
             f"on {opts.metrics_port}; requests up to {opts.max_request} (C x N x T)"
             f"{'; inference needs the token' if opts.token else ''}. Ctrl-C or SIGTERM stops it.")

@@ -109,7 +109,8 @@ def client_dir(tiny_model, tmp_path_factory) -> Path:
 def tune_args(model, data_dir, out, *extra):
     return ["tune", "--model", str(model), "--task", "sst2", "--data", str(data_dir / "pool.csv"), "--k-shot", "8",
             "--prompt-tokens", str(PROMPT_TOKENS), "--intrinsic-dim", "20", "--popsize", "6", "--budget", "60",
-            "--eval-every", "30", "--seed", "3", "--threads", "1", "--out", str(out), "-q", *extra]
+            "--eval-every", "30", "--seed", "3", "--out", str(out), "-q", *extra,
+            *([] if "--server" in extra else ["--threads", "1"])]
 
 
 def z_of(run: Path) -> np.ndarray:
@@ -171,6 +172,21 @@ def test_a_server_that_is_down_is_one_line(client_dir, data_dir, token_file):
         assert "is down or unreachable" in message
 
 
+def test_a_server_that_never_answers_times_out_after_the_retries(client_dir, data_dir):
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        t0 = time.monotonic()
+        message = cli_error(["evaluate", "--model", str(client_dir), "--no-prompt", "--task", "sst2", "--data",
+                             str(data_dir / "test.csv"), "--server", url, "--server-timeout", "0.5"])
+        assert "did not answer within 0.5 s (4 tries)" in message
+        assert time.monotonic() - t0 < 30
+    assert "--server-timeout goes with --server" in cli_error(
+        ["evaluate", "--model", str(client_dir), "--no-prompt", "--task", "sst2", "--data", str(data_dir / "test.csv"),
+         "--server-timeout", "5"])
+
+
 def edited_client(client_dir: Path, tmp_path: Path, **changes) -> Path:
     out = tmp_path / "edited"
     out.mkdir(parents=True)
@@ -209,6 +225,8 @@ def test_a_request_over_the_servers_limit_is_refused(server, client_dir, data_di
 def test_bbtv2_and_a_lone_token_file_are_refused(server, client_dir, data_dir, token_file, tmp_path):
     assert "deep-prompt graph, which a server does not serve" in cli_error(
         tune_args(client_dir, data_dir, tmp_path / "v2", *server.args()) + ["--method", "bbtv2"])
+    assert "--precision choose the in-process engine" in cli_error(
+        tune_args(client_dir, data_dir, tmp_path / "p", *server.args(), "--precision", "fp16"))
     assert "--token-file goes with --server" in cli_error(
         ["evaluate", "--model", str(client_dir), "--no-prompt", "--task", "sst2", "--data",
          str(data_dir / "test.csv"), "--token-file", str(token_file)])
@@ -272,6 +290,12 @@ def test_serve_checks_its_options_before_starting(tiny_model, tmp_path):
     assert "must differ" in cli_error(["serve", "--model", str(tiny_model), "--http-port", "9000", "--grpc-port",
                                        "9000"])
     assert "--max-request must be a positive" in cli_error(["serve", "--model", str(tiny_model), "--max-request", "0"])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert f"cannot listen on 127.0.0.1:{port} (--grpc-port)" in cli_error(
+            ["serve", "--model", str(tiny_model), "--grpc-port", port])
     empty = tmp_path / "empty"
     empty.write_text("\n")
     assert "is empty" in cli_error(["serve", "--model", str(tiny_model), "--token-file", str(empty)])
