@@ -559,13 +559,13 @@ def bench(ctx, model_dir, device, precisions, batch, seq, baseline, torch_model,
     server_only = {"clients": "--clients", "calls": "--calls", "max_seconds": "--max-seconds",
                    "token_file": "--token-file", "server_timeout": "--server-timeout"}
     if server:
-        from .load import format_load
+        from .load import format_load, parse_clients, server_report
 
         given = [flag for name, flag in local_only.items() if given_on_command_line(ctx, name)]
         if given:
             raise SettingsError(f"--server load-tests the served graph; drop {', '.join(given)}")
-        report = bench_server(model_dir, remote_from(server, token_file, server_timeout), device, batch, seq, repeat,
-                              threads, clients, calls, max_seconds)
+        report = server_report(model_dir, remote_from(server, token_file, server_timeout), device, batch, seq, repeat,
+                               threads, parse_clients(clients), calls, max_seconds, log=err)
         emit_json(report) if as_json else click.echo(format_load(report))
         return
     given = [flag for name, flag in server_only.items() if given_on_command_line(ctx, name)]
@@ -616,38 +616,6 @@ def bench(ctx, model_dir, device, precisions, batch, seq, baseline, torch_model,
         emit_json(report)
     else:
         click.echo(b.format_report(report))
-
-
-def bench_server(model_dir, remote, device, batch, seq, repeat, threads, clients, calls, max_seconds) -> dict:
-    """The load runs against the server, then the same call in process when the directory has the graph."""
-    from . import bench as b
-    from .load import load_test, parse_clients
-    from .manifest import load_manifest
-    from .remote import TritonEngine
-
-    counts = parse_clients(clients)
-    manifest = load_manifest(model_dir, graphs=False)
-    prompts, enc = b.synthetic_inputs(manifest, batch, seq)
-    probe = TritonEngine(manifest, remote)
-    report = {"server": remote.url, "model": probe.model, "precision": probe.precision, "batch": batch, "seq": seq,
-              "load": []}
-    for count in counts:
-        err(f"{count} client(s) x {calls} calls (at most {max_seconds:g} s)")
-        report["load"].append(load_test(manifest, remote, prompts, enc, count, calls, max_seconds).to_json())
-    graph = manifest.graphs.get(probe.precision)
-    if graph is None or not (manifest.directory / graph.file).is_file():
-        report["in_process_ms"] = None
-        report["in_process_note"] = f"{model_dir} has no {probe.precision} graph to run in process"
-        return report
-    from .engine import OrtEngine
-
-    err(f"the same call in process ({probe.precision} on {device})")
-    engine = OrtEngine(load_manifest(model_dir), precision=probe.precision, device=device, threads=threads)
-    report["in_process_ms"] = b.median_ms(lambda: engine.label_logits(prompts, enc), max(repeat, calls))
-    single = next((r for r in report["load"] if r["clients"] == 1), None)
-    report["api_overhead"] = None if single is None or single["p50_ms"] is None else \
-        single["p50_ms"] / report["in_process_ms"] - 1
-    return report
 
 
 def suffix_rows(path: str | None, count: int = 32) -> list:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 
 from .encoding import EncodedSet
 from .errors import BBTError, SettingsError
-from .manifest import Manifest
+from .manifest import Manifest, load_manifest
 from .remote import Remote, TritonEngine
 
 MAX_CLIENTS = 64
@@ -93,6 +94,35 @@ def load_test(manifest: Manifest, remote: Remote, prompts: np.ndarray, rows: Enc
                       errors[0] if errors else None)
 
 
+def server_report(model_dir: str, remote: Remote, device: str, batch: int, seq: int, repeat: int,
+                  threads: int | None, counts: list[int], calls: int, max_seconds: float,
+                  log: Callable[[str], None] = lambda _m: None) -> dict:
+    """`bench --server`: a load run per client count on synthetic population calls, then the same call in
+    process when the directory has the served graph, for the API's overhead at one client."""
+    from .bench import median_ms, synthetic_inputs
+    from .engine import OrtEngine
+
+    manifest = load_manifest(model_dir, graphs=False)
+    prompts, enc = synthetic_inputs(manifest, batch, seq)
+    probe = TritonEngine(manifest, remote)
+    report = {"server": remote.url, "model": probe.model, "precision": probe.precision, "batch": batch, "seq": seq,
+              "load": []}
+    for count in counts:
+        log(f"{count} client(s) x {calls} calls (at most {max_seconds:g} s)")
+        report["load"].append(load_test(manifest, remote, prompts, enc, count, calls, max_seconds).to_json())
+    graph = manifest.graphs.get(probe.precision)
+    if graph is None or not (manifest.directory / graph.file).is_file():
+        report.update(in_process_ms=None, api_overhead=None,
+                      in_process_note=f"{model_dir} has no {probe.precision} graph to run in process")
+        return report
+    log(f"the same call in process ({probe.precision} on {device})")
+    engine = OrtEngine(load_manifest(model_dir), precision=probe.precision, device=device, threads=threads)
+    report["in_process_ms"] = median_ms(lambda: engine.label_logits(prompts, enc), max(repeat, calls))
+    single = next((r for r in report["load"] if r["clients"] == 1 and r["p50_ms"] is not None), None)
+    report["api_overhead"] = None if single is None else single["p50_ms"] / report["in_process_ms"] - 1
+    return report
+
+
 def format_load(report: dict) -> str:
     lines = [f"{report['server']} ({report['model']}, {report['precision']}): {report['batch']} sequences x "
              f"{report['seq']} tokens per call"]
@@ -103,9 +133,9 @@ def format_load(report: dict) -> str:
         p99 = "-" if r["p99_ms"] is None else f"{r['p99_ms']:.1f}"
         lines.append(f"{r['clients']:>7} {r['calls']:>6} {r['errors']:>6} {p50:>8} {p99:>8} {r['calls_per_s']:>8.2f} "
                      f"{r['request_bytes'] / 1024:>8.0f}")
-    if report.get("in_process_ms") is not None:
+    if report.get("api_overhead") is not None:
         lines.append(f"in process, same graph: {report['in_process_ms']:.1f} ms per call; API overhead at 1 client: "
                      f"{report['api_overhead']:+.1%}")
     else:
-        lines.append(f"API overhead not measured: {report.get('in_process_note')}")
+        lines.append(f"API overhead not measured: {report.get('in_process_note') or 'no run with 1 client'}")
     return "\n".join(lines)
