@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .engine import DEVICES, PROVIDERS, OrtEngine
-from .errors import ModelError, SettingsError
+from .errors import SettingsError
 from .manifest import PRECISIONS, Manifest, graph_key
 from .remote import Remote, TritonEngine
 
@@ -34,7 +34,7 @@ class EngineSpec:
         `grpc://HOST:PORT` (optionally `triton:` first), which `token` opens."""
         url = str(text).strip().removeprefix("triton:")
         if "://" in url:
-            return cls("server", "served", "triton", Remote(url, token).check())
+            return cls.served(Remote(url, token))
         parts = [p.strip().lower() for p in str(text).split(":")]
         if parts and parts[0] in BACKENDS:
             parts = parts[1:]
@@ -42,6 +42,11 @@ class EngineSpec:
             raise SettingsError(f"engine {text!r} is not DEVICE:PRECISION (devices: {', '.join(DEVICES)}; "
                                 f"precisions: {', '.join(PRECISIONS)}), e.g. cpu:fp32 or ort:cuda:fp16")
         return cls(parts[0], parts[1])
+
+    @classmethod
+    def served(cls, remote: Remote) -> "EngineSpec":
+        """The model as a Triton server serves it (its graph, device and precision are the server's)."""
+        return cls("server", "served", "triton", remote.check())
 
     def unavailable(self, manifest: Manifest, deep: bool = False) -> str | None:
         """Why this engine cannot open for `manifest`, or None when it can."""
@@ -56,10 +61,11 @@ class EngineSpec:
         return None
 
     def open(self, manifest: Manifest, threads: int | None = None, deep: bool = False) -> OrtEngine | TritonEngine:
-        reason = self.unavailable(manifest, deep)
-        if reason:
-            raise ModelError(f"engine {self.name} cannot run: {reason}")
+        """The engine, or the engine's own one-line error (a missing graph or provider, a refused server)."""
         if self.remote:
+            if deep:
+                raise SettingsError("BBTv2 needs the deep-prompt graph, which a server does not serve; tune BBTv2 in "
+                                    "process (without --server)")
             return TritonEngine(manifest, self.remote)
         return OrtEngine(manifest, precision=self.precision, device=self.device, threads=threads, deep=deep)
 

@@ -9,10 +9,10 @@ from typing import Sequence
 from tokenizers import Tokenizer
 
 from .encoding import Encoder, load_tokenizer
-from .engine import Engine, OrtEngine
-from .errors import SettingsError
+from .engine import Engine
+from .engines import EngineSpec
 from .manifest import Manifest, load_manifest
-from .remote import Remote, TritonEngine
+from .remote import Remote
 from .tasks import Task
 
 
@@ -31,13 +31,9 @@ class Model:
         client directory: manifest and tokenizer only)."""
         manifest = load_manifest(directory, graphs=remote is None and engine is None)
         tokenizer = load_tokenizer(manifest)
-        if remote is not None and engine is None:
-            if deep:
-                raise SettingsError("BBTv2 needs the deep-prompt graph, which a server does not serve; tune BBTv2 in "
-                                    "process (without --server)")
-            engine = TritonEngine(manifest, remote)
         if engine is None:
-            engine = OrtEngine(manifest, precision=precision, device=device, threads=threads, deep=deep)
+            spec = EngineSpec(device, precision) if remote is None else EngineSpec.served(remote)
+            engine = spec.open(manifest, threads, deep)
         return cls(manifest, tokenizer, engine)
 
     def encoder(self, task: Task, prompt_tokens: int, max_length: int | None = None,
