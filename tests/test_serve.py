@@ -48,13 +48,13 @@ def free_ports(count: int) -> list[int]:
 class Server:
     """`bbt-onnx serve` in a child process on free loopback ports, with a token."""
 
-    def __init__(self, model: Path, token_file: Path, log: Path, extra=(), env=None):
+    def __init__(self, model: Path, token_file: Path, log: Path, env=None):
         self.http, self.grpc, self.metrics = free_ports(3)
         self.token_file = token_file
         self.log = log
         cmd = [sys.executable, "-m", "bbt_onnx.cli", "serve", "--model", str(model), "--http-port", str(self.http),
                "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--token-file", str(token_file),
-               "--max-request", str(MAX_REQUEST), "--threads", "1", *extra]
+               "--max-request", str(MAX_REQUEST), "--threads", "1"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "w"), env=env)
         deadline = time.monotonic() + 120
         while not self.ready():
@@ -206,18 +206,22 @@ def test_another_model_is_refused_by_name_or_by_fingerprint(server, client_dir, 
 
 
 def test_a_request_over_the_servers_limit_is_refused(server, client_dir, data_dir, tmp_path, tiny_model):
-    # 40 prompts x 16 rows x ~20 tokens is over 60,000: the client refuses before sending
-    message = cli_error(tune_args(client_dir, data_dir, tmp_path / "big", *server.args()) + ["--popsize", "200",
-                                                                                            "--budget", "400"])
+    # 2000 prompts x (16 rows in at most 4 buckets) x 10+ tokens is over 60,000: the client refuses before sending
+    message = cli_error(tune_args(client_dir, data_dir, tmp_path / "big", *server.args()) + ["--popsize", "2000",
+                                                                                            "--budget", "4000"])
     assert "over the server's limit of 60000" in message
     assert not (tmp_path / "big").exists()
     # and the server enforces it for a client that does not look
     model = Model.load(client_dir, remote=Remote(server.url(), TOKEN))
     assert model.engine.max_request == MAX_REQUEST and model.engine.max_buckets == 4  # the CPU server's
-    model.engine.max_request = None
     feeds = {"input_ids": np.ones((100, 40), np.int64), "attention_mask": np.ones((100, 40), np.int64),
              "mask_pos": np.ones(100, np.int64), "label_ids": np.array([5, 6], np.int64),
              "prompt_embeds": np.zeros((20, PROMPT_TOKENS, model.manifest.hidden_size), np.float32)}
+    client, send = model.engine._client, model.engine._client.infer
+    client.infer = lambda *a, **k: pytest.fail("a request over the limit was sent")
+    with pytest.raises(ServerError, match="20 prompts x 100 rows x 40 tokens = 80000 is over the server's limit"):
+        model.engine.infer(feeds)
+    client.infer, model.engine.max_request = send, None
     with pytest.raises(ServerError, match="over the server's limit of 60000"):
         model.engine.infer(feeds)
 
