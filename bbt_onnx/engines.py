@@ -51,7 +51,7 @@ class EngineSpec:
     def unavailable(self, manifest: Manifest, deep: bool = False) -> str | None:
         """Why this engine cannot open for `manifest`, or None when it can."""
         if self.remote:
-            return "a server serves no deep-prompt graph" if deep else None
+            return None  # the server says what it serves when the engine connects
         import onnxruntime as ort
 
         if graph_key(self.precision, deep) not in manifest.graphs:
@@ -63,10 +63,7 @@ class EngineSpec:
     def open(self, manifest: Manifest, threads: int | None = None, deep: bool = False) -> OrtEngine | TritonEngine:
         """The engine, or the engine's own one-line error (a missing graph or provider, a refused server)."""
         if self.remote:
-            if deep:
-                raise SettingsError("BBTv2 needs the deep-prompt graph, which a server does not serve; tune BBTv2 in "
-                                    "process (without --server)")
-            return TritonEngine(manifest, self.remote)
+            return TritonEngine(manifest, self.remote, deep)
         return OrtEngine(manifest, precision=self.precision, device=self.device, threads=threads, deep=deep)
 
 

@@ -90,11 +90,12 @@ def read_token(path: str | Path) -> str:
     return token
 
 
-def served_name(manifest: Manifest) -> str:
-    """The model's name on a server: the export source's last path component, in Triton's alphabet."""
+def served_name(manifest: Manifest, deep: bool = False) -> str:
+    """The model's name on a server: the export source's last path component, in Triton's alphabet; its
+    deep-prompt graph (BBTv2) is served beside it as NAME.deep."""
     base = Path(str(manifest.source).rstrip("/")).name or "model"
-    name = "".join(c if c.isalnum() or c in "._-" else "-" for c in base).strip(".-") or "model"
-    return name[:100]
+    name = ("".join(c if c.isalnum() or c in "._-" else "-" for c in base).strip(".-") or "model")[:100]
+    return f"{name}.deep" if deep else name
 
 
 def write_client_dir(model_dir: str | Path, out: str | Path, force: bool = False) -> Path:
@@ -122,10 +123,11 @@ def write_client_dir(model_dir: str | Path, out: str | Path, force: bool = False
 class TritonEngine:
     """A model served by Triton (`bbt-onnx serve`, or a stock tritonserver over `bbt-onnx triton-repo`)."""
 
-    def __init__(self, manifest: Manifest, remote: Remote):
+    def __init__(self, manifest: Manifest, remote: Remote, deep: bool = False):
         self.remote = remote.check()
         self.manifest = manifest
-        self.model = served_name(manifest)
+        self.deep = deep
+        self.model = served_name(manifest, deep)
         self.provider = f"Triton {self.model} at {remote.url}"
         self.hidden_size = manifest.hidden_size
         self.calls = 0  # requests answered
@@ -156,15 +158,38 @@ class TritonEngine:
 
     # -- the engine -----------------------------------------------------------
     def label_logits(self, prompt_embeds: np.ndarray, batch: EncodedSet) -> np.ndarray:
+        if self.deep:  # as in process: the deep graph scores a plain prompt as layer 0's, the other layers empty
+            zeros = np.zeros((self.manifest.num_layers, *np.shape(prompt_embeds)[1:]), self.prompt_dtype)
+            return self.deep_label_logits(prompt_embeds, batch, zeros, 0)
+        return self._score(self._prompts(prompt_embeds), batch, {})
+
+    def deep_label_logits(self, prompt_embeds: np.ndarray, batch: EncodedSet, layer_prompts: np.ndarray,
+                          layer: int) -> np.ndarray:
+        if not self.deep:
+            raise ModelError(f"{self.model} takes no deep prompts; open the engine with deep=True")
+        prompts = self._prompts(prompt_embeds)
+        layers = np.ascontiguousarray(layer_prompts, dtype=self.prompt_dtype)
+        if layers.shape != (self.manifest.num_layers, *prompts.shape[1:]):
+            raise ValueError(f"layer_prompts must be [{self.manifest.num_layers}, {prompts.shape[1]}, "
+                             f"{self.hidden_size}], got {layers.shape}")
+        if not 0 <= layer < self.manifest.num_layers:
+            raise ValueError(f"layer {layer} is outside 0..{self.manifest.num_layers - 1}")
+        # the graph's scalar travels as [1]: a served tensor has at least one dim
+        return self._score(prompts, batch, {"deep_prompts": layers, "prompt_layer": np.array([layer], np.int64)})
+
+    def _prompts(self, prompt_embeds: np.ndarray) -> np.ndarray:
         prompts = np.ascontiguousarray(prompt_embeds, dtype=self.prompt_dtype)
         if prompts.ndim != 3 or prompts.shape[2] != self.hidden_size:
             raise ValueError(f"prompt_embeds must be [C, P, {self.hidden_size}], got {prompts.shape}")
+        return prompts
+
+    def _score(self, prompts: np.ndarray, batch: EncodedSet, extra: dict) -> np.ndarray:
         check_prompt_positions(batch, self.takes_prompt_pos, self.manifest.prompt_start, f"served {self.model}")
         groups, subsets = row_groups(batch, batch.lengths, self.max_buckets)
         out = np.empty((prompts.shape[0], len(batch), len(batch.label_ids)), np.float32)
         for index, rows in zip(groups, subsets):
             feeds = {name: row_input(rows, name, self.manifest.prompt_start) for name in self.row_inputs}
-            feeds["prompt_embeds"] = prompts
+            feeds.update(extra, prompt_embeds=prompts)
             out[:, index] = self.infer(feeds)
         return out
 
@@ -227,6 +252,9 @@ class TritonEngine:
             ready = client.is_model_ready(self.model, headers=self.remote.headers())
         except Exception as exc:  # noqa: BLE001
             raise self._error(exc) from None
+        if not ready and self.deep:
+            raise ServerError(f"the server at {self.remote.url} does not serve the deep-prompt graph BBTv2 needs "
+                              f"({self.model!r}): export the model with --deep and serve it again")
         if not ready:
             raise ServerError(f"the server at {self.remote.url} serves no model named {self.model!r} (this model "
                               f"directory's name on a server); check --server and --model")

@@ -23,7 +23,7 @@ import numpy as np
 
 from .engine import OrtEngine
 from .errors import ServerError, SettingsError
-from .manifest import GRAPH_OUTPUTS, load_manifest
+from .manifest import GRAPH_OUTPUTS, TensorSpec, graph_key, load_manifest
 from .remote import BUCKETS_PARAM, DEFAULT_MAX_REQUEST, FINGERPRINT_PARAM, LIMIT_PARAM, PRECISION_PARAM, served_name
 
 # everything but health (and the server's own metadata) needs the token when one is given
@@ -85,12 +85,22 @@ def request_size(feeds: dict[str, np.ndarray]) -> tuple[int, int, int]:
     return int(feeds["prompt_embeds"].shape[0]), *(int(d) for d in feeds["input_ids"].shape)
 
 
-def make_infer(engine: OrtEngine, names: list[str], max_request: int) -> Callable[[list], list]:
-    """PyTriton's callable: each request's tensors through the session, refused above the size limit."""
+def wire_shape(spec: TensorSpec) -> tuple[int, ...]:
+    """A graph input's served shape: every dim dynamic, and a scalar (the deep graph's prompt_layer) as [1],
+    since a served tensor has at least one dim."""
+    return (-1,) * len(spec.shape) if spec.shape else (1,)
+
+
+def make_infer(engine: OrtEngine, inputs: tuple[TensorSpec, ...], max_request: int) -> Callable[[list], list]:
+    """PyTriton's callable: each request's tensors through the session (a served [1] back to the graph's
+    scalar), refused above the size limit."""
+    scalars = {t.name for t in inputs if not t.shape}
+
     def infer(requests: list) -> list:
         results = []
         for request in requests:
-            feeds = {name: np.asarray(request[name]) for name in names}
+            feeds = {t.name: np.asarray(request[t.name]) for t in inputs}
+            feeds.update({name: feeds[name].reshape(()) for name in scalars})
             c, n, t = request_size(feeds)
             if c * n * t > max_request:
                 raise ValueError(f"a request of {c} prompts x {n} rows x {t} tokens = {c * n * t} is over the "
@@ -122,9 +132,13 @@ def _serve(opts: ServeOptions, log: Callable[[str], None]) -> None:
     check_ports_free(opts.host, {"--http-port": opts.http_port, "--grpc-port": opts.grpc_port,
                                  "--metrics-port": opts.metrics_port})
     manifest = load_manifest(opts.model_dir)
-    engine = OrtEngine(manifest, precision=opts.precision, device=opts.device, threads=opts.threads)
-    spec = manifest.graph(opts.precision)
-    names = [t.name for t in spec.inputs]
+    served = {}  # name -> (engine, graph): the prompt graph, and beside it the deep-prompt graph when exported
+    for deep in (False, True):
+        if deep and graph_key(opts.precision, deep) not in manifest.graphs:
+            continue
+        served[served_name(manifest, deep)] = (OrtEngine(manifest, precision=opts.precision, device=opts.device,
+                                                         threads=opts.threads, deep=deep),
+                                               manifest.graph(opts.precision, deep))
     try:
         from pytriton.model_config import ModelConfig, Tensor
         from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
@@ -132,7 +146,6 @@ def _serve(opts: ServeOptions, log: Callable[[str], None]) -> None:
         raise SettingsError("bbt-onnx serve needs PyTriton: pip install 'bbt-onnx[serve]'") from None
     logging.getLogger("pytriton").setLevel(logging.WARNING)
     python_backend_env()
-    name = served_name(manifest)
     config = TritonConfig(http_address=opts.host, grpc_address=opts.host, metrics_address=opts.host,
                           http_port=opts.http_port, grpc_port=opts.grpc_port, metrics_port=opts.metrics_port,
                           log_verbose=0, exit_timeout_secs=5)
@@ -140,18 +153,20 @@ def _serve(opts: ServeOptions, log: Callable[[str], None]) -> None:
         else TritonSecurityConfig()  # PyTriton's default: the admin endpoints behind a random token of its own
 
     def tensors(specs):
-        return [Tensor(name=t.name, dtype=NUMPY_TYPES[t.dtype], shape=(-1,) * len(t.shape)) for t in specs]
+        return [Tensor(name=t.name, dtype=NUMPY_TYPES[t.dtype], shape=wire_shape(t)) for t in specs]
 
     stop = _Stop()
     previous = {sig: signal.signal(sig, stop.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     triton = Triton(config=config, security_config=security)
     try:
-        triton.bind(name, make_infer(engine, names, opts.max_request), inputs=tensors(spec.inputs),
-                    outputs=tensors(spec.outputs), config=ModelConfig(batching=False))
-        _add_parameters(triton, {FINGERPRINT_PARAM: manifest.fingerprint(), LIMIT_PARAM: str(opts.max_request),
-                                 PRECISION_PARAM: opts.precision, BUCKETS_PARAM: str(engine.max_buckets)})
-        log(f"starting tritonserver: model {name!r} ({opts.precision} on {opts.device}), workspace "
-            f"{triton._workspace.path}")
+        for name, (engine, graph) in served.items():
+            triton.bind(name, make_infer(engine, graph.inputs, opts.max_request), inputs=tensors(graph.inputs),
+                        outputs=tensors(graph.outputs), config=ModelConfig(batching=False))
+            _add_parameters(triton, name, {FINGERPRINT_PARAM: manifest.fingerprint(),
+                                           LIMIT_PARAM: str(opts.max_request), PRECISION_PARAM: opts.precision,
+                                           BUCKETS_PARAM: str(engine.max_buckets)})
+        names = " and ".join(repr(n) for n in served)
+        log(f"starting tritonserver: {names} ({opts.precision} on {opts.device}), workspace {triton._workspace.path}")
         try:
             triton.run()
         except KeyboardInterrupt:
@@ -159,7 +174,7 @@ def _serve(opts: ServeOptions, log: Callable[[str], None]) -> None:
         except Exception as exc:  # noqa: BLE001 - PyTriton's start-up errors: the cause is in tritonserver's log
             raise ServerError(f"tritonserver did not start ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
                               "its log is above") from None
-        log(f"serving {name!r}: http://{opts.host}:{opts.http_port}, grpc://{opts.host}:{opts.grpc_port}, metrics "
+        log(f"serving {names}: http://{opts.host}:{opts.http_port}, grpc://{opts.host}:{opts.grpc_port}, metrics "
             f"on {opts.metrics_port}; requests up to {opts.max_request} (C x N x T)"
             f"{'; inference needs the token' if opts.token else ''}. Ctrl-C or SIGTERM stops it.")
         while triton.is_alive():
@@ -185,11 +200,11 @@ class _Stop:
             raise KeyboardInterrupt
 
 
-def _add_parameters(triton, params: dict[str, str]) -> None:
+def _add_parameters(triton, name: str, params: dict[str, str]) -> None:
     """Model-config parameters a client reads (fingerprint, request limit). PyTriton 0.7 has no public way to set
     them; its generated config keeps a `backend_parameters` dict, filled here before the model loads."""
     try:
-        (model,) = triton._model_manager.models
+        (model,) = [m for m in triton._model_manager.models if m.model_name == name]
         model._get_triton_model_config().backend_parameters.update(params)
     except (AttributeError, ValueError, TypeError) as exc:
         raise ServerError(f"this PyTriton cannot carry the model's fingerprint ({exc}); install nvidia-pytriton==0.7.0"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import SettingsError
 from .fileio import write_text_atomic
-from .manifest import GraphSpec, Manifest, load_manifest
+from .manifest import GraphSpec, Manifest, graph_key, load_manifest
 from .remote import BUCKETS_PARAM, DEFAULT_MAX_REQUEST, FINGERPRINT_PARAM, LIMIT_PARAM, PRECISION_PARAM, served_name
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64"}
@@ -57,8 +57,10 @@ def _dims(shape) -> str:
 
 
 def _tensor(t, indent: str) -> str:
-    return (f"{indent}{{\n{indent}  name: \"{t.name}\"\n{indent}  data_type: {TRITON_TYPES[t.dtype]}\n"
-            f"{indent}  dims: [ {_dims(t.shape)} ]\n{indent}}}")
+    """One input or output; a scalar (the deep graph's prompt_layer) is served as [1] and reshaped to []."""
+    dims = f"{indent}  dims: [ {_dims(t.shape)} ]\n" if t.shape else \
+        f"{indent}  dims: [ 1 ]\n{indent}  reshape: {{ shape: [ ] }}\n"
+    return f"{indent}{{\n{indent}  name: \"{t.name}\"\n{indent}  data_type: {TRITON_TYPES[t.dtype]}\n{dims}{indent}}}"
 
 
 def _param(key: str, value: str) -> str:
@@ -71,18 +73,18 @@ def _warmup(graph: GraphSpec, prompt_tokens: int) -> str:
     sizes = {**WARMUP_SIZES, "P": min(WARMUP_SIZES["P"], prompt_tokens)}
     items = []
     for t in graph.inputs:
-        dims = ", ".join(str(d) if isinstance(d, int) else str(sizes.get(str(d), 2)) for d in t.shape)
+        dims = ", ".join(str(d) if isinstance(d, int) else str(sizes.get(str(d), 2)) for d in t.shape) or "1"
         items.append(f"    inputs {{\n      key: \"{t.name}\"\n      value {{\n        data_type: "
                      f"{TRITON_TYPES[t.dtype]}\n        dims: [ {dims} ]\n        zero_data: true\n      }}\n    }}")
     return "model_warmup [\n  {\n    name: \"population\"\n    batch_size: 1\n" + "\n".join(items) + "\n  }\n]"
 
 
-def config_text(manifest: Manifest, precision: str, opts: RepoOptions) -> str:
+def config_text(manifest: Manifest, precision: str, opts: RepoOptions, deep: bool = False) -> str:
     """config.pbtxt in protobuf text format (Triton's ModelConfig message)."""
-    graph = manifest.graph(precision)
+    graph = manifest.graph(precision, deep)
     kind = "KIND_GPU" if opts.kind == "gpu" else "KIND_CPU"
     parts = [
-        f"name: \"{served_name(manifest)}\"",
+        f"name: \"{served_name(manifest, deep)}\"",
         "backend: \"onnxruntime\"",
         "max_batch_size: 0",
         "input [\n" + ",\n".join(_tensor(t, "  ") for t in graph.inputs) + "\n]",
@@ -108,29 +110,30 @@ def config_text(manifest: Manifest, precision: str, opts: RepoOptions) -> str:
 
 
 def write_repo(opts: RepoOptions) -> Path:
-    """REPO/NAME/config.pbtxt and REPO/NAME/1/model.onnx, written into a fresh directory, then moved in place."""
+    """REPO/NAME/config.pbtxt and REPO/NAME/1/model.onnx (and REPO/NAME.deep/ when the model has the deep-prompt
+    graph), written into a fresh directory, then moved in place."""
     opts.check()
     manifest = load_manifest(opts.model_dir)
     precision = pick_precision(manifest, opts.precision)
-    graph = manifest.graph(precision)
-    if graph.deep or graph.part:
-        raise SettingsError("only the plain prompt graph is served")
     repo = Path(opts.out)
     if repo.exists() and not repo.is_dir():
         raise SettingsError(f"--out {repo} is a file")
     if repo.is_dir() and any(repo.iterdir()) and not opts.force:
         raise SettingsError(f"{repo} exists and is not empty; pass --force to replace it")
-    name = served_name(manifest)
     staging = repo.with_name(repo.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    (staging / name / "1").mkdir(parents=True)
     try:
-        shutil.copyfile(manifest.directory / graph.file, staging / name / "1" / "model.onnx")
-        write_text_atomic(staging / name / "config.pbtxt", config_text(manifest, precision, opts))
+        for deep in (False, True):
+            if deep and graph_key(precision, deep) not in manifest.graphs:
+                continue
+            model = staging / served_name(manifest, deep)
+            (model / "1").mkdir(parents=True)
+            shutil.copyfile(manifest.directory / manifest.graph(precision, deep).file, model / "1" / "model.onnx")
+            write_text_atomic(model / "config.pbtxt", config_text(manifest, precision, opts, deep))
         if repo.exists():
             shutil.rmtree(repo)
         staging.rename(repo)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return repo / name
+    return repo / served_name(manifest)

@@ -226,8 +226,8 @@ def test_a_request_over_the_servers_limit_is_refused(server, client_dir, data_di
         model.engine.infer(feeds)
 
 
-def test_bbtv2_and_a_lone_token_file_are_refused(server, client_dir, data_dir, token_file, tmp_path):
-    assert "deep-prompt graph, which a server does not serve" in cli_error(
+def test_bbtv2_without_a_served_deep_graph_and_a_lone_token_file_are_refused(server, client_dir, data_dir, token_file, tmp_path):
+    assert "does not serve the deep-prompt graph BBTv2 needs" in cli_error(
         tune_args(client_dir, data_dir, tmp_path / "v2", *server.args()) + ["--method", "bbtv2"])
     assert "--precision choose the in-process engine" in cli_error(
         tune_args(client_dir, data_dir, tmp_path / "p", *server.args(), "--precision", "fp16"))
@@ -454,3 +454,48 @@ def test_a_decoder_tunes_through_the_server_with_its_prompt_positions(token_file
     np.testing.assert_array_equal(z_of(tmp_path / "remote"), z_of(tmp_path / "local"))
     assert remote["train_loss_final"] == local["train_loss_final"]
     assert remote["train_loss_initial"] != remote["train_loss_final"]  # the prompt moved the loss
+
+
+def test_bbtv2_tunes_through_the_server_on_the_served_deep_graph(tiny_src, token_file, data_dir, tmp_path):
+    """A model exported with --deep is served twice: NAME and NAME.deep (whose scalar prompt_layer travels as [1]).
+    BBTv2 through it ends with the in-process prompt, and evaluate and check agree."""
+    from bbt_onnx_export import ExportOptions, export_model
+
+    model = tmp_path / "deep"
+    export_model(ExportOptions(str(tiny_src), model, prompt_tokens=PROMPT_TOKENS, deep=True))
+    client = tmp_path / "client"
+    ok(["client-dir", "--model", str(model), "--out", str(client)])
+    srv = Server(model, token_file, tmp_path / "serve.log")
+    try:
+        v2 = ["--method", "bbtv2", "--budget", "36", "--eval-every", "12"]
+        local = json.loads(ok([*tune_args(model, data_dir, tmp_path / "local"), *v2]))
+        remote = json.loads(ok([*tune_args(client, data_dir, tmp_path / "remote", *srv.args()), *v2]))
+        args = ["evaluate", "--prompt", str(tmp_path / "remote"), "--data", str(data_dir / "test.csv"), "-q"]
+        scored = json.loads(ok([*args, "--model", str(client), *srv.args("grpc")]))
+        checked = invoke(["check", "--model", str(model), "--prompt", str(tmp_path / "remote"), "--engines",
+                          f"cpu:fp32,{srv.url()}", "--token-file", str(token_file), "--json"])
+    finally:
+        srv.stop()
+    with np.load(tmp_path / "local" / "prompt.npz") as a, np.load(tmp_path / "remote" / "prompt.npz") as b:
+        assert a["z"].shape[0] == 2  # one z per layer
+        np.testing.assert_array_equal(b["z"], a["z"])
+    assert remote["api_calls"] == local["api_calls"] == 36 and remote["train_loss_final"] == local["train_loss_final"]
+    assert scored["ce_loss"] == json.loads(ok([*args, "--model", str(model)]))["ce_loss"]
+    assert checked.exit_code == 0, checked.output
+    served = next(r for r in json.loads(checked.stdout)["engines"] if r["engine"] == srv.url())
+    assert served["max_abs_diff"] == 0.0
+    # the production repository serves the deep graph beside the plain one, with the same scalar as [1]
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    ok(["triton-repo", "--model", str(model), "--out", str(tmp_path / "repo"), "--kind", "cpu"])
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["tiny-roberta", "tiny-roberta.deep"]
+    config = text_format.Parse((tmp_path / "repo" / "tiny-roberta.deep" / "config.pbtxt").read_text(),
+                               model_config_pb2.ModelConfig())
+    layer = next(i for i in config.input if i.name == "prompt_layer")
+    assert list(layer.dims) == [1] and layer.HasField("reshape") and list(layer.reshape.shape) == []
+    from bbt_onnx.manifest import load_manifest
+
+    assert config.parameters["bbt_fingerprint"].string_value == load_manifest(model).fingerprint()
+    assert (tmp_path / "repo" / "tiny-roberta.deep" / "1" / "model.onnx").read_bytes() == \
+        (model / load_manifest(model).graph("fp32", deep=True).file).read_bytes()
