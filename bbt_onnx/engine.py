@@ -95,7 +95,44 @@ def cpu_threads() -> int:
         return os.cpu_count() or 1
 
 
-class OrtEngine:
+class PromptScoring:
+    """What every engine does with prompts before its own `_score(prompts, batch, extra)`: shapes checked, and on
+    the deep graph a plain prompt scored as layer 0's with no prompt on the other layers. A subclass sets `deep`,
+    `manifest`, `hidden_size`, `prompt_dtype`, `graph_label`, and `LAYER_SHAPE` (how prompt_layer travels)."""
+
+    LAYER_SHAPE: tuple[int, ...] = ()  # the graph's scalar
+
+    def label_logits(self, prompt_embeds: np.ndarray, batch: EncodedSet) -> np.ndarray:
+        if self.deep:
+            zeros = np.zeros((self.manifest.num_layers, *np.shape(prompt_embeds)[1:]), self.prompt_dtype)
+            return self.deep_label_logits(prompt_embeds, batch, zeros, 0)
+        return self._score(self._prompts(prompt_embeds), batch, {})
+
+    def deep_label_logits(self, prompt_embeds: np.ndarray, batch: EncodedSet, layer_prompts: np.ndarray,
+                          layer: int) -> np.ndarray:
+        if not self.deep:
+            raise ModelError(f"{self.graph_label} takes no deep prompts; open the engine with deep=True")
+        prompts = self._prompts(prompt_embeds)
+        layers = np.ascontiguousarray(layer_prompts, dtype=self.prompt_dtype)
+        if layers.shape != (self.manifest.num_layers, *prompts.shape[1:]):
+            raise ValueError(f"layer_prompts must be [{self.manifest.num_layers}, {prompts.shape[1]}, "
+                             f"{self.hidden_size}], got {layers.shape}")
+        if not 0 <= layer < self.manifest.num_layers:
+            raise ValueError(f"layer {layer} is outside 0..{self.manifest.num_layers - 1}")
+        return self._score(prompts, batch, {"deep_prompts": layers,
+                                            "prompt_layer": np.full(self.LAYER_SHAPE, layer, np.int64)})
+
+    def _prompts(self, prompt_embeds: np.ndarray) -> np.ndarray:
+        prompts = np.ascontiguousarray(prompt_embeds, dtype=self.prompt_dtype)
+        if prompts.ndim != 3 or prompts.shape[2] != self.hidden_size:
+            raise ValueError(f"prompt_embeds must be [C, P, {self.hidden_size}], got {prompts.shape}")
+        return prompts
+
+    def _score(self, prompts: np.ndarray, batch: EncodedSet, extra: dict) -> np.ndarray:
+        raise NotImplementedError
+
+
+class OrtEngine(PromptScoring):
     """One onnxruntime session over one graph of a model directory, created once."""
 
     def __init__(self, manifest: Manifest, precision: str = "fp32", device: str = "cpu",
@@ -111,6 +148,7 @@ class OrtEngine:
         self.threads = threads
         self.verify = verify
         self.graph = graph_key(precision, deep)
+        self.graph_label = f"the {self.graph} graph"
         self.session = self._open(manifest.graph(precision, deep))
         names = [i.name for i in self.session.get_inputs()]
         self.takes_prompt_pos = PROMPT_POS in names
@@ -177,31 +215,6 @@ class OrtEngine:
             raise ModelError(f"{path} has inputs {names} and outputs {outs}, not the bbt-onnx contract "
                              f"{list(inputs)} -> {list(outputs)}; re-export the model")
         return session
-
-    def label_logits(self, prompt_embeds: np.ndarray, batch: EncodedSet) -> np.ndarray:
-        if self.deep:  # the deep graph scores plain prompts as layer 0's, with no prompt on the other layers
-            zeros = np.zeros((self.manifest.num_layers, *np.shape(prompt_embeds)[1:]), self.prompt_dtype)
-            return self.deep_label_logits(prompt_embeds, batch, zeros, 0)
-        return self._score(self._prompts(prompt_embeds), batch, {})
-
-    def deep_label_logits(self, prompt_embeds: np.ndarray, batch: EncodedSet, layer_prompts: np.ndarray,
-                          layer: int) -> np.ndarray:
-        if not self.deep:
-            raise ModelError(f"the {self.graph} graph takes no deep prompts; open the engine with deep=True")
-        prompts = self._prompts(prompt_embeds)
-        layers = np.ascontiguousarray(layer_prompts, dtype=self.prompt_dtype)
-        if layers.shape != (self.manifest.num_layers, *prompts.shape[1:]):
-            raise ValueError(f"layer_prompts must be [{self.manifest.num_layers}, {prompts.shape[1]}, "
-                             f"{self.hidden_size}], got {layers.shape}")
-        if not 0 <= layer < self.manifest.num_layers:
-            raise ValueError(f"layer {layer} is outside 0..{self.manifest.num_layers - 1}")
-        return self._score(prompts, batch, {"deep_prompts": layers, "prompt_layer": np.array(layer, np.int64)})
-
-    def _prompts(self, prompt_embeds: np.ndarray) -> np.ndarray:
-        prompts = np.ascontiguousarray(prompt_embeds, dtype=self.prompt_dtype)
-        if prompts.ndim != 3 or prompts.shape[2] != self.hidden_size:
-            raise ValueError(f"prompt_embeds must be [C, P, {self.hidden_size}], got {prompts.shape}")
-        return prompts
 
     def _score(self, prompts: np.ndarray, batch: EncodedSet, extra: dict) -> np.ndarray:
         parts = self._plan(batch)

@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from .encoding import EncodedSet
-from .engine import ROW_INPUTS, check_prompt_positions, row_groups, row_input
-from .errors import ModelError, ServerError, SettingsError
+from .engine import ROW_INPUTS, PromptScoring, check_prompt_positions, row_groups, row_input
+from .errors import ServerError, SettingsError
 from .manifest import GRAPH_OUTPUTS, MANIFEST_NAME, PROMPT_POS, TOKENIZER_NAME, Manifest
 
 TOKEN_HEADER = "triton-access-token"
@@ -120,14 +120,17 @@ def write_client_dir(model_dir: str | Path, out: str | Path, force: bool = False
     return out
 
 
-class TritonEngine:
+class TritonEngine(PromptScoring):
     """A model served by Triton (`bbt-onnx serve`, or a stock tritonserver over `bbt-onnx triton-repo`)."""
+
+    LAYER_SHAPE = (1,)  # the graph's scalar prompt_layer: a served tensor has at least one dim
 
     def __init__(self, manifest: Manifest, remote: Remote, deep: bool = False):
         self.remote = remote.check()
         self.manifest = manifest
         self.deep = deep
         self.model = served_name(manifest, deep)
+        self.graph_label = f"served {self.model!r}"
         self.provider = f"Triton {self.model} at {remote.url}"
         self.hidden_size = manifest.hidden_size
         self.calls = 0  # requests answered
@@ -156,35 +159,9 @@ class TritonEngine:
         self.row_inputs = ROW_INPUTS + ((PROMPT_POS,) if self.takes_prompt_pos else ())
         self.bytes_sent = 0
 
-    # -- the engine -----------------------------------------------------------
-    def label_logits(self, prompt_embeds: np.ndarray, batch: EncodedSet) -> np.ndarray:
-        if self.deep:  # as in process: the deep graph scores a plain prompt as layer 0's, the other layers empty
-            zeros = np.zeros((self.manifest.num_layers, *np.shape(prompt_embeds)[1:]), self.prompt_dtype)
-            return self.deep_label_logits(prompt_embeds, batch, zeros, 0)
-        return self._score(self._prompts(prompt_embeds), batch, {})
-
-    def deep_label_logits(self, prompt_embeds: np.ndarray, batch: EncodedSet, layer_prompts: np.ndarray,
-                          layer: int) -> np.ndarray:
-        if not self.deep:
-            raise ModelError(f"{self.model} takes no deep prompts; open the engine with deep=True")
-        prompts = self._prompts(prompt_embeds)
-        layers = np.ascontiguousarray(layer_prompts, dtype=self.prompt_dtype)
-        if layers.shape != (self.manifest.num_layers, *prompts.shape[1:]):
-            raise ValueError(f"layer_prompts must be [{self.manifest.num_layers}, {prompts.shape[1]}, "
-                             f"{self.hidden_size}], got {layers.shape}")
-        if not 0 <= layer < self.manifest.num_layers:
-            raise ValueError(f"layer {layer} is outside 0..{self.manifest.num_layers - 1}")
-        # the graph's scalar travels as [1]: a served tensor has at least one dim
-        return self._score(prompts, batch, {"deep_prompts": layers, "prompt_layer": np.array([layer], np.int64)})
-
-    def _prompts(self, prompt_embeds: np.ndarray) -> np.ndarray:
-        prompts = np.ascontiguousarray(prompt_embeds, dtype=self.prompt_dtype)
-        if prompts.ndim != 3 or prompts.shape[2] != self.hidden_size:
-            raise ValueError(f"prompt_embeds must be [C, P, {self.hidden_size}], got {prompts.shape}")
-        return prompts
-
+    # -- the engine (label_logits and deep_label_logits come from PromptScoring) -----------------------
     def _score(self, prompts: np.ndarray, batch: EncodedSet, extra: dict) -> np.ndarray:
-        check_prompt_positions(batch, self.takes_prompt_pos, self.manifest.prompt_start, f"served {self.model}")
+        check_prompt_positions(batch, self.takes_prompt_pos, self.manifest.prompt_start, self.graph_label)
         groups, subsets = row_groups(batch, batch.lengths, self.max_buckets)
         out = np.empty((prompts.shape[0], len(batch), len(batch.label_ids)), np.float32)
         for index, rows in zip(groups, subsets):
