@@ -196,6 +196,7 @@ def check_engines(manifest: Manifest, tokenizer, prompts: Sequence[tuple[str, Tu
         got = metric(logits)
         result = EngineResult(spec.name, "pass", cmp["max_abs_diff"], cmp["argmax_agreement"], got,
                               None if got is None else got - ref_metric, ms)
+        # a server's precision is the one it serves; an engine that names none is judged by its spec
         result.reasons = failures(getattr(engine, "precision", spec.precision), result, tolerances, labelled)
         result.status = "fail" if result.reasons else "pass"
         results.append(result)

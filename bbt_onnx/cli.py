@@ -68,7 +68,9 @@ def cli():
     export turns a Hugging Face model into a prompt graph; tune learns a continuous prompt
     with CMA-ES from a few labelled examples (BBT, or BBTv2 with --method bbtv2); evaluate and
     predict use it; check compares engines on the same prompts; bench times the engine against
-    PyTorch. Every mistake a user can make ends in one `error:` line, exit 2.
+    PyTorch. serve puts the graph on a Triton server, and --server URL tunes and scores through
+    its API from a client-dir; triton-repo writes the production repository. Every mistake a
+    user can make ends in one `error:` line, exit 2.
     """
 
 
@@ -168,7 +170,7 @@ def engine_options(f):
     return f
 
 
-def remote_from(server, token_file, timeout: float = 60.0):
+def remote_from(server, token_file, timeout: float):
     from .remote import Remote, read_token
 
     if token_file and not server:

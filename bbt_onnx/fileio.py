@@ -8,11 +8,12 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from .errors import StorageError
+from .errors import SettingsError, StorageError
 
 
 def storage_error(path: str | Path, exc: OSError, doing: str = "write") -> StorageError:
@@ -108,3 +109,25 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     except OSError as exc:
         raise storage_error(path, exc, "read") from None
     return h.hexdigest()
+
+
+def write_dir(out: str | Path, force: bool, fill: Callable[[Path], None]) -> Path:
+    """A directory written whole: `fill` writes into a staging sibling, which then takes `out`'s place. A
+    non-empty `out` is replaced only with `force`; a failure leaves `out` as it was and no staging behind."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SettingsError(f"--out {out} is a file")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise SettingsError(f"{out} exists and is not empty; pass --force to replace it")
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        fill(staging)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out

@@ -116,7 +116,7 @@ def server_report(model_dir: str, remote: Remote, device: str, batch: int, seq: 
                       in_process_note=f"{model_dir} has no {probe.precision} graph to run in process")
         return report
     log(f"the same call in process ({probe.precision} on {device})")
-    engine = OrtEngine(load_manifest(model_dir), precision=probe.precision, device=device, threads=threads)
+    engine = OrtEngine(manifest, precision=probe.precision, device=device, threads=threads)  # checks the graph's sha256
     report["in_process_ms"] = median_ms(lambda: engine.label_logits(prompts, enc), max(repeat, calls))
     single = next((r for r in report["load"] if r["clients"] == 1 and r["p50_ms"] is not None), None)
     report["api_overhead"] = None if single is None else single["p50_ms"] / report["in_process_ms"] - 1

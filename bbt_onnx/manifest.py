@@ -232,7 +232,8 @@ def load_manifest(model_dir: str | Path, graphs: bool = True) -> Manifest:
 
 
 def _check(m: Manifest, path: Path, graphs: bool = True) -> None:
-    if graphs and not any((m.directory / g.file).is_file() for g in m.graphs.values()):  # type: ignore[operator]
+    files = [m.directory / g.file for g in m.graphs.values()]  # type: ignore[operator]
+    if graphs and files and not any(f.is_file() for f in files):
         raise ModelError(f"{m.directory} holds no graph files: a client directory (manifest and tokenizer only) is "
                          "used with --server URL, where the model is served")
     problems = []

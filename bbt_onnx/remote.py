@@ -101,23 +101,30 @@ def served_name(manifest: Manifest, deep: bool = False) -> str:
 def write_client_dir(model_dir: str | Path, out: str | Path, force: bool = False) -> Path:
     """What a user of a remote service holds: the manifest (byte for byte, so its fingerprint is the server's)
     and the tokenizer; no graphs, no weights."""
-    from .fileio import write_bytes_atomic
+    from .fileio import write_dir
     from .manifest import load_manifest
 
     manifest = load_manifest(model_dir)
-    out = Path(out)
-    if out.resolve() == Path(model_dir).resolve():
+    if Path(out).resolve() == Path(model_dir).resolve():
         raise SettingsError("--out is the model directory itself; name a new directory")
-    if out.exists() and not out.is_dir():
-        raise SettingsError(f"--out {out} is a file")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise SettingsError(f"{out} exists and is not empty; pass --force to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in (MANIFEST_NAME, TOKENIZER_NAME):
-        write_bytes_atomic(out / name, (manifest.directory / name).read_bytes())
-    return out
+
+    def fill(staging: Path) -> None:
+        for name in (MANIFEST_NAME, TOKENIZER_NAME):
+            shutil.copyfile(manifest.directory / name, staging / name)
+
+    return write_dir(out, force, fill)
+
+
+def check_max_request(max_request: int) -> None:
+    if not (isinstance(max_request, int) and max_request >= 1):
+        raise SettingsError(f"--max-request must be a positive integer, got {max_request}")
+
+
+def served_parameters(manifest: Manifest, precision: str, max_request: int, row_buckets: int) -> dict[str, str]:
+    """The model-config parameters a server publishes and `TritonEngine` reads: one set for `bbt-onnx serve` and
+    for `triton-repo`."""
+    return {FINGERPRINT_PARAM: manifest.fingerprint(), LIMIT_PARAM: str(max_request), PRECISION_PARAM: precision,
+            BUCKETS_PARAM: str(row_buckets)}
 
 
 class TritonEngine(PromptScoring):

@@ -24,7 +24,7 @@ import numpy as np
 from .engine import OrtEngine
 from .errors import ServerError, SettingsError
 from .manifest import GRAPH_OUTPUTS, TensorSpec, graph_key, load_manifest
-from .remote import BUCKETS_PARAM, DEFAULT_MAX_REQUEST, FINGERPRINT_PARAM, LIMIT_PARAM, PRECISION_PARAM, served_name
+from .remote import DEFAULT_MAX_REQUEST, check_max_request, served_name, served_parameters
 
 # everything but health (and the server's own metadata) needs the token when one is given
 TOKEN_ENDPOINTS = ["inference", "model-config", "model-repository", "shared-memory", "statistics", "trace", "logging"]
@@ -51,8 +51,7 @@ class ServeOptions:
                 raise SettingsError(f"{flag} must be in 1..65535, got {port}")
         if len(set(ports.values())) != 3:
             raise SettingsError(f"--http-port, --grpc-port and --metrics-port must differ, got {sorted(ports.values())}")
-        if not (isinstance(self.max_request, int) and self.max_request >= 1):
-            raise SettingsError(f"--max-request must be a positive integer, got {self.max_request}")
+        check_max_request(self.max_request)
         if not is_loopback(self.host) and not self.token:
             raise SettingsError(f"--host {self.host} is reachable from other machines: pass --token-file, or serve on "
                                 "127.0.0.1 (and put TLS and authentication in a gateway in front; see docs/serving.md)")
@@ -162,9 +161,8 @@ def _serve(opts: ServeOptions, log: Callable[[str], None]) -> None:
         for name, (engine, graph) in served.items():
             triton.bind(name, make_infer(engine, graph.inputs, opts.max_request), inputs=tensors(graph.inputs),
                         outputs=tensors(graph.outputs), config=ModelConfig(batching=False))
-            _add_parameters(triton, name, {FINGERPRINT_PARAM: manifest.fingerprint(),
-                                           LIMIT_PARAM: str(opts.max_request), PRECISION_PARAM: opts.precision,
-                                           BUCKETS_PARAM: str(engine.max_buckets)})
+            _add_parameters(triton, name, served_parameters(manifest, opts.precision, opts.max_request,
+                                                            engine.max_buckets))
         names = " and ".join(repr(n) for n in served)
         log(f"starting tritonserver: {names} ({opts.precision} on {opts.device}), workspace {triton._workspace.path}")
         try:

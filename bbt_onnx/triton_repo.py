@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SettingsError
-from .fileio import write_text_atomic
+from .fileio import write_dir, write_text_atomic
 from .manifest import GraphSpec, Manifest, graph_key, load_manifest
-from .remote import BUCKETS_PARAM, DEFAULT_MAX_REQUEST, FINGERPRINT_PARAM, LIMIT_PARAM, PRECISION_PARAM, served_name
+from .remote import DEFAULT_MAX_REQUEST, check_max_request, served_name, served_parameters
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64"}
 WARMUP_SIZES = {"C": 2, "N": 2, "T": 16, "P": 4, "K": 2}  # a small request of every input, all zeros
@@ -38,8 +38,7 @@ class RepoOptions:
             raise SettingsError(f"--kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if not (isinstance(self.instances, int) and 1 <= self.instances <= 64):
             raise SettingsError(f"--instances must be in 1..64, got {self.instances}")
-        if not (isinstance(self.max_request, int) and self.max_request >= 1):
-            raise SettingsError(f"--max-request must be a positive integer, got {self.max_request}")
+        check_max_request(self.max_request)
         if self.tensorrt and self.kind != "gpu":
             raise SettingsError("--tensorrt runs on GPU instances only; drop it or use --kind gpu")
         return self
@@ -91,10 +90,9 @@ def config_text(manifest: Manifest, precision: str, opts: RepoOptions, deep: boo
         "output [\n" + ",\n".join(_tensor(t, "  ") for t in graph.outputs) + "\n]",
         f"instance_group [\n  {{\n    count: {opts.instances}\n    kind: {kind}\n  }}\n]",
         "default_model_filename: \"model.onnx\"",
-        _param(FINGERPRINT_PARAM, manifest.fingerprint()),
-        _param(LIMIT_PARAM, str(opts.max_request)),
-        _param(PRECISION_PARAM, precision),
-        _param(BUCKETS_PARAM, "1" if opts.kind == "gpu" else "4"),  # as OrtEngine splits rows on each device
+        # rows in one call on a GPU, in 4 length buckets on CPU: as OrtEngine splits them on each device
+        *(_param(k, v) for k, v in served_parameters(manifest, precision, opts.max_request,
+                                                      1 if opts.kind == "gpu" else 4).items()),
     ]
     if opts.tensorrt:
         cache = "/tmp/bbt-trt-cache"
@@ -111,18 +109,12 @@ def config_text(manifest: Manifest, precision: str, opts: RepoOptions, deep: boo
 
 def write_repo(opts: RepoOptions) -> Path:
     """REPO/NAME/config.pbtxt and REPO/NAME/1/model.onnx (and REPO/NAME.deep/ when the model has the deep-prompt
-    graph), written into a fresh directory, then moved in place."""
+    graph), written whole (`write_dir`)."""
     opts.check()
     manifest = load_manifest(opts.model_dir)
     precision = pick_precision(manifest, opts.precision)
-    repo = Path(opts.out)
-    if repo.exists() and not repo.is_dir():
-        raise SettingsError(f"--out {repo} is a file")
-    if repo.is_dir() and any(repo.iterdir()) and not opts.force:
-        raise SettingsError(f"{repo} exists and is not empty; pass --force to replace it")
-    staging = repo.with_name(repo.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+
+    def fill(staging: Path) -> None:
         for deep in (False, True):
             if deep and graph_key(precision, deep) not in manifest.graphs:
                 continue
@@ -130,10 +122,5 @@ def write_repo(opts: RepoOptions) -> Path:
             (model / "1").mkdir(parents=True)
             shutil.copyfile(manifest.directory / manifest.graph(precision, deep).file, model / "1" / "model.onnx")
             write_text_atomic(model / "config.pbtxt", config_text(manifest, precision, opts, deep))
-        if repo.exists():
-            shutil.rmtree(repo)
-        staging.rename(repo)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return repo / served_name(manifest)
+
+    return write_dir(opts.out, opts.force, fill) / served_name(manifest)

@@ -386,3 +386,27 @@ def test_cuda_sessions_keep_fp32_matmuls_in_fp32(tiny_model, monkeypatch, device
     with pytest.raises(BBTError, match="stop here"):
         OrtEngine(load_manifest(tiny_model), device=device)
     assert asked == [[(f"{device.upper()}ExecutionProvider", options)]]
+
+
+def test_write_dir_replaces_a_directory_whole_or_not_at_all(tmp_path):
+    """client-dir and triton-repo: a failed write keeps the old directory, and leaves no staging behind."""
+    from bbt_onnx.fileio import write_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old").write_text("x")
+    with pytest.raises(BBTError, match="not empty; pass --force"):
+        write_dir(out, False, lambda d: None)
+
+    def failing(staging):
+        (staging / "new").write_text("y")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_dir(out, True, failing)
+    assert [p.name for p in out.iterdir()] == ["old"] and not (tmp_path / "out.partial").exists()
+    write_dir(out, True, lambda d: (d / "new").write_text("y"))
+    assert [p.name for p in out.iterdir()] == ["new"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(BBTError, match="is a file"):
+        write_dir(tmp_path / "file", True, lambda d: None)
