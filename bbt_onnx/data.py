@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .errors import DataError, SettingsError
+from .options import setting
 
 MAX_ROW_CHARS = 1_000_000  # one row's text fields together; far beyond any model's positions
 TEXT_COLUMNS = ("text", "sentence", "sentence1", "content", "premise")
@@ -133,6 +135,27 @@ def json_objects(text: str, source: str) -> list[dict]:
     return rows
 
 
+def read_input(path: str, stdin=None) -> list[Example]:
+    """Rows to label: a data file (its label column, if any, ignored), or text lines / JSON lines from a .txt file
+    or from `stdin` (a binary stream) when `path` is "-"."""
+    if path != "-" and not path.endswith(".txt"):
+        return read_examples(path, need_label=False)
+    if path == "-":
+        raw, source = (stdin or sys.stdin.buffer).read(), "stdin"
+    else:
+        try:
+            raw, source = Path(path).read_bytes(), path
+        except OSError as exc:
+            from .fileio import storage_error
+
+            raise storage_error(path, exc, "read") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{source} is not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})") from None
+    return parse_lines(text, source)
+
+
 def parse_lines(text: str, source: str) -> list[Example]:
     """One text per non-blank line, or JSON lines (objects with a text field) when the first one is JSON."""
     lines = [line for line in text.splitlines() if line.strip()]
@@ -214,12 +237,13 @@ def file_fingerprint(path: str | Path) -> str:
 class DataSpec:
     """Where a run's rows come from: a pool to k-shot sample (`data`), or explicit split files."""
 
-    data: str | None = None
-    train: str | None = None
-    dev: str | None = None
-    test: str | None = None
-    k_shot: int = 16
-    seed: int = 42
+    data: str | None = setting(None, "Labelled pool (CSV/TSV/JSONL or hf:NAME) to draw k per class for train and dev "
+                               "from.")
+    train: str | None = setting(None, "Explicit training file, used whole (no sampling).", path=True)
+    dev: str | None = setting(None, "Explicit dev file.", path=True)
+    test: str | None = setting(None, "Test file, scored once at the end.", path=True)
+    k_shot: int = setting(16, "Examples per class for train (and again for dev).")
+    seed: int = 42  # the run's seed: its sampling stream draws the k-shot split
 
     def check(self) -> None:
         if self.data and self.train:

@@ -53,10 +53,6 @@ class EncodedSet:
     def lengths(self) -> np.ndarray:
         return self.attention_mask.sum(axis=1)
 
-    @property
-    def tokens(self) -> int:
-        return int(self.input_ids.size)
-
     def take(self, index: np.ndarray) -> "EncodedSet":
         """Rows `index`, with padding trimmed to their own longest row."""
         width = int(self.lengths[index].max()) if len(index) else 0
@@ -147,7 +143,7 @@ SLOTS = "@slots"  # the owner of the marker that stands for the prompt slots whi
 def check_framing(task: Task, manifest: Manifest) -> None:
     """A framing the model can honour; each refusal is a user mistake."""
     f = task.framing
-    if manifest.kind == "masked":
+    if not manifest.lm.framings:
         if f != Framing():
             raise SettingsError("--bos, --chat and --prompt-position are for decoders; a masked LM keeps the "
                                 "reference's prompt right after <s>")
@@ -182,7 +178,7 @@ class Encoder:
 
     def __init__(self, tokenizer: Tokenizer, manifest: Manifest, task: Task, prompt_tokens: int,
                  max_length: int | None = None, placeholder_ids: Sequence[int] | None = None):
-        check_template(task.template, manifest.kind)
+        check_template(task.template, manifest.lm)
         check_framing(task, manifest)
         if not 0 <= prompt_tokens <= manifest.prompt_tokens:
             raise SettingsError(f"--prompt-tokens {prompt_tokens} is outside 0..{manifest.prompt_tokens}, "
@@ -200,7 +196,7 @@ class Encoder:
         self.placeholder_ids = [int(i) for i in placeholder_ids]
         self.lead = bos_ids(task, manifest)
         self.tail = [manifest.eos_id] if manifest.appends_eos else []
-        self.mask_text = tokenizer.id_to_token(manifest.mask_id) if manifest.kind == "masked" else ""
+        self.mask_text = tokenizer.id_to_token(manifest.mask_id) if manifest.lm.mask_token else ""
         self.before, self.after = self._pieces(list(string.Formatter().parse(task.template)))
 
     def _pieces(self, parts: list) -> tuple[list, list]:
@@ -260,7 +256,7 @@ class Encoder:
             cut = owner.index(SLOTS)
             row = self.lead + ids[:cut] + self.placeholder_ids + ids[cut + 1:] + self.tail
             owner = [None] * len(self.lead) + owner[:cut] + [SLOTS] * len(self.placeholder_ids) + owner[cut + 1:]
-            if self.manifest.kind == "masked":
+            if self.manifest.lm.mask_token:
                 if "mask" not in owner:
                     text = self._render(self.after, ex)[0]
                     raise DataError(f"the mask token vanished while tokenizing {text[:80]!r}")

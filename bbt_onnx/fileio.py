@@ -111,23 +111,59 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def write_dir(out: str | Path, force: bool, fill: Callable[[Path], None]) -> Path:
-    """A directory written whole: `fill` writes into a staging sibling, which then takes `out`'s place. A
-    non-empty `out` is replaced only with `force`; a failure leaves `out` as it was and no staging behind."""
+def check_out_path(out: str | Path) -> None:
+    """An --out directory that can be created or replaced: neither it nor a folder above it is a file."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SettingsError(f"--out {out} is a file")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise SettingsError(f"{out} exists and is not empty; pass --force to replace it")
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    file_parent = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if file_parent is not None:
+        raise SettingsError(f"--out {out} cannot be created: {file_parent} is a file, not a folder")
+
+
+def staging_dir(out: Path) -> Path:
+    """A fresh hidden sibling of `out` to build a directory in, with the permissions a new folder would get."""
     try:
-        staging.mkdir(parents=True)
-        fill(staging)
-        if out.exists():
-            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        tmp.chmod(0o777 & ~umask())
+    except OSError as exc:
+        raise storage_error(out, exc, "create") from None
+    return tmp
+
+
+def swap_in(staging: Path, out: Path) -> None:
+    """Move a finished `staging` directory to `out`. An old `out` is renamed aside first and removed only once the
+    new one is in place; if the move fails, the old one is put back. At no moment is neither on disk."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{staging.name.rsplit('-', 1)[-1]}")
+        out.rename(old)
+    try:
         staging.rename(out)
     except BaseException:
+        if old is not None:
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_dir(out: str | Path, force: bool, fill: Callable[[Path], None]) -> Path:
+    """A directory written whole: `fill` writes into a staging sibling, which then takes `out`'s place
+    (`swap_in`). A non-empty `out` is replaced only with `force`; a failure leaves `out` as it was and no
+    staging behind."""
+    out = Path(out)
+    check_out_path(out)
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise SettingsError(f"{out} exists and is not empty; pass --force to replace it")
+    staging = staging_dir(out)
+    try:
+        fill(staging)
+        swap_in(staging, out)
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise storage_error(out, exc) from None
         raise
     return out

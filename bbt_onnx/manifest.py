@@ -12,29 +12,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .contract import PARTS, PRECISIONS, PROMPT_POS, contract, graph_key
 from .errors import ModelError
+from .kinds import KINDS, LmKind
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
-KINDS = ("masked", "causal")
-PRECISIONS = ("fp32", "fp16", "int8")
-GRAPH_INPUTS = ("input_ids", "attention_mask", "mask_pos", "prompt_embeds", "label_ids")
-DEEP_INPUTS = GRAPH_INPUTS + ("deep_prompts", "prompt_layer")  # BBTv2: a prompt on every layer's input
-PROMPT_POS = "prompt_pos"  # decoders' graphs: each row's first prompt slot [N] (older graphs fix it after BOS)
-GRAPH_OUTPUTS = ("label_logits",)
-# the cached pair for suffix prompts: the text graph computes every layer's keys and values once, the tail
-# graph scores C prompts on the P slots and the answer cue, attending to them
-TEXT_INPUTS = ("input_ids", "attention_mask")
-TEXT_OUTPUTS = ("text_kv",)  # [L, 2, N, kv_heads, T, head_dim]
-TAIL_INPUTS = ("text_kv", "text_mask", "tail_ids", "mask_pos", "prompt_embeds", "label_ids")
-PARTS = ("text", "tail")
-
-
-def graph_key(precision: str, deep: bool = False, part: str = "") -> str:
-    """The manifest's name for a graph: `fp32`, `deep-fp32` for the deep-prompt variant, `text-fp32` and
-    `tail-fp32` for the cached pair."""
-    return f"{part}-{precision}" if part else f"deep-{precision}" if deep else precision
 
 
 @dataclass(frozen=True)
@@ -59,12 +43,7 @@ class GraphSpec:
     part: str = ""  # "text" or "tail": one half of the cached pair for suffix prompts
 
     def contract(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """The inputs and outputs a graph of this kind must have (besides a decoder's optional prompt_pos)."""
-        if self.part == "text":
-            return TEXT_INPUTS, TEXT_OUTPUTS
-        if self.part == "tail":
-            return TAIL_INPUTS, GRAPH_OUTPUTS
-        return (DEEP_INPUTS if self.deep else GRAPH_INPUTS), GRAPH_OUTPUTS
+        return contract(self.deep, self.part)
 
     def keeps_contract(self, inputs: list[str], outputs: list[str]) -> bool:
         want_in, want_out = self.contract()
@@ -113,9 +92,19 @@ class Manifest:
         return 0 if self.bos_id is None else 1
 
     @property
+    def lm(self) -> LmKind:
+        """What this model's kind (masked or causal) means at run time."""
+        return KINDS[self.kind]
+
+    @property
     def appends_eos(self) -> bool:
         """Masked LMs close the sequence with </s>; causal LMs score the next token instead."""
-        return self.kind == "masked" and self.eos_id is not None
+        return self.lm.closes_with_eos and self.eos_id is not None
+
+    @property
+    def special_ids(self) -> set[int]:
+        """The ids rows are built from besides text: BOS, EOS, padding and the mask."""
+        return {i for i in (self.bos_id, self.eos_id, self.pad_id, self.mask_id) if i is not None}
 
     def graph(self, precision: str, deep: bool = False) -> GraphSpec:
         key = graph_key(precision, deep)
@@ -238,8 +227,8 @@ def _check(m: Manifest, path: Path, graphs: bool = True) -> None:
                          "used with --server URL, where the model is served")
     problems = []
     if m.kind not in KINDS:
-        problems.append(f"kind {m.kind!r} is not one of {KINDS}")
-    if m.kind == "masked" and m.mask_id is None:
+        problems.append(f"kind {m.kind!r} is not one of {', '.join(KINDS)}")
+    elif m.lm.mask_token and m.mask_id is None:
         problems.append("a masked LM needs mask_id")
     if len(m.placeholder_ids) != m.prompt_tokens:
         problems.append(f"{len(m.placeholder_ids)} placeholder ids for prompt_tokens={m.prompt_tokens}")

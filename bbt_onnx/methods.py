@@ -1,8 +1,9 @@
-"""Search methods: what differs between BBT and BBTv2 inside the tuner's one loop.
+"""Search methods, one record each in `METHODS`: what differs between BBT and BBTv2 inside the tuner's one loop.
 
-A method says which CMA-ES instances exist, which of them a generation asks, how its
-candidates are scored, what a whole prompt is (z [d] for BBT, Z [L, d] for BBTv2) and how
-one is scored on any rows. Budget, dev choice, checkpoints and events stay in the tuner.
+A method says whether it needs the deep-prompt graph, what a whole prompt is (z [d] and [P, H] for BBT, Z [L, d]
+and [L, P, H] for BBTv2) and how one is scored on any rows, which CMA-ES instances exist, which of them a
+generation asks, and when the search stops (`stop()`, the reasons, as pycma's). Budget accounting, the dev
+choice, checkpoints and events stay in the tuner. A new method plugs in as one class in `METHODS`.
 """
 
 from __future__ import annotations
@@ -13,11 +14,8 @@ import cma
 import numpy as np
 
 from .encoding import EncodedSet
-from .engine import takes_deep_prompts
-from .errors import ModelError, SettingsError
+from .errors import ModelError, PromptError, SettingsError
 from .subspace import ProjectionSpec, build_projection, layer_specs, project
-
-METHODS = ("bbt", "bbtv2")
 
 
 class GeneratorRandn:
@@ -51,6 +49,17 @@ class Bbt:
     """BBT (Sun et al., ICML 2022): one CMA-ES over z; a candidate is a whole prompt A z on the embeddings."""
 
     name = "bbt"
+    deep = False  # needs the deep-prompt graph
+
+    @staticmethod
+    def prompt_dims(layers: int) -> tuple[int, ...]:
+        """The leading dims of a whole prompt's z and embeddings on a model of `layers` layers: none."""
+        return ()
+
+    @staticmethod
+    def scorer(engine, embeds: np.ndarray) -> Callable[[EncodedSet], np.ndarray]:
+        """rows -> [1, N, K]: a whole prompt ([P, H]) on the engine."""
+        return lambda rows: engine.label_logits(embeds[None], rows)
 
     def __init__(self, model, spec: ProjectionSpec):
         self.engine = model.engine
@@ -67,8 +76,12 @@ class Bbt:
     def prepare(self, state) -> None:
         """Caches derived from a (possibly resumed) state."""
 
-    def finished(self, state, config) -> bool:
-        return state.calls + config.popsize > config.budget or bool(state.es[0].stop())
+    def stop(self, state, config) -> dict[str, str]:
+        """Why the search ends now (empty: it goes on): pycma's own criteria, else the budget."""
+        reasons = {k: str(v) for k, v in state.es[0].stop().items()}
+        if not reasons and state.calls + config.popsize > config.budget:
+            reasons["budget"] = str(config.budget)
+        return reasons
 
     def layer(self, state) -> int:
         return 0
@@ -89,12 +102,9 @@ class Bbt:
         """The prompt a whole z makes: [P, H]."""
         return project(self.a_t[0], z, self.prompt_tokens)[0]
 
-    def scorer(self, z: np.ndarray) -> Callable[[EncodedSet], np.ndarray]:
-        prompt = self.embeds(z)[None]
-        return lambda rows: self.engine.label_logits(prompt, rows)
-
-    def stop_reason(self, state) -> dict:
-        return {k: str(v) for k, v in state.es[0].stop().items()}
+    def z_scorer(self, z: np.ndarray) -> Callable[[EncodedSet], np.ndarray]:
+        """rows -> [1, N, K] for a whole z."""
+        return self.scorer(self.engine, self.embeds(z))
 
 
 class BbtV2(Bbt):
@@ -103,12 +113,24 @@ class BbtV2(Bbt):
     layer at its best so far, then keeps that layer's best-ever z."""
 
     name = "bbtv2"
+    deep = True
+
+    @staticmethod
+    def prompt_dims(layers: int) -> tuple[int, ...]:
+        return (layers,)
+
+    @staticmethod
+    def scorer(engine, embeds: np.ndarray) -> Callable[[EncodedSet], np.ndarray]:
+        """rows -> [1, N, K]: every layer's prompt ([L, P, H]) on the engine's deep graph."""
+        if not engine.deep:
+            raise PromptError("this is a BBTv2 prompt: open the model with deep=True (its --deep graph)")
+        return lambda rows: engine.deep_label_logits(embeds[:1], rows, embeds, 0)
 
     def __init__(self, model, spec: ProjectionSpec):
         m = model.manifest
         if not m.layer_std:
             raise ModelError(f"{m.directory} has no per-layer statistics for BBTv2; re-export the model with --deep")
-        if not takes_deep_prompts(model.engine):
+        if not model.engine.deep:
             raise ModelError("BBTv2 needs an engine that takes deep prompts (open the model with deep=True, and "
                              "export it with --deep)")
         self.engine = model.engine
@@ -138,8 +160,9 @@ class BbtV2(Bbt):
             state.prefix_z = np.zeros((self.layers, self.specs[0].intrinsic_dim))
         self.prefix = np.stack([project(a, z, self.prompt_tokens)[0] for a, z in zip(self.a_t, state.prefix_z)])
 
-    def finished(self, state, config) -> bool:
-        return state.generation >= self.rounds(config) * self.layers  # the reference never stops early
+    def stop(self, state, config) -> dict[str, str]:
+        """The reference never stops early: its rounds end it."""
+        return {"budget": str(config.budget)} if state.generation >= self.rounds(config) * self.layers else {}
 
     def layer(self, state) -> int:
         return state.generation % self.layers
@@ -165,15 +188,13 @@ class BbtV2(Bbt):
         """[L, P, H]."""
         return np.stack([project(a, row, self.prompt_tokens)[0] for a, row in zip(self.a_t, z)])
 
-    def scorer(self, z: np.ndarray) -> Callable[[EncodedSet], np.ndarray]:
-        layers = self.embeds(z)
-        return lambda rows: self.engine.deep_label_logits(layers[:1], rows, layers, 0)
 
-    def stop_reason(self, state) -> dict:
-        return {}
+
+METHODS = {method.name: method for method in (Bbt, BbtV2)}
 
 
 def method_for(name: str):
-    if name not in METHODS:
-        raise SettingsError(f"--method {name!r} is not one of {', '.join(METHODS)}")
-    return Bbt if name == "bbt" else BbtV2
+    try:
+        return METHODS[name]
+    except (KeyError, TypeError):
+        raise SettingsError(f"method {name!r} is not one of {', '.join(METHODS)}") from None

@@ -9,10 +9,8 @@ from typing import Sequence
 from tokenizers import Tokenizer
 
 from .encoding import Encoder, load_tokenizer
-from .engine import Engine
-from .engines import EngineSpec
+from .engines import Engine, EngineSpec, OrtSpec
 from .manifest import Manifest, load_manifest
-from .remote import Remote
 from .tasks import Task
 
 
@@ -23,18 +21,12 @@ class Model:
     engine: Engine
 
     @classmethod
-    def load(cls, directory: str | Path, device: str = "cpu", precision: str = "fp32",
-             threads: int | None = None, engine: Engine | None = None, deep: bool = False,
-             remote: Remote | None = None) -> "Model":
-        """Open a directory written by `bbt-onnx export`; `deep` opens its deep-prompt graph (BBTv2); pass
-        `engine` to use another backend, or `remote` for the model served by Triton (the directory may then be a
-        client directory: manifest and tokenizer only)."""
-        manifest = load_manifest(directory, graphs=remote is None and engine is None)
-        tokenizer = load_tokenizer(manifest)
-        if engine is None:
-            spec = EngineSpec(device, precision) if remote is None else EngineSpec.served(remote)
-            engine = spec.open(manifest, threads, deep)
-        return cls(manifest, tokenizer, engine)
+    def load(cls, directory: str | Path, engine: EngineSpec = OrtSpec(), deep: bool = False) -> "Model":
+        """Open a directory written by `bbt-onnx export` on the engine `engine` names (onnxruntime here by default,
+        or a server, for which the directory may be a client directory: manifest and tokenizer only); `deep` opens
+        the deep-prompt graph (BBTv2). Another backend's engine plugs in as `Model(manifest, tokenizer, engine)`."""
+        manifest = load_manifest(directory, graphs=engine.needs_graphs)
+        return cls(manifest, load_tokenizer(manifest), engine.open(manifest, deep))
 
     def encoder(self, task: Task, prompt_tokens: int, max_length: int | None = None,
                 placeholder_ids: Sequence[int] | None = None) -> Encoder:

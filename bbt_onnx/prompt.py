@@ -13,11 +13,11 @@ import numpy as np
 from . import losses
 from .data import Example
 from .encoding import EncodedSet
-from .engine import score_rows, takes_deep_prompts
-from .errors import DataError, PromptError
+from .engines.base import score_rows
+from .errors import DataError, PromptError, SettingsError
 from .fileio import write_bytes_atomic
 from .methods import METHODS
-from .subspace import ProjectionSpec, build_projection, project
+from .subspace import ProjectionSpec
 from .tasks import Task
 
 PROMPT_NAME = "prompt.npz"
@@ -48,19 +48,12 @@ class TunedPrompt:
 
     @property
     def deep(self) -> bool:
-        return self.method == "bbtv2"
+        """Scored on the deep-prompt graph (BBTv2's prompt on every layer)."""
+        return METHODS[self.method].deep
 
     @property
     def prompt_tokens(self) -> int:
         return int(self.embeds.shape[-2])
-
-    @classmethod
-    def from_z(cls, z: np.ndarray, spec: ProjectionSpec, task: Task, model_fingerprint: str = "",
-               a_t: np.ndarray | None = None, placeholder_ids=None, max_length: int | None = None) -> "TunedPrompt":
-        a_t = build_projection(spec) if a_t is None else a_t
-        z = np.asarray(z, dtype=np.float64)
-        return cls(z, project(a_t, z, spec.prompt_tokens)[0], spec, task, model_fingerprint,
-                   as_ids(placeholder_ids), max_length)
 
     @classmethod
     def zero(cls, spec: ProjectionSpec, task: Task, model_fingerprint: str = "",
@@ -105,7 +98,7 @@ class TunedPrompt:
         except Exception as exc:  # noqa: BLE001 - a damaged zip or field can raise almost any type
             raise PromptError(f"{path} is not a bbt-onnx prompt file, or it is damaged ({type(exc).__name__}); "
                               "tune again or restore it") from None
-        layers = (len(prompt.layer_std),) if prompt.deep else ()
+        layers = METHODS[prompt.method].prompt_dims(len(prompt.layer_std)) if prompt.method in METHODS else ()
         if prompt.method not in METHODS or embeds.shape != (*layers, spec.prompt_tokens, spec.hidden_size) \
                 or z.shape != (*layers, spec.intrinsic_dim) or not (np.isfinite(z).all() and np.isfinite(embeds).all()):
             raise PromptError(f"{path} is damaged: its arrays do not match its own description")
@@ -121,8 +114,8 @@ class TunedPrompt:
         if self.embeds.shape[-1] != m.hidden_size:
             raise PromptError(f"this prompt has hidden size {self.embeds.shape[-1]} but the model has "
                               f"{m.hidden_size}: it was tuned for another model")
-        if self.deep and self.embeds.shape[0] != m.num_layers:
-            raise PromptError(f"this BBTv2 prompt has {self.embeds.shape[0]} layers but the model has "
+        if self.embeds.shape[:-2] != METHODS[self.method].prompt_dims(m.num_layers):
+            raise PromptError(f"this {self.method} prompt has {self.embeds.shape[0]} layers but the model has "
                               f"{m.num_layers}: it was tuned for another model")
         if self.model_fingerprint and self.model_fingerprint != m.fingerprint():
             raise PromptError(f"this prompt was tuned on another model than {m.directory} (manifest fingerprint "
@@ -141,12 +134,8 @@ class TunedPrompt:
         return score_rows(self.scorer(model), enc, batch_rows, on_batch)
 
     def scorer(self, model) -> Callable[[EncodedSet], np.ndarray]:
-        """rows -> [1, N, K] on the model's engine; a BBTv2 prompt needs its deep graph."""
-        if not self.deep:
-            return lambda rows: model.engine.label_logits(self.embeds[None], rows)
-        if not takes_deep_prompts(model.engine):
-            raise PromptError("this is a BBTv2 prompt: open the model with deep=True (its --deep graph)")
-        return lambda rows: model.engine.deep_label_logits(self.embeds[:1], rows, self.embeds, 0)
+        """rows -> [1, N, K] on the model's engine, as the prompt's method scores it."""
+        return METHODS[self.method].scorer(model.engine, self.embeds)
 
     def evaluate(self, model, rows: Sequence[Example] | EncodedSet, batch_rows: int = EVAL_ROWS,
                  on_batch: Callable[[int], None] | None = None) -> dict:
@@ -170,3 +159,31 @@ class TunedPrompt:
         probs = np.exp(losses.log_softmax(logits.astype(np.float64)))
         keys = self.task.label_keys
         return [Prediction(keys[int(p.argmax())], {k: float(v) for k, v in zip(keys, p)}) for p in probs]
+
+
+def load_run_prompt(run: str | Path | None, no_prompt: bool = False, task_given: bool = False,
+                    prompt_tokens: int | None = None) -> TunedPrompt | None:
+    """The tuned prompt of a run (z = 0 in its place with `no_prompt`), or None when there is no run and the
+    template alone is scored; a run brings its own task and prompt length."""
+    if run is None:
+        if not no_prompt:
+            raise SettingsError("give --prompt RUN_DIR, or --no-prompt with a task to score the manual template")
+        return None
+    if task_given:
+        raise SettingsError("--task/--template/--labels/--task-file/--metric/--bos/--chat/--prompt-position come "
+                            "from the run with --prompt; drop them")
+    if prompt_tokens is not None:
+        raise SettingsError("--prompt-tokens comes from the run with --prompt; drop it")
+    prompt = TunedPrompt.load(run)
+    return TunedPrompt.zero(prompt.projection, prompt.task) if no_prompt else prompt
+
+
+def template_prompt(manifest, task: Task, prompt_tokens: int | None = None) -> TunedPrompt:
+    """z = 0 without a run: the manual template after the model's placeholder tokens (`prompt_tokens` of them,
+    0 for the template alone)."""
+    if prompt_tokens is not None and prompt_tokens > manifest.prompt_tokens:
+        raise SettingsError(f"--prompt-tokens {prompt_tokens} is more than the {manifest.prompt_tokens} this model "
+                            "was exported for")
+    spec = ProjectionSpec(0, 1, manifest.prompt_tokens if prompt_tokens is None else prompt_tokens,
+                          manifest.hidden_size, manifest.embedding_std)
+    return TunedPrompt.zero(spec, task)

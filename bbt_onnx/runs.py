@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import RunError
-from .fileio import dumps, storage_error, write_bytes_atomic, write_json_atomic
+from .fileio import check_out_path, dumps, storage_error, write_bytes_atomic, write_json_atomic
 from .plot import plot_run
 from .prompt import PROMPT_NAME
 
@@ -35,11 +35,7 @@ class RunDir:
     def check_new(cls, path: str | Path, force: bool) -> "RunDir":
         """Refuse to overwrite an earlier run unless forced, or a directory another tune holds; touches nothing."""
         run = cls(path)
-        if run.path.exists() and not run.path.is_dir():
-            raise RunError(f"--out {run.path} is a file")
-        file_parent = next((p for p in run.path.parents if p.exists() and not p.is_dir()), None)
-        if file_parent is not None:
-            raise RunError(f"--out {run.path} cannot be created: {file_parent} is a file, not a folder")
+        check_out_path(run.path)
         run.check_idle()
         run.check_empty(force)
         return run

@@ -12,7 +12,7 @@ import numpy as np
 from .errors import SettingsError
 from .seeding import seeds
 
-KINDS = ("normal", "uniform")
+PROJECTIONS = ("normal", "uniform")
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,8 @@ class ProjectionSpec:
     layer: int = 0  # BBTv2: which layer's projection; each layer draws its own A from the seed
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise SettingsError(f"--random-proj {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.kind not in PROJECTIONS:
+            raise SettingsError(f"--random-proj {self.kind!r} is not one of {', '.join(PROJECTIONS)}")
         if self.intrinsic_dim < 1:
             raise SettingsError("--intrinsic-dim must be at least 1")
         if self.sigma <= 0:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import SettingsError
+from .kinds import SENTIMENT, LmKind
+from .options import setting
 
 FIELDS = ("text", "text_b", "mask")
 METRICS = ("accuracy", "f1")
@@ -111,7 +113,6 @@ def _pairs(words: list[str]) -> tuple[tuple[str, str], ...]:
     return tuple((str(i), w) for i, w in enumerate(words))
 
 
-SENTIMENT = " . {text} . It was {mask} ."
 PAIR = " . {text} ? {mask} , {text_b}"
 
 PRESETS: dict[str, Task] = {
@@ -134,7 +135,7 @@ def template_fields(template: str) -> list[str]:
         raise SettingsError(f"template {template!r} is malformed: {exc} (write a literal brace as {{{{ or }}}})") from None
 
 
-def check_template(template: str, kind: str = "masked") -> None:
+def check_template(template: str, kind: LmKind) -> None:
     """Reject templates the encoder could not fill: each problem is a user mistake."""
     fields = template_fields(template)
     unknown = sorted(set(fields) - set(FIELDS))
@@ -146,10 +147,7 @@ def check_template(template: str, kind: str = "masked") -> None:
     for f in FIELDS:
         if fields.count(f) > 1:
             raise SettingsError(f"template uses {{{f}}} more than once")
-    if kind == "masked" and "mask" not in fields:
-        raise SettingsError("template has no {mask} placeholder: a masked LM needs to know where the label word goes")
-    if kind == "causal" and "mask" in fields and not template.rstrip().endswith("{mask}"):
-        raise SettingsError("for a causal LM {mask} may only end the template: the label word is the next token")
+    kind.check_mask(template, fields)
 
 
 def make_task(name: str, template: str, labels: tuple[tuple[str, str], ...], metric: str = "accuracy",
@@ -222,3 +220,29 @@ def _named_task(name, template, labels, task_file, metric) -> Task:
     if template is None or labels is None:
         raise SettingsError("say what the task is: --task PRESET, or --template and --labels, or --task-file")
     return make_task("custom", template, parse_labels(labels), metric or "accuracy")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task as a command names it: a preset, flags, or a file, with the framing overridden or not."""
+
+    name: str | None = setting(None, "Preset: " + ", ".join(PRESETS) + ".", flag="--task")
+    template: str | None = setting(None, 'Custom template with {text}, {text_b}, {mask}, e.g. " {text} It was {mask} ."')
+    labels: str | None = setting(None, "Custom verbalizer: name=word,... in class order, e.g. neg=bad,pos=great.")
+    task_file: str | None = setting(None, "JSON with template, labels, metric.", path=True)
+    metric: str | None = setting(None, "Override the task's metric.", choices=METRICS)
+    bos: str | None = setting(None, "Decoders: BOS first as the tokenizer (or chat template) does, always, or never "
+                              "[default: the task's, else auto].", choices=BOS_CHOICES)
+    chat: bool | None = setting(None, "Decoders: wrap the template in the model's chat template [default: the "
+                                "task's, else no].", flag="--chat/--no-chat")
+    prompt_position: str | None = setting(None, "Decoders: prompt slots before the template (prefix) or after the "
+                                          "text, before the answer cue (suffix, whose text is computed once with a "
+                                          "--kv-cache export) [default: the task's, else prefix].", choices=POSITIONS)
+
+    @property
+    def given(self) -> bool:
+        return any(v is not None for v in self.__dict__.values())
+
+    def resolve(self) -> Task:
+        return resolve_task(self.name, self.template, self.labels, self.task_file, self.metric, self.bos, self.chat,
+                            self.prompt_position)

@@ -21,14 +21,15 @@ import numpy as np
 from . import losses
 from .data import Example
 from .encoding import EncodedSet, init_placeholders
-from .engine import score_rows
+from .engines.base import score_rows
 from .errors import DataError, RunError, SettingsError
-from .model import Model
 from .methods import GeneratorRandn  # noqa: F401 - checkpoints written before methods.py pickled tuner.GeneratorRandn
 from .methods import METHODS, method_for
+from .model import Model
+from .options import setting
 from .prompt import TunedPrompt, as_ids
 from .seeding import seeds
-from .subspace import KINDS, ProjectionSpec
+from .subspace import PROJECTIONS, ProjectionSpec
 from .tasks import Task
 
 
@@ -44,22 +45,26 @@ def flag(name: str) -> str:
 class TuneConfig:
     """The reference's defaults (the paper's settings for RoBERTa-large)."""
 
-    prompt_tokens: int = 50
-    intrinsic_dim: int = 500
-    popsize: int = 20
-    budget: int = 8000
-    sigma: float = 1.0
-    alpha: float = 1.0
-    random_proj: str = "normal"
-    bound: float = 0.0
-    diagonal: bool = False
-    loss: str = "ce"
-    eval_every: int = 100
-    seed: int = 42
-    checkpoint_every: int = 10
-    prompt_init: str | None = None  # text whose tokens fill the prompt slots instead of the model's placeholders
-    max_length: int | None = None  # tokens per row; None: the model's positions
-    method: str = "bbt"  # "bbtv2": a prompt on every layer, one CMA-ES per layer (the reference's deepbbt.py)
+    prompt_tokens: int = setting(50, "Soft-prompt tokens P.")
+    intrinsic_dim: int = setting(500, "Subspace dimension d.")
+    popsize: int = setting(20, "CMA-ES population per generation.")
+    budget: int = setting(8000, "API calls: one call = one candidate on the train set.")
+    sigma: float = setting(1.0, "CMA-ES initial step size.")
+    alpha: float = setting(1.0, "Scale of the normal projection.")
+    random_proj: str = setting("normal", "How A is drawn: normal (the reference's scale) or uniform.",
+                               choices=PROJECTIONS)
+    bound: float = setting(0.0, "Box z to [-bound, bound]; 0 is off.")
+    diagonal: bool = setting(False, "sep-CMA (diagonal covariance): far cheaper per generation.")
+    loss: str = setting("ce", "What CMA-ES minimises on the train set.", choices=losses.LOSSES)
+    eval_every: int = setting(100, "Score the best-so-far prompt on dev every N calls.")
+    seed: int = setting(42, "One seed for sampling, the projection and CMA-ES.")
+    checkpoint_every: int = setting(10, "Generations between checkpoints; 0 is off.")
+    prompt_init: str | None = setting(None, "Text whose tokens fill the prompt slots (z = 0 is then the template "
+                                      "with this text before it); its token count must equal --prompt-tokens "
+                                      "[default: the model's placeholders].")
+    max_length: int | None = setting(None, "Token limit per row [default: the model's].", minimum=MIN_LENGTH)
+    method: str = setting("bbt", "bbt: one prompt on the embeddings; bbtv2: a prompt on every layer, one CMA-ES "
+                          "per layer (needs a model exported with --deep).", choices=tuple(METHODS))
 
     def check(self) -> None:
         """Every setting in range, before anything runs or touches disk."""
@@ -89,8 +94,8 @@ class TuneConfig:
                                 "generation")
         if self.loss not in losses.LOSSES:
             raise SettingsError(f"--loss {self.loss!r} is not one of {', '.join(losses.LOSSES)}")
-        if self.random_proj not in KINDS:
-            raise SettingsError(f"--random-proj {self.random_proj!r} is not one of {', '.join(KINDS)}")
+        if self.random_proj not in PROJECTIONS:
+            raise SettingsError(f"--random-proj {self.random_proj!r} is not one of {', '.join(PROJECTIONS)}")
         if self.method not in METHODS:
             raise SettingsError(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
         if self.prompt_init is not None and not str(self.prompt_init).strip():
@@ -223,11 +228,11 @@ class BlackBoxTuner:
         self.method.prepare(state)
         if state.generation == 0:
             zero = self.method.zero()
-            state.train_loss_initial = float(self._loss(self.method.scorer(zero)(train), train.labels)[0])
+            state.train_loss_initial = float(self._loss(self.method.z_scorer(zero)(train), train.labels)[0])
         return state
 
     def finished(self) -> bool:
-        return self.method.finished(self.state, self.config)
+        return bool(self.method.stop(self.state, self.config))
 
     def step(self, train: EncodedSet, dev: EncodedSet | None) -> GenerationEvent:
         """One generation: ask, score every candidate in one engine call, tell; dev when it is due."""
@@ -272,7 +277,7 @@ class BlackBoxTuner:
         state, cfg = self.state, self.config
         if dev is not None and state.best_z is not None and not _same(state.last_dev_z, state.best_z):
             self._evaluate_dev(state, dev)  # the last best may not have met a dev evaluation yet
-        state.stop_reason = self.method.stop_reason(state) or {"budget": str(cfg.budget)}
+        state.stop_reason = self.method.stop(state, cfg)
 
         final_z = state.best_dev_z if dev is not None else state.best_z
         if final_z is None:
@@ -280,7 +285,7 @@ class BlackBoxTuner:
         prompt = TunedPrompt(np.asarray(final_z, dtype=np.float64), self.method.embeds(final_z).astype(np.float32),
                              self.spec, self.task, self.model.manifest.fingerprint(), as_ids(self.placeholder_ids),
                              cfg.max_length, cfg.method, tuple(s.embedding_std for s in self.method.specs))
-        final_loss = float(self._loss(self.method.scorer(final_z)(train), train.labels)[0])
+        final_loss = float(self._loss(self.method.z_scorer(final_z)(train), train.labels)[0])
         state.seconds = time.perf_counter() - self._clock
         self.report = FitReport(
             train_loss_initial=state.train_loss_initial, train_loss_final=final_loss,
@@ -290,7 +295,7 @@ class BlackBoxTuner:
             generations=state.generation, wall_seconds=state.seconds, engine_seconds=state.engine_seconds,
             optimizer_seconds=state.optimizer_seconds, host_seconds=state.host_seconds,
             calls_per_second=state.calls / state.seconds if state.seconds > 0 else 0.0,
-            provider=getattr(self.model.engine, "provider", type(self.model.engine).__name__),
+            provider=self.model.engine.provider,
             stop_reason=", ".join(f"{k}={v}" for k, v in state.stop_reason.items()))
         return prompt
 
@@ -318,7 +323,7 @@ class BlackBoxTuner:
         z = state.best_z
         if _same(z, state.last_dev_z):
             return state.last_dev_metric
-        logits = score_rows(self.method.scorer(z), dev_set, DEV_ROWS)
+        logits = score_rows(self.method.z_scorer(z), dev_set, DEV_ROWS)
         value = float(losses.metric(self.task.metric, logits, dev_set.labels)[0])
         state.dev_calls += 1
         state.last_dev_z, state.last_dev_metric = z.copy(), value

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Callable
 
 from .data import DataSpec, load_splits
+from .engines import EngineSpec, OrtSpec
 from .errors import BBTError, RunError
+from .methods import method_for
 from .model import Model
 from .prompt import TunedPrompt
-from .remote import Remote
 from .runs import RunDir
 from .tasks import Task
 from .tuner import BlackBoxTuner, GenerationEvent, TuneConfig, TunerState
@@ -24,34 +25,27 @@ class TuneRequest:
     data: DataSpec
     config: TuneConfig
     out: str
-    device: str = "cpu"
-    precision: str = "fp32"
-    threads: int | None = None
-    remote: Remote | None = None  # a Triton server scores the calls; the token is never written to the run
+    engine: EngineSpec = OrtSpec()  # a server's spec: the token is never written to the run
 
     def settings(self, model: Model) -> dict:
-        engine = {"server": self.remote.url, "precision": getattr(model.engine, "precision", None)} if self.remote \
-            else {"precision": self.precision, "device": self.device}
         return {
             "model": {"dir": str(Path(self.model_dir).resolve()), "fingerprint": model.manifest.fingerprint(),
-                      **engine},
+                      **self.engine.record(model.engine)},
             "task": self.task.to_json(),
             "data": self.data.to_json(),
             "tune": self.config.to_json(),
         }
 
     @classmethod
-    def from_settings(cls, settings: dict, out: str, device: str | None = None,
-                      threads: int | None = None, remote: Remote | None = None) -> "TuneRequest":
-        """The request that continues a run; the engine is the one given now (a run may move between a server
-        and the process: the fingerprint check makes sure the model is the same)."""
+    def from_settings(cls, settings: dict, out: str, engine: EngineSpec = OrtSpec()) -> "TuneRequest":
+        """The request that continues a run on `engine` (a run may move between a server and the process: the
+        fingerprint check makes sure the model is the same); an in-process engine keeps the run's graph."""
         try:
             tune = dict(settings["tune"])
             tune.setdefault("max_length", settings.get("max_length"))  # runs from before it moved into "tune"
             return cls(model_dir=settings["model"]["dir"], task=Task.from_json(settings["task"]),
                        data=DataSpec(**settings["data"]), config=TuneConfig(**tune), out=out,
-                       device=device or settings["model"].get("device", "cpu"),
-                       precision=settings["model"].get("precision") or "fp32", threads=threads, remote=remote)
+                       engine=engine.resumed(settings["model"]))
         except (KeyError, TypeError, ValueError, AttributeError, BBTError) as exc:
             raise RunError(f"{out}/run.json has incomplete or damaged settings ({type(exc).__name__}: {exc}); "
                            "it cannot be resumed") from None
@@ -79,8 +73,7 @@ def tune(request: TuneRequest, hooks: Hooks = Hooks(), resume: bool = False, for
     write the run. Nothing on disk changes until every input and setting has been checked."""
     request.config.check()
     run = RunDir.open_existing(request.out) if resume else RunDir.check_new(request.out, force)
-    model = Model.load(request.model_dir, device=request.device, precision=request.precision,
-                       threads=request.threads, deep=request.config.method == "bbtv2", remote=request.remote)
+    model = Model.load(request.model_dir, request.engine, deep=method_for(request.config.method).deep)
     splits = load_splits(request.data, request.task.label_keys)
     tuner = BlackBoxTuner(model, request.task, request.config)
     for w in tuner.warnings:

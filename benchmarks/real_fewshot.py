@@ -33,13 +33,15 @@ from real_data import prepare  # noqa: E402
 
 from bbt_onnx import BlackBoxTuner, Model, TuneConfig, TunedPrompt, read_examples  # noqa: E402
 from bbt_onnx.data import DataSpec, load_splits  # noqa: E402
+from bbt_onnx.engines import OrtSpec  # noqa: E402
+from bbt_onnx.methods import method_for  # noqa: E402
 from bbt_onnx.subspace import ProjectionSpec  # noqa: E402
 from bbt_onnx.tasks import Framing, Task, load_task_file  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
 TASKS = {name: load_task_file(TASK_DIR / f"{name}.json") for name in ("mr", "bbc")}
-# CPU-sized runs fit 2 cores; the GPU settings are the anchor (budget 8000, popsize 20, d 500)
+# CPU-sized runs fit 2 cores; the GPU settings are the paper's (budget 8000, popsize 20, d 500)
 CONFIGS = {
     "cpu": {"mr": TuneConfig(prompt_tokens=10, intrinsic_dim=100, popsize=10, budget=200, eval_every=40),
             "bbc": TuneConfig(prompt_tokens=10, intrinsic_dim=100, popsize=10, budget=100, eval_every=20)},
@@ -160,7 +162,7 @@ def main() -> None:
 
     ensure_model(args.model_dir, args.precision)
     methods = args.methods.split(",")
-    models = {m: Model.load(args.model_dir, device=args.device, precision=args.precision, deep=m == "bbtv2")
+    models = {m: Model.load(args.model_dir, OrtSpec(args.device, args.precision), deep=method_for(m).deep)
               for m in dict.fromkeys(["bbt", *methods])}
     model = models["bbt"]
     rows = []

@@ -1,6 +1,8 @@
 """The export step: the only code in bbt-onnx that imports torch or transformers."""
 
+from bbt_onnx.exporting import ExportOptions
+
 from .errors import ExportError
-from .pipeline import ExportOptions, export_model
+from .pipeline import export_model
 
 __all__ = ["ExportError", "ExportOptions", "export_model"]

@@ -13,8 +13,7 @@ from bbt_onnx.bench import median_ms
 from bbt_onnx.encoding import EncodedSet
 
 from .errors import ExportError
-from .loading import check_gguf, check_source, classify, load_config
-from .wrappers import gather_rows, padding_mask, with_prompts
+from .wrappers import gather_rows, padding_mask, reach, with_prompts
 
 VARIANTS = ("eager", "sdpa")
 
@@ -22,15 +21,16 @@ VARIANTS = ("eager", "sdpa")
 class MaskedReference:
     """Label logits [C, N, K] the way the PyTorch reference gets them (masked LMs)."""
 
-    def __init__(self, mlm):
-        self.mlm = mlm
+    def __init__(self, mlm, family, prompt_start: int = 1):
+        self.body = reach(mlm, family.body)
+        self.head = family.head(mlm)
 
     def __call__(self, input_ids, attention_mask, mask_pos, prompt_embeds, label_ids):
         n = input_ids.shape[0]
         c = prompt_embeds.shape[0]
-        x = with_prompts(self.mlm.roberta.embeddings(input_ids=input_ids), prompt_embeds)
-        x = self.mlm.roberta.encoder(x, attention_mask=padding_mask(attention_mask.repeat(c, 1), x.dtype))[0]
-        logits = self.mlm.lm_head(gather_rows(x, mask_pos.repeat(c)))  # the full vocabulary, as bbt.py does
+        x = with_prompts(self.body.embeddings(input_ids=input_ids), prompt_embeds)
+        x = self.body.encoder(x, attention_mask=padding_mask(attention_mask.repeat(c, 1), x.dtype))[0]
+        logits = self.head.decoder(self.head(gather_rows(x, mask_pos.repeat(c))))  # the full vocabulary, as bbt.py
         return logits[:, label_ids].view(c, n, -1)
 
 
@@ -38,7 +38,7 @@ class CausalReference:
     """Decoders in plain PyTorch: the model's own forward on inputs_embeds (its own causal mask and
     attention kernel), then the full LM head at the scored rows."""
 
-    def __init__(self, lm, prompt_start: int):
+    def __init__(self, lm, family, prompt_start: int = 1):
         self.lm = lm
         self.prompt_start = prompt_start
 
@@ -56,13 +56,16 @@ def load_scorer(source: str, attn: str, device: str, fp16: bool, gguf_file: str 
     import torch
     import transformers
 
+    from .families import family_of
+    from .loading import check_gguf, check_source, load_config
+
     source = check_source(source, gguf_file)
     gguf = check_gguf(source, gguf_file)
-    kind, arch = classify(load_config(source, gguf))
+    family = family_of(load_config(source, gguf))
     dtype = torch.float16 if fp16 else torch.float32
-    model = getattr(transformers, arch).from_pretrained(source, attn_implementation=attn, dtype=dtype, **gguf)
-    model = model.to(device).eval()
-    return MaskedReference(model) if kind == "masked" else CausalReference(model, prompt_start)
+    model = getattr(transformers, family.architecture).from_pretrained(source, attn_implementation=attn, dtype=dtype,
+                                                                      **gguf)
+    return family.reference(model.to(device).eval(), family, prompt_start)
 
 
 def torch_ms(manifest, source: str, prompts: np.ndarray, enc: EncodedSet, device: str, fp16: bool, attn: str,

@@ -8,25 +8,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ExportError
+from .families import Family, family_of
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
-SUPPORTED = "RoBERTa masked LMs (RobertaForMaskedLM) and causal LMs (LlamaForCausalLM, GPT2LMHeadModel)"
-# model_type -> (kind, architecture class name)
-ARCHITECTURES = {
-    "roberta": ("masked", "RobertaForMaskedLM"),
-    "llama": ("causal", "LlamaForCausalLM"),
-    "gpt2": ("causal", "GPT2LMHeadModel"),
-}
 
 
 @dataclass
 class Loaded:
     model: object  # a transformers PreTrainedModel in eval mode
     tokenizer: object  # a transformers fast tokenizer
-    kind: str
-    architecture: str
+    family: Family
     source: str
     gguf_file: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.family.kind
+
+    @property
+    def architecture(self) -> str:
+        return self.family.architecture
 
 
 def _is_local(source: str) -> bool:
@@ -84,25 +85,11 @@ def load_config(source: str, gguf: dict | None = None):
         raise _hub_error(source, exc) from None
 
 
-def classify(config) -> tuple[str, str]:
-    """(kind, architecture) for a supported config, else an error naming what is supported."""
-    model_type = getattr(config, "model_type", None)
-    archs = list(getattr(config, "architectures", None) or [])
-    if model_type not in ARCHITECTURES:
-        what = archs[0] if archs else f"model_type {model_type!r}"
-        raise ExportError(f"{what} is not supported: bbt-onnx exports {SUPPORTED}")
-    kind, arch = ARCHITECTURES[model_type]
-    if archs and arch not in archs:
-        raise ExportError(f"this checkpoint is a {archs[0]}, without the LM head BBT scores with: bbt-onnx exports "
-                          f"{SUPPORTED}")
-    return kind, arch
-
-
 def load_model(source: str, gguf_file: str | None = None) -> Loaded:
     source = check_source(source, gguf_file)
     gguf = check_gguf(source, gguf_file)
-    config = load_config(source, gguf)
-    kind, arch = classify(config)
+    family = family_of(load_config(source, gguf))
+    arch = family.architecture
     import transformers
 
     cls = getattr(transformers, arch)
@@ -119,7 +106,7 @@ def load_model(source: str, gguf_file: str | None = None) -> Loaded:
                           f"{' …' if len(missing) > 4 else ''}): it is not a {arch} checkpoint")
     model.eval()
     tokenizer = load_tokenizer(source, gguf)
-    return Loaded(model, tokenizer, kind, arch, source, gguf_file)
+    return Loaded(model, tokenizer, family, source, gguf_file)
 
 
 def load_tokenizer(source: str, gguf: dict | None = None):

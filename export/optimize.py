@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-# the onnxruntime transformer optimizer's model type per architecture; none: no Python fusions
-FUSION_TYPES = {"roberta": "bert", "gpt2": "gpt2"}
 FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu",
              "LayerNormalization", "EmbedLayerNormalization", "SkipSimplifiedLayerNormalization",
              "SimplifiedLayerNormalization", "RotaryEmbedding", "GroupQueryAttention")
@@ -19,12 +17,12 @@ def _quiet():
 
 
 def fuse(src: Path, dst: Path, *, num_heads: int, hidden_size: int, fp16: bool,
-         model_type: str | None = "bert") -> dict[str, int]:
+         model_type: str | None) -> dict[str, int]:
     """Fuse Attention / SkipLayerNorm / BiasGelu with onnxruntime's transformer optimizer.
 
-    fp16 targets CUDA and converts weights and compute to fp16 while the graph keeps
-    float32 inputs and outputs; fp32 targets the CPU. Returns the count of each fused
-    operator, so the manifest shows what the optimizer found.
+    `model_type` is the optimizer's (a family's `fusion_type`); None: no Python fusions. fp16 targets CUDA and
+    converts weights and compute to fp16 while the graph keeps float32 inputs and outputs; fp32 targets the CPU.
+    Returns the count of each fused operator, so the manifest shows what the optimizer found.
     """
     import onnx
     from onnxruntime.transformers import optimizer

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -14,18 +12,20 @@ from typing import Callable
 
 import numpy as np
 
+from bbt_onnx.contract import AXES, CACHE_AXES, GRAPH_OUTPUTS, graph_key
 from bbt_onnx.data import Example
 from bbt_onnx.encoding import Encoder
-from bbt_onnx.errors import SettingsError, StorageError
-from bbt_onnx.fileio import sha256_file, storage_error, umask
-from bbt_onnx.manifest import GraphSpec, Manifest, TensorSpec, graph_key
+from bbt_onnx.errors import SettingsError
+from bbt_onnx.fileio import check_out_path, sha256_file, write_dir
+from bbt_onnx.manifest import GraphSpec, Manifest, TensorSpec
 from bbt_onnx.tasks import Framing, Task
 
 from . import optimize, quantize, validate
 from .errors import ExportError
+from .families import Family
 from .loading import Loaded, load_model
-from .wrappers import (CACHE_AXES, DYNAMIC_AXES, OUTPUT_NAMES, TAIL_NAMES, TEXT_NAMES, CausalTailGraph, CausalTextGraph,
-                       input_names, scorer_for)
+from bbt_onnx.exporting import ExportOptions
+from .wrappers import TAIL_NAMES, TEXT_NAMES, CausalTailGraph, CausalTextGraph, input_names, scorer_for
 
 GRAPH_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 PLACEHOLDER_OFFSET = 1000  # the reference's prompt tokens are ids 1000..1000+P
@@ -73,36 +73,7 @@ CALIBRATION_TEXTS = [
 ]
 CALIBRATION_TEMPLATES = (" {text}\nSentiment:", " Text: {text}\nTopic:", " Question: {text}\nAnswer:")
 CALIBRATION_PROMPT_TOKENS = 10  # besides the model's P: the short prompts of CPU tuning
-MIN_OPSET, MAX_OPSET = 14, 20
-INT8_LEVELS = ("mixed", "two")
 ONNX_TYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32"}
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    model: str
-    out: Path
-    prompt_tokens: int = 50
-    opset: int = 17
-    fp16: bool = False
-    int8: bool = False
-    force: bool = False
-    gguf_file: str | None = None
-    deep: bool = False  # also the deep-prompt (BBTv2) graph in every precision asked for
-    kv_cache: bool = False  # also the text/tail pair that caches the text for suffix prompts (decoders, fp32)
-    int8_levels: str = "mixed"  # decoders' int8: "mixed" (one level on the middle MLP inputs) or "two" (everywhere)
-
-    def check(self) -> None:
-        """Settings first: nothing is loaded or written for a value that cannot work."""
-        if self.prompt_tokens < 1:
-            raise SettingsError(f"--prompt-tokens must be at least 1, got {self.prompt_tokens}")
-        if not MIN_OPSET <= self.opset <= MAX_OPSET:
-            raise SettingsError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET} (the TorchScript exporter's "
-                                f"range), got {self.opset}")
-        if self.int8_levels not in INT8_LEVELS:
-            raise SettingsError(f"--int8-levels must be one of {', '.join(INT8_LEVELS)}, got {self.int8_levels!r}")
-        if self.int8_levels != "mixed" and not self.int8:
-            raise SettingsError("--int8-levels needs --int8")
 
 
 def _versions() -> dict[str, str]:
@@ -116,21 +87,9 @@ def _versions() -> dict[str, str]:
 
 
 def check_out(out: Path, force: bool) -> None:
-    file_parent = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if file_parent is not None:
-        raise StorageError(f"--out {out} cannot be created: {file_parent} is a file, not a folder")
-    if out.exists():
-        if not out.is_dir():
-            raise ExportError(f"--out {out} is a file")
-        if any(out.iterdir()) and not force:
-            raise ExportError(f"--out {out} already exists; pass --force to replace it")
-
-
-def max_positions(config, kind: str) -> int:
-    n = int(config.max_position_embeddings)
-    if getattr(config, "model_type", "") == "roberta":  # positions start after padding_idx
-        n -= int(config.pad_token_id) + 1
-    return n
+    check_out_path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ExportError(f"--out {out} already exists; pass --force to replace it")
 
 
 def placeholder_ids(vocab_size: int, count: int, special: set[int]) -> list[int]:
@@ -142,13 +101,15 @@ def placeholder_ids(vocab_size: int, count: int, special: set[int]) -> list[int]
     return ids
 
 
-def special_ids(tokenizer, kind: str) -> dict[str, int | None]:
-    """The ids a row is built from. A causal LM's BOS counts only when its tokenizer adds it;
+def special_ids(tokenizer, family: Family) -> dict[str, int | None]:
+    """The ids a row is built from, by the family's names for them (BERT's BOS is [CLS]). A family whose rows
+    open with BOS only as its tokenizer does counts it only when the tokenizer adds it; a causal LM has no mask;
     without a pad token, padding reuses EOS (the attention mask hides it)."""
-    ids = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "mask")}
+    ids = {name: getattr(tokenizer, f"{token}_token_id", None) for name, token in family.specials.items()}
     ids["bos_token"] = ids["bos"]
-    if kind == "causal":
+    if not family.lm.mask_token:
         ids["mask"] = None
+    if not family.bos_always:
         probe = tokenizer("a")["input_ids"]
         if ids["bos"] is None or not probe or probe[0] != ids["bos"]:
             ids["bos"] = None
@@ -200,14 +161,13 @@ def export_onnx(scorer, feeds: dict[str, np.ndarray], path: Path, opset: int, na
                           output_names=names[1], dynamic_axes=axes, do_constant_folding=True)
 
 
-def parity_inputs(manifest: Manifest, tokenizer, prompt_count: int = 3, seed: int = 0) -> validate.ParityInputs:
-    """Padded, tokenized texts through the runtime's own encoder, random prompts at the embedding scale. A
-    decoder's parity rows carry a suffix prompt, so the slots sit at a different position in every row."""
-    if manifest.kind == "masked":
-        task = Task("parity", " . {text} . It was {mask} .", (("0", "a"), ("1", "b")))
-    else:
-        task = Task("parity", " {text}\nAnswer:", (("0", "a"), ("1", "b")), framing=Framing(position="suffix"))
-    return encoded_inputs(manifest, tokenizer, task, PARITY_TEXTS, prompt_count, manifest.prompt_tokens, seed)
+def parity_inputs(manifest: Manifest, tokenizer, family: Family, prompt_count: int = 3,
+                  seed: int = 0) -> validate.ParityInputs:
+    """Padded, tokenized texts through the runtime's own encoder, random prompts at the embedding scale, in the
+    family's parity task (a decoder's rows carry a suffix prompt, so the slots sit at a different position in
+    every row)."""
+    return encoded_inputs(manifest, tokenizer, family.parity_task, PARITY_TEXTS, prompt_count,
+                          manifest.prompt_tokens, seed)
 
 
 def encoded_inputs(manifest: Manifest, tokenizer, task: Task, texts: list[str], prompt_count: int,
@@ -215,13 +175,13 @@ def encoded_inputs(manifest: Manifest, tokenizer, task: Task, texts: list[str], 
     """`texts` in `task`'s rows with `prompt_count` random prompts of `prompt_tokens` and 4 random label ids."""
     rng = np.random.default_rng(seed)
     enc = Encoder(tokenizer, manifest, task, prompt_tokens).encode([Example(t) for t in texts])
-    specials = {i for i in (manifest.bos_id, manifest.eos_id, manifest.pad_id, manifest.mask_id) if i is not None}
+    specials = manifest.special_ids
     labels = rng.choice([i for i in range(manifest.vocab_size) if i not in specials], size=4, replace=False)
     enc = replace(enc, label_ids=labels.astype(np.int64))
     prompts = rng.normal(0.0, manifest.embedding_std,
                          size=(prompt_count, prompt_tokens, manifest.hidden_size)).astype(np.float32)
     return validate.ParityInputs(enc.input_ids, enc.attention_mask, enc.mask_pos, prompts, enc.label_ids,
-                                 prompt_pos=enc.prompt_pos if manifest.kind == "causal" else None)
+                                 prompt_pos=enc.prompt_pos if manifest.lm.prompt_positions else None)
 
 
 def calibration_feeds(manifest: Manifest, tokenizer, deep: bool) -> list[dict[str, np.ndarray]]:
@@ -244,24 +204,24 @@ def calibration_feeds(manifest: Manifest, tokenizer, deep: bool) -> list[dict[st
 
 
 def base_manifest(loaded: Loaded, prompt_tokens: int, opset: int) -> Manifest:
-    config = loaded.model.config
-    ids = special_ids(loaded.tokenizer, loaded.kind)
+    config, family = loaded.model.config, loaded.family
+    ids = special_ids(loaded.tokenizer, family)
     vocab = int(config.vocab_size)
-    positions = max_positions(config, loaded.kind)
+    positions = family.max_positions(config)
     if prompt_tokens > positions - 4:
         raise SettingsError(f"--prompt-tokens {prompt_tokens} leaves no room for text within the model's {positions} "
                           f"positions; use at most {positions - 4}")
     weight = loaded.model.get_input_embeddings().weight.detach().double().numpy()
-    chat_prefix, chat_suffix = chat_strings(loaded.tokenizer) if loaded.kind == "causal" else (None, None)
+    chat_prefix, chat_suffix = chat_strings(loaded.tokenizer) if family.chat else (None, None)
     return Manifest(
-        kind=loaded.kind, architecture=loaded.architecture, model_type=str(config.model_type), source=loaded.source,
+        kind=family.kind, architecture=family.architecture, model_type=family.model_type, source=loaded.source,
         hidden_size=int(config.hidden_size), num_layers=int(config.num_hidden_layers),
         num_heads=int(config.num_attention_heads), vocab_size=vocab, max_positions=positions,
         prompt_tokens=prompt_tokens, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=int(ids["pad"]),
         mask_id=ids["mask"],
         placeholder_ids=tuple(placeholder_ids(vocab, prompt_tokens, set(loaded.tokenizer.all_special_ids))),
         embedding_std=float(weight.std()), embedding_mean=float(weight.mean()),
-        label_prefix="" if loaded.kind == "masked" else " ", opset=opset, versions=_versions(), graphs={},
+        label_prefix=family.label_prefix, opset=opset, versions=_versions(), graphs={},
         gguf_file=loaded.gguf_file, bos_token_id=ids["bos_token"], chat_prefix=chat_prefix, chat_suffix=chat_suffix)
 
 
@@ -270,51 +230,52 @@ def export_model(opts: ExportOptions, log: Callable[[str], None] = lambda _msg: 
     opts.check()
     check_out(out, opts.force)
     loaded = load_model(opts.model, opts.gguf_file)
-    if opts.int8_levels != "mixed" and loaded.kind != "causal":
-        raise SettingsError("--int8-levels is for decoders: a masked LM's int8 graph is dynamic int8")
-    if opts.kv_cache and loaded.kind != "causal":
-        raise SettingsError("--kv-cache is for decoders: a masked LM's prompt comes before its text")
+    family = loaded.family
+    if opts.int8_levels != "mixed" and family.int8 is None:
+        raise SettingsError(f"--int8-levels is for decoders: a {family.architecture}'s int8 graph is dynamic int8")
+    if opts.kv_cache and not family.kv_cache:
+        raise SettingsError(f"--kv-cache is for decoders: a {family.architecture}'s prompt comes before its text")
     manifest = base_manifest(loaded, opts.prompt_tokens, opts.opset)
-    log(f"loaded {opts.model}: {loaded.architecture}, {manifest.num_layers} layers, hidden size {manifest.hidden_size}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        tmp.chmod(0o777 & ~umask())
-    except OSError as exc:
-        raise storage_error(out, exc, "create") from None
-    try:
-        loaded.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
-        manifest = replace(manifest, directory=tmp)
-        from bbt_onnx.encoding import load_tokenizer
+    log(f"loaded {opts.model}: {family.architecture}, {manifest.num_layers} layers, hidden size {manifest.hidden_size}")
+    done = {}
 
-        tokenizer = load_tokenizer(manifest)
-        sample = parity_inputs(manifest, tokenizer)
-        manifest = replace(manifest, layer_std=validate.layer_stds(loaded, sample, manifest.embedding_std))
-        graphs = {}
-        plain_refs = validate.references(loaded, sample, manifest.prompt_start)
-        graphs.update(build_graphs(loaded, manifest, tokenizer, sample, plain_refs, opts, tmp, False, log))
-        if opts.deep:
-            deep = deep_parity_inputs(manifest, sample)
-            graphs.update(build_graphs(loaded, manifest, tokenizer, deep,
-                                       validate.references(loaded, deep, manifest.prompt_start), opts, tmp, True, log))
-        if opts.kv_cache:
-            graphs.update(build_cache_graphs(loaded, sample, plain_refs, opts, tmp, log))
+    def build(tmp: Path) -> None:
+        done["manifest"] = build_directory(loaded, manifest, opts, tmp, log)
 
-        specs = {}
-        for key, (path, precision, deep, par, fused) in graphs.items():
-            inputs, outputs = tensor_specs(path)
-            part = key.split("-")[0] if key.startswith(("text-", "tail-")) else ""
-            specs[key] = GraphSpec(path.name, precision, sha256_file(path), inputs, outputs, par, fused, deep, part)
-        manifest = replace(manifest, graphs=specs)
-        manifest.write(tmp)
-        _replace_dir(tmp, out)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise storage_error(out, exc) from None
-        raise
+    write_dir(out, opts.force, build)
     log(f"wrote {out}")
-    return replace(manifest, directory=out)
+    return replace(done["manifest"], directory=out)
+
+
+def build_directory(loaded: Loaded, manifest: Manifest, opts: ExportOptions, tmp: Path,
+                    log: Callable[[str], None]) -> Manifest:
+    """Everything a model directory holds, written into `tmp`: the tokenizer, every graph asked for (each checked
+    against PyTorch), and the manifest last."""
+    loaded.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+    manifest = replace(manifest, directory=tmp)
+    from bbt_onnx.encoding import load_tokenizer
+
+    tokenizer = load_tokenizer(manifest)
+    sample = parity_inputs(manifest, tokenizer, loaded.family)
+    manifest = replace(manifest, layer_std=validate.layer_stds(loaded, sample, manifest.embedding_std))
+    graphs = {}
+    plain_refs = validate.references(loaded, sample, manifest.prompt_start)
+    graphs.update(build_graphs(loaded, manifest, tokenizer, sample, plain_refs, opts, tmp, False, log))
+    if opts.deep:
+        deep = deep_parity_inputs(manifest, sample)
+        graphs.update(build_graphs(loaded, manifest, tokenizer, deep,
+                                   validate.references(loaded, deep, manifest.prompt_start), opts, tmp, True, log))
+    if opts.kv_cache:
+        graphs.update(build_cache_graphs(loaded, sample, plain_refs, opts, tmp, log))
+
+    specs = {}
+    for key, (path, precision, deep, par, fused) in graphs.items():
+        inputs, outputs = tensor_specs(path)
+        part = key.split("-")[0] if key.startswith(("text-", "tail-")) else ""
+        specs[key] = GraphSpec(path.name, precision, sha256_file(path), inputs, outputs, par, fused, deep, part)
+    manifest = replace(manifest, graphs=specs)
+    manifest.write(tmp)
+    return manifest
 
 
 def build_graphs(loaded: Loaded, manifest: Manifest, tokenizer, sample: validate.ParityInputs,
@@ -326,16 +287,17 @@ def build_graphs(loaded: Loaded, manifest: Manifest, tokenizer, sample: validate
     plain = tmp / ("plain.deep.onnx" if deep else "plain.onnx")
     what = "deep-prompt graph" if deep else "ONNX"
     log(f"exporting {loaded.architecture} to {what} (opset {opts.opset}, P={opts.prompt_tokens})")
-    export_onnx(scorer_for(loaded, deep), sample.feeds(), plain, opts.opset, (input_names(loaded.kind, deep),
-                OUTPUT_NAMES), DYNAMIC_AXES)
+    family = loaded.family
+    export_onnx(scorer_for(loaded, deep), sample.feeds(), plain, opts.opset, (input_names(family, deep),
+                list(GRAPH_OUTPUTS)), AXES)
     fuse = partial(optimize.fuse, plain, num_heads=manifest.num_heads, hidden_size=manifest.hidden_size,
-                   model_type=optimize.FUSION_TYPES.get(manifest.model_type))
+                   model_type=family.fusion_type)
     builders = {"fp32": partial(fuse, fp16=False)}  # CPU fusions; fp16 takes the CUDA ones
     if opts.fp16:
         builders["fp16"] = partial(fuse, fp16=True)
-    if opts.int8 and manifest.kind == "causal":
+    if opts.int8 and family.int8 is not None:
         feeds = calibration_feeds(manifest, tokenizer, deep)
-        builders["int8"] = partial(quantize.accurate_int8, plain, feeds=feeds, model_type=manifest.model_type,
+        builders["int8"] = partial(quantize.accurate_int8, plain, feeds=feeds, family=family.int8,
                                    num_layers=manifest.num_layers,
                                    settings=quantize.Int8Settings(one_level=opts.int8_levels == "mixed"))
     elif opts.int8:
@@ -369,11 +331,11 @@ def build_cache_graphs(loaded: Loaded, sample: validate.ParityInputs, refs: tupl
     # SDPA: GPT-2's eager attention slices a causal buffer of max_positions keys, and the tail's C*U queries
     # with the text make more keys than that
     with attention(loaded.model, "sdpa"):
-        export_onnx(CausalTextGraph(loaded.model).eval(), {"input_ids": split.text_ids,
+        export_onnx(CausalTextGraph(loaded.model, loaded.family).eval(), {"input_ids": split.text_ids,
                     "attention_mask": split.text_mask}, text, opts.opset, TEXT_NAMES, CACHE_AXES)
         kv = validate.session(text).run(["text_kv"], {"input_ids": split.text_ids,
                                                       "attention_mask": split.text_mask})[0]
-        export_onnx(CausalTailGraph(loaded.model).eval(),
+        export_onnx(CausalTailGraph(loaded.model, loaded.family).eval(),
                     {"text_kv": kv, "text_mask": split.text_mask, "tail_ids": split.tail_ids,
                      "mask_pos": split.tail_mask_pos, "prompt_embeds": sample.prompt_embeds,
                      "label_ids": sample.label_ids}, tail, opts.opset, TAIL_NAMES, CACHE_AXES)
@@ -406,14 +368,3 @@ def deep_parity_inputs(manifest: Manifest, sample: validate.ParityInputs, seed: 
     layer = manifest.num_layers // 2
     candidates = rng.normal(0.0, manifest.layer_std[layer], size=sample.prompt_embeds.shape).astype(np.float32)
     return replace(sample, prompt_embeds=candidates, deep_prompts=deep, prompt_layer=layer)
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an old one (with --force) goes only once the new one is there."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

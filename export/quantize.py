@@ -34,13 +34,14 @@ LEVEL2 = 254.0  # the residual of a step-s quantization lies within +-s/2: step 
 
 @dataclass(frozen=True)
 class Int8Family:
-    """One architecture's record: the linears that take one activation level, and how to find a layer."""
+    """One architecture's int8 record (a field of its export family): the linears that take one activation level,
+    and how to find a layer."""
 
     one_level: str = r"$^"  # regex on the MatMul node name; matches nothing by default
     layer: str = r"layers\.(\d+)/"
 
 
-FAMILIES = {"llama": Int8Family(one_level=r"/mlp/(gate|up)_proj/")}
+LLAMA_MLP = Int8Family(one_level=r"/mlp/(gate|up)_proj/")  # the MLP input projections, after the RMSNorm
 
 
 @dataclass(frozen=True)
@@ -327,7 +328,7 @@ def rewrite(model, calibration: Calibration, family: Int8Family, num_layers: int
     return {k: v for k, v in stats.items() if v}
 
 
-def accurate_int8(src, dst, feeds: list[dict[str, np.ndarray]], model_type: str, num_layers: int,
+def accurate_int8(src, dst, feeds: list[dict[str, np.ndarray]], family: Int8Family, num_layers: int,
                   settings: Int8Settings = Int8Settings()) -> dict[str, int]:
     """`src` (a plain fp32 decoder graph) -> `dst`, calibrated on `feeds` (the graph's inputs)."""
     import onnx
@@ -336,6 +337,6 @@ def accurate_int8(src, dst, feeds: list[dict[str, np.ndarray]], model_type: str,
     if not linear_groups(model):
         raise ExportError("the graph has no linear layer with a constant weight to quantize")
     calibration = calibrate(model, feeds)
-    stats = rewrite(model, calibration, FAMILIES.get(model_type, Int8Family()), num_layers, settings)
+    stats = rewrite(model, calibration, family, num_layers, settings)
     onnx.save(model, str(dst))
     return stats

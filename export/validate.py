@@ -15,7 +15,7 @@ import torch
 
 from bbt_onnx.compare import compare_logits as compare  # noqa: F401 - the runtime's, so check needs no torch
 
-from .wrappers import decoder_layers, pre_hook_adding
+from .wrappers import pre_hook_adding
 
 FP32_TOLERANCE = 1e-4  # the graph's error against float64, where torch's own fp32 error is smaller
 TORCH_ERROR_MARGIN = 2.0  # where it is larger (ill-conditioned weights), the graph may be this many times off
@@ -62,7 +62,7 @@ class ParityInputs:
 
 
 def hf_layers(loaded) -> torch.nn.ModuleList:
-    return loaded.model.roberta.encoder.layer if loaded.kind == "masked" else decoder_layers(loaded.model.base_model)
+    return loaded.family.layers(loaded.model)
 
 
 def torch_reference(loaded, inputs: ParityInputs, prompt_start: int = 1) -> np.ndarray:

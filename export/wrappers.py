@@ -1,6 +1,7 @@
 """Torch modules that compute the graph contract from a Hugging Face model.
 
-One wrapper per architecture family. Each takes the contract's inputs and returns label
+One wrapper per kind of architecture, reaching into the model through its family record (export/families.py).
+Each takes the contract's inputs (bbt_onnx.contract) and returns label
 logits [C, N, K]: the N texts are embedded once, every one of the C prompts is added onto
 the placeholder positions (1..P' after <s> for RoBERTa; from each row's `prompt_pos` for a
 decoder), and only the K label rows of the output layer are computed.
@@ -22,29 +23,22 @@ import math
 import torch
 from torch import nn
 
-INPUT_NAMES = ["input_ids", "attention_mask", "mask_pos", "prompt_embeds", "label_ids"]
-OUTPUT_NAMES = ["label_logits"]
-DYNAMIC_AXES = {
-    "input_ids": {0: "N", 1: "T"},
-    "attention_mask": {0: "N", 1: "T"},
-    "mask_pos": {0: "N"},
-    "prompt_embeds": {0: "C", 1: "P"},
-    "label_ids": {0: "K"},
-    "label_logits": {0: "C", 1: "N", 2: "K"},
-    "prompt_pos": {0: "N"},
-    "deep_prompts": {1: "P"},
-}
-TEXT_NAMES = (["input_ids", "attention_mask"], ["text_kv"])
-TAIL_NAMES = (["text_kv", "text_mask", "tail_ids", "mask_pos", "prompt_embeds", "label_ids"], OUTPUT_NAMES)
-CACHE_AXES = {"input_ids": {0: "N", 1: "S"}, "attention_mask": {0: "N", 1: "S"}, "text_kv": {2: "N", 4: "S"},
-              "text_mask": {0: "N", 1: "S"}, "tail_ids": {0: "N", 1: "U"}, "mask_pos": {0: "N"},
-              "prompt_embeds": {0: "C", 1: "P"}, "label_ids": {0: "K"}, "label_logits": {0: "C", 1: "N", 2: "K"}}
+from bbt_onnx.contract import GRAPH_OUTPUTS, TAIL_INPUTS, TEXT_INPUTS, TEXT_OUTPUTS, graph_inputs
+
+TEXT_NAMES = (list(TEXT_INPUTS), list(TEXT_OUTPUTS))
+TAIL_NAMES = (list(TAIL_INPUTS), list(GRAPH_OUTPUTS))
 
 
-def input_names(kind: str, deep: bool) -> list[str]:
+def reach(module, path: str):
+    """`module.a.b` for the path "a.b"."""
+    for name in path.split("."):
+        module = getattr(module, name)
+    return module
+
+
+def input_names(family, deep: bool) -> list[str]:
     """The contract's inputs, in the order the scorers take them: decoders take each row's prompt position."""
-    names = INPUT_NAMES + (["prompt_pos"] if kind == "causal" else [])
-    return names + (["deep_prompts", "prompt_layer"] if deep else [])
+    return list(graph_inputs(family.lm.prompt_positions, deep))
 
 
 def place_prompts(prompt_embeds: torch.Tensor, seq_len: int, start: int = 1) -> torch.Tensor:
@@ -132,16 +126,40 @@ def bert_layer(layer: nn.Module, x: torch.Tensor, additive_mask: torch.Tensor,
     return y if positions is None else y.squeeze(1)
 
 
-class MaskedPromptScorer(nn.Module):
-    """RoBERTa masked LM: prompts are added to the embedding output (after its LayerNorm),
-    the reference's "add" mode. Only the mask position leaves the last layer, and only the
-    K label rows of the decoder are computed."""
+class RobertaHead(nn.Module):
+    """RoBERTa's LM head up to its decoder: dense, GELU, LayerNorm."""
 
     def __init__(self, mlm: nn.Module):
         super().__init__()
-        self.embeddings = mlm.roberta.embeddings
-        self.layers = mlm.roberta.encoder.layer
-        self.lm_head = mlm.lm_head
+        self.head = mlm.lm_head
+        self.decoder = mlm.lm_head.decoder
+
+    def forward(self, x):
+        return self.head.layer_norm(nn.functional.gelu(self.head.dense(x)))
+
+
+class BertHead(nn.Module):
+    """BERT's LM head up to its decoder: the prediction transform (dense, activation, LayerNorm)."""
+
+    def __init__(self, mlm: nn.Module):
+        super().__init__()
+        self.transform = mlm.cls.predictions.transform
+        self.decoder = mlm.cls.predictions.decoder
+
+    def forward(self, x):
+        return self.transform(x)
+
+
+class MaskedPromptScorer(nn.Module):
+    """Masked LMs (RoBERTa, BERT): prompts are added to the embedding output (after its LayerNorm), the
+    reference's "add" mode. Only the mask position leaves the last layer, and only the K label rows of the
+    decoder are computed."""
+
+    def __init__(self, mlm: nn.Module, family):
+        super().__init__()
+        self.embeddings = family.embedding_module(mlm)
+        self.layers = family.layers(mlm)
+        self.lm_head = family.head(mlm)
 
     def forward(self, input_ids, attention_mask, mask_pos, prompt_embeds, label_ids):
         return self.score(input_ids, attention_mask, mask_pos, label_ids, [prompt_embeds])
@@ -157,9 +175,8 @@ class MaskedPromptScorer(nn.Module):
             if 0 < i < len(prompts):
                 x = add_prompts(x, prompts[i])
             x = bert_layer(layer, x, additive, mask_pos.repeat(c) if i == last else None)  # last: [C*N, H]
-        head = self.lm_head
-        x = head.layer_norm(nn.functional.gelu(head.dense(x)))
-        logits = x @ head.decoder.weight[label_ids].t() + head.decoder.bias[label_ids]
+        decoder = self.lm_head.decoder
+        logits = self.lm_head(x) @ decoder.weight[label_ids].t() + decoder.bias[label_ids]
         return logits.view(c, n, -1)
 
 
@@ -175,12 +192,6 @@ def causal_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
         ~allowed, torch.finfo(dtype).min)
 
 
-def decoder_layers(base_model: nn.Module) -> nn.ModuleList:
-    """The blocks of a decoder body: `layers` (Llama family) or `h` (GPT-2)."""
-    layers = getattr(base_model, "layers", None)
-    return layers if layers is not None else base_model.h
-
-
 def pre_hook_adding(add):
     """A forward pre-hook that passes a layer's input hidden states through `add`, positional or keyword."""
     def hook(_module, args, kwargs):
@@ -191,15 +202,16 @@ def pre_hook_adding(add):
 
 
 class CausalPromptScorer(nn.Module):
-    """Decoder LMs (Llama family, GPT-2): prompts are added to the token embeddings at each row's
+    """Decoder LMs (Llama, Qwen2, GPT-2): prompts are added to the token embeddings at each row's
     `prompt_pos` (before the template, or after the text for a suffix prompt); the label words are scored by
     the next-token logits at `mask_pos` (the last template token)."""
 
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: nn.Module, family):
         super().__init__()
-        self.embed = lm.get_input_embeddings()
-        self.body = lm.base_model  # ends with the final norm
+        self.embed = family.embedding_module(lm)
+        self.body = reach(lm, family.body)  # ends with the final norm
         self.head = lm.get_output_embeddings()
+        self.blocks_path = family.blocks
 
     def forward(self, input_ids, attention_mask, mask_pos, prompt_embeds, label_ids, prompt_pos):
         return self.score(input_ids, attention_mask, mask_pos, label_ids, [prompt_embeds], prompt_pos)
@@ -212,7 +224,7 @@ class CausalPromptScorer(nn.Module):
         mask = causal_mask(attention_mask.repeat(c, 1), x.dtype)
         hooks = [block.register_forward_pre_hook(
                      pre_hook_adding(lambda h, p=p: add_prompts_at(h, p, prompt_pos)), with_kwargs=True)
-                 for block, p in zip(list(decoder_layers(self.body))[1:], prompts[1:])]
+                 for block, p in zip(list(reach(self.body, self.blocks_path))[1:], prompts[1:])]
         try:
             x = self.body(inputs_embeds=x, attention_mask=mask, use_cache=False)[0]
         finally:
@@ -302,10 +314,8 @@ class DeepPromptScorer(nn.Module):
 
 
 def scorer_for(loaded, deep: bool = False) -> nn.Module:
-    if loaded.kind == "masked":
-        scorer = MaskedPromptScorer(loaded.model)
-    else:
-        scorer = CausalPromptScorer(loaded.model)
+    """The family's contract module over the loaded model; with `deep`, the deep (BBTv2) contract over it."""
+    scorer = loaded.family.scorer(loaded.model, loaded.family)
     if deep:
         scorer = DeepPromptScorer(scorer, int(loaded.model.config.num_hidden_layers))
     return scorer.eval()

@@ -1,22 +1,37 @@
-"""Shared fixtures: a tiny random RoBERTa exported once per session, and synthetic sentiment data.
+"""Shared fixtures: one tiny random model per architecture, exported once for the whole run with every variant
+(fp16, int8, deep, and for decoders the cached pair and a chat template), and synthetic sentiment data.
 
-No hub anywhere: the tokenizer is trained on text written here and the weights are random.
+No hub anywhere: the tokenizers are trained on text written here and the weights are random.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from bbt_onnx.synthetic import sentiment_rows, write_csv
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # a parallel run: one core per worker, so no worker's threads starve another's
+    _cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {_cores[int(os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw")) % len(_cores)]})
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 PROMPT_TOKENS = 8
+LAYERS = 3
+MASKED = ("RobertaForMaskedLM", "BertForMaskedLM")
+DECODERS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel")
+ARCHS = MASKED + DECODERS
+# a chat template for the tiny Llama and GPT-2 tokenizers (Qwen2's brings its own ChatML one)
+CHAT = ("{% for m in messages %}<s>[{{ m['role'] }}] {{ m['content'] }} </s>{% endfor %}"
+        "{% if add_generation_prompt %}<s>[assistant] {% endif %}")
 
 
 def pytest_addoption(parser):
@@ -32,20 +47,106 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
-def tiny_src(tmp_path_factory) -> Path:
-    from bbt_onnx_export.tiny import make_tiny_roberta
+@dataclass(frozen=True)
+class Tiny:
+    """A tiny model of one architecture: its save_pretrained source and its exported directory."""
 
-    return make_tiny_roberta(tmp_path_factory.mktemp("src") / "tiny-roberta", init_std=0.5)
+    arch: str
+    src: Path
+    model: Path
+
+    @property
+    def masked(self) -> bool:
+        return self.arch in MASKED
+
+    def task_args(self) -> list[str]:
+        """CLI flags naming a two-class sentiment task this model can take."""
+        if self.masked:
+            return ["--task", "sst2"]
+        return ["--template", " Review: {text}\nSentiment:", "--labels", "0=bad,1=great"]
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tiny_src, tmp_path_factory) -> Path:
-    from bbt_onnx_export import ExportOptions, export_model
+class Exports:
+    """Each architecture exported once per run, on first use, and shared by every worker of a parallel run (the
+    first to need a model exports it under a lock; the others wait for it)."""
 
-    out = tmp_path_factory.mktemp("models") / "tiny"
-    export_model(ExportOptions(str(tiny_src), out, prompt_tokens=PROMPT_TOKENS, fp16=True, int8=True))
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def get(self, arch: str) -> Tiny:
+        import fcntl
+
+        name = "tiny-" + arch.split("For")[0].split("LMHead")[0].lower()  # its name on a server: tiny-roberta
+        tiny = Tiny(arch, self.root / arch / name, self.root / arch / "model")
+        with open(self.root / f"{arch}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (tiny.model / "manifest.json").is_file():
+                from bbt_onnx_export import ExportOptions, export_model
+                from bbt_onnx_export.tiny import make_tiny
+
+                decoder = arch in DECODERS
+                chat = CHAT if decoder and not arch.startswith("Qwen2") else None
+                shutil.rmtree(self.root / arch, ignore_errors=True)
+                make_tiny(tiny.src, arch, layers=LAYERS, init_std=0.5, chat_template=chat)
+                export_model(ExportOptions(str(tiny.src), tiny.model, prompt_tokens=PROMPT_TOKENS, fp16=True,
+                                           int8=True, deep=True, kv_cache=decoder))
+        return tiny
+
+
+def without_graphs(model: Path, out: Path, keep) -> Path:
+    """A copy of a model directory whose manifest lists only the graphs `keep(key)` accepts."""
+    shutil.copytree(model, out)
+    raw = json.loads((out / "manifest.json").read_text())
+    raw["graphs"] = {k: v for k, v in raw["graphs"].items() if keep(k)}
+    (out / "manifest.json").write_text(json.dumps(raw, indent=2))
     return out
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory) -> Exports:
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # one folder for every worker
+    return Exports(shared / "exports")
+
+
+# in a parallel run each worker exports its share first, so that none waits for a model another is exporting
+SHARES = (("GPT2LMHeadModel", "BertForMaskedLM"), ("RobertaForMaskedLM", "LlamaForCausalLM", "Qwen2ForCausalLM"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def exports_shared_out(exports) -> None:
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        for arch in SHARES[int(worker.removeprefix("gw")) % len(SHARES)]:
+            exports.get(arch)
+
+
+@pytest.fixture(scope="session")
+def roberta(exports) -> Tiny:
+    return exports.get("RobertaForMaskedLM")
+
+
+@pytest.fixture(scope="session")
+def tiny_src(roberta) -> Path:
+    return roberta.src
+
+
+@pytest.fixture(scope="session")
+def tiny_model(roberta) -> Path:
+    return roberta.model
+
+
+@pytest.fixture(scope="session", params=ARCHS)
+def family(request, exports) -> Tiny:
+    """Every architecture in turn."""
+    return exports.get(request.param)
+
+
+@pytest.fixture(scope="session", params=DECODERS)
+def decoder(request, exports) -> Tiny:
+    """Every decoder in turn."""
+    return exports.get(request.param)
 
 
 @pytest.fixture(scope="session")

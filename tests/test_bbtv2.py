@@ -16,36 +16,18 @@ from bbt_onnx.subspace import ProjectionSpec, build_projection, layer_specs, nor
 from bbt_onnx.synthetic import sentiment_examples, sentiment_rows, write_csv
 from bbt_onnx.tasks import PRESETS, Task
 
+from conftest import LAYERS, PROMPT_TOKENS as P, without_graphs
 from helpers import cli_error, invoke
 
-LAYERS = 3
-P = 4
-FAMILIES = ["RobertaForMaskedLM", "LlamaForCausalLM", "GPT2LMHeadModel"]
 CAUSAL_TASK = Task("sentiment", " Review: {text}\nSentiment:", (("0", "bad"), ("1", "great")))
 
 
-def task_for(arch):
-    return PRESETS["sst2"] if arch.startswith("Roberta") else CAUSAL_TASK
+def task_for(tiny):
+    return PRESETS["sst2"] if tiny.masked else CAUSAL_TASK
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def deep(request, tmp_path_factory):
-    """A 3-layer random model of each family, exported with its deep-prompt graph."""
-    from bbt_onnx_export import ExportOptions, export_model
-    from bbt_onnx_export.tiny import make_tiny_causal, make_tiny_roberta
-
-    arch = request.param
-    root = tmp_path_factory.mktemp(arch)
-    if arch.startswith("Roberta"):
-        src = make_tiny_roberta(root / "src", layers=LAYERS, init_std=0.5)
-    else:
-        src = make_tiny_causal(root / "src", arch, layers=LAYERS, init_std=0.5)
-    export_model(ExportOptions(str(src), root / "model", prompt_tokens=P, deep=True))
-    return arch, src, root / "model"
-
-
-def rows_and_prompts(model, arch, seed=0):
-    enc = model.encoder(task_for(arch), P).encode(sentiment_examples(6, seed=seed))
+def rows_and_prompts(model, tiny, seed=0):
+    enc = model.encoder(task_for(tiny), P).encode(sentiment_examples(6, seed=seed))
     rng = np.random.default_rng(seed)
     m = model.manifest
     layers = np.stack([rng.normal(0, s, (P, m.hidden_size)) for s in m.layer_std]).astype(np.float32)
@@ -54,9 +36,8 @@ def rows_and_prompts(model, arch, seed=0):
 
 
 # -- the graph ------------------------------------------------------------------------------------------------
-def test_manifest_holds_the_deep_graph_its_parity_and_the_layer_scales(deep):
-    arch, _, out = deep
-    m = load_manifest(out)
+def test_manifest_holds_the_deep_graph_its_parity_and_the_layer_scales(family):
+    m = load_manifest(family.model)
     g = m.graphs["deep-fp32"]
     assert g.deep and g.file == "model.deep.onnx" and g.parity["max_abs_diff"] <= 1e-4
     assert [t.name for t in g.inputs][-2:] == ["deep_prompts", "prompt_layer"]
@@ -65,16 +46,15 @@ def test_manifest_holds_the_deep_graph_its_parity_and_the_layer_scales(deep):
     assert not m.graphs["fp32"].deep  # the plain graph stays as it was
 
 
-def test_every_layer_prompt_lands_where_the_reference_puts_it(deep):
+def test_every_layer_prompt_lands_where_the_reference_puts_it(family):
     """The deep graph against the unmodified Hugging Face model with a pre-hook per layer adding prompt i at the
     prompt slots, with the candidates on each layer in turn."""
     from bbt_onnx_export import validate
     from bbt_onnx_export.loading import load_model
 
-    arch, src, out = deep
-    model = Model.load(out, deep=True)
-    loaded = load_model(str(src))
-    enc, layers, cands = rows_and_prompts(model, arch)
+    model = Model.load(family.model, deep=True)
+    loaded = load_model(str(family.src))
+    enc, layers, cands = rows_and_prompts(model, family)
     for layer in range(LAYERS):
         inputs = validate.ParityInputs(enc.input_ids, enc.attention_mask, enc.mask_pos, cands, enc.label_ids,
                                        layers, layer)
@@ -89,10 +69,9 @@ def test_every_layer_prompt_lands_where_the_reference_puts_it(deep):
                       model.engine.deep_label_logits(cands[:1], enc, layers, (layer + 1) % LAYERS)).max() > 1e-4
 
 
-def test_layer_zero_of_the_deep_graph_is_the_bbt_graph(deep):
-    arch, _, out = deep
-    plain, deep_model = Model.load(out), Model.load(out, deep=True)
-    enc, _, cands = rows_and_prompts(plain, arch, seed=1)
+def test_layer_zero_of_the_deep_graph_is_the_bbt_graph(family):
+    plain, deep_model = Model.load(family.model), Model.load(family.model, deep=True)
+    enc, _, cands = rows_and_prompts(plain, family, seed=1)
     zeros = np.zeros((LAYERS, P, plain.manifest.hidden_size), np.float32)
     want = plain.engine.label_logits(cands, enc)
     np.testing.assert_allclose(deep_model.engine.deep_label_logits(cands, enc, zeros, 0), want, atol=1e-5)
@@ -116,12 +95,11 @@ def test_each_layer_has_its_own_projection_at_its_own_scale():
 SMALL = dict(prompt_tokens=P, intrinsic_dim=20, popsize=6, eval_every=36, method="bbtv2")
 
 
-def test_rounds_visit_the_layers_bottom_up_within_the_budget(deep):
-    arch, _, out = deep
-    model = Model.load(out, deep=True)
+def test_rounds_visit_the_layers_bottom_up_within_the_budget(family):
+    model = Model.load(family.model, deep=True)
     train = sentiment_examples(16, seed=2)
     events = []
-    tuner = BlackBoxTuner(model, task_for(arch), TuneConfig(budget=100, **SMALL))  # 100 // (6 x 3) = 5 rounds
+    tuner = BlackBoxTuner(model, task_for(family), TuneConfig(budget=100, **SMALL))  # 100 // (6 x 3) = 5 rounds
     tuner.fit(train, on_event=events.append)
     assert [e.layer for e in events] == [0, 1, 2] * 5
     assert tuner.report.api_calls == 90 and tuner.report.generations == 15
@@ -132,24 +110,22 @@ def test_rounds_visit_the_layers_bottom_up_within_the_budget(deep):
     assert tuner.report.train_loss_final <= tuner.report.train_loss_initial
 
 
-def test_a_budget_below_one_round_is_a_settings_error(deep):
-    arch, _, out = deep
+def test_a_budget_below_one_round_is_a_settings_error(family):
     with pytest.raises(SettingsError, match="less than one BBTv2 round"):
-        BlackBoxTuner(Model.load(out, deep=True), task_for(arch), TuneConfig(budget=17, **SMALL))
+        BlackBoxTuner(Model.load(family.model, deep=True), task_for(family), TuneConfig(budget=17, **SMALL))
 
 
-def test_bbtv2_needs_the_deep_graph(deep, tiny_model):
-    arch, _, out = deep
+def test_bbtv2_needs_the_deep_graph(family, tmp_path):
     with pytest.raises(ModelError, match="deep"):
-        BlackBoxTuner(Model.load(out), task_for(arch), TuneConfig(budget=36, **SMALL))  # the plain engine
+        BlackBoxTuner(Model.load(family.model), task_for(family), TuneConfig(budget=36, **SMALL))  # the plain engine
+    plain_only = without_graphs(family.model, tmp_path / "plain", lambda key: not key.startswith("deep"))
     with pytest.raises(ModelError, match="--deep"):
-        Model.load(tiny_model, deep=True)  # exported without it
+        Model.load(plain_only, deep=True)  # exported without it
 
 
-def test_the_best_whole_prompt_is_kept_and_resume_is_bit_identical(deep):
-    arch, _, out = deep
-    model = Model.load(out, deep=True)
-    task = task_for(arch)
+def test_the_best_whole_prompt_is_kept_and_resume_is_bit_identical(family):
+    model = Model.load(family.model, deep=True)
+    task = task_for(family)
     train, dev = sentiment_examples(16, seed=4), sentiment_examples(16, seed=5)
     cfg = TuneConfig(budget=108, checkpoint_every=2, **SMALL)
     whole = BlackBoxTuner(model, task, cfg)
@@ -176,15 +152,13 @@ def test_the_best_whole_prompt_is_kept_and_resume_is_bit_identical(deep):
 
 
 # -- the CLI --------------------------------------------------------------------------------------------------
-def test_cli_bbtv2_tune_evaluate_predict(deep, tmp_path):
-    arch, _, out = deep
+def test_cli_bbtv2_tune_evaluate_predict(family, tmp_path):
+    out = family.model
     write_csv(tmp_path / "pool.csv", sentiment_rows(60, seed=6))
     write_csv(tmp_path / "test.csv", sentiment_rows(20, seed=7))
     args = ["tune", "--model", out, "--data", tmp_path / "pool.csv", "--test", tmp_path / "test.csv", "--k-shot", 8,
             "--prompt-tokens", P, "--intrinsic-dim", 20, "--popsize", 6, "--budget", 54, "--eval-every", 18,
-            "--method", "bbtv2", "--out", tmp_path / "run", "-q"]
-    args += ["--task", "sst2"] if arch.startswith("Roberta") else ["--template", CAUSAL_TASK.template, "--labels",
-                                                                     "0=bad,1=great"]
+            "--method", "bbtv2", "--out", tmp_path / "run", "-q", *family.task_args()]
     tuned = invoke(args)
     assert tuned.exit_code == 0, tuned.output
     metrics = json.loads(tuned.stdout)

@@ -11,7 +11,7 @@ import pytest
 
 from bbt_onnx.check import CheckReport, Tolerances, check_engines, random_prompts, sample_rows
 from bbt_onnx.encoding import load_tokenizer
-from bbt_onnx.engines import ALL_ENGINES, EngineSpec, parse_engines
+from bbt_onnx.engines import OrtSpec, all_local_engines, parse_engines
 from bbt_onnx.errors import SettingsError
 from bbt_onnx.manifest import load_manifest
 from bbt_onnx.prompt import TunedPrompt
@@ -28,27 +28,30 @@ class Skewed:
 
     def __init__(self, engine, shift=0.0, flip=False):
         self.engine, self.shift, self.flip = engine, shift, flip
-        self.provider = engine.provider
+        self.provider, self.precision, self.deep = engine.provider, engine.precision, engine.deep
 
     def label_logits(self, prompts, batch):
         out = self.engine.label_logits(prompts, batch) + self.shift
         return -out if self.flip else out
 
+    def deep_label_logits(self, *args):
+        raise NotImplementedError
+
 
 def pretend_cuda(monkeypatch, **skew):
     """cuda:fp32 opens a skewed CPU engine, so tolerances can be seen to fail here."""
-    real_unavailable, real_open = EngineSpec.unavailable, EngineSpec.open
+    real_unavailable, real_open = OrtSpec.unavailable, OrtSpec.open
 
     def unavailable(self, manifest, deep=False):
-        return None if self == EngineSpec("cuda", "fp32") else real_unavailable(self, manifest, deep)
+        return None if self == OrtSpec("cuda", "fp32") else real_unavailable(self, manifest, deep)
 
-    def open_(self, manifest, threads=None, deep=False):
-        if self == EngineSpec("cuda", "fp32"):
-            return Skewed(EngineSpec("cpu", "fp32").open(manifest, threads, deep), **skew)
-        return real_open(self, manifest, threads, deep)
+    def open_(self, manifest, deep=False):
+        if self == OrtSpec("cuda", "fp32"):
+            return Skewed(real_open(OrtSpec("cpu", "fp32"), manifest, deep), **skew)
+        return real_open(self, manifest, deep)
 
-    monkeypatch.setattr(EngineSpec, "unavailable", unavailable)
-    monkeypatch.setattr(EngineSpec, "open", open_)
+    monkeypatch.setattr(OrtSpec, "unavailable", unavailable)
+    monkeypatch.setattr(OrtSpec, "open", open_)
 
 
 def test_check_alone_scores_every_graph_on_every_provider(tiny_model):
@@ -66,22 +69,26 @@ def test_check_alone_scores_every_graph_on_every_provider(tiny_model):
     report = json.loads(r.stdout)
     status = {e["engine"]: e["status"] for e in report["engines"]}
     assert status["cpu:int8"] == "pass"
-    assert all(status[s.name] == "skipped" for s in ALL_ENGINES if s.device == "cuda")  # no CUDA here
+    assert all(status[s.name] == "skipped" for s in all_local_engines() if s.device == "cuda")  # no CUDA here
     assert report["prompts"] == ["z=0", "random1", "random2", "random3"] and report["rows"] == 16
-    assert set(report["graphs"]) == {"fp32", "fp16", "int8"} and set(report["graphs"].values()) == {"ok"}
+    assert set(report["graphs"]) == {"fp32", "fp16", "int8", "deep-fp32", "deep-fp16", "deep-int8"}
+    assert set(report["graphs"].values()) == {"ok"}
     assert report["passed"] and "PASS" in r.stderr and "cpu:int8" in r.stderr
 
 
 def test_a_tuned_prompt_is_checked_with_its_metric(tiny_model, data_dir, tmp_path):
     run = tmp_path / "run"
-    assert invoke(tune_args(tiny_model, data_dir, run, "--budget", 20, "-q")).exit_code == 0
+    tuned = invoke(tune_args(tiny_model, data_dir, run, "--budget", 20, "-q"))
+    assert tuned.exit_code == 0, tuned.output
     r = invoke(["check", "--model", tiny_model, "--prompt", run, "--data", data_dir / "test.csv",
                 "--engines", "cpu:fp16", "--json"])
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     assert report["prompts"] == ["tuned", "z=0"] and report["labelled"] and report["rows"] == 60
     ref, fp16 = report["engines"]
-    assert ref["engine"] == "cpu:fp32" and 0 <= ref["metric"] <= 1 and fp16["metric_delta"] is not None
+    # the reference scores the run's prompt on the test rows as the run itself did
+    assert ref["engine"] == "cpu:fp32" and ref["metric"] == pytest.approx(json.loads(tuned.stdout)["test_metric"])
+    assert fp16["metric_delta"] is not None
     assert fp16["metric"] == pytest.approx(ref["metric"] + fp16["metric_delta"])
 
 
@@ -112,12 +119,12 @@ def test_low_precision_engines_are_judged_by_agreement_and_metric(tiny_model):
     zero = TunedPrompt.zero(spec, PRESETS["sst2"])
     prompts = [("z=0", zero)] + [(f"r{i}", p) for i, p in enumerate(random_prompts(zero, m))]
     rows = sample_rows(False)
-    report = check_engines(m, tok, prompts, rows, [(EngineSpec("cpu", "fp16"), True)], Tolerances(lowp_agreement=1.0))
+    report = check_engines(m, tok, prompts, rows, [(OrtSpec("cpu", "fp16"), True)], Tolerances(lowp_agreement=1.0))
     assert isinstance(report, CheckReport) and report.engines[1].status == "pass" and report.passed
-    int8 = check_engines(m, tok, prompts, rows, [(EngineSpec("cpu", "int8"), True)], Tolerances(lowp_agreement=1.0))
+    int8 = check_engines(m, tok, prompts, rows, [(OrtSpec("cpu", "int8"), True)], Tolerances(lowp_agreement=1.0))
     assert int8.engines[1].argmax_agreement < 1 and int8.engines[1].status == "fail" and not int8.passed
     with pytest.raises(SettingsError, match="at most 1"):
-        check_engines(m, tok, prompts, rows, [(EngineSpec("cpu", "int8"), True)], Tolerances(lowp_agreement=1.5))
+        check_engines(m, tok, prompts, rows, [(OrtSpec("cpu", "int8"), True)], Tolerances(lowp_agreement=1.5))
 
 
 def test_a_damaged_graph_fails_the_check_by_name(tiny_model, tmp_path):
@@ -143,8 +150,15 @@ def test_check_mistakes_are_one_line(tiny_model, tmp_path):
 
 
 def test_engine_specs_parse_with_or_without_the_backend():
-    assert parse_engines("cpu:fp32, ort:cuda:fp16") == [EngineSpec("cpu", "fp32"), EngineSpec("cuda", "fp16")]
-    assert EngineSpec.parse("CUDA:INT8").name == "cuda:int8"
+    from bbt_onnx.engines import TritonSpec, parse_engine
+
+    assert parse_engines("cpu:fp32, ort:cuda:fp16") == [OrtSpec("cpu", "fp32"), OrtSpec("cuda", "fp16")]
+    assert OrtSpec.parse("CUDA:INT8").name == "cuda:int8"
     with pytest.raises(SettingsError):
-        EngineSpec.parse("cpu")
-    assert np.all([s.backend == "ort" for s in ALL_ENGINES])
+        OrtSpec.parse("cpu")
+    assert np.all([s.backend == "ort" for s in all_local_engines()])
+    served = parse_engine("triton:grpc://127.0.0.1:9001", "secret")
+    assert isinstance(served, TritonSpec) and served.remote.token == "secret" and served.name == "grpc://127.0.0.1:9001"
+    assert parse_engine("http://127.0.0.1:9000").remote.protocol == "http"
+    with pytest.raises(SettingsError, match="token-file goes with a server"):
+        parse_engines("cpu:fp32", "secret")

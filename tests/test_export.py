@@ -16,13 +16,14 @@ from bbt_onnx.cli import cli
 from bbt_onnx.data import Example
 from bbt_onnx.encoding import Encoder, load_tokenizer
 from bbt_onnx.fileio import sha256_file
-from bbt_onnx.manifest import GRAPH_INPUTS, load_manifest
+from bbt_onnx.contract import graph_inputs
+from bbt_onnx.manifest import load_manifest
 from bbt_onnx.tasks import PRESETS
 from bbt_onnx_export import ExportError, ExportOptions, export_model
 from bbt_onnx_export import validate
 from bbt_onnx_export.loading import load_model
 
-from conftest import PROMPT_TOKENS
+from conftest import LAYERS, PROMPT_TOKENS
 from helpers import cli_error
 
 
@@ -53,7 +54,7 @@ def test_manifest_describes_the_model(tiny_model, tiny_src):
     hf = load_model(str(tiny_src))
     weights = hf.model.get_input_embeddings().weight.detach().double().numpy()
     assert m.kind == "masked" and m.architecture == "RobertaForMaskedLM"
-    assert (m.hidden_size, m.num_layers, m.num_heads) == (32, 2, 4)
+    assert (m.hidden_size, m.num_layers, m.num_heads) == (32, LAYERS, 4)
     assert m.vocab_size == hf.model.config.vocab_size
     assert m.max_positions == 128 and m.prompt_tokens == PROMPT_TOKENS
     assert (m.bos_id, m.eos_id, m.pad_id, m.mask_id) == (0, 2, 1, hf.tokenizer.mask_token_id)
@@ -61,12 +62,16 @@ def test_manifest_describes_the_model(tiny_model, tiny_src):
     assert m.embedding_std == pytest.approx(weights.std(), rel=1e-9)
     for name in ("torch", "transformers", "onnx", "onnxruntime"):
         assert m.versions[name]
-    assert set(m.graphs) == {"fp32", "fp16", "int8"}
+    assert set(m.graphs) == {"fp32", "fp16", "int8", "deep-fp32", "deep-fp16", "deep-int8"}
     for g in m.graphs.values():
         assert g.sha256 == sha256_file(tiny_model / g.file)
-        assert [t.name for t in g.inputs] == list(GRAPH_INPUTS)
+        assert [t.name for t in g.inputs] == list(graph_inputs(False, g.deep))
         assert [t.name for t in g.outputs] == ["label_logits"]
-        assert g.parity["max_abs_diff"] >= 0 and "argmax_agreement" in g.parity
+        # measured at export on 3 prompts x 4 rows: fp32 within 1e-4 and agreeing, the others close (dynamic int8
+        # on weights 25x the usual init is coarse)
+        fp32 = g.precision == "fp32"
+        assert g.parity["rows"] == 12 and g.parity["argmax_agreement"] >= (1.0 if fp32 else 0.5)
+        assert g.parity["max_abs_diff"] <= (1e-4 if fp32 else 5.0)
     assert m.graphs["fp32"].parity["max_abs_diff"] <= 1e-4
     assert (tiny_model / "tokenizer.json").is_file()
     raw = json.loads((tiny_model / "manifest.json").read_text())
@@ -123,7 +128,7 @@ def test_fp16_graph_is_fused_and_agrees_on_cpu(tiny_model, encoded):
     ref = run(tiny_model / "model.onnx", feeds(enc, prompts))
     fp16 = run(tiny_model / m.graphs["fp16"].file, feeds(enc, prompts))
     assert fp16.dtype == np.float32 and fp16.shape == ref.shape
-    assert np.abs(fp16 - ref).max() < 1e-2 * np.abs(ref).max()
+    assert np.abs(fp16 - ref).max() < 2e-2 * np.abs(ref).max()
     assert (fp16.argmax(-1) == ref.argmax(-1)).mean() >= 0.75
     # int8 on weights 25x the usual init drifts far more than on a real model (see the slow test): it must
     # still track fp32 closely
@@ -148,23 +153,26 @@ def save_hf(tmp_path, cls_name, name):
     from bbt_onnx_export.tiny import make_tokenizer
 
     tok = make_tokenizer()
-    if cls_name.startswith("Bert"):
-        config = transformers.BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
-                                         num_attention_heads=2, intermediate_size=32)
-    else:
-        config = transformers.RobertaConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
-                                            num_attention_heads=2, intermediate_size=32, max_position_embeddings=66)
+    sizes = dict(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                 intermediate_size=32)
+    config = {"Bert": transformers.BertConfig, "Electra": transformers.ElectraConfig,
+              "Roberta": transformers.RobertaConfig}[next(k for k in ("Bert", "Electra", "Roberta")
+                                                          if cls_name.startswith(k))](**sizes)
     path = tmp_path / name
     getattr(transformers, cls_name)(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
 
-@pytest.mark.parametrize("cls_name", ["BertForMaskedLM", "RobertaForSequenceClassification"])
+@pytest.mark.parametrize("cls_name", ["ElectraForMaskedLM", "RobertaForSequenceClassification",
+                                      "BertForSequenceClassification"])
 def test_unsupported_architectures_name_what_is_supported(tmp_path, cls_name):
+    """Another model type, and a supported type without its LM head, name every architecture the registry has."""
+    from bbt_onnx_export.families import FAMILIES
+
     src = save_hf(tmp_path, cls_name, "m")
     line = cli_error(["export", "--model", str(src), "--out", str(tmp_path / "o")])
-    assert "RobertaForMaskedLM" in line and cls_name in line
+    assert cls_name in line and all(f.architecture in line for f in FAMILIES.values())
     assert not (tmp_path / "o").exists()
 
 

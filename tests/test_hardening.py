@@ -36,7 +36,7 @@ from bbt_onnx.manifest import load_manifest
 from bbt_onnx.runs import RunDir
 from bbt_onnx.synthetic import sentiment_rows, write_csv
 
-from conftest import PROMPT_TOKENS
+from conftest import PROMPT_TOKENS, without_graphs
 
 HUGE_ROW_CHARS = 2_000_000
 HUGE_ROW_TIMEOUT_S = 60  # the row must be refused (or scored) well within this; a hang fails the case
@@ -48,20 +48,16 @@ def _edit_json(path: Path, edit) -> None:
 
 
 @pytest.fixture(scope="module")
-def ws(tiny_model, tiny_src, data_dir, tmp_path_factory) -> dict[str, Path]:
+def ws(tiny_model, tiny_src, data_dir, exports, tmp_path_factory) -> dict[str, Path]:
     """Named paths in one folder: good inputs, a finished good run, and damaged copies of each."""
-    from bbt_onnx_export import ExportOptions, export_model
-    from bbt_onnx_export.tiny import make_tiny_roberta
-
     root = tmp_path_factory.mktemp("hardening")
     p: dict[str, Path] = {"root": root}
 
     # models: the good one, a different model of the same shape, and broken model directories
     p["src"] = shutil.copytree(tiny_src, root / "src")
     p["model"] = shutil.copytree(tiny_model, root / "model")
-    other_src = make_tiny_roberta(tmp_path_factory.mktemp("other-src") / "tiny", init_std=0.5, seed=1)
-    export_model(ExportOptions(str(other_src), root / "other", prompt_tokens=PROMPT_TOKENS))  # fp32 only
-    p["other"] = root / "other"
+    p["other"] = without_graphs(exports.get("BertForMaskedLM").model, root / "other",  # same hidden size, fp32 only
+                                lambda key: key == "fp32")
     p["model_nomanifest"] = shutil.copytree(tiny_model, root / "model_nomanifest",
                                             ignore=shutil.ignore_patterns("manifest.json"))
     p["model_list"] = shutil.copytree(tiny_model, root / "model_list")
@@ -71,6 +67,7 @@ def ws(tiny_model, tiny_src, data_dir, tmp_path_factory) -> dict[str, Path]:
     p["model_tampered"] = shutil.copytree(tiny_model, root / "model_tampered")
     with open(p["model_tampered"] / "model.onnx", "ab") as f:
         f.write(b"\0")
+    p["model_plain"] = without_graphs(tiny_model, root / "model_plain", lambda key: not key.startswith("deep"))
     p["model_notok"] = shutil.copytree(tiny_model, root / "model_notok",
                                        ignore=shutil.ignore_patterns("tokenizer.json"))
 
@@ -297,7 +294,7 @@ CASES = [
     case("tune-task-file-is-a-list", [*TUNE_NOTASK, *DATA, *OVER, "--task-file", "@task_list"], "task_list.json"),
     case("tune-f1-with-three-labels", over_run("--task", "snli", "--metric", "f1"), "f1"),
     case("tune-prompt-init-wrong-length", over_run("--prompt-init", "great"), "--prompt-init"),
-    case("tune-bbtv2-without-deep-graph", over_run("--method", "bbtv2"), "--deep"),
+    case("tune-bbtv2-without-deep-graph", [*over_run("--method", "bbtv2"), "--model", "@model_plain"], "--deep"),
     case("tune-method-unknown", over_run("--method", "bbtv3"), "--method"),
 
     # 3b. data files

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bbt_onnx_export import quantize
-from bbt_onnx_export.quantize import FAMILIES, Int8Settings, calibrate, gptq, rewrite
+from bbt_onnx_export.quantize import LLAMA_MLP, Int8Settings, calibrate, gptq, rewrite
 
 K, N, OUTLIER = 64, 48, 5
 
@@ -59,7 +59,7 @@ def rel_error(got, want):
 def quantized(model, feeds, **settings):
     q = onnx.ModelProto()
     q.CopyFrom(model)
-    stats = rewrite(q, calibrate(model, feeds), FAMILIES["llama"], num_layers=3, settings=Int8Settings(edge_layers=1,
+    stats = rewrite(q, calibrate(model, feeds), LLAMA_MLP, num_layers=3, settings=Int8Settings(edge_layers=1,
                                                                                                        **settings))
     return q, stats
 
@@ -122,7 +122,7 @@ def test_two_levels_carry_the_activation_to_about_15_bits():
 
 
 @pytest.mark.parametrize("family,settings", [(quantize.Int8Family(), Int8Settings(edge_layers=1)),
-                                              (FAMILIES["llama"], Int8Settings(edge_layers=1, one_level=False))])
+                                              (LLAMA_MLP, Int8Settings(edge_layers=1, one_level=False))])
 def test_two_levels_everywhere_without_a_record_or_when_asked(family, settings):
     rng = np.random.default_rng(6)
     model = graph(rng)
@@ -141,8 +141,9 @@ def test_the_edge_layers_keep_two_levels(layer, one_level):
 
 
 def test_a_decoder_exports_its_deep_graph_in_int8_too(tmp_path):
-    """BBTv2's deep graph is calibrated with prompts on every layer, and scores close to its fp32 twin."""
-    from bbt_onnx import Model
+    """BBTv2's deep graph is calibrated with prompts on every layer, and scores close to its fp32 twin (on weights
+    at the usual init scale: the shared test models' 25x larger weights are far harder on int8)."""
+    from bbt_onnx import Model, OrtSpec
     from bbt_onnx.synthetic import sentiment_examples
     from bbt_onnx.tasks import Task
     from bbt_onnx_export import ExportOptions, export_model
@@ -156,7 +157,7 @@ def test_a_decoder_exports_its_deep_graph_in_int8_too(tmp_path):
     layers = np.stack([rng.normal(0, s, (4, m.hidden_size)) for s in m.layer_std]).astype(np.float32)
     out = {}
     for precision in ("fp32", "int8"):
-        model = Model.load(tmp_path / "model", precision=precision, deep=True)
+        model = Model.load(tmp_path / "model", OrtSpec("cpu", precision), deep=True)
         enc = model.encoder(task, 4).encode(sentiment_examples(6, seed=0))
         out[precision] = model.engine.deep_label_logits(layers[1][None], enc, layers, 1)
     assert rel_error(out["int8"], out["fp32"]) < 0.02

@@ -18,12 +18,14 @@ import pytest
 
 from bbt_onnx import Model, TuneConfig
 from bbt_onnx.data import DataSpec
+from bbt_onnx.engines import OrtSpec, Remote, TritonEngine, TritonSpec
 from bbt_onnx.errors import ServerError
-from bbt_onnx.remote import Remote, TritonEngine
 from bbt_onnx.tasks import resolve_task
 from bbt_onnx.workflow import TuneRequest, tune
-from conftest import PROMPT_TOKENS
+from conftest import LAYERS, PROMPT_TOKENS, without_graphs
 from helpers import cli_error, invoke
+
+pytestmark = pytest.mark.xdist_group("serve")  # one worker runs this module: one shared server, stopped last
 
 TOKEN = "test-token-1234"
 MAX_REQUEST = 60_000  # C x N x T; the tunes below stay under it
@@ -46,13 +48,14 @@ def free_ports(count: int) -> list[int]:
 
 
 class Server:
-    """`bbt-onnx serve` in a child process on free loopback ports, with a token."""
+    """`bbt-onnx serve` in a child process on free loopback ports, with a token, serving one or more models."""
 
-    def __init__(self, model: Path, token_file: Path, log: Path, env=None):
+    def __init__(self, models: list[Path], token_file: Path, log: Path, env=None):
         self.http, self.grpc, self.metrics = free_ports(3)
         self.token_file = token_file
         self.log = log
-        cmd = [sys.executable, "-m", "bbt_onnx.cli", "serve", "--model", str(model), "--http-port", str(self.http),
+        cmd = [sys.executable, "-m", "bbt_onnx.cli", "serve", *(a for m in models for a in ("--model", str(m))),
+               "--http-port", str(self.http),
                "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--token-file", str(token_file),
                "--max-request", str(MAX_REQUEST), "--threads", "1"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "w"), env=env)
@@ -92,11 +95,42 @@ def token_file(tmp_path_factory) -> Path:
     return path
 
 
+BLOCK_TORCH = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers", "onnx", "bbt_onnx_export"):
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def torch_blocked(tmp: Path) -> dict:
+    """An environment in which torch, transformers and onnx cannot be imported (a sitecustomize that refuses)."""
+    (tmp / "sitecustomize.py").write_text(BLOCK_TORCH)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp), os.environ.get("PYTHONPATH")]))}
+
+
 @pytest.fixture(scope="module")
-def server(tiny_model, token_file, tmp_path_factory):
-    srv = Server(tiny_model, token_file, tmp_path_factory.mktemp("serve") / "serve.log")
+def served(tiny_model, exports, tmp_path_factory) -> dict[str, Path]:
+    """What the one server serves: the tiny RoBERTa (NAME and NAME.deep), and BERT and Qwen2 without their deep
+    graphs (each served model is one more backend process to start)."""
+    def plain(arch):
+        return without_graphs(exports.get(arch).model, tmp_path_factory.mktemp(arch) / "model",
+                              lambda key: not key.startswith("deep"))
+
+    return {"roberta": tiny_model, "bert": plain("BertForMaskedLM"), "qwen2": plain("Qwen2ForCausalLM")}
+
+
+@pytest.fixture(scope="module")
+def server(served, token_file, tmp_path_factory):
+    """One server for every model of `served`, with torch unimportable in the server and its backend. The last test
+    of this module stops it with SIGTERM and checks what is left."""
+    tmp = tmp_path_factory.mktemp("serve")
+    srv = Server(list(served.values()), token_file, tmp / "serve.log", env=torch_blocked(tmp))
     yield srv
-    srv.stop()
+    if srv.proc.poll() is None:
+        srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -165,11 +199,12 @@ def test_requests_without_the_right_token_are_refused(server, client_dir, data_d
 
 def test_a_server_that_is_down_is_one_line(client_dir, data_dir, token_file):
     (port,) = free_ports(1)
-    for protocol in ("http", "grpc"):
-        message = cli_error(["evaluate", "--model", str(client_dir), "--no-prompt", "--task", "sst2", "--data",
-                             str(data_dir / "test.csv"), "--server", f"{protocol}://127.0.0.1:{port}", "--token-file",
-                             str(token_file)])
-        assert "is down or unreachable" in message
+    message = cli_error(["evaluate", "--model", str(client_dir), "--no-prompt", "--task", "sst2", "--data",
+                         str(data_dir / "test.csv"), "--server", f"http://127.0.0.1:{port}", "--token-file",
+                         str(token_file)])
+    assert "is down or unreachable" in message
+    with pytest.raises(ServerError, match="is down or unreachable"):  # gRPC too, retried as quickly as it may be
+        Model.load(client_dir, TritonSpec(Remote(f"grpc://127.0.0.1:{port}", TOKEN, backoff=0.01)))
 
 
 def test_a_server_that_never_answers_times_out_after_the_retries(client_dir, data_dir):
@@ -212,12 +247,12 @@ def test_a_request_over_the_servers_limit_is_refused(server, client_dir, data_di
     assert "over the server's limit of 60000" in message
     assert not (tmp_path / "big").exists()
     # and the server enforces it for a client that does not look
-    model = Model.load(client_dir, remote=Remote(server.url(), TOKEN))
+    model = Model.load(client_dir, TritonSpec(Remote(server.url(), TOKEN)))
     assert model.engine.max_request == MAX_REQUEST and model.engine.max_buckets == 4  # the CPU server's
     feeds = {"input_ids": np.ones((100, 40), np.int64), "attention_mask": np.ones((100, 40), np.int64),
              "mask_pos": np.ones(100, np.int64), "label_ids": np.array([5, 6], np.int64),
              "prompt_embeds": np.zeros((20, PROMPT_TOKENS, model.manifest.hidden_size), np.float32)}
-    client, send = model.engine._client, model.engine._client.infer
+    client, send = model.engine.client, model.engine.client.infer
     client.infer = lambda *a, **k: pytest.fail("a request over the limit was sent")
     with pytest.raises(ServerError, match="20 prompts x 100 rows x 40 tokens = 80000 is over the server's limit"):
         model.engine.infer(feeds)
@@ -226,9 +261,7 @@ def test_a_request_over_the_servers_limit_is_refused(server, client_dir, data_di
         model.engine.infer(feeds)
 
 
-def test_bbtv2_without_a_served_deep_graph_and_a_lone_token_file_are_refused(server, client_dir, data_dir, token_file, tmp_path):
-    assert "does not serve the deep-prompt graph BBTv2 needs" in cli_error(
-        tune_args(client_dir, data_dir, tmp_path / "v2", *server.args()) + ["--method", "bbtv2"])
+def test_in_process_flags_and_a_lone_token_file_are_refused(server, client_dir, data_dir, token_file, tmp_path):
     assert "--precision choose the in-process engine" in cli_error(
         tune_args(client_dir, data_dir, tmp_path / "p", *server.args(), "--precision", "fp16"))
     assert "--token-file goes with --server" in cli_error(
@@ -239,7 +272,40 @@ def test_bbtv2_without_a_served_deep_graph_and_a_lone_token_file_are_refused(ser
 def request(model_dir, data_dir, out, remote=None) -> TuneRequest:
     config = TuneConfig(prompt_tokens=PROMPT_TOKENS, intrinsic_dim=20, popsize=6, budget=48, eval_every=24, seed=5)
     return TuneRequest(str(model_dir), resolve_task("sst2"), DataSpec(str(data_dir / "pool.csv"), k_shot=8, seed=5),
-                       config, str(out), threads=1, remote=remote)
+                       config, str(out), OrtSpec(threads=1) if remote is None else TritonSpec(remote))
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_refusals_are_not_retried(server, client_dir, protocol):
+    """A refused token, an unknown model and a request over the limit are answers, not failures: one request
+    each, no retry."""
+    from dataclasses import replace
+
+    engine = Model.load(client_dir, TritonSpec(Remote(server.url(protocol), TOKEN))).engine
+    real, sent = engine.client.infer, []
+
+    def counting(*args, **kwargs):
+        sent.append(args[0])
+        return real(*args, **kwargs)
+
+    engine.client.infer = counting
+    small = {"input_ids": np.ones((2, 12), np.int64), "attention_mask": np.ones((2, 12), np.int64),
+             "mask_pos": np.ones(2, np.int64), "label_ids": np.array([5, 6], np.int64),
+             "prompt_embeds": np.zeros((1, PROMPT_TOKENS, engine.manifest.hidden_size), np.float32)}
+    big = {**small, "input_ids": np.ones((100, 40), np.int64), "attention_mask": np.ones((100, 40), np.int64),
+           "mask_pos": np.ones(100, np.int64),
+           "prompt_embeds": np.zeros((20, PROMPT_TOKENS, engine.manifest.hidden_size), np.float32)}
+    served, engine.max_request = engine.model, None  # the client does not look: the server refuses
+    with pytest.raises(ServerError, match="over the server's limit"):
+        engine.infer(big)
+    engine.model = "no-such-model"
+    with pytest.raises(ServerError, match="serves no model named 'no-such-model'"):
+        engine.infer(small)
+    engine.model, engine.remote = served, replace(engine.remote, token="wrong")
+    engine.wire = engine.remote.wire()
+    with pytest.raises(ServerError, match="not the server's"):
+        engine.infer(small)
+    assert len(sent) == 3 and engine.retried == 0 and sent[-1] == served
 
 
 def test_eight_concurrent_tuners_each_end_with_their_in_process_z(server, client_dir, tiny_model, data_dir, tmp_path):
@@ -269,9 +335,9 @@ def test_retries_after_transient_failures_change_nothing(server, client_dir, tin
     """Every third request first fails as a dropped connection would: the run retries it, counts it once, and
     ends where the in-process run does."""
     expected = tune(request(tiny_model, data_dir, tmp_path / "local")).prompt.z
-    engine = TritonEngine(Model.load(client_dir, remote=Remote(server.url(), TOKEN)).manifest,
+    engine = TritonEngine(Model.load(client_dir, TritonSpec(Remote(server.url(), TOKEN))).manifest,
                           Remote(server.url(), TOKEN, backoff=0.01))
-    real, sent = engine._client.infer, []
+    real, sent = engine.client.infer, []
 
     def flaky(*args, **kwargs):
         sent.append(1)
@@ -279,8 +345,8 @@ def test_retries_after_transient_failures_change_nothing(server, client_dir, tin
             raise ConnectionResetError("connection reset by peer")
         return real(*args, **kwargs)
 
-    engine._client.infer = flaky
-    model = Model.load(client_dir, engine=engine)
+    engine.client.infer = flaky
+    model = Model(engine.manifest, Model.load(client_dir, TritonSpec(Remote(server.url(), TOKEN))).tokenizer, engine)
     monkeypatch.setattr("bbt_onnx.workflow.Model.load", lambda *a, **k: model)
     outcome = tune(request(client_dir, data_dir, tmp_path / "flaky", Remote(server.url(), TOKEN)))
     np.testing.assert_array_equal(outcome.prompt.z, expected)
@@ -333,37 +399,6 @@ def alive(pid: int) -> bool:
         return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
     except OSError:
         return False
-
-
-BLOCK_TORCH = """
-import importlib.abc, sys
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "transformers", "onnx", "bbt_onnx_export"):
-            raise ImportError("blocked: " + name)
-sys.meta_path.insert(0, Block())
-"""
-
-
-def test_sigterm_stops_tritonserver_and_removes_the_workspace(tiny_model, token_file, tmp_path):
-    """Also: the server and its python backend run with torch, transformers and onnx unimportable."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(BLOCK_TORCH)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
-    srv = Server(tiny_model, token_file, tmp_path / "serve.log", env=env)
-    kids = children(srv.proc.pid)
-    line = next(l for l in srv.log.read_text().splitlines() if "workspace" in l)
-    workspace = Path(line.rsplit("workspace ", 1)[1].strip())
-    assert kids and workspace.is_dir()
-    assert srv.stop() == 0
-    deadline = time.monotonic() + 30
-    while any(alive(p) for p in kids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not [p for p in kids if alive(p)], "tritonserver or a backend process outlived the server"
-    assert not workspace.exists()
-    assert "SIGTERM: stopping" in srv.log.read_text()
-    assert srv.proc.stdout.read() == b""  # tritonserver's log went to stderr
 
 
 def test_check_compares_a_served_engine_with_cpu_fp32(server, tiny_model, token_file):
@@ -430,72 +465,88 @@ def test_triton_repo_writes_a_config_the_model_config_protobuf_parses(tiny_model
         ["triton-repo", "--model", str(tiny_model), "--out", str(tmp_path / "r2"), "--kind", "cpu", "--tensorrt"])
 
 
-def test_a_decoder_tunes_through_the_server_with_its_prompt_positions(token_file, data_dir, tmp_path):
-    """Without BOS the prompt starts at 0, not after BOS: the served graph's prompt_pos input carries it."""
-    from bbt_onnx_export import ExportOptions, export_model
-    from bbt_onnx_export.tiny import make_tiny_causal
-
-    src = make_tiny_causal(tmp_path / "src", "LlamaForCausalLM", init_std=0.5)
-    model = tmp_path / "llama"
-    export_model(ExportOptions(str(src), model, prompt_tokens=PROMPT_TOKENS))
-    client = tmp_path / "client"
+def test_a_decoder_tunes_through_the_server_with_its_prompt_positions(server, served, data_dir, tmp_path):
+    """Qwen2 has no BOS, so the prompt starts at 0, not after BOS: the served graph's prompt_pos input carries it.
+    This model is served without a deep graph, so BBTv2 through it is refused by name."""
+    model, client = served["qwen2"], tmp_path / "client"
     ok(["client-dir", "--model", str(model), "--out", str(client)])
-    srv = Server(model, token_file, tmp_path / "serve.log")
-    try:
-        framing = ["--template", " Review: {text}\nSentiment:", "--labels", "0=bad,1=good", "--bos",
-                   "never"]
-        args = [a for a in tune_args(model, data_dir, tmp_path / "local") if a != "sst2" and a != "--task"]
-        local = json.loads(ok([*args, *framing]))
-        args = [a for a in tune_args(client, data_dir, tmp_path / "remote", *srv.args("grpc"))
-                if a != "sst2" and a != "--task"]
-        remote = json.loads(ok([*args, *framing]))
-    finally:
-        srv.stop()
+    framing = ["--template", " Review: {text}\nSentiment:", "--labels", "0=bad,1=good", "--bos", "never"]
+    args = [a for a in tune_args(model, data_dir, tmp_path / "local") if a != "sst2" and a != "--task"]
+    local = json.loads(ok([*args, *framing]))
+    args = [a for a in tune_args(client, data_dir, tmp_path / "remote", *server.args("grpc"))
+            if a != "sst2" and a != "--task"]
+    remote = json.loads(ok([*args, *framing]))
     np.testing.assert_array_equal(z_of(tmp_path / "remote"), z_of(tmp_path / "local"))
     assert remote["train_loss_final"] == local["train_loss_final"]
     assert remote["train_loss_initial"] != remote["train_loss_final"]  # the prompt moved the loss
+    assert "does not serve the deep-prompt graph BBTv2 needs" in cli_error(
+        [*args, *framing, "--method", "bbtv2", "--out", str(tmp_path / "v2")])
 
 
-def test_bbtv2_tunes_through_the_server_on_the_served_deep_graph(tiny_src, token_file, data_dir, tmp_path):
+def test_one_server_serves_several_models_each_under_its_name(server, served, data_dir, tmp_path):
+    """BERT beside RoBERTa on the same server: its own name, its own fingerprint, the in-process z."""
+    model, client = served["bert"], tmp_path / "client"
+    ok(["client-dir", "--model", str(model), "--out", str(client)])
+    local = json.loads(ok(tune_args(model, data_dir, tmp_path / "local")))
+    remote = json.loads(ok(tune_args(client, data_dir, tmp_path / "remote", *server.args())))
+    np.testing.assert_array_equal(z_of(tmp_path / "remote"), z_of(tmp_path / "local"))
+    assert remote["provider"].startswith("Triton tiny-bert ") and remote["train_loss_final"] == local["train_loss_final"]
+    with urllib.request.urlopen(f"{server.url()}/v2/health/ready", timeout=5) as r:
+        assert r.status == 200
+    ports = [a for flag, port in zip(("--http-port", "--grpc-port", "--metrics-port"), free_ports(3))
+             for a in (flag, str(port))]
+    assert "the name of" in cli_error(["serve", "--model", str(model), "--model", str(model), *ports])
+
+
+def test_bbtv2_tunes_through_the_server_on_the_served_deep_graph(server, client_dir, tiny_model, token_file, data_dir,
+                                                                 tmp_path):
     """A model exported with --deep is served twice: NAME and NAME.deep (whose scalar prompt_layer travels as [1]).
     BBTv2 through it ends with the in-process prompt, and evaluate and check agree."""
-    from bbt_onnx_export import ExportOptions, export_model
-
-    model = tmp_path / "deep"
-    export_model(ExportOptions(str(tiny_src), model, prompt_tokens=PROMPT_TOKENS, deep=True))
-    client = tmp_path / "client"
-    ok(["client-dir", "--model", str(model), "--out", str(client)])
-    srv = Server(model, token_file, tmp_path / "serve.log")
-    try:
-        v2 = ["--method", "bbtv2", "--budget", "36", "--eval-every", "12"]
-        local = json.loads(ok([*tune_args(model, data_dir, tmp_path / "local"), *v2]))
-        remote = json.loads(ok([*tune_args(client, data_dir, tmp_path / "remote", *srv.args()), *v2]))
-        args = ["evaluate", "--prompt", str(tmp_path / "remote"), "--data", str(data_dir / "test.csv"), "-q"]
-        scored = json.loads(ok([*args, "--model", str(client), *srv.args("grpc")]))
-        checked = invoke(["check", "--model", str(model), "--prompt", str(tmp_path / "remote"), "--engines",
-                          f"cpu:fp32,{srv.url()}", "--token-file", str(token_file), "--json"])
-    finally:
-        srv.stop()
+    model = tiny_model
+    v2 = ["--method", "bbtv2", "--budget", "36", "--eval-every", "12", "--popsize", "4"]
+    local = json.loads(ok([*tune_args(model, data_dir, tmp_path / "local"), *v2]))
+    remote = json.loads(ok([*tune_args(client_dir, data_dir, tmp_path / "remote", *server.args()), *v2]))
+    args = ["evaluate", "--prompt", str(tmp_path / "remote"), "--data", str(data_dir / "test.csv"), "-q"]
+    scored = json.loads(ok([*args, "--model", str(client_dir), *server.args("grpc")]))
+    checked = invoke(["check", "--model", str(model), "--prompt", str(tmp_path / "remote"), "--engines",
+                      f"cpu:fp32,{server.url()}", "--token-file", str(token_file), "--json"])
     with np.load(tmp_path / "local" / "prompt.npz") as a, np.load(tmp_path / "remote" / "prompt.npz") as b:
-        assert a["z"].shape[0] == 2  # one z per layer
+        assert a["z"].shape[0] == LAYERS  # one z per layer
         np.testing.assert_array_equal(b["z"], a["z"])
     assert remote["api_calls"] == local["api_calls"] == 36 and remote["train_loss_final"] == local["train_loss_final"]
     assert scored["ce_loss"] == json.loads(ok([*args, "--model", str(model)]))["ce_loss"]
     assert checked.exit_code == 0, checked.output
-    served = next(r for r in json.loads(checked.stdout)["engines"] if r["engine"] == srv.url())
+    served = next(r for r in json.loads(checked.stdout)["engines"] if r["engine"] == server.url())
     assert served["max_abs_diff"] == 0.0
     # the production repository serves the deep graph beside the plain one, with the same scalar as [1]
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    ok(["triton-repo", "--model", str(model), "--out", str(tmp_path / "repo"), "--kind", "cpu"])
+    from bbt_onnx.manifest import load_manifest
+
+    ok(["triton-repo", "--model", str(model), "--out", str(tmp_path / "repo"), "--kind", "cpu", "--precision", "fp32"])
     assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["tiny-roberta", "tiny-roberta.deep"]
     config = text_format.Parse((tmp_path / "repo" / "tiny-roberta.deep" / "config.pbtxt").read_text(),
                                model_config_pb2.ModelConfig())
     layer = next(i for i in config.input if i.name == "prompt_layer")
     assert list(layer.dims) == [1] and layer.HasField("reshape") and list(layer.reshape.shape) == []
-    from bbt_onnx.manifest import load_manifest
-
     assert config.parameters["bbt_fingerprint"].string_value == load_manifest(model).fingerprint()
     assert (tmp_path / "repo" / "tiny-roberta.deep" / "1" / "model.onnx").read_bytes() == \
         (model / load_manifest(model).graph("fp32", deep=True).file).read_bytes()
+
+
+# -- last: it stops the shared server ---------------------------------------------------------------------------
+def test_sigterm_stops_tritonserver_and_removes_the_workspace(server):
+    """The shared server, which ran every test above with torch, transformers and onnx unimportable."""
+    kids = children(server.proc.pid)
+    line = next(l for l in server.log.read_text().splitlines() if "workspace" in l)
+    workspace = Path(line.rsplit("workspace ", 1)[1].strip())
+    assert kids and workspace.is_dir()
+    assert server.stop() == 0
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in kids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in kids if alive(p)], "tritonserver or a backend process outlived the server"
+    assert not workspace.exists()
+    assert "SIGTERM: stopping" in server.log.read_text()
+    assert server.proc.stdout.read() == b""  # tritonserver's log went to stderr

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark of issue 11, in one script, run ON THE DEVICE MACHINE from the repo root:
+# The GPU benchmark, in one script, run ON THE DEVICE MACHINE from the repo root:
 #   bash benchmarks/gpu/device_run.sh [BUDGET_S]        (default 540 s, everything included)
 # Needs what benchmarks/gpu/prepare.sh builds (see README.md beside this file for the carry lists). Steps, in
 # this order (BBT_GPU_STEPS overrides the list): each is timed, logs under the results folder, and a failed

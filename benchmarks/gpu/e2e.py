@@ -1,9 +1,9 @@
 """End-to-end tunes on synthetic rows: full CMA-ES and sep-CMA (--diagonal) on one loaded engine.
 
-`bbt-onnx bench` runs one end-to-end tune with full CMA-ES only; this runs the same tune (bbt_onnx.bench's
-task and rows: 32 synthetic sentiment rows, 16 per class) once per CMA-ES mode, with rows padded to about
---seq-target tokens, and reports wall time, calls/s and the engine / optimizer / host split. The JSON file is
-rewritten after each mode, so a run stopped by a time limit keeps the modes it finished.
+`bbt-onnx bench` runs one end-to-end tune with full CMA-ES only; this runs the same tune (`bbt_onnx.bench.end_to_end`:
+32 synthetic sentiment rows, 16 per class) once per CMA-ES mode, with rows padded to about --seq-target tokens, and
+reports wall time, calls/s and the engine / optimizer / host split. The JSON file is rewritten after each mode, so a
+run stopped by a time limit keeps the modes it finished.
 
 usage: python benchmarks/gpu/e2e.py MODEL_DIR [--device cuda] [--precision fp16] [--budget 8000]
        [--popsize 20] [--dim 500] [--seq-target 64] [--modes full,diagonal] [--json-out FILE]
@@ -17,10 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from bbt_onnx import BlackBoxTuner, Model, TuneConfig
-from bbt_onnx.bench import TEXTS_PER_CALL
-from bbt_onnx.synthetic import sentiment_examples
-from bbt_onnx.tasks import Task
+from bbt_onnx import Model
+from bbt_onnx.bench import end_to_end, words_for_length
+from bbt_onnx.engines import OrtSpec
 
 
 def main() -> None:
@@ -40,44 +39,17 @@ def main() -> None:
     args = ap.parse_args()
 
     t0 = time.perf_counter()
-    model = Model.load(args.model_dir, device=args.device, precision=args.precision, threads=args.threads)
+    model = Model.load(args.model_dir, OrtSpec(args.device, args.precision, args.threads))
     load_s = time.perf_counter() - t0
-    m = model.manifest
-    p = args.prompt_tokens or m.prompt_tokens
-    if m.kind == "masked":
-        task = Task("bench", " . {text} . It was {mask} .", (("0", "bad"), ("1", "great")))
-    else:
-        task = Task("bench", " Review: {text}\nSentiment:", (("0", " negative"), ("1", " positive")))
+    p = args.prompt_tokens or model.manifest.prompt_tokens
     out = {"model": str(args.model_dir), "device": args.device, "precision": args.precision,
            "provider": model.engine.provider, "load_seconds": load_s, "runs": []}
-
-    rows = None
-    for words in range(1, 400):  # the fewest words per row that reach --seq-target tokens
-        rows = sentiment_examples(TEXTS_PER_CALL, args.seed, min_words=words, max_words=words)
-        probe = BlackBoxTuner(model, task, TuneConfig(prompt_tokens=p, intrinsic_dim=args.dim, popsize=args.popsize,
-                                                      budget=args.budget, checkpoint_every=0))
-        if probe.encode(rows).input_ids.shape[1] >= args.seq_target:
-            break
+    words = words_for_length(model, p, args.seq_target, args.seed)
     for mode in args.modes.split(","):
-        config = TuneConfig(prompt_tokens=p, intrinsic_dim=args.dim, popsize=args.popsize, budget=args.budget,
-                            seed=args.seed, checkpoint_every=0, diagonal=mode == "diagonal")
-        tuner = BlackBoxTuner(model, task, config)
-        train = tuner.encode(rows)
-        print(f"e2e {mode}: {args.budget} calls, popsize {args.popsize}, d {args.dim}, {len(train)} rows x "
-              f"{train.input_ids.shape[1]} tokens, {args.precision} on {args.device}", file=sys.stderr)
-        tuner.fit(train)
-        r = tuner.report
-        wall = r.wall_seconds
-        run = {"mode": mode, "budget": args.budget, "popsize": args.popsize, "intrinsic_dim": args.dim,
-               "prompt_tokens": p, "texts": len(train), "seq": int(train.input_ids.shape[1]),
-               "words_per_row": words, "wall_seconds": wall, "calls_per_second": r.calls_per_second,
-               "generations": r.generations, "engine_seconds": r.engine_seconds,
-               "optimizer_seconds": r.optimizer_seconds, "host_seconds": r.host_seconds,
-               "optimizer_and_host_share": (r.optimizer_seconds + r.host_seconds) / wall if wall else 0.0,
-               "ms_per_generation": 1000 * wall / max(r.generations, 1),
-               "engine_ms_per_generation": 1000 * r.engine_seconds / max(r.generations, 1),
-               "optimizer_ms_per_generation": 1000 * r.optimizer_seconds / max(r.generations, 1),
-               "train_loss_initial": r.train_loss_initial, "train_loss_final": r.train_loss_final}
+        print(f"e2e {mode}: {args.budget} calls, popsize {args.popsize}, d {args.dim}, {words} words per row, "
+              f"{args.precision} on {args.device}", file=sys.stderr)
+        run = {"mode": mode, "words_per_row": words, **end_to_end(model, args.budget, args.popsize, args.dim, p, words,
+                                                                   args.seed, diagonal=mode == "diagonal")}
         out["runs"].append(run)
         print(json.dumps(run), file=sys.stderr)
         if args.json_out:

@@ -22,6 +22,7 @@ import numpy as np
 
 from bbt_onnx import Model, load_manifest
 from bbt_onnx.bench import synthetic_inputs
+from bbt_onnx.engines import OrtSpec
 
 
 def compare(ref: np.ndarray, got: np.ndarray) -> dict:
@@ -60,7 +61,7 @@ def main() -> None:
         if not any(g.deep == deep for g in manifest.graphs.values()):
             continue
         t0 = time.perf_counter()
-        ref = Model.load(args.model_dir, device="cpu", precision="fp32", deep=deep, threads=args.threads)
+        ref = Model.load(args.model_dir, OrtSpec("cpu", "fp32", args.threads), deep=deep)
         refs[deep] = ref.engine.label_logits(prompts, enc)
         print(f"reference fp32{' deep' if deep else ''} on cpu: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     for key, spec in manifest.graphs.items():
@@ -71,8 +72,7 @@ def main() -> None:
                    "export_parity_vs_torch": spec.parity}
             t0 = time.perf_counter()
             try:
-                model = Model.load(args.model_dir, device=device, precision=spec.precision, deep=spec.deep,
-                                   threads=args.threads)
+                model = Model.load(args.model_dir, OrtSpec(device, spec.precision, args.threads), deep=spec.deep)
                 row["provider"] = model.engine.provider
                 row.update(compare(refs[spec.deep], model.engine.label_logits(prompts, enc)))
             except Exception as exc:  # noqa: BLE001 - record and go on to the next graph

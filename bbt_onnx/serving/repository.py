@@ -12,30 +12,34 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SettingsError
-from .fileio import write_dir, write_text_atomic
-from .manifest import GraphSpec, Manifest, graph_key, load_manifest
-from .remote import DEFAULT_MAX_REQUEST, check_max_request, served_name, served_parameters
+from ..contract import PRECISIONS, graph_key
+from ..engines.served import DEFAULT_MAX_REQUEST, check_max_request, served_name, served_parameters
+from ..errors import SettingsError
+from ..fileio import write_dir, write_text_atomic
+from ..manifest import GraphSpec, Manifest, load_manifest
+from ..options import setting
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64"}
 WARMUP_SIZES = {"C": 2, "N": 2, "T": 16, "P": 4, "K": 2}  # a small request of every input, all zeros
-KINDS = ("gpu", "cpu")
+INSTANCE_KINDS = ("gpu", "cpu")
 
 
 @dataclass(frozen=True)
 class RepoOptions:
     model_dir: str
-    out: str
-    precision: str | None = None  # None: fp16 when the model has it (for GPUs), else fp32
-    kind: str = "gpu"
-    instances: int = 1
-    tensorrt: bool = False
-    max_request: int = DEFAULT_MAX_REQUEST
-    force: bool = False
+    out: str = setting(None, "Model repository to write.", required=True)
+    precision: str | None = setting(None, "Which graph [default: fp16 when exported, else fp32].",
+                                    choices=PRECISIONS)
+    kind: str = setting("gpu", "Instance kind (KIND_GPU or KIND_CPU).", choices=INSTANCE_KINDS)
+    instances: int = setting(1, "Model instances per server.")
+    tensorrt: bool = setting(False, "Add onnxruntime's TensorRT accelerator (fp16, engine cache).")
+    max_request: int = setting(DEFAULT_MAX_REQUEST, "Largest request the client sends, as prompts x rows x tokens "
+                               "(C x N x T).")
+    force: bool = setting(False, "Replace a non-empty --out.")
 
     def check(self) -> "RepoOptions":
-        if self.kind not in KINDS:
-            raise SettingsError(f"--kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.kind not in INSTANCE_KINDS:
+            raise SettingsError(f"--kind must be one of {', '.join(INSTANCE_KINDS)}, got {self.kind!r}")
         if not (isinstance(self.instances, int) and 1 <= self.instances <= 64):
             raise SettingsError(f"--instances must be in 1..64, got {self.instances}")
         check_max_request(self.max_request)

@@ -21,10 +21,12 @@ from typing import Callable
 
 import numpy as np
 
-from .engine import OrtEngine
-from .errors import ServerError, SettingsError
-from .manifest import GRAPH_OUTPUTS, TensorSpec, graph_key, load_manifest
-from .remote import DEFAULT_MAX_REQUEST, check_max_request, served_name, served_parameters
+from ..contract import GRAPH_OUTPUTS, graph_key
+from ..engines.ort import OrtEngine, OrtSpec
+from ..engines.served import DEFAULT_MAX_REQUEST, check_max_request, served_name, served_parameters
+from ..errors import ServerError, SettingsError
+from ..manifest import TensorSpec, load_manifest
+from ..options import setting
 
 # everything but health (and the server's own metadata) needs the token when one is given
 TOKEN_ENDPOINTS = ["inference", "model-config", "model-repository", "shared-memory", "statistics", "trace", "logging"]
@@ -33,16 +35,14 @@ NUMPY_TYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
 @dataclass(frozen=True)
 class ServeOptions:
-    model_dir: str
-    device: str = "cpu"
-    precision: str = "fp32"
-    host: str = "127.0.0.1"
-    http_port: int = 8000
-    grpc_port: int = 8001
-    metrics_port: int = 8002
-    token: str | None = None
-    max_request: int = DEFAULT_MAX_REQUEST
-    threads: int | None = None
+    model_dirs: tuple[str, ...]  # every model the one server serves, each under its own name
+    engine: OrtSpec = OrtSpec()  # the graph each request runs through, in the server's process
+    host: str = setting("127.0.0.1", "Address to bind; one other machines can reach needs --token-file.")
+    http_port: int = setting(8000, "HTTP port.")
+    grpc_port: int = setting(8001, "gRPC port.")
+    metrics_port: int = setting(8002, "Metrics port.")
+    token: str | None = None  # every request but health must send it (triton-access-token)
+    max_request: int = setting(DEFAULT_MAX_REQUEST, "Largest request, as prompts x rows x tokens (C x N x T).")
 
     def check(self) -> "ServeOptions":
         ports = {"--http-port": self.http_port, "--grpc-port": self.grpc_port, "--metrics-port": self.metrics_port}
@@ -130,14 +130,18 @@ def _serve(opts: ServeOptions, log: Callable[[str], None]) -> None:
     opts.check()
     check_ports_free(opts.host, {"--http-port": opts.http_port, "--grpc-port": opts.grpc_port,
                                  "--metrics-port": opts.metrics_port})
-    manifest = load_manifest(opts.model_dir)
-    served = {}  # name -> (engine, graph): the prompt graph, and beside it the deep-prompt graph when exported
-    for deep in (False, True):
-        if deep and graph_key(opts.precision, deep) not in manifest.graphs:
-            continue
-        served[served_name(manifest, deep)] = (OrtEngine(manifest, precision=opts.precision, device=opts.device,
-                                                         threads=opts.threads, deep=deep),
-                                               manifest.graph(opts.precision, deep))
+    precision = opts.engine.precision
+    served = {}  # name -> (manifest, engine, graph): each prompt graph, and beside it its deep graph when exported
+    for directory in opts.model_dirs:
+        manifest = load_manifest(directory)
+        for deep in (False, True):
+            if deep and graph_key(precision, deep) not in manifest.graphs:
+                continue
+            name = served_name(manifest, deep)
+            if name in served:
+                raise SettingsError(f"{directory} would be served as {name!r}, the name of {served[name][0].directory} "
+                                    "too; serve them from two servers")
+            served[name] = (manifest, opts.engine.open(manifest, deep), manifest.graph(precision, deep))
     try:
         from pytriton.model_config import ModelConfig, Tensor
         from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
@@ -158,13 +162,13 @@ def _serve(opts: ServeOptions, log: Callable[[str], None]) -> None:
     previous = {sig: signal.signal(sig, stop.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     triton = Triton(config=config, security_config=security)
     try:
-        for name, (engine, graph) in served.items():
+        for name, (manifest, engine, graph) in served.items():
             triton.bind(name, make_infer(engine, graph.inputs, opts.max_request), inputs=tensors(graph.inputs),
                         outputs=tensors(graph.outputs), config=ModelConfig(batching=False))
-            _add_parameters(triton, name, served_parameters(manifest, opts.precision, opts.max_request,
+            _add_parameters(triton, name, served_parameters(manifest, precision, opts.max_request,
                                                             engine.max_buckets))
-        names = " and ".join(repr(n) for n in served)
-        log(f"starting tritonserver: {names} ({opts.precision} on {opts.device}), workspace {triton._workspace.path}")
+        names = ", ".join(repr(n) for n in served)
+        log(f"starting tritonserver: {names} ({opts.engine.name}), workspace {triton._workspace.path}")
         try:
             triton.run()
         except KeyboardInterrupt:

@@ -1,91 +1,30 @@
-"""Engines: the forward-only service the tuner queries.
+"""onnxruntime in this process: `OrtEngine` runs one graph of a model directory, and `OrtSpec` names it
+(`cpu:fp32`, `ort:cuda:fp16`).
 
-An engine turns C prompts [C, P', H] and N encoded rows into label logits [C, N, K].
-`OrtEngine` runs the exported graph with onnxruntime; anything with the same method
-(a remote server, say) can stand in for it without touching the tuner.
+On CPU, rows of similar length go in one call (padding is computed like any token); on CUDA the rows are bound on
+the device once per set of rows. Suffix-prompt rows on a decoder exported with the cached pair run their text once
+and each call only the tails.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Callable, Protocol, runtime_checkable
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import numpy as np
 
-from .encoding import CacheSplit, EncodedSet, cache_split, length_buckets
-from .errors import ModelError, SettingsError
-from .fileio import sha256_file
-from .manifest import GRAPH_OUTPUTS, PROMPT_POS, TEXT_OUTPUTS, GraphSpec, Manifest, graph_key
+from ..contract import GRAPH_OUTPUTS, PRECISIONS, PROMPT_POS, ROW_INPUTS, TEXT_OUTPUTS, graph_key
+from ..encoding import CacheSplit, EncodedSet, cache_split
+from ..errors import ModelError, SettingsError
+from ..fileio import sha256_file
+from ..manifest import GraphSpec, Manifest
+from .base import PromptScoring, check_prompt_positions, row_groups, row_input
 
 DEVICES = ("cpu", "cuda")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-ROW_INPUTS = ("input_ids", "attention_mask", "mask_pos", "label_ids")
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 KV_CACHE_LIMIT = 4 << 30  # bytes of cached text keys and values an engine may hold
-
-
-@runtime_checkable
-class Engine(Protocol):
-    provider: str
-
-    def label_logits(self, prompt_embeds: np.ndarray, batch: EncodedSet) -> np.ndarray:
-        """[C, P', H] prompts x N rows -> [C, N, K] float32 logits of the label words."""
-        ...
-
-
-@runtime_checkable
-class DeepEngine(Protocol):
-    """An engine for deep prompts (BBTv2): a prompt on the input of every layer."""
-
-    provider: str
-
-    def deep_label_logits(self, prompt_embeds: np.ndarray, batch: EncodedSet, layer_prompts: np.ndarray,
-                          layer: int) -> np.ndarray:
-        """C candidates [C, P', H] for layer `layer`, every other layer at `layer_prompts` [L, P', H]
-        -> [C, N, K] float32 logits of the label words."""
-        ...
-
-
-def takes_deep_prompts(engine) -> bool:
-    """Whether `engine` scores deep prompts: it has `deep_label_logits`, and (an OrtEngine) opened its deep graph."""
-    return callable(getattr(engine, "deep_label_logits", None)) and bool(getattr(engine, "deep", True))
-
-
-def score_rows(score: Callable[[EncodedSet], np.ndarray], rows: EncodedSet, batch_rows: int,
-               on_batch=None) -> np.ndarray:
-    """[N, K] label logits of one prompt on every row, in the rows' order, scored in length-sorted batches of
-    `batch_rows`; `score(batch)` gives [1, n, K] for a batch, and `on_batch(rows)` hears of each batch done."""
-    out = np.empty((len(rows), len(rows.label_ids)), np.float32)
-    for idx, batch in rows.batches(batch_rows):
-        out[idx] = score(batch)[0]
-        if on_batch:
-            on_batch(len(idx))
-    return out
-
-
-def row_groups(batch: EncodedSet, lengths: np.ndarray, max_buckets: int) -> tuple[list[np.ndarray], list[EncodedSet]]:
-    """How a batch is split into calls: rows of similar `lengths` together, at most `max_buckets` calls; one
-    group keeps the batch as it is, in its own order. In-process and remote engines split alike, so a server
-    runs the very tensors the in-process engine would."""
-    groups = length_buckets(lengths, max_buckets)
-    if len(groups) == 1:
-        return [np.arange(len(batch))], [batch]
-    return groups, [batch.take(g) for g in groups]
-
-
-def row_input(batch: EncodedSet, name: str, prompt_start: int) -> np.ndarray:
-    """One per-row input of the graph; rows encoded before prompt positions existed put the prompt after BOS."""
-    if name == PROMPT_POS and batch.prompt_pos is None:
-        return np.full(len(batch), prompt_start, np.int64)
-    return getattr(batch, name)
-
-
-def check_prompt_positions(batch: EncodedSet, takes_prompt_pos: bool, prompt_start: int, graph: str) -> None:
-    if takes_prompt_pos or batch.prompt_pos is None or (batch.prompt_pos == prompt_start).all():
-        return
-    raise ModelError(f"the {graph} graph puts the prompt right after BOS only, and these rows have it "
-                     "elsewhere (--bos, --chat or --prompt-position suffix); re-export the model")
 
 
 def cpu_threads() -> int:
@@ -95,41 +34,14 @@ def cpu_threads() -> int:
         return os.cpu_count() or 1
 
 
-class PromptScoring:
-    """What every engine does with prompts before its own `_score(prompts, batch, extra)`: shapes checked, and on
-    the deep graph a plain prompt scored as layer 0's with no prompt on the other layers. A subclass sets `deep`,
-    `manifest`, `hidden_size`, `prompt_dtype`, `graph_label`, and `LAYER_SHAPE` (how prompt_layer travels)."""
-
-    LAYER_SHAPE: tuple[int, ...] = ()  # the graph's scalar
-
-    def label_logits(self, prompt_embeds: np.ndarray, batch: EncodedSet) -> np.ndarray:
-        if self.deep:
-            zeros = np.zeros((self.manifest.num_layers, *np.shape(prompt_embeds)[1:]), self.prompt_dtype)
-            return self.deep_label_logits(prompt_embeds, batch, zeros, 0)
-        return self._score(self._prompts(prompt_embeds), batch, {})
-
-    def deep_label_logits(self, prompt_embeds: np.ndarray, batch: EncodedSet, layer_prompts: np.ndarray,
-                          layer: int) -> np.ndarray:
-        if not self.deep:
-            raise ModelError(f"{self.graph_label} takes no deep prompts; open the engine with deep=True")
-        prompts = self._prompts(prompt_embeds)
-        layers = np.ascontiguousarray(layer_prompts, dtype=self.prompt_dtype)
-        if layers.shape != (self.manifest.num_layers, *prompts.shape[1:]):
-            raise ValueError(f"layer_prompts must be [{self.manifest.num_layers}, {prompts.shape[1]}, "
-                             f"{self.hidden_size}], got {layers.shape}")
-        if not 0 <= layer < self.manifest.num_layers:
-            raise ValueError(f"layer {layer} is outside 0..{self.manifest.num_layers - 1}")
-        return self._score(prompts, batch, {"deep_prompts": layers,
-                                            "prompt_layer": np.full(self.LAYER_SHAPE, layer, np.int64)})
-
-    def _prompts(self, prompt_embeds: np.ndarray) -> np.ndarray:
-        prompts = np.ascontiguousarray(prompt_embeds, dtype=self.prompt_dtype)
-        if prompts.ndim != 3 or prompts.shape[2] != self.hidden_size:
-            raise ValueError(f"prompt_embeds must be [C, P, {self.hidden_size}], got {prompts.shape}")
-        return prompts
-
-    def _score(self, prompts: np.ndarray, batch: EncodedSet, extra: dict) -> np.ndarray:
-        raise NotImplementedError
+def onnxruntime():
+    """The onnxruntime module, or one line naming the extra that brings it."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise SettingsError("running a graph in this process needs onnxruntime: pip install 'bbt-onnx[cpu]' (or "
+                            "'bbt-onnx[gpu]' for CUDA)") from None
+    return ort
 
 
 class OrtEngine(PromptScoring):
@@ -139,7 +51,7 @@ class OrtEngine(PromptScoring):
                  threads: int | None = None, verify: bool = True, max_buckets: int | None = None, deep: bool = False,
                  kv_cache: bool | None = None, kv_cache_limit: int = KV_CACHE_LIMIT):
         if device not in DEVICES:
-            raise SettingsError(f"--device {device!r} is not one of {', '.join(DEVICES)}")
+            raise SettingsError(f"device {device!r} is not one of {', '.join(DEVICES)}")
         self.manifest = manifest
         self.precision = precision
         self.deep = deep
@@ -153,7 +65,6 @@ class OrtEngine(PromptScoring):
         names = [i.name for i in self.session.get_inputs()]
         self.takes_prompt_pos = PROMPT_POS in names
         self.prompt_dtype = ORT_TYPES[next(i.type for i in self.session.get_inputs() if i.name == "prompt_embeds")]
-        self.hidden_size = manifest.hidden_size
         # On CPU, padding is computed like any token: rows of similar length go in one call. A GPU
         # prefers one large call.
         self.max_buckets = max_buckets if max_buckets is not None else (4 if device == "cpu" else 1)
@@ -171,11 +82,19 @@ class OrtEngine(PromptScoring):
         self.kv_cache_limit = kv_cache_limit
         self._text = self._tail = None
         self._cached_bytes = 0
+        self.text_runs = 0  # texts run through the text graph (once per set of rows and bucket, then kept)
+
+    def plan_summary(self, batch: EncodedSet) -> dict:
+        """How this engine runs a set of rows: its calls, whether through the cached text, and where the rows and
+        the cached keys and values live. Planned once per set of rows, as a tune does."""
+        parts = self._plan(batch)
+        return {"calls": len(parts), "cached_text": parts[0].split is not None,
+                "rows_on_device": all(p.device_rows is not None for p in parts),
+                "text_kv_on_device": any(type(p.text_kv).__name__ == "OrtValue" for p in parts)}
 
     def _open(self, spec: GraphSpec):
         """One onnxruntime session over one graph, its file checked against the manifest first."""
-        import onnxruntime as ort
-
+        ort = onnxruntime()
         path = self.manifest.directory / spec.file
         if self.verify and sha256_file(path) != spec.sha256:
             raise ModelError(f"{path} does not match the sha256 in its manifest: the graph was changed or "
@@ -264,11 +183,11 @@ class OrtEngine(PromptScoring):
     def _text_kv(self, split: CacheSplit):
         """Every layer's keys and values for these texts, on the engine's device."""
         text, _ = self._cache_pair()
+        self.text_runs += 1
         feeds = {"input_ids": split.text_ids, "attention_mask": split.text_mask}
         if not self.io_binding:
             return text.run(list(TEXT_OUTPUTS), feeds)[0]
-        import onnxruntime as ort
-
+        ort = onnxruntime()
         binding = text.io_binding()
         for name, value in feeds.items():
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, self.device, 0))
@@ -280,8 +199,7 @@ class OrtEngine(PromptScoring):
         _, tail = self._cache_pair()
         if not self.io_binding:
             return np.asarray(tail.run(list(GRAPH_OUTPUTS), {"text_kv": text_kv, **feeds})[0], dtype=np.float32)
-        import onnxruntime as ort
-
+        ort = onnxruntime()
         binding = tail.io_binding()
         binding.bind_ortvalue_input("text_kv", text_kv)
         for name, value in feeds.items():
@@ -319,8 +237,7 @@ class OrtEngine(PromptScoring):
         return hit[1]
 
     def _bind_rows(self, batch: EncodedSet) -> dict:
-        import onnxruntime as ort
-
+        ort = onnxruntime()
         return {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(self._row_input(batch, name)),
                                                         self.device, 0)
                 for name in self.row_inputs}
@@ -334,8 +251,7 @@ class OrtEngine(PromptScoring):
             feeds = {name: self._row_input(part.batch, name) for name in self.row_inputs}
             feeds.update(extra, prompt_embeds=prompts)
             return np.asarray(self.session.run(list(GRAPH_OUTPUTS), feeds)[0], dtype=np.float32)
-        import onnxruntime as ort
-
+        ort = onnxruntime()
         binding = self.session.io_binding()
         for name, value in part.device_rows.items():
             binding.bind_ortvalue_input(name, value)
@@ -355,3 +271,58 @@ class Part:
     device_rows: dict | None = None
     split: CacheSplit | None = None  # suffix rows: the texts and tails of the cached pair
     text_kv: object = None  # their keys and values (numpy, or an OrtValue on the device)
+
+
+@dataclass(frozen=True)
+class OrtSpec:
+    """An engine in this process: onnxruntime on a device, over the graph of one precision."""
+
+    device: str = "cpu"
+    precision: str = "fp32"
+    threads: int | None = field(default=None, compare=False)  # CPU threads [default: every core]
+
+    backend: ClassVar[str] = "ort"
+    needs_graphs: ClassVar[bool] = True  # the model directory must hold the graphs
+    takes_token: ClassVar[bool] = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.device}:{self.precision}"
+
+    @staticmethod
+    def claims(text: str) -> bool:
+        return "://" not in text
+
+    @classmethod
+    def parse(cls, text: str, token: str | None = None, threads: int | None = None) -> "OrtSpec":
+        """`cpu:fp32`, `cuda:fp16`, or with the backend first, `ort:cpu:int8`."""
+        parts = [p.strip().lower() for p in str(text).split(":")]
+        if parts and parts[0] == cls.backend:
+            parts = parts[1:]
+        if len(parts) != 2 or parts[0] not in DEVICES or parts[1] not in PRECISIONS:
+            raise SettingsError(f"engine {text!r} is not DEVICE:PRECISION (devices: {', '.join(DEVICES)}; "
+                                f"precisions: {', '.join(PRECISIONS)}), e.g. cpu:fp32 or ort:cuda:fp16")
+        return cls(parts[0], parts[1], threads)
+
+    def local_graph(self, deep: bool = False) -> str:
+        """The manifest's key of the graph this engine runs here."""
+        return graph_key(self.precision, deep)
+
+    def unavailable(self, manifest: Manifest, deep: bool = False) -> str | None:
+        """Why this engine cannot open for `manifest`, or None when it can."""
+        if self.local_graph(deep) not in manifest.graphs:
+            return f"the model has no {self.local_graph(deep)} graph"
+        if PROVIDERS[self.device] not in onnxruntime().get_available_providers():
+            return f"onnxruntime's {PROVIDERS[self.device]} is not installed"
+        return None
+
+    def open(self, manifest: Manifest, deep: bool = False) -> OrtEngine:
+        return OrtEngine(manifest, precision=self.precision, device=self.device, threads=self.threads, deep=deep)
+
+    def record(self, engine) -> dict:
+        """What a run records of its engine."""
+        return {"precision": self.precision, "device": self.device}
+
+    def resumed(self, record: dict) -> "OrtSpec":
+        """This engine continuing a run recorded with `record`: the graph's precision is the run's."""
+        return replace(self, precision=record.get("precision") or "fp32")

@@ -1,38 +1,110 @@
 """The tuner's side of LMaaS: a Triton server (KServe v2 protocol, HTTP or gRPC) as an engine.
 
-`TritonEngine` has the same method as the in-process engine, so the tuner cannot tell them apart. It sends the
+`TritonEngine` has the same methods as the in-process engine, so the tuner cannot tell them apart. It sends the
 graph contract's tensors, split into the same length buckets the in-process engine uses, so a server running the
 same graph on the same provider returns the same logits. Before the first call it checks that the server serves
-the model the local manifest describes (the fingerprint in the model config's parameters).
+the model the local manifest describes (the fingerprint in the model config's parameters). What differs between
+HTTP and gRPC lives in two small wire classes.
 """
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from typing import ClassVar
 from urllib.parse import urlsplit
 
 import numpy as np
 
-from .encoding import EncodedSet
-from .engine import ROW_INPUTS, PromptScoring, check_prompt_positions, row_groups, row_input
-from .errors import ServerError, SettingsError
-from .manifest import GRAPH_OUTPUTS, MANIFEST_NAME, PROMPT_POS, TOKENIZER_NAME, Manifest
+from ..contract import GRAPH_OUTPUTS, PROMPT_POS, ROW_INPUTS
+from ..encoding import EncodedSet
+from ..errors import ServerError, SettingsError
+from ..manifest import Manifest
+from .base import PromptScoring, check_prompt_positions, row_groups, row_input
+from .served import (BUCKETS_PARAM, FINGERPRINT_PARAM, GRPC_PREFIX, LIMIT_PARAM, PRECISION_PARAM, TOKEN_HEADER,
+                     served_name)
 
-TOKEN_HEADER = "triton-access-token"
-GRPC_PREFIX = "triton-grpc-protocol-"  # tritonserver's name for a restricted-protocol key sent as gRPC metadata
-FINGERPRINT_PARAM = "bbt_fingerprint"
-LIMIT_PARAM = "bbt_max_request"
-PRECISION_PARAM = "bbt_precision"
-BUCKETS_PARAM = "bbt_row_buckets"  # calls per set of rows the server prefers: 4 length buckets on CPU, 1 on a GPU
-DEFAULT_MAX_REQUEST = 1 << 18  # C x N x T per request: e.g. 20 prompts x 32 rows x 409 tokens
-DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
 WIRE_TYPES = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64}
 TRANSIENT_HTTP = {408, 429, 502, 503, 504}
 TRANSIENT_GRPC = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED")
+
+
+class HttpWire:
+    """KServe v2 over HTTP (tritonclient.http): the token as a header, tensors as binary data."""
+
+    protocol = "http"
+    port = 8000
+
+    def __init__(self, remote: "Remote"):
+        self.remote = remote
+        self.module = client_module("tritonclient.http")
+
+    def client(self):
+        return self.module.InferenceServerClient(self.remote.address, connection_timeout=self.remote.timeout,
+                                                 network_timeout=self.remote.timeout)
+
+    def headers(self) -> dict[str, str]:
+        """A fresh dict every call: tritonclient adds its own keys to the one it is given."""
+        return {TOKEN_HEADER: self.remote.token} if self.remote.token else {}
+
+    def input(self, name: str, array: np.ndarray, wire: str):
+        item = self.module.InferInput(name, list(array.shape), wire)
+        item.set_data_from_numpy(array, binary_data=True)
+        return item
+
+    def output(self, name: str):
+        return self.module.InferRequestedOutput(name, binary_data=True)
+
+    def infer_options(self) -> dict:
+        return {}
+
+    def config(self, client, model: str) -> dict:
+        return client.get_model_config(model, headers=self.headers())
+
+
+class GrpcWire(HttpWire):
+    """KServe v2 over gRPC (tritonclient.grpc): the token as metadata under tritonserver's restricted-key prefix."""
+
+    protocol = "grpc"
+    port = 8001
+
+    def __init__(self, remote: "Remote"):
+        self.remote = remote
+        self.module = client_module("tritonclient.grpc")
+
+    def client(self):
+        return self.module.InferenceServerClient(self.remote.address)
+
+    def headers(self) -> dict[str, str]:
+        return {GRPC_PREFIX + TOKEN_HEADER: self.remote.token} if self.remote.token else {}
+
+    def input(self, name: str, array: np.ndarray, wire: str):
+        item = self.module.InferInput(name, list(array.shape), wire)
+        item.set_data_from_numpy(array)
+        return item
+
+    def output(self, name: str):
+        return self.module.InferRequestedOutput(name)
+
+    def infer_options(self) -> dict:
+        return {"client_timeout": self.remote.timeout}
+
+    def config(self, client, model: str) -> dict:
+        from google.protobuf.json_format import MessageToDict
+
+        raw = client.get_model_config(model, headers=self.headers())
+        return MessageToDict(raw.config, preserving_proto_field_name=True)
+
+
+WIRES = {wire.protocol: wire for wire in (HttpWire, GrpcWire)}
+
+
+def client_module(name: str):
+    try:
+        return __import__(name, fromlist=["InferenceServerClient"])
+    except ImportError:
+        raise SettingsError("scoring on a server needs tritonclient: pip install 'bbt-onnx[client]'") from None
 
 
 @dataclass(frozen=True)
@@ -52,79 +124,24 @@ class Remote:
     @property
     def address(self) -> str:
         parts = urlsplit(self.url)
-        return f"{parts.hostname}:{parts.port or DEFAULT_PORTS[self.protocol]}"
+        return f"{parts.hostname}:{parts.port or WIRES[self.protocol].port}"
 
     def check(self) -> "Remote":
         parts = urlsplit(self.url)
-        if parts.scheme.lower() not in DEFAULT_PORTS or not parts.hostname or parts.path not in ("", "/"):
-            raise SettingsError(f"--server {self.url!r} is not http://HOST:PORT or grpc://HOST:PORT")
+        if parts.scheme.lower() not in WIRES or not parts.hostname or parts.path not in ("", "/"):
+            raise SettingsError(f"server {self.url!r} is not http://HOST:PORT or grpc://HOST:PORT")
         try:
             parts.port
         except ValueError:
-            raise SettingsError(f"--server {self.url!r} has a bad port") from None
+            raise SettingsError(f"server {self.url!r} has a bad port") from None
         if not (self.timeout > 0 and np.isfinite(self.timeout)):
             raise SettingsError(f"the server timeout must be a positive number of seconds, got {self.timeout}")
         if not (isinstance(self.retries, int) and 0 <= self.retries <= 20):
             raise SettingsError(f"retries must be an integer in 0..20, got {self.retries}")
         return self
 
-    def headers(self) -> dict[str, str]:
-        """The token as Triton expects it: a header over HTTP, metadata with Triton's gRPC prefix over gRPC. A
-        fresh dict every call: tritonclient adds its own keys to the one it is given."""
-        if not self.token:
-            return {}
-        return {(GRPC_PREFIX if self.protocol == "grpc" else "") + TOKEN_HEADER: self.token}
-
-
-def read_token(path: str | Path) -> str:
-    """The shared secret in a token file (its first line, without surrounding whitespace)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SettingsError(f"cannot read the token file {path}: {exc}") from None
-    token = text.strip().splitlines()[0].strip() if text.strip() else ""
-    if not token:
-        raise SettingsError(f"the token file {path} is empty")
-    if any(c.isspace() or not c.isprintable() for c in token):
-        raise SettingsError(f"the token in {path} holds spaces or control characters; a header cannot carry them")
-    return token
-
-
-def served_name(manifest: Manifest, deep: bool = False) -> str:
-    """The model's name on a server: the export source's last path component, in Triton's alphabet; its
-    deep-prompt graph (BBTv2) is served beside it as NAME.deep."""
-    base = Path(str(manifest.source).rstrip("/")).name or "model"
-    name = ("".join(c if c.isalnum() or c in "._-" else "-" for c in base).strip(".-") or "model")[:100]
-    return f"{name}.deep" if deep else name
-
-
-def write_client_dir(model_dir: str | Path, out: str | Path, force: bool = False) -> Path:
-    """What a user of a remote service holds: the manifest (byte for byte, so its fingerprint is the server's)
-    and the tokenizer; no graphs, no weights."""
-    from .fileio import write_dir
-    from .manifest import load_manifest
-
-    manifest = load_manifest(model_dir)
-    if Path(out).resolve() == Path(model_dir).resolve():
-        raise SettingsError("--out is the model directory itself; name a new directory")
-
-    def fill(staging: Path) -> None:
-        for name in (MANIFEST_NAME, TOKENIZER_NAME):
-            shutil.copyfile(manifest.directory / name, staging / name)
-
-    return write_dir(out, force, fill)
-
-
-def check_max_request(max_request: int) -> None:
-    if not (isinstance(max_request, int) and max_request >= 1):
-        raise SettingsError(f"--max-request must be a positive integer, got {max_request}")
-
-
-def served_parameters(manifest: Manifest, precision: str, max_request: int, row_buckets: int) -> dict[str, str]:
-    """The model-config parameters a server publishes and `TritonEngine` reads: one set for `bbt-onnx serve` and
-    for `triton-repo`."""
-    return {FINGERPRINT_PARAM: manifest.fingerprint(), LIMIT_PARAM: str(max_request), PRECISION_PARAM: precision,
-            BUCKETS_PARAM: str(row_buckets)}
+    def wire(self) -> HttpWire:
+        return WIRES[self.protocol](self)
 
 
 class TritonEngine(PromptScoring):
@@ -134,14 +151,15 @@ class TritonEngine(PromptScoring):
 
     def __init__(self, manifest: Manifest, remote: Remote, deep: bool = False):
         self.remote = remote.check()
+        self.wire = remote.wire()
         self.manifest = manifest
         self.deep = deep
         self.model = served_name(manifest, deep)
         self.graph_label = f"served {self.model!r}"
         self.provider = f"Triton {self.model} at {remote.url}"
-        self.hidden_size = manifest.hidden_size
         self.calls = 0  # requests answered
         self.retried = 0  # requests sent again after a transient failure
+        self.bytes_sent = 0
         self._local = threading.local()  # a connection per thread: tritonclient's HTTP client is bound to one
         self._local.client = self._connect()
         config = self._config()
@@ -164,7 +182,6 @@ class TritonEngine(PromptScoring):
         self.prompt_dtype = WIRE_TYPES[types["prompt_embeds"]]
         self.takes_prompt_pos = PROMPT_POS in types
         self.row_inputs = ROW_INPUTS + ((PROMPT_POS,) if self.takes_prompt_pos else ())
-        self.bytes_sent = 0
 
     # -- the engine (label_logits and deep_label_logits come from PromptScoring) -----------------------
     def _score(self, prompts: np.ndarray, batch: EncodedSet, extra: dict) -> np.ndarray:
@@ -186,8 +203,9 @@ class TritonEngine(PromptScoring):
                               f"server's limit of {self.max_request} (C x N x T); use a smaller --popsize, fewer "
                               "rows per call or a shorter --max-length, or raise the server's --max-request")
         inputs = self._inputs(feeds)
-        result = self._retrying(lambda: self._client.infer(self.model, inputs, outputs=self._outputs(),
-                                                           headers=self.remote.headers(), **self._timeout_kw()))
+        outputs = [self.wire.output(GRAPH_OUTPUTS[0])]
+        result = self._retrying(lambda: self.client.infer(self.model, inputs, outputs=outputs,
+                                                          headers=self.wire.headers(), **self.wire.infer_options()))
         self.calls += 1
         logits = result.as_numpy(GRAPH_OUTPUTS[0])
         want = (c, n, len(feeds["label_ids"]))
@@ -196,36 +214,20 @@ class TritonEngine(PromptScoring):
                               f"label logits for a [{c}, {n}, {want[2]}] request: it does not run a bbt-onnx graph")
         return np.asarray(logits, dtype=np.float32)
 
-    # -- the protocol ---------------------------------------------------------
     @property
-    def _client(self):
+    def client(self):
+        """This thread's connection (tritonclient's HTTP client must stay on the thread that made it)."""
         client = getattr(self._local, "client", None)
         if client is None:
-            client = self._local.client = self._new_client()
+            client = self._local.client = self.wire.client()
         return client
 
-    def _module(self):
-        try:
-            if self.remote.protocol == "grpc":
-                import tritonclient.grpc as module
-            else:
-                import tritonclient.http as module
-        except ImportError:
-            raise SettingsError("--server needs tritonclient: pip install 'bbt-onnx[client]' (or the serve extra)") from None
-        return module
-
-    def _new_client(self):
-        module = self._module()
-        if self.remote.protocol == "grpc":
-            return module.InferenceServerClient(self.remote.address)
-        return module.InferenceServerClient(self.remote.address, connection_timeout=self.remote.timeout,
-                                            network_timeout=self.remote.timeout)
-
+    # -- the protocol ---------------------------------------------------------
     def _connect(self):
         """A client whose server is live and serves this model's name."""
         try:
-            client = self._new_client()
-            live = self._retrying(lambda: client.is_server_live(headers=self.remote.headers()))
+            client = self.wire.client()
+            live = self._retrying(lambda: client.is_server_live(headers=self.wire.headers()))
         except ServerError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -233,7 +235,7 @@ class TritonEngine(PromptScoring):
         if not live:
             raise ServerError(f"the server at {self.remote.url} is up but not live yet; try again in a moment")
         try:
-            ready = client.is_model_ready(self.model, headers=self.remote.headers())
+            ready = client.is_model_ready(self.model, headers=self.wire.headers())
         except Exception as exc:  # noqa: BLE001
             raise self._error(exc) from None
         if not ready and self.deep:
@@ -257,44 +259,27 @@ class TritonEngine(PromptScoring):
 
     def _config(self) -> dict:
         try:
-            if self.remote.protocol == "grpc":
-                from google.protobuf.json_format import MessageToDict
-
-                raw = self._client.get_model_config(self.model, headers=self.remote.headers())
-                return MessageToDict(raw.config, preserving_proto_field_name=True)
-            return self._client.get_model_config(self.model, headers=self.remote.headers())
+            return self.wire.config(self.client, self.model)
         except Exception as exc:  # noqa: BLE001
             raise self._error(exc) from None
 
     def _inputs(self, feeds: dict[str, np.ndarray]) -> list:
-        module = self._module()
         inputs = []
         for name, value in feeds.items():
             wire = self.wire_types.get(name, "INT64")
             array = np.ascontiguousarray(value, dtype=WIRE_TYPES[wire])
-            item = module.InferInput(name, list(array.shape), wire)
-            if self.remote.protocol == "grpc":
-                item.set_data_from_numpy(array)
-            else:
-                item.set_data_from_numpy(array, binary_data=True)
             self.bytes_sent += array.nbytes
-            inputs.append(item)
+            inputs.append(self.wire.input(name, array, wire))
         return inputs
-
-    def _outputs(self) -> list:
-        module = self._module()
-        if self.remote.protocol == "grpc":
-            return [module.InferRequestedOutput(GRAPH_OUTPUTS[0])]
-        return [module.InferRequestedOutput(GRAPH_OUTPUTS[0], binary_data=True)]
-
-    def _timeout_kw(self) -> dict:
-        return {"client_timeout": self.remote.timeout} if self.remote.protocol == "grpc" else {}
 
     @staticmethod
     def _transient(exc: Exception) -> bool:
-        """Worth a retry: the connection or the deadline failed, or the server said it is busy."""
+        """Worth a retry: the connection or the deadline failed, or the server said it is busy. A refused token is
+        an answer, though tritonserver sends it over gRPC as UNAVAILABLE."""
         if isinstance(exc, (ConnectionError, TimeoutError)):
             return True
+        if "restricted" in str(exc).lower():
+            return False
         status = getattr(exc, "status", None)
         code = status() if callable(status) else None
         if code is None:
@@ -322,3 +307,43 @@ class TritonEngine(PromptScoring):
         if "unknown model" in low or "not found" in low or code in ("404", "StatusCode.NOT_FOUND"):
             return ServerError(f"the server at {url} serves no model named {self.model!r}")
         return ServerError(f"the server at {url} failed the request ({code or type(exc).__name__}): {text[:300]}")
+
+
+@dataclass(frozen=True)
+class TritonSpec:
+    """An engine on a Triton server; its graph, device and precision are the server's."""
+
+    remote: Remote
+
+    backend: ClassVar[str] = "triton"
+    needs_graphs: ClassVar[bool] = False  # a client directory (manifest and tokenizer) is enough
+    takes_token: ClassVar[bool] = True
+
+    @property
+    def name(self) -> str:
+        return self.remote.url
+
+    @staticmethod
+    def claims(text: str) -> bool:
+        return "://" in text
+
+    @classmethod
+    def parse(cls, text: str, token: str | None = None, threads: int | None = None) -> "TritonSpec":
+        """`http://HOST:PORT` or `grpc://HOST:PORT`, optionally `triton:` first; `token` opens it."""
+        return cls(Remote(str(text).strip().removeprefix(f"{cls.backend}:"), token).check())
+
+    def local_graph(self, deep: bool = False) -> None:
+        return None  # the server runs its own, and checks it
+
+    def unavailable(self, manifest: Manifest, deep: bool = False) -> str | None:
+        return None  # the server says what it serves when the engine connects
+
+    def open(self, manifest: Manifest, deep: bool = False) -> TritonEngine:
+        return TritonEngine(manifest, self.remote, deep)
+
+    def record(self, engine) -> dict:
+        """What a run records of its engine: the server and what it serves; never the token."""
+        return {"server": self.remote.url, "precision": engine.precision}
+
+    def resumed(self, record: dict) -> "TritonSpec":
+        return self

@@ -13,10 +13,10 @@ from typing import Callable
 
 import numpy as np
 
-from .encoding import EncodedSet
-from .errors import BBTError, SettingsError
-from .manifest import Manifest, load_manifest
-from .remote import Remote, TritonEngine
+from ..encoding import EncodedSet
+from ..engines.triton import Remote, TritonEngine
+from ..errors import BBTError, SettingsError
+from ..manifest import Manifest, load_manifest
 
 MAX_CLIENTS = 64
 
@@ -99,8 +99,8 @@ def server_report(model_dir: str, remote: Remote, device: str, batch: int, seq: 
                   log: Callable[[str], None] = lambda _m: None) -> dict:
     """`bench --server`: a load run per client count on synthetic population calls, then the same call in
     process when the directory has the served graph, for the API's overhead at one client."""
-    from .bench import median_ms, synthetic_inputs
-    from .engine import OrtEngine
+    from ..bench import median_ms, synthetic_inputs
+    from ..engines.ort import OrtEngine
 
     manifest = load_manifest(model_dir, graphs=False)
     prompts, enc = synthetic_inputs(manifest, batch, seq)

@@ -1,0 +1,73 @@
+"""The served contract: what a server publishes about a model and a client checks before scoring on it.
+
+One module for both sides: the name a model is served under, the model-config parameters (fingerprint, request
+limit, precision, row buckets), the access token's header, and the client directory a user of the service holds.
+`bbt_onnx.serving` writes these; the Triton engine reads them.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from ..errors import SettingsError
+from ..manifest import MANIFEST_NAME, TOKENIZER_NAME, Manifest, load_manifest
+
+TOKEN_HEADER = "triton-access-token"
+GRPC_PREFIX = "triton-grpc-protocol-"  # tritonserver's name for a restricted-protocol key sent as gRPC metadata
+FINGERPRINT_PARAM = "bbt_fingerprint"
+LIMIT_PARAM = "bbt_max_request"
+PRECISION_PARAM = "bbt_precision"
+BUCKETS_PARAM = "bbt_row_buckets"  # calls per set of rows the server prefers: 4 length buckets on CPU, 1 on a GPU
+DEFAULT_MAX_REQUEST = 1 << 18  # C x N x T per request: e.g. 20 prompts x 32 rows x 409 tokens
+DEEP_SUFFIX = ".deep"
+
+
+def served_name(manifest: Manifest, deep: bool = False) -> str:
+    """The model's name on a server: the export source's last path component, in Triton's alphabet; its
+    deep-prompt graph (BBTv2) is served beside it as NAME.deep."""
+    base = Path(str(manifest.source).rstrip("/")).name or "model"
+    name = ("".join(c if c.isalnum() or c in "._-" else "-" for c in base).strip(".-") or "model")[:100]
+    return f"{name}{DEEP_SUFFIX}" if deep else name
+
+
+def served_parameters(manifest: Manifest, precision: str, max_request: int, row_buckets: int) -> dict[str, str]:
+    """The model-config parameters a server publishes and the Triton engine reads: one set for `bbt-onnx serve`
+    and for `triton-repo`."""
+    return {FINGERPRINT_PARAM: manifest.fingerprint(), LIMIT_PARAM: str(max_request), PRECISION_PARAM: precision,
+            BUCKETS_PARAM: str(row_buckets)}
+
+
+def check_max_request(max_request: int) -> None:
+    if isinstance(max_request, bool) or not (isinstance(max_request, int) and max_request >= 1):
+        raise SettingsError(f"--max-request must be a positive integer, got {max_request!r}")
+
+
+def read_token(path: str | Path) -> str:
+    """The shared secret in a token file (its first line, without surrounding whitespace)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"cannot read the token file {path}: {exc}") from None
+    token = text.strip().splitlines()[0].strip() if text.strip() else ""
+    if not token:
+        raise SettingsError(f"the token file {path} is empty")
+    if any(c.isspace() or not c.isprintable() for c in token):
+        raise SettingsError(f"the token in {path} holds spaces or control characters; a header cannot carry them")
+    return token
+
+
+def write_client_dir(model_dir: str | Path, out: str | Path, force: bool = False) -> Path:
+    """What a user of a remote service holds: the manifest (byte for byte, so its fingerprint is the server's)
+    and the tokenizer; no graphs, no weights."""
+    from ..fileio import write_dir
+
+    manifest = load_manifest(model_dir)
+    if Path(out).resolve() == Path(model_dir).resolve():
+        raise SettingsError("--out is the model directory itself; name a new directory")
+
+    def fill(staging: Path) -> None:
+        for name in (MANIFEST_NAME, TOKENIZER_NAME):
+            shutil.copyfile(manifest.directory / name, staging / name)
+
+    return write_dir(out, force, fill)

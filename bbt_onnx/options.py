@@ -1,0 +1,144 @@
+"""Settings described once, on the config dataclasses, and turned into command-line options from there.
+
+A field made with `setting(default, help, ...)` carries its help text, choices and bounds as metadata; the CLI
+generates each option from it (`click_options`) and builds the dataclass back from the parsed values
+(`from_params`), so no default, choice list or help text is restated in the CLI. Rules between flags are declared
+with the command (`Rule`) and checked by `Command` before it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import click
+
+from .errors import SettingsError
+
+KEY = "option"
+
+
+@dataclass(frozen=True)
+class Option:
+    help: str
+    choices: tuple | None = None
+    minimum: float | None = None
+    open_minimum: bool = False
+    flag: str | None = None  # the option's declaration [default: --field-name]; "--a/--no-a" for a tri-state flag
+    short: str | None = None
+    path: bool = False  # a file (click checks it is not a folder)
+    show_default: bool = True
+    multiple: bool = False  # repeatable; the field holds a tuple
+    required: bool = False
+
+
+def setting(default: Any, help: str, **option) -> Any:
+    """A dataclass field with its command-line description."""
+    return dataclasses.field(default=default, metadata={KEY: Option(help, **option)})
+
+
+def described(cls) -> list[tuple[dataclasses.Field, Option]]:
+    return [(f, f.metadata[KEY]) for f in dataclasses.fields(cls) if KEY in f.metadata]
+
+
+def flag_of(cls, name: str) -> str:
+    """The command-line flag of field `name`."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    option = field.metadata.get(KEY)
+    if option is not None and option.flag:
+        return option.flag.split("/")[0]
+    return "--" + name.replace("_", "-")
+
+
+def _python_type(annotation: str) -> str:
+    parts = [p.strip() for p in str(annotation).split("|") if p.strip() != "None"]
+    return parts[0] if parts else "str"
+
+
+def click_options(cls, skip: Sequence[str] = (), only: Sequence[str] | None = None, defaults: dict | None = None):
+    """A decorator adding one click option per described field of `cls` (in field order), with its help, type,
+    bounds, choices and default; `defaults` overrides a field's default for this command."""
+    def decorate(f):
+        for field, opt in reversed(described(cls)):
+            if field.name in skip or (only is not None and field.name not in only):
+                continue
+            default = (defaults or {}).get(field.name, field.default)
+            kind = _python_type(field.type)
+            kw: dict[str, Any] = {"help": opt.help, "required": opt.required}
+            decls = [opt.flag or "--" + field.name.replace("_", "-")]
+            if opt.short:
+                decls.append(opt.short)
+            if opt.multiple:
+                kind = _python_type(str(field.type).removeprefix("tuple[").split(",")[0])
+                kw["multiple"] = True
+                default = None
+            if kind == "bool" and "/" not in decls[0]:
+                kw["is_flag"] = True
+            elif kind == "bool":
+                kw["default"] = None
+            else:
+                if opt.choices:
+                    kw["type"] = click.Choice(list(opt.choices))
+                elif opt.path:
+                    kw["type"] = click.Path(dir_okay=False)
+                elif kind == "int":
+                    kw["type"] = click.IntRange(min=opt.minimum) if opt.minimum is not None else int
+                elif kind == "float":
+                    kw["type"] = (click.FloatRange(min=opt.minimum, min_open=opt.open_minimum)
+                                  if opt.minimum is not None else float)
+                if default is not None:
+                    kw["default"] = default
+                    kw["show_default"] = opt.show_default
+            f = click.option(*decls, field.name, **kw)(f)
+        return f
+    return decorate
+
+
+def from_params(cls, params: dict, **fixed):
+    """`cls` built from a command's parsed values (taken out of `params`), plus `fixed` values."""
+    values = {f.name: params.pop(f.name) for f, _ in described(cls) if f.name in params}
+    return cls(**values, **fixed)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A mistake made of several flags: every flag in `given` set (a `(name, value)` pair: set to that value),
+    none in `absent`, and, with `any_of`, at least one of those, which `{flags}` names in the message."""
+
+    message: str
+    given: tuple = ()
+    absent: tuple = ()
+    any_of: tuple = ()
+
+    def broken(self, ctx) -> str | None:
+        def given(name) -> bool:
+            if isinstance(name, tuple):
+                return ctx.params.get(name[0]) == name[1]
+            value = ctx.params.get(name)
+            source = ctx.get_parameter_source(name)
+            return source not in (None, click.core.ParameterSource.DEFAULT) and \
+                not (value is None or value is False or value == ())
+
+        if not all(given(n) for n in self.given) or any(given(n) for n in self.absent):
+            return None
+        named = [n for n in self.any_of if given(n)]
+        if self.any_of and not named:
+            return None
+        flags = {p.name: p.opts[0] for p in ctx.command.params}
+        return self.message.format(flags=", ".join(flags[n] for n in named))
+
+
+class Command(click.Command):
+    """A command with `rules` between its flags, checked before it runs."""
+
+    def __init__(self, *args, rules=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rules = rules
+
+    def invoke(self, ctx):
+        for rule in self.rules:
+            message = rule.broken(ctx)
+            if message:
+                raise SettingsError(message)
+        return super().invoke(ctx)
