@@ -4,7 +4,8 @@
 
 1. Parity: `classifier.onnx` (tokenizer, template and prompt in the graph) on every row of --data, in batches of
    64, against the runtime's predictions (`TunedPrompt.predict`, what `bbt-onnx predict` prints): labels equal,
-   largest probability difference, accuracy of both.
+   largest probability difference, accuracy of both; texts/s of both, the classifier's in file order and with
+   the texts sorted by length (predict sorts its rows so, and pads less).
 2. Overhead: the text classifier against the bare scoring call (the model's graph, fed the prompt and rows
    encoded beforehand, as `OrtEngine` runs it), on 64-row batches and on single texts, in alternating order call
    by call; median wall time per call, the ratio, and texts/s. Also the same classifier built to take ids, the
@@ -46,6 +47,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3, help="Passes over the batches for the overhead.")
     ap.add_argument("--singles", type=int, default=48, help="Single texts timed, each on both graphs.")
+    ap.add_argument("--threads", type=int, help="onnxruntime's intra-op threads [default: every core].")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -62,9 +64,9 @@ def main() -> None:
     for name, clf in (("text", text_clf), ("ids", ids_clf)):
         save_model(clf.model, tmp / f"{name}.onnx")
     save_model(front_model(manifest, text_clf.recipe), tmp / "front.onnx")
-    text_sess, ids_sess, front_sess = (session(tmp / f"{n}.onnx") for n in ("text", "ids", "front"))
+    text_sess, ids_sess, front_sess = (session(tmp / f"{n}.onnx", args.threads) for n in ("text", "ids", "front"))
     model = Model.load(args.model, deep=prompt.deep)
-    bare_sess = session(manifest.graph_path("fp32", prompt.deep), extensions=False)
+    bare_sess = session(manifest.graph_path("fp32", prompt.deep), args.threads, extensions=False)
     bare_inputs = {i.name for i in bare_sess.get_inputs()}
     constants = {"prompt_embeds": prompt.embeds[:1] if prompt.deep else prompt.embeds[None],
                  "label_ids": np.array(model.encoder(prompt.task, prompt.prompt_tokens).label_ids, np.int64)}
@@ -81,12 +83,19 @@ def main() -> None:
         got.append(text_sess.run(["probabilities"], {"text": np.array(texts[i:i + args.batch], dtype=object)})[0])
     classifier_s = time.perf_counter() - start
     got = np.concatenate(got)
+    # as predict batches: texts of similar length together, so that little padding is computed
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    start = time.perf_counter()
+    for i in range(0, len(texts), args.batch):
+        text_sess.run(["probabilities"], {"text": np.array([texts[j] for j in order[i:i + args.batch]], dtype=object)})
+    sorted_s = time.perf_counter() - start
     gold = np.array([prompt.task.class_index(r.label) for r in rows])
     parity = {"rows": len(rows), "labels_equal": int((got.argmax(1) == want.argmax(1)).sum()),
               "max_abs_diff": float(np.abs(got - want).max()),
               "accuracy_classifier": float((got.argmax(1) == gold).mean()),
               "accuracy_predict": float((want.argmax(1) == gold).mean()),
-              "classifier_texts_per_s": len(rows) / classifier_s, "predict_texts_per_s": len(rows) / predict_s}
+              "classifier_texts_per_s": len(rows) / classifier_s, "predict_texts_per_s": len(rows) / predict_s,
+              "classifier_sorted_texts_per_s": len(rows) / sorted_s}
 
     # 2. overhead of the tokenizer and template in the graph, call by call
     batches = [texts[i:i + args.batch] for i in range(0, len(texts) - args.batch + 1, args.batch)]
@@ -125,6 +134,7 @@ def main() -> None:
 
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores",
+        "threads": args.threads,
         "model": args.model, "prompt": args.prompt, "method": prompt.method, "framing": prompt.task.framing.to_json(),
         "classifier_inputs": text_clf.input_names, "parity": parity,
         "batch": measure(batches, args.repeats), "single": measure(singles, 1),
@@ -135,7 +145,8 @@ def main() -> None:
     p, b, s = report["parity"], report["batch"], report["single"]
     print(f"parity on {p['rows']} rows: labels equal {p['labels_equal']}/{p['rows']}, max |p - p_predict| "
           f"{p['max_abs_diff']:.2e}, accuracy {p['accuracy_classifier']:.4f} (predict {p['accuracy_predict']:.4f}); "
-          f"classifier {p['classifier_texts_per_s']:.1f} texts/s, predict {p['predict_texts_per_s']:.1f} texts/s")
+          f"classifier {p['classifier_texts_per_s']:.1f} texts/s in file order, "
+          f"{p['classifier_sorted_texts_per_s']:.1f} sorted by length; predict {p['predict_texts_per_s']:.1f} texts/s")
     for name, m in (("64-row batches" if args.batch == 64 else f"{args.batch}-row batches", b), ("single texts", s)):
         print(f"{name}: scoring graph {m['scoring_graph_s'] * 1e3:.1f} ms, text classifier "
               f"{m['text_classifier_s'] * 1e3:.1f} ms ({m['overhead'] * 100:+.1f}%), ids classifier "

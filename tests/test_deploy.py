@@ -28,11 +28,11 @@ from bbt_onnx.deploy import PROBES, DeployOptions, deploy, session
 from bbt_onnx.deploy.build import build_classifier, save_model
 from bbt_onnx.deploy.recipe import truncation_plan as recipe_plan
 from bbt_onnx.encoding import truncation_plan
-from bbt_onnx.errors import ModelError, SettingsError
+from bbt_onnx.errors import PromptError, SettingsError
 from bbt_onnx.manifest import load_manifest
 from bbt_onnx.subspace import ProjectionSpec
 from bbt_onnx.synthetic import sentiment_rows
-from bbt_onnx.tasks import PAIR, PRESETS, Framing, Task
+from bbt_onnx.tasks import PRESETS, Framing, Task
 
 from conftest import without_graphs
 from helpers import cli_error, invoke
@@ -66,8 +66,9 @@ CASES = {
 
 LONG = ("the film keeps its  nerve until the end ,\nand the cast makes it work ; "
         "a slow , dull plot that never moves , but great music . ")
-EDGE = ["café naïve résumé über 😀 東京 привет", "It's a 1999 remake -- \"quoted\" (x)! $10?", "a <mask> in the text",
-        "don't  stop\n\nme   now", "x", "  padded with spaces  ", "<s> </s> <|endoftext|> [CLS]", "3.14159 1,000,000"]
+EDGE = ["café naïve résumé über 😀 東京 привет", "It's a 1999 remake -- \"quoted\" (x)! $10?",
+        "a <mask> in the text", "don't  stop\n\nme   now", "x", "  padded with spaces  ",
+        "<s> </s> <|endoftext|> [CLS]", "3.14159 1,000,000"]
 
 
 def parity_rows(pair: bool) -> list[dict]:
@@ -87,7 +88,8 @@ def random_prompt(manifest, task: Task, method: str, seed: int = 0, tokens: int 
     rng = np.random.default_rng(seed)
     layers = (manifest.num_layers,) if method == "bbtv2" else ()
     if layers:  # each layer's prompt at that layer's scale
-        embeds = rng.standard_normal((*layers, tokens, manifest.hidden_size)) * np.array(manifest.layer_std)[:, None, None]
+        scale = np.array(manifest.layer_std)[:, None, None]
+        embeds = rng.standard_normal((*layers, tokens, manifest.hidden_size)) * scale
     else:
         embeds = rng.standard_normal((tokens, manifest.hidden_size)) * manifest.embedding_std
     spec = ProjectionSpec(seed, 10, tokens, manifest.hidden_size, manifest.embedding_std)
@@ -349,8 +351,6 @@ def test_deploy_refuses_a_model_changed_after_the_prompt_was_tuned(mistakes, tmp
     raw = json.loads((model / "manifest.json").read_text())
     raw["source"] = "changed"
     (model / "manifest.json").write_text(json.dumps(raw))
-    with pytest.raises(Exception, match="another model"):
+    with pytest.raises(PromptError, match="another model"):
         deploy(DeployOptions(str(model), str(mistakes["root"] / "run"), tmp_path / "out"))
     assert not (tmp_path / "out").exists()
-    with pytest.raises(ModelError):
-        load_manifest(tmp_path / "nowhere")

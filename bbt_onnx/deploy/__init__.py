@@ -8,7 +8,6 @@ and scores on probe rows, and OUT written whole or not at all.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path

@@ -121,7 +121,8 @@ def build_classifier(manifest: Manifest, prompt: TunedPrompt, precision: str = "
     encoder = Encoder(tokenizer, manifest, prompt.task, prompt.prompt_tokens, prompt.max_length,
                       prompt.placeholder_ids)
     recipe = layout(encoder, PROMPT_POS in names)
-    if not recipe["prompt_positions"] and (recipe["prompt_after_text"] or recipe["prompt_pos"] != manifest.prompt_start):
+    moved = recipe["prompt_after_text"] or recipe["prompt_pos"] != manifest.prompt_start
+    if not recipe["prompt_positions"] and moved:
         raise ModelError(f"the {path.name} graph puts the prompt right after BOS only, and this prompt's framing "
                          "puts it elsewhere; re-export the model")
     dtype = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}[
@@ -146,6 +147,8 @@ def build_classifier(manifest: Manifest, prompt: TunedPrompt, precision: str = "
         chosen = _unless_empty(g, rows, {f: np.array([""], dtype=object) for f in recipe["fields"]})
         build_front(g, recipe, tokenizer_json, {n: n for n in row_inputs}, chosen)
         model.opset_import.append(helper.make_opsetid(CONTRIB, 1))
+        # the front's outputs keep the shapes the graph's inputs declared, for onnxruntime's shape inference
+        graph.value_info.extend(names[n] for n in row_inputs)
     else:
         graph.input.extend(keep)
         rows = g.op("Gather", g.op("Shape", "input_ids"), g.const(0, np.int64), axis=0)
@@ -229,7 +232,7 @@ def _unless_empty(g: Graph, rows: str, stand_in: dict[str, np.ndarray]) -> dict[
 
 def front_model(manifest: Manifest, recipe: dict):
     """The in-graph tokenizer alone: strings in, the row inputs out (for checks)."""
-    onnx = onnx_module()
+    onnx_module()
     from onnx import TensorProto, helper
 
     tokenizer_json = json.loads(manifest.tokenizer_path.read_text(encoding="utf-8"))

@@ -240,7 +240,8 @@ class Graph:
         return self.op(op_type, x, self.const([axis], np.int64), keepdims=0, out=out)
 
 
-def build_front(g: Graph, recipe: dict, tj: dict, outputs: dict[str, str], inputs: dict[str, str] | None = None) -> None:
+def build_front(g: Graph, recipe: dict, tj: dict, outputs: dict[str, str],
+                inputs: dict[str, str] | None = None) -> None:
     """Nodes from the strings `inputs` names (text, and text_b for a pair task; by default tensors of those
     names) to the row inputs named in `outputs` (input_ids, attention_mask, mask_pos and, when the recipe says
     so, prompt_pos)."""
@@ -258,7 +259,7 @@ def build_front(g: Graph, recipe: dict, tj: dict, outputs: dict[str, str], input
     strip, empty = g.const([STRIP]), g.const([""])
     fields = {f: g.op("StringRegexReplace", inputs[f], strip, empty, domain=CONTRIB) for f in recipe["fields"]}
     shape = g.op("Shape", inputs["text"])
-    pieces, lit_bytes = [], {}
+    pieces = []
     for kind, value in recipe["segments"]:
         pieces.append(fields[value] if kind == "field" else g.op("Expand", g.const([value]), shape))
     pieces.append(g.op("Expand", g.const([sentinel]), shape))
@@ -338,7 +339,7 @@ def build_front(g: Graph, recipe: dict, tj: dict, outputs: dict[str, str], input
     over = g.op("Max", g.op("Sub", g.op("Add", count, g.const(fixed, np.int64)),
                             g.const(recipe["max_length"], np.int64)), zero)  # [N]
     counts = {f: g.op("ReduceSum", g.op("Cast", owns[f], to=i64), ax1, keepdims=0) for f in TEXT_FIELDS if f in owns}
-    drops = _plan(g, counts, over, zero, one)
+    drops = _plan(g, counts, over, zero)
     keep = valid
     for f, drop in drops.items():
         rank = g.op("CumSum", g.op("Cast", owns[f], to=i64), one)  # 1-based among the field's tokens
@@ -351,9 +352,9 @@ def build_front(g: Graph, recipe: dict, tj: dict, outputs: dict[str, str], input
     slot = g.op("Sub", g.op("CumSum", keep64, one), one)
     kept = g.op("ReduceSum", keep64, ax1, keepdims=0)  # [N]
     target = g.op("Where", keep, slot, width)
-    n_l = g.op("Concat", g.op("Slice", g.op("Shape", ids), ax0, ax1), g.op("Reshape", g.op("Add", width, one), ax1,
-                                                                          ), axis=0)
-    buffer = g.op("ConstantOfShape", n_l, value=_tensor(0))
+    rows = g.op("Slice", g.op("Shape", ids), ax0, ax1)  # [N]
+    buffer = g.op("ConstantOfShape", g.op("Concat", rows, g.op("Reshape", g.op("Add", width, one), ax1), axis=0),
+                  value=_tensor(0))
     compact = g.op("ScatterElements", buffer, target, ids, axis=1)  # [N, L + 1]
     pre, post = recipe["pre_ids"], recipe["post_ids"]
     p, q = g.const(len(pre), np.int64), g.const(len(post), np.int64)
@@ -361,8 +362,7 @@ def build_front(g: Graph, recipe: dict, tj: dict, outputs: dict[str, str], input
     row_end = g.op("Add", text_end, q)
     widest = g.reduce("ReduceMax", g.op("Concat", row_end, g.const([0], np.int64), axis=0), 0)
     k = g.op("Unsqueeze", g.op("Range", zero, widest, one), ax0)  # [1, W]
-    rows = g.op("Shape", ids)
-    nw = g.op("Concat", g.op("Slice", rows, ax0, ax1), g.op("Reshape", widest, ax1), axis=0)
+    nw = g.op("Concat", rows, g.op("Reshape", widest, ax1), axis=0)
     text_idx = g.op("Expand", g.op("Clip", g.op("Sub", k, p), zero, width), nw)
     value = g.op("GatherElements", compact, text_idx, axis=1)
     in_text = g.op("Less", k, g.op("Unsqueeze", text_end, ax1))
@@ -398,7 +398,7 @@ def _tensor(value: int):
     return helper.make_tensor("v", TensorProto.INT64, [1], [value])
 
 
-def _plan(g: Graph, counts: dict, over: str, zero: str, one: str) -> dict:
+def _plan(g: Graph, counts: dict, over: str, zero: str) -> dict:
     """`truncation_plan` for every row at once: one field loses `over`; of two, the longer is cut to the other's
     length first and the rest is shared, the first field taking the odd one."""
     if len(counts) == 1:
