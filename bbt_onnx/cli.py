@@ -7,6 +7,7 @@ declared with the command (`Rule`); the work is a library function.
 from __future__ import annotations
 
 import errno
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def model_option(help="Model directory from `bbt-onnx export`.", required=True):
     return click.option("--model", "model_dir", required=required, type=click.Path(file_okay=False), help=help)
 
 
-quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar or notes.")
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress or notes on stderr.")
 ENGINE_RULES = (
     Rule("--server-timeout goes with --server", given=("server_timeout",), absent=("server",)),
     Rule("--token-file goes with --server", given=("token_file",), absent=("server",)),
@@ -101,15 +102,20 @@ def cli():
 # --------------------------------------------------------------------------- export
 @cli.command()
 @click_options(ExportOptions)
-def export(**params):
+@quiet_option
+def export(quiet, **params):
     """Export a masked or causal LM to an ONNX prompt graph, check it against PyTorch, write its manifest."""
     options = from_params(ExportOptions, params)
+    if quiet:  # transformers' and the hub's notes and progress bars too
+        os.environ.update(TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1", TQDM_DISABLE="1")
     try:
         from bbt_onnx_export.pipeline import export_model
     except ImportError as exc:
+        if (exc.name or "").startswith("onnxruntime"):
+            raise BBTError("export runs onnxruntime: pip install 'bbt-onnx[cpu]' (or [gpu])") from None
         raise BBTError(f"export needs the `export` extra (torch, transformers, onnx): pip install 'bbt-onnx[export]' "
                        f"after pip install torch==2.13.0 ({exc})") from None
-    manifest = export_model(options, log=err)
+    manifest = export_model(options, log=(lambda _m: None) if quiet else err)
     summary = {name: {"file": g.file, **g.parity, **({"fused_ops": g.fused_ops} if g.fused_ops else {})}
                for name, g in manifest.graphs.items()}
     emit_json({"out": str(options.out), "kind": manifest.kind, "architecture": manifest.architecture,
@@ -295,25 +301,29 @@ def check(ctx, model_dir, prompt_dir, data, engines, token_file, threads, as_jso
 @model_option()
 @click_options(BenchOptions)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
-def bench(model_dir, as_json, **params):
+@click.pass_context
+def bench(ctx, model_dir, as_json, **params):
     """Time engine calls per precision against PyTorch in the same process, and an end-to-end tune; or, with
-    --server, load-test a served model."""
+    --server, load-test a served model (exit code 1 when a call failed)."""
     from .bench import format_bench, run_bench
 
     report = run_bench(from_params(BenchOptions, params, model_dir=model_dir), log=err)
     emit_json(report) if as_json else click.echo(format_bench(report))
+    ctx.exit(1 if any(run["errors"] for run in report.get("load", [])) else 0)
 
 
 # --------------------------------------------------------------------------- serving
 @cli.command()
 @click.option("--model", "model_dirs", required=True, multiple=True, type=click.Path(file_okay=False),
               help="Model directory to serve (repeatable: one server for several models, each under its name).")
+@click.option("--name", "names", multiple=True, help="The name to serve each --model under, in their order [default: "
+              "the export source's last path component]; clients give it as http://HOST:PORT/NAME.")
 @click_options(EngineOptions, only=LOCAL_ENGINE)
 @click_options(ServeOptions)
 @click.option("--token-file", type=click.Path(dir_okay=False),
               help="File holding a shared secret every request but health must send (triton-access-token).")
-def serve(model_dirs, token_file, **params):
-    """Serve the model's prompt graph on Triton Inference Server (PyTriton) until Ctrl-C or SIGTERM.
+def serve(model_dirs, names, token_file, **params):
+    """Serve the models' prompt graphs on Triton Inference Server until Ctrl-C or SIGTERM.
 
     Tune against it with `--server http://HOST:HTTP_PORT` (or grpc://HOST:GRPC_PORT) from a client directory.
     """
@@ -321,7 +331,7 @@ def serve(model_dirs, token_file, **params):
     from .serving.server import serve as run_serve
 
     engine = from_params(EngineOptions, params).spec()
-    run_serve(from_params(ServeOptions, params, model_dirs=tuple(model_dirs), engine=engine,
+    run_serve(from_params(ServeOptions, params, model_dirs=tuple(model_dirs), names=tuple(names), engine=engine,
                           token=read_token(token_file) if token_file else None), log=err)
 
 

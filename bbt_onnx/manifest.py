@@ -19,6 +19,7 @@ from .kinds import KINDS, LmKind
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
+FINGERPRINT_SKIPS = ("graphs", "versions", "source", "gguf_file", "format_version")  # not what the model is
 
 
 @dataclass(frozen=True)
@@ -132,9 +133,27 @@ class Manifest:
         return self.directory / TOKENIZER_NAME
 
     def fingerprint(self) -> str:
-        """sha256 of the manifest file: names the exact model a run used."""
+        """Names the exact model a prompt or run was made on: sha256 over its weights and graph contract (the fp32
+        graph's sha256), its tokenizer and the manifest's facts about the model, but not which other graphs were
+        exported beside it, from where, or with which package versions: re-exporting the same weights with
+        --deep or --int8 keeps it."""
+        if "_fingerprint" not in self.__dict__:
+            facts = {k: v for k, v in self.to_json().items() if k not in FINGERPRINT_SKIPS}
+            facts["fp32_graph"] = self.graphs["fp32"].sha256 if "fp32" in self.graphs else None
+            assert self.directory is not None
+            tokenizer = hashlib.sha256((self.directory / TOKENIZER_NAME).read_bytes()).hexdigest()
+            text = json.dumps(facts, sort_keys=True, separators=(",", ":")) + tokenizer
+            self.__dict__["_fingerprint"] = hashlib.sha256(text.encode()).hexdigest()
+        return self.__dict__["_fingerprint"]
+
+    def legacy_fingerprint(self) -> str:
+        """The fingerprint of bbt-onnx before 0.2: sha256 of the manifest file."""
         assert self.directory is not None
         return hashlib.sha256((self.directory / MANIFEST_NAME).read_bytes()).hexdigest()
+
+    def is_model(self, fingerprint: str) -> bool:
+        """Whether a prompt or run recorded with `fingerprint` (either kind) was made on this model."""
+        return fingerprint in (self.fingerprint(), self.legacy_fingerprint())
 
     # -- (de)serialisation ---------------------------------------------------
     def to_json(self) -> dict[str, Any]:

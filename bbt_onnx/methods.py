@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-import cma
+from .cmaes import cma
 import numpy as np
 
 from .encoding import EncodedSet

@@ -117,7 +117,7 @@ class TunedPrompt:
         if self.embeds.shape[:-2] != METHODS[self.method].prompt_dims(m.num_layers):
             raise PromptError(f"this {self.method} prompt has {self.embeds.shape[0]} layers but the model has "
                               f"{m.num_layers}: it was tuned for another model")
-        if self.model_fingerprint and self.model_fingerprint != m.fingerprint():
+        if self.model_fingerprint and not m.is_model(self.model_fingerprint):
             raise PromptError(f"this prompt was tuned on another model than {m.directory} (manifest fingerprint "
                               f"{self.model_fingerprint[:12]}, this model's {m.fingerprint()[:12]}); use the model "
                               "directory it was tuned on")

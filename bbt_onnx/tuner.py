@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
-import cma
+from .cmaes import cma
 import numpy as np
 
 from . import losses

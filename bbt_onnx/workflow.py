@@ -87,7 +87,7 @@ def tune(request: TuneRequest, hooks: Hooks = Hooks(), resume: bool = False, for
         hooks.log("note: no dev set; the prompt with the lowest training loss is kept")
     settings = request.settings(model)
     settings["data_fingerprints"] = splits.fingerprints
-    state = resume_state(run, settings, request) if resume else None
+    state = resume_state(run, settings, request, model.manifest) if resume else None
     if state is not None:
         tuner.check_state(state)
 
@@ -121,10 +121,10 @@ def tune(request: TuneRequest, hooks: Hooks = Hooks(), resume: bool = False, for
     return TuneOutcome(prompt, metrics, run.path, tuner.warnings)
 
 
-def resume_state(run: RunDir, settings: dict, request: TuneRequest) -> TunerState:
+def resume_state(run: RunDir, settings: dict, request: TuneRequest, manifest) -> TunerState:
     """The checkpoint of a run that may continue: same model, same data, same settings."""
     recorded = run.read_json()["settings"]
-    if not isinstance(recorded.get("model"), dict) or recorded["model"].get("fingerprint") != settings["model"]["fingerprint"]:
+    if not isinstance(recorded.get("model"), dict) or not manifest.is_model(str(recorded["model"].get("fingerprint"))):
         raise RunError(f"the model in {request.model_dir} is not the one this run started with")
     if recorded.get("data_fingerprints") != settings["data_fingerprints"]:
         raise RunError("the data files changed since this run started; it cannot be resumed")

@@ -204,6 +204,17 @@ def test_cli_tune_writes_the_run_and_prints_metrics(tiny_model, data_dir, tmp_pa
     assert [json.loads(x)["text"] for x in stdin.stdout.splitlines()] == ["a fun film", "dull and slow"]
 
 
+def test_off_a_terminal_tune_and_evaluate_print_status_lines(tiny_model, data_dir, tmp_path, monkeypatch):
+    """A progress bar prints nothing until it ends when stderr is a file: status lines come instead."""
+    monkeypatch.setattr("bbt_onnx.progress.STATUS_EVERY", 0.0)
+    tuned = invoke(tune_args(tiny_model, data_dir, tmp_path / "run"))
+    assert tuned.exit_code == 0, tuned.output
+    lines = [line for line in tuned.stderr.splitlines() if line.startswith("tuning: ")]
+    assert len(lines) >= 20 and lines[-1].startswith("tuning: 200/200, loss ") and " dev " in lines[-1]
+    scored = invoke(["evaluate", "--model", tiny_model, "--prompt", tmp_path / "run", "--data", data_dir / "test.csv"])
+    assert scored.exit_code == 0 and "scoring: 60/60" in scored.stderr
+
+
 def test_cli_resume_after_interrupt_matches_an_uninterrupted_run(tiny_model, data_dir, tmp_path, monkeypatch):
     whole = invoke(tune_args(tiny_model, data_dir, tmp_path / "a", "-q"))
     assert whole.exit_code == 0, whole.output
@@ -321,12 +332,13 @@ def test_budget_smaller_than_popsize_in_the_api():
 
 
 def other_model(tiny_model, where):
-    """The same graphs under another manifest: to the fingerprint, another model."""
+    """The same graphs under a manifest that says another thing about the model: to the fingerprint, another
+    model (where it was exported from is not one of those things)."""
     import shutil
 
     shutil.copytree(tiny_model, where)
     manifest = json.loads((where / "manifest.json").read_text())
-    manifest["source"] = "another-checkpoint"
+    manifest["embedding_mean"] = 0.123
     (where / "manifest.json").write_text(json.dumps(manifest))
     return where
 

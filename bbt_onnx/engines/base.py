@@ -73,7 +73,7 @@ class PromptScoring:
     the deep graph a plain prompt scored as layer 0's with no prompt on the other layers. A subclass sets `deep`,
     `manifest`, `prompt_dtype`, `graph_label`, and `LAYER_SHAPE` (how prompt_layer travels)."""
 
-    LAYER_SHAPE: tuple[int, ...] = ()  # the graph's scalar
+    LAYER_SHAPE: tuple[int, ...] = (1,)  # prompt_layer's shape
     manifest: Manifest
     deep: bool
     graph_label: str

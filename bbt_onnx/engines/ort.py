@@ -64,7 +64,10 @@ class OrtEngine(PromptScoring):
         self.session = self._open(manifest.graph(precision, deep))
         names = [i.name for i in self.session.get_inputs()]
         self.takes_prompt_pos = PROMPT_POS in names
-        self.prompt_dtype = ORT_TYPES[next(i.type for i in self.session.get_inputs() if i.name == "prompt_embeds")]
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.prompt_dtype = ORT_TYPES[inputs["prompt_embeds"].type]
+        if "prompt_layer" in inputs:  # [1]; a scalar in deep graphs exported before it could be served
+            self.LAYER_SHAPE = (1,) * len(inputs["prompt_layer"].shape)
         # On CPU, padding is computed like any token: rows of similar length go in one call. A GPU
         # prefers one large call.
         self.max_buckets = max_buckets if max_buckets is not None else (4 if device == "cpu" else 1)

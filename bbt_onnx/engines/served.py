@@ -20,6 +20,8 @@ LIMIT_PARAM = "bbt_max_request"
 PRECISION_PARAM = "bbt_precision"
 BUCKETS_PARAM = "bbt_row_buckets"  # calls per set of rows the server prefers: 4 length buckets on CPU, 1 on a GPU
 DEFAULT_MAX_REQUEST = 1 << 18  # C x N x T per request: e.g. 20 prompts x 32 rows x 409 tokens
+DEFAULT_MAX_PROMPTS = 256  # C per request
+DEFAULT_MAX_LABELS = 64  # K per request
 DEEP_SUFFIX = ".deep"
 
 
@@ -38,6 +40,27 @@ def served_parameters(manifest: Manifest, precision: str, max_request: int, row_
             BUCKETS_PARAM: str(row_buckets)}
 
 
+def request_limits(manifest: Manifest, deep: bool, max_request: int = DEFAULT_MAX_REQUEST,
+                   max_prompts: int = DEFAULT_MAX_PROMPTS, max_labels: int = DEFAULT_MAX_LABELS) -> dict[str, str]:
+    """What a served model checks in every request before running it (model-config parameters, beside
+    `served_parameters`): the request size, the model's dims, the id range."""
+    return {"bbt_max_request": str(max_request), "bbt_max_prompts": str(max_prompts),
+            "bbt_max_labels": str(max_labels), "bbt_prompt_tokens": str(manifest.prompt_tokens),
+            "bbt_hidden_size": str(manifest.hidden_size), "bbt_vocab_size": str(manifest.vocab_size),
+            "bbt_max_positions": str(manifest.max_positions), "bbt_layers": str(manifest.num_layers),
+            "bbt_deep": "1" if deep else "0"}
+
+
+def max_body(manifest: Manifest, max_request: int = DEFAULT_MAX_REQUEST, max_prompts: int = DEFAULT_MAX_PROMPTS,
+             max_labels: int = DEFAULT_MAX_LABELS) -> int:
+    """The largest request body a valid request to this model needs, in bytes: ids and mask, the prompts, every
+    layer's prompt, and the per-row and label inputs, with room for the protocol's own framing."""
+    prompt = manifest.prompt_tokens * manifest.hidden_size * 4
+    rows = min(max_request, 1 << 20)
+    return 2 * 8 * max_request + (max_prompts + manifest.num_layers) * prompt + 2 * 8 * rows + 8 * max_labels + \
+        (1 << 20)
+
+
 def check_max_request(max_request: int) -> None:
     if isinstance(max_request, bool) or not (isinstance(max_request, int) and max_request >= 1):
         raise SettingsError(f"--max-request must be a positive integer, got {max_request!r}")
@@ -52,8 +75,9 @@ def read_token(path: str | Path) -> str:
     token = text.strip().splitlines()[0].strip() if text.strip() else ""
     if not token:
         raise SettingsError(f"the token file {path} is empty")
-    if any(c.isspace() or not c.isprintable() for c in token):
-        raise SettingsError(f"the token in {path} holds spaces or control characters; a header cannot carry them")
+    if not token.isascii() or any(c.isspace() or not c.isprintable() for c in token):
+        raise SettingsError(f"the token in {path} holds spaces, control or non-ASCII characters; a header carries "
+                            "printable ASCII only")
     return token
 
 
