@@ -18,7 +18,7 @@ from .bench import BenchOptions
 from .check import Tolerances
 from .data import DataSpec
 from .engines import EngineOptions
-from .errors import BBTError, SettingsError
+from .errors import BBTError
 from .exporting import ExportOptions
 from .fileio import dumps, storage_error
 from .options import Command, Rule, click_options, from_params

@@ -16,7 +16,7 @@ from bbt_onnx.errors import BBTError
 from bbt_onnx.manifest import load_manifest
 from bbt_onnx.synthetic import sentiment_examples
 from bbt_onnx.tasks import Task
-from bbt_onnx_export import ExportOptions, export_model, validate
+from bbt_onnx_export import validate
 from bbt_onnx_export.loading import load_model
 
 from conftest import PROMPT_TOKENS

@@ -108,11 +108,19 @@ class HttpGate:
             raise self.error
 
     def stop(self) -> None:
-        if self.loop is not None and self.server is not None:
-            self.loop.call_soon_threadsafe(self.server.close)
-            self.loop.call_soon_threadsafe(self.loop.stop)
+        if self.loop is not None and self.server is not None and self.loop.is_running():
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop)
         if self.thread is not None:
             self.thread.join(timeout=10)
+
+    async def _shutdown(self) -> None:
+        """No new connections, the open ones ended, then the loop."""
+        self.server.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        asyncio.get_running_loop().stop()
 
     def _run(self) -> None:
         self.loop = asyncio.new_event_loop()
@@ -125,6 +133,7 @@ class HttpGate:
             return
         self._started.set()
         self.loop.run_forever()
+        self.loop.close()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
@@ -139,11 +148,13 @@ class HttpGate:
                 if self.token and restricted(method, target) and headers.get(TOKEN_HEADER) != self.token:
                     await respond(writer, 403, f"This API is restricted, expecting header '{TOKEN_HEADER}'",
                                   close=True)
+                    await linger(reader, writer)
                     return
                 try:
                     body = await self._body(reader, headers)
                 except Refusal as refusal:
                     await respond(writer, refusal.status, str(refusal), close=True)
+                    await linger(reader, writer)
                     return
                 state = self.state()
                 if state != "serving":  # answered here: live while starting or restarting, nothing else
@@ -253,6 +264,22 @@ async def respond(writer, status: int, reason: str, close: bool) -> None:
     try:
         await writer.drain()
     except ConnectionError:
+        pass
+
+
+async def linger(reader, writer, seconds: float = 2.0, most: int = 1 << 20) -> None:
+    """After a refusal that closes the connection, whatever the client still sends is read and dropped for a
+    moment: closing with unread bytes resets the connection, and the client would lose the answer."""
+    try:
+        writer.write_eof()
+        loop = asyncio.get_running_loop()
+        end, read = loop.time() + seconds, 0
+        while read < most and loop.time() < end:
+            data = await asyncio.wait_for(reader.read(1 << 16), end - loop.time())
+            if not data:
+                return
+            read += len(data)
+    except (OSError, asyncio.TimeoutError, RuntimeError):
         pass
 
 

@@ -22,8 +22,7 @@ from typing import Callable
 
 from ..contract import PRECISIONS
 from ..engines.ort import OrtSpec
-from ..engines.served import (DEFAULT_MAX_LABELS, DEFAULT_MAX_PROMPTS, DEFAULT_MAX_REQUEST, check_max_request,
-                              max_body)
+from ..engines.served import DEFAULT_MAX_REQUEST, check_max_request, max_body
 from ..errors import ServerError, SettingsError
 from ..manifest import load_manifest
 from ..options import setting
