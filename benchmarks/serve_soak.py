@@ -234,8 +234,10 @@ def main() -> None:
     def attacker() -> None:
         names = list(hostile.classes)
         rng = random.Random(0)
-        gap = 60 * args.minutes / max(args.hostile, 1)
-        for k in range(args.hostile):
+        start = time.monotonic()
+        gap = 0.95 * (stop_at - start) / max(args.hostile, 1)
+        for k in range(args.hostile):  # the k-th request near start + k x gap, however long the others took
+            time.sleep(max(0.0, start + gap * (k + rng.uniform(-0.4, 0.4)) - time.monotonic()))
             if time.monotonic() > stop_at:
                 break
             name = names[k % len(names)] if k < len(names) else rng.choice(names)
@@ -243,7 +245,6 @@ def main() -> None:
             answers[(name, str(status))] += 1
             if "Traceback" in text or "site-packages" in text:
                 tracebacks.append((name, text[:300]))
-            time.sleep(gap * rng.uniform(0.5, 1.5))
 
     threads = [threading.Thread(target=tuner, args=(i,)) for i in range(args.tuners)]
     threads.append(threading.Thread(target=attacker))
