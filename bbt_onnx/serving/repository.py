@@ -15,7 +15,7 @@ from pathlib import Path
 from ..contract import PRECISIONS, graph_key
 from ..engines.served import DEFAULT_MAX_REQUEST, check_max_request, served_name, served_parameters
 from ..errors import SettingsError
-from ..fileio import write_dir, write_text_atomic
+from ..fileio import OutputKind, check_replaceable, only_files, write_dir, write_text_atomic
 from ..manifest import GraphSpec, Manifest, load_manifest
 from ..options import setting
 
@@ -35,7 +35,9 @@ class RepoOptions:
     tensorrt: bool = setting(False, "Add onnxruntime's TensorRT accelerator (fp16, engine cache).")
     max_request: int = setting(DEFAULT_MAX_REQUEST, "Largest request the client sends, as prompts x rows x tokens "
                                "(C x N x T).")
-    force: bool = setting(False, "Replace a non-empty --out.")
+    force: bool = setting(False, "Replace an earlier model repository in --out.")
+    force_any: bool = setting(False, "Replace --out even when it does not look like a model repository (everything "
+                              "in it is deleted).")
 
     def check(self) -> "RepoOptions":
         if self.kind not in INSTANCE_KINDS:
@@ -111,10 +113,33 @@ def config_text(manifest: Manifest, precision: str, opts: RepoOptions, deep: boo
     return "\n".join(parts) + "\n"
 
 
-def write_repo(opts: RepoOptions) -> Path:
+def looks_like_repo(directory: Path) -> bool:
+    """What `triton-repo --force` may replace: model folders of config.pbtxt (onnxruntime) and 1/model.onnx only."""
+    try:
+        models = list(directory.iterdir())
+    except OSError:
+        return False
+    for model in models:
+        if model.is_symlink() or not model.is_dir() or not only_files(model / "1", lambda n: n == "model.onnx") or \
+                sorted(p.name for p in model.iterdir()) != ["1", "config.pbtxt"]:
+            return False
+        try:
+            if 'backend: "onnxruntime"' not in (model / "config.pbtxt").read_text(encoding="utf-8"):
+                return False
+        except (OSError, UnicodeDecodeError):
+            return False
+    return bool(models)
+
+
+REPOSITORY = OutputKind("a model repository (`bbt-onnx triton-repo`)", looks_like_repo)
+
+
+def write_repo(opts: RepoOptions, log=None) -> Path:
     """REPO/NAME/config.pbtxt and REPO/NAME/1/model.onnx (and REPO/NAME.deep/ when the model has the deep-prompt
     graph), written whole (`write_dir`)."""
     opts.check()
+    inputs = [("model directory", Path(opts.model_dir))]
+    check_replaceable(opts.out, opts.force, REPOSITORY, opts.force_any, inputs)  # before the model is read
     manifest = load_manifest(opts.model_dir)
     precision = pick_precision(manifest, opts.precision)
 
@@ -127,4 +152,4 @@ def write_repo(opts: RepoOptions) -> Path:
             shutil.copyfile(manifest.directory / manifest.graph(precision, deep).file, model / "1" / "model.onnx")
             write_text_atomic(model / "config.pbtxt", config_text(manifest, precision, opts, deep))
 
-    return write_dir(opts.out, opts.force, fill) / served_name(manifest)
+    return write_dir(opts.out, opts.force, fill, REPOSITORY, opts.force_any, inputs, log) / served_name(manifest)
