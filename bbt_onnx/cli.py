@@ -50,12 +50,22 @@ def one_line_errors(ctx):
         yield
     except click.exceptions.NoArgsIsHelpError:
         raise  # bare `bbt-onnx`: click prints the help
-    except (BBTError, click.ClickException) as exc:
-        fail(ctx, exc.format_message() if isinstance(exc, click.ClickException) else str(exc))
+    except click.ClickException as exc:
+        fail(ctx, exc.format_message())
+    except BBTError as exc:
+        fail(ctx, exc.render(flags_of(ctx)))
     except OSError as exc:
         if exc.errno == errno.EPIPE:
             raise  # a closed pipe downstream (`| head`): click handles it quietly
         fail(ctx, str(storage_error(exc.filename, exc, "use") if exc.filename else exc))
+
+
+def flags_of(ctx) -> dict[str, str]:
+    """The running command's options by their parameter names: what an error's arguments are called here."""
+    command = ctx.command
+    if isinstance(command, click.Group) and ctx.invoked_subcommand:
+        command = command.get_command(ctx, ctx.invoked_subcommand) or command
+    return {p.name: p.opts[0] for p in command.params if isinstance(p, click.Option) and p.opts}
 
 
 def fail(ctx, message: str) -> None:
@@ -123,12 +133,14 @@ def export(quiet, **params):
 
 
 # --------------------------------------------------------------------------- tune
-TUNE_FLAGS = ("model_dir", "out", "force", "precision", *TaskSpec.__dataclass_fields__,
+TUNE_FLAGS = ("model_dir", "out", "force", "force_any", "precision", *TaskSpec.__dataclass_fields__,
               *(f for f in DataSpec.__dataclass_fields__ if f != "seed"), *TuneConfig.__dataclass_fields__)
 
 
 @cli.command(rules=(
     Rule("--resume takes the run's own settings; drop {flags}", given=("resume",), any_of=TUNE_FLAGS),
+    Rule("--trust-checkpoint lets --resume read an old checkpoint.pkl; it goes with --resume",
+         given=("trust_checkpoint",), absent=("resume",)),
     Rule("--model is required", absent=("resume", "model_dir")),
     Rule("--out is required (the run directory)", absent=("resume", "out")),
     Rule("--k-shot samples --data; a --train file is used whole, so drop one of them", given=("train", "k_shot")),
@@ -142,13 +154,18 @@ TUNE_FLAGS = ("model_dir", "out", "force", "precision", *TaskSpec.__dataclass_fi
 @click_options(TuneConfig)
 @click_options(EngineOptions)
 @click.option("--resume", type=click.Path(path_type=Path, file_okay=False), help="Continue an interrupted run.")
-@click.option("--force", is_flag=True, help="Replace an earlier run in --out.")
+@click.option("--trust-checkpoint", is_flag=True, help="With --resume: read an old pickle checkpoint.pkl (from "
+              "bbt-onnx before checkpoint.npz). Unpickling runs any code the file holds: only for a run you wrote.")
+@click.option("--force", is_flag=True, help="Replace an earlier run in --out (kept until the new run's first "
+              "checkpoint).")
+@click.option("--force-any", is_flag=True, help="Write the run into --out even when it holds files but no run (they "
+              "are kept; only the run's own files are written).")
 @quiet_option
 @click.pass_context
-def tune(ctx, model_dir, out, resume, force, quiet, **params):
+def tune(ctx, model_dir, out, resume, force, force_any, trust_checkpoint, quiet, **params):
     """Learn a continuous prompt with CMA-ES, using only forward calls of the exported graph.
 
-    Writes prompt.npz, run.json, log.jsonl and loss.png into --out, prints the metrics JSON.
+    Writes prompt.npz, run.json, log.jsonl, loss.png and checkpoint.npz into --out, prints the metrics JSON.
     """
     from .runs import RunDir
     from .workflow import Hooks, TuneRequest, tune as run_tune
@@ -165,12 +182,13 @@ def tune(ctx, model_dir, out, resume, force, quiet, **params):
     progress = Progress(quiet)
     hooks = Hooks(log=(lambda m: None) if quiet else err, start=progress.start, event=progress.update)
     try:
-        outcome = run_tune(request, hooks, resume=bool(resume), force=force)
+        outcome = run_tune(request, hooks, resume=bool(resume), force=force, force_any=force_any,
+                           trust_checkpoint=trust_checkpoint)
     except KeyboardInterrupt:
         progress.close()
-        from .runs import CHECKPOINT
+        from .runs import CHECKPOINTS
 
-        if (Path(request.out) / CHECKPOINT).is_file():
+        if any((Path(request.out) / name).is_file() for name in CHECKPOINTS):
             err(f"interrupted; continue with: bbt-onnx tune --resume {request.out}")
         else:
             err("interrupted before the first checkpoint, so there is nothing to resume; run the same command "
@@ -213,7 +231,7 @@ def evaluate(model_dir, prompt_dir, data, no_prompt, prompt_tokens, quiet, **par
     prompt.check_model(model)
     enc = prompt.encoder(model).encode(rows)  # every row checked before the progress bar starts
     with row_progress(len(rows), "scoring", quiet) as advance:
-        result = prompt.evaluate(model, enc, on_batch=advance)
+        result = prompt.evaluate(model, enc, on_batch=advance).to_json()
     result.update(task=prompt.task.name, prompt="none (z = 0)" if no_prompt else str(prompt_dir),
                   provider=model.engine.provider)
     emit_json(result)
@@ -230,12 +248,13 @@ def evaluate(model_dir, prompt_dir, data, no_prompt, prompt_tokens, quiet, **par
 def predict(model_dir, prompt_dir, input_path, output, quiet, **params):
     """Label texts with a tuned prompt; writes JSONL: text, label and per-label probabilities."""
     from .data import read_input
-    from .fileio import check_writable, write_text_atomic
+    from .fileio import check_output_file, check_writable, write_text_atomic
     from .model import Model
     from .prompt import TunedPrompt
 
     if output:
         check_writable(output)
+        check_output_file(output, [("input", input_path), ("model directory", model_dir), ("run", prompt_dir)])
     prompt = TunedPrompt.load(prompt_dir)
     model = Model.load(model_dir, from_params(EngineOptions, params).spec(), deep=prompt.deep)
     prompt.check_model(model)
@@ -338,12 +357,14 @@ def serve(model_dirs, names, token_file, **params):
 @cli.command("client-dir")
 @model_option("Model directory.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Client directory to write.")
-@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
-def client_dir(model_dir, out, force):
+@click.option("--force", is_flag=True, help="Replace an earlier client directory in --out.")
+@click.option("--force-any", is_flag=True, help="Replace --out even when it does not look like a client directory "
+              "(everything in it is deleted).")
+def client_dir(model_dir, out, force, force_any):
     """Write what a user of the served model needs: manifest.json and tokenizer.json, no graphs or weights."""
     from .engines.served import write_client_dir
 
-    written = write_client_dir(model_dir, out, force)
+    written = write_client_dir(model_dir, out, force, force_any, log=err)
     err(f"wrote {written}: use it as --model with --server URL")
 
 
@@ -358,7 +379,7 @@ def triton_repo(model_dir, **params):
     from .serving.repository import write_repo
 
     opts = from_params(RepoOptions, params, model_dir=model_dir)
-    written = write_repo(opts)
+    written = write_repo(opts, log=err)
     err(f"wrote {written}: tritonserver --model-repository {opts.out} --disable-auto-complete-config")
 
 

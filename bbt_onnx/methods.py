@@ -143,8 +143,8 @@ class BbtV2(Bbt):
     def rounds(self, config) -> int:
         rounds = config.budget // (config.popsize * self.layers)
         if rounds < 1:
-            raise SettingsError(f"--budget {config.budget} is less than one BBTv2 round: --popsize {config.popsize} "
-                                f"x {self.layers} layers = {config.popsize * self.layers} calls")
+            raise SettingsError(f"budget {config.budget} is less than one BBTv2 round: popsize {config.popsize} "
+                                f"x {self.layers} layers = {config.popsize * self.layers} calls", ("budget", "popsize"))
         return rounds
 
     def check(self, config) -> None:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from . import losses
-from .data import Example
+from .data import Example, as_examples
 from .encoding import EncodedSet
 from .engines.base import score_rows
 from .errors import DataError, PromptError, SettingsError
@@ -32,6 +32,21 @@ def as_ids(ids) -> tuple[int, ...] | None:
 class Prediction:
     label: str
     probabilities: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A prompt's scores on labelled rows (`TunedPrompt.evaluate`)."""
+
+    metric_name: str
+    metric: float
+    accuracy: float
+    ce_loss: float
+    rows: int
+    truncated_rows: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -83,7 +98,9 @@ class TunedPrompt:
     def load(cls, path: str | Path) -> "TunedPrompt":
         path = Path(path)
         if path.is_dir():
-            path = path / PROMPT_NAME
+            from .runs import RunDir
+
+            path = RunDir(path).file(PROMPT_NAME)  # a run a --force replacement left aside is still the run
         if not path.is_file():
             raise PromptError(f"{path} does not exist: give a run directory written by `bbt-onnx tune`")
         try:
@@ -125,35 +142,34 @@ class TunedPrompt:
             raise PromptError(f"this prompt has {self.prompt_tokens} tokens; the model was exported for at most "
                               f"{m.prompt_tokens}")
 
-    def logits(self, model, rows: Sequence[Example] | EncodedSet, batch_rows: int = EVAL_ROWS,
+    def encode(self, model, rows: Sequence[Example | str] | EncodedSet) -> EncodedSet:
+        """Rows as this prompt frames them on `model`: Example rows, or plain texts."""
+        return rows if isinstance(rows, EncodedSet) else self.encoder(model).encode(as_examples(rows))
+
+    def logits(self, model, rows: Sequence[Example | str] | EncodedSet, batch_rows: int = EVAL_ROWS,
                on_batch: Callable[[int], None] | None = None) -> np.ndarray:
-        """[N, K] label logits for every row, in the rows' order, scored in length-sorted batches;
-        `on_batch(rows)` hears of each batch done."""
+        """[N, K] label logits for every row (Example rows or plain texts), in the rows' order, scored in
+        length-sorted batches; `on_batch(rows)` hears of each batch done."""
         self.check_model(model)
-        enc = rows if isinstance(rows, EncodedSet) else self.encoder(model).encode(rows)
-        return score_rows(self.scorer(model), enc, batch_rows, on_batch)
+        return score_rows(self.scorer(model), self.encode(model, rows), batch_rows, on_batch)
 
     def scorer(self, model) -> Callable[[EncodedSet], np.ndarray]:
         """rows -> [1, N, K] on the model's engine, as the prompt's method scores it."""
         return METHODS[self.method].scorer(model.engine, self.embeds)
 
     def evaluate(self, model, rows: Sequence[Example] | EncodedSet, batch_rows: int = EVAL_ROWS,
-                 on_batch: Callable[[int], None] | None = None) -> dict:
+                 on_batch: Callable[[int], None] | None = None) -> Evaluation:
+        """The task's metric, accuracy and cross-entropy on labelled rows."""
         self.check_model(model)
-        enc = rows if isinstance(rows, EncodedSet) else self.encoder(model).encode(rows)
+        enc = self.encode(model, rows)
         if (enc.labels < 0).any():
-            raise DataError("every row needs a label to be evaluated")
+            raise DataError("every row needs a label to be evaluated", "rows")
         logits = score_rows(self.scorer(model), enc, batch_rows, on_batch)  # the model was checked above
-        return {
-            "metric_name": self.task.metric,
-            "metric": float(losses.metric(self.task.metric, logits, enc.labels)[0]),
-            "accuracy": float(losses.accuracy(logits, enc.labels)[0]),
-            "ce_loss": float(losses.cross_entropy(logits, enc.labels)[0]),
-            "rows": len(enc),
-            "truncated_rows": enc.truncated,
-        }
+        return Evaluation(self.task.metric, float(losses.metric(self.task.metric, logits, enc.labels)[0]),
+                          float(losses.accuracy(logits, enc.labels)[0]),
+                          float(losses.cross_entropy(logits, enc.labels)[0]), len(enc), enc.truncated)
 
-    def predict(self, model, rows: Sequence[Example] | EncodedSet, batch_rows: int = EVAL_ROWS,
+    def predict(self, model, rows: Sequence[Example | str] | EncodedSet, batch_rows: int = EVAL_ROWS,
                 on_batch: Callable[[int], None] | None = None) -> list[Prediction]:
         logits = self.logits(model, rows, batch_rows, on_batch)
         probs = np.exp(losses.log_softmax(logits.astype(np.float64)))
@@ -182,8 +198,8 @@ def template_prompt(manifest, task: Task, prompt_tokens: int | None = None) -> T
     """z = 0 without a run: the manual template after the model's placeholder tokens (`prompt_tokens` of them,
     0 for the template alone)."""
     if prompt_tokens is not None and prompt_tokens > manifest.prompt_tokens:
-        raise SettingsError(f"--prompt-tokens {prompt_tokens} is more than the {manifest.prompt_tokens} this model "
-                            "was exported for")
+        raise SettingsError(f"prompt_tokens {prompt_tokens} is more than the {manifest.prompt_tokens} this model "
+                            "was exported for", "prompt_tokens")
     spec = ProjectionSpec(0, 1, manifest.prompt_tokens if prompt_tokens is None else prompt_tokens,
                           manifest.hidden_size, manifest.embedding_std)
     return TunedPrompt.zero(spec, task)

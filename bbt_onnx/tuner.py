@@ -19,7 +19,7 @@ from .cmaes import cma
 import numpy as np
 
 from . import losses
-from .data import Example
+from .data import Example, as_examples
 from .encoding import EncodedSet, init_placeholders
 from .engines.base import score_rows
 from .errors import DataError, RunError, SettingsError
@@ -34,11 +34,8 @@ from .tasks import Task
 
 
 DEV_ROWS = 256  # dev rows per engine call
+TPA_DIMENSION = getattr(cma.evolution_strategy, "TPA_dimension", 300)  # pycma's own switch to TPA
 MIN_LENGTH = 8  # --max-length below this leaves no room for a template
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -66,40 +63,48 @@ class TuneConfig:
     method: str = setting("bbt", "bbt: one prompt on the embeddings; bbtv2: a prompt on every layer, one CMA-ES "
                           "per layer (needs a model exported with --deep).", choices=tuple(METHODS))
 
+    def __post_init__(self):
+        self.check()  # a config that cannot run is refused when it is built
+
     def check(self) -> None:
-        """Every setting in range, before anything runs or touches disk."""
+        """Every setting in range, before anything runs or touches disk (also done when the config is built)."""
         ints = {"prompt_tokens": 1, "intrinsic_dim": 1, "popsize": 2, "budget": 1, "eval_every": 1, "seed": 0,
                 "checkpoint_every": 0}
         for name, least in ints.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise SettingsError(f"{flag(name)} must be a whole number, got {value!r}")
+                raise SettingsError(f"{name} must be a whole number, got {value!r}", name)
             if value < least:
-                raise SettingsError(f"{flag(name)} must be at least {least}, got {value}")
+                raise SettingsError(f"{name} must be at least {least}, got {value}", name)
         if self.seed >= 2**32:
-            raise SettingsError(f"--seed must be below 2**32, got {self.seed}")
-        if self.max_length is not None and (not isinstance(self.max_length, (int, np.integer))
+            raise SettingsError(f"seed must be below 2**32, got {self.seed}", "seed")
+        if self.max_length is not None and (isinstance(self.max_length, bool) or
+                                            not isinstance(self.max_length, (int, np.integer))
                                             or self.max_length < MIN_LENGTH):
-            raise SettingsError(f"--max-length must be at least {MIN_LENGTH}, got {self.max_length!r}")
+            raise SettingsError(f"max_length must be at least {MIN_LENGTH}, got {self.max_length!r}", "max_length")
         for name, positive in (("sigma", True), ("alpha", True), ("bound", False)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
                     or not math.isfinite(value):
-                raise SettingsError(f"{flag(name)} must be a finite number, got {value!r}")
+                raise SettingsError(f"{name} must be a finite number, got {value!r}", name)
             if value < 0 or (positive and value == 0):
-                raise SettingsError(f"{flag(name)} must be {'positive' if positive else '0 (off) or positive'}, "
-                                    f"got {value}")
+                raise SettingsError(f"{name} must be {'positive' if positive else '0 (off) or positive'}, got "
+                                    f"{value}", name)
+        if self.popsize < 3 and self.intrinsic_dim >= TPA_DIMENSION:
+            raise SettingsError(f"popsize {self.popsize} is too small at intrinsic_dim {self.intrinsic_dim}: from "
+                                f"{TPA_DIMENSION} dimensions pycma's step-size control (TPA) spends two candidates "
+                                "of every generation; use at least 3", ("popsize", "intrinsic_dim"))
         if self.budget < self.popsize:
-            raise SettingsError(f"--budget {self.budget} is smaller than --popsize {self.popsize}: not even one "
-                                "generation")
-        if self.loss not in losses.LOSSES:
-            raise SettingsError(f"--loss {self.loss!r} is not one of {', '.join(losses.LOSSES)}")
-        if self.random_proj not in PROJECTIONS:
-            raise SettingsError(f"--random-proj {self.random_proj!r} is not one of {', '.join(PROJECTIONS)}")
-        if self.method not in METHODS:
-            raise SettingsError(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
-        if self.prompt_init is not None and not str(self.prompt_init).strip():
-            raise SettingsError("--prompt-init is empty; leave it out to use the model's placeholder tokens")
+            raise SettingsError(f"budget {self.budget} is smaller than popsize {self.popsize}: not even one "
+                                "generation", ("budget", "popsize"))
+        for name, choices in (("loss", losses.LOSSES), ("random_proj", PROJECTIONS), ("method", tuple(METHODS))):
+            if getattr(self, name) not in choices:
+                raise SettingsError(f"{name} {getattr(self, name)!r} is not one of {', '.join(choices)}", name)
+        if not isinstance(self.diagonal, bool):
+            raise SettingsError(f"diagonal must be true or false, got {self.diagonal!r}", "diagonal")
+        if self.prompt_init is not None and (not isinstance(self.prompt_init, str) or not self.prompt_init.strip()):
+            raise SettingsError("prompt_init is empty; leave it out to use the model's placeholder tokens",
+                                "prompt_init")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -128,7 +133,9 @@ class GenerationEvent:
 
 @dataclass
 class TunerState:
-    """Everything a resumed run needs to continue bit for bit (pycma pickles with its RNG)."""
+    """Everything a resumed run needs to continue bit for bit: pycma's strategies (with our generator) and the
+    loop's counters and best-so-far values. `checkpoint.dumps` writes it without pickle; `tuner.load_state` reads
+    it back."""
 
     config: TuneConfig
     es: list[cma.CMAEvolutionStrategy]  # one per layer for BBTv2
@@ -177,11 +184,18 @@ class BlackBoxTuner:
     method (methods.py) says what a generation searches; budget, dev choice, checkpoints and events are here."""
 
     def __init__(self, model: Model, task: Task, config: TuneConfig = TuneConfig()):
+        if not isinstance(config, TuneConfig):
+            raise SettingsError(f"config must be a TuneConfig, got {type(config).__name__}", "config")
         config.check()
+        if not isinstance(task, Task):
+            raise SettingsError(f"task must be a Task, got {type(task).__name__}", "task")
         self.model = model
         self.task = task
         self.config = config
         m = model.manifest
+        if config.max_length is not None and config.max_length > m.max_positions:
+            raise SettingsError(f"max_length {config.max_length} is more than the model's {m.max_positions} "
+                                "positions; leave it out to use them all", "max_length")
         self.spec = ProjectionSpec(seed=config.seed, intrinsic_dim=config.intrinsic_dim,
                                    prompt_tokens=config.prompt_tokens, hidden_size=m.hidden_size,
                                    embedding_std=m.embedding_std, alpha=config.alpha, sigma=config.sigma,
@@ -199,17 +213,26 @@ class BlackBoxTuner:
     def warnings(self) -> list[str]:
         return list(self.encoder.warnings)
 
-    def encode(self, rows: Sequence[Example] | EncodedSet | None) -> EncodedSet | None:
+    def encode(self, rows: Sequence[Example | str] | EncodedSet | None) -> EncodedSet | None:
         if rows is None or isinstance(rows, EncodedSet):
             return rows
-        return self.encoder.encode(rows)
+        return self.encoder.encode(as_examples(rows))
 
     def new_state(self) -> TunerState:
         return TunerState(self.config, self.method.strategies(self.config, seeds(self.config.seed)["cma"]))
 
+    def load_state(self, data: bytes, source: str = "the checkpoint") -> TunerState:
+        """A state saved with `checkpoint.dumps` (checkpoint.npz's bytes), restored for this tuner; nothing in
+        the bytes is run, and a checkpoint of other settings is refused."""
+        from .checkpoint import loads
+
+        return loads(data, self, source)
+
     def check_state(self, state: TunerState) -> None:
         """A checkpoint continues only the run it came from: its settings must be this tuner's."""
-        if not isinstance(state, TunerState) or state.config != self.config:
+        if not isinstance(state, TunerState):
+            raise RunError(f"state must be a TunerState, got {type(state).__name__}")
+        if state.config != self.config:
             raise RunError("the checkpoint was written with other settings than this run's; it cannot be resumed "
                            "with these")
         if not isinstance(state.es, list):  # checkpoints written before BBTv2 held one strategy
@@ -221,6 +244,9 @@ class BlackBoxTuner:
         if state is None:
             state = self.new_state()
         self.check_state(state)
+        train = self._encoded(train, "train")
+        if train is None:
+            raise DataError("train has no rows: start() needs the training rows")
         if (train.labels < 0).any():
             raise DataError("every training row needs a label")
         self.state = state
@@ -231,12 +257,18 @@ class BlackBoxTuner:
             state.train_loss_initial = float(self._loss(self.method.z_scorer(zero)(train), train.labels)[0])
         return state
 
+    def _started(self, step: str) -> TunerState:
+        if self.state is None:
+            raise RunError(f"{step}() before start(): call tuner.start(train) first (or fit)")
+        return self.state
+
     def finished(self) -> bool:
-        return bool(self.method.stop(self.state, self.config))
+        return bool(self.method.stop(self._started("finished"), self.config))
 
     def step(self, train: EncodedSet, dev: EncodedSet | None) -> GenerationEvent:
         """One generation: ask, score every candidate in one engine call, tell; dev when it is due."""
-        state, cfg, method = self.state, self.config, self.method
+        state, cfg, method = self._started("step"), self.config, self.method
+        train, dev = self._encoded(train, "train"), self._encoded(dev, "dev")
         started = time.perf_counter()
         layer = method.layer(state)
         es = state.es[layer]
@@ -274,7 +306,8 @@ class BlackBoxTuner:
 
     def result(self, train: EncodedSet, dev: EncodedSet | None) -> TunedPrompt:
         """The prompt to keep: best dev (the last best z scored first), else best train; and the report."""
-        state, cfg = self.state, self.config
+        state, cfg = self._started("result"), self.config
+        train, dev = self._encoded(train, "train"), self._encoded(dev, "dev")
         if dev is not None and state.best_z is not None and not _same(state.last_dev_z, state.best_z):
             self._evaluate_dev(state, dev)  # the last best may not have met a dev evaluation yet
         state.stop_reason = self.method.stop(state, cfg)
@@ -314,6 +347,15 @@ class BlackBoxTuner:
             if on_checkpoint and every and state.generation % every == 0:
                 on_checkpoint(state)
         return self.result(train_set, dev_set)
+
+    def _encoded(self, rows, name: str) -> EncodedSet | None:
+        """Rows as the steps take them: an EncodedSet, or examples (or plain texts) encoded here."""
+        if rows is None or isinstance(rows, EncodedSet):
+            return rows
+        if isinstance(rows, (str, Example)) or not isinstance(rows, Sequence):
+            raise DataError(f"{name} must be a list of Example rows (or an EncodedSet), got {type(rows).__name__}",
+                            name)
+        return self.encode(rows)
 
     def _loss(self, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return losses.loss(self.config.loss, self.task.metric, logits, labels)

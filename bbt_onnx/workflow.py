@@ -9,7 +9,8 @@ from typing import Callable
 
 from .data import DataSpec, load_splits
 from .engines import EngineSpec, OrtSpec
-from .errors import BBTError, RunError
+from .errors import BBTError, RunError, SettingsError
+from .fileio import check_apart
 from .methods import method_for
 from .model import Model
 from .prompt import TunedPrompt
@@ -68,11 +69,18 @@ class TuneOutcome:
     warnings: list[str] = field(default_factory=list)
 
 
-def tune(request: TuneRequest, hooks: Hooks = Hooks(), resume: bool = False, force: bool = False) -> TuneOutcome:
+def tune(request: TuneRequest, hooks: Hooks = Hooks(), resume: bool = False, force: bool = False,
+         force_any: bool = False, trust_checkpoint: bool = False) -> TuneOutcome:
     """Check every input first, then claim the run directory, tune, checkpoint, score the test set and
-    write the run. Nothing on disk changes until every input and setting has been checked."""
+    write the run. Nothing on disk changes until every input and setting has been checked. `force` replaces an
+    earlier run in `request.out` (kept until the new one has a checkpoint), `force_any` writes into a directory that
+    holds no run; `trust_checkpoint` lets `resume` unpickle an old checkpoint.pkl (which can run code)."""
     request.config.check()
-    run = RunDir.open_existing(request.out) if resume else RunDir.check_new(request.out, force)
+    check_apart(request.out, [("model directory", request.model_dir)])
+    if not resume:
+        check_inputs_apart(request)
+    run = RunDir.open_existing(request.out) if resume else RunDir.check_new(request.out, force, force_any)
+    run.log = hooks.log
     model = Model.load(request.model_dir, request.engine, deep=method_for(request.config.method).deep)
     splits = load_splits(request.data, request.task.label_keys)
     tuner = BlackBoxTuner(model, request.task, request.config)
@@ -87,7 +95,7 @@ def tune(request: TuneRequest, hooks: Hooks = Hooks(), resume: bool = False, for
         hooks.log("note: no dev set; the prompt with the lowest training loss is kept")
     settings = request.settings(model)
     settings["data_fingerprints"] = splits.fingerprints
-    state = resume_state(run, settings, request, model.manifest) if resume else None
+    state = resume_state(run, settings, request, tuner, model.manifest, trust_checkpoint) if resume else None
     if state is not None:
         tuner.check_state(state)
 
@@ -96,7 +104,7 @@ def tune(request: TuneRequest, hooks: Hooks = Hooks(), resume: bool = False, for
             run.truncate_log(state.generation)
             hooks.log(f"resuming {run.path} at {state.calls} calls (generation {state.generation})")
         else:
-            run.check_empty(force)  # again, now that no other tune can be writing it
+            run.check_empty(force, force_any)  # again, now that no other tune can be writing it
             run.start(settings)
         hooks.log(f"tuning ({request.config.method}): {len(train)} train rows, {len(dev) if dev else 0} dev rows, budget "
                   f"{request.config.budget} calls, popsize {request.config.popsize}, d={request.config.intrinsic_dim}, "
@@ -112,8 +120,8 @@ def tune(request: TuneRequest, hooks: Hooks = Hooks(), resume: bool = False, for
         if test is not None:
             t0 = time.perf_counter()
             result = prompt.evaluate(model, test)
-            metrics["test_metric"] = result["metric"]
-            metrics["test_accuracy"] = result["accuracy"]
+            metrics["test_metric"] = result.metric
+            metrics["test_accuracy"] = result.accuracy
             metrics["test_seconds"] = time.perf_counter() - t0
         prompt.save(run.path)
         if not run.finish(settings, metrics, {"warnings": tuner.warnings}):
@@ -121,14 +129,28 @@ def tune(request: TuneRequest, hooks: Hooks = Hooks(), resume: bool = False, for
     return TuneOutcome(prompt, metrics, run.path, tuner.warnings)
 
 
-def resume_state(run: RunDir, settings: dict, request: TuneRequest, manifest) -> TunerState:
+def check_inputs_apart(request: TuneRequest) -> None:
+    """No file the run reads is one the run writes: a data or task file that is one of --out's run files."""
+    from .fileio import same_path
+    from .runs import OWN_FILES
+
+    files = [request.data.data, request.data.train, request.data.dev, request.data.test]
+    for path in files:
+        if path and not str(path).startswith("hf:") and any(same_path(path, Path(request.out) / name)
+                                                            for name in OWN_FILES):
+            raise SettingsError(f"out {request.out} would replace {path}, which the run reads; name another "
+                                "directory", "out")
+
+
+def resume_state(run: RunDir, settings: dict, request: TuneRequest, tuner: BlackBoxTuner, manifest,
+                 trust: bool = False) -> TunerState:
     """The checkpoint of a run that may continue: same model, same data, same settings."""
     recorded = run.read_json()["settings"]
     if not isinstance(recorded.get("model"), dict) or not manifest.is_model(str(recorded["model"].get("fingerprint"))):
         raise RunError(f"the model in {request.model_dir} is not the one this run started with")
     if recorded.get("data_fingerprints") != settings["data_fingerprints"]:
         raise RunError("the data files changed since this run started; it cannot be resumed")
-    state = run.load_checkpoint()
+    state = run.load_checkpoint(tuner, trust)
     run.read_log()  # damage before the last line is an error now, not after the claim
     return state
 

@@ -79,7 +79,7 @@ def ensure_model(model_dir: Path, precision: str) -> None:
 
 def zero_accuracy(model: Model, task: Task, test, prompt_tokens: int) -> float:
     spec = ProjectionSpec(0, 1, prompt_tokens, model.manifest.hidden_size, model.manifest.embedding_std)
-    return TunedPrompt.zero(spec, task).evaluate(model, test)["accuracy"]
+    return TunedPrompt.zero(spec, task).evaluate(model, test).accuracy
 
 
 def plain_baselines(model: Model, name: str, test) -> dict[str, float]:
@@ -105,7 +105,7 @@ def run_one(models: dict[str, Model], name: str, setting: str, config: TuneConfi
         tuner = BlackBoxTuner(model, task, cfg)
         prompt = tuner.fit(splits.train, splits.dev)
         wall = time.perf_counter() - t0
-        acc = prompt.evaluate(model, test)["accuracy"]
+        acc = prompt.evaluate(model, test).accuracy
         r = tuner.report
         row = {"task": name, "setting": setting, "seed": seed, "method": method, "plain": plain,
                "best_plain": max(plain.values()), "zero": zero, "tuned": acc, "best_dev": r.best_dev_metric,

@@ -4,12 +4,11 @@ every layer, the projection scales, the round structure and budget, resume, and 
 from __future__ import annotations
 
 import json
-import pickle
 
 import numpy as np
 import pytest
 
-from bbt_onnx import BlackBoxTuner, Model, TuneConfig, TunedPrompt
+from bbt_onnx import BlackBoxTuner, Model, TuneConfig, TunedPrompt, checkpoint
 from bbt_onnx.errors import ModelError, SettingsError
 from bbt_onnx.manifest import load_manifest
 from bbt_onnx.subspace import ProjectionSpec, build_projection, layer_specs, normal_std
@@ -133,7 +132,7 @@ def test_the_best_whole_prompt_is_kept_and_resume_is_bit_identical(family):
     assert prompt.deep and prompt.z.shape == (LAYERS, 20) and prompt.embeds.shape == (LAYERS, P, model.manifest.hidden_size)
     assert prompt.layer_std == model.manifest.layer_std
     np.testing.assert_array_equal(prompt.z, whole.state.best_dev_z)
-    assert prompt.evaluate(model, dev)["metric"] == pytest.approx(whole.report.best_dev_metric)
+    assert prompt.evaluate(model, dev).metric == pytest.approx(whole.report.best_dev_metric)
 
     saved = []
 
@@ -146,8 +145,9 @@ def test_the_best_whole_prompt_is_kept_and_resume_is_bit_identical(family):
 
     with pytest.raises(Stop):
         BlackBoxTuner(model, task, cfg).fit(train, dev, on_event=interrupt,
-                                            on_checkpoint=lambda s: saved.append(pickle.dumps(s)))
-    resumed = BlackBoxTuner(model, task, cfg).fit(train, dev, state=pickle.loads(saved[-1]))
+                                            on_checkpoint=lambda s: saved.append(checkpoint.dumps(s)))
+    tuner = BlackBoxTuner(model, task, cfg)
+    resumed = tuner.fit(train, dev, state=tuner.load_state(saved[-1]))
     assert resumed.z.tobytes() == prompt.z.tobytes()
 
 

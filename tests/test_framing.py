@@ -44,7 +44,7 @@ def test_framing_round_trips_and_old_tasks_read_as_before():
 
 
 @pytest.mark.parametrize("bad, match", [({"bos": "sometimes"}, "bos 'sometimes'"),
-                                        ({"position": "middle"}, "prompt position 'middle'"),
+                                        ({"position": "middle"}, "position 'middle'"),
                                         ({"chat": "yes"}, "chat must be true or false")])
 def test_bad_framing_is_refused(bad, match):
     with pytest.raises(SettingsError, match=match):

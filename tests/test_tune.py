@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
-import pickle
 
 import numpy as np
 import pytest
 
-from bbt_onnx import BlackBoxTuner, Model, TuneConfig, TunedPrompt
+from bbt_onnx import BlackBoxTuner, Model, TuneConfig, TunedPrompt, checkpoint
 from bbt_onnx.data import read_examples
 from bbt_onnx.errors import BBTError, PromptError, RunError
 from bbt_onnx.runs import RunDir
@@ -33,7 +33,7 @@ def splits(data_dir):
 
 
 def train_accuracy(model, prompt, rows):
-    return prompt.evaluate(model, rows)["accuracy"]
+    return prompt.evaluate(model, rows).accuracy
 
 
 def test_tuning_lowers_train_loss_and_raises_train_accuracy(model, splits):
@@ -81,10 +81,11 @@ def test_resume_from_a_checkpoint_ends_with_the_same_prompt(model, splits):
 
     with pytest.raises(Stop):
         BlackBoxTuner(model, PRESETS["sst2"], cfg).fit(
-            train, dev, on_event=interrupt, on_checkpoint=lambda s: saved.append(pickle.dumps(s)))
-    state = pickle.loads(saved[-1])
+            train, dev, on_event=interrupt, on_checkpoint=lambda s: saved.append(checkpoint.dumps(s)))
+    tuner = BlackBoxTuner(model, PRESETS["sst2"], cfg)
+    state = tuner.load_state(saved[-1])  # checkpoint.npz's bytes: no pickle
     assert state.generation == 6
-    resumed = BlackBoxTuner(model, PRESETS["sst2"], cfg).fit(train, dev, state=state)
+    resumed = tuner.fit(train, dev, state=state)
     assert resumed.z.tobytes() == whole.z.tobytes()
 
 
@@ -103,7 +104,7 @@ def test_the_last_best_z_is_scored_on_dev_before_the_choice(model, splits):
     tuner = BlackBoxTuner(model, PRESETS["sst2"], TuneConfig(budget=60, **{**SMALL, "eval_every": 1000}))
     prompt = tuner.fit(train, dev)
     assert tuner.report.dev_calls == 1
-    assert tuner.report.best_dev_metric == prompt.evaluate(model, dev)["metric"]  # the kept prompt's own dev score
+    assert tuner.report.best_dev_metric == prompt.evaluate(model, dev).metric  # the kept prompt's own dev score
     np.testing.assert_array_equal(prompt.z, tuner.state.best_z)
     assert np.abs(prompt.z).max() > 0
 
@@ -119,19 +120,22 @@ def test_the_best_dev_prompt_is_kept_when_another_z_trains_better(model, splits)
     assert not np.array_equal(state.best_dev_z, state.best_z)  # on this seed the two winners differ
     np.testing.assert_array_equal(prompt.z, state.best_dev_z)
     best_train = replace(prompt, z=state.best_z, embeds=tuner.method.embeds(state.best_z).astype(np.float32))
-    assert best_train.evaluate(model, train)["ce_loss"] < prompt.evaluate(model, train)["ce_loss"]
-    assert prompt.evaluate(model, dev)["metric"] == tuner.report.best_dev_metric > \
-        best_train.evaluate(model, dev)["metric"]
+    assert best_train.evaluate(model, train).ce_loss < prompt.evaluate(model, train).ce_loss
+    assert prompt.evaluate(model, dev).metric == tuner.report.best_dev_metric > \
+        best_train.evaluate(model, dev).metric
 
 
 def test_a_checkpoint_continues_only_the_settings_it_was_written_with(model, splits):
     train, dev = splits
     cfg = TuneConfig(budget=40, checkpoint_every=1, **SMALL)
     saved = []
-    BlackBoxTuner(model, PRESETS["sst2"], cfg).fit(train, dev, on_checkpoint=lambda s: saved.append(pickle.dumps(s)))
+    tuner = BlackBoxTuner(model, PRESETS["sst2"], cfg)
+    tuner.fit(train, dev, on_checkpoint=lambda s: saved.append(copy.deepcopy(s)))
     other = BlackBoxTuner(model, PRESETS["sst2"], TuneConfig(budget=80, checkpoint_every=1, **SMALL))
     with pytest.raises(RunError, match="other settings"):
-        other.fit(train, dev, state=pickle.loads(saved[0]))
+        other.fit(train, dev, state=saved[0])
+    with pytest.raises(RunError, match="other settings"):
+        other.load_state(checkpoint.dumps(saved[0]))
 
 
 def test_an_engine_is_any_object_with_label_logits(model, splits):
@@ -170,7 +174,7 @@ def test_cli_tune_writes_the_run_and_prints_metrics(tiny_model, data_dir, tmp_pa
     assert metrics["api_calls"] == 200 and metrics["provider"] == "CPUExecutionProvider"
     assert metrics["test_rows"] == 60 and metrics["test_metric"] == metrics["test_accuracy"]  # sst2: accuracy
     assert "done:" in result.stderr and "test" in result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pkl", "log.jsonl", "loss.png", "prompt.npz", "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "log.jsonl", "loss.png", "prompt.npz", "run.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "complete" and run["settings"]["tune"]["budget"] == 200
@@ -327,8 +331,8 @@ def test_evaluate_and_predict_mistakes(tiny_model, data_dir, earlier_run, tmp_pa
 
 
 def test_budget_smaller_than_popsize_in_the_api():
-    with pytest.raises(BBTError, match="smaller than --popsize"):
-        TuneConfig(budget=10, popsize=20).check()
+    with pytest.raises(BBTError, match="smaller than popsize"):
+        TuneConfig(budget=10, popsize=20)
 
 
 def other_model(tiny_model, where):
@@ -354,7 +358,7 @@ def test_a_prompt_is_refused_by_another_model(tiny_model, data_dir, earlier_run,
         prompt.evaluate(Model.load(other), rows)
     with pytest.raises(PromptError, match="another model"):
         prompt.predict(Model.load(other), rows)
-    assert prompt.evaluate(Model.load(tiny_model), rows)["rows"] == 60  # its own model takes it
+    assert prompt.evaluate(Model.load(tiny_model), rows).rows == 60  # its own model takes it
 
 
 def test_resume_refuses_a_checkpoint_from_other_settings(tiny_model, data_dir, tmp_path):
@@ -409,8 +413,45 @@ def test_prompts_and_checkpoints_from_before_bbtv2_still_load(model, splits, tmp
     path.write_bytes(buf.getvalue())
     old = TunedPrompt.load(tmp_path)
     assert old.method == "bbt" and not old.deep and old.max_length is None
-    assert old.evaluate(model, dev)["metric"] == pytest.approx(prompt.evaluate(model, dev)["metric"])
+    assert old.evaluate(model, dev).metric == pytest.approx(prompt.evaluate(model, dev).metric)
 
     state = TunerState(cfg, new_es(cfg, seeds(cfg.seed)["cma"]))  # as checkpoints held it
     resumed = BlackBoxTuner(model, PRESETS["sst2"], cfg).fit(train, dev, state=state)
     assert resumed.z.tobytes() == prompt.z.tobytes()
+
+
+# -- the Python API: what anyone passes first -----------------------------------------------------------------
+def test_plain_strings_are_rows_and_results_are_typed(model, splits, data_dir):
+    """predict and logits take plain strings (one, or a list); evaluate returns an Evaluation, as fit returns a
+    TunedPrompt and predict Predictions; the few-shot sampler is public."""
+    from bbt_onnx import Evaluation, Example, generator, k_shot_split
+
+    train, dev = splits
+    prompt = BlackBoxTuner(model, PRESETS["sst2"], TuneConfig(budget=20, **SMALL)).fit(train, dev)
+    texts = ["a fine film", "a dull film"]
+    by_text = prompt.predict(model, texts)
+    assert [p.label for p in by_text] == [p.label for p in prompt.predict(model, [Example(t) for t in texts])]
+    assert prompt.predict(model, "a fine film") == prompt.predict(model, [Example("a fine film")])
+    assert prompt.logits(model, texts).shape == (2, 2)
+    result = prompt.evaluate(model, dev)
+    assert isinstance(result, Evaluation) and result.rows == len(dev) and 0 <= result.accuracy <= 1
+    assert result.to_json()["metric_name"] == "accuracy"
+
+    pool = read_examples(data_dir / "pool.csv")
+    a, a_dev = k_shot_split(pool, ["0", "1"], 4, generator(7, "sampling"))
+    b, _ = k_shot_split(pool, ["0", "1"], 4, generator(7, "sampling"))
+    assert a == b and len(a) == len(a_dev) == 8
+
+
+def test_the_tuner_takes_its_steps_in_order_and_any_rows(model, splits):
+    """start, step and result take Example rows as fit does; a step before start is a RunError."""
+    train, dev = splits
+    tuner = BlackBoxTuner(model, PRESETS["sst2"], TuneConfig(budget=20, **SMALL))
+    with pytest.raises(RunError, match="start"):
+        tuner.step(train, dev)
+    tuner.start(train)
+    while not tuner.finished():
+        tuner.step(train, dev)
+    stepped = tuner.result(train, dev)
+    assert stepped.z.tobytes() == BlackBoxTuner(model, PRESETS["sst2"], TuneConfig(budget=20, **SMALL)).fit(
+        train, dev).z.tobytes()

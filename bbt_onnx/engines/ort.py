@@ -18,7 +18,7 @@ from ..contract import GRAPH_OUTPUTS, PRECISIONS, PROMPT_POS, ROW_INPUTS, TEXT_O
 from ..encoding import CacheSplit, EncodedSet, cache_split
 from ..errors import ModelError, SettingsError
 from ..fileio import sha256_file
-from ..manifest import GraphSpec, Manifest
+from ..manifest import MANIFEST_NAME, GraphSpec, Manifest, dim_problems
 from .base import PromptScoring, check_prompt_positions, row_groups, row_input
 
 DEVICES = ("cpu", "cuda")
@@ -136,9 +136,23 @@ class OrtEngine(PromptScoring):
             inputs, outputs = spec.contract()
             raise ModelError(f"{path} has inputs {names} and outputs {outs}, not the bbt-onnx contract "
                              f"{list(inputs)} -> {list(outputs)}; re-export the model")
+        problems = dim_problems(self.manifest, str(path), ((i.name, i.shape) for i in session.get_inputs()))
+        if problems:
+            raise ModelError(f"{problems[0]} in {self.manifest.directory / MANIFEST_NAME}: the manifest does not "
+                             "describe this graph; re-export the model")
         return session
 
     def _score(self, prompts: np.ndarray, batch: EncodedSet, extra: dict) -> np.ndarray:
+        try:
+            return self._score_parts(prompts, batch, extra)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own types, from its C++ side
+            if not type(exc).__module__.startswith("onnxruntime"):
+                raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise ModelError(f"onnxruntime could not run {self.graph_label} on {self.device} ({len(batch)} rows x "
+                             f"{prompts.shape[0]} prompts): {first}") from None
+
+    def _score_parts(self, prompts: np.ndarray, batch: EncodedSet, extra: dict) -> np.ndarray:
         parts = self._plan(batch)
         if parts[0].split is not None:
             return self._score_cached(prompts, batch, parts)

@@ -81,17 +81,26 @@ def read_token(path: str | Path) -> str:
     return token
 
 
-def write_client_dir(model_dir: str | Path, out: str | Path, force: bool = False) -> Path:
-    """What a user of a remote service holds: the manifest (byte for byte, so its fingerprint is the server's)
-    and the tokenizer; no graphs, no weights."""
-    from ..fileio import write_dir
+def looks_like_client_dir(directory: Path) -> bool:
+    from ..fileio import only_files
 
+    return only_files(directory, lambda n: n in (MANIFEST_NAME, TOKENIZER_NAME), (MANIFEST_NAME,))
+
+
+def write_client_dir(model_dir: str | Path, out: str | Path, force: bool = False, force_any: bool = False,
+                     log=None) -> Path:
+    """What a user of a remote service holds: the manifest (byte for byte, so its fingerprint is the server's)
+    and the tokenizer; no graphs, no weights. `force` replaces an earlier client directory, `force_any` anything
+    (never the model directory, nor a folder holding it)."""
+    from ..fileio import OutputKind, check_replaceable, write_dir
+
+    kind = OutputKind("a client directory (manifest.json and tokenizer.json)", looks_like_client_dir)
+    inputs = [("model directory", Path(model_dir))]
+    check_replaceable(out, force, kind, force_any, inputs)  # before the model is read
     manifest = load_manifest(model_dir)
-    if Path(out).resolve() == Path(model_dir).resolve():
-        raise SettingsError("--out is the model directory itself; name a new directory")
 
     def fill(staging: Path) -> None:
         for name in (MANIFEST_NAME, TOKENIZER_NAME):
             shutil.copyfile(manifest.directory / name, staging / name)
 
-    return write_dir(out, force, fill)
+    return write_dir(out, force, fill, kind, force_any, inputs, log)

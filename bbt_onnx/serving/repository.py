@@ -21,7 +21,7 @@ from ..contract import PRECISIONS, graph_key
 from ..engines.served import (DEFAULT_MAX_REQUEST, check_max_request, request_limits, served_name,
                               served_parameters)
 from ..errors import SettingsError
-from ..fileio import write_dir, write_text_atomic
+from ..fileio import OutputKind, check_replaceable, only_files, write_dir, write_text_atomic
 from ..manifest import GraphSpec, Manifest, TensorSpec, load_manifest
 from ..options import setting
 
@@ -53,7 +53,9 @@ class RepoOptions:
                              "profile shapes).")
     max_request: int = setting(DEFAULT_MAX_REQUEST, "Largest request the client sends, as prompts x rows x tokens "
                                "(C x N x T).")
-    force: bool = setting(False, "Replace a non-empty --out.")
+    force: bool = setting(False, "Replace an earlier model repository in --out.")
+    force_any: bool = setting(False, "Replace --out even when it does not look like a model repository (everything "
+                              "in it is deleted).")
 
     def check(self) -> "RepoOptions":
         if self.kind not in INSTANCE_KINDS:
@@ -195,9 +197,35 @@ def add_model(repository: Path, model: Served) -> None:
     write_text_atomic(repository / model.name / "config.pbtxt", config_text(model))
 
 
-def write_repo(opts: RepoOptions) -> Path:
-    """REPO/NAME/... (and REPO/NAME.deep/... when the model has the deep-prompt graph), written whole."""
+def looks_like_repo(directory: Path) -> bool:
+    """What `triton-repo --force` may replace: model folders of config.pbtxt (onnxruntime or python backend) and
+    1/model.onnx (and 1/model.py) only."""
+    try:
+        models = list(directory.iterdir())
+    except OSError:
+        return False
+    for model in models:
+        if model.is_symlink() or not model.is_dir() or not only_files(model / "1", lambda n: n in (GRAPH_FILE, "model.py")) or \
+                sorted(p.name for p in model.iterdir()) != ["1", "config.pbtxt"]:
+            return False
+        try:
+            config = (model / "config.pbtxt").read_text(encoding="utf-8")
+            if not any(f'backend: "{b}"' in config for b in BACKENDS):
+                return False
+        except (OSError, UnicodeDecodeError):
+            return False
+    return bool(models)
+
+
+REPOSITORY = OutputKind("a model repository (`bbt-onnx triton-repo`)", looks_like_repo)
+
+
+def write_repo(opts: RepoOptions, log=None) -> Path:
+    """REPO/NAME/config.pbtxt and REPO/NAME/1/model.onnx (and REPO/NAME.deep/ when the model has the deep-prompt
+    graph), written whole (`write_dir`)."""
     opts.check()
+    inputs = [("model directory", Path(opts.model_dir))]
+    check_replaceable(opts.out, opts.force, REPOSITORY, opts.force_any, inputs)  # before the model is read
     manifest = load_manifest(opts.model_dir)
     precision = pick_precision(manifest, opts.precision)
     models = served_models(manifest, precision, opts.name, backend=opts.backend, kind=opts.kind,
@@ -210,4 +238,4 @@ def write_repo(opts: RepoOptions) -> Path:
         for model in models:
             add_model(staging, model)
 
-    return write_dir(opts.out, opts.force, fill) / models[0].name
+    return write_dir(opts.out, opts.force, fill, REPOSITORY, opts.force_any, inputs, log) / models[0].name
