@@ -15,7 +15,7 @@ $(BIN)/python:
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build
 install: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[cpu,export,gguf,serve,test]"
+	$(BIN)/pip install -q -e ".[cpu,export,gguf,serve,test,track]"
 
 # in parallel, one worker per core: every tiny model is exported once and shared (tests/conftest.py)
 test:

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from tokenizers import Tokenizer
 
-from .errors import SettingsError
+from .encoding import init_placeholders
 from .manifest import Manifest
 from .tasks import Task, make_framing
 
@@ -62,11 +62,7 @@ def init_candidates(tokenizer: Tokenizer, manifest: Manifest, task: Task, prompt
     reference's ids and the cheap fillers this tokenizer has; a filler of one token fills every slot, the template's
     words repeat to fill them."""
     if text is not None:
-        ids = tokenizer.encode(text, add_special_tokens=False).ids
-        if len(ids) != prompt_tokens:
-            raise SettingsError(f"--prompt-init {text!r} is {len(ids)} tokens; pass --prompt-tokens {len(ids)} "
-                                "with it")
-        return [("text", ids)]
+        return [("text", init_placeholders(tokenizer, text, prompt_tokens))]
     out = [(REFERENCE, list(manifest.placeholder_ids[:prompt_tokens]))]
     for name, filler in (("spaces", " "), ("newlines", "\n")):
         token = single_token(tokenizer, filler)

@@ -68,8 +68,7 @@ def choose(tuned: list[Scored], baselines: list[Scored], labels: np.ndarray, met
     else:
         keep = margin.low > 0
         why = ("the dev margin's interval lies above 0" if keep else
-               "the tuned prompt's dev margin is not clearly above 0")
+               "the dev margin's interval reaches 0 or below")
     kept = top if keep else base
-    reason = (f"kept {kept.name} ({metric} {kept.metric:.4f} on dev): {why}; tuned {top.name} against "
-              f"{base.name}: {margin}")
+    reason = f"kept {kept.name} ({metric} {kept.metric:.4f} on dev): {why}; {top.name} against {base.name}: {margin}"
     return Choice(kept.name, keep, rule, top.name, base.name, margin, reason)

@@ -12,7 +12,7 @@ import sys
 from importlib import metadata
 
 VERSIONED = ("bbt-onnx", "numpy", "onnxruntime", "onnxruntime-gpu", "cma", "tritonclient")
-SECRET_FLAG = re.compile(r"^--?[\w-]*(token|secret|password|passwd|api-key)[\w-]*$", re.IGNORECASE)
+SECRET_FLAG = re.compile(r"^--?([\w-]*-)?(token|secret|password|passwd|api-key)(-file)?$", re.IGNORECASE)
 USERINFO = re.compile(r"(\w+://)[^/@\s]+@")
 HIDDEN = "***"
 

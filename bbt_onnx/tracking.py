@@ -71,20 +71,23 @@ class MlflowTracker:
             from mlflow.tracking import MlflowClient
         except ImportError:
             raise SettingsError("--track mlflow needs MLflow: pip install 'bbt-onnx[track]'") from None
-        self.client = MlflowClient(uri)
+        self.client = self._call(lambda: MlflowClient(uri))
         self.experiment = experiment
         self.run_id: str | None = None
-        self._call(lambda: None)  # the store is opened lazily; refuse a bad URI before the run starts
-        self._experiment_id()
+        self._experiment_id()  # a store that cannot be used is refused before the run starts
 
-    def _call(self, action):
+    @staticmethod
+    def _call(action):
         from mlflow.exceptions import MlflowException
 
         try:
             return action()
         except MlflowException as exc:
-            first = str(exc).split(". ")[0].strip().rstrip(".")
-            raise SettingsError(f"MLflow refused: {first}") from None
+            text = " ".join(str(exc).split())
+            if "MLFLOW_ALLOW_FILE_STORE" in text:
+                text = ("MLflow keeps its file store (./mlruns, file:...) only with MLFLOW_ALLOW_FILE_STORE=true in the "
+                        "environment; set it, or give --track-uri a tracking server or database")
+            raise SettingsError(f"MLflow refused: {text[:400]}") from None
 
     def _experiment_id(self) -> str:
         found = self._call(lambda: self.client.get_experiment_by_name(self.experiment))

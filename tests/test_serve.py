@@ -143,7 +143,7 @@ def client_dir(tiny_model, tmp_path_factory) -> Path:
 def tune_args(model, data_dir, out, *extra):
     return ["tune", "--model", str(model), "--task", "sst2", "--data", str(data_dir / "pool.csv"), "--k-shot", "8",
             "--prompt-tokens", str(PROMPT_TOKENS), "--intrinsic-dim", "20", "--popsize", "6", "--budget", "60",
-            "--eval-every", "30", "--seed", "3", "--out", str(out), "-q", *extra,
+            "--eval-every", "30", "--seed", "3", "--out", str(out), "-q", "--no-fallback", *extra,
             *([] if "--server" in extra else ["--threads", "1"])]
 
 
