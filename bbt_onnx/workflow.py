@@ -17,6 +17,7 @@ from .baselines import plain_framings
 from .calibration import calibrated
 from .choice import choose, scored
 from .data import DataSpec, load_splits
+from .encoding import EncodedSet
 from .engines import EngineSpec, OrtSpec
 from .errors import BBTError, RunError, SettingsError
 from .fileio import check_apart
@@ -178,8 +179,8 @@ def tune(request: TuneRequest, hooks: Hooks = Hooks(), resume: bool = False, for
                                        states=states)
         wall = time.perf_counter() - t0
         hooks.tuned()
-        outcome = settle(model, request, tuners, prompts, baselines, splits, dev, test, hooks)
-        baselines = [{k: v for k, v in b.items() if not k.startswith("_")} for b in baselines]
+        outcome = settle(model, request, tuners, prompts, baselines, dev, test, hooks)
+        baselines = [public(b) for b in baselines]
         metrics = run_metrics(tuners, outcome, wall, len(train), len(dev) if dev else 0, len(test) if test else 0)
         outcome.kept.save(run.path)
         if not outcome.choice_json.get("tuned", True):
@@ -206,13 +207,16 @@ class Settled:
 
 
 def score_baselines(model: Model, task: Task, tuner: BlackBoxTuner, splits, dev, test) -> list[dict]:
-    """The plain template in every framing the model allows, and the run's z = 0, on dev and test: calibrated and
-    not; `dev_metric` and `test_metric` are the run's own (calibrated when it calibrates)."""
+    """The plain template in every framing the model allows (each framing its own rows), and the run's z = 0, on
+    dev and test, calibrated and not; `dev_metric` and `test_metric` are the run's own (calibrated when it
+    calibrates)."""
     out = []
     for name, framed in plain_framings(task, model.manifest):
         prompt = TunedPrompt.template(model.manifest, framed, name)
+        encoded = {split: prompt.encode(model, rows) if rows else None
+                   for split, rows in (("dev", splits.dev), ("test", splits.test))}
         out.append({"name": name, "framing": framed.framing.to_json(), "prompt_tokens": 0, "_prompt": prompt,
-                    **both_scores(prompt, model, splits.dev, splits.test, tuner.config.calibrate)})
+                    **split_scores(prompt, model, encoded["dev"], encoded["test"], tuner.config.calibrate)})
     zero = tuner.method.zero()
     record = {"name": f"z = 0 ({tuner.start_name})", "prompt_tokens": tuner.config.prompt_tokens,
               "dev_metric": None, "test_metric": None}
@@ -223,25 +227,27 @@ def score_baselines(model: Model, task: Task, tuner: BlackBoxTuner, splits, dev,
     return out + [record]
 
 
-def both_scores(prompt: Result, model: Model, dev_rows, test_rows, calibrate: bool) -> dict:
-    """A result's dev and test metric, uncalibrated and calibrated, and the dev logits the run's choice uses."""
-    plain = replace(prompt, calibration=None)
+def split_scores(result: Result, model: Model, dev: EncodedSet | None, test: EncodedSet | None,
+                 calibrate: bool) -> dict:
+    """`result` on encoded dev and test rows (each scored once): the metric uncalibrated and calibrated (its prior
+    on the content-free rows divided out), the run's own, test accuracy, and the dev logits the run's choice uses."""
+    plain = replace(result, calibration=None)
     prior = prior_of(plain, model)
     scores: dict = {}
-    for split, rows in (("dev", dev_rows), ("test", test_rows)):
-        if not rows:
-            scores.update({f"{split}_metric": None, f"{split}_metric_uncalibrated": None,
-                           f"{split}_metric_calibrated": None})
+    for split, enc in (("dev", dev), ("test", test)):
+        keys = (f"{split}_metric", f"{split}_metric_uncalibrated", f"{split}_metric_calibrated")
+        if enc is None:
+            scores.update(dict.fromkeys(keys))
             continue
-        enc = plain.encode(model, rows)
         raw = plain.raw_logits(model, enc)
         cal = calibrated(raw, prior)
-        scores[f"{split}_metric_uncalibrated"] = metric_of(prompt.task, raw, enc.labels)
-        scores[f"{split}_metric_calibrated"] = metric_of(prompt.task, cal, enc.labels)
-        scores[f"{split}_metric"] = scores[f"{split}_metric_calibrated" if calibrate else
-                                           f"{split}_metric_uncalibrated"]
+        own = cal if calibrate else raw
+        scores.update(zip(keys, (metric_of(result.task, own, enc.labels), metric_of(result.task, raw, enc.labels),
+                                 metric_of(result.task, cal, enc.labels))))
         if split == "dev":
-            scores["_dev_logits"] = cal if calibrate else raw
+            scores["_dev_logits"] = own
+        else:
+            scores["test_accuracy"] = float(losses.accuracy(own, enc.labels)[0])
     return scores
 
 
@@ -249,46 +255,50 @@ def metric_of(task: Task, logits, labels) -> float:
     return float(losses.metric(task.metric, logits, labels)[0])
 
 
-def settle(model: Model, request: TuneRequest, tuners, prompts, baselines: list[dict], splits, dev, test,
+def public(record: dict) -> dict:
+    return {k: v for k, v in record.items() if not k.startswith("_")}
+
+
+def settle(model: Model, request: TuneRequest, tuners, prompts, baselines: list[dict], dev, test,
            hooks: Hooks) -> Settled:
     """Each seed scored, the seeds' ensemble, and the choice between tuning and the best plain template. `dev` and
-    `test` are encoded as the run encodes them; a kept template scores `splits`' rows in its own framing."""
+    `test` are encoded as the run encodes them (a kept template's scores are its baseline record's)."""
     cfg, task = request.config, request.task
     seeds = []
     for tuner, prompt in zip(tuners, prompts):
-        scores = prompt.evaluate(model, test) if test is not None else None
-        seeds.append({"seed": tuner.config.seed, **tuner.report.to_json(),
-                      "dev_metric": tuner.report.best_dev_metric,
-                      "test_metric": scores and scores.metric, "test_accuracy": scores and scores.accuracy})
+        scores = split_scores(prompt, model, None, test, cfg.calibrate)
+        seeds.append({"seed": tuner.config.seed, **tuner.report.to_json(), **public(scores),
+                      "dev_metric": tuner.report.best_dev_metric})
     ensemble, ensemble_json = None, None
     if len(prompts) > 1:
         ensemble = PromptEnsemble(tuple(replace(p, calibration=None) for p in prompts))
         if cfg.calibrate:
             ensemble = ensemble.calibrate(model)
-        scores = ensemble.evaluate(model, test) if test is not None else None
-        ensemble_json = {"seeds": len(prompts),
-                         "dev_metric": None if dev is None else metric_of(task, ensemble.logits(model, dev), dev.labels),
-                         "test_metric": scores and scores.metric, "test_accuracy": scores and scores.accuracy}
+        ensemble_scores = split_scores(ensemble, model, dev, test, cfg.calibrate)
+        ensemble_json = {"seeds": len(prompts), **public(ensemble_scores)}
     tuned = ensemble if ensemble is not None else prompts[0]
+    tuned_json = ensemble_json or seeds[0]
     if dev is None:
         return Settled(tuned, tuned, seeds, ensemble_json, {"kept": tuned.origin, "tuned": True,
-                                                            "reason": "no dev set to compare with the template"})
+                                                            "reason": "no dev set to compare with the template",
+                                                            "test_metric": tuned_json["test_metric"],
+                                                            "test_accuracy": tuned_json.get("test_accuracy")})
     plain = [b for b in baselines if "_dev_logits" in b]
-    choice = choose([scored(tuned.origin if ensemble is not None else "the tuned prompt",
-                            tuned.logits(model, dev), dev.labels, task.metric)],
+    tuned_logits = ensemble_scores["_dev_logits"] if ensemble is not None else tuned.logits(model, dev)
+    choice = choose([scored(tuned.origin if ensemble is not None else "the tuned prompt", tuned_logits, dev.labels,
+                            task.metric)],
                     [scored(b["name"], b["_dev_logits"], dev.labels, task.metric) for b in plain],
                     dev.labels, task.metric, cfg.choose, cfg.fallback)
     hooks.log(choice.reason)
     if choice.tuned:
-        kept = tuned
+        kept, kept_json = tuned, {"dev_metric": metric_of(task, tuned_logits, dev.labels),
+                                  "test_metric": tuned_json["test_metric"],
+                                  "test_accuracy": tuned_json.get("test_accuracy")}
     else:
-        kept = next(b["_prompt"] for b in plain if b["name"] == choice.kept)
-        kept = kept.calibrate(model) if cfg.calibrate else kept
+        base = next(b for b in plain if b["name"] == choice.kept)
+        kept = base["_prompt"].calibrate(model) if cfg.calibrate else base["_prompt"]
+        kept_json = {k: base.get(k) for k in ("dev_metric", "test_metric", "test_accuracy")}
         hooks.log(f"the run hands back {choice.kept}, not the tuned prompt (kept beside it in {TUNED})")
-    own_dev, own_test = (dev, test) if choice.tuned else (splits.dev, splits.test)  # a template frames its own rows
-    scores = kept.evaluate(model, own_test) if test is not None else None
-    kept_json = {"dev_metric": kept.evaluate(model, own_dev).metric,
-                 "test_metric": scores and scores.metric, "test_accuracy": scores and scores.accuracy}
     return Settled(kept, tuned, seeds, ensemble_json, {**choice.to_json(), **kept_json})
 
 
