@@ -27,12 +27,12 @@ class Row:
     runs: int
     dev: Spread
     test: Spread
+    test_uncalibrated: Spread
+    test_calibrated: Spread
     note: str = ""
 
     def to_json(self) -> dict:
-        out = asdict(self)
-        out["dev"], out["test"] = asdict(self.dev), asdict(self.test)
-        return out
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,11 @@ def summarise(paths: list[str | Path]) -> Report:
 
 def group_rows(task: str, setting: str, runs: list[dict]) -> list[Row]:
     def row(candidate: str, entries: list[dict], note: str = "") -> Row:
-        return Row(task, setting, candidate, len(entries), spread(e.get("dev_metric") for e in entries),
-                   spread(e.get("test_metric") for e in entries), note)
+        def over(key: str) -> Spread:
+            return spread(e.get(key) for e in entries)
+
+        return Row(task, setting, candidate, len(entries), over("dev_metric"), over("test_metric"),
+                   over("test_metric_uncalibrated"), over("test_metric_calibrated"), note)
 
     rows: list[Row] = []
     names = []
@@ -103,11 +106,42 @@ def group_rows(task: str, setting: str, runs: list[dict]) -> list[Row]:
     ensembles = [run["ensemble"] for run in runs if run.get("ensemble")]
     if ensembles:
         rows.append(row("ensemble of the seeds", ensembles))
-    results = [dict(run.get("choice", {}), dev_metric=run.get("choice", {}).get("dev_metric"),
-                    test_metric=run.get("metrics", {}).get("test_metric")) for run in runs]
-    kept = sorted({r.get("kept", "tuned") for r in results})
-    rows.append(row("result (kept by the run)", results, note=", ".join(kept)))
+    results = [run.get("choice") or {} for run in runs]
+    kept = sorted({r.get("kept", "?") for r in results})
+    held = [r for r, run in zip(results, runs) if not_worse(r, run)]
+    rows.append(row("result (kept by the run)", results,
+                    note=f"kept {', '.join(kept)}; at or above the best-dev template on test in {len(held)} of "
+                         f"{len(results)}"))
+    for rule in ("max", "interval"):
+        under = [kept_under(rule, run) for run in runs]
+        if all(u is not None for u in under):
+            rows.append(row(f"result if --choose {rule}", under,
+                            note=f"tuned kept in {sum(u['tuned'] for u in under)} of {len(under)}"))
     return rows
+
+
+def best_baseline(run: dict) -> dict | None:
+    name = (run.get("choice") or {}).get("best_baseline")
+    return next((b for b in run.get("baselines", []) if b["name"] == name), None)
+
+
+def not_worse(result: dict, run: dict) -> bool:
+    base = best_baseline(run)
+    return base is not None and result.get("test_metric") is not None and base.get("test_metric") is not None \
+        and result["test_metric"] >= base["test_metric"]
+
+
+def kept_under(rule: str, run: dict) -> dict | None:
+    """What a run would have kept under `rule`, from its recorded dev margin: the tuned side or the best baseline
+    (the same numbers the run scored, so both rules are measured on one set of runs)."""
+    choice, base = run.get("choice") or {}, best_baseline(run)
+    margin = choice.get("dev_margin") or {}
+    tuned = run.get("ensemble") or (run.get("seeds") or [None])[0]
+    if base is None or tuned is None or "low" not in margin:
+        return None
+    keep = margin["value"] > 0 if rule == "max" else margin["low"] > 0
+    picked = tuned if keep else base
+    return {"tuned": keep, "dev_metric": picked.get("dev_metric"), "test_metric": picked.get("test_metric")}
 
 
 def mixed_versions(runs: list[dict]) -> dict[str, list[str]]:
@@ -119,16 +153,23 @@ def mixed_versions(runs: list[dict]) -> dict[str, list[str]]:
 
 
 def format_markdown(report: Report) -> str:
-    lines = ["| Task | Setting | Candidate | Runs | Dev | Test | Note |", "|---|---|---|---|---|---|---|"]
-    for r in report.rows:
-        lines.append(f"| {r.task} | {r.setting} | {r.candidate} | {r.runs} | {fmt(r.dev)} | {fmt(r.test)} | "
-                     f"{r.note} |")
+    """One table per task and setting: each candidate's dev and test metric (mean ± std over runs or seeds), and
+    its test metric uncalibrated and calibrated where the run recorded both."""
+    lines: list[str] = []
+    for task, setting in dict.fromkeys((r.task, r.setting) for r in report.rows):
+        lines += [f"{task}: {setting}", "",
+                  "| Candidate | Runs | Dev | Test | Test, uncalibrated | Test, calibrated | Note |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in report.rows:
+            if (r.task, r.setting) == (task, setting):
+                lines.append(f"| {r.candidate} | {r.runs} | {fmt(r.dev)} | {fmt(r.test)} | {fmt(r.test_uncalibrated)} "
+                             f"| {fmt(r.test_calibrated)} | {r.note} |")
+        lines.append("")
     if report.mixed_versions:
         mixed = "; ".join(f"{k} {' / '.join(v)}" for k, v in report.mixed_versions.items())
-        lines.append("")
         lines.append(f"Note: these runs were made with different versions ({mixed}); the same seed gives the same z "
                      "only within one environment.")
-    return "\n".join(lines)
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def fmt(s: Spread) -> str:

@@ -61,12 +61,21 @@ def test_report_groups_by_setting_with_baselines_seeds_mean_and_ensemble(runs):
     kept = [json.loads((runs / n / "run.json").read_text())["metrics"]["test_metric"] for n in ("a", "b")]
     assert result.test.mean == pytest.approx(sum(kept) / 2)
     assert not report.mixed_versions
+    for rule, keep in (("max", lambda m: m["value"] > 0), ("interval", lambda m: m["low"] > 0)):
+        under = next(r for r in ab if r.candidate == f"result if --choose {rule}")
+        expect = []
+        for name in ("a", "b"):
+            run = json.loads((runs / name / "run.json").read_text())
+            base = next(b for b in run["baselines"] if b["name"] == run["choice"]["best_baseline"])
+            expect.append(run["ensemble"]["test_metric"] if keep(run["choice"]["dev_margin"]) else base["test_metric"])
+        assert under.test.mean == pytest.approx(sum(expect) / 2)
 
 
 def test_report_on_the_command_line_and_its_refusals(runs, tmp_path):
     md = invoke(["report", runs / "a", runs / "c"])
     assert md.exit_code == 0, md.output
-    assert md.stdout.startswith("| Task | Setting |") and "ensemble of the seeds" in md.stdout
+    assert md.stdout.startswith("sst2: method bbt;") and "| Candidate | Runs | Dev | Test |" in md.stdout
+    assert "ensemble of the seeds" in md.stdout and md.stdout.count("| Candidate |") == 2  # two settings
     js = invoke(["report", runs / "a", "--format", "json"])
     assert json.loads(js.stdout)["runs"] == 1
     other = tmp_path / "other"
