@@ -13,7 +13,8 @@ runs: nothing else is read.
 
 usage: python benchmarks/real_fewshot.py [--config cpu|cpu-deep|gpu] [--tasks mr,bbc] [--data-seeds 0,1,2]
        [--tune-seeds 0,1,2] [--methods bbt,bbtv2] [--settings suffix,prefix,suffix-chat,prefix-chat]
-       [--calibrate] [--prompt-init auto|reference|TEXT] [--choose interval|max] [--runs DIR] [--icl]
+       [--calibrate] [--prompt-init auto|reference|TEXT] [--choose interval|max] [--patience N] [--runs DIR]
+       [--icl]
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def ensure_model(model_dir: Path, precision: str, deep: bool) -> None:
 
 def run_name(task: str, setting: str, method: str, args, data_seed: int) -> str:
     tags = [task, setting, method, *(["cal"] if args.calibrate else []),
+            *([f"patience{args.patience}"] if args.patience else []),
             *([f"init-{args.prompt_init}"] if args.prompt_init != "auto" else []), f"d{data_seed}"]
     return "-".join(tags)
 
@@ -89,7 +91,7 @@ def tune_one(args, task_name: str, setting: str, method: str, data: Path, data_s
         print(f"{out.name}: done before, kept", file=sys.stderr)
         return out
     cfg = replace(CONFIGS[args.config][task_name], calibrate=args.calibrate, prompt_init=args.prompt_init,
-                  choose=args.choose, checkpoint_every=0, **METHOD_SETTINGS[method])
+                  choose=args.choose, patience=args.patience, checkpoint_every=0, **METHOD_SETTINGS[method])
     task = replace(TASKS[task_name], framing=SETTINGS[setting])
     seeds = tuple(int(s) for s in args.tune_seeds.split(","))
     request = TuneRequest(str(args.model_dir), task, DataSpec(str(data / "pool.csv"), test=str(data / "test.csv"),
@@ -150,6 +152,7 @@ def main() -> None:
     ap.add_argument("--calibrate", action="store_true")
     ap.add_argument("--prompt-init", default="auto")
     ap.add_argument("--choose", default="interval")
+    ap.add_argument("--patience", type=int, default=0)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     ap.add_argument("--model-dir", type=Path, default=Path("models/smollm2"))
