@@ -8,14 +8,13 @@ only within one environment.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import RunError
+from .runs import RUN_JSON, read_run_json
 from .stats import Spread, spread
 
-RUN_JSON = "run.json"
 SETTING_KEYS = ("method", "prompt_tokens", "intrinsic_dim", "popsize", "budget", "loss", "calibrate", "prompt_init")
 
 
@@ -50,12 +49,7 @@ def read_run(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
         path = path / RUN_JSON
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RunError(f"cannot read {path}: {exc}") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("settings"), dict):
-        raise RunError(f"{path} is not a run.json written by `bbt-onnx tune`")
+    raw = read_run_json(path)
     if raw.get("status") != "complete":
         raise RunError(f"{path} is not a finished run (status {raw.get('status')!r}); finish or resume it first")
     return raw

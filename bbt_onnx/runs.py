@@ -154,14 +154,7 @@ class RunDir:
 
     def read_json(self) -> dict:
         """run.json, checked for the shape tune writes: an object whose settings are an object."""
-        path = self.file(RUN_JSON)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise RunError(f"cannot read {path}: {exc}") from None
-        if not isinstance(raw, dict) or not isinstance(raw.get("settings"), dict):
-            raise RunError(f"{path} is not a run.json written by `bbt-onnx tune` (no settings object)")
-        return raw
+        return read_run_json(self.file(RUN_JSON))
 
     # -- owning the directory ----------------------------------------------------
     @contextmanager
@@ -384,3 +377,14 @@ def lock_exclusive(fd: int, path: Path) -> None:
     except BlockingIOError:
         raise RunError(f"{path} is in use by another bbt-onnx tune; wait for it to finish, or choose another out",
                        "out") from None
+
+
+def read_run_json(path: Path) -> dict:
+    """A run.json, checked for the shape tune writes: an object whose settings are an object."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunError(f"cannot read {path}: {exc}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("settings"), dict):
+        raise RunError(f"{path} is not a run.json written by `bbt-onnx tune` (no settings object)")
+    return raw
