@@ -13,13 +13,13 @@ from .errors import (BBTError, DataError, ModelError, PromptError, RunError, Ser
                      StorageError)
 from .manifest import Manifest, load_manifest  # noqa: E402
 from .model import Model  # noqa: E402
-from .prompt import Evaluation, Prediction, TunedPrompt  # noqa: E402
+from .prompt import Evaluation, Prediction, PromptEnsemble, TunedPrompt, load_prompt  # noqa: E402
 from .tasks import PRESETS, Task, resolve_task  # noqa: E402
 from .seeding import generator  # noqa: E402
 from .tuner import BlackBoxTuner, FitReport, GenerationEvent, TuneConfig, TunerState  # noqa: E402
 
 __all__ = ["BBTError", "BlackBoxTuner", "DataError", "DataSpec", "EncodedSet", "Encoder", "Engine", "EngineSpec",
            "Evaluation", "Example", "FitReport", "GenerationEvent", "Manifest", "Model", "ModelError", "OrtEngine",
-           "OrtSpec", "PRESETS", "Prediction", "PromptError", "Remote", "RunError", "ServerError", "SettingsError",
+           "OrtSpec", "PRESETS", "Prediction", "PromptEnsemble", "PromptError", "Remote", "RunError", "ServerError", "SettingsError",
            "StorageError", "Task", "TritonEngine", "TritonSpec", "TuneConfig", "TunedPrompt", "TunerState",
-           "checkpoint", "generator", "k_shot_split", "load_manifest", "load_splits", "read_examples", "resolve_task"]
+           "checkpoint", "generator", "k_shot_split", "load_manifest", "load_prompt", "load_splits", "read_examples", "resolve_task"]

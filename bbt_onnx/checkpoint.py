@@ -24,13 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from .cmaes import cma  # noqa: F401 - pycma first through cmaes.py, without its matplotlib warning
+from .cmaes import cma  # pycma through cmaes.py, without its matplotlib warning
 from .errors import RunError
 
 FORMAT = "bbt-onnx checkpoint"
 VERSION = 1
 DOC = "checkpoint"  # the npz entry holding the JSON document
 MISSING = object()
+ADDED = ("stale_evals",)  # TunerState fields newer than version 1's first checkpoints
 
 
 def _state_classes() -> dict[str, type]:
@@ -223,8 +224,6 @@ def _item(current, i):
 # -- a tuner's state ---------------------------------------------------------------------------------------------
 def dumps(state) -> bytes:
     """`state` (a TunerState) as the bytes of checkpoint.npz."""
-    import cma
-
     arrays: dict[str, np.ndarray] = {}
     values = {f.name: getattr(state, f.name) for f in fields(state) if f.name not in ("config", "es")}
     doc = {
@@ -239,11 +238,40 @@ def dumps(state) -> bytes:
     return buf.getvalue()
 
 
+def dumps_many(states) -> bytes:
+    """Several seeds' states (a lock-step run) in one checkpoint.npz: each one's own checkpoint bytes as an array;
+    one state is written as `dumps` writes it."""
+    if len(states) == 1:
+        return dumps(states[0])
+    parts = {f"run{i}": np.frombuffer(dumps(state), np.uint8) for i, state in enumerate(states)}
+    doc = {"format": FORMAT, "version": VERSION, "runs": len(states)}
+    buf = io.BytesIO()
+    np.savez(buf, **{DOC: np.array(json.dumps(doc))}, **parts)
+    return buf.getvalue()
+
+
+def loads_many(data: bytes, tuners, source: str = "the checkpoint") -> list:
+    """The states `dumps_many` wrote, one per tuner, in order; a checkpoint of another number of seeds is refused."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as f:
+            doc = json.loads(str(f[DOC][()]))
+            runs = doc.get("runs") if isinstance(doc, dict) else None
+            parts = [f[f"run{i}"].tobytes() for i in range(runs)] if isinstance(runs, int) and runs > 0 else None
+    except Exception as exc:  # noqa: BLE001 - a damaged zip, array or document can raise almost any type
+        raise RunError(f"{source} is damaged or not a bbt-onnx checkpoint ({type(exc).__name__}); start the run "
+                       "again with force", "force") from None
+    if parts is None:
+        parts = [data]
+    if len(parts) != len(tuners):
+        raise RunError(f"{source} holds {len(parts)} seeds' states and this run has {len(tuners)}; it cannot be "
+                       "resumed with these settings")
+    return [loads(part, tuner, f"{source} (seed {tuner.config.seed})" if len(parts) > 1 else source)
+            for part, tuner in zip(parts, tuners)]
+
+
 def loads(data: bytes, tuner, source: str = "the checkpoint"):
     """The TunerState in checkpoint.npz bytes, its strategies restored into fresh ones `tuner` builds. A file that is
     not one, is damaged, or was written with other settings is a RunError; nothing in it is run."""
-    import cma
-
     from .tuner import TuneConfig
 
     try:
@@ -288,8 +316,8 @@ def loads(data: bytes, tuner, source: str = "the checkpoint"):
         if not isinstance(raw, dict):
             raise ValueError("no state")
         for f in fields(state):
-            if f.name in ("config", "es"):
-                continue
+            if f.name in ("config", "es") or (f.name in ADDED and f.name not in raw):
+                continue  # a field added since the checkpoint was written keeps its default
             setattr(state, f.name, Decoder(arrays).decode(raw[f.name]))
         _check_state(state, config, len(fresh))
     except Exception as exc:  # noqa: BLE001 - whatever a crafted or damaged document leads to

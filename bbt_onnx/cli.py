@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -133,8 +134,18 @@ def export(quiet, **params):
 
 
 # --------------------------------------------------------------------------- tune
-TUNE_FLAGS = ("model_dir", "out", "force", "force_any", "precision", *TaskSpec.__dataclass_fields__,
+TUNE_FLAGS = ("model_dir", "out", "force", "force_any", "precision", "seeds", "data_seed", *TaskSpec.__dataclass_fields__,
               *(f for f in DataSpec.__dataclass_fields__ if f != "seed"), *TuneConfig.__dataclass_fields__)
+
+
+def parse_seeds(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        seeds = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of whole numbers, e.g. 0,1,2") from None
+    return seeds
 
 
 @cli.command(rules=(
@@ -146,13 +157,25 @@ TUNE_FLAGS = ("model_dir", "out", "force", "force_any", "precision", *TaskSpec._
     Rule("--k-shot samples --data; a --train file is used whole, so drop one of them", given=("train", "k_shot")),
     Rule("--eval-every scores a dev set, and --train without --dev has none; add --dev or drop --eval-every",
          given=("train", "eval_every"), absent=("dev",)),
+    Rule("--seeds names every seed of the run; drop --seed", given=("seeds", "seed")),
+    Rule("--data-seed draws the k-shot split of --data; a --train file is used whole, so drop it",
+         given=("train", "data_seed")),
+    Rule("--track-uri goes with --track", given=("track_uri",), absent=("track",)),
     *ENGINE_RULES))
 @model_option(required=False)
 @click_options(TaskSpec)
 @click_options(DataSpec)
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory to write.")
 @click_options(TuneConfig)
+@click.option("--seeds", callback=parse_seeds, help="Several seeds, e.g. 0,1,2, run in lock-step on the same rows "
+              "(every seed's candidates in one engine call per generation); the run keeps their ensemble.")
+@click.option("--data-seed", type=click.IntRange(0, 2**32 - 1), help="Seed of the k-shot draw from --data "
+              "[default: --seed, or the first of --seeds].")
 @click_options(EngineOptions)
+@click.option("--track", type=click.Choice(["mlflow"]), help="Log the run to an experiment tracker: parameters, "
+              "train loss and dev metric per generation, the baselines, the prompt and loss.png (the `track` extra).")
+@click.option("--track-uri", help="The tracker's store, e.g. sqlite:///mlflow.db or file:./mlruns [default: "
+              "MLFLOW_TRACKING_URI, else MLflow's own].")
 @click.option("--resume", type=click.Path(path_type=Path, file_okay=False), help="Continue an interrupted run.")
 @click.option("--trust-checkpoint", is_flag=True, help="With --resume: read an old pickle checkpoint.pkl (from "
               "bbt-onnx before checkpoint.npz). Unpickling runs any code the file holds: only for a run you wrote.")
@@ -162,10 +185,13 @@ TUNE_FLAGS = ("model_dir", "out", "force", "force_any", "precision", *TaskSpec._
               "are kept; only the run's own files are written).")
 @quiet_option
 @click.pass_context
-def tune(ctx, model_dir, out, resume, force, force_any, trust_checkpoint, quiet, **params):
+def tune(ctx, model_dir, out, resume, force, force_any, trust_checkpoint, quiet, seeds, data_seed, track, track_uri,
+         **params):
     """Learn a continuous prompt with CMA-ES, using only forward calls of the exported graph.
 
-    Writes prompt.npz, run.json, log.jsonl, loss.png and checkpoint.npz into --out, prints the metrics JSON.
+    Before tuning, the plain template is scored on dev in every framing the model allows; after it, the tuned prompt
+    (or the seeds' ensemble) is kept only when it beats the best of them on dev (--choose, --no-fallback). Writes
+    prompt.npz (what was kept), run.json, log.jsonl, loss.png and checkpoint.npz into --out, prints the metrics JSON.
     """
     from .runs import RunDir
     from .workflow import Hooks, TuneRequest, tune as run_tune
@@ -176,11 +202,24 @@ def tune(ctx, model_dir, out, resume, force, force_any, trust_checkpoint, quiet,
         settings = RunDir.open_existing(resume).read_json()["settings"]
         request = TuneRequest.from_settings(settings, str(resume), engine)
     else:
-        data = from_params(DataSpec, params, seed=config.seed)
-        request = TuneRequest(model_dir, task.resolve(), data, config, str(out), engine)
+        if seeds:
+            config = replace(config, seed=seeds[0])
+        data = from_params(DataSpec, params, seed=config.seed if data_seed is None else data_seed)
+        request = TuneRequest(model_dir, task.resolve(), data, config, str(out), engine, seeds or ())
 
     progress = Progress(quiet)
-    hooks = Hooks(log=(lambda m: None) if quiet else err, start=progress.start, event=progress.update)
+    hooks = Hooks(log=(lambda m: None) if quiet else err, start=progress.start, event=progress.update,
+                  tuned=progress.close)
+    if track:
+        from .tracking import open_tracker
+
+        tracker = open_tracker(track, track_uri)
+
+        def on_event(event):
+            progress.update(event)
+            tracker.generation(event)
+
+        hooks.event, hooks.begin, hooks.end = on_event, tracker.start, tracker.finish
     try:
         outcome = run_tune(request, hooks, resume=bool(resume), force=force, force_any=force_any,
                            trust_checkpoint=trust_checkpoint)
@@ -197,11 +236,13 @@ def tune(ctx, model_dir, out, resume, force, force_any, trust_checkpoint, quiet,
     finally:
         progress.close()
     m = outcome.metrics
-    dev = "n/a" if m["best_dev_metric"] is None else f"{m['best_dev_metric']:.4f}"
+    dev = "n/a" if m["dev_metric"] is None else f"{m['dev_metric']:.4f}"
     test = "n/a" if m["test_metric"] is None else f"{m['test_metric']:.4f}"
+    tuned = "" if m["kept"] != outcome.record["choice"].get("kept") or outcome.record["choice"].get("tuned", True) \
+        else f" (the tuned prompt: test {m['tuned_test_metric']:.4f})" if m["tuned_test_metric"] is not None else ""
     err(f"done: {m['api_calls']} calls in {m['wall_seconds']:.1f}s ({m['calls_per_second']:.1f}/s), train loss "
-        f"{m['train_loss_initial']:.4f} -> {m['train_loss_final']:.4f}, dev {m['metric_name']} {dev}, "
-        f"test {test}; wrote {outcome.run_dir}")
+        f"{m['train_loss_initial']:.4f} -> {m['train_loss_final']:.4f}; kept {m['kept']}: dev {m['metric_name']} "
+        f"{dev}, test {test}{tuned}; wrote {outcome.run_dir}")
     emit_json(m)
 
 
@@ -246,16 +287,17 @@ def evaluate(model_dir, prompt_dir, data, no_prompt, prompt_tokens, quiet, **par
 @click_options(EngineOptions)
 @quiet_option
 def predict(model_dir, prompt_dir, input_path, output, quiet, **params):
-    """Label texts with a tuned prompt; writes JSONL: text, label and per-label probabilities."""
+    """Label texts with a run's result (its tuned prompt, ensemble or kept template); writes JSONL: text, label and
+    per-label probabilities."""
     from .data import read_input
     from .fileio import check_output_file, check_writable, write_text_atomic
     from .model import Model
-    from .prompt import TunedPrompt
+    from .prompt import load_prompt
 
     if output:
         check_writable(output)
         check_output_file(output, [("input", input_path), ("model directory", model_dir), ("run", prompt_dir)])
-    prompt = TunedPrompt.load(prompt_dir)
+    prompt = load_prompt(prompt_dir)
     model = Model.load(model_dir, from_params(EngineOptions, params).spec(), deep=prompt.deep)
     prompt.check_model(model)
     rows = read_input(input_path, click.get_binary_stream("stdin"))
@@ -269,6 +311,20 @@ def predict(model_dir, prompt_dir, input_path, output, quiet, **params):
         err(f"wrote {len(preds)} predictions to {output}")
     else:
         click.echo(lines, nl=False)
+
+
+# --------------------------------------------------------------------------- report
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["markdown", "json"]), default="markdown", show_default=True,
+              help="A markdown table, or the same rows as JSON.")
+def report(runs, fmt):
+    """Tabulate finished runs from their run.json files: per task and setting, each baseline, each seed, the mean
+    ± std over seeds, the ensemble and the result each run kept (dev and test)."""
+    from .report import format_markdown, summarise
+
+    summary = summarise(list(runs))
+    emit_json(summary.to_json()) if fmt == "json" else click.echo(format_markdown(summary))
 
 
 # --------------------------------------------------------------------------- check

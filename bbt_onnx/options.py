@@ -94,8 +94,9 @@ def click_options(cls, skip: Sequence[str] = (), only: Sequence[str] | None = No
                 default = None
             if kind == "bool" and "/" not in decls[0]:
                 kw["is_flag"] = True
-            elif kind == "bool":
-                kw["default"] = None
+            elif kind == "bool":  # --x/--no-x: the field's default (None: neither given, the caller decides)
+                kw["default"] = default
+                kw["show_default"] = default is not None
             else:
                 if opt.choices:
                     kw["type"] = click.Choice(list(opt.choices))

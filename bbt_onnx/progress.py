@@ -53,7 +53,8 @@ class Progress:
     def __init__(self, quiet: bool):
         self.quiet = quiet
         self.bar = None
-        self.dev = None
+        self.dev: dict[int, float] = {}  # each seed's last dev metric
+        self.calls: dict[int, int] = {}  # each seed's calls (seeds in lock-step share the bar)
 
     def start(self, total: int, done: int) -> None:
         if self.quiet:
@@ -66,9 +67,12 @@ class Progress:
         if self.bar is None:
             return
         if event.dev_metric is not None:
-            self.dev = event.dev_metric
-        dev = "-" if self.dev is None else f"{self.dev:.3f}"
-        self.bar.update(event.calls - self.bar.pos, f"loss {event.best_loss_so_far:.4f}  dev {dev}")
+            self.dev[event.seed] = event.dev_metric
+        self.calls[event.seed] = event.calls
+        dev = f"{max(self.dev.values()):.3f}" if self.dev else "-"
+        seed = f"seed {event.seed}  " if len(self.calls) > 1 else ""
+        self.bar.update(sum(self.calls.values()) - self.bar.pos,
+                        f"{seed}loss {event.best_loss_so_far:.4f}  dev {dev}")
 
     def close(self) -> None:
         if self.bar is not None:

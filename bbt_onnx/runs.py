@@ -34,7 +34,8 @@ LOG = "log.jsonl"
 CHECKPOINT = "checkpoint.npz"
 LEGACY_CHECKPOINT = "checkpoint.pkl"  # pickle, from bbt-onnx before 0.2: read only with --trust-checkpoint
 PLOT = "loss.png"
-OWN_FILES = (RUN_JSON, LOG, CHECKPOINT, LEGACY_CHECKPOINT, PROMPT_NAME, PLOT)  # run.json first: see start()
+TUNED = "tuned.npz"  # the tuned prompt, when the run kept a plain template instead
+OWN_FILES = (RUN_JSON, LOG, CHECKPOINT, LEGACY_CHECKPOINT, PROMPT_NAME, PLOT, TUNED)  # run.json first: see start()
 CHECKPOINTS = (CHECKPOINT, LEGACY_CHECKPOINT)
 REPLACED = ".replaced"  # an earlier run's files, until the run that replaces it has something to resume
 MOVING = ".replaced.partial"  # the same while they are moved there
@@ -153,14 +154,7 @@ class RunDir:
 
     def read_json(self) -> dict:
         """run.json, checked for the shape tune writes: an object whose settings are an object."""
-        path = self.file(RUN_JSON)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise RunError(f"cannot read {path}: {exc}") from None
-        if not isinstance(raw, dict) or not isinstance(raw.get("settings"), dict):
-            raise RunError(f"{path} is not a run.json written by `bbt-onnx tune` (no settings object)")
-        return raw
+        return read_run_json(self.file(RUN_JSON))
 
     # -- owning the directory ----------------------------------------------------
     @contextmanager
@@ -290,17 +284,23 @@ class RunDir:
         rows = [r for r in self.read_log() if r["generation"] <= generations]
         write_bytes_atomic(self.path / LOG, "".join(dumps(r) + "\n" for r in rows).encode())
 
-    def save_checkpoint(self, state) -> None:
-        """checkpoint.npz, without pickle; then the run this one replaced (or an old pickle checkpoint) goes."""
-        from .checkpoint import dumps as checkpoint_bytes
+    def save_checkpoint(self, states) -> None:
+        """checkpoint.npz (one state, or every seed's), without pickle; then the run this one replaced (or an old
+        pickle checkpoint) goes."""
+        from .checkpoint import dumps_many
 
-        write_bytes_atomic(self.path / CHECKPOINT, checkpoint_bytes(state))
+        write_bytes_atomic(self.path / CHECKPOINT, dumps_many(states if isinstance(states, list) else [states]))
         (self.path / LEGACY_CHECKPOINT).unlink(missing_ok=True)
         self._drop_replaced()
 
     def load_checkpoint(self, tuner, trust: bool = False):
-        """The TunerState to resume, restored for `tuner`. checkpoint.npz is data only; an old checkpoint.pkl is
-        unpickled, which runs whatever code it holds, so only when `trust` says the user wrote it."""
+        """The TunerState to resume, restored for `tuner` (a run of one seed)."""
+        return self.load_checkpoints([tuner], trust)[0]
+
+    def load_checkpoints(self, tuners, trust: bool = False) -> list:
+        """Every seed's TunerState, restored for `tuners`. checkpoint.npz is data only; an old checkpoint.pkl (one
+        seed) is unpickled, which runs whatever code it holds, so only when `trust` says the user wrote it."""
+        from .checkpoint import loads_many
         from .tuner import TunerState
 
         path = self.file(CHECKPOINT)
@@ -309,7 +309,7 @@ class RunDir:
                 data = path.read_bytes()
             except OSError as exc:
                 raise storage_error(path, exc, "read") from None
-            return tuner.load_state(data, str(path))
+            return loads_many(data, tuners, str(path))
         path = self.file(LEGACY_CHECKPOINT)
         if not trust:
             raise RunError(f"{path} is a pickle checkpoint from an older bbt-onnx; unpickling runs any code it holds, "
@@ -322,7 +322,9 @@ class RunDir:
                            "with force", "force") from None
         if not isinstance(state, TunerState):
             raise RunError(f"{path} is not a bbt-onnx checkpoint (it holds a {type(state).__name__})")
-        return state
+        if len(tuners) != 1:
+            raise RunError(f"{path} holds one seed's state and this run has {len(tuners)}")
+        return [state]
 
     # -- at the end --------------------------------------------------------------
     def finish(self, settings: dict, metrics: dict, extra: dict | None = None) -> bool:
@@ -375,3 +377,14 @@ def lock_exclusive(fd: int, path: Path) -> None:
     except BlockingIOError:
         raise RunError(f"{path} is in use by another bbt-onnx tune; wait for it to finish, or choose another out",
                        "out") from None
+
+
+def read_run_json(path: Path) -> dict:
+    """A run.json, checked for the shape tune writes: an object whose settings are an object."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunError(f"cannot read {path}: {exc}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("settings"), dict):
+        raise RunError(f"{path} is not a run.json written by `bbt-onnx tune` (no settings object)")
+    return raw

@@ -5,7 +5,12 @@ with step sigma, a generation scores the whole population on the whole training 
 engine call, the best candidate so far is scored on dev every `eval_every` calls (those
 calls are free), and the prompt with the best dev metric wins. BBT and BBTv2 share this one
 loop, in steps (start, step, result) like pycma's ask and tell; methods.py holds what differs.
+A step is itself ask, score, tell, so that several seeds can share one engine call (lockstep.py).
 The tuner prints nothing: it reports events and hands checkpoints to callbacks.
+
+Options beyond the reference, each off or measured: the start (`prompt_init auto`, the cheapest filler of the
+prompt slots on dev at z = 0), dev-based early stopping (`patience`) and contextual calibration of the dev scores
+(`calibrate`).
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ from .cmaes import cma
 import numpy as np
 
 from . import losses
+from .baselines import AUTO, init_candidates, init_choice
+from .calibration import calibrated, content_free_rows, log_prior
+from .choice import RULES
 from .data import Example, as_examples
-from .encoding import EncodedSet, init_placeholders
+from .encoding import EncodedSet
 from .engines.base import score_rows
 from .errors import DataError, RunError, SettingsError
 from .methods import GeneratorRandn  # noqa: F401 - checkpoints written before methods.py pickled tuner.GeneratorRandn
@@ -56,12 +64,22 @@ class TuneConfig:
     eval_every: int = setting(100, "Score the best-so-far prompt on dev every N calls.")
     seed: int = setting(42, "One seed for sampling, the projection and CMA-ES.")
     checkpoint_every: int = setting(10, "Generations between checkpoints; 0 is off.")
-    prompt_init: str | None = setting(None, "Text whose tokens fill the prompt slots (z = 0 is then the template "
-                                      "with this text before it); its token count must equal --prompt-tokens "
-                                      "[default: the model's placeholders].")
+    prompt_init: str | None = setting(AUTO, "What fills the prompt slots, so what z = 0 is: auto (the filler that "
+                                      "scores best on dev at z = 0: the reference's ids, spaces, newlines or the "
+                                      "template's words), reference (the paper's ids, for faithful runs), or text "
+                                      "whose tokens fill them (its token count must equal --prompt-tokens).")
     max_length: int | None = setting(None, "Token limit per row [default: the model's].", minimum=MIN_LENGTH)
     method: str = setting("bbt", "bbt: one prompt on the embeddings; bbtv2: a prompt on every layer, one CMA-ES "
                           "per layer (needs a model exported with --deep).", choices=tuple(METHODS))
+    patience: int = setting(0, "Stop after this many dev evaluations without a better dev metric; 0 is off (the "
+                            "reference spends the whole budget).")
+    calibrate: bool = setting(False, "Contextual calibration: divide out the label prior each prompt has on "
+                              "content-free inputs (\"N/A\", \"\", \"[MASK]\"), for the plain baselines and the "
+                              "tuned prompt alike.")
+    fallback: bool = setting(True, "Hand back the best plain template instead of the tuned prompt when tuning did "
+                             "not earn its place on dev (--choose says when).", flag="--fallback/--no-fallback")
+    choose: str = setting("interval", "When the tuned prompt replaces the template: interval (its dev margin's "
+                          "paired-bootstrap interval lies above 0) or max (it scored higher on dev).", choices=RULES)
 
     def __post_init__(self):
         self.check()  # a config that cannot run is refused when it is built
@@ -69,7 +87,7 @@ class TuneConfig:
     def check(self) -> None:
         """Every setting in range, before anything runs or touches disk (also done when the config is built)."""
         ints = {"prompt_tokens": 1, "intrinsic_dim": 1, "popsize": 2, "budget": 1, "eval_every": 1, "seed": 0,
-                "checkpoint_every": 0}
+                "checkpoint_every": 0, "patience": 0}
         for name, least in ints.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -100,10 +118,13 @@ class TuneConfig:
         for name, choices in (("loss", losses.LOSSES), ("random_proj", PROJECTIONS), ("method", tuple(METHODS))):
             if getattr(self, name) not in choices:
                 raise SettingsError(f"{name} {getattr(self, name)!r} is not one of {', '.join(choices)}", name)
-        if not isinstance(self.diagonal, bool):
-            raise SettingsError(f"diagonal must be true or false, got {self.diagonal!r}", "diagonal")
+        for name in ("diagonal", "calibrate", "fallback"):
+            if not isinstance(getattr(self, name), bool):
+                raise SettingsError(f"{name} must be true or false, got {getattr(self, name)!r}", name)
+        if self.choose not in RULES:
+            raise SettingsError(f"choose {self.choose!r} is not one of {', '.join(RULES)}", "choose")
         if self.prompt_init is not None and (not isinstance(self.prompt_init, str) or not self.prompt_init.strip()):
-            raise SettingsError("prompt_init is empty; leave it out to use the model's placeholder tokens",
+            raise SettingsError("prompt_init is empty; leave it out to choose the start on dev (auto)",
                                 "prompt_init")
 
     def to_json(self) -> dict:
@@ -126,6 +147,7 @@ class GenerationEvent:
     optimizer_seconds: float
     host_seconds: float
     layer: int = 0  # the layer whose prompt this generation searched (BBTv2); 0 for BBT
+    seed: int = 0  # the run's seed (one of several, when seeds run in lock-step)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -155,6 +177,7 @@ class TunerState:
     host_seconds: float = 0.0
     stop_reason: dict = field(default_factory=dict)
     prefix_z: np.ndarray | None = None  # BBTv2: [L, d], each layer at its best so far
+    stale_evals: int = 0  # dev evaluations since the best dev metric last improved (patience)
 
 
 @dataclass(frozen=True)
@@ -183,7 +206,10 @@ class BlackBoxTuner:
     """`BlackBoxTuner(model, task, config).fit(train, dev) -> TunedPrompt`, for BBT and BBTv2 alike: the
     method (methods.py) says what a generation searches; budget, dev choice, checkpoints and events are here."""
 
-    def __init__(self, model: Model, task: Task, config: TuneConfig = TuneConfig()):
+    def __init__(self, model: Model, task: Task, config: TuneConfig = TuneConfig(),
+                 placeholder_ids: Sequence[int] | None = None):
+        """`placeholder_ids`: the prompt slots' tokens when already decided (a resumed run's); otherwise
+        `config.prompt_init` decides them, `auto` on the dev rows `fit` (or `choose_start`) is given."""
         if not isinstance(config, TuneConfig):
             raise SettingsError(f"config must be a TuneConfig, got {type(config).__name__}", "config")
         config.check()
@@ -200,18 +226,62 @@ class BlackBoxTuner:
                                    prompt_tokens=config.prompt_tokens, hidden_size=m.hidden_size,
                                    embedding_std=m.embedding_std, alpha=config.alpha, sigma=config.sigma,
                                    kind=config.random_proj)
-        self.placeholder_ids = None
-        if config.prompt_init is not None:
-            self.placeholder_ids = init_placeholders(model.tokenizer, config.prompt_init, config.prompt_tokens)
-        self.encoder = model.encoder(task, config.prompt_tokens, config.max_length, self.placeholder_ids)
+        mode, text = init_choice(config.prompt_init)
+        self.start_scores: list[dict] = []  # each start candidate's z = 0 scores on dev (auto)
+        self.start_name = "given" if placeholder_ids is not None else mode
+        if placeholder_ids is None and mode == "text":
+            placeholder_ids = init_candidates(model.tokenizer, model.manifest, task, config.prompt_tokens, text)[0][1]
+        self.start_pending = placeholder_ids is None and mode == AUTO
+        self._set_placeholders(None if placeholder_ids is None else as_ids(placeholder_ids))
         self.method = method_for(config.method)(model, self.spec)
         self.method.check(config)
         self.report: FitReport | None = None
         self.state: TunerState | None = None
 
+    def _set_placeholders(self, ids: tuple[int, ...] | None) -> None:
+        self.placeholder_ids = ids
+        self.encoder = self.model.encoder(self.task, self.config.prompt_tokens, self.config.max_length, ids)
+        self._content_free: EncodedSet | None = None
+
     @property
     def warnings(self) -> list[str]:
         return list(self.encoder.warnings)
+
+    def choose_start(self, rows: Sequence[Example]) -> list[dict]:
+        """`prompt_init auto`: score each filler of the prompt slots at z = 0 on `rows` (dev) and keep the best
+        (the higher metric, then the lower cross-entropy, then the earlier candidate: the reference's ids first).
+        Returns every candidate's scores; the rows' encodings change with the slots, so encode after this."""
+        if not self.start_pending:
+            return self.start_scores
+        examples = as_examples(rows)
+        scores, zero = [], self.method.zero()
+        for name, ids in init_candidates(self.model.tokenizer, self.model.manifest, self.task,
+                                         self.config.prompt_tokens):
+            self._set_placeholders(as_ids(ids))
+            enc = self.encoder.encode(examples)
+            logits = self.dev_logits(zero, enc)
+            scores.append({"name": name, "ids": list(ids),
+                           "dev_metric": float(losses.metric(self.task.metric, logits, enc.labels)[0]),
+                           "dev_ce": float(losses.cross_entropy(logits, enc.labels)[0])})
+        best = max(range(len(scores)), key=lambda i: (scores[i]["dev_metric"], -scores[i]["dev_ce"], -i))
+        self._set_placeholders(as_ids(scores[best]["ids"]))
+        self.start_name, self.start_scores, self.start_pending = scores[best]["name"], scores, False
+        return scores
+
+    def adopt_start(self, other: "BlackBoxTuner") -> None:
+        """The start another seed's tuner chose on the same rows (z = 0 is the same prompt for every seed)."""
+        self._set_placeholders(other.placeholder_ids)
+        self.start_name, self.start_scores, self.start_pending = other.start_name, other.start_scores, False
+
+    def dev_logits(self, z: np.ndarray, rows: EncodedSet) -> np.ndarray:
+        """[N, K] scores of the prompt z on dev rows: calibrated log-probabilities when the run calibrates."""
+        scorer = self.method.z_scorer(z)
+        raw = score_rows(scorer, rows, DEV_ROWS)
+        if not self.config.calibrate:
+            return raw
+        if self._content_free is None:
+            self._content_free = self.encoder.encode(content_free_rows(self.task))
+        return calibrated(raw, log_prior(score_rows(scorer, self._content_free, DEV_ROWS)))
 
     def encode(self, rows: Sequence[Example | str] | EncodedSet | None) -> EncodedSet | None:
         if rows is None or isinstance(rows, EncodedSet):
@@ -263,18 +333,37 @@ class BlackBoxTuner:
         return self.state
 
     def finished(self) -> bool:
-        return bool(self.method.stop(self._started("finished"), self.config))
+        return bool(self.stop_reasons(self._started("finished")))
+
+    def stop_reasons(self, state: TunerState) -> dict[str, str]:
+        """The method's reasons to stop, and patience's."""
+        reasons = self.method.stop(state, self.config)
+        if self.config.patience and state.stale_evals >= self.config.patience:
+            reasons = {**reasons, "patience": str(self.config.patience)}
+        return reasons
 
     def step(self, train: EncodedSet, dev: EncodedSet | None) -> GenerationEvent:
         """One generation: ask, score every candidate in one engine call, tell; dev when it is due."""
-        state, cfg, method = self._started("step"), self.config, self.method
+        self._started("step")
         train, dev = self._encoded(train, "train"), self._encoded(dev, "dev")
+        ask = self.ask()
+        t0 = time.perf_counter()
+        logits = self.method.score(self.state, ask.z, ask.layer, train)
+        return self.tell(ask, logits, train, dev, time.perf_counter() - t0)
+
+    def ask(self) -> "Ask":
+        """This generation's candidates (pycma's ask), from the strategy of the layer it searches."""
+        state = self._started("ask")
         started = time.perf_counter()
-        layer = method.layer(state)
-        es = state.es[layer]
-        z = np.asarray(es.ask())
-        t1 = time.perf_counter()
-        logits = method.score(state, z, layer, train)
+        layer = self.method.layer(state)
+        z = np.asarray(state.es[layer].ask())
+        return Ask(z, layer, time.perf_counter() - started)
+
+    def tell(self, ask: "Ask", logits: np.ndarray, train: EncodedSet, dev: EncodedSet | None,
+             engine_seconds: float) -> GenerationEvent:
+        """The candidates' train logits ([C, N, K], from one engine call) told to pycma; dev when it is due."""
+        state, cfg, method = self._started("tell"), self.config, self.method
+        es, z, layer = state.es[ask.layer], ask.z, ask.layer
         t2 = time.perf_counter()
         cand_loss = self._loss(logits, train.labels)
         t3 = time.perf_counter()
@@ -291,18 +380,20 @@ class BlackBoxTuner:
         dev_metric = None
         t5 = time.perf_counter()
         if dev is not None and state.calls // cfg.eval_every > before // cfg.eval_every:
+            best = state.best_dev_metric
             dev_metric = self._evaluate_dev(state, dev)
+            state.stale_evals = 0 if state.best_dev_metric > best else state.stale_evals + 1
         t6 = time.perf_counter()
 
-        engine_s, optimizer_s = (t2 - t1) + (t6 - t5), (t1 - started) + (t4 - t3)  # dev scoring is engine work
-        host_s = (t6 - started) - engine_s - optimizer_s
+        engine_s, optimizer_s = engine_seconds + (t6 - t5), ask.seconds + (t4 - t3)  # dev scoring is engine work
+        host_s = (t3 - t2) + (t5 - t4)
         state.engine_seconds += engine_s
         state.optimizer_seconds += optimizer_s
         state.host_seconds += host_s
         state.seconds = time.perf_counter() - self._clock
         return GenerationEvent(state.generation, state.calls, float(cand_loss[i]), float(cand_loss.mean()),
                                state.best_loss, float(es.sigma), dev_metric, state.seconds, engine_s, optimizer_s,
-                               host_s, layer)
+                               host_s, layer, cfg.seed)
 
     def result(self, train: EncodedSet, dev: EncodedSet | None) -> TunedPrompt:
         """The prompt to keep: best dev (the last best z scored first), else best train; and the report."""
@@ -310,7 +401,7 @@ class BlackBoxTuner:
         train, dev = self._encoded(train, "train"), self._encoded(dev, "dev")
         if dev is not None and state.best_z is not None and not _same(state.last_dev_z, state.best_z):
             self._evaluate_dev(state, dev)  # the last best may not have met a dev evaluation yet
-        state.stop_reason = self.method.stop(state, cfg)
+        state.stop_reason = self.stop_reasons(state)
 
         final_z = state.best_dev_z if dev is not None else state.best_z
         if final_z is None:
@@ -318,6 +409,8 @@ class BlackBoxTuner:
         prompt = TunedPrompt(np.asarray(final_z, dtype=np.float64), self.method.embeds(final_z).astype(np.float32),
                              self.spec, self.task, self.model.manifest.fingerprint(), as_ids(self.placeholder_ids),
                              cfg.max_length, cfg.method, tuple(s.embedding_std for s in self.method.specs))
+        if cfg.calibrate:
+            prompt = prompt.calibrate(self.model)
         final_loss = float(self._loss(self.method.z_scorer(final_z)(train), train.labels)[0])
         state.seconds = time.perf_counter() - self._clock
         self.report = FitReport(
@@ -336,7 +429,11 @@ class BlackBoxTuner:
             on_event: Callable[[GenerationEvent], None] | None = None,
             on_checkpoint: Callable[[TunerState], None] | None = None,
             state: TunerState | None = None) -> TunedPrompt:
-        """Tune on `train`, choose by `dev`; pass a checkpointed `state` to resume."""
+        """Tune on `train`, choose by `dev`; pass a checkpointed `state` to resume. With `prompt_init auto` the
+        start is chosen on `dev` (else `train`) when they come as rows; rows that come encoded keep the slots they
+        were encoded with."""
+        if self.start_pending and not isinstance(dev if dev is not None else train, EncodedSet):
+            self.choose_start(dev if dev is not None else train)
         train_set, dev_set = self.encode(train), self.encode(dev)
         state = self.start(train_set, state)
         every = self.config.checkpoint_every
@@ -365,13 +462,22 @@ class BlackBoxTuner:
         z = state.best_z
         if _same(z, state.last_dev_z):
             return state.last_dev_metric
-        logits = score_rows(self.method.z_scorer(z), dev_set, DEV_ROWS)
+        logits = self.dev_logits(z, dev_set)
         value = float(losses.metric(self.task.metric, logits, dev_set.labels)[0])
         state.dev_calls += 1
         state.last_dev_z, state.last_dev_metric = z.copy(), value
         if value > state.best_dev_metric:
             state.best_dev_metric, state.best_dev_z = value, z.copy()
         return value
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One generation's candidates: z [C, d] for the strategy of `layer`, and the seconds pycma took."""
+
+    z: np.ndarray
+    layer: int
+    seconds: float
 
 
 def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:

@@ -257,7 +257,7 @@ def test_cli_tune_with_a_suffix_prompt_records_its_framing(decoder, tmp_path):
     r = invoke(["tune", "--model", out, "--template", TEMPLATE, "--labels", "0=bad,1=great", "--prompt-position",
                 "suffix", "--bos", "never", "--data", tmp_path / "pool.csv", "--test", tmp_path / "test.csv",
                 "--out", tmp_path / "run", "--prompt-tokens", 4, "--intrinsic-dim", 8, "--popsize", 6, "--budget",
-                24, "--k-shot", 8, "-q"])
+                24, "--k-shot", 8, "-q", "--no-fallback"])
     assert r.exit_code == 0, r.output
     settings = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]
     assert settings["task"]["prompt_position"] == "suffix" and settings["task"]["bos"] == "never"

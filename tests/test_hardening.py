@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from bbt_onnx import PRESETS, BlackBoxTuner, Example, Model, Task, TuneConfig, TunedPrompt, k_shot_split
+from bbt_onnx import PRESETS, BlackBoxTuner, Model, Task, TuneConfig, TunedPrompt, k_shot_split
 from bbt_onnx.cli import cli
 from bbt_onnx.data import DataSpec, read_examples
 from bbt_onnx.errors import BBTError, DataError, ModelError, PromptError, RunError, SettingsError

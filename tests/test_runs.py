@@ -13,7 +13,7 @@ import pytest
 from bbt_onnx import TunedPrompt
 from bbt_onnx.runs import RunDir
 
-from helpers import cli_error, invoke
+from helpers import cli_error, generations, invoke
 from test_tune import tune_args
 
 
@@ -98,7 +98,7 @@ def test_resume_drops_a_log_line_cut_short_and_ends_like_an_uninterrupted_run(ti
     resumed = invoke(["tune", "--resume", out, "-q"])
     assert resumed.exit_code == 0, resumed.output
     assert TunedPrompt.load(out).z.tobytes() == TunedPrompt.load(whole).z.tobytes()
-    log = [json.loads(line)["generation"] for line in (out / "log.jsonl").read_text().splitlines()]
+    log = [row["generation"] for row in generations(out)]
     assert log == list(range(1, 21))
 
 

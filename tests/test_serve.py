@@ -143,7 +143,7 @@ def client_dir(tiny_model, tmp_path_factory) -> Path:
 def tune_args(model, data_dir, out, *extra):
     return ["tune", "--model", str(model), "--task", "sst2", "--data", str(data_dir / "pool.csv"), "--k-shot", "8",
             "--prompt-tokens", str(PROMPT_TOKENS), "--intrinsic-dim", "20", "--popsize", "6", "--budget", "60",
-            "--eval-every", "30", "--seed", "3", "--out", str(out), "-q", *extra,
+            "--eval-every", "30", "--seed", "3", "--out", str(out), "-q", "--no-fallback", *extra,
             *([] if "--server" in extra else ["--threads", "1"])]
 
 
@@ -182,6 +182,24 @@ def test_evaluate_and_predict_through_the_server_match_in_process(server, client
     texts.write_text("a fine film\nawful and dull\n")
     args = ["predict", "--prompt", str(tmp_path / "run"), "--input", str(texts), "-q"]
     assert ok([*args, "--model", str(client_dir), *server.args()]) == ok([*args, "--model", str(tiny_model)])
+
+
+def test_every_kind_of_result_scores_through_the_server(server, client_dir, tiny_model, data_dir, tmp_path):
+    """The seeds' calibrated ensemble (several prompts in one request) and a kept template (a prompt of no tokens)
+    score through the server as they do in process."""
+    from bbt_onnx import PRESETS, TunedPrompt
+
+    ok(["tune", "--model", str(tiny_model), "--task", "sst2", "--data", str(data_dir / "pool.csv"), "--k-shot", "8",
+        "--prompt-tokens", str(PROMPT_TOKENS), "--intrinsic-dim", "20", "--popsize", "6", "--budget", "24",
+        "--seeds", "1,2", "--calibrate", "--no-fallback", "--out", str(tmp_path / "ens"), "-q"])
+    template = TunedPrompt.template(Model.load(tiny_model).manifest, PRESETS["sst2"])
+    template.save(tmp_path / "template.npz")
+    for result in (tmp_path / "ens", tmp_path / "template.npz"):
+        args = ["evaluate", "--prompt", str(result), "--data", str(data_dir / "test.csv"), "-q"]
+        local = json.loads(ok([*args, "--model", str(tiny_model)]))
+        for protocol in ("http", "grpc"):
+            remote = json.loads(ok([*args, "--model", str(client_dir), *server.args(protocol)]))
+            assert remote["ce_loss"] == local["ce_loss"] and remote["metric"] == local["metric"]
 
 
 def test_requests_without_the_right_token_are_refused(server, client_dir, data_dir, tmp_path):

@@ -16,7 +16,7 @@ from bbt_onnx.synthetic import sentiment_rows, write_csv
 from bbt_onnx.tasks import PRESETS
 
 from conftest import PROMPT_TOKENS
-from helpers import cli_error, invoke
+from helpers import cli_error, generations, invoke
 
 SMALL = dict(prompt_tokens=PROMPT_TOKENS, intrinsic_dim=40, popsize=10, eval_every=40)
 
@@ -159,7 +159,7 @@ def test_an_engine_is_any_object_with_label_logits(model, splits):
 def tune_args(tiny_model, data_dir, out, *extra):
     return ["tune", "--model", tiny_model, "--task", "sst2", "--data", data_dir / "pool.csv", "--test",
             data_dir / "test.csv", "--out", out, "--prompt-tokens", PROMPT_TOKENS, "--intrinsic-dim", 40,
-            "--popsize", 10, "--budget", 200, "--eval-every", 40, "--checkpoint-every", 4, *extra]
+            "--popsize", 10, "--budget", 200, "--eval-every", 40, "--checkpoint-every", 4, "--no-fallback", *extra]
 
 
 def test_cli_tune_writes_the_run_and_prints_metrics(tiny_model, data_dir, tmp_path, monkeypatch):
@@ -180,7 +180,7 @@ def test_cli_tune_writes_the_run_and_prints_metrics(tiny_model, data_dir, tmp_pa
     assert run["status"] == "complete" and run["settings"]["tune"]["budget"] == 200
     assert set(run["settings"]["data_fingerprints"]) == {"data", "test"}
     assert len(run["settings"]["model"]["fingerprint"]) == 64
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    log = generations(out)
     assert [r["calls"] for r in log] == list(range(10, 201, 10))
     assert sum(r["dev_metric"] is not None for r in log) >= 1 and {"best_loss", "mean_loss", "sigma"} <= set(log[0])
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
@@ -239,7 +239,7 @@ def test_cli_resume_after_interrupt_matches_an_uninterrupted_run(tiny_model, dat
     assert resumed.exit_code == 0, resumed.output
     a, b = TunedPrompt.load(tmp_path / "a"), TunedPrompt.load(tmp_path / "b")
     assert a.z.tobytes() == b.z.tobytes()
-    log = [json.loads(line)["generation"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    log = [row["generation"] for row in generations(tmp_path / "b")]
     assert log == list(range(1, 21))
     assert json.loads(resumed.stdout)["test_metric"] == json.loads(whole.stdout)["test_metric"]
 
