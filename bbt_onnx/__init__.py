@@ -5,19 +5,21 @@ The runtime needs onnxruntime, numpy, cma, tokenizers and click; it never import
 
 __version__ = "0.1.0"
 
-from .data import DataSpec, Example, read_examples  # noqa: E402
+from . import checkpoint  # noqa: E402
+from .data import DataSpec, Example, k_shot_split, load_splits, read_examples  # noqa: E402
 from .encoding import EncodedSet, Encoder  # noqa: E402
 from .engines import Engine, EngineSpec, OrtEngine, OrtSpec, Remote, TritonEngine, TritonSpec  # noqa: E402
 from .errors import (BBTError, DataError, ModelError, PromptError, RunError, ServerError, SettingsError,  # noqa: E402
                      StorageError)
 from .manifest import Manifest, load_manifest  # noqa: E402
 from .model import Model  # noqa: E402
-from .prompt import Prediction, TunedPrompt  # noqa: E402
+from .prompt import Evaluation, Prediction, PromptEnsemble, TunedPrompt, load_prompt  # noqa: E402
 from .tasks import PRESETS, Task, resolve_task  # noqa: E402
-from .tuner import BlackBoxTuner, FitReport, GenerationEvent, TuneConfig  # noqa: E402
+from .seeding import generator  # noqa: E402
+from .tuner import BlackBoxTuner, FitReport, GenerationEvent, TuneConfig, TunerState  # noqa: E402
 
 __all__ = ["BBTError", "BlackBoxTuner", "DataError", "DataSpec", "EncodedSet", "Encoder", "Engine", "EngineSpec",
-           "Example", "FitReport", "GenerationEvent", "Manifest", "Model", "ModelError", "OrtEngine", "OrtSpec",
-           "PRESETS", "Prediction", "PromptError", "Remote", "RunError", "ServerError", "SettingsError", "StorageError",
-           "Task", "TritonEngine", "TritonSpec", "TuneConfig", "TunedPrompt", "load_manifest", "read_examples",
-           "resolve_task"]
+           "Evaluation", "Example", "FitReport", "GenerationEvent", "Manifest", "Model", "ModelError", "OrtEngine",
+           "OrtSpec", "PRESETS", "Prediction", "PromptEnsemble", "PromptError", "Remote", "RunError", "ServerError", "SettingsError",
+           "StorageError", "Task", "TritonEngine", "TritonSpec", "TuneConfig", "TunedPrompt", "TunerState",
+           "checkpoint", "generator", "k_shot_split", "load_manifest", "load_prompt", "load_splits", "read_examples", "resolve_task"]

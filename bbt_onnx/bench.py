@@ -22,6 +22,8 @@ from .options import setting
 from .tasks import Framing, Task
 
 TEXTS_PER_CALL = 32  # the reference's few-shot set: 16 per class x 2 classes
+MAX_BATCH = 8192  # sequences per timed call: 256 candidates x 32 texts, far above any population
+MAX_TOKENS = 1 << 19  # sequences x tokens per timed call (640 x 114 on the GPU runs): its activations must fit
 
 
 def example_task(manifest: Manifest, framing: Framing = Framing()) -> Task:
@@ -85,8 +87,8 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _m: None) 
         precisions = tuple(p for p in wanted if p in manifest.graphs)
     cache_precision = next((p for p in precisions if manifest.has_cache_graphs(p)), None)
     if opts.suffix_data and cache_precision is None:
-        raise SettingsError("--suffix-data times the cached pair of graphs, and this model has none; re-export a "
-                            "decoder with --kv-cache")
+        raise SettingsError("suffix_data times the cached pair of graphs, and this model has none; re-export a "
+                            "decoder with --kv-cache", "suffix_data")
     prompts, enc = synthetic_inputs(manifest, opts.batch, opts.seq)
     results, models = [], {}
     for precision in precisions:
@@ -187,9 +189,11 @@ class EngineTiming:
 
 def split_batch(batch: int) -> tuple[int, int]:
     """(candidates, texts) for `batch` sequences: up to 32 texts, the population fills the rest."""
+    if batch > MAX_BATCH:
+        raise SettingsError(f"batch {batch} is more than {MAX_BATCH} sequences per call", "batch")
     texts = min(batch, TEXTS_PER_CALL)
     if batch % texts:
-        raise SettingsError(f"--batch {batch} is not a multiple of {texts} texts per call")
+        raise SettingsError(f"batch {batch} is not a multiple of {texts} texts per call", "batch")
     return batch // texts, texts
 
 
@@ -199,9 +203,12 @@ def synthetic_inputs(manifest: Manifest, batch: int, seq: int, seed: int = 0) ->
     p = manifest.prompt_tokens
     head = 1 + p
     if seq < head + 4:
-        raise SettingsError(f"--seq {seq} is too short for {p} prompt tokens; use at least {head + 4}")
+        raise SettingsError(f"seq {seq} is too short for {p} prompt tokens; use at least {head + 4}", "seq")
     if seq > manifest.max_positions:
-        raise SettingsError(f"--seq {seq} exceeds the model's {manifest.max_positions} positions")
+        raise SettingsError(f"seq {seq} exceeds the model's {manifest.max_positions} positions", "seq")
+    if batch * seq > MAX_TOKENS:
+        raise SettingsError(f"batch {batch} x seq {seq} = {batch * seq:,} tokens per call is more than {MAX_TOKENS:,}",
+                            ("batch", "seq"))
     rng = np.random.default_rng(seed)
     specials = manifest.special_ids
     low = max(specials) + 1 if specials else 0

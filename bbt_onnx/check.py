@@ -26,7 +26,7 @@ from .fileio import sha256_file
 from .manifest import Manifest, load_manifest
 from .model import Model
 from .options import setting
-from .prompt import EVAL_ROWS, TunedPrompt, load_run_prompt, template_prompt
+from .prompt import EVAL_ROWS, Result, TunedPrompt, load_run_prompt, template_prompt
 from .tasks import TaskSpec
 
 # rows for a check without --data: plain sentences of several kinds, and a second text for pair templates
@@ -141,15 +141,15 @@ def failures(precision: str, result: EngineResult, tol: Tolerances, labelled: bo
     return reasons
 
 
-def prompt_set(manifest: Manifest, run: str | None, task: TaskSpec = TaskSpec()) -> list[tuple[str, TunedPrompt]]:
-    """What check scores: a run's tuned prompt and its z = 0; or, without a run, the task's template at z = 0
-    and three random prompts at the embedding scale."""
+def prompt_set(manifest: Manifest, run: str | None, task: TaskSpec = TaskSpec()) -> list[tuple[str, Result]]:
+    """What check scores: a run's result (tuned, an ensemble or a kept template) and its z = 0; or, without a run,
+    the task's template at z = 0 and three random prompts at the embedding scale."""
     prompt = load_run_prompt(run, run is None, task.given)
     if prompt is None:
         zero = template_prompt(manifest, task.resolve())
         return [("z=0", zero)] + [(f"random{i}", p) for i, p in enumerate(random_prompts(zero, manifest), 1)]
     prompt.check_model(Model(manifest, None, None))
-    return [("tuned", prompt), ("z=0", TunedPrompt.zero(prompt.projection, prompt.task))]
+    return [(prompt.origin, prompt), ("z=0", prompt.zero_prompt())]
 
 
 @dataclass(frozen=True)

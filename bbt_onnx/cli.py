@@ -7,7 +7,9 @@ declared with the command (`Rule`); the work is a library function.
 from __future__ import annotations
 
 import errno
+import os
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -18,7 +20,7 @@ from .check import Tolerances
 from .data import DataSpec
 from .deploy import DeployOptions
 from .engines import EngineOptions
-from .errors import BBTError, SettingsError
+from .errors import BBTError
 from .exporting import ExportOptions
 from .fileio import dumps, storage_error
 from .options import Command, Rule, click_options, from_params
@@ -50,12 +52,22 @@ def one_line_errors(ctx):
         yield
     except click.exceptions.NoArgsIsHelpError:
         raise  # bare `bbt-onnx`: click prints the help
-    except (BBTError, click.ClickException) as exc:
-        fail(ctx, exc.format_message() if isinstance(exc, click.ClickException) else str(exc))
+    except click.ClickException as exc:
+        fail(ctx, exc.format_message())
+    except BBTError as exc:
+        fail(ctx, exc.render(flags_of(ctx)))
     except OSError as exc:
         if exc.errno == errno.EPIPE:
             raise  # a closed pipe downstream (`| head`): click handles it quietly
         fail(ctx, str(storage_error(exc.filename, exc, "use") if exc.filename else exc))
+
+
+def flags_of(ctx) -> dict[str, str]:
+    """The running command's options by their parameter names: what an error's arguments are called here."""
+    command = ctx.command
+    if isinstance(command, click.Group) and ctx.invoked_subcommand:
+        command = command.get_command(ctx, ctx.invoked_subcommand) or command
+    return {p.name: p.opts[0] for p in command.params if isinstance(p, click.Option) and p.opts}
 
 
 def fail(ctx, message: str) -> None:
@@ -75,7 +87,7 @@ def model_option(help="Model directory from `bbt-onnx export`.", required=True):
     return click.option("--model", "model_dir", required=required, type=click.Path(file_okay=False), help=help)
 
 
-quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar or notes.")
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress or notes on stderr.")
 ENGINE_RULES = (
     Rule("--server-timeout goes with --server", given=("server_timeout",), absent=("server",)),
     Rule("--token-file goes with --server", given=("token_file",), absent=("server",)),
@@ -103,15 +115,20 @@ def cli():
 # --------------------------------------------------------------------------- export
 @cli.command()
 @click_options(ExportOptions)
-def export(**params):
+@quiet_option
+def export(quiet, **params):
     """Export a masked or causal LM to an ONNX prompt graph, check it against PyTorch, write its manifest."""
     options = from_params(ExportOptions, params)
+    if quiet:  # transformers' and the hub's notes and progress bars too
+        os.environ.update(TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1", TQDM_DISABLE="1")
     try:
         from bbt_onnx_export.pipeline import export_model
     except ImportError as exc:
+        if (exc.name or "").startswith("onnxruntime"):
+            raise BBTError("export runs onnxruntime: pip install 'bbt-onnx[cpu]' (or [gpu])") from None
         raise BBTError(f"export needs the `export` extra (torch, transformers, onnx): pip install 'bbt-onnx[export]' "
                        f"after pip install torch==2.13.0 ({exc})") from None
-    manifest = export_model(options, log=err)
+    manifest = export_model(options, log=(lambda _m: None) if quiet else err)
     summary = {name: {"file": g.file, **g.parity, **({"fused_ops": g.fused_ops} if g.fused_ops else {})}
                for name, g in manifest.graphs.items()}
     emit_json({"out": str(options.out), "kind": manifest.kind, "architecture": manifest.architecture,
@@ -119,32 +136,64 @@ def export(**params):
 
 
 # --------------------------------------------------------------------------- tune
-TUNE_FLAGS = ("model_dir", "out", "force", "precision", *TaskSpec.__dataclass_fields__,
+TUNE_FLAGS = ("model_dir", "out", "force", "force_any", "precision", "seeds", "data_seed", *TaskSpec.__dataclass_fields__,
               *(f for f in DataSpec.__dataclass_fields__ if f != "seed"), *TuneConfig.__dataclass_fields__)
+
+
+def parse_seeds(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        seeds = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of whole numbers, e.g. 0,1,2") from None
+    return seeds
 
 
 @cli.command(rules=(
     Rule("--resume takes the run's own settings; drop {flags}", given=("resume",), any_of=TUNE_FLAGS),
+    Rule("--trust-checkpoint lets --resume read an old checkpoint.pkl; it goes with --resume",
+         given=("trust_checkpoint",), absent=("resume",)),
     Rule("--model is required", absent=("resume", "model_dir")),
     Rule("--out is required (the run directory)", absent=("resume", "out")),
     Rule("--k-shot samples --data; a --train file is used whole, so drop one of them", given=("train", "k_shot")),
     Rule("--eval-every scores a dev set, and --train without --dev has none; add --dev or drop --eval-every",
          given=("train", "eval_every"), absent=("dev",)),
+    Rule("--seeds names every seed of the run; drop --seed", given=("seeds", "seed")),
+    Rule("--data-seed draws the k-shot split of --data; a --train file is used whole, so drop it",
+         given=("train", "data_seed")),
+    Rule("--track-uri goes with --track", given=("track_uri",), absent=("track",)),
     *ENGINE_RULES))
 @model_option(required=False)
 @click_options(TaskSpec)
 @click_options(DataSpec)
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory to write.")
 @click_options(TuneConfig)
+@click.option("--seeds", callback=parse_seeds, help="Several seeds, e.g. 0,1,2, run in lock-step on the same rows "
+              "(every seed's candidates in one engine call per generation); the run keeps their ensemble.")
+@click.option("--data-seed", type=click.IntRange(0, 2**32 - 1), help="Seed of the k-shot draw from --data "
+              "[default: --seed, or the first of --seeds].")
 @click_options(EngineOptions)
+@click.option("--track", type=click.Choice(["mlflow"]), help="Log the run to an experiment tracker: parameters, "
+              "train loss and dev metric per generation, the baselines, the prompt and loss.png (the `track` extra).")
+@click.option("--track-uri", help="The tracker's store, e.g. sqlite:///mlflow.db or file:./mlruns [default: "
+              "MLFLOW_TRACKING_URI, else MLflow's own].")
 @click.option("--resume", type=click.Path(path_type=Path, file_okay=False), help="Continue an interrupted run.")
-@click.option("--force", is_flag=True, help="Replace an earlier run in --out.")
+@click.option("--trust-checkpoint", is_flag=True, help="With --resume: read an old pickle checkpoint.pkl (from "
+              "bbt-onnx before checkpoint.npz). Unpickling runs any code the file holds: only for a run you wrote.")
+@click.option("--force", is_flag=True, help="Replace an earlier run in --out (kept until the new run's first "
+              "checkpoint).")
+@click.option("--force-any", is_flag=True, help="Write the run into --out even when it holds files but no run (they "
+              "are kept; only the run's own files are written).")
 @quiet_option
 @click.pass_context
-def tune(ctx, model_dir, out, resume, force, quiet, **params):
+def tune(ctx, model_dir, out, resume, force, force_any, trust_checkpoint, quiet, seeds, data_seed, track, track_uri,
+         **params):
     """Learn a continuous prompt with CMA-ES, using only forward calls of the exported graph.
 
-    Writes prompt.npz, run.json, log.jsonl and loss.png into --out, prints the metrics JSON.
+    Before tuning, the plain template is scored on dev in every framing the model allows; after it, the tuned prompt
+    (or the seeds' ensemble) is kept only when it beats the best of them on dev (--choose, --no-fallback). Writes
+    prompt.npz (what was kept), run.json, log.jsonl, loss.png and checkpoint.npz into --out, prints the metrics JSON.
     """
     from .runs import RunDir
     from .workflow import Hooks, TuneRequest, tune as run_tune
@@ -155,18 +204,32 @@ def tune(ctx, model_dir, out, resume, force, quiet, **params):
         settings = RunDir.open_existing(resume).read_json()["settings"]
         request = TuneRequest.from_settings(settings, str(resume), engine)
     else:
-        data = from_params(DataSpec, params, seed=config.seed)
-        request = TuneRequest(model_dir, task.resolve(), data, config, str(out), engine)
+        if seeds:
+            config = replace(config, seed=seeds[0])
+        data = from_params(DataSpec, params, seed=config.seed if data_seed is None else data_seed)
+        request = TuneRequest(model_dir, task.resolve(), data, config, str(out), engine, seeds or ())
 
     progress = Progress(quiet)
-    hooks = Hooks(log=(lambda m: None) if quiet else err, start=progress.start, event=progress.update)
+    hooks = Hooks(log=(lambda m: None) if quiet else err, start=progress.start, event=progress.update,
+                  tuned=progress.close)
+    if track:
+        from .tracking import open_tracker
+
+        tracker = open_tracker(track, track_uri)
+
+        def on_event(event):
+            progress.update(event)
+            tracker.generation(event)
+
+        hooks.event, hooks.begin, hooks.end = on_event, tracker.start, tracker.finish
     try:
-        outcome = run_tune(request, hooks, resume=bool(resume), force=force)
+        outcome = run_tune(request, hooks, resume=bool(resume), force=force, force_any=force_any,
+                           trust_checkpoint=trust_checkpoint)
     except KeyboardInterrupt:
         progress.close()
-        from .runs import CHECKPOINT
+        from .runs import CHECKPOINTS
 
-        if (Path(request.out) / CHECKPOINT).is_file():
+        if any((Path(request.out) / name).is_file() for name in CHECKPOINTS):
             err(f"interrupted; continue with: bbt-onnx tune --resume {request.out}")
         else:
             err("interrupted before the first checkpoint, so there is nothing to resume; run the same command "
@@ -175,11 +238,13 @@ def tune(ctx, model_dir, out, resume, force, quiet, **params):
     finally:
         progress.close()
     m = outcome.metrics
-    dev = "n/a" if m["best_dev_metric"] is None else f"{m['best_dev_metric']:.4f}"
+    dev = "n/a" if m["dev_metric"] is None else f"{m['dev_metric']:.4f}"
     test = "n/a" if m["test_metric"] is None else f"{m['test_metric']:.4f}"
+    tuned = "" if m["kept"] != outcome.record["choice"].get("kept") or outcome.record["choice"].get("tuned", True) \
+        else f" (the tuned prompt: test {m['tuned_test_metric']:.4f})" if m["tuned_test_metric"] is not None else ""
     err(f"done: {m['api_calls']} calls in {m['wall_seconds']:.1f}s ({m['calls_per_second']:.1f}/s), train loss "
-        f"{m['train_loss_initial']:.4f} -> {m['train_loss_final']:.4f}, dev {m['metric_name']} {dev}, "
-        f"test {test}; wrote {outcome.run_dir}")
+        f"{m['train_loss_initial']:.4f} -> {m['train_loss_final']:.4f}; kept {m['kept']}: dev {m['metric_name']} "
+        f"{dev}, test {test}{tuned}; wrote {outcome.run_dir}")
     emit_json(m)
 
 
@@ -209,7 +274,7 @@ def evaluate(model_dir, prompt_dir, data, no_prompt, prompt_tokens, quiet, **par
     prompt.check_model(model)
     enc = prompt.encoder(model).encode(rows)  # every row checked before the progress bar starts
     with row_progress(len(rows), "scoring", quiet) as advance:
-        result = prompt.evaluate(model, enc, on_batch=advance)
+        result = prompt.evaluate(model, enc, on_batch=advance).to_json()
     result.update(task=prompt.task.name, prompt="none (z = 0)" if no_prompt else str(prompt_dir),
                   provider=model.engine.provider)
     emit_json(result)
@@ -224,15 +289,17 @@ def evaluate(model_dir, prompt_dir, data, no_prompt, prompt_tokens, quiet, **par
 @click_options(EngineOptions)
 @quiet_option
 def predict(model_dir, prompt_dir, input_path, output, quiet, **params):
-    """Label texts with a tuned prompt; writes JSONL: text, label and per-label probabilities."""
+    """Label texts with a run's result (its tuned prompt, ensemble or kept template); writes JSONL: text, label and
+    per-label probabilities."""
     from .data import read_input
-    from .fileio import check_writable, write_text_atomic
+    from .fileio import check_output_file, check_writable, write_text_atomic
     from .model import Model
-    from .prompt import TunedPrompt
+    from .prompt import load_prompt
 
     if output:
         check_writable(output)
-    prompt = TunedPrompt.load(prompt_dir)
+        check_output_file(output, [("input", input_path), ("model directory", model_dir), ("run", prompt_dir)])
+    prompt = load_prompt(prompt_dir)
     model = Model.load(model_dir, from_params(EngineOptions, params).spec(), deep=prompt.deep)
     prompt.check_model(model)
     rows = read_input(input_path, click.get_binary_stream("stdin"))
@@ -270,6 +337,20 @@ def deploy(model_dir, prompt_dir, out, quiet, **params):
     summary = run_deploy(opts, log=(lambda m: None) if quiet else err)
     err(f"wrote {summary['classifier']}: {', '.join(summary['inputs'])} -> probabilities, label")
     emit_json(summary)
+
+
+# --------------------------------------------------------------------------- report
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["markdown", "json"]), default="markdown", show_default=True,
+              help="A markdown table, or the same rows as JSON.")
+def report(runs, fmt):
+    """Tabulate finished runs from their run.json files: per task and setting, each baseline, each seed, the mean
+    ± std over seeds, the ensemble and the result each run kept (dev and test)."""
+    from .report import format_markdown, summarise
+
+    summary = summarise(list(runs))
+    emit_json(summary.to_json()) if fmt == "json" else click.echo(format_markdown(summary))
 
 
 # --------------------------------------------------------------------------- check
@@ -321,25 +402,29 @@ def check(ctx, model_dir, prompt_dir, data, engines, token_file, threads, as_jso
 @model_option()
 @click_options(BenchOptions)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
-def bench(model_dir, as_json, **params):
+@click.pass_context
+def bench(ctx, model_dir, as_json, **params):
     """Time engine calls per precision against PyTorch in the same process, and an end-to-end tune; or, with
-    --server, load-test a served model."""
+    --server, load-test a served model (exit code 1 when a call failed)."""
     from .bench import format_bench, run_bench
 
     report = run_bench(from_params(BenchOptions, params, model_dir=model_dir), log=err)
     emit_json(report) if as_json else click.echo(format_bench(report))
+    ctx.exit(1 if any(run["errors"] for run in report.get("load", [])) else 0)
 
 
 # --------------------------------------------------------------------------- serving
 @cli.command()
 @click.option("--model", "model_dirs", required=True, multiple=True, type=click.Path(file_okay=False),
               help="Model directory to serve (repeatable: one server for several models, each under its name).")
+@click.option("--name", "names", multiple=True, help="The name to serve each --model under, in their order [default: "
+              "the export source's last path component]; clients give it as http://HOST:PORT/NAME.")
 @click_options(EngineOptions, only=LOCAL_ENGINE)
 @click_options(ServeOptions)
 @click.option("--token-file", type=click.Path(dir_okay=False),
               help="File holding a shared secret every request but health must send (triton-access-token).")
-def serve(model_dirs, token_file, **params):
-    """Serve the model's prompt graph on Triton Inference Server (PyTriton) until Ctrl-C or SIGTERM.
+def serve(model_dirs, names, token_file, **params):
+    """Serve the models' prompt graphs on Triton Inference Server until Ctrl-C or SIGTERM.
 
     Tune against it with `--server http://HOST:HTTP_PORT` (or grpc://HOST:GRPC_PORT) from a client directory.
     """
@@ -347,19 +432,21 @@ def serve(model_dirs, token_file, **params):
     from .serving.server import serve as run_serve
 
     engine = from_params(EngineOptions, params).spec()
-    run_serve(from_params(ServeOptions, params, model_dirs=tuple(model_dirs), engine=engine,
+    run_serve(from_params(ServeOptions, params, model_dirs=tuple(model_dirs), names=tuple(names), engine=engine,
                           token=read_token(token_file) if token_file else None), log=err)
 
 
 @cli.command("client-dir")
 @model_option("Model directory.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Client directory to write.")
-@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
-def client_dir(model_dir, out, force):
+@click.option("--force", is_flag=True, help="Replace an earlier client directory in --out.")
+@click.option("--force-any", is_flag=True, help="Replace --out even when it does not look like a client directory "
+              "(everything in it is deleted).")
+def client_dir(model_dir, out, force, force_any):
     """Write what a user of the served model needs: manifest.json and tokenizer.json, no graphs or weights."""
     from .engines.served import write_client_dir
 
-    written = write_client_dir(model_dir, out, force)
+    written = write_client_dir(model_dir, out, force, force_any, log=err)
     err(f"wrote {written}: use it as --model with --server URL")
 
 
@@ -374,7 +461,7 @@ def triton_repo(model_dir, **params):
     from .serving.repository import write_repo
 
     opts = from_params(RepoOptions, params, model_dir=model_dir)
-    written = write_repo(opts)
+    written = write_repo(opts, log=err)
     err(f"wrote {written}: tritonserver --model-repository {opts.out} --disable-auto-complete-config")
 
 

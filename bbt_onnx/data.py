@@ -29,6 +29,29 @@ class Example:
     label: str | None = None
 
 
+def as_examples(rows) -> list[Example]:
+    """Rows as the API takes them: Example rows, or plain texts (unlabelled); one text alone is one row."""
+    if isinstance(rows, (str, Example)):
+        rows = [rows]
+    try:
+        items = list(rows)
+    except TypeError:
+        raise DataError(f"rows must be a list of texts or Example rows, got {type(rows).__name__}", "rows") from None
+    for i, row in enumerate(items, start=1):
+        if isinstance(row, Example):
+            if not isinstance(row.text, str) or not (row.text_b is None or isinstance(row.text_b, str)):
+                raise DataError(f"row {i} is an Example whose text is not a string", "rows")
+            if row.label is not None and not isinstance(row.label, str):
+                items[i - 1] = Example(row.text, row.text_b, _label_str(row.label))
+        elif not isinstance(row, str):
+            raise DataError(f"row {i} is a {type(row).__name__}; give texts (str) or Example rows", "rows")
+    if not items:
+        raise DataError("no rows", "rows")
+    checked = rows_to_examples([{"text": r if isinstance(r, str) else r.text} for r in items], ["text"], "the rows",
+                               need_label=False)  # empty or oversized texts are refused as in a file
+    return [c if isinstance(r, str) else r for c, r in zip(checked, items)]
+
+
 def _label_str(value) -> str | None:
     if value is None:
         return None
@@ -204,15 +227,19 @@ def check_labels(examples: Sequence[Example], keys: Sequence[str], source: str) 
 
 def k_shot_split(examples: Sequence[Example], keys: Sequence[str], k: int, rng: np.random.Generator,
                  with_dev: bool = True) -> tuple[list[Example], list[Example]]:
-    """The reference's true few-shot split: shuffle, then take k per class for train and the next k for dev."""
-    if k < 1:
-        raise SettingsError("--k-shot must be at least 1")
+    """The reference's true few-shot split: shuffle, then take k per class for train and the next k for dev (the
+    few-shot sampler of `tune --data`; `rng` is its stream, `bbt_onnx.seeding.generator(seed, "sampling")`)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise SettingsError(f"k_shot must be at least 1, got {k!r}", "k_shot")
+    if not isinstance(rng, np.random.Generator):
+        raise SettingsError(f"rng must be a numpy Generator, got {type(rng).__name__}", "rng")
+    examples = as_examples(examples)
     need = 2 * k if with_dev else k
     counts = Counter(e.label for e in examples)
     for key in keys:
         if counts[key] < need:
             what = f"k={k} for train and k={k} for dev need {need}" if with_dev else f"k={k} needs {k}"
-            raise DataError(f"class {key!r} has only {counts[key]} examples; {what} (lower --k-shot)")
+            raise DataError(f"class {key!r} has only {counts[key]} examples; {what} (lower k_shot)", "k_shot")
     order = rng.permutation(len(examples))
     train, dev = [], []
     taken_train, taken_dev = Counter(), Counter()
@@ -247,11 +274,12 @@ class DataSpec:
 
     def check(self) -> None:
         if self.data and self.train:
-            raise SettingsError("give --data (k-shot sampled) or --train (used whole), not both")
+            raise SettingsError("give data (k-shot sampled) or train (used whole), not both", ("data", "train"))
         if not (self.data or self.train):
-            raise SettingsError("no training data: give --data FILE to sample k per class, or --train FILE")
+            raise SettingsError("no training rows: give data FILE to sample k per class, or train FILE",
+                                ("data", "train"))
         if isinstance(self.k_shot, bool) or not isinstance(self.k_shot, int) or self.k_shot < 1:
-            raise SettingsError(f"--k-shot must be at least 1, got {self.k_shot!r}")
+            raise SettingsError(f"k_shot must be at least 1, got {self.k_shot!r}", "k_shot")
 
     def to_json(self) -> dict:
         return dict(self.__dict__)

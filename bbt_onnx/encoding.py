@@ -101,7 +101,22 @@ def load_tokenizer(manifest: Manifest) -> Tokenizer:
         raise ModelError(f"cannot load {path}: {exc}") from None
     tok.no_truncation()
     tok.no_padding()
+    check_vocabulary(manifest, tok)
     return tok
+
+
+def check_vocabulary(manifest: Manifest, tok: Tokenizer) -> None:
+    """Every id the tokenizer gives, and every special id of the manifest, is a row of the model's embeddings."""
+    size = tok.get_vocab_size(with_added_tokens=False)  # added tokens appear only where written out
+    where = manifest.directory / "manifest.json"
+    if size > manifest.vocab_size:
+        raise ModelError(f"{manifest.tokenizer_path} has {size} tokens, but vocab_size in {where} is "
+                         f"{manifest.vocab_size}; re-export the model")
+    for name in ("bos_id", "eos_id", "pad_id", "mask_id", "bos_token_id"):
+        value = getattr(manifest, name)
+        if value is not None and tok.id_to_token(value) is None:
+            raise ModelError(f"{name} {value} in {where} is not a token of {manifest.tokenizer_path}; re-export "
+                             "the model")
 
 
 def label_token_ids(tokenizer: Tokenizer, words: Sequence[str], prefix: str) -> tuple[list[int], list[str]]:
@@ -133,7 +148,8 @@ def init_placeholders(tokenizer: Tokenizer, text: str, prompt_tokens: int) -> li
     """Prompt slots holding the tokens of `text`, so z = 0 is exactly the template with `text` before it."""
     ids = tokenizer.encode(text, add_special_tokens=False).ids
     if len(ids) != prompt_tokens:
-        raise SettingsError(f"--prompt-init {text!r} is {len(ids)} tokens; pass --prompt-tokens {len(ids)} with it")
+        raise SettingsError(f"prompt_init {text!r} is {len(ids)} tokens; pass prompt_tokens {len(ids)} with it",
+                            ("prompt_init", "prompt_tokens"))
     return ids
 
 
@@ -145,14 +161,15 @@ def check_framing(task: Task, manifest: Manifest) -> None:
     f = task.framing
     if not manifest.lm.framings:
         if f != Framing():
-            raise SettingsError("--bos, --chat and --prompt-position are for decoders; a masked LM keeps the "
-                                "reference's prompt right after <s>")
+            raise SettingsError("the framing (bos, chat, prompt_position) is for decoders; a masked LM keeps the "
+                                "reference's prompt right after <s>", ("bos", "chat", "prompt_position"))
         return
     if f.chat and not manifest.has_chat:
-        raise SettingsError("--chat needs the model's chat template, and this model directory has none (its "
-                            "tokenizer ships none, or it was exported before chat templates were recorded: re-export)")
+        raise SettingsError("chat needs the model's chat template, and this model directory has none (its "
+                            "tokenizer ships none, or it was exported before chat templates were recorded: re-export)",
+                            "chat")
     if f.bos == "always" and manifest.bos_token_id is None and manifest.bos_id is None:
-        raise SettingsError("--bos always: this model's tokenizer has no BOS token")
+        raise SettingsError("bos always: this model's tokenizer has no BOS token", "bos")
 
 
 def bos_ids(task: Task, manifest: Manifest) -> list[int]:
@@ -181,8 +198,9 @@ class Encoder:
         check_template(task.template, manifest.lm)
         check_framing(task, manifest)
         if not 0 <= prompt_tokens <= manifest.prompt_tokens:
-            raise SettingsError(f"--prompt-tokens {prompt_tokens} is outside 0..{manifest.prompt_tokens}, "
-                           "the most this model was exported for (re-export with a larger --prompt-tokens)")
+            raise SettingsError(f"prompt_tokens {prompt_tokens} is outside 0..{manifest.prompt_tokens}, "
+                                "the most this model was exported for (re-export it with more prompt tokens)",
+                                "prompt_tokens")
         if placeholder_ids is None:
             placeholder_ids = manifest.placeholder_ids[:prompt_tokens]
         elif len(placeholder_ids) != prompt_tokens:

@@ -6,7 +6,26 @@ exception is a bug and keeps its traceback.
 
 
 class BBTError(Exception):
-    """A user-caused problem, with a message that says what to do about it."""
+    """A user-caused problem, with a message that says what to do about it.
+
+    `argument` names the arguments (config fields, e.g. "budget") the message speaks of, by the names they have in
+    Python: "budget must be at least 1". The CLI writes the first mention of each as its flag ("--budget must be
+    at least 1"), so the library never speaks of flags and the CLI restates nothing.
+    """
+
+    def __init__(self, message: str = "", argument: str | tuple[str, ...] | None = None):
+        super().__init__(message)
+        self.arguments: tuple[str, ...] = (argument,) if isinstance(argument, str) else tuple(argument or ())
+
+    def render(self, names: dict[str, str]) -> str:
+        """The message with the first mention of each of its arguments written as `names` gives it (a flag)."""
+        import re
+
+        message = str(self)
+        for argument in self.arguments:
+            if argument in names:
+                message = re.sub(rf"(?<![\w-]){re.escape(argument)}(?![\w-])", names[argument], message, count=1)
+        return message
 
 
 class SettingsError(BBTError):
@@ -26,7 +45,8 @@ class PromptError(BBTError):
 
 
 class RunError(BBTError):
-    """A run directory is busy, already holds a run, or cannot be resumed."""
+    """A run directory is busy, already holds a run, or cannot be resumed; or a tuner's steps are called out of
+    order."""
 
 
 class StorageError(BBTError):

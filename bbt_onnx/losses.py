@@ -69,4 +69,4 @@ def loss(name: str, metric_name: str, logits: np.ndarray, labels: np.ndarray) ->
         return hinge(logits, labels)
     if name == "perf":
         return -metric(metric_name, logits, labels)
-    raise SettingsError(f"--loss {name!r} is not one of {', '.join(LOSSES)}")
+    raise SettingsError(f"loss {name!r} is not one of {', '.join(LOSSES)}", "loss")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from .kinds import KINDS, LmKind
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
+FINGERPRINT_SKIPS = ("graphs", "versions", "source", "gguf_file", "format_version")  # not what the model is
 
 
 @dataclass(frozen=True)
@@ -132,9 +134,27 @@ class Manifest:
         return self.directory / TOKENIZER_NAME
 
     def fingerprint(self) -> str:
-        """sha256 of the manifest file: names the exact model a run used."""
+        """Names the exact model a prompt or run was made on: sha256 over its weights and graph contract (the fp32
+        graph's sha256), its tokenizer and the manifest's facts about the model, but not which other graphs were
+        exported beside it, from where, or with which package versions: re-exporting the same weights with
+        --deep or --int8 keeps it."""
+        if "_fingerprint" not in self.__dict__:
+            facts = {k: v for k, v in self.to_json().items() if k not in FINGERPRINT_SKIPS}
+            facts["fp32_graph"] = self.graphs["fp32"].sha256 if "fp32" in self.graphs else None
+            assert self.directory is not None
+            tokenizer = hashlib.sha256((self.directory / TOKENIZER_NAME).read_bytes()).hexdigest()
+            text = json.dumps(facts, sort_keys=True, separators=(",", ":")) + tokenizer
+            self.__dict__["_fingerprint"] = hashlib.sha256(text.encode()).hexdigest()
+        return self.__dict__["_fingerprint"]
+
+    def legacy_fingerprint(self) -> str:
+        """The fingerprint of bbt-onnx before 0.2: sha256 of the manifest file."""
         assert self.directory is not None
         return hashlib.sha256((self.directory / MANIFEST_NAME).read_bytes()).hexdigest()
+
+    def is_model(self, fingerprint: str) -> bool:
+        """Whether a prompt or run recorded with `fingerprint` (either kind) was made on this model."""
+        return fingerprint in (self.fingerprint(), self.legacy_fingerprint())
 
     # -- (de)serialisation ---------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -146,6 +166,20 @@ class Manifest:
         from .fileio import write_json_atomic
 
         write_json_atomic(Path(directory) / MANIFEST_NAME, self.to_json())
+
+
+def looks_like_model_dir(directory: Path) -> bool:
+    """What `export --force` may replace: a directory export wrote (a manifest, a tokenizer, graphs) or a client
+    directory, and nothing else."""
+    from .fileio import only_files
+
+    return only_files(Path(directory), lambda n: n in (MANIFEST_NAME, TOKENIZER_NAME) or n.endswith((".onnx", ".data")),
+                      (MANIFEST_NAME,))
+
+
+def plain_name(file: str) -> bool:
+    """A graph's file is a plain name inside the model directory: no folder part, never `..`."""
+    return bool(file) and file not in (".", "..") and "/" not in file and "\\" not in file and "\0" not in file
 
 
 def _tensor(raw: dict[str, Any]) -> TensorSpec:
@@ -220,7 +254,29 @@ def load_manifest(model_dir: str | Path, graphs: bool = True) -> Manifest:
     return manifest
 
 
+# the fixed dims of the prompt inputs, by axis: what the manifest's hidden_size and num_layers must say
+def fixed_dims(m: Manifest) -> dict[str, dict[int, tuple[str, int]]]:
+    return {"prompt_embeds": {2: ("hidden_size", m.hidden_size)},
+            "deep_prompts": {0: ("num_layers", m.num_layers), 2: ("hidden_size", m.hidden_size)},
+            "text_kv": {0: ("num_layers", m.num_layers)}}
+
+
+def dim_problems(m: Manifest, where: str, inputs) -> list[str]:
+    """Where a graph's declared inputs (name, shape pairs) disagree with the manifest's dims."""
+    problems = []
+    for name, shape in inputs:
+        for axis, (field_name, want) in fixed_dims(m).get(name, {}).items():
+            got = shape[axis] if axis < len(shape) else None
+            if isinstance(got, int) and not isinstance(got, bool) and got != want:
+                problems.append(f"{where} takes {name} with {got} at axis {axis}, but {field_name} is {want}")
+    return problems
+
+
 def _check(m: Manifest, path: Path, graphs: bool = True) -> None:
+    bad_files = sorted(g.file for g in m.graphs.values() if not plain_name(g.file))
+    if bad_files:
+        raise ModelError(f"{path}: graph file {bad_files[0]!r} is not a file name inside the model directory; "
+                         "re-export the model")
     files = [m.directory / g.file for g in m.graphs.values()]  # type: ignore[operator]
     if graphs and files and not any(f.is_file() for f in files):
         raise ModelError(f"{m.directory} holds no graph files: a client directory (manifest and tokenizer only) is "
@@ -240,9 +296,24 @@ def _check(m: Manifest, path: Path, graphs: bool = True) -> None:
             problems.append(f"graph entry {name!r} has precision {g.precision!r}{' (deep)' if g.deep else ''}")
         if graphs and not (m.directory / g.file).is_file():  # type: ignore[operator]
             problems.append(f"graph file {g.file} is missing")
-    if not m.embedding_std > 0:
-        problems.append("embedding_std must be positive")
-    if m.layer_std and (len(m.layer_std) != m.num_layers or not all(v > 0 for v in m.layer_std)):
+        problems += dim_problems(m, f"graph {name!r}", ((t.name, t.shape) for t in g.inputs))
+    for name in ("hidden_size", "num_layers", "num_heads", "vocab_size", "max_positions"):
+        if getattr(m, name) < 1:
+            problems.append(f"{name} must be at least 1")
+    if not 0 <= m.prompt_tokens < m.max_positions:
+        problems.append(f"prompt_tokens must be in 0..{m.max_positions - 1} (max_positions {m.max_positions})")
+    for name in ("bos_id", "eos_id", "pad_id", "mask_id", "bos_token_id"):
+        value = getattr(m, name)
+        if value is not None and not 0 <= value < m.vocab_size:
+            problems.append(f"{name} {value} is outside the vocabulary (0..{m.vocab_size - 1})")
+    outside = [i for i in m.placeholder_ids if not 0 <= i < m.vocab_size]
+    if outside:
+        problems.append(f"placeholder id {outside[0]} is outside the vocabulary (0..{m.vocab_size - 1})")
+    if not (math.isfinite(m.embedding_std) and m.embedding_std > 0):
+        problems.append("embedding_std must be a positive number")
+    if not math.isfinite(m.embedding_mean):
+        problems.append("embedding_mean must be a number")
+    if m.layer_std and (len(m.layer_std) != m.num_layers or not all(math.isfinite(v) and v > 0 for v in m.layer_std)):
         problems.append(f"layer_std must hold {m.num_layers} positive numbers")
     if problems:
         raise ModelError(f"{path}: " + "; ".join(problems))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-import cma
+from .cmaes import cma
 import numpy as np
 
 from .encoding import EncodedSet
@@ -50,6 +50,7 @@ class Bbt:
 
     name = "bbt"
     deep = False  # needs the deep-prompt graph
+    shares_calls = True  # several runs' candidates can go in one engine call (`candidates`)
 
     @staticmethod
     def prompt_dims(layers: int) -> tuple[int, ...]:
@@ -86,8 +87,13 @@ class Bbt:
     def layer(self, state) -> int:
         return 0
 
+    def candidates(self, state, z: np.ndarray, layer: int) -> np.ndarray:
+        """[C, P, H]: the candidates as whole plain prompts. Runs of this method on the same rows can put their
+        candidates in one engine call (`shares_calls`)."""
+        return project(self.a_t[0], z, self.prompt_tokens)
+
     def score(self, state, z: np.ndarray, layer: int, rows: EncodedSet) -> np.ndarray:
-        return self.engine.label_logits(project(self.a_t[0], z, self.prompt_tokens), rows)
+        return self.engine.label_logits(self.candidates(state, z, layer), rows)
 
     def whole(self, state, z_row: np.ndarray, layer: int) -> np.ndarray:
         return z_row.copy()
@@ -114,6 +120,7 @@ class BbtV2(Bbt):
 
     name = "bbtv2"
     deep = True
+    shares_calls = False  # a call carries one run's layer prompts: each run scores its own candidates
 
     @staticmethod
     def prompt_dims(layers: int) -> tuple[int, ...]:
@@ -143,8 +150,8 @@ class BbtV2(Bbt):
     def rounds(self, config) -> int:
         rounds = config.budget // (config.popsize * self.layers)
         if rounds < 1:
-            raise SettingsError(f"--budget {config.budget} is less than one BBTv2 round: --popsize {config.popsize} "
-                                f"x {self.layers} layers = {config.popsize * self.layers} calls")
+            raise SettingsError(f"budget {config.budget} is less than one BBTv2 round: popsize {config.popsize} "
+                                f"x {self.layers} layers = {config.popsize * self.layers} calls", ("budget", "popsize"))
         return rounds
 
     def check(self, config) -> None:

@@ -9,6 +9,7 @@ with the command (`Rule`) and checked by `Command` before it runs.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -51,6 +52,24 @@ def flag_of(cls, name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+class FiniteFloat(click.FloatRange):
+    """A float option: a finite number (NaN and infinity are refused), at least `min` when it has one."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+    def get_metavar(self, param, *args, **kwargs) -> str:
+        return "FLOAT"
+
+    def _describe_range(self) -> str:
+        return super()._describe_range() if self.min is not None else ""
+
+
 def _python_type(annotation: str) -> str:
     parts = [p.strip() for p in str(annotation).split("|") if p.strip() != "None"]
     return parts[0] if parts else "str"
@@ -75,8 +94,9 @@ def click_options(cls, skip: Sequence[str] = (), only: Sequence[str] | None = No
                 default = None
             if kind == "bool" and "/" not in decls[0]:
                 kw["is_flag"] = True
-            elif kind == "bool":
-                kw["default"] = None
+            elif kind == "bool":  # --x/--no-x: the field's default (None: neither given, the caller decides)
+                kw["default"] = default
+                kw["show_default"] = default is not None
             else:
                 if opt.choices:
                     kw["type"] = click.Choice(list(opt.choices))
@@ -85,8 +105,7 @@ def click_options(cls, skip: Sequence[str] = (), only: Sequence[str] | None = No
                 elif kind == "int":
                     kw["type"] = click.IntRange(min=opt.minimum) if opt.minimum is not None else int
                 elif kind == "float":
-                    kw["type"] = (click.FloatRange(min=opt.minimum, min_open=opt.open_minimum)
-                                  if opt.minimum is not None else float)
+                    kw["type"] = FiniteFloat(min=opt.minimum, min_open=opt.open_minimum)
                 if default is not None:
                     kw["default"] = default
                     kw["show_default"] = opt.show_default

@@ -15,20 +15,32 @@ def plot_run(events: Sequence[dict], path: Path, title: str = "") -> bool:
         from matplotlib.figure import Figure  # no pyplot: the host application's backend stays as it is
     except ImportError:
         return False
-    calls = [e["calls"] for e in events]
+    events = [e for e in events if "baseline" not in e]  # the baselines' rows: scores, not generations
+    seeds = sorted({e.get("seed", 0) for e in events})
     fig = Figure(figsize=(7, 4), dpi=100)
     ax = fig.subplots()
-    ax.plot(calls, [e["best_loss"] for e in events], color="#1f77b4", lw=1, alpha=0.5, label="generation best")
-    ax.plot(calls, [e["best_loss_so_far"] for e in events], color="#1f77b4", lw=2, label="best so far")
+    ax.ticklabel_format(axis="y", useOffset=False)  # a flat loss reads as its values, not "1e-6+6.98e-1"
+    ax2 = None
+    colours = ("#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+    for i, seed in enumerate(seeds):
+        rows = [e for e in events if e.get("seed", 0) == seed]
+        label = f" (seed {seed})" if len(seeds) > 1 else ""
+        colour = colours[i % len(colours)]
+        calls = [e["calls"] for e in rows]
+        if len(seeds) == 1:
+            ax.plot(calls, [e["best_loss"] for e in rows], color=colour, lw=1, alpha=0.5, label="generation best")
+        ax.plot(calls, [e["best_loss_so_far"] for e in rows], color=colour, lw=2, label="best so far" + label)
+        dev = [(e["calls"], e["dev_metric"]) for e in rows if e.get("dev_metric") is not None]
+        if dev:
+            ax2 = ax2 or ax.twinx()
+            ax2.plot(*zip(*dev), color="#d62728", marker="o", ms=3, lw=1.5, alpha=1.0 if i == 0 else 0.5,
+                     label="dev metric" + label)
     ax.set_xlabel("API calls")
-    ax.set_ylabel("train loss", color="#1f77b4")
-    handles = ax.get_lines()
-    dev = [(e["calls"], e["dev_metric"]) for e in events if e.get("dev_metric") is not None]
-    if dev:
-        ax2 = ax.twinx()
-        handles += ax2.plot(*zip(*dev), color="#d62728", marker="o", ms=3, lw=1.5, label="dev metric")
+    ax.set_ylabel("train loss", color=colours[0])
+    handles = ax.get_lines() + (ax2.get_lines() if ax2 is not None else [])
+    if ax2 is not None:
         ax2.set_ylabel("dev metric", color="#d62728")
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
     ax.set_title(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     buf = io.BytesIO()

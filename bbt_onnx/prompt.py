@@ -1,17 +1,20 @@
-"""A tuned prompt: z, the P x H embeddings A.z, and what is needed to use and rebuild them."""
+"""What a run hands back, ready to score text: a tuned prompt (z, the P x H embeddings A z, and what is needed to
+use and rebuild them), the plain template kept instead of it, or an ensemble of seeds' prompts; each optionally
+calibrated. `load_prompt` reads any of them from a run; evaluate, predict, check and deploy take all three."""
 
 from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from . import losses
-from .data import Example
+from .calibration import calibrated, content_free_rows, log_prior
+from .data import Example, as_examples
 from .encoding import EncodedSet
 from .engines.base import score_rows
 from .errors import DataError, PromptError, SettingsError
@@ -35,7 +38,59 @@ class Prediction:
 
 
 @dataclass(frozen=True)
-class TunedPrompt:
+class Evaluation:
+    """A prompt's scores on labelled rows (`TunedPrompt.evaluate`)."""
+
+    metric_name: str
+    metric: float
+    accuracy: float
+    ce_loss: float
+    rows: int
+    truncated_rows: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class Scoring:
+    """What every result does with rows, on top of its `raw_logits` ([N, K]) and its calibration: logits,
+    evaluate, predict. A subclass has `task`, `calibration`, `check_model`, `encoder` and `raw_logits`."""
+
+    def encode(self, model, rows: Sequence[Example | str] | EncodedSet) -> EncodedSet:
+        """Rows as this prompt frames them on `model`: Example rows, or plain texts."""
+        return rows if isinstance(rows, EncodedSet) else self.encoder(model).encode(as_examples(rows))
+
+    def logits(self, model, rows: Sequence[Example | str] | EncodedSet, batch_rows: int = EVAL_ROWS,
+               on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+        """[N, K] label logits for every row (Example rows or plain texts), in the rows' order, scored in
+        length-sorted batches (calibrated log-probabilities when the prompt is calibrated); `on_batch(rows)` hears
+        of each batch done."""
+        self.check_model(model)
+        raw = self.raw_logits(model, self.encode(model, rows), batch_rows, on_batch)
+        return raw if self.calibration is None else calibrated(raw, self.calibration).astype(np.float32)
+
+    def evaluate(self, model, rows: Sequence[Example] | EncodedSet, batch_rows: int = EVAL_ROWS,
+                 on_batch: Callable[[int], None] | None = None) -> Evaluation:
+        """The task's metric, accuracy and cross-entropy on labelled rows."""
+        self.check_model(model)
+        enc = self.encode(model, rows)
+        if (enc.labels < 0).any():
+            raise DataError("every row needs a label to be evaluated", "rows")
+        logits = self.logits(model, enc, batch_rows, on_batch)
+        return Evaluation(self.task.metric, float(losses.metric(self.task.metric, logits, enc.labels)[0]),
+                          float(losses.accuracy(logits, enc.labels)[0]),
+                          float(losses.cross_entropy(logits, enc.labels)[0]), len(enc), enc.truncated)
+
+    def predict(self, model, rows: Sequence[Example | str] | EncodedSet, batch_rows: int = EVAL_ROWS,
+                on_batch: Callable[[int], None] | None = None) -> list[Prediction]:
+        logits = self.logits(model, rows, batch_rows, on_batch)
+        probs = np.exp(losses.log_softmax(logits.astype(np.float64)))
+        keys = self.task.label_keys
+        return [Prediction(keys[int(p.argmax())], {k: float(v) for k, v in zip(keys, p)}) for p in probs]
+
+
+@dataclass(frozen=True)
+class TunedPrompt(Scoring):
     z: np.ndarray  # [d]
     embeds: np.ndarray  # [P, H] float32, = A.z
     projection: ProjectionSpec
@@ -45,6 +100,8 @@ class TunedPrompt:
     max_length: int | None = None  # tokens per row it was tuned with; None: the model's positions
     method: str = "bbt"  # "bbtv2": z is [L, d] and embeds [L, P, H], one prompt per layer's input
     layer_std: tuple[float, ...] = ()  # BBTv2: each layer's projection scale, to rebuild its A
+    calibration: tuple[float, ...] | None = None  # log label prior on content-free rows, divided out when scoring
+    origin: str = "tuned"  # "tuned", or the plain framing a run kept instead ("template (no BOS)": P = 0)
 
     @property
     def deep(self) -> bool:
@@ -62,46 +119,60 @@ class TunedPrompt:
         return cls(np.zeros(spec.intrinsic_dim), np.zeros((spec.prompt_tokens, spec.hidden_size), np.float32),
                    spec, task, model_fingerprint, as_ids(placeholder_ids))
 
+    @classmethod
+    def template(cls, manifest, task: Task, name: str = "template") -> "TunedPrompt":
+        """The plain template, no prompt slots (P = 0): what a user writes by hand."""
+        spec = ProjectionSpec(0, 1, 0, manifest.hidden_size, manifest.embedding_std)
+        return replace(cls.zero(spec, task, manifest.fingerprint()), origin=name)
+
+    def zero_prompt(self) -> "TunedPrompt":
+        """This prompt's z = 0: its template after its own placeholder tokens."""
+        return TunedPrompt.zero(self.projection, self.task, self.model_fingerprint, self.placeholder_ids)
+
+    def calibrate(self, model) -> "TunedPrompt":
+        """This prompt with its label prior on the content-free rows (contextual calibration)."""
+        uncalibrated = replace(self, calibration=None)
+        return replace(self, calibration=prior_of(uncalibrated, model))
+
     # -- files ---------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        if path.is_dir():
-            path = path / PROMPT_NAME
-        if not (np.isfinite(self.z).all() and np.isfinite(self.embeds).all()):
-            raise PromptError("the prompt holds NaN or infinite numbers; it is not saved (check --alpha, --sigma "
-                              "and the model's embedding_std)")
-        meta = {"projection": self.projection.to_json(), "task": self.task.to_json(),
+    def meta(self) -> dict:
+        return {"projection": self.projection.to_json(), "task": self.task.to_json(),
                 "model_fingerprint": self.model_fingerprint, "seed": self.projection.seed,
                 "placeholder_ids": None if self.placeholder_ids is None else list(self.placeholder_ids),
-                "max_length": self.max_length, "method": self.method, "layer_std": list(self.layer_std)}
-        buf = io.BytesIO()
-        np.savez(buf, prompt=self.embeds, z=self.z, meta=np.array(json.dumps(meta)))
-        write_bytes_atomic(path, buf.getvalue())
-        return path
+                "max_length": self.max_length, "method": self.method, "layer_std": list(self.layer_std),
+                "calibration": None if self.calibration is None else list(self.calibration), "origin": self.origin}
+
+    def save(self, path: str | Path) -> Path:
+        check_finite(self.z, self.embeds)
+        return write_npz(path, {"prompt": self.embeds, "z": self.z}, self.meta())
 
     @classmethod
     def load(cls, path: str | Path) -> "TunedPrompt":
-        path = Path(path)
-        if path.is_dir():
-            path = path / PROMPT_NAME
-        if not path.is_file():
-            raise PromptError(f"{path} does not exist: give a run directory written by `bbt-onnx tune`")
+        prompt = load_prompt(path)
+        if not isinstance(prompt, TunedPrompt):
+            raise PromptError(f"{path} holds an ensemble of {len(prompt.members)} prompts: load it with load_prompt")
+        return prompt
+
+    @classmethod
+    def from_arrays(cls, meta: dict, embeds: np.ndarray, z: np.ndarray, where: str) -> "TunedPrompt":
         try:
-            with np.load(path, allow_pickle=False) as f:
-                meta = json.loads(str(f["meta"]))
-                embeds, z = f["prompt"].astype(np.float32), f["z"].astype(np.float64)
             spec = ProjectionSpec(**meta["projection"])
             task = Task.from_json(meta["task"])
-            prompt = cls(z, embeds, spec, task, str(meta.get("model_fingerprint") or ""),
-                         as_ids(meta.get("placeholder_ids")), meta.get("max_length"), str(meta.get("method", "bbt")),
-                         tuple(float(v) for v in meta.get("layer_std", ())))
-        except Exception as exc:  # noqa: BLE001 - a damaged zip or field can raise almost any type
-            raise PromptError(f"{path} is not a bbt-onnx prompt file, or it is damaged ({type(exc).__name__}); "
+            cal = meta.get("calibration")
+            prompt = cls(z.astype(np.float64), embeds.astype(np.float32), spec, task,
+                         str(meta.get("model_fingerprint") or ""), as_ids(meta.get("placeholder_ids")),
+                         meta.get("max_length"), str(meta.get("method", "bbt")),
+                         tuple(float(v) for v in meta.get("layer_std", ())),
+                         None if cal is None else tuple(float(v) for v in cal), str(meta.get("origin", "tuned")))
+        except Exception as exc:  # noqa: BLE001 - a damaged field can raise almost any type
+            raise PromptError(f"{where} is not a bbt-onnx prompt file, or it is damaged ({type(exc).__name__}); "
                               "tune again or restore it") from None
         layers = METHODS[prompt.method].prompt_dims(len(prompt.layer_std)) if prompt.method in METHODS else ()
         if prompt.method not in METHODS or embeds.shape != (*layers, spec.prompt_tokens, spec.hidden_size) \
-                or z.shape != (*layers, spec.intrinsic_dim) or not (np.isfinite(z).all() and np.isfinite(embeds).all()):
-            raise PromptError(f"{path} is damaged: its arrays do not match its own description")
+                or z.shape != (*layers, spec.intrinsic_dim) or not (np.isfinite(z).all() and np.isfinite(embeds).all()) \
+                or (prompt.calibration is not None and (len(prompt.calibration) != len(task.labels)
+                                                        or not np.isfinite(prompt.calibration).all())):
+            raise PromptError(f"{where} is damaged: its arrays do not match its own description")
         return prompt
 
     # -- use -----------------------------------------------------------------
@@ -117,7 +188,7 @@ class TunedPrompt:
         if self.embeds.shape[:-2] != METHODS[self.method].prompt_dims(m.num_layers):
             raise PromptError(f"this {self.method} prompt has {self.embeds.shape[0]} layers but the model has "
                               f"{m.num_layers}: it was tuned for another model")
-        if self.model_fingerprint and self.model_fingerprint != m.fingerprint():
+        if self.model_fingerprint and not m.is_model(self.model_fingerprint):
             raise PromptError(f"this prompt was tuned on another model than {m.directory} (manifest fingerprint "
                               f"{self.model_fingerprint[:12]}, this model's {m.fingerprint()[:12]}); use the model "
                               "directory it was tuned on")
@@ -125,46 +196,166 @@ class TunedPrompt:
             raise PromptError(f"this prompt has {self.prompt_tokens} tokens; the model was exported for at most "
                               f"{m.prompt_tokens}")
 
-    def logits(self, model, rows: Sequence[Example] | EncodedSet, batch_rows: int = EVAL_ROWS,
-               on_batch: Callable[[int], None] | None = None) -> np.ndarray:
-        """[N, K] label logits for every row, in the rows' order, scored in length-sorted batches;
-        `on_batch(rows)` hears of each batch done."""
-        self.check_model(model)
-        enc = rows if isinstance(rows, EncodedSet) else self.encoder(model).encode(rows)
-        return score_rows(self.scorer(model), enc, batch_rows, on_batch)
+    def encode(self, model, rows: Sequence[Example | str] | EncodedSet) -> EncodedSet:
+        """Rows as this prompt frames them on `model`: Example rows, or plain texts."""
+        return rows if isinstance(rows, EncodedSet) else self.encoder(model).encode(as_examples(rows))
 
     def scorer(self, model) -> Callable[[EncodedSet], np.ndarray]:
-        """rows -> [1, N, K] on the model's engine, as the prompt's method scores it."""
+        """rows -> [1, N, K] raw label logits on the model's engine, as the prompt's method scores it."""
         return METHODS[self.method].scorer(model.engine, self.embeds)
 
-    def evaluate(self, model, rows: Sequence[Example] | EncodedSet, batch_rows: int = EVAL_ROWS,
-                 on_batch: Callable[[int], None] | None = None) -> dict:
-        self.check_model(model)
-        enc = rows if isinstance(rows, EncodedSet) else self.encoder(model).encode(rows)
-        if (enc.labels < 0).any():
-            raise DataError("every row needs a label to be evaluated")
-        logits = score_rows(self.scorer(model), enc, batch_rows, on_batch)  # the model was checked above
-        return {
-            "metric_name": self.task.metric,
-            "metric": float(losses.metric(self.task.metric, logits, enc.labels)[0]),
-            "accuracy": float(losses.accuracy(logits, enc.labels)[0]),
-            "ce_loss": float(losses.cross_entropy(logits, enc.labels)[0]),
-            "rows": len(enc),
-            "truncated_rows": enc.truncated,
-        }
+    def raw_logits(self, model, enc: EncodedSet, batch_rows: int = EVAL_ROWS, on_batch=None) -> np.ndarray:
+        return score_rows(self.scorer(model), enc, batch_rows, on_batch)
 
-    def predict(self, model, rows: Sequence[Example] | EncodedSet, batch_rows: int = EVAL_ROWS,
-                on_batch: Callable[[int], None] | None = None) -> list[Prediction]:
-        logits = self.logits(model, rows, batch_rows, on_batch)
-        probs = np.exp(losses.log_softmax(logits.astype(np.float64)))
-        keys = self.task.label_keys
-        return [Prediction(keys[int(p.argmax())], {k: float(v) for k, v in zip(keys, p)}) for p in probs]
+
+@dataclass(frozen=True)
+class PromptEnsemble(Scoring):
+    """Several seeds' prompts for one task, scored together: their label probabilities averaged. Plain prompts
+    go to the engine as one call of S candidates per batch; BBTv2 prompts one call each."""
+
+    members: tuple[TunedPrompt, ...]
+    calibration: tuple[float, ...] | None = None
+    origin: str = "ensemble"
+
+    def __post_init__(self):
+        if not self.members:
+            raise PromptError("an ensemble needs at least one prompt")
+        first = self.members[0]
+        for m in self.members[1:]:
+            if (m.task, m.method, m.prompt_tokens, m.placeholder_ids, m.max_length, m.model_fingerprint) != \
+                    (first.task, first.method, first.prompt_tokens, first.placeholder_ids, first.max_length,
+                     first.model_fingerprint):
+                raise PromptError("an ensemble's prompts must share the task, method, prompt length, placeholders "
+                                  "and model")
+
+    @property
+    def task(self) -> Task:
+        return self.members[0].task
+
+    @property
+    def deep(self) -> bool:
+        return self.members[0].deep
+
+    @property
+    def method(self) -> str:
+        return self.members[0].method
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.members[0].prompt_tokens
+
+    @property
+    def projection(self) -> ProjectionSpec:
+        return self.members[0].projection
+
+    @property
+    def placeholder_ids(self):
+        return self.members[0].placeholder_ids
+
+    def encoder(self, model):
+        return self.members[0].encoder(model)
+
+    def check_model(self, model) -> None:
+        for m in self.members:
+            m.check_model(model)
+
+    def zero_prompt(self) -> TunedPrompt:
+        return self.members[0].zero_prompt()
+
+    def raw_logits(self, model, enc: EncodedSet, batch_rows: int = EVAL_ROWS, on_batch=None) -> np.ndarray:
+        """log of the members' mean label probabilities, [N, K]."""
+        if self.deep:
+            probs = [np.exp(losses.log_softmax(m.raw_logits(model, enc, batch_rows).astype(np.float64)))
+                     for m in self.members]
+            mean = np.mean(probs, axis=0)
+            if on_batch:
+                on_batch(len(enc))
+        else:
+            embeds = np.stack([m.embeds for m in self.members])
+            out = np.empty((len(self.members), len(enc), len(enc.label_ids)), np.float64)
+            for idx, batch in enc.batches(batch_rows):
+                out[:, idx] = model.engine.label_logits(embeds, batch)
+                if on_batch:
+                    on_batch(len(idx))
+            mean = np.exp(losses.log_softmax(out)).mean(axis=0)
+        return np.log(mean).astype(np.float32)
+
+    def calibrate(self, model) -> "PromptEnsemble":
+        return replace(self, calibration=prior_of(replace(self, calibration=None), model))
+
+    def save(self, path: str | Path) -> Path:
+        for m in self.members:
+            check_finite(m.z, m.embeds)
+        meta = {"ensemble": [m.meta() for m in self.members], "origin": self.origin,
+                "calibration": None if self.calibration is None else list(self.calibration)}
+        return write_npz(path, {"prompt": np.stack([m.embeds for m in self.members]),
+                                "z": np.stack([m.z for m in self.members])}, meta)
+
+
+Result = TunedPrompt | PromptEnsemble  # what a run hands back
+
+
+def prior_of(result, model) -> tuple[float, ...]:
+    """The label prior `result` has on the content-free rows, as log-probabilities."""
+    raw = result.raw_logits(model, result.encoder(model).encode(content_free_rows(result.task)))
+    return tuple(float(v) for v in log_prior(raw))
+
+
+def check_finite(z: np.ndarray, embeds: np.ndarray) -> None:
+    if not (np.isfinite(z).all() and np.isfinite(embeds).all()):
+        raise PromptError("the prompt holds NaN or infinite numbers; it is not saved (check --alpha, --sigma "
+                          "and the model's embedding_std)")
+
+
+def write_npz(path: str | Path, arrays: dict[str, np.ndarray], meta: dict) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / PROMPT_NAME
+    buf = io.BytesIO()
+    np.savez(buf, **arrays, meta=np.array(json.dumps(meta)))
+    write_bytes_atomic(path, buf.getvalue())
+    return path
+
+
+def load_prompt(path: str | Path) -> Result:
+    """A run's result (a run directory, or a prompt file): a prompt, a kept template, or an ensemble."""
+    path = Path(path)
+    if path.is_dir():
+        from .runs import RunDir
+
+        path = RunDir(path).file(PROMPT_NAME)  # a run a --force replacement left aside is still the run
+    if not path.is_file():
+        raise PromptError(f"{path} does not exist: give a run directory written by `bbt-onnx tune`")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            meta = json.loads(str(f["meta"]))
+            embeds, z = f["prompt"], f["z"]
+        members = meta.get("ensemble") if isinstance(meta, dict) else None
+        if members is not None and (not isinstance(members, list) or len(members) != len(embeds) or
+                                    len(members) != len(z) or not members):
+            raise ValueError("ensemble")
+    except Exception as exc:  # noqa: BLE001 - a damaged zip or field can raise almost any type
+        raise PromptError(f"{path} is not a bbt-onnx prompt file, or it is damaged ({type(exc).__name__}); "
+                          "tune again or restore it") from None
+    if members is None:
+        return TunedPrompt.from_arrays(meta, embeds, z, str(path))
+    prompts = tuple(TunedPrompt.from_arrays(m, e, v, str(path)) for m, e, v in zip(members, embeds, z))
+    cal = meta.get("calibration")
+    try:
+        ensemble = PromptEnsemble(prompts, None if cal is None else tuple(float(v) for v in cal),
+                                  str(meta.get("origin", "ensemble")))
+    except (PromptError, TypeError, ValueError):
+        raise PromptError(f"{path} is damaged: its prompts do not form one ensemble") from None
+    if ensemble.calibration is not None and (len(ensemble.calibration) != len(ensemble.task.labels)
+                                             or not np.isfinite(ensemble.calibration).all()):
+        raise PromptError(f"{path} is damaged: its calibration does not match its labels")
+    return ensemble
 
 
 def load_run_prompt(run: str | Path | None, no_prompt: bool = False, task_given: bool = False,
-                    prompt_tokens: int | None = None) -> TunedPrompt | None:
-    """The tuned prompt of a run (z = 0 in its place with `no_prompt`), or None when there is no run and the
-    template alone is scored; a run brings its own task and prompt length."""
+                    prompt_tokens: int | None = None) -> Result | None:
+    """A run's result (its z = 0, after its own placeholder tokens, with `no_prompt`), or None when there is no run
+    and the template alone is scored; a run brings its own task and prompt length."""
     if run is None:
         if not no_prompt:
             raise SettingsError("give --prompt RUN_DIR, or --no-prompt with a task to score the manual template")
@@ -174,16 +365,16 @@ def load_run_prompt(run: str | Path | None, no_prompt: bool = False, task_given:
                             "from the run with --prompt; drop them")
     if prompt_tokens is not None:
         raise SettingsError("--prompt-tokens comes from the run with --prompt; drop it")
-    prompt = TunedPrompt.load(run)
-    return TunedPrompt.zero(prompt.projection, prompt.task) if no_prompt else prompt
+    prompt = load_prompt(run)
+    return prompt.zero_prompt() if no_prompt else prompt
 
 
 def template_prompt(manifest, task: Task, prompt_tokens: int | None = None) -> TunedPrompt:
     """z = 0 without a run: the manual template after the model's placeholder tokens (`prompt_tokens` of them,
     0 for the template alone)."""
     if prompt_tokens is not None and prompt_tokens > manifest.prompt_tokens:
-        raise SettingsError(f"--prompt-tokens {prompt_tokens} is more than the {manifest.prompt_tokens} this model "
-                            "was exported for")
+        raise SettingsError(f"prompt_tokens {prompt_tokens} is more than the {manifest.prompt_tokens} this model "
+                            "was exported for", "prompt_tokens")
     spec = ProjectionSpec(0, 1, manifest.prompt_tokens if prompt_tokens is None else prompt_tokens,
                           manifest.hidden_size, manifest.embedding_std)
     return TunedPrompt.zero(spec, task)

@@ -31,11 +31,11 @@ class ProjectionSpec:
 
     def __post_init__(self):
         if self.kind not in PROJECTIONS:
-            raise SettingsError(f"--random-proj {self.kind!r} is not one of {', '.join(PROJECTIONS)}")
+            raise SettingsError(f"random_proj {self.kind!r} is not one of {', '.join(PROJECTIONS)}", "random_proj")
         if self.intrinsic_dim < 1:
-            raise SettingsError("--intrinsic-dim must be at least 1")
+            raise SettingsError("intrinsic_dim must be at least 1", "intrinsic_dim")
         if self.sigma <= 0:
-            raise SettingsError("--sigma must be positive")
+            raise SettingsError("sigma must be positive", "sigma")
 
     def to_json(self) -> dict:
         return asdict(self)

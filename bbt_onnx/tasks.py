@@ -37,6 +37,14 @@ class Framing:
     chat: bool = False
     position: str = "prefix"
 
+    def __post_init__(self):
+        if self.bos not in BOS_CHOICES:
+            raise SettingsError(f"bos {self.bos!r} is not one of {', '.join(BOS_CHOICES)}", "bos")
+        if self.position not in POSITIONS:
+            raise SettingsError(f"position {self.position!r} is not one of {', '.join(POSITIONS)}", "position")
+        if not isinstance(self.chat, bool):
+            raise SettingsError(f"chat must be true or false, got {self.chat!r}", "chat")
+
     def to_json(self) -> dict:
         """Only what differs from the defaults, so tasks written before framing existed read back equal."""
         default = Framing()
@@ -50,16 +58,33 @@ class Framing:
 def make_framing(bos: str | None = None, chat: bool | None = None, position: str | None = None,
                  base: "Framing" = Framing()) -> Framing:
     """`base` with the given values replaced, each checked."""
-    bos = base.bos if bos is None else bos
-    position = base.position if position is None else position
-    chat = base.chat if chat is None else chat
-    if bos not in BOS_CHOICES:
-        raise SettingsError(f"bos {bos!r} is not one of {', '.join(BOS_CHOICES)}")
-    if position not in POSITIONS:
-        raise SettingsError(f"prompt position {position!r} is not one of {', '.join(POSITIONS)}")
-    if not isinstance(chat, bool):
-        raise SettingsError(f"chat must be true or false, got {chat!r}")
-    return Framing(bos, chat, position)
+    return Framing(base.bos if bos is None else bos, base.chat if chat is None else chat,
+                   base.position if position is None else position)
+
+
+def template_fields(template: str) -> list[str]:
+    try:
+        return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise SettingsError(f"template {template!r} is malformed: {exc} (write a literal brace as {{{{ or }}}})",
+                            "template") from None
+
+
+def label_pairs(labels) -> tuple[tuple[str, str], ...]:
+    """(name, word) pairs from pairs or a {name: word} dict; anything else is a SettingsError."""
+    if isinstance(labels, dict):
+        labels = list(labels.items())
+    if isinstance(labels, (str, bytes)) or not isinstance(labels, (list, tuple)):
+        raise SettingsError(f"labels must be (name, word) pairs or a {{name: word}} dict, got {labels!r}"[:200],
+                            "labels")
+    pairs = []
+    for item in labels:
+        if not isinstance(item, (list, tuple)) or len(item) != 2 or not all(isinstance(v, (str, int)) for v in item) \
+                or any(isinstance(v, bool) for v in item):
+            raise SettingsError(f"labels must be (name, word) pairs or a {{name: word}} dict; {item!r} is not a pair"
+                                [:200], "labels")
+        pairs.append((str(item[0]), str(item[1])))
+    return tuple(pairs)
 
 
 @dataclass(frozen=True)
@@ -68,15 +93,40 @@ class Task:
 
     `template` holds `{text}`, optionally `{text_b}`, and `{mask}` where the label word
     goes; it is tokenized as written, right after the prompt slots. `labels` pairs the
-    data's label values with the verbalizer words, in class order. For `f1` the second
-    label is the positive class.
+    data's label values with the verbalizer words, in class order (a dict {name: word} is
+    taken too). For `f1` the second label is the positive class. A task that cannot work
+    is refused when it is built (SettingsError).
     """
 
-    name: str
-    template: str
-    labels: tuple[tuple[str, str], ...]
+    name: str = "custom"
+    template: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
     metric: str = "accuracy"
     framing: Framing = Framing()
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise SettingsError(f"name must be a non-empty string, got {self.name!r}", "name")
+        if not isinstance(self.template, str) or not self.template.strip():
+            raise SettingsError("template is empty: write where the text goes, e.g. \" {text} It was {mask} .\"",
+                                "template")
+        template_fields(self.template)
+        object.__setattr__(self, "labels", label_pairs(self.labels))
+        labels = self.labels
+        if len(labels) < 2:
+            raise SettingsError("labels: a task needs at least two (name, word) pairs", "labels")
+        keys = [k for k, _ in labels]
+        if len(set(keys)) != len(keys):
+            raise SettingsError(f"labels: names repeat: {', '.join(keys)}", "labels")
+        if any(not k or not w.strip() for k, w in labels):
+            raise SettingsError("labels: every label needs a name and a non-empty word (name=word)", "labels")
+        if self.metric not in METRICS:
+            raise SettingsError(f"metric {self.metric!r} is not one of {', '.join(METRICS)}", "metric")
+        if self.metric == "f1" and len(labels) != 2:
+            raise SettingsError("metric f1 is defined here for two labels (the second is the positive class)",
+                                "metric")
+        if not isinstance(self.framing, Framing):
+            raise SettingsError(f"framing must be a Framing, got {type(self.framing).__name__}", "framing")
 
     @property
     def label_keys(self) -> tuple[str, ...]:
@@ -102,11 +152,8 @@ class Task:
 
     @classmethod
     def from_json(cls, raw: dict) -> "Task":
-        labels = raw["labels"]
-        pairs = tuple(labels.items()) if isinstance(labels, dict) else tuple(tuple(p) for p in labels)
-        return make_task(str(raw.get("name", "custom")), str(raw["template"]),
-                         tuple((str(k), str(w)) for k, w in pairs), str(raw.get("metric", "accuracy")),
-                         Framing.from_json(raw))
+        return Task(str(raw.get("name", "custom")), str(raw["template"]), label_pairs(raw["labels"]),
+                    str(raw.get("metric", "accuracy")), Framing.from_json(raw))
 
 
 def _pairs(words: list[str]) -> tuple[tuple[str, str], ...]:
@@ -128,13 +175,6 @@ PRESETS: dict[str, Task] = {
 }
 
 
-def template_fields(template: str) -> list[str]:
-    try:
-        return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    except ValueError as exc:
-        raise SettingsError(f"template {template!r} is malformed: {exc} (write a literal brace as {{{{ or }}}})") from None
-
-
 def check_template(template: str, kind: LmKind) -> None:
     """Reject templates the encoder could not fill: each problem is a user mistake."""
     fields = template_fields(template)
@@ -152,19 +192,7 @@ def check_template(template: str, kind: LmKind) -> None:
 
 def make_task(name: str, template: str, labels: tuple[tuple[str, str], ...], metric: str = "accuracy",
               framing: Framing = Framing()) -> Task:
-    template_fields(template)
-    if len(labels) < 2:
-        raise SettingsError("a task needs at least two labels")
-    keys = [k for k, _ in labels]
-    if len(set(keys)) != len(keys):
-        raise SettingsError(f"label names repeat: {', '.join(keys)}")
-    if any(not k or not w.strip() for k, w in labels):
-        raise SettingsError("every label needs a name and a non-empty word (name=word)")
-    if metric not in METRICS:
-        raise SettingsError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
-    if metric == "f1" and len(labels) != 2:
-        raise SettingsError("f1 is defined here for two labels (the second is the positive class)")
-    return Task(name, template, tuple(labels), metric, framing)
+    return Task(name, template, labels, metric, framing)
 
 
 def parse_labels(spec: str) -> tuple[tuple[str, str], ...]:

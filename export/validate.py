@@ -39,7 +39,7 @@ class ParityInputs:
         if self.prompt_pos is not None:
             feeds["prompt_pos"] = self.prompt_pos
         if self.deep_prompts is not None:
-            feeds.update(deep_prompts=self.deep_prompts, prompt_layer=np.array(self.prompt_layer, dtype=np.int64))
+            feeds.update(deep_prompts=self.deep_prompts, prompt_layer=np.array([self.prompt_layer], dtype=np.int64))
         return feeds
 
     def cache_split(self):

@@ -12,7 +12,7 @@ the answer cue on them.
 
 The deep variant (BBTv2) takes two more inputs: `deep_prompts` [L, P', H], one prompt
 added to the input of each of the L layers (layer 0's input is the embedding output),
-and `prompt_layer`, the layer whose prompt the C candidates replace. So one call scores a
+and `prompt_layer` [1], the layer whose prompt the C candidates replace. So one call scores a
 population for one layer with every other layer at its current prompt.
 """
 

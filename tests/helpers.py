@@ -18,3 +18,12 @@ def cli_error(args) -> str:
     assert len(errors) == 1 and lines[-1] == errors[0], result.stderr  # progress notes may come before it
     assert "Traceback" not in result.output and result.stdout == ""
     return errors[0]
+
+
+def generations(run) -> list[dict]:
+    """A run's log.jsonl rows for generations (the baselines' rows, scored before tuning, left out)."""
+    import json
+    from pathlib import Path
+
+    rows = [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if "baseline" not in r]

@@ -4,12 +4,11 @@ every layer, the projection scales, the round structure and budget, resume, and 
 from __future__ import annotations
 
 import json
-import pickle
 
 import numpy as np
 import pytest
 
-from bbt_onnx import BlackBoxTuner, Model, TuneConfig, TunedPrompt
+from bbt_onnx import BlackBoxTuner, Model, TuneConfig, TunedPrompt, checkpoint
 from bbt_onnx.errors import ModelError, SettingsError
 from bbt_onnx.manifest import load_manifest
 from bbt_onnx.subspace import ProjectionSpec, build_projection, layer_specs, normal_std
@@ -17,7 +16,7 @@ from bbt_onnx.synthetic import sentiment_examples, sentiment_rows, write_csv
 from bbt_onnx.tasks import PRESETS, Task
 
 from conftest import LAYERS, PROMPT_TOKENS as P, without_graphs
-from helpers import cli_error, invoke
+from helpers import cli_error, generations, invoke
 
 CAUSAL_TASK = Task("sentiment", " Review: {text}\nSentiment:", (("0", "bad"), ("1", "great")))
 
@@ -133,7 +132,7 @@ def test_the_best_whole_prompt_is_kept_and_resume_is_bit_identical(family):
     assert prompt.deep and prompt.z.shape == (LAYERS, 20) and prompt.embeds.shape == (LAYERS, P, model.manifest.hidden_size)
     assert prompt.layer_std == model.manifest.layer_std
     np.testing.assert_array_equal(prompt.z, whole.state.best_dev_z)
-    assert prompt.evaluate(model, dev)["metric"] == pytest.approx(whole.report.best_dev_metric)
+    assert prompt.evaluate(model, dev).metric == pytest.approx(whole.report.best_dev_metric)
 
     saved = []
 
@@ -146,8 +145,9 @@ def test_the_best_whole_prompt_is_kept_and_resume_is_bit_identical(family):
 
     with pytest.raises(Stop):
         BlackBoxTuner(model, task, cfg).fit(train, dev, on_event=interrupt,
-                                            on_checkpoint=lambda s: saved.append(pickle.dumps(s)))
-    resumed = BlackBoxTuner(model, task, cfg).fit(train, dev, state=pickle.loads(saved[-1]))
+                                            on_checkpoint=lambda s: saved.append(checkpoint.dumps(s)))
+    tuner = BlackBoxTuner(model, task, cfg)
+    resumed = tuner.fit(train, dev, state=tuner.load_state(saved[-1]))
     assert resumed.z.tobytes() == prompt.z.tobytes()
 
 
@@ -158,14 +158,14 @@ def test_cli_bbtv2_tune_evaluate_predict(family, tmp_path):
     write_csv(tmp_path / "test.csv", sentiment_rows(20, seed=7))
     args = ["tune", "--model", out, "--data", tmp_path / "pool.csv", "--test", tmp_path / "test.csv", "--k-shot", 8,
             "--prompt-tokens", P, "--intrinsic-dim", 20, "--popsize", 6, "--budget", 54, "--eval-every", 18,
-            "--method", "bbtv2", "--out", tmp_path / "run", "-q", *family.task_args()]
+            "--method", "bbtv2", "--out", tmp_path / "run", "-q", "--no-fallback", *family.task_args()]
     tuned = invoke(args)
     assert tuned.exit_code == 0, tuned.output
     metrics = json.loads(tuned.stdout)
     assert metrics["api_calls"] == 54 and metrics["generations"] == 9
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["settings"]["tune"]["method"] == "bbtv2"
-    log = [json.loads(line)["layer"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    log = [row["layer"] for row in generations(tmp_path / "run")]
     assert log == [0, 1, 2] * 3
     prompt = TunedPrompt.load(tmp_path / "run")
     assert prompt.deep and prompt.embeds.shape[0] == LAYERS

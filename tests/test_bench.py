@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bbt_onnx import Model
-from bbt_onnx.bench import split_batch, synthetic_inputs
+from bbt_onnx.bench import split_batch
 from bbt_onnx.data import Example
 from bbt_onnx.encoding import length_buckets
 from bbt_onnx.errors import BBTError

@@ -16,7 +16,7 @@ from bbt_onnx.errors import BBTError
 from bbt_onnx.manifest import load_manifest
 from bbt_onnx.synthetic import sentiment_examples
 from bbt_onnx.tasks import Task
-from bbt_onnx_export import ExportOptions, export_model, validate
+from bbt_onnx_export import validate
 from bbt_onnx_export.loading import load_model
 
 from conftest import PROMPT_TOKENS
@@ -98,7 +98,7 @@ def test_decoder_tuning_lowers_the_train_loss(decoder):
     prompt = tuner.fit(train)
     assert tuner.report.train_loss_final < 0.8 * tuner.report.train_loss_initial
     zero = TunedPrompt.zero(prompt.projection, TASK)
-    assert prompt.evaluate(model, train)["ce_loss"] < zero.evaluate(model, train)["ce_loss"]
+    assert prompt.evaluate(model, train).ce_loss < zero.evaluate(model, train).ce_loss
 
 
 def test_prompt_init_fills_the_slots_and_travels_with_the_prompt(decoder, tmp_path):
@@ -114,7 +114,7 @@ def test_prompt_init_fills_the_slots_and_travels_with_the_prompt(decoder, tmp_pa
     enc = again.encoder(model).encode([Example("fine")])
     start = model.manifest.prompt_start
     assert list(enc.input_ids[0, start:start + n]) == list(prompt.placeholder_ids)
-    with pytest.raises(BBTError, match=f"pass --prompt-tokens {n}"):
+    with pytest.raises(BBTError, match=f"pass prompt_tokens {n}"):
         BlackBoxTuner(model, TASK, TuneConfig(prompt_tokens=n + 1, intrinsic_dim=10, popsize=10, budget=20,
                                               prompt_init=text))
 

@@ -78,7 +78,7 @@ def test_check_alone_scores_every_graph_on_every_provider(tiny_model):
 
 def test_a_tuned_prompt_is_checked_with_its_metric(tiny_model, data_dir, tmp_path):
     run = tmp_path / "run"
-    tuned = invoke(tune_args(tiny_model, data_dir, run, "--budget", 20, "-q"))
+    tuned = invoke(tune_args(tiny_model, data_dir, run, "--budget", 20, "--prompt-init", "reference", "-q"))
     assert tuned.exit_code == 0, tuned.output
     r = invoke(["check", "--model", tiny_model, "--prompt", run, "--data", data_dir / "test.csv",
                 "--engines", "cpu:fp16", "--json"])

@@ -223,6 +223,33 @@ def test_failed_validation_leaves_nothing_half_written(tiny_src, tmp_path, monke
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_re_export_with_more_graphs_is_the_same_model(tiny_src, tmp_path):
+    """The fingerprint covers the weights and the contract, not which graphs were exported beside them: prompts keep
+    working across a re-export with --deep or --int8, and a prompt written with the old fingerprint (the manifest
+    file's sha256) keeps loading."""
+    from bbt_onnx import Model, TunedPrompt
+    from bbt_onnx.subspace import ProjectionSpec
+
+    plain = export_model(ExportOptions(str(tiny_src), tmp_path / "a", prompt_tokens=4))
+    more = export_model(ExportOptions(str(tiny_src), tmp_path / "b", prompt_tokens=4, deep=True, int8=True))
+    assert (tmp_path / "a" / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()
+    a, b = load_manifest(tmp_path / "a"), load_manifest(tmp_path / "b")
+    assert set(more.graphs) > set(plain.graphs) and a.fingerprint() == b.fingerprint()
+    assert a.legacy_fingerprint() != b.legacy_fingerprint()
+    spec = ProjectionSpec(0, 1, 4, a.hidden_size, a.embedding_std)
+    for fingerprint in (a.fingerprint(), b.legacy_fingerprint()):
+        TunedPrompt.zero(spec, PRESETS["sst2"], fingerprint).check_model(Model(b, None, None))
+    other = export_model(ExportOptions(str(tiny_src), tmp_path / "c", prompt_tokens=6))  # another contract
+    assert load_manifest(tmp_path / "c").fingerprint() != a.fingerprint() and other.prompt_tokens == 6
+
+
+def test_export_quiet_prints_only_the_result(tiny_src, tmp_path):
+    result = CliRunner().invoke(cli, ["export", "--model", str(tiny_src), "--out", str(tmp_path / "m"),
+                                      "--prompt-tokens", "4", "-q"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == "" and json.loads(result.stdout)["prompt_tokens"] == 4
+
+
 def test_force_replaces_an_old_export(tiny_src, tmp_path):
     out = tmp_path / "o"
     export_model(ExportOptions(str(tiny_src), out, prompt_tokens=4))

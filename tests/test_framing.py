@@ -44,7 +44,7 @@ def test_framing_round_trips_and_old_tasks_read_as_before():
 
 
 @pytest.mark.parametrize("bad, match", [({"bos": "sometimes"}, "bos 'sometimes'"),
-                                        ({"position": "middle"}, "prompt position 'middle'"),
+                                        ({"position": "middle"}, "position 'middle'"),
                                         ({"chat": "yes"}, "chat must be true or false")])
 def test_bad_framing_is_refused(bad, match):
     with pytest.raises(SettingsError, match=match):
@@ -257,7 +257,7 @@ def test_cli_tune_with_a_suffix_prompt_records_its_framing(decoder, tmp_path):
     r = invoke(["tune", "--model", out, "--template", TEMPLATE, "--labels", "0=bad,1=great", "--prompt-position",
                 "suffix", "--bos", "never", "--data", tmp_path / "pool.csv", "--test", tmp_path / "test.csv",
                 "--out", tmp_path / "run", "--prompt-tokens", 4, "--intrinsic-dim", 8, "--popsize", 6, "--budget",
-                24, "--k-shot", 8, "-q"])
+                24, "--k-shot", 8, "-q", "--no-fallback"])
     assert r.exit_code == 0, r.output
     settings = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]
     assert settings["task"]["prompt_position"] == "suffix" and settings["task"]["bos"] == "never"

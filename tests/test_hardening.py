@@ -7,8 +7,10 @@ run, data files, and deliberately damaged variants of each) and checks:
 - exit code 2, and no exception escaped (no traceback anywhere);
 - stderr is exactly one non-empty line, starting with `error: ` (no progress note before it);
 - stdout is empty;
-- nothing is lost: every file and folder of the workspace is byte for byte what it was, and no new
-  one appeared. In particular a bad setting given with `--force --out GOOD_RUN` never wipes the run.
+- nothing is lost: every file of the workspace has the sha256 it had, every folder is still there, and no new
+  one appeared. In particular a bad setting given with `--force --out GOOD_RUN` never wipes the run, a `--force`
+  over what the command did not write deletes nothing, and a crafted checkpoint runs nothing (its payload would
+  create a file in the workspace).
 
 After each row the workspace is put back as it was, so one row's damage cannot leak into the next.
 A few Python-API cases at the end expect `BBTError` where the CLI rows expect the `error:` line.
@@ -16,11 +18,16 @@ A few Python-API cases at the end expect `BBTError` where the CLI rows expect th
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import os
 import pickle
+import shlex
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +35,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from bbt_onnx import PRESETS, BlackBoxTuner, Model, TuneConfig, TunedPrompt
+from bbt_onnx import PRESETS, BlackBoxTuner, Model, Task, TuneConfig, TunedPrompt, k_shot_split
 from bbt_onnx.cli import cli
-from bbt_onnx.data import read_examples
+from bbt_onnx.data import DataSpec, read_examples
 from bbt_onnx.errors import BBTError, DataError, ModelError, PromptError, RunError, SettingsError
 from bbt_onnx.manifest import load_manifest
 from bbt_onnx.runs import RunDir
@@ -45,6 +52,42 @@ HUGE_ROW_TIMEOUT_S = 60  # the row must be refused (or scored) well within this;
 # -- the workspace ---------------------------------------------------------------------------------
 def _edit_json(path: Path, edit) -> None:
     path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+
+class Payload:
+    """What a crafted pickle carries: unpickling it runs a shell command that creates `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+def _edit_manifest(model: Path, **fields) -> None:
+    _edit_json(model / "manifest.json", lambda m: {**m, **fields})
+
+
+def _edit_checkpoint(run: Path, edit) -> None:
+    """Rewrite checkpoint.npz with its JSON document changed by `edit` (its arrays as they were)."""
+    path = run / "checkpoint.npz"
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    doc = edit(json.loads(str(arrays.pop("checkpoint")[()])))
+    buf = io.BytesIO()
+    np.savez(buf, checkpoint=np.array(json.dumps(doc)), **arrays)
+    path.write_bytes(buf.getvalue())
+
+
+def _graph_dims(model: Path, hidden: int) -> None:
+    """The manifest says hidden size `hidden` everywhere, in its dims and its graph entries alike."""
+    def edit(m):
+        for g in m["graphs"].values():
+            for t in g["inputs"]:
+                if t["name"] in ("prompt_embeds", "deep_prompts"):
+                    t["shape"][-1] = hidden
+        return {**m, "hidden_size": hidden}
+    _edit_json(model / "manifest.json", edit)
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +113,32 @@ def ws(tiny_model, tiny_src, data_dir, exports, tmp_path_factory) -> dict[str, P
     p["model_plain"] = without_graphs(tiny_model, root / "model_plain", lambda key: not key.startswith("deep"))
     p["model_notok"] = shutil.copytree(tiny_model, root / "model_notok",
                                        ignore=shutil.ignore_patterns("tokenizer.json"))
+    # manifests that disagree with their graphs, ids outside the vocabulary, graph files outside the directory
+    raw = json.loads((tiny_model / "manifest.json").read_text())
+    hidden, vocab = raw["hidden_size"], raw["vocab_size"]
+
+    def model_copy(name: str, **fields) -> Path:
+        d = shutil.copytree(tiny_model, root / name, ignore=shutil.ignore_patterns("*.int8.onnx", "*.fp16.onnx"))
+        _edit_json(d / "manifest.json", lambda m: {**m, **fields, "graphs": {
+            k: v for k, v in m["graphs"].items() if k in ("fp32", "deep-fp32")}})
+        return d
+
+    p["model_hidden"] = model_copy("model_hidden", hidden_size=2 * hidden)  # its graph entries still say `hidden`
+    p["model_hidden_all"] = model_copy("model_hidden_all")  # entries too: only the graph itself knows
+    _graph_dims(p["model_hidden_all"], 2 * hidden)
+    p["model_mask_range"] = model_copy("model_mask_range", mask_id=vocab + 5)
+    p["model_mask_notoken"] = model_copy("model_mask_notoken", vocab_size=100 * vocab, mask_id=50 * vocab)
+    p["model_vocab10"] = model_copy("model_vocab10", vocab_size=10)
+    p["model_pad_negative"] = model_copy("model_pad_negative", pad_id=-5)
+    p["model_layers"] = model_copy("model_layers", num_layers=raw["num_layers"] + 1,
+                                   layer_std=raw["layer_std"] + [1.0])  # the deep graph takes num_layers prompts
+    p["model_escape"] = model_copy("model_escape")
+    _edit_json(p["model_escape"] / "manifest.json", lambda m: {**m, "graphs": {
+        **m["graphs"], "fp32": {**m["graphs"]["fp32"], "file": "../model/model.onnx"}}})
+    (p["model_escape"] / "model.onnx").unlink()
+    p["model_escape_abs"] = model_copy("model_escape_abs")
+    _edit_json(p["model_escape_abs"] / "manifest.json", lambda m: {**m, "graphs": {
+        **m["graphs"], "fp32": {**m["graphs"]["fp32"], "file": str(root / "model" / "model.onnx")}}})
 
     # data files
     p["pool"] = Path(shutil.copy(data_dir / "pool.csv", root / "pool.csv"))
@@ -96,6 +165,13 @@ def ws(tiny_model, tiny_src, data_dir, exports, tmp_path_factory) -> dict[str, P
                                        for t, y in [(huge, 1)] + sentiment_rows(4, seed=3)))
     p["emptydir"] = root / "emptydir"
     p["emptydir"].mkdir()
+    p["notes"] = root / "notes"  # someone's folder: no command wrote it
+    p["notes"].mkdir()
+    (p["notes"] / "notes.txt").write_text("my notes\n")
+    p["labels_txt"] = root / "texts.txt"
+    p["labels_txt"].write_text("a fine film\na dull film\n")
+    p["test_link"] = root / "test_link.csv"  # another name for test.csv
+    p["test_link"].symlink_to(p["test"])
 
     # the good run, finished, with a checkpoint per generation
     with pytest.MonkeyPatch.context() as mp:
@@ -104,7 +180,8 @@ def ws(tiny_model, tiny_src, data_dir, exports, tmp_path_factory) -> dict[str, P
             [*TUNE, *DATA, "--out", "@run", "--checkpoint-every", 1, "-q"], {**p, "run": root / "run"}))
     assert result.exit_code == 0, result.output
     p["run"] = root / "run"
-    assert (p["run"] / "checkpoint.pkl").is_file() and (p["run"] / "prompt.npz").is_file()
+    assert (p["run"] / "checkpoint.npz").is_file() and (p["run"] / "prompt.npz").is_file()
+    assert not (p["run"] / "checkpoint.pkl").exists()
 
     # damaged copies of the run; those for --resume look interrupted (status "running")
     def run_copy(name: str, interrupted: bool = True) -> Path:
@@ -119,10 +196,37 @@ def ws(tiny_model, tiny_src, data_dir, exports, tmp_path_factory) -> dict[str, P
     (p["run_badjson"] / "run.json").write_text('{"status": "running", "settings": ')
     p["run_nosettings"] = run_copy("run_nosettings")
     (p["run_nosettings"] / "run.json").write_text('{"status": "running"}')
-    p["run_ckpt_dict"] = run_copy("run_ckpt_dict")
-    (p["run_ckpt_dict"] / "checkpoint.pkl").write_bytes(pickle.dumps({"generation": 1, "calls": 10}))
+    p["run_ckpt_dict"] = run_copy("run_ckpt_dict")  # an npz, but not a checkpoint
+    buf = io.BytesIO()
+    np.savez(buf, generation=np.array(1), calls=np.array(10))
+    (p["run_ckpt_dict"] / "checkpoint.npz").write_bytes(buf.getvalue())
     p["run_ckpt_junk"] = run_copy("run_ckpt_junk")
-    (p["run_ckpt_junk"] / "checkpoint.pkl").write_bytes(np.random.default_rng(0).bytes(512))
+    (p["run_ckpt_junk"] / "checkpoint.npz").write_bytes(np.random.default_rng(0).bytes(512))
+    p["run_ckpt_counts"] = run_copy("run_ckpt_counts")  # a well-formed document with impossible values
+    _edit_checkpoint(p["run_ckpt_counts"], lambda d: {**d, "state": {**d["state"], "generation": -3}})
+    p["run_ckpt_shape"] = run_copy("run_ckpt_shape")  # the mean of another dimension
+    _edit_checkpoint(p["run_ckpt_shape"], lambda d: {**d, "strategies": [  # the covariance matrix as the mean
+        {**d["strategies"][0], "a": {**d["strategies"][0]["a"], "mean": {
+            "t": "array", "k": d["strategies"][0]["a"]["sm"]["a"]["C"]["k"], "id": 10 ** 6}}}]})
+    # crafted checkpoints: each would run a shell command creating MARKER if anything in it were executed
+    p["marker"] = root / "PWNED"
+    p["run_pickle"] = run_copy("run_pickle")  # an old-style pickle checkpoint
+    (p["run_pickle"] / "checkpoint.npz").unlink()
+    (p["run_pickle"] / "checkpoint.pkl").write_bytes(pickle.dumps(Payload(p["marker"])))
+    p["run_npz_object"] = run_copy("run_npz_object")  # an npz whose arrays are pickled objects
+    buf = io.BytesIO()
+    np.savez(buf, checkpoint=np.array([Payload(p["marker"])], dtype=object),
+             a0=np.array([Payload(p["marker"])], dtype=object))
+    (p["run_npz_object"] / "checkpoint.npz").write_bytes(buf.getvalue())
+    p["run_npz_class"] = run_copy("run_npz_class")  # a document naming a function as a class to build
+    _edit_checkpoint(p["run_npz_class"], lambda d: {**d, "strategies": [
+        {**d["strategies"][0], "a": {**d["strategies"][0]["a"], "sigma": {
+            "t": "object", "c": "posix.system", "id": 10 ** 6, "a": {}}}}]})
+    p["run_npz_ckpt_pkl"] = run_copy("run_npz_ckpt_pkl")  # checkpoint.npz holding pickle bytes as its name says npz
+    (p["run_npz_ckpt_pkl"] / "checkpoint.npz").write_bytes(pickle.dumps(Payload(p["marker"])))
+    p["stub"] = run_copy("stub")  # stopped before its first checkpoint: run.json and log.jsonl only
+    for name in ("checkpoint.npz", "prompt.npz", "loss.png"):
+        (p["stub"] / name).unlink(missing_ok=True)
     p["run_badlog"] = run_copy("run_badlog")  # a line before the checkpoint is garbage (not a torn last line)
     log = (p["run_badlog"] / "log.jsonl").read_text().splitlines(keepends=True)
     (p["run_badlog"] / "log.jsonl").write_text("".join(["{not json\n", *log[1:]]))
@@ -146,8 +250,12 @@ def resolve_all(argv, paths) -> list[str]:
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
-    """Every file (its bytes) and folder (None) under root."""
+    """Every file (its bytes, compared by sha256) and folder (None) under root."""
     return {p.relative_to(root).as_posix(): None if p.is_dir() else p.read_bytes() for p in root.rglob("*")}
+
+
+def digests(snap: dict[str, bytes | None]) -> dict[str, str | None]:
+    return {k: None if v is None else hashlib.sha256(v).hexdigest() for k, v in snap.items()}
 
 
 def restore(root: Path, before: dict[str, bytes | None]) -> None:
@@ -213,6 +321,10 @@ PREDICT = ["predict", "--model", "@model", "--prompt", "@run", "--input", "@test
 STDIN = ["predict", "--model", "@model", "--prompt", "@run", "--input", "-"]
 BENCH = ["bench", "--model", "@model", "--baseline", "none", "--e2e-budget", 0, "--repeat", 1]
 EXPORT = ["export", "--model", "@src", "--out", "@root/new-export"]
+BENCH_SERVER = ["bench", "--model", "@model", "--server", "http://127.0.0.1:9"]  # refused before any connection
+REPO = ["triton-repo", "--model", "@model", "--kind", "cpu"]
+CLIENT = ["client-dir", "--model", "@model"]
+CHECK = ["check", "--model", "@model", "--task", "sst2", "--engines", "cpu:fp32"]
 
 
 def case(id_, argv, match=None, stdin=None, timeout=None):
@@ -227,6 +339,7 @@ CASES = [
     case("tune-intrinsic-dim-0", over_run("--intrinsic-dim", 0), "--intrinsic-dim"),
     case("tune-popsize-0", over_run("--popsize", 0), "--popsize"),
     case("tune-popsize-1", over_run("--popsize", 1), "--popsize"),
+    case("tune-popsize-2-where-pycma-needs-3", over_run("--popsize", 2, "--intrinsic-dim", 300), "--popsize"),
     case("tune-budget-0", over_run("--budget", 0), "--budget"),
     case("tune-budget-negative", over_run("--budget", -5), "--budget"),
     case("tune-sigma-nan", over_run("--sigma", "nan"), "--sigma"),
@@ -349,8 +462,8 @@ CASES = [
     case("tune-resume-run-json-is-a-list", ["tune", "--resume", "@run_list"], "run.json"),
     case("tune-resume-run-json-broken", ["tune", "--resume", "@run_badjson"], "run.json"),
     case("tune-resume-run-json-without-settings", ["tune", "--resume", "@run_nosettings"], "run.json"),
-    case("tune-resume-checkpoint-is-a-dict", ["tune", "--resume", "@run_ckpt_dict"], "checkpoint.pkl"),
-    case("tune-resume-checkpoint-random-bytes", ["tune", "--resume", "@run_ckpt_junk"], "checkpoint.pkl"),
+    case("tune-resume-checkpoint-is-a-dict", ["tune", "--resume", "@run_ckpt_dict"], "checkpoint.npz"),
+    case("tune-resume-checkpoint-random-bytes", ["tune", "--resume", "@run_ckpt_junk"], "checkpoint.npz"),
     case("tune-resume-log-broken", ["tune", "--resume", "@run_badlog"], "log.jsonl"),
     case("evaluate-prompt-truncated", [*EVAL, "--prompt", "@prompt_half"], "prompt.npz"),
     case("evaluate-prompt-empty-dir", [*EVAL, "--prompt", "@emptydir"], "emptydir"),
@@ -402,6 +515,95 @@ CASES = [
     # 8. one row of 2,000,000 characters: a clear error naming the row, in seconds, never a hang
     case("evaluate-huge-row-csv", [*EVAL0, "--data", "@huge", "-q"], "row", timeout=HUGE_ROW_TIMEOUT_S),
     case("evaluate-huge-row-jsonl", [*EVAL0, "--data", "@huge_jsonl", "-q"], "row", timeout=HUGE_ROW_TIMEOUT_S),
+
+    # 9. an --out that is, holds or lies inside what the command reads (the model, the source checkpoint, a run's
+    # files), even with --force or --force-any
+    case("triton-repo-out-is-the-model", [*REPO, "--out", "@model", "--force"], "is the model directory"),
+    case("triton-repo-out-is-the-model-force-any", [*REPO, "--out", "@model", "--force-any"], "is the model directory"),
+    case("triton-repo-out-holds-the-model", [*REPO, "--out", "@root", "--force-any"], "holds the model directory"),
+    case("triton-repo-out-inside-the-model", [*REPO, "--out", "@model/repo"], "inside the model directory"),
+    case("client-dir-out-is-the-model", [*CLIENT, "--out", "@model", "--force"], "is the model directory"),
+    case("client-dir-out-holds-the-model", [*CLIENT, "--out", "@root", "--force-any"], "holds the model directory"),
+    case("client-dir-out-inside-the-model", [*CLIENT, "--out", "@model/client"], "inside the model directory"),
+    case("export-out-is-the-source", ["export", "--model", "@src", "--out", "@src", "--force"], "source model"),
+    case("export-out-holds-the-source", ["export", "--model", "@src", "--out", "@root", "--force-any"], "holds"),
+    case("tune-out-is-the-model", [*TUNE, *DATA, "--out", "@model", "--force"], "is the model directory"),
+    case("tune-out-holds-the-model", [*TUNE, *DATA, "--out", "@root", "--force-any"], "holds the model directory"),
+    case("tune-out-inside-the-model", [*TUNE, *DATA, "--out", "@model/run"], "inside the model directory"),
+    case("tune-out-would-replace-its-test-file", over_run("--test", "@run/log.jsonl"), "log.jsonl"),
+
+    # 10. --force replaces only what the command wrote: a finished run, another model, someone's notes are refused
+    case("client-dir-force-over-a-run", [*CLIENT, "--out", "@run", "--force"], "does not look like a client"),
+    case("client-dir-force-over-another-model", [*CLIENT, "--out", "@other", "--force"], "does not look like"),
+    case("client-dir-force-over-notes", [*CLIENT, "--out", "@notes", "--force"], "--force-any"),
+    case("client-dir-out-not-empty-without-force", [*CLIENT, "--out", "@notes"], "--force"),
+    case("triton-repo-force-over-a-run", [*REPO, "--out", "@run", "--force"], "does not look like a model repository"),
+    case("triton-repo-force-over-another-model", [*REPO, "--out", "@other", "--force"], "does not look like"),
+    case("triton-repo-force-over-notes", [*REPO, "--out", "@notes", "--force"], "--force-any"),
+    case("export-force-over-notes", [*EXPORT, "--out", "@notes", "--force"], "does not look like a model directory"),
+    case("export-force-over-a-run", [*EXPORT, "--out", "@run", "--force"], "does not look like"),
+    case("tune-force-over-notes", [*TUNE, *DATA, "--out", "@notes", "--force"], "does not look like a run directory"),
+    case("tune-force-over-another-model", [*TUNE, *DATA, "--out", "@other", "--force"], "does not look like a run"),
+
+    # 11. a file written over a file read
+    case("predict-output-is-the-input", [*PREDICT, "--output", "@test"], "--output"),
+    case("predict-output-is-the-input-through-a-link", [*PREDICT, "--output", "@test_link"], "--output"),
+    case("predict-output-is-the-input-by-another-path", [*PREDICT, "--output", "@notes/../test.csv"], "--output"),
+    case("predict-output-is-the-text-input", ["predict", "--model", "@model", "--prompt", "@run", "--input",
+                                              "@labels_txt", "--output", "@labels_txt"], "--output"),
+    case("predict-output-is-the-prompt", [*PREDICT, "--output", "@run/prompt.npz"], "--output"),
+    case("predict-output-in-the-model-directory", [*PREDICT, "--output", "@model/labels.jsonl"], "model directory"),
+
+    # 12. runs that cannot be resumed, and checkpoints that must not run anything
+    case("tune-resume-stub", ["tune", "--resume", "@stub"], "nothing to resume"),
+    case("tune-resume-pickle-checkpoint-untrusted", ["tune", "--resume", "@run_pickle"], "--trust-checkpoint"),
+    case("tune-resume-npz-of-pickled-objects", ["tune", "--resume", "@run_npz_object"], "checkpoint.npz"),
+    case("tune-resume-npz-naming-a-function", ["tune", "--resume", "@run_npz_class"], "checkpoint.npz"),
+    case("tune-resume-npz-holding-pickle-bytes", ["tune", "--resume", "@run_npz_ckpt_pkl"], "checkpoint.npz"),
+    case("tune-resume-checkpoint-impossible-counts", ["tune", "--resume", "@run_ckpt_counts"], "checkpoint.npz"),
+    case("tune-resume-checkpoint-mean-of-another-shape", ["tune", "--resume", "@run_ckpt_shape"], "checkpoint.npz"),
+    case("tune-trust-checkpoint-without-resume", over_run("--trust-checkpoint"), "--trust-checkpoint"),
+    case("tune-resume-with-model", ["tune", "--resume", "@run", "--model", "@model"], "drop --model"),
+    case("tune-resume-with-force-any", ["tune", "--resume", "@run", "--force-any"], "drop --force-any"),
+
+    # 13. manifests that disagree with their graphs or their vocabulary, graph files from elsewhere
+    case("evaluate-manifest-hidden-size-disagrees", [*EVAL0, "--model", "@model_hidden"], "hidden_size"),
+    case("tune-manifest-hidden-size-disagrees", over_run("--model", "@model_hidden"), "hidden_size"),
+    case("check-manifest-hidden-size-disagrees", [*CHECK, "--model", "@model_hidden"], "hidden_size"),
+    case("evaluate-graph-hidden-size-disagrees", [*EVAL0, "--model", "@model_hidden_all"], "hidden_size"),
+    case("tune-graph-hidden-size-disagrees", over_run("--model", "@model_hidden_all"), "hidden_size"),
+    case("check-graph-hidden-size-disagrees", [*CHECK, "--model", "@model_hidden_all"], "hidden_size"),
+    case("check-all-engines-graph-hidden-size-disagrees", ["check", "--model", "@model_hidden_all", "--task", "sst2"],
+         "hidden_size"),
+    case("bench-graph-hidden-size-disagrees", [*BENCH, "--model", "@model_hidden_all"], "hidden_size"),
+    case("tune-bbtv2-manifest-layers-disagree", [*over_run("--method", "bbtv2"), "--model", "@model_layers"],
+         "num_layers"),
+    case("evaluate-mask-id-outside-the-vocabulary", [*EVAL0, "--model", "@model_mask_range"], "mask_id"),
+    case("tune-mask-id-outside-the-vocabulary", over_run("--model", "@model_mask_range"), "mask_id"),
+    case("evaluate-mask-id-not-a-token", [*EVAL0, "--model", "@model_mask_notoken"], "mask_id"),
+    case("evaluate-vocab-size-10", [*EVAL0, "--model", "@model_vocab10"], "vocabulary"),
+    case("tune-vocab-size-10", over_run("--model", "@model_vocab10"), "vocabulary"),
+    case("evaluate-pad-id-negative", [*EVAL0, "--model", "@model_pad_negative"], "pad_id"),
+    case("predict-pad-id-negative", [*PREDICT, "--model", "@model_pad_negative"], "pad_id"),
+    case("evaluate-graph-file-outside-the-model", [*EVAL0, "--model", "@model_escape"], "../model/model.onnx"),
+    case("evaluate-graph-file-absolute", [*EVAL0, "--model", "@model_escape_abs"], "not a file name"),
+    case("tune-graph-file-outside-the-model", over_run("--model", "@model_escape"), "not a file name"),
+    case("check-graph-file-outside-the-model", ["check", "--model", "@model_escape"], "not a file name"),
+    case("client-dir-graph-file-outside-the-model", [*CLIENT, "--model", "@model_escape", "--out", "@root/client"],
+         "not a file name"),
+    case("triton-repo-graph-file-outside-the-model", [*REPO, "--model", "@model_escape", "--out", "@root/repo"],
+         "not a file name"),
+
+    # 14. numbers without a bound, or not numbers at all
+    case("bench-max-seconds-nan", [*BENCH_SERVER, "--max-seconds", "nan"], "--max-seconds"),
+    case("bench-max-seconds-inf", [*BENCH_SERVER, "--max-seconds", "inf"], "--max-seconds"),
+    case("bench-server-timeout-nan", [*BENCH_SERVER, "--server-timeout", "nan"], "--server-timeout"),
+    case("bench-batch-ten-million", [*BENCH, "--batch", 10_000_000], "--batch"),
+    case("bench-batch-times-seq-too-large", [*BENCH, "--batch", 8192, "--seq", 100], "--batch"),
+    case("tune-server-timeout-nan", over_run("--server-timeout", "nan"), "--server-timeout"),
+    case("check-tolerance-nan", ["check", "--model", "@model", "--fp32-max-diff", "nan"], "--fp32-max-diff"),
+    case("tune-max-length-above-positions", over_run("--max-length", 4000), "--max-length"),
+
 ]
 
 
@@ -436,7 +638,8 @@ def test_user_mistake_is_one_error_line_and_loses_nothing(ws, argv, match, stdin
     finally:
         after = snapshot(root)
         restore(root, before)
-    changed = sorted(rel for rel in set(before) | set(after) if before.get(rel, 0) != after.get(rel, 0))
+    old, new = digests(before), digests(after)
+    changed = sorted(rel for rel in set(old) | set(new) if old.get(rel, 0) != new.get(rel, 0))
     found = problems_of(out, changed, match)
     assert not found, "; ".join(found)
 
@@ -452,12 +655,33 @@ def _prompt_on_other_model(ws):
 
 
 def _checkpoint_plain_dict(ws):
-    state = RunDir(ws["run_ckpt_dict"]).load_checkpoint()
+    state = RunDir(ws["run_ckpt_dict"]).load_checkpoint(_tuner(ws))
     assert state.generation >= 0  # a checkpoint that is not a TunerState must be refused when it is read
 
 
-def api(id_, call, kind):
-    return pytest.param(call, kind, id=id_)
+def _tuner(ws) -> BlackBoxTuner:
+    """A tuner with the good run's settings."""
+    settings = json.loads((ws["run"] / "run.json").read_text())["settings"]
+    return BlackBoxTuner(Model.load(ws["model"]), PRESETS["sst2"], TuneConfig(**settings["tune"]))
+
+
+def _rows(ws, texts=("a fine film", "a dull film")):
+    return TunedPrompt.load(ws["run"]).encode(Model.load(ws["model"]), list(texts))
+
+
+def _crafted_state(ws) -> bytes:
+    return (ws["run_npz_class"] / "checkpoint.npz").read_bytes()
+
+
+def _label_logits(ws, shape):
+    """label_logits with prompts of `shape` (None: not numbers at all)."""
+    model = Model.load(ws["model"])
+    prompts = [[["a", "b"]]] if shape is None else np.zeros(shape, np.float32)
+    return model.engine.label_logits(prompts, _rows(ws))
+
+
+def api(id_, call, kind, match=None):
+    return pytest.param(call, kind, match, id=id_)
 
 
 API_CASES = [
@@ -477,11 +701,229 @@ API_CASES = [
         Model.load(ws["model"]), PRESETS["sst2"], TuneConfig(prompt_tokens=PROMPT_TOKENS + 1)), SettingsError),
     api("checkpoint-plain-dict", _checkpoint_plain_dict, RunError),
     api("prompt-on-another-model", _prompt_on_other_model, PromptError),
+    # refused when built, in the library's words (arguments, not flags)
+    api("config-budget-negative-when-built", lambda ws: TuneConfig(budget=-1), SettingsError,
+        "budget must be at least 1"),
+    api("config-budget-below-popsize-when-built", lambda ws: TuneConfig(budget=5, popsize=10), SettingsError),
+    api("config-diagonal-not-a-bool", lambda ws: TuneConfig(diagonal="yes"), SettingsError),
+    api("tuner-max-length-above-positions", lambda ws: BlackBoxTuner(
+        Model.load(ws["model"]), PRESETS["sst2"], TuneConfig(prompt_tokens=PROMPT_TOKENS, max_length=4000)),
+        SettingsError, "max_length 4000"),
+    api("tuner-config-not-a-config", lambda ws: BlackBoxTuner(Model.load(ws["model"]), PRESETS["sst2"], {}),
+        SettingsError),
+    api("task-labels-plain-words", lambda ws: Task("t", " {text} It was {mask} .", ["bad", "great"]), SettingsError,
+        "pairs"),
+    api("task-labels-without-a-template", lambda ws: Task(labels=[("0", "bad"), ("1", "great")]), SettingsError),
+    api("task-labels-empty", lambda ws: Task("t", " {text} It was {mask} .", []), SettingsError),
+    api("task-labels-one", lambda ws: Task("t", " {text} It was {mask} .", {"0": "bad"}), SettingsError),
+    api("task-labels-a-string", lambda ws: Task("t", " {text} It was {mask} .", "bad,great"), SettingsError),
+    api("task-metric-unknown", lambda ws: Task("t", " {text} {mask}", {"0": "a", "1": "b"}, "auc"), SettingsError),
+    api("k-shot-split-k-0", lambda ws: k_shot_split(read_examples(ws["pool"]), ["0", "1"], 0,
+                                                    np.random.default_rng(0)), SettingsError),
+    api("k-shot-split-too-few-rows", lambda ws: k_shot_split(read_examples(ws["pool"]), ["0", "1"], 1000,
+                                                             np.random.default_rng(0)), DataError),
+    api("data-spec-no-data", lambda ws: DataSpec().check(), SettingsError),
+    # the tuner's steps out of order
+    api("tuner-step-before-start", lambda ws: _tuner(ws).step(_rows(ws), None), RunError, "start()"),
+    api("tuner-result-before-start", lambda ws: _tuner(ws).result(_rows(ws), None), RunError),
+    api("tuner-finished-before-start", lambda ws: _tuner(ws).finished(), RunError),
+    api("tuner-start-with-a-string", lambda ws: _tuner(ws).start("a fine film"), DataError),
+    api("tuner-start-without-labels", lambda ws: _tuner(ws).start(_rows(ws)), DataError),
+    # rows and prompts of the wrong kind
+    api("predict-rows-of-numbers", lambda ws: TunedPrompt.load(ws["run"]).predict(Model.load(ws["model"]), [1, 2]),
+        DataError),
+    api("predict-an-empty-text", lambda ws: TunedPrompt.load(ws["run"]).predict(Model.load(ws["model"]), [""]),
+        DataError),
+    api("evaluate-texts-without-labels", lambda ws: TunedPrompt.load(ws["run"]).evaluate(
+        Model.load(ws["model"]), ["a fine film"]), DataError),
+    api("label-logits-prompt-of-two-dims", lambda ws: _label_logits(ws, (3, 32)), PromptError, "prompt_embeds"),
+    api("label-logits-prompt-of-another-hidden-size", lambda ws: _label_logits(ws, (1, 4, 7)), PromptError),
+    api("label-logits-more-slots-than-exported", lambda ws: _label_logits(ws, (1, PROMPT_TOKENS + 1, 32)),
+        PromptError),
+    api("label-logits-not-numbers", lambda ws: _label_logits(ws, None), PromptError),
+    # checkpoints: nothing in them runs
+    api("load-state-naming-a-function", lambda ws: _tuner(ws).load_state(_crafted_state(ws)), RunError,
+        "posix.system"),
+    api("load-state-of-pickled-objects", lambda ws: _tuner(ws).load_state(
+        (ws["run_npz_object"] / "checkpoint.npz").read_bytes()), RunError),
+    api("load-state-random-bytes", lambda ws: _tuner(ws).load_state(b"\x00" * 64), RunError),
+    api("checkpoint-pickle-untrusted", lambda ws: RunDir(ws["run_pickle"]).load_checkpoint(_tuner(ws)), RunError,
+        "trust_checkpoint"),
 ]
 
 
-@pytest.mark.parametrize("call,kind", API_CASES)
-def test_api_mistake_raises_its_kind_of_bbterror(ws, call, kind):
+@pytest.mark.parametrize("call,kind,match", API_CASES)
+def test_api_mistake_raises_its_kind_of_bbterror(ws, call, kind, match):
+    """Its kind of BBTError, one line, speaking of arguments (never of the CLI's flags); and nothing ran."""
     assert issubclass(kind, BBTError)
-    with pytest.raises(kind):
+    with pytest.raises(kind) as caught:
         call(ws)
+    message = str(caught.value)
+    assert "\n" not in message and " --" not in message and not message.startswith("--"), message
+    assert match is None or match in message, message
+    assert not ws["marker"].exists()
+
+
+# -- the same promise where the filesystem itself refuses: a full disk, a mount point, a run in use ------------------
+@contextmanager
+def small_filesystem(path: Path, size: str = "4m"):
+    """A tmpfs of `size` mounted at `path`, unmounted after; skipped (with the reason) where that cannot be done."""
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        pytest.skip("a small filesystem for this test needs root on Linux (mount -t tmpfs)")
+    path.mkdir(parents=True, exist_ok=True)
+    tag = f"bbt-test-{os.getpid()}-{abs(hash(str(path)))}"  # its name in the mount table, wherever it moves
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", tag, str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
+    try:
+        yield path
+    finally:
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            fields = line.split(" ")
+            if tag in fields[fields.index("-") + 2:fields.index("-") + 3]:
+                subprocess.run(["umount", "-l", fields[4].replace("\\040", " ")], capture_output=True)
+
+
+def fill(disk: Path, room: int) -> None:
+    """Fill `disk` until it refuses, then free `room` bytes."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    os.truncate(filler, max(0, filler.stat().st_size - room))
+
+
+def assert_refused_and_unchanged(root: Path, argv: list, match: str) -> None:
+    """What every row of the table asserts, for a case built by hand."""
+    before = snapshot(root)
+    out = run_cli([str(a) for a in argv], None, None)
+    old, new = digests(before), digests(snapshot(root))
+    changed = sorted(rel for rel in set(old) | set(new) if old.get(rel, 0) != new.get(rel, 0))
+    found = problems_of(out, changed, match)
+    assert not found, "; ".join(found)
+
+
+def tune_into(ws, out, *extra) -> list:
+    return resolve_all([*TUNE, *DATA, "--out", str(out), "--checkpoint-every", 1, "-q", *extra], ws)
+
+
+@pytest.mark.parametrize("room", [0, 24 * 1024], ids=["full", "room-for-run-json-not-the-checkpoint"])
+def test_tune_force_on_a_full_disk_keeps_the_earlier_run(ws, tmp_path, monkeypatch, room):
+    """The earlier run's files go aside by renames, which need no room, and come back when the new run fails."""
+    monkeypatch.chdir(tmp_path)
+    with small_filesystem(tmp_path / "disk") as disk:
+        assert run_cli(tune_into(ws, disk / "run"), None, None).code == 0
+        fill(disk, room)
+        assert_refused_and_unchanged(disk, [*tune_into(ws, disk / "run", "--force")], "No space left on device")
+
+
+def test_tune_on_a_full_disk_leaves_no_stub(ws, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with small_filesystem(tmp_path / "disk") as disk:
+        fill(disk, 8 * 1024)
+        assert_refused_and_unchanged(disk, tune_into(ws, disk / "run"), "No space left on device")
+
+
+def test_a_mount_point_in_a_foreign_out_is_refused_and_untouched(ws, tmp_path, monkeypatch):
+    """--force over a directory holding someone's mounted filesystem: not a repository, so refused, and nothing
+    on either filesystem changes."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "repo"
+    assert run_cli(resolve_all([*REPO, "--out", str(out)], ws), None, None).code == 0
+    with small_filesystem(out / "data", "1m") as mounted:
+        (mounted / "results.csv").write_text("a,b\n1,2\n")
+        for command in (REPO, CLIENT):
+            assert_refused_and_unchanged(tmp_path, resolve_all([*command, "--out", str(out), "--force"], ws),
+                                         "does not look like")
+
+
+@pytest.mark.parametrize("command", ["triton-repo", "client-dir"])
+def test_force_keeps_the_new_directory_when_the_old_one_holds_a_mount_point(ws, tmp_path, monkeypatch, command):
+    """The old directory's removal stops at a mount point inside it (a filesystem it must not cross): the new
+    directory is in place, the old one's remains are named, and nothing on the mounted filesystem is touched."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    argv = resolve_all([*(REPO if command == "triton-repo" else CLIENT), "--out", str(out)], ws)
+    assert run_cli(argv, None, None).code == 0
+    written = snapshot(out)
+    # a repository's version folder on its own filesystem still looks like a repository; a client directory with a
+    # folder in it does not, so that one takes --force-any
+    inner = next(out.glob("*/1")) if command == "triton-repo" else out / "sub"
+    keep = "model.onnx" if command == "triton-repo" else "keep.txt"
+    with small_filesystem(inner, "1m") as mounted:
+        (mounted / keep).write_text("on another filesystem\n")
+        if command == "client-dir":  # a client directory with a folder in it is not one: --force-any
+            argv = [*argv, "--force-any"]
+        result = CliRunner().invoke(cli, [*argv, "--force"])
+        assert result.exit_code == 0, result.output
+        assert snapshot(out) == written  # the new directory, whole
+        left = [p for p in tmp_path.iterdir() if p.name.startswith(".out.old-")]
+        assert len(left) == 1 and "could not be removed completely" in result.stderr and str(left[0]) in result.stderr
+        assert (left[0] / inner.relative_to(out) / keep).read_text() == "on another filesystem\n"
+
+
+@pytest.mark.parametrize("refuse", ["unlink", "rmdir"])
+def test_force_keeps_the_new_directory_when_removing_the_old_one_fails_midway(ws, tmp_path, monkeypatch, refuse):
+    """Where the old directory cannot be removed whole (a read-only folder, a busy mount), the new one is already in
+    place: delete-then-rename would lose both. The remains are reported, never silently left."""
+    import bbt_onnx.fileio as fileio
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "client"
+    assert run_cli(resolve_all([*CLIENT, "--out", str(out)], ws), None, None).code == 0
+    real = getattr(os, refuse)
+
+    def refused(path, *args, **kwargs):
+        if ".client.old-" in str(path) and (refuse == "rmdir" or Path(path).name == "tokenizer.json"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(fileio.os, refuse, refused)
+    result = CliRunner().invoke(cli, resolve_all(["client-dir", "--model", "@other", "--out", str(out), "--force"], ws))
+    monkeypatch.undo()
+    assert result.exit_code == 0, result.output
+    assert (out / "manifest.json").read_bytes() == (ws["other"] / "manifest.json").read_bytes()  # the new one
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "tokenizer.json"]
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".client.old-")]
+    assert len(left) == 1 and str(left[0]) in result.stderr and "Permission denied" in result.stderr
+
+
+def test_an_out_holding_a_run_in_use_is_refused_even_with_force_any(ws, tmp_path, monkeypatch):
+    """A tune is writing a run under --out: neither repository nor client directory may replace it."""
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs"
+    shutil.copytree(ws["run"], runs / "busy")
+    with RunDir(runs / "busy").claim():
+        for command in (REPO, CLIENT):
+            assert_refused_and_unchanged(tmp_path, resolve_all([*command, "--out", str(runs), "--force-any"], ws),
+                                         "a tune is writing")
+
+
+def test_a_crafted_checkpoint_runs_nothing(ws, tmp_path, monkeypatch):
+    """Each crafted checkpoint carries a payload that would create a file: resuming from it is refused in one line,
+    and the file never appears. The pickle is the proof that the payload works: loaded as pickle, it does."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("run_pickle", "run_npz_object", "run_npz_class", "run_npz_ckpt_pkl"):
+        assert_refused_and_unchanged(ws["root"], ["tune", "--resume", str(ws[name])], "checkpoint")
+        assert not ws["marker"].exists()
+    pickle.loads((ws["run_pickle"] / "checkpoint.pkl").read_bytes())  # what unpickling does
+    assert ws["marker"].exists()
+    ws["marker"].unlink()
+
+
+def test_every_flag_a_rule_names_is_one_of_its_command(tmp_path):
+    """An error never tells the user to drop or add a flag that does not exist (--model-dir)."""
+    import re
+
+    for name, command in cli.commands.items():
+        opts = {o for p in command.params for o in getattr(p, "opts", []) + getattr(p, "secondary_opts", [])}
+        params = {p.name for p in command.params}
+        for rule in getattr(command, "rules", ()):
+            for field in (*rule.given, *rule.absent, *rule.any_of):
+                assert (field[0] if isinstance(field, tuple) else field) in params, (name, rule.message)
+            for flag in re.findall(r"--[a-z][a-z0-9-]*", rule.message):
+                assert flag in opts, (name, flag)

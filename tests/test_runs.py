@@ -4,6 +4,7 @@ as one line, and interruptions that tell the truth."""
 from __future__ import annotations
 
 import errno
+import shutil
 import json
 import os
 
@@ -12,7 +13,7 @@ import pytest
 from bbt_onnx import TunedPrompt
 from bbt_onnx.runs import RunDir
 
-from helpers import cli_error, invoke
+from helpers import cli_error, generations, invoke
 from test_tune import tune_args
 
 
@@ -97,7 +98,7 @@ def test_resume_drops_a_log_line_cut_short_and_ends_like_an_uninterrupted_run(ti
     resumed = invoke(["tune", "--resume", out, "-q"])
     assert resumed.exit_code == 0, resumed.output
     assert TunedPrompt.load(out).z.tobytes() == TunedPrompt.load(whole).z.tobytes()
-    log = [json.loads(line)["generation"] for line in (out / "log.jsonl").read_text().splitlines()]
+    log = [row["generation"] for row in generations(out)]
     assert log == list(range(1, 21))
 
 
@@ -137,7 +138,7 @@ def test_kill_9_mid_tune_frees_the_directory_and_resumes_bit_identically(tiny_mo
     proc = subprocess.Popen([sys.executable, "-m", "bbt_onnx.cli", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, cwd=tmp_path)
     deadline = time.monotonic() + 60
-    while not (tmp_path / "run" / "checkpoint.pkl").exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not (tmp_path / "run" / "checkpoint.npz").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, proc.stderr.read().decode()  # still running: the kill lands mid-run
     assert "in use by another bbt-onnx tune" in cli_error(["tune", "--resume", tmp_path / "run"])
@@ -151,3 +152,151 @@ def test_kill_9_mid_tune_frees_the_directory_and_resumes_bit_identically(tiny_mo
                              "-q"))
     assert whole.exit_code == 0, whole.output
     assert TunedPrompt.load(tmp_path / "run").z.tobytes() == TunedPrompt.load(tmp_path / "whole").z.tobytes()
+
+
+def _kill_when(proc, ready, timeout=60):
+    """SIGKILL `proc` as soon as `ready()` holds (it must still be running then)."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read().decode()  # still running: the kill lands mid-run
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stderr.close()
+
+
+def _spawn(args, cwd):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "bbt_onnx.cli", *[str(a) for a in args]],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
+
+
+def _logged(run):
+    return lambda: (run / "log.jsonl").is_file() and (run / "log.jsonl").read_text().count("\n") >= 1
+
+
+def test_kill_9_before_the_first_checkpoint_leaves_a_stub_the_same_command_clears(tiny_model, data_dir, tmp_path):
+    """run.json ("running") and log.jsonl, no checkpoint, no tune holding it: nothing to resume, and the same
+    command starts the run again instead of asking for --force."""
+    run = tmp_path / "run"
+    args = tune_args(tiny_model, data_dir, run, "--budget", 800, "--checkpoint-every", 1000, "-q")
+    _kill_when(_spawn(args, tmp_path), _logged(run))
+    assert json.loads((run / "run.json").read_text())["status"] == "running"
+    assert not (run / "checkpoint.npz").exists()
+    before = snapshot(run)
+    assert "nothing to resume" in cli_error(["tune", "--resume", run])
+    assert snapshot(run) == before  # refused: nothing touched
+    assert invoke(args).exit_code == 0  # the same command, no --force
+    assert json.loads((run / "run.json").read_text())["status"] == "complete"
+
+
+def test_kill_9_of_a_forced_run_keeps_the_earlier_run(tiny_model, data_dir, tmp_path):
+    """--force moves the earlier run aside until the new one has a checkpoint: killed before that, the earlier
+    run is still the directory's run (evaluate scores it), a tune without --force is refused over it, and the
+    next tune puts it back before anything else."""
+    run = tmp_path / "run"
+    assert invoke(tune_args(tiny_model, data_dir, run, "-q")).exit_code == 0
+    earlier = snapshot(run)
+    evaluate = ["evaluate", "--model", tiny_model, "--prompt", run, "--data", data_dir / "test.csv", "-q"]
+    scored = invoke(evaluate).stdout
+    args = tune_args(tiny_model, data_dir, run, "--budget", 800, "--checkpoint-every", 1000, "--seed", 7, "--force",
+                     "-q")
+    _kill_when(_spawn(args, tmp_path), lambda: (run / ".replaced").is_dir() and _logged(run)())
+    assert invoke(evaluate).stdout == scored  # still the earlier run's prompt
+    assert "already holds files" in cli_error(tune_args(tiny_model, data_dir, run))
+    assert "is a finished run" in cli_error(["tune", "--resume", run])  # the earlier run, not the killed one
+    with RunDir(run).claim():  # what the next tune does first
+        pass
+    assert snapshot(run) == earlier and not (run / ".replaced").exists()
+
+
+def test_a_replacement_cut_short_at_any_point_keeps_the_earlier_run(tiny_model, data_dir, tmp_path):
+    """Each state a kill can leave while --force moves an earlier run aside: the earlier run is what the checks
+    see, and what the next tune restores."""
+    from bbt_onnx.runs import MOVING, REPLACED
+
+    base = tmp_path / "base"
+    assert invoke(tune_args(tiny_model, data_dir, base, "--checkpoint-every", 1, "-q")).exit_code == 0
+    earlier = snapshot(base)
+    names = sorted(earlier)
+
+    def state(name, moved, new_files=False, aside=MOVING):
+        run = tmp_path / name
+        shutil.copytree(base, run)
+        (run / aside).mkdir()
+        for n in moved:
+            os.rename(run / n, run / aside / n)
+        if new_files:
+            (run / "run.json").write_text(json.dumps({"status": "running", "settings": {}}))
+            (run / "log.jsonl").write_text('{"generation": 1}\n')
+            (run / ".checkpoint.npz.tmp123").write_text("a write cut short")
+        return run
+
+    runs = [state("moving-none", []), state("moving-some", ["run.json", "checkpoint.npz"]),
+            state("moved-all", names, aside=REPLACED), state("new-started", names, True, REPLACED)]
+    for run in runs:
+        view = RunDir(run).view()
+        assert sorted(view.files) == names and not view.stub and not view.foreign, run.name
+        assert "already holds files" in cli_error(tune_args(tiny_model, data_dir, run)), run.name
+        assert TunedPrompt.load(run).z.tobytes() == TunedPrompt.load(base).z.tobytes()
+        with RunDir(run).claim():
+            pass
+        assert snapshot(run) == earlier and not (run / MOVING).exists() and not (run / REPLACED).exists(), run.name
+
+
+def test_an_old_pickle_checkpoint_resumes_only_when_trusted(tiny_model, data_dir, tmp_path, monkeypatch):
+    """checkpoint.pkl from before checkpoint.npz: refused without --trust-checkpoint (unpickling can run code),
+    resumed bit for bit with it, and replaced by checkpoint.npz at the next checkpoint."""
+    import pickle
+
+    from bbt_onnx import BlackBoxTuner, Model, TuneConfig
+    from bbt_onnx.tasks import PRESETS
+
+    whole = tmp_path / "whole"
+    assert invoke(tune_args(tiny_model, data_dir, whole, "-q")).exit_code == 0
+    real = RunDir.append_log
+
+    def interrupt(self, row):
+        real(self, row)
+        if row["generation"] == 9:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "append_log", interrupt)
+    run = tmp_path / "run"
+    assert invoke(tune_args(tiny_model, data_dir, run, "-q")).exit_code == 130
+    monkeypatch.setattr(RunDir, "append_log", real)
+    settings = json.loads((run / "run.json").read_text())["settings"]
+    tuner = BlackBoxTuner(Model.load(tiny_model), PRESETS["sst2"], TuneConfig(**settings["tune"]))
+    state = tuner.load_state((run / "checkpoint.npz").read_bytes())
+    (run / "checkpoint.pkl").write_bytes(pickle.dumps(state))  # what bbt-onnx wrote before
+    (run / "checkpoint.npz").unlink()
+    before = snapshot(run)
+    assert "--trust-checkpoint" in cli_error(["tune", "--resume", run])
+    assert snapshot(run) == before
+    resumed = invoke(["tune", "--resume", run, "--trust-checkpoint", "-q"])
+    assert resumed.exit_code == 0, resumed.output
+    assert TunedPrompt.load(run).z.tobytes() == TunedPrompt.load(whole).z.tobytes()
+    assert (run / "checkpoint.npz").is_file() and not (run / "checkpoint.pkl").exists()
+
+
+def test_a_stub_is_cleared_when_a_tune_claims_the_directory(tmp_path):
+    """run.json "running" with no checkpoint and nobody holding it: a stub. The checks see an empty directory and
+    leave it as it is; the claim clears it (with temporaries of writes cut short), and keeps what is not ours."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"status": "running", "settings": {}}))
+    (run / "log.jsonl").write_text('{"generation": 1}\n')
+    (run / ".checkpoint.npz.x1y2z3").write_bytes(b"half a checkpoint")
+    (run / "notes.txt").write_text("mine")
+    view = RunDir(run).view()
+    assert view.stub and view.run == {} and view.foreign == ["notes.txt"]
+    before = snapshot(run)
+    RunDir.check_new(run, force=True)  # a stub among files that are not a run's: --force is enough
+    assert snapshot(run) == before
+    with RunDir(run).claim():
+        assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]

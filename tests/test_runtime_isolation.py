@@ -36,3 +36,19 @@ def test_tune_and_evaluate_run_with_torch_and_transformers_unimportable(tiny_mod
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.splitlines()[-1]) == []
+
+
+def test_a_healthy_run_shows_no_third_party_warning(tmp_path):
+    """Without matplotlib, pycma warns at import that it cannot plot; bbt-onnx plots with its own code, so no
+    warning reaches the user (warnings are errors here)."""
+    script = textwrap.dedent("""
+        import importlib.abc, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "matplotlib":
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        import bbt_onnx.cli, bbt_onnx.tuner, bbt_onnx.bench
+    """)
+    out = subprocess.run([sys.executable, "-W", "error", "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stderr == "", out.stderr

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -124,8 +125,7 @@ def served(tiny_model, exports, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(served, token_file, tmp_path_factory):
-    """One server for every model of `served`, with torch unimportable in the server and its backend. The last test
-    of this module stops it with SIGTERM and checks what is left."""
+    """One server for every model of `served`, with torch unimportable in the server and its backend."""
     tmp = tmp_path_factory.mktemp("serve")
     srv = Server(list(served.values()), token_file, tmp / "serve.log", env=torch_blocked(tmp))
     yield srv
@@ -143,7 +143,7 @@ def client_dir(tiny_model, tmp_path_factory) -> Path:
 def tune_args(model, data_dir, out, *extra):
     return ["tune", "--model", str(model), "--task", "sst2", "--data", str(data_dir / "pool.csv"), "--k-shot", "8",
             "--prompt-tokens", str(PROMPT_TOKENS), "--intrinsic-dim", "20", "--popsize", "6", "--budget", "60",
-            "--eval-every", "30", "--seed", "3", "--out", str(out), "-q", *extra,
+            "--eval-every", "30", "--seed", "3", "--out", str(out), "-q", "--no-fallback", *extra,
             *([] if "--server" in extra else ["--threads", "1"])]
 
 
@@ -184,6 +184,24 @@ def test_evaluate_and_predict_through_the_server_match_in_process(server, client
     assert ok([*args, "--model", str(client_dir), *server.args()]) == ok([*args, "--model", str(tiny_model)])
 
 
+def test_every_kind_of_result_scores_through_the_server(server, client_dir, tiny_model, data_dir, tmp_path):
+    """The seeds' calibrated ensemble (several prompts in one request) and a kept template (a prompt of no tokens)
+    score through the server as they do in process."""
+    from bbt_onnx import PRESETS, TunedPrompt
+
+    ok(["tune", "--model", str(tiny_model), "--task", "sst2", "--data", str(data_dir / "pool.csv"), "--k-shot", "8",
+        "--prompt-tokens", str(PROMPT_TOKENS), "--intrinsic-dim", "20", "--popsize", "6", "--budget", "24",
+        "--seeds", "1,2", "--calibrate", "--no-fallback", "--out", str(tmp_path / "ens"), "-q"])
+    template = TunedPrompt.template(Model.load(tiny_model).manifest, PRESETS["sst2"])
+    template.save(tmp_path / "template.npz")
+    for result in (tmp_path / "ens", tmp_path / "template.npz"):
+        args = ["evaluate", "--prompt", str(result), "--data", str(data_dir / "test.csv"), "-q"]
+        local = json.loads(ok([*args, "--model", str(tiny_model)]))
+        for protocol in ("http", "grpc"):
+            remote = json.loads(ok([*args, "--model", str(client_dir), *server.args(protocol)]))
+            assert remote["ce_loss"] == local["ce_loss"] and remote["metric"] == local["metric"]
+
+
 def test_requests_without_the_right_token_are_refused(server, client_dir, data_dir, tmp_path):
     args = ["evaluate", "--model", str(client_dir), "--no-prompt", "--task", "sst2", "--data",
             str(data_dir / "test.csv"), "-q"]
@@ -191,10 +209,18 @@ def test_requests_without_the_right_token_are_refused(server, client_dir, data_d
         assert "refused the request: pass --token-file" in cli_error([*args, "--server", server.url(protocol)])
         wrong = tmp_path / "wrong"
         wrong.write_text("not-the-token")
-        assert "the token in --token-file is not the server's" in cli_error(
-            [*args, "--server", server.url(protocol), "--token-file", str(wrong)])
+        line = cli_error([*args, "--server", server.url(protocol), "--token-file", str(wrong)])
+        assert "the token in --token-file is not the server's" in line and "not-the-token" not in line
     with urllib.request.urlopen(f"{server.url()}/v2/health/live", timeout=5) as r:  # health stays open
         assert r.status == 200
+    odd = tmp_path / "odd"
+    odd.write_text("s\u00e9cret-token\n", encoding="utf-8")
+    for command in (args, ["serve", "--model", str(client_dir)]):
+        line = cli_error([*command, *(["--server", server.url()] if command is args else []), "--token-file",
+                          str(odd)])
+        assert "non-ASCII" in line and "cret-token" not in line
+    line = cli_error([*args, "--server", f"http://user:hunter2@127.0.0.1:{server.http}"])
+    assert "user name or password" in line and "hunter2" not in line
 
 
 def test_a_server_that_is_down_is_one_line(client_dir, data_dir, token_file):
@@ -269,8 +295,8 @@ def test_in_process_flags_and_a_lone_token_file_are_refused(server, client_dir, 
          str(data_dir / "test.csv"), "--token-file", str(token_file)])
 
 
-def request(model_dir, data_dir, out, remote=None) -> TuneRequest:
-    config = TuneConfig(prompt_tokens=PROMPT_TOKENS, intrinsic_dim=20, popsize=6, budget=48, eval_every=24, seed=5)
+def request(model_dir, data_dir, out, remote=None, budget=48) -> TuneRequest:
+    config = TuneConfig(prompt_tokens=PROMPT_TOKENS, intrinsic_dim=20, popsize=6, budget=budget, eval_every=24, seed=5)
     return TuneRequest(str(model_dir), resolve_task("sst2"), DataSpec(str(data_dir / "pool.csv"), k_shot=8, seed=5),
                        config, str(out), OrtSpec(threads=1) if remote is None else TritonSpec(remote))
 
@@ -308,6 +334,100 @@ def test_refusals_are_not_retried(server, client_dir, protocol):
     assert len(sent) == 3 and engine.retried == 0 and sent[-1] == served
 
 
+def raw_infer(server, model: str, body: bytes, headers=None) -> tuple[int, str]:
+    """POST a raw inference body to the gate with the token: (status, response text)."""
+    request = urllib.request.Request(f"{server.url()}/v2/models/{model}/infer", data=body, method="POST",
+                                     headers={"triton-access-token": TOKEN, "Content-Type": "application/json",
+                                              **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+
+
+def valid_feeds(model: Model, deep: bool = False) -> dict[str, np.ndarray]:
+    from bbt_onnx.tasks import PRESETS
+    from bbt_onnx.synthetic import sentiment_examples
+
+    enc = model.encoder(PRESETS["sst2"], PROMPT_TOKENS).encode(sentiment_examples(4, seed=0))
+    m = model.manifest
+    feeds = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "mask_pos": enc.mask_pos,
+             "label_ids": enc.label_ids, "prompt_embeds": np.zeros((2, PROMPT_TOKENS, m.hidden_size), np.float32)}
+    if deep:
+        feeds.update(deep_prompts=np.zeros((m.num_layers, PROMPT_TOKENS, m.hidden_size), np.float32),
+                     prompt_layer=np.array([1], np.int64))
+    return feeds
+
+
+def send(server, model: str, feeds: dict[str, np.ndarray], protocol: str = "http") -> str:
+    """One inference request as tritonclient sends it (binary tensors), checked by no client: the error text."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    module = httpclient if protocol == "http" else grpcclient
+    port = server.http if protocol == "http" else server.grpc
+    client = module.InferenceServerClient(f"127.0.0.1:{port}")
+    inputs = []
+    for name, value in feeds.items():
+        item = module.InferInput(name, list(value.shape), "FP32" if value.dtype == np.float32 else "INT64")
+        item.set_data_from_numpy(value)
+        inputs.append(item)
+    headers = {("triton-grpc-protocol-" if protocol == "grpc" else "") + "triton-access-token": TOKEN}
+    try:
+        client.infer(model, inputs, headers=headers)
+    except Exception as exc:  # noqa: BLE001 - the refusal is the point
+        return str(exc)
+    finally:
+        client.close()
+    return ""
+
+
+HUGE_SHAPE = json.dumps({"inputs": [{"name": "input_ids", "shape": [1000000, 1000000, 1000000], "datatype": "INT64",
+                                     "data": [1]}]}).encode()
+
+
+def test_hostile_requests_are_one_line_refusals_and_the_server_stays_up(server, client_dir, tiny_model):
+    """Every class of bad request a token holder can send: a 400 (413, 411) with one line, no traceback, no server
+    path; the JSON request whose shape once aborted tritonserver is refused at the gate; and afterwards the same
+    server answers valid requests with the in-process logits."""
+    answers = {
+        "huge-json-shape": raw_infer(server, "tiny-roberta", HUGE_SHAPE),
+        "not-json": raw_infer(server, "tiny-roberta", b"{"),
+        "body-over-limit": raw_infer(server, "tiny-roberta", b"0" * 8_000_000),
+        "chunked": raw_infer(server, "tiny-roberta", b"x", {"Transfer-Encoding": "chunked"}),
+    }
+    assert {k: status for k, (status, _) in answers.items()} == {"huge-json-shape": 400, "not-json": 400,
+                                                                "body-over-limit": 413, "chunked": 411}
+    model = Model.load(client_dir, TritonSpec(Remote(server.url(), TOKEN)))
+    good, deep = valid_feeds(model), valid_feeds(model, deep=True)
+    bad = {
+        "5000-labels": (good, "label_ids", np.arange(5000, dtype=np.int64) % 50 + 5),
+        "prompt-longer-than-exported": (good, "prompt_embeds", np.zeros((2, PROMPT_TOKENS + 3, 32), np.float32)),
+        "mask-past-the-row": (good, "mask_pos", good["mask_pos"] + 500),
+        "id-past-the-vocabulary": (good, "input_ids", good["input_ids"] + 10**6),
+        "nan-prompt": (good, "prompt_embeds", np.full((2, PROMPT_TOKENS, 32), np.nan, np.float32)),
+        "prompt-layer-99": (deep, "prompt_layer", np.array([99], np.int64)),
+        "prompt-layer--1": (deep, "prompt_layer", np.array([-1], np.int64)),
+    }
+    for name, (base, key, value) in bad.items():
+        for protocol in ("http", "grpc"):
+            text = send(server, "tiny-roberta.deep" if base is deep else "tiny-roberta", {**base, key: value},
+                        protocol)
+            answers[f"{name}-{protocol}"] = (400, text)
+            assert text and ("400" in text or "INVALID_ARGUMENT" in text), (name, protocol, text)
+    for name, (_, text) in answers.items():
+        assert "Traceback" not in text and "site-packages" not in text and "/tmp/" not in text, (name, text)
+        assert len(text.splitlines()) <= 1, (name, text)
+    assert send(server, "tiny-roberta", good) == send(server, "tiny-roberta", good, "grpc") == ""
+    local = Model.load(tiny_model, OrtSpec(threads=1))
+    enc_prompts = np.random.default_rng(0).normal(0, 0.5, (2, PROMPT_TOKENS, 32)).astype(np.float32)
+    rows = local.encoder(__import__("bbt_onnx").PRESETS["sst2"], PROMPT_TOKENS).encode(
+        __import__("bbt_onnx.synthetic", fromlist=["x"]).sentiment_examples(6, seed=1))
+    np.testing.assert_array_equal(model.engine.label_logits(enc_prompts, rows), local.engine.label_logits(enc_prompts, rows))
+    assert "starting it again" not in server.log.read_text()  # nothing above took tritonserver down
+
+
 def test_eight_concurrent_tuners_each_end_with_their_in_process_z(server, client_dir, tiny_model, data_dir, tmp_path):
     expected = tune(request(tiny_model, data_dir, tmp_path / "local")).prompt.z
     results, errors = {}, []
@@ -332,26 +452,54 @@ def test_eight_concurrent_tuners_each_end_with_their_in_process_z(server, client
 
 def test_retries_after_transient_failures_change_nothing(server, client_dir, tiny_model, data_dir, tmp_path,
                                                          monkeypatch):
-    """Every third request first fails as a dropped connection would: the run retries it, counts it once, and
-    ends where the in-process run does."""
+    """Every third request first fails as a dropped connection would (a reset, or the HTTP client's own "connection
+    closed"): the run retries it after a jittered backoff, counts it once, and ends where the in-process run
+    does."""
+    from geventhttpclient.response import HTTPConnectionClosed
+
     expected = tune(request(tiny_model, data_dir, tmp_path / "local")).prompt.z
     engine = TritonEngine(Model.load(client_dir, TritonSpec(Remote(server.url(), TOKEN))).manifest,
                           Remote(server.url(), TOKEN, backoff=0.01))
-    real, sent = engine.client.infer, []
+    real, sent, slept = engine.client.infer, [], []
 
     def flaky(*args, **kwargs):
         sent.append(1)
         if len(sent) % 3 == 0:  # its retry is the next request, which goes through
-            raise ConnectionResetError("connection reset by peer")
+            raise ConnectionResetError("connection reset by peer") if len(sent) % 2 else HTTPConnectionClosed("closed")
         return real(*args, **kwargs)
 
     engine.client.infer = flaky
+    real_sleep = time.sleep
+    monkeypatch.setattr("bbt_onnx.engines.triton.time.sleep", lambda s: (slept.append(s), real_sleep(s)))
     model = Model(engine.manifest, Model.load(client_dir, TritonSpec(Remote(server.url(), TOKEN))).tokenizer, engine)
     monkeypatch.setattr("bbt_onnx.workflow.Model.load", lambda *a, **k: model)
     outcome = tune(request(client_dir, data_dir, tmp_path / "flaky", Remote(server.url(), TOKEN)))
     np.testing.assert_array_equal(outcome.prompt.z, expected)
     assert engine.retried > 0 and outcome.metrics["api_calls"] == 48
     assert engine.calls == len(sent) - engine.retried
+    assert len(set(slept)) == len(slept) and all(0.005 <= s <= 0.015 for s in slept)  # 0.01, jittered
+
+
+def test_a_client_without_onnxruntime_or_torch_tunes_through_the_server(server, client_dir, tiny_model, data_dir,
+                                                                       tmp_path):
+    """What the client extra installs is enough: the same tune with onnxruntime, torch and transformers
+    unimportable ends with the in-process z."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCK_TORCH.replace('"bbt_onnx_export")', '"bbt_onnx_export", "onnxruntime")'))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    local = json.loads(ok(tune_args(tiny_model, data_dir, tmp_path / "local")))
+    args = [str(a) for a in tune_args(client_dir, data_dir, tmp_path / "remote", *server.args("grpc"))]
+    run = subprocess.run([sys.executable, "-m", "bbt_onnx.cli", *args], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    np.testing.assert_array_equal(z_of(tmp_path / "remote"), z_of(tmp_path / "local"))
+    assert json.loads(run.stdout)["train_loss_final"] == local["train_loss_final"]
+    blocked = subprocess.run([sys.executable, "-m", "bbt_onnx.cli", "evaluate", "--model", str(tiny_model),
+                              "--no-prompt", "--task", "sst2", "--data", str(data_dir / "test.csv")],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert blocked.returncode == 2 and "pip install 'bbt-onnx[cpu]'" in blocked.stderr  # one line naming the extra
+    assert "Traceback" not in blocked.stderr
 
 
 def test_serve_checks_its_options_before_starting(tiny_model, tmp_path):
@@ -426,45 +574,6 @@ def test_bench_loads_the_server_with_concurrent_clients(server, tiny_model, toke
     assert "drop --baseline" in cli_error(["bench", "--model", str(tiny_model), *server.args(), "--baseline", "none"])
 
 
-def test_triton_repo_writes_a_config_the_model_config_protobuf_parses(tiny_model, tmp_path):
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    from bbt_onnx.manifest import load_manifest
-
-    manifest = load_manifest(tiny_model)
-    ok(["triton-repo", "--model", str(tiny_model), "--out", str(tmp_path / "repo"), "--tensorrt", "--instances", "2"])
-    model = tmp_path / "repo" / "tiny-roberta"  # the export source's name
-    config = text_format.Parse((model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
-    fp16 = manifest.graph("fp16")
-    assert (model / "1" / "model.onnx").read_bytes() == (tiny_model / fp16.file).read_bytes()  # fp16 for GPUs
-    assert config.name == "tiny-roberta" and config.backend == "onnxruntime" and config.max_batch_size == 0
-    assert [(i.name, model_config_pb2.DataType.Name(i.data_type)) for i in config.input] == \
-        [(t.name, {"int64": "TYPE_INT64", "float32": "TYPE_FP32", "float16": "TYPE_FP16"}[t.dtype]) for t in fp16.inputs]
-    assert list(config.input[0].dims) == [-1, -1] and list(config.output[0].dims) == [-1, -1, -1]
-    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
-    assert config.instance_group[0].count == 2
-    assert config.parameters["bbt_fingerprint"].string_value == manifest.fingerprint()
-    assert config.parameters["bbt_precision"].string_value == "fp16"
-    assert config.parameters["bbt_row_buckets"].string_value == "1"  # one call per set of rows on a GPU
-    trt = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
-    assert trt.name == "tensorrt" and trt.parameters["precision_mode"] == "FP16"
-    warm = config.model_warmup[0]
-    assert warm.batch_size == 1 and set(warm.inputs) == {t.name for t in fp16.inputs}
-    assert all(w.zero_data for w in warm.inputs.values())
-    # CPU instances without the accelerator; an existing repository needs --force
-    ok(["triton-repo", "--model", str(tiny_model), "--out", str(tmp_path / "repo"), "--kind", "cpu", "--precision",
-        "fp32", "--force"])
-    config = text_format.Parse((model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
-    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
-    assert config.parameters["bbt_row_buckets"].string_value == "4"
-    assert not config.optimization.execution_accelerators.gpu_execution_accelerator
-    assert "not empty; pass --force" in cli_error(["triton-repo", "--model", str(tiny_model), "--out",
-                                                   str(tmp_path / "repo")])
-    assert "--tensorrt runs on GPU instances only" in cli_error(
-        ["triton-repo", "--model", str(tiny_model), "--out", str(tmp_path / "r2"), "--kind", "cpu", "--tensorrt"])
-
-
 def test_a_decoder_tunes_through_the_server_with_its_prompt_positions(server, served, data_dir, tmp_path):
     """Qwen2 has no BOS, so the prompt starts at 0, not after BOS: the served graph's prompt_pos input carries it.
     This model is served without a deep graph, so BBTv2 through it is refused by name."""
@@ -518,35 +627,12 @@ def test_bbtv2_tunes_through_the_server_on_the_served_deep_graph(server, client_
     assert checked.exit_code == 0, checked.output
     served = next(r for r in json.loads(checked.stdout)["engines"] if r["engine"] == server.url())
     assert served["max_abs_diff"] == 0.0
-    # the production repository serves the deep graph beside the plain one, with the same scalar as [1]
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    from bbt_onnx.manifest import load_manifest
-
-    ok(["triton-repo", "--model", str(model), "--out", str(tmp_path / "repo"), "--kind", "cpu", "--precision", "fp32"])
-    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["tiny-roberta", "tiny-roberta.deep"]
-    config = text_format.Parse((tmp_path / "repo" / "tiny-roberta.deep" / "config.pbtxt").read_text(),
-                               model_config_pb2.ModelConfig())
-    layer = next(i for i in config.input if i.name == "prompt_layer")
-    assert list(layer.dims) == [1] and layer.HasField("reshape") and list(layer.reshape.shape) == []
-    assert config.parameters["bbt_fingerprint"].string_value == load_manifest(model).fingerprint()
-    assert (tmp_path / "repo" / "tiny-roberta.deep" / "1" / "model.onnx").read_bytes() == \
-        (model / load_manifest(model).graph("fp32", deep=True).file).read_bytes()
 
 
-# -- last: it stops the shared server ---------------------------------------------------------------------------
-def test_sigterm_stops_tritonserver_and_removes_the_workspace(server):
-    """The shared server, which ran every test above with torch, transformers and onnx unimportable."""
-    kids = children(server.proc.pid)
-    line = next(l for l in server.log.read_text().splitlines() if "workspace" in l)
-    workspace = Path(line.rsplit("workspace ", 1)[1].strip())
-    assert kids and workspace.is_dir()
-    assert server.stop() == 0
-    deadline = time.monotonic() + 30
-    while any(alive(p) for p in kids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not [p for p in kids if alive(p)], "tritonserver or a backend process outlived the server"
-    assert not workspace.exists()
-    assert "SIGTERM: stopping" in server.log.read_text()
-    assert server.proc.stdout.read() == b""  # tritonserver's log went to stderr
+def test_bench_exits_1_when_calls_fail(server, tiny_model, token_file):
+    """Every call over the server's limit: the report shows the errors, and the exit code says so."""
+    result = invoke(["bench", "--model", str(tiny_model), *server.args(), "--batch", "640", "--seq", "100",
+                     "--clients", "1", "--calls", "2", "--json"])
+    assert result.exit_code == 1, result.output
+    load = json.loads(result.stdout)["load"][0]
+    assert load["calls"] == 0 and load["errors"] >= 2

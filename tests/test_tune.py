@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
-import pickle
 
 import numpy as np
 import pytest
 
-from bbt_onnx import BlackBoxTuner, Model, TuneConfig, TunedPrompt
+from bbt_onnx import BlackBoxTuner, Model, TuneConfig, TunedPrompt, checkpoint
 from bbt_onnx.data import read_examples
 from bbt_onnx.errors import BBTError, PromptError, RunError
 from bbt_onnx.runs import RunDir
@@ -16,7 +16,7 @@ from bbt_onnx.synthetic import sentiment_rows, write_csv
 from bbt_onnx.tasks import PRESETS
 
 from conftest import PROMPT_TOKENS
-from helpers import cli_error, invoke
+from helpers import cli_error, generations, invoke
 
 SMALL = dict(prompt_tokens=PROMPT_TOKENS, intrinsic_dim=40, popsize=10, eval_every=40)
 
@@ -33,7 +33,7 @@ def splits(data_dir):
 
 
 def train_accuracy(model, prompt, rows):
-    return prompt.evaluate(model, rows)["accuracy"]
+    return prompt.evaluate(model, rows).accuracy
 
 
 def test_tuning_lowers_train_loss_and_raises_train_accuracy(model, splits):
@@ -81,10 +81,11 @@ def test_resume_from_a_checkpoint_ends_with_the_same_prompt(model, splits):
 
     with pytest.raises(Stop):
         BlackBoxTuner(model, PRESETS["sst2"], cfg).fit(
-            train, dev, on_event=interrupt, on_checkpoint=lambda s: saved.append(pickle.dumps(s)))
-    state = pickle.loads(saved[-1])
+            train, dev, on_event=interrupt, on_checkpoint=lambda s: saved.append(checkpoint.dumps(s)))
+    tuner = BlackBoxTuner(model, PRESETS["sst2"], cfg)
+    state = tuner.load_state(saved[-1])  # checkpoint.npz's bytes: no pickle
     assert state.generation == 6
-    resumed = BlackBoxTuner(model, PRESETS["sst2"], cfg).fit(train, dev, state=state)
+    resumed = tuner.fit(train, dev, state=state)
     assert resumed.z.tobytes() == whole.z.tobytes()
 
 
@@ -103,7 +104,7 @@ def test_the_last_best_z_is_scored_on_dev_before_the_choice(model, splits):
     tuner = BlackBoxTuner(model, PRESETS["sst2"], TuneConfig(budget=60, **{**SMALL, "eval_every": 1000}))
     prompt = tuner.fit(train, dev)
     assert tuner.report.dev_calls == 1
-    assert tuner.report.best_dev_metric == prompt.evaluate(model, dev)["metric"]  # the kept prompt's own dev score
+    assert tuner.report.best_dev_metric == prompt.evaluate(model, dev).metric  # the kept prompt's own dev score
     np.testing.assert_array_equal(prompt.z, tuner.state.best_z)
     assert np.abs(prompt.z).max() > 0
 
@@ -119,19 +120,22 @@ def test_the_best_dev_prompt_is_kept_when_another_z_trains_better(model, splits)
     assert not np.array_equal(state.best_dev_z, state.best_z)  # on this seed the two winners differ
     np.testing.assert_array_equal(prompt.z, state.best_dev_z)
     best_train = replace(prompt, z=state.best_z, embeds=tuner.method.embeds(state.best_z).astype(np.float32))
-    assert best_train.evaluate(model, train)["ce_loss"] < prompt.evaluate(model, train)["ce_loss"]
-    assert prompt.evaluate(model, dev)["metric"] == tuner.report.best_dev_metric > \
-        best_train.evaluate(model, dev)["metric"]
+    assert best_train.evaluate(model, train).ce_loss < prompt.evaluate(model, train).ce_loss
+    assert prompt.evaluate(model, dev).metric == tuner.report.best_dev_metric > \
+        best_train.evaluate(model, dev).metric
 
 
 def test_a_checkpoint_continues_only_the_settings_it_was_written_with(model, splits):
     train, dev = splits
     cfg = TuneConfig(budget=40, checkpoint_every=1, **SMALL)
     saved = []
-    BlackBoxTuner(model, PRESETS["sst2"], cfg).fit(train, dev, on_checkpoint=lambda s: saved.append(pickle.dumps(s)))
+    tuner = BlackBoxTuner(model, PRESETS["sst2"], cfg)
+    tuner.fit(train, dev, on_checkpoint=lambda s: saved.append(copy.deepcopy(s)))
     other = BlackBoxTuner(model, PRESETS["sst2"], TuneConfig(budget=80, checkpoint_every=1, **SMALL))
     with pytest.raises(RunError, match="other settings"):
-        other.fit(train, dev, state=pickle.loads(saved[0]))
+        other.fit(train, dev, state=saved[0])
+    with pytest.raises(RunError, match="other settings"):
+        other.load_state(checkpoint.dumps(saved[0]))
 
 
 def test_an_engine_is_any_object_with_label_logits(model, splits):
@@ -155,7 +159,7 @@ def test_an_engine_is_any_object_with_label_logits(model, splits):
 def tune_args(tiny_model, data_dir, out, *extra):
     return ["tune", "--model", tiny_model, "--task", "sst2", "--data", data_dir / "pool.csv", "--test",
             data_dir / "test.csv", "--out", out, "--prompt-tokens", PROMPT_TOKENS, "--intrinsic-dim", 40,
-            "--popsize", 10, "--budget", 200, "--eval-every", 40, "--checkpoint-every", 4, *extra]
+            "--popsize", 10, "--budget", 200, "--eval-every", 40, "--checkpoint-every", 4, "--no-fallback", *extra]
 
 
 def test_cli_tune_writes_the_run_and_prints_metrics(tiny_model, data_dir, tmp_path, monkeypatch):
@@ -170,13 +174,13 @@ def test_cli_tune_writes_the_run_and_prints_metrics(tiny_model, data_dir, tmp_pa
     assert metrics["api_calls"] == 200 and metrics["provider"] == "CPUExecutionProvider"
     assert metrics["test_rows"] == 60 and metrics["test_metric"] == metrics["test_accuracy"]  # sst2: accuracy
     assert "done:" in result.stderr and "test" in result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pkl", "log.jsonl", "loss.png", "prompt.npz", "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "log.jsonl", "loss.png", "prompt.npz", "run.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "complete" and run["settings"]["tune"]["budget"] == 200
     assert set(run["settings"]["data_fingerprints"]) == {"data", "test"}
     assert len(run["settings"]["model"]["fingerprint"]) == 64
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    log = generations(out)
     assert [r["calls"] for r in log] == list(range(10, 201, 10))
     assert sum(r["dev_metric"] is not None for r in log) >= 1 and {"best_loss", "mean_loss", "sigma"} <= set(log[0])
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
@@ -204,6 +208,17 @@ def test_cli_tune_writes_the_run_and_prints_metrics(tiny_model, data_dir, tmp_pa
     assert [json.loads(x)["text"] for x in stdin.stdout.splitlines()] == ["a fun film", "dull and slow"]
 
 
+def test_off_a_terminal_tune_and_evaluate_print_status_lines(tiny_model, data_dir, tmp_path, monkeypatch):
+    """A progress bar prints nothing until it ends when stderr is a file: status lines come instead."""
+    monkeypatch.setattr("bbt_onnx.progress.STATUS_EVERY", 0.0)
+    tuned = invoke(tune_args(tiny_model, data_dir, tmp_path / "run"))
+    assert tuned.exit_code == 0, tuned.output
+    lines = [line for line in tuned.stderr.splitlines() if line.startswith("tuning: ")]
+    assert len(lines) >= 20 and lines[-1].startswith("tuning: 200/200, loss ") and " dev " in lines[-1]
+    scored = invoke(["evaluate", "--model", tiny_model, "--prompt", tmp_path / "run", "--data", data_dir / "test.csv"])
+    assert scored.exit_code == 0 and "scoring: 60/60" in scored.stderr
+
+
 def test_cli_resume_after_interrupt_matches_an_uninterrupted_run(tiny_model, data_dir, tmp_path, monkeypatch):
     whole = invoke(tune_args(tiny_model, data_dir, tmp_path / "a", "-q"))
     assert whole.exit_code == 0, whole.output
@@ -224,7 +239,7 @@ def test_cli_resume_after_interrupt_matches_an_uninterrupted_run(tiny_model, dat
     assert resumed.exit_code == 0, resumed.output
     a, b = TunedPrompt.load(tmp_path / "a"), TunedPrompt.load(tmp_path / "b")
     assert a.z.tobytes() == b.z.tobytes()
-    log = [json.loads(line)["generation"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    log = [row["generation"] for row in generations(tmp_path / "b")]
     assert log == list(range(1, 21))
     assert json.loads(resumed.stdout)["test_metric"] == json.loads(whole.stdout)["test_metric"]
 
@@ -316,17 +331,18 @@ def test_evaluate_and_predict_mistakes(tiny_model, data_dir, earlier_run, tmp_pa
 
 
 def test_budget_smaller_than_popsize_in_the_api():
-    with pytest.raises(BBTError, match="smaller than --popsize"):
-        TuneConfig(budget=10, popsize=20).check()
+    with pytest.raises(BBTError, match="smaller than popsize"):
+        TuneConfig(budget=10, popsize=20)
 
 
 def other_model(tiny_model, where):
-    """The same graphs under another manifest: to the fingerprint, another model."""
+    """The same graphs under a manifest that says another thing about the model: to the fingerprint, another
+    model (where it was exported from is not one of those things)."""
     import shutil
 
     shutil.copytree(tiny_model, where)
     manifest = json.loads((where / "manifest.json").read_text())
-    manifest["source"] = "another-checkpoint"
+    manifest["embedding_mean"] = 0.123
     (where / "manifest.json").write_text(json.dumps(manifest))
     return where
 
@@ -342,7 +358,7 @@ def test_a_prompt_is_refused_by_another_model(tiny_model, data_dir, earlier_run,
         prompt.evaluate(Model.load(other), rows)
     with pytest.raises(PromptError, match="another model"):
         prompt.predict(Model.load(other), rows)
-    assert prompt.evaluate(Model.load(tiny_model), rows)["rows"] == 60  # its own model takes it
+    assert prompt.evaluate(Model.load(tiny_model), rows).rows == 60  # its own model takes it
 
 
 def test_resume_refuses_a_checkpoint_from_other_settings(tiny_model, data_dir, tmp_path):
@@ -397,8 +413,45 @@ def test_prompts_and_checkpoints_from_before_bbtv2_still_load(model, splits, tmp
     path.write_bytes(buf.getvalue())
     old = TunedPrompt.load(tmp_path)
     assert old.method == "bbt" and not old.deep and old.max_length is None
-    assert old.evaluate(model, dev)["metric"] == pytest.approx(prompt.evaluate(model, dev)["metric"])
+    assert old.evaluate(model, dev).metric == pytest.approx(prompt.evaluate(model, dev).metric)
 
     state = TunerState(cfg, new_es(cfg, seeds(cfg.seed)["cma"]))  # as checkpoints held it
     resumed = BlackBoxTuner(model, PRESETS["sst2"], cfg).fit(train, dev, state=state)
     assert resumed.z.tobytes() == prompt.z.tobytes()
+
+
+# -- the Python API: what anyone passes first -----------------------------------------------------------------
+def test_plain_strings_are_rows_and_results_are_typed(model, splits, data_dir):
+    """predict and logits take plain strings (one, or a list); evaluate returns an Evaluation, as fit returns a
+    TunedPrompt and predict Predictions; the few-shot sampler is public."""
+    from bbt_onnx import Evaluation, Example, generator, k_shot_split
+
+    train, dev = splits
+    prompt = BlackBoxTuner(model, PRESETS["sst2"], TuneConfig(budget=20, **SMALL)).fit(train, dev)
+    texts = ["a fine film", "a dull film"]
+    by_text = prompt.predict(model, texts)
+    assert [p.label for p in by_text] == [p.label for p in prompt.predict(model, [Example(t) for t in texts])]
+    assert prompt.predict(model, "a fine film") == prompt.predict(model, [Example("a fine film")])
+    assert prompt.logits(model, texts).shape == (2, 2)
+    result = prompt.evaluate(model, dev)
+    assert isinstance(result, Evaluation) and result.rows == len(dev) and 0 <= result.accuracy <= 1
+    assert result.to_json()["metric_name"] == "accuracy"
+
+    pool = read_examples(data_dir / "pool.csv")
+    a, a_dev = k_shot_split(pool, ["0", "1"], 4, generator(7, "sampling"))
+    b, _ = k_shot_split(pool, ["0", "1"], 4, generator(7, "sampling"))
+    assert a == b and len(a) == len(a_dev) == 8
+
+
+def test_the_tuner_takes_its_steps_in_order_and_any_rows(model, splits):
+    """start, step and result take Example rows as fit does; a step before start is a RunError."""
+    train, dev = splits
+    tuner = BlackBoxTuner(model, PRESETS["sst2"], TuneConfig(budget=20, **SMALL))
+    with pytest.raises(RunError, match="start"):
+        tuner.step(train, dev)
+    tuner.start(train)
+    while not tuner.finished():
+        tuner.step(train, dev)
+    stepped = tuner.result(train, dev)
+    assert stepped.z.tobytes() == BlackBoxTuner(model, PRESETS["sst2"], TuneConfig(budget=20, **SMALL)).fit(
+        train, dev).z.tobytes()

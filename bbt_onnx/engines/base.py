@@ -9,7 +9,7 @@ import numpy as np
 
 from ..contract import PROMPT_POS
 from ..encoding import EncodedSet, length_buckets
-from ..errors import ModelError
+from ..errors import ModelError, PromptError
 from ..manifest import Manifest
 
 
@@ -73,7 +73,7 @@ class PromptScoring:
     the deep graph a plain prompt scored as layer 0's with no prompt on the other layers. A subclass sets `deep`,
     `manifest`, `prompt_dtype`, `graph_label`, and `LAYER_SHAPE` (how prompt_layer travels)."""
 
-    LAYER_SHAPE: tuple[int, ...] = ()  # the graph's scalar
+    LAYER_SHAPE: tuple[int, ...] = (1,)  # prompt_layer's shape
     manifest: Manifest
     deep: bool
     graph_label: str
@@ -92,17 +92,24 @@ class PromptScoring:
         prompts = self._prompts(prompt_embeds)
         layers = np.ascontiguousarray(layer_prompts, dtype=self.prompt_dtype)
         if layers.shape != (self.manifest.num_layers, *prompts.shape[1:]):
-            raise ValueError(f"layer_prompts must be [{self.manifest.num_layers}, {prompts.shape[1]}, "
-                             f"{self.manifest.hidden_size}], got {layers.shape}")
+            raise PromptError(f"layer_prompts must be [{self.manifest.num_layers}, {prompts.shape[1]}, "
+                              f"{self.manifest.hidden_size}], got {list(layers.shape)}", "layer_prompts")
         if not 0 <= layer < self.manifest.num_layers:
-            raise ValueError(f"layer {layer} is outside 0..{self.manifest.num_layers - 1}")
+            raise PromptError(f"layer {layer} is outside 0..{self.manifest.num_layers - 1}", "layer")
         return self._score(prompts, batch, {"deep_prompts": layers,
                                             "prompt_layer": np.full(self.LAYER_SHAPE, layer, np.int64)})
 
     def _prompts(self, prompt_embeds: np.ndarray) -> np.ndarray:
-        prompts = np.ascontiguousarray(prompt_embeds, dtype=self.prompt_dtype)
-        if prompts.ndim != 3 or prompts.shape[2] != self.manifest.hidden_size:
-            raise ValueError(f"prompt_embeds must be [C, P, {self.manifest.hidden_size}], got {prompts.shape}")
+        try:
+            prompts = np.ascontiguousarray(prompt_embeds, dtype=self.prompt_dtype)
+        except (TypeError, ValueError):
+            raise PromptError(f"prompt_embeds must be a [C, P, {self.manifest.hidden_size}] array of numbers",
+                              "prompt_embeds") from None
+        m = self.manifest
+        if prompts.ndim != 3 or prompts.shape[2] != m.hidden_size or not 1 <= prompts.shape[0] or \
+                not 0 <= prompts.shape[1] <= m.prompt_tokens:
+            raise PromptError(f"prompt_embeds must be [C, P, {m.hidden_size}] with C >= 1 candidates and P <= "
+                              f"{m.prompt_tokens} slots, got {list(prompts.shape)}", "prompt_embeds")
         return prompts
 
     def _score(self, prompts: np.ndarray, batch: EncodedSet, extra: dict) -> np.ndarray:

@@ -18,7 +18,7 @@ from ..contract import GRAPH_OUTPUTS, PRECISIONS, PROMPT_POS, ROW_INPUTS, TEXT_O
 from ..encoding import CacheSplit, EncodedSet, cache_split
 from ..errors import ModelError, SettingsError
 from ..fileio import sha256_file
-from ..manifest import GraphSpec, Manifest
+from ..manifest import MANIFEST_NAME, GraphSpec, Manifest, dim_problems
 from .base import PromptScoring, check_prompt_positions, row_groups, row_input
 
 DEVICES = ("cpu", "cuda")
@@ -64,7 +64,10 @@ class OrtEngine(PromptScoring):
         self.session = self._open(manifest.graph(precision, deep))
         names = [i.name for i in self.session.get_inputs()]
         self.takes_prompt_pos = PROMPT_POS in names
-        self.prompt_dtype = ORT_TYPES[next(i.type for i in self.session.get_inputs() if i.name == "prompt_embeds")]
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.prompt_dtype = ORT_TYPES[inputs["prompt_embeds"].type]
+        if "prompt_layer" in inputs:  # [1]; a scalar in deep graphs exported before it could be served
+            self.LAYER_SHAPE = (1,) * len(inputs["prompt_layer"].shape)
         # On CPU, padding is computed like any token: rows of similar length go in one call. A GPU
         # prefers one large call.
         self.max_buckets = max_buckets if max_buckets is not None else (4 if device == "cpu" else 1)
@@ -133,9 +136,23 @@ class OrtEngine(PromptScoring):
             inputs, outputs = spec.contract()
             raise ModelError(f"{path} has inputs {names} and outputs {outs}, not the bbt-onnx contract "
                              f"{list(inputs)} -> {list(outputs)}; re-export the model")
+        problems = dim_problems(self.manifest, str(path), ((i.name, i.shape) for i in session.get_inputs()))
+        if problems:
+            raise ModelError(f"{problems[0]} in {self.manifest.directory / MANIFEST_NAME}: the manifest does not "
+                             "describe this graph; re-export the model")
         return session
 
     def _score(self, prompts: np.ndarray, batch: EncodedSet, extra: dict) -> np.ndarray:
+        try:
+            return self._score_parts(prompts, batch, extra)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own types, from its C++ side
+            if not type(exc).__module__.startswith("onnxruntime"):
+                raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise ModelError(f"onnxruntime could not run {self.graph_label} on {self.device} ({len(batch)} rows x "
+                             f"{prompts.shape[0]} prompts): {first}") from None
+
+    def _score_parts(self, prompts: np.ndarray, batch: EncodedSet, extra: dict) -> np.ndarray:
         parts = self._plan(batch)
         if parts[0].split is not None:
             return self._score_cached(prompts, batch, parts)

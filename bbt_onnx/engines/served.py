@@ -20,6 +20,8 @@ LIMIT_PARAM = "bbt_max_request"
 PRECISION_PARAM = "bbt_precision"
 BUCKETS_PARAM = "bbt_row_buckets"  # calls per set of rows the server prefers: 4 length buckets on CPU, 1 on a GPU
 DEFAULT_MAX_REQUEST = 1 << 18  # C x N x T per request: e.g. 20 prompts x 32 rows x 409 tokens
+DEFAULT_MAX_PROMPTS = 256  # C per request
+DEFAULT_MAX_LABELS = 64  # K per request
 DEEP_SUFFIX = ".deep"
 
 
@@ -38,6 +40,27 @@ def served_parameters(manifest: Manifest, precision: str, max_request: int, row_
             BUCKETS_PARAM: str(row_buckets)}
 
 
+def request_limits(manifest: Manifest, deep: bool, max_request: int = DEFAULT_MAX_REQUEST,
+                   max_prompts: int = DEFAULT_MAX_PROMPTS, max_labels: int = DEFAULT_MAX_LABELS) -> dict[str, str]:
+    """What a served model checks in every request before running it (model-config parameters, beside
+    `served_parameters`): the request size, the model's dims, the id range."""
+    return {"bbt_max_request": str(max_request), "bbt_max_prompts": str(max_prompts),
+            "bbt_max_labels": str(max_labels), "bbt_prompt_tokens": str(manifest.prompt_tokens),
+            "bbt_hidden_size": str(manifest.hidden_size), "bbt_vocab_size": str(manifest.vocab_size),
+            "bbt_max_positions": str(manifest.max_positions), "bbt_layers": str(manifest.num_layers),
+            "bbt_deep": "1" if deep else "0"}
+
+
+def max_body(manifest: Manifest, max_request: int = DEFAULT_MAX_REQUEST, max_prompts: int = DEFAULT_MAX_PROMPTS,
+             max_labels: int = DEFAULT_MAX_LABELS) -> int:
+    """The largest request body a valid request to this model needs, in bytes: ids and mask, the prompts, every
+    layer's prompt, and the per-row and label inputs, with room for the protocol's own framing."""
+    prompt = manifest.prompt_tokens * manifest.hidden_size * 4
+    rows = min(max_request, 1 << 20)
+    return 2 * 8 * max_request + (max_prompts + manifest.num_layers) * prompt + 2 * 8 * rows + 8 * max_labels + \
+        (1 << 20)
+
+
 def check_max_request(max_request: int) -> None:
     if isinstance(max_request, bool) or not (isinstance(max_request, int) and max_request >= 1):
         raise SettingsError(f"--max-request must be a positive integer, got {max_request!r}")
@@ -52,22 +75,32 @@ def read_token(path: str | Path) -> str:
     token = text.strip().splitlines()[0].strip() if text.strip() else ""
     if not token:
         raise SettingsError(f"the token file {path} is empty")
-    if any(c.isspace() or not c.isprintable() for c in token):
-        raise SettingsError(f"the token in {path} holds spaces or control characters; a header cannot carry them")
+    if not token.isascii() or any(c.isspace() or not c.isprintable() for c in token):
+        raise SettingsError(f"the token in {path} holds spaces, control or non-ASCII characters; a header carries "
+                            "printable ASCII only")
     return token
 
 
-def write_client_dir(model_dir: str | Path, out: str | Path, force: bool = False) -> Path:
-    """What a user of a remote service holds: the manifest (byte for byte, so its fingerprint is the server's)
-    and the tokenizer; no graphs, no weights."""
-    from ..fileio import write_dir
+def looks_like_client_dir(directory: Path) -> bool:
+    from ..fileio import only_files
 
+    return only_files(directory, lambda n: n in (MANIFEST_NAME, TOKENIZER_NAME), (MANIFEST_NAME,))
+
+
+def write_client_dir(model_dir: str | Path, out: str | Path, force: bool = False, force_any: bool = False,
+                     log=None) -> Path:
+    """What a user of a remote service holds: the manifest (byte for byte, so its fingerprint is the server's)
+    and the tokenizer; no graphs, no weights. `force` replaces an earlier client directory, `force_any` anything
+    (never the model directory, nor a folder holding it)."""
+    from ..fileio import OutputKind, check_replaceable, write_dir
+
+    kind = OutputKind("a client directory (manifest.json and tokenizer.json)", looks_like_client_dir)
+    inputs = [("model directory", Path(model_dir))]
+    check_replaceable(out, force, kind, force_any, inputs)  # before the model is read
     manifest = load_manifest(model_dir)
-    if Path(out).resolve() == Path(model_dir).resolve():
-        raise SettingsError("--out is the model directory itself; name a new directory")
 
     def fill(staging: Path) -> None:
         for name in (MANIFEST_NAME, TOKENIZER_NAME):
             shutil.copyfile(manifest.directory / name, staging / name)
 
-    return write_dir(out, force, fill)
+    return write_dir(out, force, fill, kind, force_any, inputs, log)

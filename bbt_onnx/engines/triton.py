@@ -9,6 +9,8 @@ HTTP and gRPC lives in two small wire classes.
 
 from __future__ import annotations
 
+import http.client
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -22,8 +24,8 @@ from ..encoding import EncodedSet
 from ..errors import ServerError, SettingsError
 from ..manifest import Manifest
 from .base import PromptScoring, check_prompt_positions, row_groups, row_input
-from .served import (BUCKETS_PARAM, FINGERPRINT_PARAM, GRPC_PREFIX, LIMIT_PARAM, PRECISION_PARAM, TOKEN_HEADER,
-                     served_name)
+from .served import (BUCKETS_PARAM, DEEP_SUFFIX, FINGERPRINT_PARAM, GRPC_PREFIX, LIMIT_PARAM, PRECISION_PARAM,
+                     TOKEN_HEADER, served_name)
 
 WIRE_TYPES = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64}
 TRANSIENT_HTTP = {408, 429, 502, 503, 504}
@@ -109,7 +111,8 @@ def client_module(name: str):
 
 @dataclass(frozen=True)
 class Remote:
-    """Where a Triton server listens and how to talk to it: `http://HOST:PORT` or `grpc://HOST:PORT`."""
+    """Where a Triton server listens and how to talk to it: `http://HOST:PORT` or `grpc://HOST:PORT`, with the name
+    the model is served under as the path when it is not the export's own (`http://HOST:PORT/NAME`)."""
 
     url: str
     token: str | None = None
@@ -126,10 +129,21 @@ class Remote:
         parts = urlsplit(self.url)
         return f"{parts.hostname}:{parts.port or WIRES[self.protocol].port}"
 
+    @property
+    def model_name(self) -> str | None:
+        """The served name the URL gives, if any."""
+        return urlsplit(self.url).path.strip("/") or None
+
     def check(self) -> "Remote":
         parts = urlsplit(self.url)
-        if parts.scheme.lower() not in WIRES or not parts.hostname or parts.path not in ("", "/"):
-            raise SettingsError(f"server {self.url!r} is not http://HOST:PORT or grpc://HOST:PORT")
+        if parts.username is not None or parts.password is not None:
+            raise SettingsError("the server URL holds a user name or password; give the token with --token-file, "
+                                "so that it is never written to a run")
+        name = parts.path.strip("/")
+        if parts.scheme.lower() not in WIRES or not parts.hostname or parts.query or parts.fragment or \
+                "/" in name or (name and not all(c.isalnum() or c in "._-" for c in name)):
+            raise SettingsError(f"server {self.url!r} is not http://HOST:PORT or grpc://HOST:PORT (optionally with "
+                                "/NAME, the model's served name)")
         try:
             parts.port
         except ValueError:
@@ -147,19 +161,19 @@ class Remote:
 class TritonEngine(PromptScoring):
     """A model served by Triton (`bbt-onnx serve`, or a stock tritonserver over `bbt-onnx triton-repo`)."""
 
-    LAYER_SHAPE = (1,)  # the graph's scalar prompt_layer: a served tensor has at least one dim
-
     def __init__(self, manifest: Manifest, remote: Remote, deep: bool = False):
         self.remote = remote.check()
         self.wire = remote.wire()
         self.manifest = manifest
         self.deep = deep
-        self.model = served_name(manifest, deep)
+        base = remote.model_name or served_name(manifest)
+        self.model = f"{base}{DEEP_SUFFIX}" if deep else base
         self.graph_label = f"served {self.model!r}"
         self.provider = f"Triton {self.model} at {remote.url}"
         self.calls = 0  # requests answered
         self.retried = 0  # requests sent again after a transient failure
         self.bytes_sent = 0
+        self._jitter = random.Random()  # spreads retries: it never touches what is computed
         self._local = threading.local()  # a connection per thread: tritonclient's HTTP client is bound to one
         self._local.client = self._connect()
         config = self._config()
@@ -224,20 +238,29 @@ class TritonEngine(PromptScoring):
 
     # -- the protocol ---------------------------------------------------------
     def _connect(self):
-        """A client whose server is live and serves this model's name."""
+        """A client whose server is live and serves this model's name; a model still loading is waited for, within
+        the timeout."""
         try:
             client = self.wire.client()
-            live = self._retrying(lambda: client.is_server_live(headers=self.wire.headers()))
-        except ServerError:
-            raise
         except Exception as exc:  # noqa: BLE001
             raise self._error(exc) from None
+        live = self._retrying(lambda: client.is_server_live(headers=self.wire.headers()))
         if not live:
             raise ServerError(f"the server at {self.remote.url} is up but not live yet; try again in a moment")
-        try:
-            ready = client.is_model_ready(self.model, headers=self.wire.headers())
-        except Exception as exc:  # noqa: BLE001
-            raise self._error(exc) from None
+        deadline = time.monotonic() + self.remote.timeout
+        while True:
+            ready = self._retrying(lambda: client.is_model_ready(self.model, headers=self.wire.headers()))
+            state = None if ready else self._model_state(client)
+            loading = not ready and (state in ("LOADING", "UNLOADING") or (state is None and not self._retrying(
+                lambda: client.is_server_ready(headers=self.wire.headers()))))
+            if not loading or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        if loading:
+            raise ServerError(f"the server at {self.remote.url} is not ready within {self.remote.timeout:g} s: "
+                              f"{self.model!r} has not loaded; try again later")
+        if not ready and state == "UNAVAILABLE":
+            raise ServerError(f"the server at {self.remote.url} failed to load {self.model!r}; see its log")
         if not ready and self.deep:
             raise ServerError(f"the server at {self.remote.url} does not serve the deep-prompt graph BBTv2 needs "
                               f"({self.model!r}): export the model with --deep and serve it again")
@@ -246,16 +269,46 @@ class TritonEngine(PromptScoring):
                               f"directory's name on a server); check --server and --model")
         return client
 
+    def _model_state(self, client) -> str | None:
+        """The model's state in the server's repository index (LOADING, READY, UNAVAILABLE...; "" when listed
+        without one, "absent" when not listed), or None when the index cannot be read."""
+        try:
+            index = client.get_model_repository_index(headers=self.wire.headers())
+        except Exception:  # noqa: BLE001 - no index (restricted, or not offered): nothing more to learn
+            return None
+        if not isinstance(index, list):  # gRPC: a message
+            from google.protobuf.json_format import MessageToDict
+
+            index = MessageToDict(index).get("models", [])
+        return next((str(m.get("state", "")) for m in index if m.get("name") == self.model), "absent")
+
     def _retrying(self, call):
-        """`call()`, tried again after a transient failure, up to `retries` times with exponential backoff."""
-        for attempt in range(self.remote.retries + 1):
+        """`call()`, tried again after a transient failure, up to `retries` times with exponential backoff and
+        jitter (so that many clients do not retry in lock-step); a server that says it is starting or restarting
+        is waited for within the timeout instead."""
+        attempt, waiting_until = 0, None
+        while True:
             try:
                 return call()
             except Exception as exc:  # noqa: BLE001 - tritonclient raises its own and the transport's errors
-                if not self._transient(exc) or attempt == self.remote.retries:
+                if self._starting(exc):
+                    waiting_until = waiting_until or time.monotonic() + self.remote.timeout
+                    if time.monotonic() < waiting_until:
+                        self.retried += 1
+                        time.sleep(min(1.0, self.remote.backoff * 2) * (0.5 + self._jitter.random()))
+                        continue
+                    raise ServerError(f"the server at {self.remote.url} is not ready within "
+                                      f"{self.remote.timeout:g} s: {self._text(exc)[:200]}") from None
+                if not self._transient(exc) or attempt >= self.remote.retries:
                     raise self._error(exc) from None
                 self.retried += 1
-                time.sleep(self.remote.backoff * 2 ** attempt)
+                time.sleep(self.remote.backoff * 2 ** attempt * (0.5 + self._jitter.random()))
+                attempt += 1
+
+    def _starting(self, exc: Exception) -> bool:
+        """The server is up but its models are loading, or it is restarting: worth waiting for."""
+        low = self._text(exc).lower()
+        return "is starting" in low or "is restarting" in low
 
     def _config(self) -> dict:
         try:
@@ -274,11 +327,13 @@ class TritonEngine(PromptScoring):
 
     @staticmethod
     def _transient(exc: Exception) -> bool:
-        """Worth a retry: the connection or the deadline failed, or the server said it is busy. A refused token is
-        an answer, though tritonserver sends it over gRPC as UNAVAILABLE."""
-        if isinstance(exc, (ConnectionError, TimeoutError)):
+        """Worth a retry: the connection dropped or failed, the deadline passed, or the server said it is busy. A
+        refused token and a message over the limit are answers, though gRPC sends them as UNAVAILABLE and
+        RESOURCE_EXHAUSTED."""
+        if isinstance(exc, (ConnectionError, TimeoutError, http.client.HTTPException)):
             return True
-        if "restricted" in str(exc).lower():
+        low = str(exc).lower()
+        if "restricted" in low or "larger than max" in low:
             return False
         status = getattr(exc, "status", None)
         code = status() if callable(status) else None
@@ -286,19 +341,28 @@ class TritonEngine(PromptScoring):
             return "timed out" in str(exc).lower() or "Deadline" in str(exc)
         return str(code) in TRANSIENT_GRPC or (str(code).isdigit() and int(code) in TRANSIENT_HTTP)
 
+    def _text(self, exc: Exception) -> str:
+        """The failure's own words on one line, the token never among them."""
+        message = getattr(exc, "message", None)
+        text = " ".join(str((message() if callable(message) else None) or exc).split())
+        return text.replace(self.remote.token, "***") if self.remote.token else text
+
     def _error(self, exc: Exception) -> ServerError:
         """Every failure a user can meet, as one line that says what to do."""
         url = self.remote.url
         status = getattr(exc, "status", None)
         code = str(status() if callable(status) else "")
-        message = getattr(exc, "message", None)
-        text = " ".join(str((message() if callable(message) else None) or exc).split())
+        text = self._text(exc)
         low = text.lower()
         if "restricted" in low or code in ("401", "403", "StatusCode.PERMISSION_DENIED", "StatusCode.UNAUTHENTICATED"):
             hint = "pass --token-file" if not self.remote.token else "the token in --token-file is not the server's"
             return ServerError(f"the server at {url} refused the request: {hint}")
-        if "over the server's limit" in low:
-            return ServerError(text[low.index("a request"):][:300] if "a request" in low else text[:300])
+        if "over the server's limit" in low or "larger than max" in low:
+            return ServerError(f"the server at {url} refused a request over its limit: {text[:300]}")
+        if code in ("400", "StatusCode.INVALID_ARGUMENT"):
+            return ServerError(f"the server at {url} refused the request: {text[:300]}")
+        if "is stopping" in low:
+            return ServerError(f"the server at {url} is stopping")
         if isinstance(exc, TimeoutError) or "timed out" in low or code == "StatusCode.DEADLINE_EXCEEDED":
             return ServerError(f"the server at {url} did not answer within {self.remote.timeout:g} s "
                                f"({self.remote.retries + 1} tries)")

@@ -1,9 +1,14 @@
-"""A model repository for a stock tritonserver (its onnxruntime backend), the production twin of `bbt-onnx serve`.
+"""Model repositories for tritonserver: the production server (`bbt-onnx triton-repo`), and the one `bbt-onnx serve`
+runs.
 
-The repository holds one model: the graph file, unchanged, and a `config.pbtxt` that states the graph contract
-(names, types, dynamic dims), GPU instances, an optional TensorRT accelerator, a warm-up request and the
-parameters our client checks (the manifest's fingerprint, the request limit). Run tritonserver with
-`--disable-auto-complete-config`, so the config is used as written.
+Each model is its graph file and a `config.pbtxt` built through tritonclient's `model_config_pb2` (Triton's own
+ModelConfig message): the graph contract (names, types, dims), instances, a warm-up request, and the parameters the
+client checks (fingerprint, limits). Two backends:
+- `onnxruntime`, a stock tritonserver's: the graph runs in Triton's onnxruntime backend, with CPU thread counts,
+  fp32 kept in fp32 on CUDA (TF32 off) and optionally TensorRT at the graph's precision with profile shapes;
+- `python`: the graph runs in onnxruntime inside Triton's python backend (`model.py` beside it), which checks
+  every request against the model's limits first; the tritonserver PyTriton ships has this backend only.
+Run tritonserver with `--disable-auto-complete-config`, so the configs are used as written.
 """
 
 from __future__ import annotations
@@ -13,39 +18,66 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..contract import PRECISIONS, graph_key
-from ..engines.served import DEFAULT_MAX_REQUEST, check_max_request, served_name, served_parameters
+from ..engines.served import (DEFAULT_MAX_REQUEST, check_max_request, request_limits, served_name,
+                              served_parameters)
 from ..errors import SettingsError
-from ..fileio import write_dir, write_text_atomic
-from ..manifest import GraphSpec, Manifest, load_manifest
+from ..fileio import OutputKind, check_replaceable, only_files, write_dir, write_text_atomic
+from ..manifest import GraphSpec, Manifest, TensorSpec, load_manifest
 from ..options import setting
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64"}
 WARMUP_SIZES = {"C": 2, "N": 2, "T": 16, "P": 4, "K": 2}  # a small request of every input, all zeros
+PROFILE = {"C": (1, 20, 64), "N": (1, 32, 256), "K": (1, 2, 16)}  # TensorRT's min, opt and max per dynamic dim
 INSTANCE_KINDS = ("gpu", "cpu")
+BACKENDS = ("onnxruntime", "python")
+GRAPH_FILE = "model.onnx"
+MODEL_PY = Path(__file__).with_name("model.py")
 
 
 @dataclass(frozen=True)
 class RepoOptions:
     model_dir: str
     out: str = setting(None, "Model repository to write.", required=True)
+    name: str | None = setting(None, "The name to serve the model under [default: the export source's last path "
+                               "component]; clients name it in the server URL: http://HOST:PORT/NAME.")
+    backend: str = setting("onnxruntime", "Triton backend: a stock tritonserver's onnxruntime, or python (the graph "
+                           "in onnxruntime inside Triton's python backend, every request checked first).",
+                           choices=BACKENDS)
     precision: str | None = setting(None, "Which graph [default: fp16 when exported, else fp32].",
                                     choices=PRECISIONS)
     kind: str = setting("gpu", "Instance kind (KIND_GPU or KIND_CPU).", choices=INSTANCE_KINDS)
     instances: int = setting(1, "Model instances per server.")
-    tensorrt: bool = setting(False, "Add onnxruntime's TensorRT accelerator (fp16, engine cache).")
+    threads: int | None = setting(None, "CPU threads per instance [default: 0, onnxruntime's choice; set it when "
+                                  "several instances share the cores].", minimum=1)
+    tensorrt: bool = setting(False, "Add onnxruntime's TensorRT accelerator at the graph's precision (engine cache, "
+                             "profile shapes).")
     max_request: int = setting(DEFAULT_MAX_REQUEST, "Largest request the client sends, as prompts x rows x tokens "
                                "(C x N x T).")
-    force: bool = setting(False, "Replace a non-empty --out.")
+    force: bool = setting(False, "Replace an earlier model repository in --out.")
+    force_any: bool = setting(False, "Replace --out even when it does not look like a model repository (everything "
+                              "in it is deleted).")
 
     def check(self) -> "RepoOptions":
         if self.kind not in INSTANCE_KINDS:
             raise SettingsError(f"--kind must be one of {', '.join(INSTANCE_KINDS)}, got {self.kind!r}")
+        if self.backend not in BACKENDS:
+            raise SettingsError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if not (isinstance(self.instances, int) and 1 <= self.instances <= 64):
             raise SettingsError(f"--instances must be in 1..64, got {self.instances}")
         check_max_request(self.max_request)
-        if self.tensorrt and self.kind != "gpu":
-            raise SettingsError("--tensorrt runs on GPU instances only; drop it or use --kind gpu")
+        if self.tensorrt and (self.kind != "gpu" or self.backend != "onnxruntime"):
+            raise SettingsError("--tensorrt runs in the onnxruntime backend on GPU instances only; drop it, or use "
+                                "--kind gpu --backend onnxruntime")
+        if self.name is not None:
+            check_name(self.name)
         return self
+
+
+def check_name(name: str) -> str:
+    if not name or len(name) > 100 or not all(c.isalnum() or c in "._-" for c in name) or name[0] in ".-":
+        raise SettingsError(f"--name {name!r} is not a model name: letters, digits, '.', '_' and '-', at most 100, "
+                            "not starting with '.' or '-'")
+    return name
 
 
 def pick_precision(manifest: Manifest, wanted: str | None) -> str:
@@ -55,76 +87,155 @@ def pick_precision(manifest: Manifest, wanted: str | None) -> str:
     return "fp16" if "fp16" in manifest.graphs else "fp32"
 
 
-def _dims(shape) -> str:
-    return ", ".join(str(d) if isinstance(d, int) else "-1" for d in shape)
+@dataclass(frozen=True)
+class Served:
+    """One model of a repository: a graph under a name, with how it runs."""
+
+    manifest: Manifest
+    graph: GraphSpec
+    name: str
+    precision: str
+    deep: bool = False
+    backend: str = "onnxruntime"
+    kind: str = "gpu"
+    instances: int = 1
+    threads: int | None = None
+    tensorrt: bool = False
+    max_request: int = DEFAULT_MAX_REQUEST
+    device: str = "cpu"  # the python backend's onnxruntime provider
 
 
-def _tensor(t, indent: str) -> str:
-    """One input or output; a scalar (the deep graph's prompt_layer) is served as [1] and reshaped to []."""
-    dims = f"{indent}  dims: [ {_dims(t.shape)} ]\n" if t.shape else \
-        f"{indent}  dims: [ 1 ]\n{indent}  reshape: {{ shape: [ ] }}\n"
-    return f"{indent}{{\n{indent}  name: \"{t.name}\"\n{indent}  data_type: {TRITON_TYPES[t.dtype]}\n{dims}{indent}}}"
+def served_models(manifest: Manifest, precision: str, name: str | None = None, **how) -> list[Served]:
+    """The prompt graph and, when exported, its deep graph beside it as NAME.deep."""
+    base = name or served_name(manifest)
+    out = [Served(manifest, manifest.graph(precision), base, precision, **how)]
+    if graph_key(precision, deep=True) in manifest.graphs:
+        out.append(Served(manifest, manifest.graph(precision, deep=True), f"{base}.deep", precision, deep=True,
+                          **how))
+    return out
 
 
-def _param(key: str, value: str) -> str:
-    return f"parameters {{\n  key: \"{key}\"\n  value {{ string_value: \"{value}\" }}\n}}"
+def _dims(spec: TensorSpec) -> list[int]:
+    return [d if isinstance(d, int) else -1 for d in spec.shape]
 
 
-def _warmup(graph: GraphSpec, prompt_tokens: int) -> str:
-    """One all-zero request (batch_size 1: the model does not batch), so the first client does not pay for the
-    session's set-up."""
-    sizes = {**WARMUP_SIZES, "P": min(WARMUP_SIZES["P"], prompt_tokens)}
-    items = []
-    for t in graph.inputs:
-        dims = ", ".join(str(d) if isinstance(d, int) else str(sizes.get(str(d), 2)) for d in t.shape) or "1"
-        items.append(f"    inputs {{\n      key: \"{t.name}\"\n      value {{\n        data_type: "
-                     f"{TRITON_TYPES[t.dtype]}\n        dims: [ {dims} ]\n        zero_data: true\n      }}\n    }}")
-    return "model_warmup [\n  {\n    name: \"population\"\n    batch_size: 1\n" + "\n".join(items) + "\n  }\n]"
+def model_config(model: Served):
+    """The model's ModelConfig message."""
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    layer = next((t for t in model.graph.inputs if t.name == "prompt_layer"), None)
+    if layer is not None and not layer.shape and model.backend == "onnxruntime":
+        raise SettingsError("this deep graph takes prompt_layer as a scalar, which a stock tritonserver cannot serve; "
+                            "re-export the model with --deep, or use --backend python")
+    config = pb.ModelConfig(name=model.name, backend=model.backend, max_batch_size=0)
+    for spec in model.graph.inputs:
+        config.input.add(name=spec.name, data_type=pb.DataType.Value(TRITON_TYPES[spec.dtype]),
+                         dims=_dims(spec) or [1])
+    for spec in model.graph.outputs:
+        config.output.add(name=spec.name, data_type=pb.DataType.Value(TRITON_TYPES[spec.dtype]), dims=_dims(spec))
+    kind = "KIND_GPU" if model.kind == "gpu" and model.backend == "onnxruntime" else "KIND_CPU"
+    config.instance_group.add(count=model.instances, kind=pb.ModelInstanceGroup.Kind.Value(kind))
+    row_buckets = 1 if model.kind == "gpu" else 4  # as OrtEngine splits rows on each device
+    params = {**served_parameters(model.manifest, model.precision, model.max_request, row_buckets),
+              **request_limits(model.manifest, model.deep, model.max_request)}
+    if model.backend == "python":
+        params.update(bbt_graph=GRAPH_FILE, bbt_threads=str(model.threads or 0), bbt_device=model.device)
+    else:
+        config.default_model_filename = GRAPH_FILE
+        if model.kind == "cpu":
+            params.update(intra_op_thread_count=str(model.threads or 0), inter_op_thread_count="1")
+        gpu = config.optimization.execution_accelerators.gpu_execution_accelerator
+        if model.tensorrt:
+            trt = gpu.add(name="tensorrt")
+            trt.parameters.update(tensorrt_parameters(model))
+        if model.kind == "gpu" and model.precision == "fp32":  # fp32 means fp32: CUDA's default is TF32
+            gpu.add(name="cuda").parameters["use_tf32"] = "0"
+    for key, value in params.items():
+        config.parameters[key].string_value = value
+    warm = config.model_warmup.add(name="population", batch_size=1)
+    sizes = {**WARMUP_SIZES, "P": min(WARMUP_SIZES["P"], model.manifest.prompt_tokens)}
+    for spec in model.graph.inputs:
+        data = warm.inputs[spec.name]
+        data.data_type = pb.DataType.Value(TRITON_TYPES[spec.dtype])
+        data.dims.extend([d if isinstance(d, int) else sizes.get(str(d), 2) for d in spec.shape] or [1])
+        data.zero_data = True
+    return config
 
 
-def config_text(manifest: Manifest, precision: str, opts: RepoOptions, deep: bool = False) -> str:
-    """config.pbtxt in protobuf text format (Triton's ModelConfig message)."""
-    graph = manifest.graph(precision, deep)
-    kind = "KIND_GPU" if opts.kind == "gpu" else "KIND_CPU"
-    parts = [
-        f"name: \"{served_name(manifest, deep)}\"",
-        "backend: \"onnxruntime\"",
-        "max_batch_size: 0",
-        "input [\n" + ",\n".join(_tensor(t, "  ") for t in graph.inputs) + "\n]",
-        "output [\n" + ",\n".join(_tensor(t, "  ") for t in graph.outputs) + "\n]",
-        f"instance_group [\n  {{\n    count: {opts.instances}\n    kind: {kind}\n  }}\n]",
-        "default_model_filename: \"model.onnx\"",
-        # rows in one call on a GPU, in 4 length buckets on CPU: as OrtEngine splits them on each device
-        *(_param(k, v) for k, v in served_parameters(manifest, precision, opts.max_request,
-                                                      1 if opts.kind == "gpu" else 4).items()),
-    ]
-    if opts.tensorrt:
-        cache = "/tmp/bbt-trt-cache"
-        parts.append(
-            "optimization {\n  execution_accelerators {\n    gpu_execution_accelerator : [\n      {\n"
-            "        name : \"tensorrt\"\n"
-            "        parameters { key: \"precision_mode\" value: \"FP16\" }\n"
-            "        parameters { key: \"trt_engine_cache_enable\" value: \"1\" }\n"
-            f"        parameters {{ key: \"trt_engine_cache_path\" value: \"{cache}\" }}\n"
-            "      }\n    ]\n  }\n}")
-    parts.append(_warmup(graph, manifest.prompt_tokens))
-    return "\n".join(parts) + "\n"
+def tensorrt_parameters(model: Served) -> dict[str, str]:
+    """TensorRT at the graph's precision, with an engine cache and one optimisation profile over the dims a tune
+    sends (T up to the model's positions, P up to the exported prompt)."""
+    ranges = {**PROFILE, "T": (1, min(128, model.manifest.max_positions), model.manifest.max_positions),
+              "P": (1, model.manifest.prompt_tokens, model.manifest.prompt_tokens)}
+
+    def shapes(which: int) -> str:
+        out = []
+        for spec in model.graph.inputs:
+            dims = [str(d) if isinstance(d, int) else str(ranges.get(str(d), (1, 1, 1))[which]) for d in spec.shape]
+            out.append(f"{spec.name}:{'x'.join(dims) or '1'}")
+        return ",".join(out)
+
+    return {"precision_mode": "FP16" if model.precision == "fp16" else "FP32", "trt_engine_cache_enable": "1",
+            "trt_engine_cache_path": "/tmp/bbt-trt-cache", "trt_profile_min_shapes": shapes(0),
+            "trt_profile_opt_shapes": shapes(1), "trt_profile_max_shapes": shapes(2)}
 
 
-def write_repo(opts: RepoOptions) -> Path:
+def config_text(model: Served) -> str:
+    """config.pbtxt: the ModelConfig in protobuf text format."""
+    from google.protobuf import text_format
+
+    return text_format.MessageToString(model_config(model))
+
+
+def add_model(repository: Path, model: Served) -> None:
+    """REPOSITORY/NAME/config.pbtxt and REPOSITORY/NAME/1/model.onnx (and model.py for the python backend)."""
+    version = repository / model.name / "1"
+    version.mkdir(parents=True)
+    shutil.copyfile(model.manifest.directory / model.graph.file, version / GRAPH_FILE)
+    if model.backend == "python":
+        shutil.copyfile(MODEL_PY, version / "model.py")
+    write_text_atomic(repository / model.name / "config.pbtxt", config_text(model))
+
+
+def looks_like_repo(directory: Path) -> bool:
+    """What `triton-repo --force` may replace: model folders of config.pbtxt (onnxruntime or python backend) and
+    1/model.onnx (and 1/model.py) only."""
+    try:
+        models = list(directory.iterdir())
+    except OSError:
+        return False
+    for model in models:
+        if model.is_symlink() or not model.is_dir() or not only_files(model / "1", lambda n: n in (GRAPH_FILE, "model.py")) or \
+                sorted(p.name for p in model.iterdir()) != ["1", "config.pbtxt"]:
+            return False
+        try:
+            config = (model / "config.pbtxt").read_text(encoding="utf-8")
+            if not any(f'backend: "{b}"' in config for b in BACKENDS):
+                return False
+        except (OSError, UnicodeDecodeError):
+            return False
+    return bool(models)
+
+
+REPOSITORY = OutputKind("a model repository (`bbt-onnx triton-repo`)", looks_like_repo)
+
+
+def write_repo(opts: RepoOptions, log=None) -> Path:
     """REPO/NAME/config.pbtxt and REPO/NAME/1/model.onnx (and REPO/NAME.deep/ when the model has the deep-prompt
     graph), written whole (`write_dir`)."""
     opts.check()
+    inputs = [("model directory", Path(opts.model_dir))]
+    check_replaceable(opts.out, opts.force, REPOSITORY, opts.force_any, inputs)  # before the model is read
     manifest = load_manifest(opts.model_dir)
     precision = pick_precision(manifest, opts.precision)
+    models = served_models(manifest, precision, opts.name, backend=opts.backend, kind=opts.kind,
+                           instances=opts.instances, threads=opts.threads, tensorrt=opts.tensorrt,
+                           max_request=opts.max_request)
+    for model in models:
+        model_config(model)  # every refusal before anything is written
 
     def fill(staging: Path) -> None:
-        for deep in (False, True):
-            if deep and graph_key(precision, deep) not in manifest.graphs:
-                continue
-            model = staging / served_name(manifest, deep)
-            (model / "1").mkdir(parents=True)
-            shutil.copyfile(manifest.directory / manifest.graph(precision, deep).file, model / "1" / "model.onnx")
-            write_text_atomic(model / "config.pbtxt", config_text(manifest, precision, opts, deep))
+        for model in models:
+            add_model(staging, model)
 
-    return write_dir(opts.out, opts.force, fill) / served_name(manifest)
+    return write_dir(opts.out, opts.force, fill, REPOSITORY, opts.force_any, inputs, log) / models[0].name

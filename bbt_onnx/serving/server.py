@@ -1,48 +1,52 @@
-"""The service's side of LMaaS: serve an exported prompt graph on a real Triton Inference Server (PyTriton).
+"""The service's side of LMaaS: `bbt-onnx serve`, a real Triton Inference Server for exported prompt graphs.
 
-PyTriton starts tritonserver with its python backend; the bound callable runs the graph with our onnxruntime
-engine. Tensor names, dtypes and dynamic shapes are the graph contract's and the model's name comes from the
-manifest, so a client sees what a stock tritonserver over `bbt-onnx triton-repo` would show it.
+It writes a python-backend model repository (serving/repository.py: each graph in onnxruntime inside Triton's
+python backend, every request checked against the model's limits) into a workspace, runs the tritonserver binary
+PyTriton ships on it (serving/tritonserver.py: loopback ports of its own, its own process group, ready only once
+every model has loaded), and puts the gates in front (serving/gate.py: bodies bounded before they are read,
+inference requests' shapes checked, 503 while starting, restarting or stopping). If tritonserver dies, it is
+started again on the same ports while the gates answer 503, which the client's retries ride over. SIGINT or
+SIGTERM stops the gates, then tritonserver; the watchdog removes whatever is left, whatever killed the server.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
-import logging
-import os
 import signal
 import socket
-import sys
-import sysconfig
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
-from ..contract import GRAPH_OUTPUTS, graph_key
-from ..engines.ort import OrtEngine, OrtSpec
-from ..engines.served import DEFAULT_MAX_REQUEST, check_max_request, served_name, served_parameters
+from ..contract import PRECISIONS
+from ..engines.ort import OrtSpec
+from ..engines.served import DEFAULT_MAX_REQUEST, check_max_request, max_body
 from ..errors import ServerError, SettingsError
-from ..manifest import TensorSpec, load_manifest
+from ..manifest import load_manifest
 from ..options import setting
+from .gate import GrpcGate, HttpGate
+from .repository import add_model, check_name, served_models
+from .tritonserver import TritonProcess, Watchdog
 
 # everything but health (and the server's own metadata) needs the token when one is given
-TOKEN_ENDPOINTS = ["inference", "model-config", "model-repository", "shared-memory", "statistics", "trace", "logging"]
-NUMPY_TYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+TOKEN_ENDPOINTS = ("inference", "model-config", "model-repository", "shared-memory", "statistics", "trace", "logging")
+RESTARTS = 5  # tritonserver deaths survived before serve gives up
 
 
 @dataclass(frozen=True)
 class ServeOptions:
     model_dirs: tuple[str, ...]  # every model the one server serves, each under its own name
-    engine: OrtSpec = OrtSpec()  # the graph each request runs through, in the server's process
+    engine: OrtSpec = OrtSpec()  # the graph each request runs through, and where
+    names: tuple[str, ...] = ()  # a name per model directory [default: each export source's last path component]
     host: str = setting("127.0.0.1", "Address to bind; one other machines can reach needs --token-file.")
     http_port: int = setting(8000, "HTTP port.")
     grpc_port: int = setting(8001, "gRPC port.")
     metrics_port: int = setting(8002, "Metrics port.")
     token: str | None = None  # every request but health must send it (triton-access-token)
     max_request: int = setting(DEFAULT_MAX_REQUEST, "Largest request, as prompts x rows x tokens (C x N x T).")
+    verbose: bool = setting(False, "Show tritonserver's own log (it goes to a file in the workspace otherwise).")
 
     def check(self) -> "ServeOptions":
         ports = {"--http-port": self.http_port, "--grpc-port": self.grpc_port, "--metrics-port": self.metrics_port}
@@ -55,11 +59,18 @@ class ServeOptions:
         if not is_loopback(self.host) and not self.token:
             raise SettingsError(f"--host {self.host} is reachable from other machines: pass --token-file, or serve on "
                                 "127.0.0.1 (and put TLS and authentication in a gateway in front; see docs/serving.md)")
+        if self.names and len(self.names) != len(self.model_dirs):
+            raise SettingsError(f"--name is given {len(self.names)} times for {len(self.model_dirs)} models: give one "
+                                "per --model, in the same order")
+        for name in self.names:
+            check_name(name)
+        if self.engine.precision not in PRECISIONS:
+            raise SettingsError(f"precision {self.engine.precision!r} is not one of {', '.join(PRECISIONS)}")
         return self
 
 
 def check_ports_free(host: str, ports: dict[str, int]) -> None:
-    """A port another process holds is one line now, not a tritonserver start-up failure later."""
+    """A port another process holds is one line now, not a start-up failure later."""
     for flag, port in ports.items():
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -68,6 +79,12 @@ def check_ports_free(host: str, ports: dict[str, int]) -> None:
             except OSError as exc:
                 raise SettingsError(f"cannot listen on {host}:{port} ({flag}): {exc.strerror}; pick another port"
                                     ) from None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def is_loopback(host: str) -> bool:
@@ -79,118 +96,91 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def request_size(feeds: dict[str, np.ndarray]) -> tuple[int, int, int]:
-    """C prompts, N rows and T tokens of one request."""
-    return int(feeds["prompt_embeds"].shape[0]), *(int(d) for d in feeds["input_ids"].shape)
+class State:
+    """What the gates tell clients: starting, serving, restarting or stopping."""
 
+    def __init__(self):
+        self.value = "starting"
 
-def wire_shape(spec: TensorSpec) -> tuple[int, ...]:
-    """A graph input's served shape: every dim dynamic, and a scalar (the deep graph's prompt_layer) as [1],
-    since a served tensor has at least one dim."""
-    return (-1,) * len(spec.shape) if spec.shape else (1,)
-
-
-def make_infer(engine: OrtEngine, inputs: tuple[TensorSpec, ...], max_request: int) -> Callable[[list], list]:
-    """PyTriton's callable: each request's tensors through the session (a served [1] back to the graph's
-    scalar), refused above the size limit."""
-    scalars = {t.name for t in inputs if not t.shape}
-
-    def infer(requests: list) -> list:
-        results = []
-        for request in requests:
-            feeds = {t.name: np.asarray(request[t.name]) for t in inputs}
-            feeds.update({name: feeds[name].reshape(()) for name in scalars})
-            c, n, t = request_size(feeds)
-            if c * n * t > max_request:
-                raise ValueError(f"a request of {c} prompts x {n} rows x {t} tokens = {c * n * t} is over the "
-                                 f"server's limit of {max_request} (C x N x T)")
-            logits = engine.session.run(list(GRAPH_OUTPUTS), feeds)[0]
-            results.append({GRAPH_OUTPUTS[0]: np.asarray(logits, np.float32)})
-        return results
-    return infer
-
-
-def python_backend_env() -> None:
-    """The python backend's stub loads libpython from the library path: make it this interpreter's (with several
-    libpython3.x on a machine, the wrong one fails on `_thread.RLock`)."""
-    libdir = sysconfig.get_config_var("LIBDIR")
-    current = os.environ.get("LD_LIBRARY_PATH", "")
-    if libdir and libdir not in current.split(":"):
-        os.environ["LD_LIBRARY_PATH"] = f"{libdir}:{current}" if current else libdir
+    def __call__(self) -> str:
+        return self.value
 
 
 def serve(opts: ServeOptions, log: Callable[[str], None] = lambda _m: None) -> None:
-    """Serve until SIGINT or SIGTERM; on either, tritonserver, its backend processes and the workspace go.
-    tritonserver's own log (PyTriton prints it) goes to stderr with ours: stdout stays for results."""
-    with contextlib.redirect_stdout(sys.stderr):
-        _serve(opts, log)
-
-
-def _serve(opts: ServeOptions, log: Callable[[str], None]) -> None:
+    """Serve until SIGINT or SIGTERM; then nothing of the server is left: no process, shared memory or folder."""
     opts.check()
     check_ports_free(opts.host, {"--http-port": opts.http_port, "--grpc-port": opts.grpc_port,
                                  "--metrics-port": opts.metrics_port})
-    precision = opts.engine.precision
-    served = {}  # name -> (manifest, engine, graph): each prompt graph, and beside it its deep graph when exported
-    for directory in opts.model_dirs:
+    models, limit = [], 0
+    for i, directory in enumerate(opts.model_dirs):
         manifest = load_manifest(directory)
-        for deep in (False, True):
-            if deep and graph_key(precision, deep) not in manifest.graphs:
-                continue
-            name = served_name(manifest, deep)
-            if name in served:
-                raise SettingsError(f"{directory} would be served as {name!r}, the name of {served[name][0].directory} "
-                                    "too; serve them from two servers")
-            served[name] = (manifest, opts.engine.open(manifest, deep), manifest.graph(precision, deep))
-    try:
-        from pytriton.model_config import ModelConfig, Tensor
-        from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
-    except ImportError:
-        raise SettingsError("bbt-onnx serve needs PyTriton: pip install 'bbt-onnx[serve]'") from None
-    logging.getLogger("pytriton").setLevel(logging.WARNING)
-    python_backend_env()
-    config = TritonConfig(http_address=opts.host, grpc_address=opts.host, metrics_address=opts.host,
-                          http_port=opts.http_port, grpc_port=opts.grpc_port, metrics_port=opts.metrics_port,
-                          log_verbose=0, exit_timeout_secs=5)
-    security = TritonSecurityConfig(access_token=opts.token, restricted_endpoints=TOKEN_ENDPOINTS) if opts.token \
-        else TritonSecurityConfig()  # PyTriton's default: the admin endpoints behind a random token of its own
-
-    def tensors(specs):
-        return [Tensor(name=t.name, dtype=NUMPY_TYPES[t.dtype], shape=wire_shape(t)) for t in specs]
-
-    stop = _Stop()
+        reason = opts.engine.unavailable(manifest)
+        if reason:
+            raise SettingsError(f"cannot serve {directory} on {opts.engine.name}: {reason}")
+        limit = max(limit, max_body(manifest, opts.max_request))
+        for model in served_models(manifest, opts.engine.precision, opts.names[i] if opts.names else None,
+                                   backend="python", kind="gpu" if opts.engine.device == "cuda" else "cpu",
+                                   threads=opts.engine.threads, max_request=opts.max_request,
+                                   device=opts.engine.device):
+            clash = next((m for m in models if m.name == model.name), None)
+            if clash is not None:
+                raise SettingsError(f"{directory} would be served as {model.name!r}, the name of "
+                                    f"{clash.manifest.directory} too; give each its own --name")
+            models.append(model)
+    workspace = Path(tempfile.mkdtemp(prefix="bbt-serve-"))
+    watchdog = Watchdog(workspace)
+    state, stop = State(), Stop()
     previous = {sig: signal.signal(sig, stop.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-    triton = Triton(config=config, security_config=security)
+    gates, triton = [], None
     try:
-        for name, (manifest, engine, graph) in served.items():
-            triton.bind(name, make_infer(engine, graph.inputs, opts.max_request), inputs=tensors(graph.inputs),
-                        outputs=tensors(graph.outputs), config=ModelConfig(batching=False))
-            _add_parameters(triton, name, served_parameters(manifest, precision, opts.max_request,
-                                                            engine.max_buckets))
-        names = ", ".join(repr(n) for n in served)
-        log(f"starting tritonserver: {names} ({opts.engine.name}), workspace {triton._workspace.path}")
-        try:
-            triton.run()
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # noqa: BLE001 - PyTriton's start-up errors: the cause is in tritonserver's log
-            raise ServerError(f"tritonserver did not start ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                              "its log is above") from None
-        log(f"serving {names}: http://{opts.host}:{opts.http_port}, grpc://{opts.host}:{opts.grpc_port}, metrics "
-            f"on {opts.metrics_port}; requests up to {opts.max_request} (C x N x T)"
-            f"{'; inference needs the token' if opts.token else ''}. Ctrl-C or SIGTERM stops it.")
-        while triton.is_alive():
+        repository = workspace / "repository"
+        for model in models:
+            add_model(repository, model)
+        names = ", ".join(repr(m.name) for m in models)
+        triton = TritonProcess(repository, workspace, free_port(), free_port(), opts.token, TOKEN_ENDPOINTS,
+                               log_file=None if opts.verbose else workspace / "tritonserver.log",
+                               watchdog=watchdog, metrics=(opts.host, opts.metrics_port))
+        log(f"starting tritonserver: {names} ({opts.engine.name}), workspace {workspace}")
+        gates = [HttpGate(opts.host, opts.http_port, triton.http_port, limit, state, opts.token),
+                 GrpcGate(opts.host, opts.grpc_port, triton.grpc_port, limit, state)]
+        for gate in gates:
+            gate.start()  # answering 503 while the models load
+        triton.start()
+        state.value = "serving"
+        log(f"serving {names}: http://{opts.host}:{opts.http_port}, grpc://{opts.host}:{opts.grpc_port}, metrics on "
+            f"{opts.metrics_port}; requests up to {opts.max_request} (C x N x T), bodies up to {limit} bytes"
+            f"{'; every request but health needs the token' if opts.token else ''}. Ctrl-C or SIGTERM stops it.")
+        restarts = 0
+        while True:
             time.sleep(0.2)
-        raise ServerError("tritonserver or its python backend exited")
+            if triton.alive():
+                continue
+            restarts += 1
+            if restarts > RESTARTS:
+                raise ServerError(f"tritonserver died {restarts} times{triton.last_error()}; giving up")
+            state.value = "restarting"
+            log(f"tritonserver exited (code {triton.proc.returncode}){triton.last_error()}; starting it again")
+            triton.stop()
+            triton = TritonProcess(repository, workspace, triton.http_port, triton.grpc_port, opts.token,
+                                   TOKEN_ENDPOINTS, log_file=triton.log_file, watchdog=watchdog,
+                                   metrics=triton.metrics)
+            triton.start()
+            state.value = "serving"
+            log("serving again")
     except KeyboardInterrupt:
-        log(f"{stop.requested or 'interrupted'}: stopping tritonserver")
+        log(f"{stop.requested or 'interrupted'}: stopping")
     finally:
-        triton.stop()
+        state.value = "stopping"
+        for gate in gates:
+            gate.stop()
+        if triton is not None:
+            triton.stop()
+        watchdog.close()  # removes the workspace
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-class _Stop:
+class Stop:
     """The first SIGINT or SIGTERM interrupts start-up or the serving loop; later ones wait for the clean-up."""
 
     def __init__(self):
@@ -200,14 +190,3 @@ class _Stop:
         if self.requested is None:
             self.requested = signal.Signals(signum).name
             raise KeyboardInterrupt
-
-
-def _add_parameters(triton, name: str, params: dict[str, str]) -> None:
-    """Model-config parameters a client reads (fingerprint, request limit). PyTriton 0.7 has no public way to set
-    them; its generated config keeps a `backend_parameters` dict, filled here before the model loads."""
-    try:
-        (model,) = [m for m in triton._model_manager.models if m.model_name == name]
-        model._get_triton_model_config().backend_parameters.update(params)
-    except (AttributeError, ValueError, TypeError) as exc:
-        raise ServerError(f"this PyTriton cannot carry the model's fingerprint ({exc}); install nvidia-pytriton==0.7.0"
-                          ) from None

@@ -1,0 +1,38 @@
+"""Contextual calibration (Zhao et al., "Calibrate Before Use", ICML 2021): divide out the label prior a prompt
+has on its own. Pure functions; the prompt scores the content-free rows.
+
+A template leans towards some label words before it sees any text. Scoring content-free inputs ("N/A", the empty
+text, "[MASK]") in the template estimates that lean p_cf, the mean of their label-word probabilities; a row's
+probabilities p become p / p_cf, renormalised. Predictions are the paper's (the argmax of W p with W = diag(p_cf)^-1);
+the probabilities are the renormalised ratio rather than the paper's softmax of W p, so that they still sum to 1
+as a prior correction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .data import Example
+from .losses import log_softmax
+from .tasks import Task
+
+CONTENT_FREE = ("N/A", "", "[MASK]")
+
+
+def content_free_rows(task: Task) -> list[Example]:
+    """The content-free inputs, in every text field the template has."""
+    return [Example(text, text if task.uses_text_b else None) for text in CONTENT_FREE]
+
+
+def log_prior(content_free_logits: np.ndarray) -> np.ndarray:
+    """[M, K] label logits of the content-free rows -> [K]: log of their mean label-word probabilities."""
+    probs = np.exp(log_softmax(np.asarray(content_free_logits, np.float64)))
+    return np.log(probs.mean(axis=0))
+
+
+def calibrated(logits: np.ndarray, prior: np.ndarray | None) -> np.ndarray:
+    """[..., K] logits -> calibrated log-probabilities (unchanged log-probabilities when there is no prior)."""
+    out = log_softmax(np.asarray(logits, np.float64))
+    if prior is None:
+        return out
+    return log_softmax(out - np.asarray(prior, np.float64))

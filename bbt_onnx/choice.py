@@ -1,0 +1,74 @@
+"""Which prompt a run hands back: the tuned one, or the user's own template when tuning did not earn its place.
+
+Every candidate was scored on the same dev rows. The tuned side (a seed's prompt, or the seeds' ensemble) is
+compared with the best plain framing by a paired bootstrap of the dev margin. Two rules:
+  interval - keep the tuned prompt only when the margin's interval lies above 0 (the default: a few dev rows
+             are noisy, and a lucky dev score must not replace a template that works);
+  max      - keep whichever scored highest on dev (a tie keeps the template).
+Without fallback the tuned side is kept whatever the margin; the report still gives it. Pure functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import losses
+from .errors import SettingsError
+from .stats import Margin, paired_margin
+
+RULES = ("interval", "max")
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A candidate's dev logits ([N, K], calibrated when the run calibrates) and its dev metric."""
+
+    name: str
+    logits: np.ndarray
+    metric: float
+
+
+def scored(name: str, logits: np.ndarray, labels: np.ndarray, metric: str) -> Scored:
+    return Scored(name, np.asarray(logits, np.float64), float(losses.metric(metric, logits, labels)[0]))
+
+
+@dataclass(frozen=True)
+class Choice:
+    kept: str  # the winning candidate's name
+    tuned: bool  # the kept candidate is tuned (not a plain framing)
+    rule: str
+    best_tuned: str
+    best_baseline: str
+    margin: Margin  # best tuned - best baseline on dev
+    reason: str  # one line for the user
+
+    def to_json(self) -> dict:
+        return {"kept": self.kept, "tuned": self.tuned, "rule": self.rule, "best_tuned": self.best_tuned,
+                "best_baseline": self.best_baseline, "dev_margin": self.margin.to_json(), "reason": self.reason}
+
+
+def best(candidates: list[Scored]) -> Scored:
+    """The highest dev metric; the first listed wins a tie."""
+    return max(candidates, key=lambda c: c.metric)  # max keeps the first of equal keys
+
+
+def choose(tuned: list[Scored], baselines: list[Scored], labels: np.ndarray, metric: str, rule: str = "interval",
+           fallback: bool = True, seed: int = 0) -> Choice:
+    if rule not in RULES:
+        raise SettingsError(f"--choose {rule!r} is not one of {', '.join(RULES)}")
+    top, base = best(tuned), best(baselines)
+    margin = paired_margin(metric, top.logits, base.logits, labels, seed=seed)
+    if not fallback:
+        keep, why = True, "--no-fallback keeps the tuned prompt"
+    elif rule == "max":
+        keep = top.metric > base.metric
+        why = "it scored higher on dev" if keep else "it scored at least as high on dev"
+    else:
+        keep = margin.low > 0
+        why = ("the dev margin's interval lies above 0" if keep else
+               "the dev margin's interval reaches 0 or below")
+    kept = top if keep else base
+    reason = f"kept {kept.name} ({metric} {kept.metric:.4f} on dev): {why}; {top.name} against {base.name}: {margin}"
+    return Choice(kept.name, keep, rule, top.name, base.name, margin, reason)

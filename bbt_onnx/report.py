@@ -1,0 +1,170 @@
+"""`bbt-onnx report RUN...`: what runs measured, as the paper reports it, from their run.json files alone.
+
+Runs are grouped by task and setting (method, framing, prompt length, subspace, budget, calibration, start). In each
+group: every baseline, every seed, the tuned seeds' mean ± std, the ensemble, and the result each run kept (after
+its choice between tuned and plain). Runs made with different versions are flagged: the same seed gives the same z
+only within one environment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import RunError
+from .runs import RUN_JSON, read_run_json
+from .stats import Spread, spread
+
+SETTING_KEYS = ("method", "prompt_tokens", "intrinsic_dim", "popsize", "budget", "loss", "calibrate", "prompt_init")
+
+
+@dataclass(frozen=True)
+class Row:
+    task: str
+    setting: str
+    candidate: str
+    runs: int
+    dev: Spread
+    test: Spread
+    test_uncalibrated: Spread
+    test_calibrated: Spread
+    note: str = ""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Report:
+    rows: list[Row]
+    runs: int
+    mixed_versions: dict[str, list[str]]  # package -> the versions seen, when they differ
+
+    def to_json(self) -> dict:
+        return {"runs": self.runs, "rows": [r.to_json() for r in self.rows], "mixed_versions": self.mixed_versions}
+
+
+def read_run(path: str | Path) -> dict:
+    """A finished run's run.json (a run directory or the file itself)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RUN_JSON
+    raw = read_run_json(path)
+    if raw.get("status") != "complete":
+        raise RunError(f"{path} is not a finished run (status {raw.get('status')!r}); finish or resume it first")
+    return raw
+
+
+def setting_of(run: dict) -> str:
+    """The setting a run belongs to, in words: what decides its numbers apart from the seed and the data."""
+    tune = run["settings"].get("tune", {})
+    task = run["settings"].get("task", {})
+    framing = ", ".join(f"{k} {task[k]}" for k in ("bos", "chat", "prompt_position") if k in task)
+    parts = [f"{k} {tune[k]}" for k in SETTING_KEYS if tune.get(k) is not None]
+    return "; ".join(parts + ([framing] if framing else []))
+
+
+def summarise(paths: list[str | Path]) -> Report:
+    if not paths:
+        raise RunError("give at least one run directory")
+    runs = [read_run(p) for p in paths]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for run in runs:
+        key = (str(run["settings"].get("task", {}).get("name", "?")), setting_of(run))
+        groups.setdefault(key, []).append(run)
+    rows: list[Row] = []
+    for (task, setting), members in groups.items():
+        rows.extend(group_rows(task, setting, members))
+    return Report(rows, len(runs), mixed_versions(runs))
+
+
+def group_rows(task: str, setting: str, runs: list[dict]) -> list[Row]:
+    def row(candidate: str, entries: list[dict], note: str = "") -> Row:
+        def over(key: str) -> Spread:
+            return spread(e.get(key) for e in entries)
+
+        return Row(task, setting, candidate, len(entries), over("dev_metric"), over("test_metric"),
+                   over("test_metric_uncalibrated"), over("test_metric_calibrated"), note)
+
+    rows: list[Row] = []
+    names = []
+    for run in runs:
+        names += [b["name"] for b in run.get("baselines", []) if b["name"] not in names]
+    for name in names:
+        rows.append(row(name, [b for run in runs for b in run.get("baselines", []) if b["name"] == name]))
+    seeds = [dict(s, data=run["settings"].get("data", {}).get("seed")) for run in runs for s in run.get("seeds", [])]
+    for s in seeds:
+        rows.append(row(f"seed {s['seed']}" + (f" (data {s['data']})" if len(runs) > 1 else ""), [s]))
+    if len(seeds) > 1:
+        rows.append(row("tuned, mean ± std over seeds", seeds))
+    ensembles = [run["ensemble"] for run in runs if run.get("ensemble")]
+    if ensembles:
+        rows.append(row("ensemble of the seeds", ensembles))
+    results = [run.get("choice") or {} for run in runs]
+    kept = sorted({r.get("kept", "?") for r in results})
+    held = [r for r, run in zip(results, runs) if not_worse(r, run)]
+    rows.append(row("result (kept by the run)", results,
+                    note=f"kept {', '.join(kept)}; at or above the best-dev template on test in {len(held)} of "
+                         f"{len(results)}"))
+    for rule in ("max", "interval"):
+        under = [kept_under(rule, run) for run in runs]
+        if all(u is not None for u in under):
+            rows.append(row(f"result if --choose {rule}", under,
+                            note=f"tuned kept in {sum(u['tuned'] for u in under)} of {len(under)}"))
+    return rows
+
+
+def best_baseline(run: dict) -> dict | None:
+    name = (run.get("choice") or {}).get("best_baseline")
+    return next((b for b in run.get("baselines", []) if b["name"] == name), None)
+
+
+def not_worse(result: dict, run: dict) -> bool:
+    base = best_baseline(run)
+    return base is not None and result.get("test_metric") is not None and base.get("test_metric") is not None \
+        and result["test_metric"] >= base["test_metric"]
+
+
+def kept_under(rule: str, run: dict) -> dict | None:
+    """What a run would have kept under `rule`, from its recorded dev margin: the tuned side or the best baseline
+    (the same numbers the run scored, so both rules are measured on one set of runs)."""
+    choice, base = run.get("choice") or {}, best_baseline(run)
+    margin = choice.get("dev_margin") or {}
+    tuned = run.get("ensemble") or (run.get("seeds") or [None])[0]
+    if base is None or tuned is None or "low" not in margin:
+        return None
+    keep = margin["value"] > 0 if rule == "max" else margin["low"] > 0
+    picked = tuned if keep else base
+    return {"tuned": keep, "dev_metric": picked.get("dev_metric"), "test_metric": picked.get("test_metric")}
+
+
+def mixed_versions(runs: list[dict]) -> dict[str, list[str]]:
+    seen: dict[str, set[str]] = {}
+    for run in runs:
+        for name, version in (run.get("provenance", {}).get("versions") or {}).items():
+            seen.setdefault(name, set()).add(str(version))
+    return {name: sorted(v) for name, v in seen.items() if len(v) > 1}
+
+
+def format_markdown(report: Report) -> str:
+    """One table per task and setting: each candidate's dev and test metric (mean ± std over runs or seeds), and
+    its test metric uncalibrated and calibrated where the run recorded both."""
+    lines: list[str] = []
+    for task, setting in dict.fromkeys((r.task, r.setting) for r in report.rows):
+        lines += [f"{task}: {setting}", "",
+                  "| Candidate | Runs | Dev | Test | Test, uncalibrated | Test, calibrated | Note |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in report.rows:
+            if (r.task, r.setting) == (task, setting):
+                lines.append(f"| {r.candidate} | {r.runs} | {fmt(r.dev)} | {fmt(r.test)} | {fmt(r.test_uncalibrated)} "
+                             f"| {fmt(r.test_calibrated)} | {r.note} |")
+        lines.append("")
+    if report.mixed_versions:
+        mixed = "; ".join(f"{k} {' / '.join(v)}" for k, v in report.mixed_versions.items())
+        lines.append(f"Note: these runs were made with different versions ({mixed}); the same seed gives the same z "
+                     "only within one environment.")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def fmt(s: Spread) -> str:
+    return "n/a" if s.n == 0 else str(s)

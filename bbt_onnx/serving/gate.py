@@ -1,0 +1,334 @@
+"""The gates in front of tritonserver: what a client reaches on the public ports.
+
+tritonserver 2.51 sizes a buffer from a JSON request's declared shape before it checks anything, and a 3 KB request
+declaring [1000000, 1000000, 1000000] aborts it; it also reads a whole body into memory before a model can refuse
+it. So tritonserver listens on loopback ports of its own, and the gates forward to it, refusing first, without
+reading them: a body over the server's limit (HTTP: by its Content-Length; gRPC: by the message length), a chunked
+body, and an inference request whose declared shapes do not match the data it carries or exceed the limit. While
+the models load, and while the server stops or restarts, they answer 503 (gRPC: UNAVAILABLE) with a one-line
+reason, so that clients wait and retry rather than being told a model does not exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from ..engines.served import TOKEN_HEADER
+
+ITEM_BYTES = {"BOOL": 1, "INT8": 1, "UINT8": 1, "INT16": 2, "UINT16": 2, "FP16": 2, "BF16": 2, "INT32": 4,
+              "UINT32": 4, "FP32": 4, "INT64": 8, "UINT64": 8, "FP64": 8, "BYTES": 1}
+INFER_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$")
+OPEN_METADATA = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?(/ready)?$")  # model metadata and readiness
+MAX_HEAD = 64 * 1024
+DRAIN = 256 << 20  # a refused body up to this size is read past and dropped, so the client reads the refusal
+STATES = ("starting", "serving", "restarting", "stopping")
+LIVE = b"\x08\x01"  # a ServerLiveResponse with live = true, as protobuf bytes
+
+
+class Refusal(Exception):
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+
+
+def check_infer(body: bytes, headers: dict[str, str], max_bytes: int) -> None:
+    """An inference request's JSON header against the data it carries: every input's declared shape a list of
+    counts whose product fits the limit and equals its data (JSON `data`, or `binary_data_size`)."""
+    length = headers.get("inference-header-content-length")
+    try:
+        head = body[:int(length)] if length is not None else body
+        request = json.loads(head)
+    except (ValueError, UnicodeDecodeError):
+        raise Refusal(400, "the inference request's header is not valid JSON") from None
+    inputs = request.get("inputs") if isinstance(request, dict) else None
+    if not isinstance(inputs, list):
+        raise Refusal(400, "the inference request has no list of inputs")
+    for item in inputs:
+        if not isinstance(item, dict):
+            raise Refusal(400, "an input of the inference request is not an object")
+        name, shape, dtype = item.get("name"), item.get("shape"), item.get("datatype")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d
+                                                  for d in shape):
+            raise Refusal(400, f"input {name!r} has no shape of non-negative counts")
+        if dtype not in ITEM_BYTES:
+            raise Refusal(400, f"input {name!r} has an unknown datatype {dtype!r}")
+        count = 1
+        for d in shape:
+            count *= d
+            if count * ITEM_BYTES[dtype] > max_bytes:
+                raise Refusal(400, f"input {name!r} of shape {shape} is over the server's limit of {max_bytes} bytes")
+        params = item.get("parameters") if isinstance(item.get("parameters"), dict) else {}
+        if "binary_data_size" in params:
+            size = params["binary_data_size"]
+            if dtype != "BYTES" and size != count * ITEM_BYTES[dtype]:
+                raise Refusal(400, f"input {name!r} of shape {shape} carries {size} bytes, not "
+                                   f"{count * ITEM_BYTES[dtype]}")
+        elif flat_count(item.get("data"), count) != count:
+            raise Refusal(400, f"input {name!r} declares shape {shape} but carries another number of values")
+
+
+def flat_count(data, stop: int) -> int:
+    """How many values a JSON array holds, flattened (counting stops past `stop`)."""
+    if not isinstance(data, list):
+        return -1
+    count, todo = 0, [data]
+    while todo and count <= stop:
+        for value in todo.pop():
+            if isinstance(value, list):
+                todo.append(value)
+            else:
+                count += 1
+    return count
+
+
+class HttpGate:
+    """HTTP/1.1 in front of tritonserver's HTTP port: bodies bounded before they are read, inference requests'
+    shapes checked, keep-alive connections each with their own upstream connection."""
+
+    def __init__(self, host: str, port: int, upstream: int, max_body: int, state: Callable[[], str],
+                 token: str | None = None):
+        self.host, self.port, self.upstream, self.max_body, self.state = host, port, upstream, max_body, state
+        self.token = token  # checked here first, so that a caller without it has nothing parsed for it
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.server: asyncio.base_events.Server | None = None
+        self.thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="http-gate", daemon=True)
+        self.thread.start()
+        self._started.wait()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        if self.loop is not None and self.server is not None and self.loop.is_running():
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop)
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+
+    async def _shutdown(self) -> None:
+        """No new connections, the open ones ended, then the loop."""
+        self.server.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        asyncio.get_running_loop().stop()
+
+    def _run(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        try:
+            self.server = self.loop.run_until_complete(asyncio.start_server(self._client, self.host, self.port,
+                                                                            limit=MAX_HEAD))
+        except OSError as exc:
+            self.error = exc
+            self._started.set()
+            return
+        self._started.set()
+        self.loop.run_forever()
+        self.loop.close()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+                    return
+                method, target, headers = parse_head(head)
+                keep = headers.get("connection", "").lower() != "close"
+                if self.token and restricted(method, target) and headers.get(TOKEN_HEADER) != self.token:
+                    await respond(writer, 403, f"This API is restricted, expecting header '{TOKEN_HEADER}'",
+                                  close=True)
+                    await linger(reader, writer)
+                    return
+                try:
+                    body = await self._body(reader, headers)
+                except Refusal as refusal:
+                    await respond(writer, refusal.status, str(refusal), close=True)
+                    await linger(reader, writer)
+                    return
+                state = self.state()
+                if state != "serving":  # answered here: live while starting or restarting, nothing else
+                    if target == "/v2/health/live" and state != "stopping":
+                        await respond(writer, 200, "", close=not keep)
+                    else:
+                        await respond(writer, 503, f"the server is {state}: retry in a moment", close=not keep)
+                    if not keep:
+                        return
+                    continue
+                if method == "POST" and INFER_PATH.match(target.split("?")[0]):
+                    try:
+                        check_infer(body, headers, self.max_body)
+                    except Refusal as refusal:
+                        await respond(writer, refusal.status, str(refusal), close=not keep)
+                        if not keep:
+                            return
+                        continue
+                try:
+                    if upstream is None:
+                        upstream = await asyncio.open_connection("127.0.0.1", self.upstream, limit=MAX_HEAD)
+                    closing = await forward(head, body, upstream, writer)
+                except (OSError, asyncio.IncompleteReadError, ValueError):
+                    if upstream is not None:
+                        upstream[1].close()
+                    upstream = None
+                    await respond(writer, 503, "the server is restarting: retry in a moment", close=not keep)
+                    closing = False
+                if closing or not keep:
+                    return
+        finally:
+            if upstream is not None:
+                upstream[1].close()
+            writer.close()
+
+    async def _body(self, reader, headers: dict[str, str]) -> bytes:
+        """The request's body, once its declared length is known to fit; a body over the limit is read past
+        (up to a bound, in small pieces, none kept) so that the client hears the answer."""
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            raise Refusal(411, "chunked bodies are not accepted: send a Content-Length")
+        try:
+            length = int(headers.get("content-length", "0"))
+        except ValueError:
+            raise Refusal(400, "the Content-Length is not a number") from None
+        if length < 0:
+            raise Refusal(400, "the Content-Length is negative")
+        if length > self.max_body:
+            left = length if length <= DRAIN else 0
+            while left > 0:
+                left -= len(await reader.read(min(left, 1 << 16)) or b"x" * left)
+            raise Refusal(413, f"a body of {length} bytes is over the server's limit of {self.max_body}")
+        return await reader.readexactly(length) if length else b""
+
+
+def restricted(method: str, target: str) -> bool:
+    """Every endpoint but health (the server's and a model's readiness) and metadata needs the token, as
+    tritonserver's own restriction has it."""
+    path = target.split("?")[0].rstrip("/")
+    if path.startswith("/v2/health") or (method == "GET" and (path == "/v2" or OPEN_METADATA.match(path))):
+        return False
+    return True
+
+
+def parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    method, target = (parts[0], parts[1]) if len(parts) >= 2 else ("", "")
+    headers = {}
+    for line in lines[1:]:
+        if ":" in line:
+            key, value = line.split(":", 1)
+            headers[key.strip().lower()] = value.strip()
+    return method, target, headers
+
+
+async def forward(head: bytes, body: bytes, upstream, writer) -> bool:
+    """One request upstream and its response back; True when the response closes the connection."""
+    up_reader, up_writer = upstream
+    up_writer.write(head + body)
+    await up_writer.drain()
+    response = await up_reader.readuntil(b"\r\n\r\n")
+    _, _, headers = parse_head(b"X X\r\n" + response.split(b"\r\n", 1)[1])
+    writer.write(response)
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        while True:
+            size_line = await up_reader.readuntil(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            chunk = await up_reader.readexactly(size + 2)
+            writer.write(size_line + chunk)
+            if size == 0:
+                break
+    else:
+        length = int(headers.get("content-length", "0"))
+        if length:
+            writer.write(await up_reader.readexactly(length))
+    await writer.drain()
+    return headers.get("connection", "").lower() == "close"
+
+
+async def respond(writer, status: int, reason: str, close: bool) -> None:
+    body = json.dumps({"error": reason}).encode() if reason else b""
+    text = {200: "OK", 400: "Bad Request", 403: "Forbidden", 411: "Length Required", 413: "Payload Too Large",
+            503: "Service Unavailable"}
+    writer.write(f"HTTP/1.1 {status} {text.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n{'Connection: close' + chr(13) + chr(10) if close else ''}\r\n"
+                 .encode() + body)
+    try:
+        await writer.drain()
+    except ConnectionError:
+        pass
+
+
+async def linger(reader, writer, seconds: float = 2.0, most: int = 1 << 20) -> None:
+    """After a refusal that closes the connection, whatever the client still sends is read and dropped for a
+    moment: closing with unread bytes resets the connection, and the client would lose the answer."""
+    try:
+        writer.write_eof()
+        loop = asyncio.get_running_loop()
+        end, read = loop.time() + seconds, 0
+        while read < most and loop.time() < end:
+            data = await asyncio.wait_for(reader.read(1 << 16), end - loop.time())
+            if not data:
+                return
+            read += len(data)
+    except (OSError, asyncio.TimeoutError, RuntimeError):
+        pass
+
+
+class GrpcGate:
+    """gRPC in front of tritonserver's gRPC port: messages over the limit refused by length before they are read,
+    unary calls forwarded as bytes with their metadata and deadline."""
+
+    def __init__(self, host: str, port: int, upstream: int, max_message: int, state: Callable[[], str]):
+        import grpc
+
+        self.grpc, self.state = grpc, state
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{upstream}", options=[
+            ("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)])
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=32, thread_name_prefix="grpc-gate"), options=[
+            ("grpc.max_receive_message_length", max_message), ("grpc.max_send_message_length", -1),
+            ("grpc.so_reuseport", 0)])
+        self.server.add_generic_rpc_handlers((self,))
+        if not self.server.add_insecure_port(f"{host}:{port}"):
+            raise OSError(f"cannot listen on {host}:{port}")
+
+    def start(self) -> None:
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop(grace=2).wait()
+        self.channel.close()
+
+    def service(self, details):
+        """Every unary method, forwarded; streaming ones (not used by bbt-onnx) are left unimplemented."""
+        if details.method.endswith("ModelStreamInfer"):
+            return None
+        call = self.channel.unary_unary(details.method)
+        grpc = self.grpc
+
+        def forward_call(request: bytes, context):
+            state = self.state()
+            if state != "serving":
+                if details.method.endswith("/ServerLive") and state != "stopping":
+                    return LIVE  # the process is alive while its models load
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"the server is {state}: retry in a moment")
+            metadata = [(k, v) for k, v in context.invocation_metadata()
+                        if not k.startswith((":", "grpc-")) and k != "user-agent"]
+            remaining = context.time_remaining()  # without a client deadline, a huge number: none then
+            try:
+                return call(request, metadata=metadata, timeout=remaining if remaining and remaining < 1e6 else None)
+            except grpc.RpcError as exc:
+                code, text = exc.code(), exc.details() or exc.code().name
+                if code == grpc.StatusCode.UNAVAILABLE and "restricted" not in text.lower():
+                    text = "the server is restarting: retry in a moment"  # tritonserver unreachable from here
+                context.abort(code, text)
+
+        return grpc.unary_unary_rpc_method_handler(forward_call)

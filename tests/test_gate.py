@@ -1,0 +1,48 @@
+"""The HTTP gate alone (no tritonserver behind it): what a refused client hears."""
+
+import socket
+
+import pytest
+
+from bbt_onnx.serving.gate import HttpGate
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def gate():
+    gate = HttpGate("127.0.0.1", free_port(), free_port(), 1 << 16, lambda: "serving", token="secret")
+    gate.start()
+    yield gate
+    gate.stop()
+
+
+def exchange(port: int, head: bytes, body: bytes) -> bytes:
+    """Sends a request whose body the gate will refuse unread, then reads the whole answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(head)
+        try:
+            conn.sendall(body)
+        except OSError:
+            pass
+        answer = b""
+        while chunk := conn.recv(1 << 16):
+            answer += chunk
+        return answer
+
+
+@pytest.mark.parametrize("case,status", [("chunked", b"411"), ("over-limit", b"413"), ("no-token", b"403")])
+def test_refusal_is_heard_though_the_body_is_unread(gate, case, status):
+    """Closing a connection with unread bytes resets it: the client must still read the refusal, every time."""
+    body = b"x" * (1 << 15)
+    heads = {"chunked": b"Transfer-Encoding: chunked\r\ntriton-access-token: secret\r\n",
+             "over-limit": f"Content-Length: {1 << 30}\r\ntriton-access-token: secret\r\n".encode(),
+             "no-token": f"Content-Length: {len(body)}\r\n".encode()}
+    head = b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\n" + heads[case] + b"\r\n"
+    for _ in range(40):
+        answer = exchange(gate.port, head, body)
+        assert answer.split(b" ")[1] == status, answer[:80]

@@ -1,0 +1,230 @@
+"""Never worse than the user's own template: the baselines a run scores, the choice between them and the tuned
+prompt, the start of the search, calibration, patience."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from bbt_onnx import Model, PRESETS, TuneConfig
+from bbt_onnx.baselines import init_candidates, plain_framings
+from bbt_onnx.calibration import calibrated, content_free_rows, log_prior
+from bbt_onnx.choice import choose, scored
+from bbt_onnx.data import DataSpec
+from bbt_onnx.errors import BBTError
+from bbt_onnx.prompt import TunedPrompt, load_prompt
+from bbt_onnx.stats import paired_margin, spread
+from bbt_onnx.tasks import Framing, make_task
+from bbt_onnx.workflow import TuneRequest, tune
+
+from helpers import generations, invoke
+from test_tune import tune_args
+
+
+def one_hot(predictions, k=2) -> np.ndarray:
+    return np.eye(k)[np.asarray(predictions)] * 5.0
+
+
+# -- pure parts -------------------------------------------------------------------------------------------------
+def test_paired_margin_is_zero_for_one_prompt_and_above_zero_for_a_clearly_better_one():
+    labels = np.array([0, 1] * 50)
+    same = paired_margin("accuracy", one_hot(labels), one_hot(labels), labels)
+    assert (same.value, same.low, same.high) == (0.0, 0.0, 0.0)
+    wrong = labels.copy()
+    wrong[:40] = 1 - wrong[:40]  # b misses 40 of 100 rows that a gets right
+    better = paired_margin("accuracy", one_hot(labels), one_hot(wrong), labels)
+    assert better.value == pytest.approx(0.4) and 0.25 < better.low <= better.value <= better.high
+    few = paired_margin("accuracy", one_hot(labels[:8]), one_hot(np.r_[1 - labels[:1], labels[1:8]]), labels[:8])
+    assert few.value == pytest.approx(0.125) and few.low <= 0  # one row of eight: not clearly better
+
+
+def test_the_interval_rule_keeps_the_template_unless_the_margin_is_clear():
+    labels = np.array([0, 1] * 16)
+    template = scored("template", one_hot(np.r_[1 - labels[:10], labels[10:]]), labels, "accuracy")  # 22/32
+    lucky = scored("tuned", one_hot(np.r_[1 - labels[:8], labels[8:]]), labels, "accuracy")  # 24/32
+    strong = scored("tuned", one_hot(labels), labels, "accuracy")  # 32/32
+    assert not choose([lucky], [template], labels, "accuracy").tuned  # +2 rows of 32 is noise
+    assert choose([lucky], [template], labels, "accuracy", rule="max").tuned  # max takes any gain
+    assert choose([strong], [template], labels, "accuracy").tuned
+    tie = choose([scored("tuned", template.logits, labels, "accuracy")], [template], labels, "accuracy", rule="max")
+    assert not tie.tuned  # a tie keeps the template
+    forced = choose([scored("tuned", one_hot(1 - labels), labels, "accuracy")], [template], labels, "accuracy",
+                    fallback=False)
+    assert forced.tuned and forced.margin.value < 0  # --no-fallback keeps it, and says by how much it loses
+
+
+def test_the_best_baseline_is_the_one_compared():
+    labels = np.array([0, 1] * 16)
+    weak = scored("template (BOS)", one_hot(1 - labels), labels, "accuracy")
+    strong = scored("template (no BOS)", one_hot(labels), labels, "accuracy")
+    tuned = scored("tuned", one_hot(np.r_[1 - labels[:4], labels[4:]]), labels, "accuracy")
+    choice = choose([tuned], [weak, strong], labels, "accuracy", rule="max")
+    assert choice.kept == "template (no BOS)" and choice.best_baseline == "template (no BOS)"
+
+
+def test_calibration_divides_out_the_prior():
+    prior_logits = np.log(np.array([[0.9, 0.1], [0.8, 0.2], [0.85, 0.15]]))
+    prior = log_prior(prior_logits)
+    assert np.exp(prior) == pytest.approx([0.85, 0.15])
+    row = np.log(np.array([[0.7, 0.3]]))  # leans to label 0 less than the template itself does
+    out = np.exp(calibrated(row, prior))
+    assert out.sum() == pytest.approx(1.0) and out[0, 1] > out[0, 0]  # (0.3/0.15) > (0.7/0.85)
+    assert np.exp(calibrated(row, None))[0] == pytest.approx([0.7, 0.3])
+    pair = content_free_rows(PRESETS["mrpc"])
+    assert [r.text for r in pair] == ["N/A", "", "[MASK]"] and all(r.text_b == r.text for r in pair)
+
+
+def test_spread_over_seeds():
+    s = spread([0.7, 0.8, None, float("nan"), 0.9])
+    assert (s.n, s.mean) == (3, pytest.approx(0.8)) and s.std == pytest.approx(0.1)
+    assert str(spread([0.5])) == "0.5000"
+
+
+# -- what a model allows ------------------------------------------------------------------------------------
+def test_plain_framings_per_kind(tiny_model, exports):
+    masked = Model.load(tiny_model)
+    assert [n for n, _ in plain_framings(PRESETS["sst2"], masked.manifest)] == ["template"]
+    llama = exports.get("LlamaForCausalLM")
+    m = Model.load(llama.model)
+    task = make_task("review", " Review: {text}\nSentiment:", (("0", " bad"), ("1", " great")),
+                     framing=Framing(bos="never", position="suffix"))
+    framings = plain_framings(task, m.manifest)
+    names = [n for n, _ in framings]
+    assert names[0] == "template (no BOS)"  # the user's own framing first
+    assert set(names) == {"template (no BOS)", "template (BOS)"} | ({"template (chat)"} if m.manifest.has_chat
+                                                                     else set())
+    assert all(t.framing.position == "suffix" for _, t in framings)
+    assert len({t.framing for _, t in framings}) == len(framings)
+
+
+def test_start_candidates(tiny_model):
+    m = Model.load(tiny_model)
+    task = PRESETS["sst2"]
+    found = dict(init_candidates(m.tokenizer, m.manifest, task, 4))
+    assert list(found)[0] == "reference" and found["reference"] == list(m.manifest.placeholder_ids[:4])
+    assert all(len(ids) == 4 for ids in found.values()) and len({tuple(i) for i in found.values()}) == len(found)
+    assert "template words" in found
+    with pytest.raises(BBTError, match="pass prompt_tokens"):
+        init_candidates(m.tokenizer, m.manifest, task, 4, text="a much longer text than four tokens here")
+
+
+# -- the run -----------------------------------------------------------------------------------------------------
+def request(model, data_dir, out, **config) -> TuneRequest:
+    cfg = TuneConfig(**{"prompt_tokens": 4, "intrinsic_dim": 20, "popsize": 6, "budget": 60, "eval_every": 12,
+                        "seed": 3, "checkpoint_every": 0, **config})
+    return TuneRequest(str(model), PRESETS["sst2"], DataSpec(str(data_dir / "pool.csv"), test=str(data_dir / "test.csv"),
+                                                             k_shot=8, seed=3), cfg, str(out))
+
+
+def test_a_run_scores_the_baselines_and_keeps_what_its_rule_says(tiny_model, data_dir, tmp_path):
+    outcome = tune(request(tiny_model, data_dir, tmp_path / "run"))
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    names = [b["name"] for b in run["baselines"]]
+    assert names[0] == "template" and names[1].startswith("z = 0")
+    logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()][:2]
+    assert [r["baseline"] for r in logged] == names and logged[0]["dev_metric"] == run["baselines"][0]["dev_metric"]
+    choice = run["choice"]
+    margin = choice["dev_margin"]
+    assert choice["rule"] == "interval" and choice["tuned"] == (margin["low"] > 0)
+    model = Model.load(tiny_model)
+    template = TunedPrompt.template(model.manifest, PRESETS["sst2"])
+    kept = load_prompt(tmp_path / "run")
+    if choice["tuned"]:
+        assert kept.origin == "tuned" and not (tmp_path / "run" / "tuned.npz").exists()
+    else:  # the template, scored in its own framing; the tuned prompt kept beside it
+        assert kept.origin == "template" and kept.prompt_tokens == 0
+        assert TunedPrompt.load(tmp_path / "run" / "tuned.npz").z.tobytes() == outcome.tuned.z.tobytes()
+        assert run["metrics"]["test_metric"] == pytest.approx(template.evaluate(model, data_rows(data_dir)).metric)
+        assert run["metrics"]["test_metric"] == pytest.approx(run["baselines"][0]["test_metric"])
+    assert run["metrics"]["kept"] == kept.origin
+
+
+def data_rows(data_dir):
+    from bbt_onnx import read_examples
+
+    return read_examples(str(data_dir / "test.csv"))
+
+
+def test_a_template_that_wins_is_what_evaluate_and_predict_use(tiny_model, data_dir, tmp_path):
+    """A tuned prompt that cannot win (budget of one generation, rule max against a tie-free dev): whichever is
+    kept, evaluate, predict and check score exactly it."""
+    r = invoke(tune_args(tiny_model, data_dir, tmp_path / "run", "--budget", 10, "--fallback", "--choose", "max",
+                         "-q"))
+    assert r.exit_code == 0, r.output
+    metrics = json.loads(r.stdout)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    ev = invoke(["evaluate", "--model", tiny_model, "--prompt", tmp_path / "run", "--data", data_dir / "test.csv",
+                 "-q"])
+    assert json.loads(ev.stdout)["metric"] == pytest.approx(metrics["test_metric"])
+    pr = invoke(["predict", "--model", tiny_model, "--prompt", tmp_path / "run", "--input", data_dir / "test.csv",
+                 "-q"])
+    assert pr.exit_code == 0 and len(pr.stdout.splitlines()) == 60
+    ck = invoke(["check", "--model", tiny_model, "--prompt", tmp_path / "run", "--data", data_dir / "test.csv",
+                 "--engines", "cpu:fp32", "--json"])
+    assert ck.exit_code == 0, ck.output
+    assert json.loads(ck.stdout)["prompts"][0] == run["choice"]["kept"].replace("the tuned prompt", "tuned")
+
+
+def test_the_kept_template_is_not_the_tuned_prompt_when_fallback_is_off(tiny_model, data_dir, tmp_path):
+    outcome = tune(request(tiny_model, data_dir, tmp_path / "run", fallback=False))
+    assert outcome.prompt.origin == "tuned" and outcome.record["choice"]["tuned"]
+    assert outcome.prompt.z.tobytes() == outcome.tuned.z.tobytes()
+
+
+def test_a_tuned_prompt_clearly_better_on_dev_is_kept(tiny_model, data_dir, tmp_path, monkeypatch):
+    """The rule sees dev logits only: hand it a tuned prompt that is perfect on dev and it is kept."""
+    import bbt_onnx.workflow as workflow
+
+    real = workflow.scored
+
+    def perfect_tuned(name, logits, labels, metric):
+        return real(name, one_hot(labels, logits.shape[-1]) if name == "the tuned prompt" else logits, labels, metric)
+
+    monkeypatch.setattr(workflow, "scored", perfect_tuned)
+    outcome = tune(request(tiny_model, data_dir, tmp_path / "run"))
+    assert outcome.record["choice"]["tuned"] and outcome.record["choice"]["dev_margin"]["low"] > 0
+
+
+def test_the_start_is_the_cheapest_on_dev_and_reference_keeps_the_papers_ids(tiny_model, data_dir, tmp_path):
+    auto = tune(request(tiny_model, data_dir, tmp_path / "auto", fallback=False))
+    start = auto.record["settings"]["start"]
+    best = max(start["candidates"], key=lambda c: (c["dev_metric"], -c["dev_ce"]))
+    assert start["name"] == best["name"] and list(auto.tuned.placeholder_ids) == best["ids"]
+    ref = tune(request(tiny_model, data_dir, tmp_path / "ref", prompt_init="reference", fallback=False))
+    manifest = Model.load(tiny_model).manifest
+    assert ref.record["settings"]["start"]["name"] == "reference"
+    assert ref.record["settings"]["start"]["ids"] == list(manifest.placeholder_ids[:4])
+    zero = invoke(["evaluate", "--model", tiny_model, "--prompt", tmp_path / "auto", "--no-prompt", "--data",
+                   data_dir / "test.csv", "-q"])
+    z0 = next(b for b in auto.record["baselines"] if b["name"].startswith("z = 0"))
+    assert json.loads(zero.stdout)["metric"] == pytest.approx(z0["test_metric"])  # --no-prompt: the run's own start
+
+
+def test_calibrate_reaches_the_prompt_and_both_numbers_are_recorded(tiny_model, data_dir, tmp_path):
+    outcome = tune(request(tiny_model, data_dir, tmp_path / "run", calibrate=True, fallback=False))
+    prompt = load_prompt(tmp_path / "run")
+    assert prompt.calibration is not None and len(prompt.calibration) == 2
+    model = Model.load(tiny_model)
+    raw = replace(prompt, calibration=None)
+    cf = raw.logits(model, [r.text for r in content_free_rows(PRESETS["sst2"])[:1]] + ["[MASK]"])
+    assert np.isfinite(cf).all()
+    assert prompt.evaluate(model, data_rows(data_dir)).metric == pytest.approx(outcome.metrics["test_metric"])
+    base = outcome.record["baselines"][0]
+    assert base["dev_metric"] == base["dev_metric_calibrated"] and "dev_metric_uncalibrated" in base
+    rows = data_rows(data_dir)
+    expect = calibrated(raw.logits(model, rows), np.array(prompt.calibration))
+    assert prompt.logits(model, rows) == pytest.approx(expect.astype(np.float32), abs=1e-6)
+
+
+def test_patience_stops_early_and_says_so(tiny_model, data_dir, tmp_path):
+    outcome = tune(request(tiny_model, data_dir, tmp_path / "run", budget=600, eval_every=6, patience=2,
+                           fallback=False))
+    m = outcome.metrics
+    assert "patience=2" in m["stop_reason"] and m["api_calls"] < 600
+    dev = [row["dev_metric"] for row in generations(tmp_path / "run") if row["dev_metric"] is not None]
+    assert len(dev) >= 3 and max(dev[-2:]) <= max(dev[:-2])  # the last two evaluations did not improve
+    whole = tune(request(tiny_model, data_dir, tmp_path / "whole", budget=600, eval_every=6, fallback=False))
+    assert whole.metrics["api_calls"] == 600  # patience 0: the whole budget, as the reference
