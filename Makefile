@@ -45,12 +45,13 @@ demo: $(SMOLLM2)/manifest.json
 		--popsize 10 --budget 100 --eval-every 20 --seed 0 --out runs/demo-bbc --force
 	@echo "== the report: each baseline, the tuned prompt and what each run kept, from the runs' run.json alone"
 	$(BIN)/bbt-onnx report runs/demo-mr runs/demo-bbc
-	@echo "== deploy: the tuned prompt as one ONNX graph from text to label, run by onnxruntime and its extensions alone"
-	$(BIN)/bbt-onnx deploy --model $(SMOLLM2) --prompt runs/demo-mr --out runs/demo-mr-classifier --force -q > /dev/null
-	$(BIN)/python -c "$$ONLY_ONNXRUNTIME" examples/classify.py runs/demo-mr-classifier/classifier.onnx \
-		"a gripping , beautifully acted film that stays with you ." \
-		"a tedious mess : the jokes fall flat and the plot goes nowhere ." \
-		"not a masterpiece , but warm and funny enough to recommend ."
+	@echo "== deploy: what the BBC News run kept, as one ONNX graph from text to label, run by onnxruntime and its"
+	@echo "   extensions alone"
+	$(BIN)/bbt-onnx deploy --model $(SMOLLM2) --prompt runs/demo-bbc --out runs/demo-bbc-classifier --force -q > /dev/null
+	$(BIN)/python -c "$$ONLY_ONNXRUNTIME" examples/classify.py runs/demo-bbc-classifier/classifier.onnx \
+		"the central bank raised interest rates again as shares fell and profits slowed" \
+		"the striker scored twice as the champions won the cup final on penalties" \
+		"the new phone ships with a faster chip, a better camera and software updates"
 
 # runs a script with bbt-onnx, torch, transformers and tokenizers unimportable
 export ONLY_ONNXRUNTIME = import runpy, sys; sys.modules.update(dict.fromkeys(("bbt_onnx", "bbt_onnx_export", \

@@ -252,6 +252,10 @@ class PromptEnsemble(Scoring):
     def placeholder_ids(self):
         return self.members[0].placeholder_ids
 
+    @property
+    def max_length(self) -> int | None:
+        return self.members[0].max_length
+
     def encoder(self, model):
         return self.members[0].encoder(model)
 

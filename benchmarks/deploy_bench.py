@@ -27,7 +27,7 @@ import numpy as np
 
 from bbt_onnx import Model
 from bbt_onnx.data import read_examples
-from bbt_onnx.deploy import load_prompt, session
+from bbt_onnx.deploy import finished_result, session
 from bbt_onnx.deploy.build import build_classifier, front_model, save_model
 from bbt_onnx.deploy.recipe import encode as recipe_encode
 from bbt_onnx.manifest import load_manifest
@@ -52,7 +52,10 @@ def main() -> None:
     args = ap.parse_args()
 
     manifest = load_manifest(args.model)
-    prompt, _ = load_prompt(args.prompt)
+    prompt, _ = finished_result(args.prompt)
+    members = getattr(prompt, "members", (prompt,))  # an ensemble's prompts, or the one prompt
+    if prompt.deep and len(members) > 1:
+        sys.exit("this benchmark's bare scoring call takes one BBTv2 prompt, not an ensemble")
     rows = read_examples(args.data)
     texts = [r.text for r in rows]
     pair = prompt.task.uses_text_b
@@ -68,10 +71,12 @@ def main() -> None:
     model = Model.load(args.model, deep=prompt.deep)
     bare_sess = session(manifest.graph_path("fp32", prompt.deep), args.threads, extensions=False)
     bare_inputs = {i.name for i in bare_sess.get_inputs()}
-    constants = {"prompt_embeds": prompt.embeds[:1] if prompt.deep else prompt.embeds[None],
+    embeds = np.stack([m.embeds for m in members])  # [S, P, H]: an ensemble's prompts are one call's candidates
+    constants = {"prompt_embeds": embeds[0][:1] if prompt.deep else embeds,
                  "label_ids": np.array(model.encoder(prompt.task, prompt.prompt_tokens).label_ids, np.int64)}
     if prompt.deep:
-        constants.update(deep_prompts=prompt.embeds, prompt_layer=np.zeros((), np.int64))
+        layer = next(i for i in bare_sess.get_inputs() if i.name == "prompt_layer")
+        constants.update(deep_prompts=embeds[0], prompt_layer=np.zeros([1] * len(layer.shape), np.int64))
     tokenizer = model.tokenizer
 
     # 1. parity with predict on every row

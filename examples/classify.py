@@ -1,6 +1,6 @@
 """Label texts with a classifier written by `bbt-onnx deploy`: onnxruntime, onnxruntime-extensions and numpy alone.
 
-    python examples/classify.py runs/demo-mr-classifier/classifier.onnx "a gripping film" "dull and slow"
+    python examples/classify.py runs/demo-bbc-classifier/classifier.onnx "shares fell as rates rose" "the champions won the cup"
 """
 
 import json

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bbt_onnx import Model, TunedPrompt
+from bbt_onnx import Model, PromptEnsemble, TunedPrompt
 from bbt_onnx.data import Example
 from bbt_onnx.deploy import PROBES, DeployOptions, deploy, session
 from bbt_onnx.deploy.build import build_classifier, save_model
@@ -161,7 +161,7 @@ def deployed(exports, data_dir, tmp_path_factory):
                         "--prompt-tokens", "4", "--intrinsic-dim", "10", "--popsize", "10", "--budget", "20", "-q"])
             assert r.exit_code == 0, r.output
         else:
-            random_prompt(load_manifest(tiny.model), task, method).save(run.mkdir() or run)
+            random_prompt(load_manifest(tiny.model), task, method).save(run.mkdir() or run / "prompt.npz")
         out = root / "out"
         r = invoke(["deploy", "--model", tiny.model, "--prompt", run, "--out", out, "-q"])
         assert r.exit_code == 0, r.output
@@ -188,6 +188,46 @@ def test_the_classifier_labels_rows_as_predict_does_without_bbt_onnx(deployed, c
     assert [got["labels"][i] for i in got["label"]] == [p["label"] for p in preds]
     assert np.abs(np.array(got["probabilities"]) - want).max() < TOLERANCE
     assert len(set(p["label"] for p in preds)) == 2  # the prompt decides: the rows do not all get one label
+
+
+def ensemble(manifest, method: str, seeds: int) -> PromptEnsemble:
+    return PromptEnsemble(tuple(random_prompt(manifest, PRESETS["sst2"], method, seed=s) for s in range(seeds)))
+
+
+# what a run may keep, as tune writes it to prompt.npz: (build it from the manifest and the model, deep graph)
+RESULTS = {
+    "bbt-ensemble": (lambda m, model: ensemble(m, "bbt", 3), False),
+    "bbtv2-ensemble": (lambda m, model: ensemble(m, "bbtv2", 2), True),
+    "calibrated": (lambda m, model: random_prompt(m, PRESETS["sst2"], "bbt", seed=4).calibrate(model), False),
+    "calibrated-ensemble": (lambda m, model: ensemble(m, "bbt", 3).calibrate(model), False),
+    "template": (lambda m, model: TunedPrompt.template(m, PRESETS["sst2"], "template").calibrate(model), False),
+}
+
+
+@pytest.mark.parametrize("kind", list(RESULTS))
+def test_every_kind_of_result_a_run_keeps_deploys_as_predict_scores_it(exports, kind, tmp_path):
+    """An ensemble (its members' probabilities averaged: BBT's in one call, BBTv2's through a copy of the graph
+    each), a calibrated prompt and a kept plain template: the classifier agrees with predict, and each part counts
+    (the first member alone, or the prompt without its calibration, would not)."""
+    build, deep = RESULTS[kind]
+    tiny = exports.get("RobertaForMaskedLM")
+    manifest, model = load_manifest(tiny.model), Model.load(tiny.model, deep=deep)
+    result = build(manifest, model)
+    result.save((tmp_path / "run").mkdir() or tmp_path / "run" / "prompt.npz")
+    summary = deploy(DeployOptions(str(tiny.model), str(tmp_path / "run"), tmp_path / "out"))
+    rows = parity_rows(False)[:16]
+    got = classify_isolated(tmp_path / "out", rows)
+    texts = [r["text"] for r in rows]
+
+    def probabilities(scoring) -> np.ndarray:
+        return np.array([[p.probabilities[k] for k in PRESETS["sst2"].label_keys] for p in scoring.predict(model, texts)])
+
+    want = probabilities(result)
+    assert np.abs(np.array(got["probabilities"]) - want).max() < TOLERANCE
+    assert got["label"] == want.argmax(1).tolist()
+    assert summary["result"] == got["meta"]["result"] == result.origin
+    simpler = replace(result, calibration=None) if result.calibration is not None else result.members[0]
+    assert np.abs(probabilities(simpler) - want).max() > 1e-3
 
 
 def test_metadata_names_the_task_the_model_and_the_prompt(deployed):
@@ -229,8 +269,9 @@ def test_bad_input_has_a_defined_result(exports, arch, tmp_path):
     model = Model.load(tiny.model)
     huge = ("a long review , " * 70_000)[:999_000]
     texts = ["", "   \n\t ", huge, "good film"]
-    want = np.array([[p.probabilities[k] for k in task.label_keys]
-                     for p in prompt.predict(model, [Example(t.strip()) for t in texts])])
+    # predict refuses an empty text; the runtime's encoder gives it the template alone, as the graph does
+    enc = prompt.encoder(model).encode([Example(t.strip()) for t in texts])
+    want = np.array([[p.probabilities[k] for k in task.label_keys] for p in prompt.predict(model, enc)])
     probabilities, _ = run(np.array(texts, dtype=object))
     assert np.abs(probabilities - want).max() < TOLERANCE  # empty: the template alone; huge: cut to max length
     raw = np.array(["good film".encode(), b"caf\xe9 \xff\xfe film", b"\xc3("])  # numpy bytes: passed as they are
@@ -280,8 +321,10 @@ def mistakes(exports, tmp_path_factory):
     random_prompt(load_manifest(p["fp32_only"]), PRESETS["sst2"], "bbt").save(root / "fp32-run.npz")
     out = root / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("an earlier deployment")
+    (out / "classifier.onnx").write_text("an earlier deployment")
     p["out"] = out
+    (root / "notes").mkdir()
+    (root / "notes" / "keep.txt").write_text("not a deployment")
     return p
 
 
@@ -293,7 +336,9 @@ def snapshot(root: Path) -> dict:
     (["--prompt", "{root}/bert-run.npz", "--out", "{root}/new"], "tuned on another model"),
     (["--prompt", "{root}/going", "--out", "{root}/new"], "has not finished"),
     (["--prompt", "{root}/run", "--out", "{out}"], "not empty; pass --force"),
-    (["--prompt", "{root}/run", "--out", "{out}/keep.txt/x", "--force"], "is a file"),
+    (["--prompt", "{root}/run", "--out", "{out}/classifier.onnx/x", "--force"], "is a file"),
+    (["--prompt", "{root}/run", "--out", "{root}/notes", "--force"], "does not look like a deployed classifier"),
+    (["--prompt", "{root}/run", "--out", "{root}/run", "--force-any"], "run"),
     (["--prompt", "{root}/fp32-run.npz", "--out", "{out}", "--force", "--precision", "int8", "--model",
       "{root}/fp32-only"],
      "no int8 graph"),
@@ -348,9 +393,8 @@ def test_the_recipes_truncation_plan_is_the_runtimes():
 
 def test_deploy_refuses_a_model_changed_after_the_prompt_was_tuned(mistakes, tmp_path):
     model = shutil.copytree(mistakes["model"], tmp_path / "model")
-    raw = json.loads((model / "manifest.json").read_text())
-    raw["source"] = "changed"
-    (model / "manifest.json").write_text(json.dumps(raw))
+    tokenizer = model / "tokenizer.json"  # the fingerprint covers the tokenizer
+    tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()), indent=1))
     with pytest.raises(PromptError, match="another model"):
         deploy(DeployOptions(str(model), str(mistakes["root"] / "run"), tmp_path / "out"))
     assert not (tmp_path / "out").exists()

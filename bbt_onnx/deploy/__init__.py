@@ -19,10 +19,10 @@ from ..contract import PRECISIONS
 from ..data import Example
 from ..encoding import Encoder, load_tokenizer
 from ..errors import ModelError, PromptError, RunError, SettingsError
-from ..fileio import check_out_path, sha256_file, write_dir, write_json_atomic
+from ..fileio import OutputKind, check_replaceable, only_files, sha256_file, write_dir, write_json_atomic
 from ..manifest import Manifest, load_manifest
 from ..options import setting
-from ..prompt import PROMPT_NAME, TunedPrompt
+from ..prompt import PROMPT_NAME, PromptEnsemble, Result, load_prompt
 from .build import INPUTS, Classifier, build_classifier, front_model, onnx_module, save_model
 from .recipe import encode as recipe_encode
 
@@ -48,8 +48,7 @@ PROBES = (
     "1234567890 3.14159 1,000,000 2024-01-01",
     "x",
     "a\x04b x\x13\x14y",
-    "",
-)
+)  # no empty text: predict refuses one (the graph gives it the template alone)
 
 
 def long_probe(tokens: int) -> str:
@@ -104,28 +103,41 @@ class DeployOptions:
     max_length: int | None = setting(None, "Tokens per row at most; a longer text is cut to fit, as predict cuts "
                                      "it [default: the prompt's, as predict: for a model tuned without "
                                      "--max-length its full positions, which a 1 MB text then costs].", minimum=1)
-    force: bool = setting(False, "Replace a non-empty --out.")
+    force: bool = setting(False, "Replace an earlier deploy's --out.")
+    force_any: bool = setting(False, "Replace --out even when it does not look like a deploy's output (everything "
+                              "in it is deleted).")
 
 
-def load_prompt(path: str | Path) -> tuple[TunedPrompt, Path]:
-    """A finished run's prompt (or a prompt.npz) and its file; a run that is still going, or that stopped before
-    its end, is refused: its prompt is not the one it will have."""
+# what deploy writes; `force` replaces only a folder that holds nothing else
+OUTPUT = OutputKind("a deployed classifier (`bbt-onnx deploy`)", lambda d: only_files(
+    d, lambda n: n in (CLASSIFIER, CLASSIFIER + ".data", RECIPE, ENCODER_SCRIPT, TOKENIZER), (CLASSIFIER,)))
+
+
+def finished_result(path: str | Path) -> tuple[Result, Path]:
+    """What a finished run kept (a tuned prompt, the seeds' ensemble or a plain template), or a prompt file, and its
+    file; a run that is still going, or that stopped before its end, is refused: its result is not final."""
     from ..runs import RUN_JSON, RunDir
 
     path = Path(path)
-    if path.is_dir() and (path / RUN_JSON).is_file():
+    if path.is_dir() and RunDir(path).file(RUN_JSON).is_file():
         run = RunDir(path)
         try:
             run.check_idle()
         except RunError:
-            raise RunError(f"{path} is a run that is still going; deploy its prompt once the tune has finished") \
+            raise RunError(f"{path} is a run that is still going; deploy its result once the tune has finished") \
                 from None
         status = run.read_json().get("status")
         if status != "complete":
-            raise RunError(f"{path} is a run that has not finished (status {status!r}): its prompt is not final; "
+            raise RunError(f"{path} is a run that has not finished (status {status!r}): its result is not final; "
                            f"finish it with `bbt-onnx tune --resume {path}` first")
-    file = path / PROMPT_NAME if path.is_dir() else path
-    return TunedPrompt.load(file), file
+        return load_prompt(path), run.file(PROMPT_NAME)
+    return load_prompt(path), path / PROMPT_NAME if path.is_dir() else path
+
+
+def with_max_length(result: Result, max_length: int) -> Result:
+    if isinstance(result, PromptEnsemble):
+        return replace(result, members=tuple(replace(m, max_length=max_length) for m in result.members))
+    return replace(result, max_length=max_length)
 
 
 class _Manifested:
@@ -141,7 +153,7 @@ def probe_rows(clf: Classifier) -> list[Example]:
     return [Example(t, texts[-1 - i] if pair else None) for i, t in enumerate(texts)]
 
 
-def check_encoding(clf: Classifier, manifest: Manifest, prompt: TunedPrompt, staging: Path,
+def check_encoding(clf: Classifier, manifest: Manifest, prompt: Result, staging: Path,
                    rows: list[Example]) -> None:
     """The graph's rows (or the recipe's) are the runtime's, token for token, on the probe rows."""
     tokenizer = load_tokenizer(manifest)
@@ -170,7 +182,7 @@ def check_encoding(clf: Classifier, manifest: Manifest, prompt: TunedPrompt, sta
                              "--input ids")
 
 
-def check_scores(clf: Classifier, path: Path, manifest: Manifest, prompt: TunedPrompt, precision: str,
+def check_scores(clf: Classifier, path: Path, manifest: Manifest, prompt: Result, precision: str,
                  rows: list[Example]) -> dict:
     """The classifier's probabilities against the runtime's predictions on the same graph, on the probe rows: in one
     batch, or for int8 (whose activation scales depend on the batch) row by row."""
@@ -213,15 +225,15 @@ def deploy(opts: DeployOptions, log: Callable[[str], None] = lambda _m: None) ->
         raise SettingsError(f"--format {opts.output_format!r} is not one of {', '.join(FORMATS)}")
     onnx_module()
     out = Path(opts.out)
-    check_out_path(out)
-    if out.is_dir() and any(out.iterdir()) and not opts.force:
-        raise SettingsError(f"--out {out} exists and is not empty; pass --force to replace it")
+    inputs = [("model directory", Path(opts.model_dir)), ("run", Path(opts.prompt))]
+    check_replaceable(out, opts.force, OUTPUT, opts.force_any, inputs)  # before anything is read
     manifest = load_manifest(opts.model_dir)
-    prompt, prompt_file = load_prompt(opts.prompt)
+    prompt, prompt_file = finished_result(opts.prompt)
     prompt.check_model(_Manifested(manifest))
     if opts.max_length is not None:
-        prompt = replace(prompt, max_length=opts.max_length)
-    if not prompt.model_fingerprint:
+        prompt = with_max_length(prompt, opts.max_length)
+    members = prompt.members if isinstance(prompt, PromptEnsemble) else (prompt,)
+    if not all(m.model_fingerprint for m in members):
         raise PromptError(f"{prompt_file} does not name the model it was tuned on (no fingerprint); deploy needs a "
                           "prompt written by `bbt-onnx tune`")
     clf = build_classifier(manifest, prompt, opts.precision, opts.inputs, sha256_file(prompt_file))
@@ -245,9 +257,9 @@ def deploy(opts: DeployOptions, log: Callable[[str], None] = lambda _m: None) ->
         report.update(check_scores(clf, path, manifest, prompt, opts.precision, scored))
 
     log(f"building the {opts.precision} classifier ({clf.inputs} in) and checking it against bbt-onnx predict")
-    write_dir(out, opts.force, fill)
+    write_dir(out, opts.force, fill, OUTPUT, opts.force_any, inputs)
     return {"out": str(out), "classifier": str(out / CLASSIFIER), "inputs": clf.input_names,
             "outputs": ["probabilities", "label"], "labels": list(clf.labels), "precision": opts.precision,
-            "method": prompt.method, "tokenizer": "in the graph" if clf.inputs == "text" else
+            "method": prompt.method, "result": clf.metadata["result"], "tokenizer": "in the graph" if clf.inputs == "text" else
             f"outside: {ENCODER_SCRIPT} + {RECIPE} + {TOKENIZER}", "check": report,
             "metadata": {k: clf.metadata[k] for k in ("model_fingerprint", "prompt_sha256")}}

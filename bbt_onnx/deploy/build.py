@@ -22,7 +22,7 @@ from ..contract import PROMPT_POS
 from ..encoding import Encoder, load_tokenizer
 from ..errors import ModelError, SettingsError
 from ..manifest import Manifest
-from ..prompt import TunedPrompt
+from ..prompt import PromptEnsemble, Result
 from .front import CONTRIB, Graph, build_front, graph_tokenizer
 from .recipe import RECIPE_FORMAT, TEXT_FIELDS
 from .recipe import encode as recipe_encode
@@ -105,9 +105,10 @@ def choose_inputs(requested: str, tokenizer_json: dict) -> tuple[str, str | None
     return requested, why
 
 
-def build_classifier(manifest: Manifest, prompt: TunedPrompt, precision: str = "fp32", inputs: str = "auto",
+def build_classifier(manifest: Manifest, prompt: Result, precision: str = "fp32", inputs: str = "auto",
                      prompt_sha256: str = "") -> Classifier:
-    """The classifier graph of this prompt on this model's `precision` graph."""
+    """The classifier graph of what a run kept (a tuned prompt, the seeds' ensemble or a plain template, calibrated
+    or not) on this model's `precision` graph."""
     onnx = onnx_module()
     from onnx import TensorProto, helper, numpy_helper
 
@@ -127,13 +128,16 @@ def build_classifier(manifest: Manifest, prompt: TunedPrompt, precision: str = "
                          "puts it elsewhere; re-export the model")
     dtype = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}[
         names["prompt_embeds"].type.tensor_type.elem_type]
-    embeds = np.asarray(prompt.embeds, dtype=dtype)
-    constants = {"prompt_embeds": embeds[:1] if prompt.deep else embeds[None],
-                 "label_ids": np.asarray(encoder.label_ids, np.int64)}
+    members = prompt.members if isinstance(prompt, PromptEnsemble) else (prompt,)
+    embeds = [np.asarray(m.embeds, dtype=dtype) for m in members]
+    label_ids = np.asarray(encoder.label_ids, np.int64)
     if prompt.deep:  # BBTv2: every layer's prompt; the graph's searched layer is layer 0, whose prompt is embeds[0]
-        constants["deep_prompts"] = embeds
         layer_dims = [d.dim_value for d in names["prompt_layer"].type.tensor_type.shape.dim]
-        constants["prompt_layer"] = np.zeros(layer_dims, np.int64)
+        per_member = [{"prompt_embeds": e[:1], "deep_prompts": e, "prompt_layer": np.zeros(layer_dims, np.int64),
+                       "label_ids": label_ids} for e in embeds]
+    else:  # every member is one candidate of the same call: [S, N, K] out
+        per_member = [{"prompt_embeds": np.stack(embeds), "label_ids": label_ids}]
+    constants = per_member[0]
     row_inputs = [n for n in (*ROW_INPUTS, PROMPT_POS) if n in names]
     keep = [i for i in graph.input if i.name not in constants and (kind == "ids" or i.name not in row_inputs)]
     graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in constants.items())
@@ -158,8 +162,19 @@ def build_classifier(manifest: Manifest, prompt: TunedPrompt, precision: str = "
             for i, name in enumerate(node.input):
                 if name in chosen:
                     node.input[i] = chosen[name]
-    head = Graph("bbt_head/", opset)  # label_logits [1, N, K] -> probabilities, label; the stand-in row dropped
-    scores = head.op("Cast", head.op("Squeeze", graph.output[0].name, head.const([0], np.int64)), to=TensorProto.FLOAT)
+    head = Graph("bbt_head/", opset)  # label_logits [S, N, K] -> probabilities, label; the stand-in row dropped
+    copies, copied_inits, more = _copies(graph, per_member[1:])  # one per BBTv2 member beyond the first
+    outputs = [graph.output[0].name] + more
+    raw = outputs[0] if len(outputs) == 1 else head.op("Concat", *outputs, axis=0)
+    scores = head.op("LogSoftmax", head.op("Cast", raw, to=TensorProto.FLOAT), axis=-1)  # [S, N, K]
+    if len(members) == 1:
+        scores = head.op("Squeeze", scores, head.const([0], np.int64))
+    else:  # the members' probabilities averaged, as PromptEnsemble scores them
+        mean = head.op("Div", head.reduce("ReduceSum", head.op("Exp", scores), 0),
+                       head.const(np.float32(len(members)), np.float32))
+        scores = head.op("Log", mean)
+    if prompt.calibration is not None:  # contextual calibration: the label prior on content-free rows divided out
+        scores = head.op("Sub", scores, head.const(np.asarray(prompt.calibration, np.float32), np.float32))
     first = head.op("Reshape", rows, head.const([1], np.int64))
     start, axis = head.const([0], np.int64), head.const([0], np.int64)
     head.op("Slice", head.op("Softmax", scores, axis=-1), start, first, axis, out="probabilities")
@@ -168,10 +183,10 @@ def build_classifier(manifest: Manifest, prompt: TunedPrompt, precision: str = "
     del graph.output[:]
     graph.output.extend([helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", k]),
                          helper.make_tensor_value_info("label", TensorProto.INT64, ["N"])])
-    nodes = list(graph.node)
+    nodes = list(graph.node) + copies
     del graph.node[:]
     graph.node.extend(g.nodes + nodes + head.nodes)
-    graph.initializer.extend(g.inits + head.inits)
+    graph.initializer.extend(g.inits + head.inits + copied_inits)
     graph.name = "bbt_onnx_classifier"
     labels = prompt.task.label_keys
     metadata = {
@@ -182,6 +197,9 @@ def build_classifier(manifest: Manifest, prompt: TunedPrompt, precision: str = "
         "model_fingerprint": manifest.fingerprint(),
         "prompt_sha256": prompt_sha256,
         "method": prompt.method,
+        "result": prompt.origin,  # "tuned", "ensemble", or the plain template a run kept
+        "members": str(len(members)),
+        "calibration": json.dumps(None if prompt.calibration is None else list(prompt.calibration)),
         "precision": precision,
         "inputs": json.dumps([i.name for i in graph.input]),
         "source": manifest.source,
@@ -197,6 +215,56 @@ def build_classifier(manifest: Manifest, prompt: TunedPrompt, precision: str = "
     notes = [f"the tokenizer runs outside the graph ({why}): encode.py and recipe.json build its inputs"] \
         if kind == "ids" and why else []
     return Classifier(model, kind, recipe, metadata, labels, notes)
+
+
+def _copies(graph, constants: list[dict[str, np.ndarray]]) -> tuple[list, list, list[str]]:
+    """The scoring graph's nodes again for each further BBTv2 member (whose prompts differ on every layer, so that
+    they cannot share one call), each fed its own constants, sharing the weights and the rows: (nodes,
+    initializers, each copy's label-logits name)."""
+    from onnx import numpy_helper
+
+    renamed = set(constants[0]) if constants else set()  # the per-member constants and every computed value
+    for node in graph.node:
+        renamed.update(_defined(node))
+    nodes, inits, outputs = [], [], []
+    for s, member in enumerate(constants, start=1):
+        def rename(name: str) -> str:
+            return f"m{s}/{name}" if name in renamed else name
+        inits.extend(numpy_helper.from_array(value, rename(key)) for key, value in member.items())
+        for node in graph.node:
+            copy = type(node)()
+            copy.CopyFrom(node)
+            _rename_node(copy, rename, f"m{s}/")
+            nodes.append(copy)
+        outputs.append(rename(graph.output[0].name))
+    return nodes, inits, outputs
+
+
+def _subgraphs(node) -> list:
+    return [g for a in node.attribute for g in ([a.g] if a.HasField("g") else []) + list(a.graphs)]
+
+
+def _defined(node) -> set[str]:
+    """Every name a node defines, in its subgraphs (If branches, loop bodies) too."""
+    names = set(node.output)
+    for sub in _subgraphs(node):
+        names.update(i.name for i in sub.input)
+        names.update(t.name for t in sub.initializer)
+        for inner in sub.node:
+            names.update(_defined(inner))
+    return names
+
+
+def _rename_node(node, rename, prefix: str) -> None:
+    node.name = prefix + node.name
+    node.input[:] = [rename(i) for i in node.input]
+    node.output[:] = [rename(o) for o in node.output]
+    for sub in _subgraphs(node):
+        for values in (sub.input, sub.output, sub.value_info, sub.initializer):
+            for v in values:
+                v.name = rename(v.name)
+        for inner in sub.node:
+            _rename_node(inner, rename, prefix)
 
 
 def _version(package: str) -> str:
