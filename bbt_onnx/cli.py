@@ -294,7 +294,8 @@ def predict(model_dir, prompt_dir, input_path, output, quiet, **params):
     from .data import read_input
     from .fileio import check_output_file, check_writable, write_text_atomic
     from .model import Model
-    from .prompt import load_prompt
+    from .engines.triton import served_classifier
+    from .prompt import load_prompt, predictions, result_file
 
     if output:
         check_writable(output)
@@ -304,8 +305,14 @@ def predict(model_dir, prompt_dir, input_path, output, quiet, **params):
     prompt.check_model(model)
     rows = read_input(input_path, click.get_binary_stream("stdin"))
     enc = prompt.encoder(model).encode(rows)  # every row checked before the progress bar starts
-    with row_progress(len(rows), "predicting", quiet) as advance:
-        preds = prompt.predict(model, enc, on_batch=advance)
+    classifier = served_classifier(model.engine, prompt, result_file(prompt_dir), log=err)
+    if classifier is not None:
+        err(f"labelling through the server's classifier {classifier.model!r}")
+        probs = classifier.probabilities([r.text for r in rows], [r.text_b or "" for r in rows])
+        preds = predictions(probs, prompt.task.label_keys)
+    else:
+        with row_progress(len(rows), "predicting", quiet) as advance:
+            preds = prompt.predict(model, enc, on_batch=advance)
     lines = "".join(dumps({"text": r.text, **({"text_b": r.text_b} if r.text_b else {}), "label": p.label,
                            "probabilities": p.probabilities}) + "\n" for r, p in zip(rows, preds))
     if output:
@@ -419,20 +426,25 @@ def bench(ctx, model_dir, as_json, **params):
               help="Model directory to serve (repeatable: one server for several models, each under its name).")
 @click.option("--name", "names", multiple=True, help="The name to serve each --model under, in their order [default: "
               "the export source's last path component]; clients give it as http://HOST:PORT/NAME.")
+@click.option("--prompt", "prompts", multiple=True, type=click.Path(path_type=Path),
+              help="A finished run (repeatable, one per model): its result is served beside its model as "
+              "NAME.classify, a text classifier with dynamic batching (needs the deploy extra).")
 @click_options(EngineOptions, only=LOCAL_ENGINE)
 @click_options(ServeOptions)
 @click.option("--token-file", type=click.Path(dir_okay=False),
               help="File holding a shared secret every request but health must send (triton-access-token).")
-def serve(model_dirs, names, token_file, **params):
+def serve(model_dirs, names, prompts, token_file, **params):
     """Serve the models' prompt graphs on Triton Inference Server until Ctrl-C or SIGTERM.
 
-    Tune against it with `--server http://HOST:HTTP_PORT` (or grpc://HOST:GRPC_PORT) from a client directory.
+    Tune against it with `--server http://HOST:HTTP_PORT` (or grpc://HOST:GRPC_PORT) from a client directory;
+    `predict --server URL --prompt RUN` labels texts with a run served by --prompt.
     """
     from .engines.served import read_token
     from .serving.server import serve as run_serve
 
     engine = from_params(EngineOptions, params).spec()
     run_serve(from_params(ServeOptions, params, model_dirs=tuple(model_dirs), names=tuple(names), engine=engine,
+                          prompts=tuple(str(p) for p in prompts),
                           token=read_token(token_file) if token_file else None), log=err)
 
 

@@ -18,15 +18,18 @@ import numpy as np
 from ..contract import PRECISIONS
 from ..data import Example
 from ..encoding import Encoder, load_tokenizer
+from ..engines.served import CLASSIFY_SUFFIX, served_name
 from ..errors import ModelError, PromptError, RunError, SettingsError
 from ..fileio import OutputKind, check_replaceable, only_files, sha256_file, write_dir, write_json_atomic
 from ..manifest import Manifest, load_manifest
 from ..options import setting
 from ..prompt import PROMPT_NAME, PromptEnsemble, Result, load_prompt
+from ..serving.repository import check_name
 from .build import INPUTS, Classifier, build_classifier, front_model, onnx_module, save_model
 from .recipe import encode as recipe_encode
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "triton")
+TRITON_BACKENDS = ("onnxruntime", "python")
 SCORED_LENGTH = 512  # the longest probe row also scored in the check
 CLASSIFIER = "classifier.onnx"
 RECIPE = "recipe.json"
@@ -94,8 +97,16 @@ class DeployOptions:
     prompt: str
     out: Path
     precision: str = setting("fp32", "Which of the model's graphs the classifier is built on.", choices=PRECISIONS)
-    output_format: str = setting("onnx", "onnx: OUT/classifier.onnx, one graph from text to label.",
+    output_format: str = setting("onnx", "onnx: OUT/classifier.onnx, one graph from text to label; triton: OUT is a "
+                                 "model repository with the classifier as NAME.classify (texts in, dynamic batching).",
                                  choices=FORMATS, flag="--format")
+    backend: str = setting("onnxruntime", "With --format triton: a stock tritonserver's onnxruntime backend (the "
+                           "onnxruntime-extensions library named in the config), or python (onnxruntime inside "
+                           "Triton's python backend, every request checked first).", choices=TRITON_BACKENDS)
+    name: str | None = setting(None, "With --format triton: the served name [default: the model's served name + "
+                               "'.classify'].")
+    op_library: str | None = setting(None, "With --format triton --backend onnxruntime: where the server finds "
+                                     "onnxruntime-extensions' custom-op library [default: its path here].")
     inputs: str = setting("auto", "text: the tokenizer inside the graph (byte-level BPE models); ids: the graph "
                           "takes token ids, with encode.py, recipe.json and tokenizer.json beside it; auto: text "
                           "where onnxruntime-extensions can run the model's tokenizer, else ids.", choices=INPUTS,
@@ -106,6 +117,18 @@ class DeployOptions:
     force: bool = setting(False, "Replace an earlier deploy's --out.")
     force_any: bool = setting(False, "Replace --out even when it does not look like a deploy's output (everything "
                               "in it is deleted).")
+
+
+    def check(self) -> "DeployOptions":
+        if self.output_format not in FORMATS:
+            raise SettingsError(f"--format {self.output_format!r} is not one of {', '.join(FORMATS)}")
+        if self.backend not in TRITON_BACKENDS:
+            raise SettingsError(f"--backend {self.backend!r} is not one of {', '.join(TRITON_BACKENDS)}")
+        if self.output_format != "triton" and (self.name or self.op_library or self.backend != "onnxruntime"):
+            raise SettingsError("--backend, --name and --op-library describe a model repository: add --format triton")
+        if self.name is not None:
+            check_name(self.name)
+        return self
 
 
 # what deploy writes; `force` replaces only a folder that holds nothing else
@@ -219,47 +242,73 @@ def check_scores(clf: Classifier, path: Path, manifest: Manifest, prompt: Result
     return {"rows": len(rows), "max_abs_diff": diff}
 
 
-def deploy(opts: DeployOptions, log: Callable[[str], None] = lambda _m: None) -> dict:
-    """Build, check and write OUT; every refusal comes before OUT is touched."""
-    if opts.output_format not in FORMATS:
-        raise SettingsError(f"--format {opts.output_format!r} is not one of {', '.join(FORMATS)}")
+def prepare(manifest: Manifest, result_path: str | Path, precision: str = "fp32", inputs: str = "auto",
+            max_length: int | None = None) -> tuple[Classifier, Result]:
+    """The classifier of a finished run's result on this model, built (not yet written or checked); every refusal
+    (another model, a run still going, a missing extra) comes here."""
     onnx_module()
-    out = Path(opts.out)
-    inputs = [("model directory", Path(opts.model_dir)), ("run", Path(opts.prompt))]
-    check_replaceable(out, opts.force, OUTPUT, opts.force_any, inputs)  # before anything is read
-    manifest = load_manifest(opts.model_dir)
-    prompt, prompt_file = finished_result(opts.prompt)
+    prompt, prompt_file = finished_result(result_path)
     prompt.check_model(_Manifested(manifest))
-    if opts.max_length is not None:
-        prompt = with_max_length(prompt, opts.max_length)
+    if max_length is not None:
+        prompt = with_max_length(prompt, max_length)
     members = prompt.members if isinstance(prompt, PromptEnsemble) else (prompt,)
     if not all(m.model_fingerprint for m in members):
         raise PromptError(f"{prompt_file} does not name the model it was tuned on (no fingerprint); deploy needs a "
                           "prompt written by `bbt-onnx tune`")
-    clf = build_classifier(manifest, prompt, opts.precision, opts.inputs, sha256_file(prompt_file))
+    clf = build_classifier(manifest, prompt, precision, inputs, sha256_file(prompt_file))
     if clf.inputs == "text":
-        extensions_library()  # the check runs the graph: refused here, before OUT is touched, when missing
+        extensions_library()  # the check runs the graph: refused here, before anything is written, when missing
+    return clf, prompt
+
+
+def write_checked(folder: Path, clf: Classifier, manifest: Manifest, prompt: Result, precision: str) -> dict:
+    """classifier.onnx (and, for an ids graph, its recipe, tokenizer and encode.py) in `folder`, then checked there
+    against the runtime on the probe rows; the check's report."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / CLASSIFIER
+    save_model(clf.model, path)
+    if clf.inputs == "ids":
+        write_json_atomic(folder / RECIPE, clf.recipe)
+        shutil.copyfile(manifest.tokenizer_path, folder / TOKENIZER)
+        shutil.copyfile(Path(__file__).with_name("recipe.py"), folder / ENCODER_SCRIPT)
+    rows = probe_rows(clf)
+    check_encoding(clf, manifest, prompt, folder, rows)
+    # a row as long as the model's positions costs seconds in a real model's graph: scored only when short
+    scored = rows if clf.recipe["max_length"] <= SCORED_LENGTH else rows[:-1]
+    return check_scores(clf, path, manifest, prompt, precision, scored)
+
+
+def deploy(opts: DeployOptions, log: Callable[[str], None] = lambda _m: None) -> dict:
+    """Build, check and write OUT (a folder with classifier.onnx, or a Triton model repository); every refusal
+    comes before OUT is touched."""
+    from .triton import REPOSITORY, ClassifierModel, add_classifier
+
+    opts.check()
+    out = Path(opts.out)
+    kind = REPOSITORY if opts.output_format == "triton" else OUTPUT
+    inputs = [("model directory", Path(opts.model_dir)), ("run", Path(opts.prompt))]
+    check_replaceable(out, opts.force, kind, opts.force_any, inputs)  # before anything is read
+    manifest = load_manifest(opts.model_dir)
+    clf, prompt = prepare(manifest, opts.prompt, opts.precision, opts.inputs, opts.max_length)
     for note in clf.notes:
         log(note)
+    served = ClassifierModel(opts.name or f"{served_name(manifest)}{CLASSIFY_SUFFIX}", clf, opts.backend,
+                             op_library=opts.op_library)
     report: dict = {}
 
     def fill(staging: Path) -> None:
-        path = staging / CLASSIFIER
-        save_model(clf.model, path)
-        if clf.inputs == "ids":
-            write_json_atomic(staging / RECIPE, clf.recipe)
-            shutil.copyfile(manifest.tokenizer_path, staging / TOKENIZER)
-            shutil.copyfile(Path(__file__).with_name("recipe.py"), staging / ENCODER_SCRIPT)
-        rows = probe_rows(clf)
-        check_encoding(clf, manifest, prompt, staging, rows)
-        # a row as long as the model's positions costs seconds in a real model's graph: scored only when short
-        scored = rows if clf.recipe["max_length"] <= SCORED_LENGTH else rows[:-1]
-        report.update(check_scores(clf, path, manifest, prompt, opts.precision, scored))
+        if opts.output_format == "triton":
+            report.update(add_classifier(staging, served, lambda folder: write_checked(
+                folder, clf, manifest, prompt, opts.precision)))
+        else:
+            report.update(write_checked(staging, clf, manifest, prompt, opts.precision))
 
     log(f"building the {opts.precision} classifier ({clf.inputs} in) and checking it against bbt-onnx predict")
-    write_dir(out, opts.force, fill, OUTPUT, opts.force_any, inputs)
-    return {"out": str(out), "classifier": str(out / CLASSIFIER), "inputs": clf.input_names,
+    write_dir(out, opts.force, fill, kind, opts.force_any, inputs)
+    where = out / served.name / "1" / CLASSIFIER if opts.output_format == "triton" else out / CLASSIFIER
+    return {"out": str(out), "classifier": str(where), "inputs": clf.input_names,
+            **({"triton_model": served.name, "backend": opts.backend} if opts.output_format == "triton" else {}),
             "outputs": ["probabilities", "label"], "labels": list(clf.labels), "precision": opts.precision,
-            "method": prompt.method, "result": clf.metadata["result"], "tokenizer": "in the graph" if clf.inputs == "text" else
-            f"outside: {ENCODER_SCRIPT} + {RECIPE} + {TOKENIZER}", "check": report,
-            "metadata": {k: clf.metadata[k] for k in ("model_fingerprint", "prompt_sha256")}}
+            "method": prompt.method, "result": clf.metadata["result"],
+            "tokenizer": "in the graph" if clf.inputs == "text" else f"outside: {ENCODER_SCRIPT} + {RECIPE} + {TOKENIZER}",
+            "check": report, "metadata": {k: clf.metadata[k] for k in ("model_fingerprint", "prompt_sha256")}}
