@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -20,12 +21,11 @@ from tritonclient.utils import InferenceServerException
 from bbt_onnx import Model
 from bbt_onnx.data import Example
 from bbt_onnx.prompt import load_prompt
-from bbt_onnx.serving.tritonserver import TritonProcess
 from bbt_onnx.synthetic import sentiment_rows
 
 from conftest import without_graphs
-from test_serve import TOKEN, Server, free_ports, ok, token_file  # noqa: F401
-from test_triton import MISSING_BACKEND, index
+from test_serve import TOKEN, Server, ok, token_file  # noqa: F401
+from test_triton import MISSING_BACKEND, index, start_triton
 
 pytestmark = pytest.mark.xdist_group("deploy-triton")
 TEXTS = [t for t, _ in sentiment_rows(12, seed=7, min_words=2, max_words=25)] + \
@@ -71,22 +71,8 @@ def repository(runs, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def triton(repository, tmp_path_factory):
-    work = tmp_path_factory.mktemp("triton")
-    http, grpc = free_ports(2)
-    server = TritonProcess(repository, work, http, grpc, log_file=work / "tritonserver.log", exit_on_error=False)
     python_models = [p.name for p in repository.iterdir() if p.name != "ort.classify"]
-
-    def ready() -> bool:
-        try:
-            for name in python_models:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/models/{name}/ready", timeout=2) as r:
-                    if r.status != 200:
-                        return False
-            return True
-        except OSError:
-            return False
-
-    server.start(timeout=120, ready=ready)
+    server = start_triton(repository, tmp_path_factory.mktemp("triton"), python_models)
     yield server
     server.stop()
 
@@ -166,16 +152,25 @@ def test_serve_prompt_serves_the_classifier_and_predict_uses_it(runs, token_file
             assert [g["label"] for g in got] == [w["label"] for w in want]
             assert max(abs(g["probabilities"][k] - w["probabilities"][k]) for g, w in zip(got, want)
                        for k in w["probabilities"]) < 1e-5
+        deadline = time.monotonic() + 10
+        while stats(srv)[0] < 2 * len(TEXTS) and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert stats(srv)[0] == 2 * len(TEXTS)  # predict's texts went to the classifier, not the prompt graph
         with pytest.raises(InferenceServerException, match="restricted|token|403|401"):
             infer(srv.http, "tiny-roberta.classify", ["good"])
         before = stats(srv)
-        threads = [threading.Thread(target=lambda: [infer(srv.http, "tiny-roberta.classify", ["a good film"], TOKEN)
-                                                    for _ in range(10)]) for _ in range(8)]
+        answered = []
+        threads = [threading.Thread(target=lambda: answered.extend(
+            infer(srv.http, "tiny-roberta.classify", ["a good film"], TOKEN)[1][0, 0] for _ in range(10)))
+            for _ in range(8)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout=120)
+        assert len(answered) == 80
+        deadline = time.monotonic() + 10  # tritonserver counts a batch just after it answers it
+        while stats(srv)[0] - before[0] < 80 and time.monotonic() < deadline:
+            time.sleep(0.1)
         texts, executions = (a - b for a, b in zip(stats(srv), before))
         assert texts == 80 and executions < texts  # single texts shared executions
     finally:
