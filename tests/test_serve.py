@@ -51,14 +51,14 @@ def free_ports(count: int) -> list[int]:
 class Server:
     """`bbt-onnx serve` in a child process on free loopback ports, with a token, serving one or more models."""
 
-    def __init__(self, models: list[Path], token_file: Path, log: Path, env=None):
+    def __init__(self, models: list[Path], token_file: Path, log: Path, env=None, extra: list[str] = ()):
         self.http, self.grpc, self.metrics = free_ports(3)
         self.token_file = token_file
         self.log = log
         cmd = [sys.executable, "-m", "bbt_onnx.cli", "serve", *(a for m in models for a in ("--model", str(m))),
                "--http-port", str(self.http),
                "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--token-file", str(token_file),
-               "--max-request", str(MAX_REQUEST), "--threads", "1"]
+               "--max-request", str(MAX_REQUEST), "--threads", "1", *extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "w"), env=env)
         deadline = time.monotonic() + 120
         while not self.ready():

@@ -59,20 +59,28 @@ def repository(tiny_model, exports, tmp_path_factory) -> Path:
     return repo
 
 
-@pytest.fixture(scope="module")
-def triton(repository, tmp_path_factory):
-    work = tmp_path_factory.mktemp("triton")
+def start_triton(repository: Path, work: Path, ready_models: list[str]) -> TritonProcess:
+    """A real tritonserver on `repository`, ready once every one of `ready_models` is (the others may fail)."""
     http, grpc = free_ports(2)
     server = TritonProcess(repository, work, http, grpc, log_file=work / "tritonserver.log", exit_on_error=False)
 
-    def python_models_ready() -> bool:
+    def ready() -> bool:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/models/tiny-roberta.deep/ready", timeout=2) as r:
-                return r.status == 200
+            for name in ready_models:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/models/{name}/ready", timeout=2) as r:
+                    if r.status != 200:
+                        return False
+            return True
         except OSError:
             return False
 
-    server.start(timeout=120, ready=python_models_ready)
+    server.start(timeout=120, ready=ready)
+    return server
+
+
+@pytest.fixture(scope="module")
+def triton(repository, tmp_path_factory):
+    server = start_triton(repository, tmp_path_factory.mktemp("triton"), ["tiny-roberta", "tiny-roberta.deep"])
     yield server
     server.stop()
 

@@ -10,6 +10,7 @@ HTTP and gRPC lives in two small wire classes.
 from __future__ import annotations
 
 import http.client
+import json
 import random
 import threading
 import time
@@ -24,8 +25,8 @@ from ..encoding import EncodedSet
 from ..errors import ServerError, SettingsError
 from ..manifest import Manifest
 from .base import PromptScoring, check_prompt_positions, row_groups, row_input
-from .served import (BUCKETS_PARAM, DEEP_SUFFIX, FINGERPRINT_PARAM, GRPC_PREFIX, LIMIT_PARAM, PRECISION_PARAM,
-                     TOKEN_HEADER, served_name)
+from .served import (BUCKETS_PARAM, CLASSIFY_SUFFIX, DEEP_SUFFIX, FINGERPRINT_PARAM, GRPC_PREFIX, LABELS_PARAM, LIMIT_PARAM,
+                     PRECISION_PARAM, PROMPT_PARAM, TOKEN_HEADER, served_name)
 
 WIRE_TYPES = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64}
 TRANSIENT_HTTP = {408, 429, 502, 503, 504}
@@ -158,75 +159,25 @@ class Remote:
         return WIRES[self.protocol](self)
 
 
-class TritonEngine(PromptScoring):
-    """A model served by Triton (`bbt-onnx serve`, or a stock tritonserver over `bbt-onnx triton-repo`)."""
+class TritonClient:
+    """One model on a Triton server, over HTTP or gRPC: a connection per thread, transient failures retried, a
+    loading or restarting server waited for, and every failure one line that says what to do."""
 
-    def __init__(self, manifest: Manifest, remote: Remote, deep: bool = False):
+    deep = False
+
+    def __init__(self, remote: Remote, model: str):
         self.remote = remote.check()
         self.wire = remote.wire()
-        self.manifest = manifest
-        self.deep = deep
-        base = remote.model_name or served_name(manifest)
-        self.model = f"{base}{DEEP_SUFFIX}" if deep else base
-        self.graph_label = f"served {self.model!r}"
-        self.provider = f"Triton {self.model} at {remote.url}"
+        self.model = model
         self.calls = 0  # requests answered
         self.retried = 0  # requests sent again after a transient failure
         self.bytes_sent = 0
         self._jitter = random.Random()  # spreads retries: it never touches what is computed
         self._local = threading.local()  # a connection per thread: tritonclient's HTTP client is bound to one
         self._local.client = self._connect()
-        config = self._config()
-        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-        served = params.get(FINGERPRINT_PARAM)
-        if served is None:
-            raise ServerError(f"model {self.model!r} at {remote.url} does not say which model it serves (no "
-                              f"{FINGERPRINT_PARAM} parameter): serve it with `bbt-onnx serve` or `bbt-onnx triton-repo`")
-        if served != manifest.fingerprint():
-            raise ServerError(f"model {self.model!r} at {remote.url} is not the model in {manifest.directory}: its "
-                              f"manifest fingerprint is {served[:12]}..., the local one {manifest.fingerprint()[:12]}...")
-        self.precision = params.get(PRECISION_PARAM, "?")
-        self.max_buckets = int(params[BUCKETS_PARAM]) if params.get(BUCKETS_PARAM, "").isdigit() else 1
-        self.max_request = int(params[LIMIT_PARAM]) if params.get(LIMIT_PARAM, "").isdigit() else None
-        types = {t["name"]: t["data_type"].removeprefix("TYPE_") for t in config.get("input", [])}
-        if "prompt_embeds" not in types or types["prompt_embeds"] not in WIRE_TYPES:
-            raise ServerError(f"model {self.model!r} at {remote.url} has no float prompt_embeds input: it is not a "
-                              "bbt-onnx prompt graph")
-        self.wire_types = types
-        self.prompt_dtype = WIRE_TYPES[types["prompt_embeds"]]
-        self.takes_prompt_pos = PROMPT_POS in types
-        self.row_inputs = ROW_INPUTS + ((PROMPT_POS,) if self.takes_prompt_pos else ())
 
-    # -- the engine (label_logits and deep_label_logits come from PromptScoring) -----------------------
-    def _score(self, prompts: np.ndarray, batch: EncodedSet, extra: dict) -> np.ndarray:
-        check_prompt_positions(batch, self.takes_prompt_pos, self.manifest.prompt_start, self.graph_label)
-        groups, subsets = row_groups(batch, batch.lengths, self.max_buckets)
-        out = np.empty((prompts.shape[0], len(batch), len(batch.label_ids)), np.float32)
-        for index, rows in zip(groups, subsets):
-            feeds = {name: row_input(rows, name, self.manifest.prompt_start) for name in self.row_inputs}
-            feeds.update(extra, prompt_embeds=prompts)
-            out[:, index] = self.infer(feeds)
-        return out
-
-    def infer(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """One request: the graph's inputs -> [C, N, K] float32, retried on transient failures only (a retry
-        sends the same tensors and is never counted as another call)."""
-        c, (n, t) = feeds["prompt_embeds"].shape[0], feeds["input_ids"].shape
-        if self.max_request is not None and c * n * t > self.max_request:
-            raise ServerError(f"a request of {c} prompts x {n} rows x {t} tokens = {c * n * t} is over the "
-                              f"server's limit of {self.max_request} (C x N x T); use a smaller --popsize, fewer "
-                              "rows per call or a shorter --max-length, or raise the server's --max-request")
-        inputs = self._inputs(feeds)
-        outputs = [self.wire.output(GRAPH_OUTPUTS[0])]
-        result = self._retrying(lambda: self.client.infer(self.model, inputs, outputs=outputs,
-                                                          headers=self.wire.headers(), **self.wire.infer_options()))
-        self.calls += 1
-        logits = result.as_numpy(GRAPH_OUTPUTS[0])
-        want = (c, n, len(feeds["label_ids"]))
-        if logits is None or logits.shape != want:
-            raise ServerError(f"the server at {self.remote.url} answered {None if logits is None else logits.shape} "
-                              f"label logits for a [{c}, {n}, {want[2]}] request: it does not run a bbt-onnx graph")
-        return np.asarray(logits, dtype=np.float32)
+    def parameters(self, config: dict) -> dict[str, str]:
+        return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
 
     @property
     def client(self):
@@ -316,15 +267,6 @@ class TritonEngine(PromptScoring):
         except Exception as exc:  # noqa: BLE001
             raise self._error(exc) from None
 
-    def _inputs(self, feeds: dict[str, np.ndarray]) -> list:
-        inputs = []
-        for name, value in feeds.items():
-            wire = self.wire_types.get(name, "INT64")
-            array = np.ascontiguousarray(value, dtype=WIRE_TYPES[wire])
-            self.bytes_sent += array.nbytes
-            inputs.append(self.wire.input(name, array, wire))
-        return inputs
-
     @staticmethod
     def _transient(exc: Exception) -> bool:
         """Worth a retry: the connection dropped or failed, the deadline passed, or the server said it is busy. A
@@ -371,6 +313,133 @@ class TritonEngine(PromptScoring):
         if "unknown model" in low or "not found" in low or code in ("404", "StatusCode.NOT_FOUND"):
             return ServerError(f"the server at {url} serves no model named {self.model!r}")
         return ServerError(f"the server at {url} failed the request ({code or type(exc).__name__}): {text[:300]}")
+
+
+class TritonEngine(TritonClient, PromptScoring):
+    """A model served by Triton (`bbt-onnx serve`, or a stock tritonserver over `bbt-onnx triton-repo`)."""
+
+    def __init__(self, manifest: Manifest, remote: Remote, deep: bool = False):
+        self.manifest = manifest
+        self.deep = deep
+        base = remote.model_name or served_name(manifest)
+        super().__init__(remote, f"{base}{DEEP_SUFFIX}" if deep else base)
+        self.graph_label = f"served {self.model!r}"
+        self.provider = f"Triton {self.model} at {remote.url}"
+        config = self._config()
+        params = self.parameters(config)
+        served = params.get(FINGERPRINT_PARAM)
+        if served is None:
+            raise ServerError(f"model {self.model!r} at {remote.url} does not say which model it serves (no "
+                              f"{FINGERPRINT_PARAM} parameter): serve it with `bbt-onnx serve` or `bbt-onnx triton-repo`")
+        if served != manifest.fingerprint():
+            raise ServerError(f"model {self.model!r} at {remote.url} is not the model in {manifest.directory}: its "
+                              f"manifest fingerprint is {served[:12]}..., the local one {manifest.fingerprint()[:12]}...")
+        self.precision = params.get(PRECISION_PARAM, "?")
+        self.max_buckets = int(params[BUCKETS_PARAM]) if params.get(BUCKETS_PARAM, "").isdigit() else 1
+        self.max_request = int(params[LIMIT_PARAM]) if params.get(LIMIT_PARAM, "").isdigit() else None
+        types = {t["name"]: t["data_type"].removeprefix("TYPE_") for t in config.get("input", [])}
+        if "prompt_embeds" not in types or types["prompt_embeds"] not in WIRE_TYPES:
+            raise ServerError(f"model {self.model!r} at {remote.url} has no float prompt_embeds input: it is not a "
+                              "bbt-onnx prompt graph")
+        self.wire_types = types
+        self.prompt_dtype = WIRE_TYPES[types["prompt_embeds"]]
+        self.takes_prompt_pos = PROMPT_POS in types
+        self.row_inputs = ROW_INPUTS + ((PROMPT_POS,) if self.takes_prompt_pos else ())
+
+    # -- the engine (label_logits and deep_label_logits come from PromptScoring) -----------------------
+    def _score(self, prompts: np.ndarray, batch: EncodedSet, extra: dict) -> np.ndarray:
+        check_prompt_positions(batch, self.takes_prompt_pos, self.manifest.prompt_start, self.graph_label)
+        groups, subsets = row_groups(batch, batch.lengths, self.max_buckets)
+        out = np.empty((prompts.shape[0], len(batch), len(batch.label_ids)), np.float32)
+        for index, rows in zip(groups, subsets):
+            feeds = {name: row_input(rows, name, self.manifest.prompt_start) for name in self.row_inputs}
+            feeds.update(extra, prompt_embeds=prompts)
+            out[:, index] = self.infer(feeds)
+        return out
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """One request: the graph's inputs -> [C, N, K] float32, retried on transient failures only (a retry
+        sends the same tensors and is never counted as another call)."""
+        c, (n, t) = feeds["prompt_embeds"].shape[0], feeds["input_ids"].shape
+        if self.max_request is not None and c * n * t > self.max_request:
+            raise ServerError(f"a request of {c} prompts x {n} rows x {t} tokens = {c * n * t} is over the "
+                              f"server's limit of {self.max_request} (C x N x T); use a smaller --popsize, fewer "
+                              "rows per call or a shorter --max-length, or raise the server's --max-request")
+        inputs = self._inputs(feeds)
+        outputs = [self.wire.output(GRAPH_OUTPUTS[0])]
+        result = self._retrying(lambda: self.client.infer(self.model, inputs, outputs=outputs,
+                                                          headers=self.wire.headers(), **self.wire.infer_options()))
+        self.calls += 1
+        logits = result.as_numpy(GRAPH_OUTPUTS[0])
+        want = (c, n, len(feeds["label_ids"]))
+        if logits is None or logits.shape != want:
+            raise ServerError(f"the server at {self.remote.url} answered {None if logits is None else logits.shape} "
+                              f"label logits for a [{c}, {n}, {want[2]}] request: it does not run a bbt-onnx graph")
+        return np.asarray(logits, dtype=np.float32)
+
+    def _inputs(self, feeds: dict[str, np.ndarray]) -> list:
+        inputs = []
+        for name, value in feeds.items():
+            wire = self.wire_types.get(name, "INT64")
+            array = np.ascontiguousarray(value, dtype=WIRE_TYPES[wire])
+            self.bytes_sent += array.nbytes
+            inputs.append(self.wire.input(name, array, wire))
+        return inputs
+
+
+class ServedClassifier(TritonClient):
+    """A run's result served as a text classifier (NAME.classify, `serve --prompt`): texts in, the label
+    probabilities out, checked first to be the classifier of this very result (its prompt file's sha256)."""
+
+    def __init__(self, remote: Remote, model: str, prompt_sha256: str, labels: list[str]):
+        super().__init__(remote, model)
+        config = self._config()
+        params = self.parameters(config)
+        if params.get(PROMPT_PARAM) != prompt_sha256:
+            raise ServerError(f"{model!r} at {remote.url} serves another run's result (prompt sha256 "
+                              f"{params.get(PROMPT_PARAM, 'none')[:12]}, this run's {prompt_sha256[:12]})")
+        if params.get(LABELS_PARAM) != json.dumps(labels):
+            raise ServerError(f"{model!r} at {remote.url} has the labels {params.get(LABELS_PARAM)}, not {labels}")
+        self.fields = [t["name"] for t in config.get("input", [])]
+        self.max_batch = int(config.get("max_batch_size", 1)) or 1
+
+    def probabilities(self, texts: list[str], texts_b: list[str] | None = None) -> np.ndarray:
+        """[N, K] label probabilities, in requests of at most the model's batch size."""
+        out = []
+        for start in range(0, len(texts), self.max_batch):
+            fields = {"text": texts[start:start + self.max_batch]}
+            if "text_b" in self.fields:
+                fields["text_b"] = (texts_b or [])[start:start + self.max_batch]
+            inputs = []
+            for name, values in fields.items():
+                array = np.array([[v.encode("utf-8")] for v in values], dtype=object)
+                self.bytes_sent += sum(len(v[0]) for v in array)
+                inputs.append(self.wire.input(name, array, "BYTES"))
+            result = self._retrying(lambda: self.client.infer(
+                self.model, inputs, outputs=[self.wire.output("probabilities")], headers=self.wire.headers(),
+                **self.wire.infer_options()))
+            self.calls += 1
+            got = result.as_numpy("probabilities")
+            if got is None or got.shape[0] != len(fields["text"]):
+                raise ServerError(f"the server at {self.remote.url} answered {None if got is None else got.shape} "
+                                  f"probabilities for {len(fields['text'])} texts")
+            out.append(np.asarray(got, np.float64))
+        return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+def served_classifier(engine, result, prompt_file, log=lambda _m: None) -> ServedClassifier | None:
+    """The server's classifier of this very result (NAME.classify, `serve --prompt`), when `engine` is a served
+    model's and the server has it; else None, and `log` says why predict scores through the prompt graph."""
+    if not isinstance(engine, TritonEngine):
+        return None
+    from ..fileio import sha256_file
+
+    name = f"{engine.model.removesuffix(DEEP_SUFFIX)}{CLASSIFY_SUFFIX}"
+    try:
+        return ServedClassifier(engine.remote, name, sha256_file(prompt_file), list(result.task.label_keys))
+    except ServerError as exc:
+        log(f"not using {name!r}: {exc}; scoring through {engine.model!r} instead")
+        return None
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from ..errors import ServerError, SettingsError
 from ..manifest import load_manifest
 from ..options import setting
 from .gate import GrpcGate, HttpGate
+from ..deploy.triton import add_classifier
 from .repository import add_model, check_name, served_models
 from .tritonserver import TritonProcess, Watchdog
 
@@ -40,6 +41,7 @@ class ServeOptions:
     model_dirs: tuple[str, ...]  # every model the one server serves, each under its own name
     engine: OrtSpec = OrtSpec()  # the graph each request runs through, and where
     names: tuple[str, ...] = ()  # a name per model directory [default: each export source's last path component]
+    prompts: tuple[str, ...] = ()  # finished runs, each served beside its model as NAME.classify
     host: str = setting("127.0.0.1", "Address to bind; one other machines can reach needs --token-file.")
     http_port: int = setting(8000, "HTTP port.")
     grpc_port: int = setting(8001, "gRPC port.")
@@ -127,6 +129,9 @@ def serve(opts: ServeOptions, log: Callable[[str], None] = lambda _m: None) -> N
                 raise SettingsError(f"{directory} would be served as {model.name!r}, the name of "
                                     f"{clash.manifest.directory} too; give each its own --name")
             models.append(model)
+    classifiers = [classifier_for(run, models, opts) for run in opts.prompts]  # built, not yet checked
+    if len({c[0].name for c in classifiers}) != len(classifiers):
+        raise SettingsError("two --prompt runs are for one model: serve one classifier per model")
     workspace = Path(tempfile.mkdtemp(prefix="bbt-serve-"))
     watchdog = Watchdog(workspace)
     state, stop = State(), Stop()
@@ -136,7 +141,10 @@ def serve(opts: ServeOptions, log: Callable[[str], None] = lambda _m: None) -> N
         repository = workspace / "repository"
         for model in models:
             add_model(repository, model)
-        names = ", ".join(repr(m.name) for m in models)
+        for served, write in classifiers:
+            log(f"checking {served.name} (the result of a run, as a text classifier) against bbt-onnx predict")
+            add_classifier(repository, served, write)
+        names = ", ".join(repr(m.name) for m in models + [c[0] for c in classifiers])
         triton = TritonProcess(repository, workspace, free_port(), free_port(), opts.token, TOKEN_ENDPOINTS,
                                log_file=None if opts.verbose else workspace / "tritonserver.log",
                                watchdog=watchdog, metrics=(opts.host, opts.metrics_port))
@@ -178,6 +186,23 @@ def serve(opts: ServeOptions, log: Callable[[str], None] = lambda _m: None) -> N
         watchdog.close()  # removes the workspace
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def classifier_for(run: str, models: list, opts: ServeOptions):
+    """(the classifier model, its writer) for a run's result, beside the served model it was tuned on."""
+    from ..deploy import CLASSIFY_SUFFIX, prepare, write_checked
+    from ..deploy.triton import ClassifierModel
+    from ..prompt import load_prompt
+
+    result = load_prompt(run)
+    fingerprint = next(iter(getattr(result, "members", (result,)))).model_fingerprint
+    base = next((m for m in models if not m.deep and m.manifest.is_model(fingerprint)), None)
+    if base is None:
+        raise SettingsError(f"--prompt {run} was tuned on none of the models served here; add its model with --model")
+    precision = opts.engine.precision if opts.engine.device == "cpu" else "fp32"
+    clf, prompt = prepare(base.manifest, run, precision)
+    served = ClassifierModel(f"{base.name}{CLASSIFY_SUFFIX}", clf, "python", threads=opts.engine.threads)
+    return served, lambda folder: write_checked(folder, clf, base.manifest, prompt, precision)
 
 
 class Stop:
