@@ -6,9 +6,7 @@ declared with the command (`Rule`); the work is a library function.
 
 from __future__ import annotations
 
-import errno
 import os
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,59 +18,14 @@ from .check import Tolerances
 from .data import DataSpec
 from .deploy import DeployOptions
 from .engines import EngineOptions
-from .errors import BBTError
 from .exporting import ExportOptions
-from .fileio import dumps, storage_error
-from .options import Command, Rule, click_options, from_params
+from .fileio import dumps
+from .options import Group, Rule, click_options, from_params
 from .progress import Progress, row_progress
 from .serving.repository import RepoOptions
 from .serving.server import ServeOptions
 from .tasks import TaskSpec
 from .tuner import TuneConfig
-
-
-class Group(click.Group):
-    """User mistakes, ours (BBTError) and click's (usage errors), end as one `error:` line on stderr and exit
-    code 2; a refused read or write too. Any other exception is a bug and keeps its traceback."""
-
-    command_class = Command
-
-    def parse_args(self, ctx, args):
-        with one_line_errors(ctx):
-            return super().parse_args(ctx, args)
-
-    def invoke(self, ctx):
-        with one_line_errors(ctx):
-            return super().invoke(ctx)
-
-
-@contextmanager
-def one_line_errors(ctx):
-    try:
-        yield
-    except click.exceptions.NoArgsIsHelpError:
-        raise  # bare `bbt-onnx`: click prints the help
-    except click.ClickException as exc:
-        fail(ctx, exc.format_message())
-    except BBTError as exc:
-        fail(ctx, exc.render(flags_of(ctx)))
-    except OSError as exc:
-        if exc.errno == errno.EPIPE:
-            raise  # a closed pipe downstream (`| head`): click handles it quietly
-        fail(ctx, str(storage_error(exc.filename, exc, "use") if exc.filename else exc))
-
-
-def flags_of(ctx) -> dict[str, str]:
-    """The running command's options by their parameter names: what an error's arguments are called here."""
-    command = ctx.command
-    if isinstance(command, click.Group) and ctx.invoked_subcommand:
-        command = command.get_command(ctx, ctx.invoked_subcommand) or command
-    return {p.name: p.opts[0] for p in command.params if isinstance(p, click.Option) and p.opts}
-
-
-def fail(ctx, message: str) -> None:
-    click.echo("error: " + " ".join(message.split()), err=True)
-    ctx.exit(2)
 
 
 def err(msg: str) -> None:
@@ -102,13 +55,10 @@ LOCAL_ENGINE = ("device", "precision", "threads")
 def cli():
     """Black-Box Tuning of language models served as forward-only ONNX Runtime engines.
 
-    export turns a Hugging Face model into a prompt graph; tune learns a continuous prompt
-    with CMA-ES from a few labelled examples (BBT, or BBTv2 with --method bbtv2); evaluate and
-    predict use it; check compares engines on the same prompts; bench times the engine against
-    PyTorch. serve puts the graph on a Triton server, and --server URL tunes and scores through
-    its API from a client-dir; triton-repo writes the production repository. Every mistake a
-    user can make ends in one `error:` line, exit 2. deploy ships a tuned prompt as one ONNX
-    graph from text to label, which onnxruntime runs without bbt-onnx.
+    export makes a prompt graph; tune learns a prompt with CMA-ES (BBT, or BBTv2) and keeps it only
+    when it beats the plain template; evaluate, predict and report use runs; deploy ships one as an
+    ONNX graph from text to label; check compares engines; bench times them; serve puts graphs on
+    Triton (--server URL works through its API); triton-repo writes a production repository.
     """
 
 
@@ -118,21 +68,11 @@ def cli():
 @quiet_option
 def export(quiet, **params):
     """Export a masked or causal LM to an ONNX prompt graph, check it against PyTorch, write its manifest."""
-    options = from_params(ExportOptions, params)
+    from .exporting import run_export
+
     if quiet:  # transformers' and the hub's notes and progress bars too
         os.environ.update(TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1", TQDM_DISABLE="1")
-    try:
-        from bbt_onnx_export.pipeline import export_model
-    except ImportError as exc:
-        if (exc.name or "").startswith("onnxruntime"):
-            raise BBTError("export runs onnxruntime: pip install 'bbt-onnx[cpu]' (or [gpu])") from None
-        raise BBTError(f"export needs the `export` extra (torch, transformers, onnx): pip install 'bbt-onnx[export]' "
-                       f"after pip install torch==2.13.0 ({exc})") from None
-    manifest = export_model(options, log=(lambda _m: None) if quiet else err)
-    summary = {name: {"file": g.file, **g.parity, **({"fused_ops": g.fused_ops} if g.fused_ops else {})}
-               for name, g in manifest.graphs.items()}
-    emit_json({"out": str(options.out), "kind": manifest.kind, "architecture": manifest.architecture,
-               "prompt_tokens": manifest.prompt_tokens, "embedding_std": manifest.embedding_std, "graphs": summary})
+    emit_json(run_export(from_params(ExportOptions, params), log=(lambda _m: None) if quiet else err))
 
 
 # --------------------------------------------------------------------------- tune
@@ -195,7 +135,7 @@ def tune(ctx, model_dir, out, resume, force, force_any, trust_checkpoint, quiet,
     (or the seeds' ensemble) is kept only when it beats the best of them on dev (--choose, --no-fallback). Writes
     prompt.npz (what was kept), run.json, log.jsonl, loss.png and checkpoint.npz into --out, prints the metrics JSON.
     """
-    from .runs import RunDir
+    from .runs import RunDir, interrupted_hint
     from .workflow import Hooks, TuneRequest, tune as run_tune
 
     task, engine = from_params(TaskSpec, params), from_params(EngineOptions, params).spec()
@@ -213,39 +153,20 @@ def tune(ctx, model_dir, out, resume, force, force_any, trust_checkpoint, quiet,
     hooks = Hooks(log=(lambda m: None) if quiet else err, start=progress.start, event=progress.update,
                   tuned=progress.close)
     if track:
-        from .tracking import open_tracker
+        from .tracking import track as tracked
 
-        tracker = open_tracker(track, track_uri)
-
-        def on_event(event):
-            progress.update(event)
-            tracker.generation(event)
-
-        hooks.event, hooks.begin, hooks.end = on_event, tracker.start, tracker.finish
+        hooks = tracked(hooks, track, track_uri)
     try:
         outcome = run_tune(request, hooks, resume=bool(resume), force=force, force_any=force_any,
                            trust_checkpoint=trust_checkpoint)
     except KeyboardInterrupt:
         progress.close()
-        from .runs import CHECKPOINTS
-
-        if any((Path(request.out) / name).is_file() for name in CHECKPOINTS):
-            err(f"interrupted; continue with: bbt-onnx tune --resume {request.out}")
-        else:
-            err("interrupted before the first checkpoint, so there is nothing to resume; run the same command "
-                "again to start over")
+        err(interrupted_hint(request.out))
         ctx.exit(130)
     finally:
         progress.close()
-    m = outcome.metrics
-    dev = "n/a" if m["dev_metric"] is None else f"{m['dev_metric']:.4f}"
-    test = "n/a" if m["test_metric"] is None else f"{m['test_metric']:.4f}"
-    tuned = "" if m["kept"] != outcome.record["choice"].get("kept") or outcome.record["choice"].get("tuned", True) \
-        else f" (the tuned prompt: test {m['tuned_test_metric']:.4f})" if m["tuned_test_metric"] is not None else ""
-    err(f"done: {m['api_calls']} calls in {m['wall_seconds']:.1f}s ({m['calls_per_second']:.1f}/s), train loss "
-        f"{m['train_loss_initial']:.4f} -> {m['train_loss_final']:.4f}; kept {m['kept']}: dev {m['metric_name']} "
-        f"{dev}, test {test}{tuned}; wrote {outcome.run_dir}")
-    emit_json(m)
+    err(outcome.summary())
+    emit_json(outcome.metrics)
 
 
 # --------------------------------------------------------------------------- evaluate / predict
@@ -294,8 +215,7 @@ def predict(model_dir, prompt_dir, input_path, output, quiet, **params):
     from .data import read_input
     from .fileio import check_output_file, check_writable, write_text_atomic
     from .model import Model
-    from .engines.triton import served_classifier
-    from .prompt import load_prompt, predictions, result_file
+    from .prompt import label_rows, load_prompt
 
     if output:
         check_writable(output)
@@ -305,14 +225,8 @@ def predict(model_dir, prompt_dir, input_path, output, quiet, **params):
     prompt.check_model(model)
     rows = read_input(input_path, click.get_binary_stream("stdin"))
     enc = prompt.encoder(model).encode(rows)  # every row checked before the progress bar starts
-    classifier = served_classifier(model.engine, prompt, result_file(prompt_dir), log=err)
-    if classifier is not None:
-        err(f"labelling through the server's classifier {classifier.model!r}")
-        probs = classifier.probabilities([r.text for r in rows], [r.text_b or "" for r in rows])
-        preds = predictions(probs, prompt.task.label_keys)
-    else:
-        with row_progress(len(rows), "predicting", quiet) as advance:
-            preds = prompt.predict(model, enc, on_batch=advance)
+    with row_progress(len(rows), "predicting", quiet) as advance:
+        preds = label_rows(prompt, model, rows, enc, prompt_dir, log=err, on_batch=advance)
     lines = "".join(dumps({"text": r.text, **({"text_b": r.text_b} if r.text_b else {}), "label": p.label,
                            "probabilities": p.probabilities}) + "\n" for r, p in zip(rows, preds))
     if output:
@@ -328,16 +242,17 @@ def predict(model_dir, prompt_dir, input_path, output, quiet, **params):
 @click.option("--prompt", "prompt_dir", required=True, type=click.Path(path_type=Path),
               help="Run directory of a finished tune (or its prompt.npz).")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="Folder to write: classifier.onnx (with --input ids also encode.py, recipe.json, tokenizer.json).")
+              help="Folder to write: classifier.onnx (with --input ids also encode.py, recipe.json, tokenizer.json); "
+              "with --format triton, a model repository.")
 @click_options(DeployOptions)
 @quiet_option
 def deploy(model_dir, prompt_dir, out, quiet, **params):
-    """Ship a tuned prompt: OUT/classifier.onnx, one graph from text to label.
+    """Ship what a run kept: OUT/classifier.onnx, one graph from text to label (or, with --format triton, a Triton
+    model repository serving it as NAME.classify).
 
-    Inputs `text` [N] (and `text_b` for a pair task), outputs `probabilities` [N, K] and `label` [N]; the
-    tokenizer, the template and the prompt are inside, so onnxruntime with onnxruntime-extensions runs it without
-    bbt-onnx. Checked against predict on probe rows before OUT is written; prints a summary JSON.
-    """
+    Inputs `text` [N] (and `text_b` for a pair task), outputs `probabilities` [N, K] and `label` [N]; the tokenizer,
+    the template and the prompt are inside, so onnxruntime with onnxruntime-extensions runs it without bbt-onnx.
+    Checked against predict on probe rows before OUT is written; prints a summary JSON."""
     from .deploy import deploy as run_deploy
 
     opts = from_params(DeployOptions, params, model_dir=model_dir, prompt=str(prompt_dir), out=out)
@@ -458,8 +373,7 @@ def client_dir(model_dir, out, force, force_any):
     """Write what a user of the served model needs: manifest.json and tokenizer.json, no graphs or weights."""
     from .engines.served import write_client_dir
 
-    written = write_client_dir(model_dir, out, force, force_any, log=err)
-    err(f"wrote {written}: use it as --model with --server URL")
+    err(f"wrote {write_client_dir(model_dir, out, force, force_any, log=err)}: use it as --model with --server URL")
 
 
 @cli.command("triton-repo")

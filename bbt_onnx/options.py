@@ -3,19 +3,23 @@
 A field made with `setting(default, help, ...)` carries its help text, choices and bounds as metadata; the CLI
 generates each option from it (`click_options`) and builds the dataclass back from the parsed values
 (`from_params`), so no default, choice list or help text is restated in the CLI. Rules between flags are declared
-with the command (`Rule`) and checked by `Command` before it runs.
+with the command (`Rule`) and checked by `Command` before it runs. `Group` makes every user mistake one `error:`
+line and exit code 2.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import click
 
-from .errors import SettingsError
+from .errors import BBTError, SettingsError
+from .fileio import storage_error
 
 KEY = "option"
 
@@ -161,3 +165,47 @@ class Command(click.Command):
             if message:
                 raise SettingsError(message)
         return super().invoke(ctx)
+
+
+class Group(click.Group):
+    """User mistakes, ours (BBTError) and click's (usage errors), end as one `error:` line on stderr and exit
+    code 2; a refused read or write too. Any other exception is a bug and keeps its traceback."""
+
+    command_class = Command
+
+    def parse_args(self, ctx, args):
+        with one_line_errors(ctx):
+            return super().parse_args(ctx, args)
+
+    def invoke(self, ctx):
+        with one_line_errors(ctx):
+            return super().invoke(ctx)
+
+
+@contextmanager
+def one_line_errors(ctx):
+    try:
+        yield
+    except click.exceptions.NoArgsIsHelpError:
+        raise  # bare `bbt-onnx`: click prints the help
+    except click.ClickException as exc:
+        fail(ctx, exc.format_message())
+    except BBTError as exc:
+        fail(ctx, exc.render(flags_of(ctx)))
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            raise  # a closed pipe downstream (`| head`): click handles it quietly
+        fail(ctx, str(storage_error(exc.filename, exc, "use") if exc.filename else exc))
+
+
+def flags_of(ctx) -> dict[str, str]:
+    """The running command's options by their parameter names: what an error's arguments are called here."""
+    command = ctx.command
+    if isinstance(command, click.Group) and ctx.invoked_subcommand:
+        command = command.get_command(ctx, ctx.invoked_subcommand) or command
+    return {p.name: p.opts[0] for p in command.params if isinstance(p, click.Option) and p.opts}
+
+
+def fail(ctx, message: str) -> None:
+    click.echo("error: " + " ".join(message.split()), err=True)
+    ctx.exit(2)

@@ -87,6 +87,22 @@ class Scoring:
         return predictions(np.exp(losses.log_softmax(logits.astype(np.float64))), self.task.label_keys)
 
 
+def label_rows(result, model, rows: Sequence[Example], enc: EncodedSet, result_path: str | Path,
+               log=lambda _m: None, on_batch: Callable[[int], None] | None = None) -> list[Prediction]:
+    """Each row's label: through the server's classifier of this very result when `model` is served and the server
+    has one (`serve --prompt`), else by scoring the rows with the result."""
+    from .engines.triton import served_classifier
+
+    classifier = served_classifier(model.engine, result, result_file(result_path), log)
+    if classifier is None:
+        return result.predict(model, enc, on_batch=on_batch)
+    log(f"labelling through the server's classifier {classifier.model!r}")
+    probs = classifier.probabilities([r.text for r in rows], [r.text_b or "" for r in rows])
+    if on_batch:
+        on_batch(len(enc))
+    return predictions(probs, result.task.label_keys)
+
+
 def predictions(probs: np.ndarray, keys: Sequence[str]) -> list[Prediction]:
     """[N, K] label probabilities as each row's label and per-label probabilities."""
     return [Prediction(keys[int(p.argmax())], {k: float(v) for k, v in zip(keys, p)}) for p in probs]

@@ -388,3 +388,11 @@ def read_run_json(path: Path) -> dict:
     if not isinstance(raw, dict) or not isinstance(raw.get("settings"), dict):
         raise RunError(f"{path} is not a run.json written by `bbt-onnx tune` (no settings object)")
     return raw
+
+
+def interrupted_hint(out: str | Path) -> str:
+    """What to do after Ctrl-C: resume from the checkpoint, or, before the first one, run the command again."""
+    if any((Path(out) / name).is_file() for name in CHECKPOINTS):
+        return f"interrupted; continue with: bbt-onnx tune --resume {out}"
+    return "interrupted before the first checkpoint, so there is nothing to resume; run the same command again to " \
+           "start over"

@@ -133,6 +133,19 @@ class MlflowTracker:
 TRACKERS = {"mlflow": MlflowTracker}
 
 
+def track(hooks, name: str, uri: str | None = None):
+    """`hooks` that also log the run to the tracker `name` (its start, every generation, its end)."""
+    from dataclasses import replace
+
+    tracker = open_tracker(name, uri)
+
+    def event(e) -> None:
+        hooks.event(e)
+        tracker.generation(e)
+
+    return replace(hooks, event=event, begin=tracker.start, end=tracker.finish)
+
+
 def open_tracker(name: str, uri: str | None = None) -> Tracker:
     try:
         kind = TRACKERS[name]

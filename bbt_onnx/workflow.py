@@ -101,6 +101,17 @@ class TuneOutcome:
     tuned: Result | None = None  # what tuning found (the seeds' ensemble for several seeds), kept or not
     seed_prompts: list = field(default_factory=list)  # each seed's tuned prompt
 
+    def summary(self) -> str:
+        """One line for a person: the calls, the loss, what the run kept and its scores, where it is."""
+        m, choice = self.metrics, self.record.get("choice", {})
+        dev = "n/a" if m["dev_metric"] is None else f"{m['dev_metric']:.4f}"
+        test = "n/a" if m["test_metric"] is None else f"{m['test_metric']:.4f}"
+        tuned = "" if m["kept"] != choice.get("kept") or choice.get("tuned", True) or m["tuned_test_metric"] is None \
+            else f" (the tuned prompt: test {m['tuned_test_metric']:.4f})"
+        return (f"done: {m['api_calls']} calls in {m['wall_seconds']:.1f}s ({m['calls_per_second']:.1f}/s), train "
+                f"loss {m['train_loss_initial']:.4f} -> {m['train_loss_final']:.4f}; kept {m['kept']}: dev "
+                f"{m['metric_name']} {dev}, test {test}{tuned}; wrote {self.run_dir}")
+
 
 def tune(request: TuneRequest, hooks: Hooks = Hooks(), resume: bool = False, force: bool = False,
          force_any: bool = False, trust_checkpoint: bool = False) -> TuneOutcome:
