@@ -23,7 +23,7 @@ from ..errors import ModelError, PromptError, RunError, SettingsError
 from ..fileio import OutputKind, check_replaceable, only_files, sha256_file, write_dir, write_json_atomic
 from ..manifest import Manifest, load_manifest
 from ..options import setting
-from ..prompt import PROMPT_NAME, PromptEnsemble, Result, load_prompt
+from ..prompt import PromptEnsemble, Result, load_prompt, result_file
 from ..serving.repository import check_name
 from .build import INPUTS, Classifier, build_classifier, front_model, onnx_module, save_model
 from .recipe import encode as recipe_encode
@@ -153,8 +153,7 @@ def finished_result(path: str | Path) -> tuple[Result, Path]:
         if status != "complete":
             raise RunError(f"{path} is a run that has not finished (status {status!r}): its result is not final; "
                            f"finish it with `bbt-onnx tune --resume {path}` first")
-        return load_prompt(path), run.file(PROMPT_NAME)
-    return load_prompt(path), path / PROMPT_NAME if path.is_dir() else path
+    return load_prompt(path), result_file(path)
 
 
 def with_max_length(result: Result, max_length: int) -> Result:
