@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Callable
 
 from ..contract import PRECISIONS
+from ..deploy.triton import add_classifier
 from ..engines.ort import OrtSpec
 from ..engines.served import DEFAULT_MAX_REQUEST, check_max_request, max_body
 from ..errors import ServerError, SettingsError
 from ..manifest import load_manifest
 from ..options import setting
 from .gate import GrpcGate, HttpGate
-from ..deploy.triton import add_classifier
 from .repository import add_model, check_name, served_models
 from .tritonserver import TritonProcess, Watchdog
 
