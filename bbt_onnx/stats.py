@@ -15,6 +15,7 @@ from . import losses
 
 DRAWS = 2000
 LEVEL = 0.95
+RESAMPLE_CELLS = 1 << 16  # row indices held at once while resampling
 
 
 @dataclass(frozen=True)
@@ -38,15 +39,16 @@ def paired_margin(metric: str, logits_a: np.ndarray, logits_b: np.ndarray, label
     """The margin of a over b ([N, K] logits each, same rows), with rows resampled `draws` times, both prompts
     on the same resample; the seed is fixed, so a run's report reads the same every time."""
     labels = np.asarray(labels)
-    both = np.stack([np.asarray(logits_a, np.float64), np.asarray(logits_b, np.float64)])
-    value = losses.metric(metric, both, labels)
+    pred = losses.predictions(np.stack([np.asarray(logits_a, np.float64), np.asarray(logits_b, np.float64)]))
+    value = losses.metric_of(metric, pred, labels)
     rng = np.random.default_rng(seed)
     n = len(labels)
     diffs = np.empty(draws)
-    for i in range(draws):
-        idx = rng.integers(0, n, n)
-        m = losses.metric(metric, both[:, idx], labels[idx])
-        diffs[i] = m[0] - m[1]
+    block = max(1, RESAMPLE_CELLS // max(n, 1))  # resamples drawn together: one draw's rows each, in order
+    for start in range(0, draws, block):
+        idx = rng.integers(0, n, (min(block, draws - start), n))
+        m = losses.metric_of(metric, pred[:, idx], labels[idx])
+        diffs[start:start + len(idx)] = m[0] - m[1]
     tail = (1 - level) / 2
     low, high = np.quantile(diffs, [tail, 1 - tail])
     return Margin(float(value[0] - value[1]), float(low), float(high), level)

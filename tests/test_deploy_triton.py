@@ -27,7 +27,6 @@ from conftest import without_graphs
 from test_serve import TOKEN, Server, ok, token_file  # noqa: F401
 from test_triton import MISSING_BACKEND, index, start_triton
 
-pytestmark = pytest.mark.xdist_group("deploy-triton")
 TEXTS = [t for t, _ in sentiment_rows(12, seed=7, min_words=2, max_words=25)] + \
     ["café naïve 😀 東京", "  spaces  around  ", "a <mask> typed in"]
 
@@ -70,11 +69,11 @@ def repository(runs, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def triton(repository, tmp_path_factory):
+def triton(repository, tmp_path_factory, stop_later):
     python_models = [p.name for p in repository.iterdir() if p.name != "ort.classify"]
     server = start_triton(repository, tmp_path_factory.mktemp("triton"), python_models)
     yield server
-    server.stop()
+    stop_later(server.stop)
 
 
 def infer(port: int, model: str, texts: list, token: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -137,7 +136,7 @@ def test_odd_texts_have_a_defined_result_or_one_clear_error(triton, runs):
     assert infer(triton.http_port, name, ["good film"])[0].shape == (1, 2)  # the model is still there
 
 
-def test_serve_prompt_serves_the_classifier_and_predict_uses_it(runs, token_file, tmp_path):  # noqa: F811
+def test_serve_prompt_serves_the_classifier_and_predict_uses_it(runs, token_file, tmp_path, stop_later):  # noqa: F811
     """serve --prompt adds NAME.classify beside NAME, behind the same token; predict --server --prompt labels
     through it, as local predict does; concurrent single texts are batched (more texts than executions)."""
     model, run = runs["roberta"]
@@ -174,7 +173,7 @@ def test_serve_prompt_serves_the_classifier_and_predict_uses_it(runs, token_file
         texts, executions = (a - b for a, b in zip(stats(srv), before))
         assert texts == 80 and executions < texts  # single texts shared executions
     finally:
-        srv.stop()
+        stop_later(srv.stop)
 
 
 def stats(srv) -> tuple[int, int]:

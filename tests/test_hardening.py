@@ -18,7 +18,6 @@ A few Python-API cases at the end expect `BBTError` where the CLI rows expect th
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -236,6 +235,12 @@ def ws(tiny_model, tiny_src, data_dir, exports, tmp_path_factory) -> dict[str, P
     return p
 
 
+@pytest.fixture(scope="module")
+def tree(ws) -> Tree:
+    """The workspace as it was made, read once."""
+    return Tree(ws["root"])
+
+
 # -- running a row ---------------------------------------------------------------------------------
 def resolve(arg, paths: dict[str, Path]) -> str:
     """`@key` -> the workspace path `key`; `@key/rest` -> a path under it; anything else as a string."""
@@ -250,30 +255,72 @@ def resolve_all(argv, paths) -> list[str]:
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
-    """Every file (its bytes, compared by sha256) and folder (None) under root."""
+    """Every file (its bytes) and folder (None) under root."""
     return {p.relative_to(root).as_posix(): None if p.is_dir() else p.read_bytes() for p in root.rglob("*")}
 
 
-def digests(snap: dict[str, bytes | None]) -> dict[str, str | None]:
-    return {k: None if v is None else hashlib.sha256(v).hexdigest() for k, v in snap.items()}
+def changes(before: dict[str, bytes | None], after: dict[str, bytes | None]) -> list[str]:
+    """What was added, removed or rewritten between two snapshots (bytes compared directly: no hashing)."""
+    return sorted(rel for rel in set(before) | set(after) if before.get(rel, 0) != after.get(rel, 0))
 
 
-def restore(root: Path, before: dict[str, bytes | None]) -> None:
-    """Put the workspace back as `before`: drop what is new, rewrite what changed or went missing."""
-    after = snapshot(root)
-    for rel in sorted(set(after) - set(before), reverse=True):
-        path = root / rel
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-    for rel, content in sorted(before.items()):
-        path = root / rel
-        if content is None:
-            path.mkdir(parents=True, exist_ok=True)
-        elif after.get(rel) != content:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(content)
+def stats(root: Path) -> dict[str, tuple | None]:
+    """Every file's (size, mtime, ctime, inode) and every folder (None) under root: a look that reads no bytes."""
+    out: dict[str, tuple | None] = {}
+    for p in root.rglob("*"):
+        st = p.stat()
+        out[p.relative_to(root).as_posix()] = None if p.is_dir() else (st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                                                                         st.st_ino)
+    return out
+
+
+REREAD = ("reread",)  # a file put back: its bytes are compared next time, whatever its stat says
+
+
+class Tree:
+    """A folder as it was, read once: later looks stat every file and read only those whose stat moved, so a
+    table of a few hundred cases over a 20 MB workspace costs a stat walk per case, not three full reads."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.content = snapshot(root)
+        self.stats = stats(root)
+
+    def changes(self) -> list[str]:
+        """What was added, removed or rewritten since the folder was read (bytes compared where stats differ)."""
+        now = stats(self.root)
+        return sorted(rel for rel in set(now) | set(self.stats)
+                      if now.get(rel, 0) != self.stats.get(rel, 0) and self._differs(rel, now.get(rel, 0)))
+
+    def _differs(self, rel: str, now) -> bool:
+        was = self.content.get(rel, 0)
+        if now is None or now == 0 or was is None or was == 0:  # a folder, or there on one side only
+            return now != was
+        return (self.root / rel).read_bytes() != was
+
+    def put_back(self) -> list[str]:
+        """Drop what is new and rewrite what changed or went missing; returns what had changed."""
+        changed = self.changes()
+        for rel in reversed(changed):  # children before their folders
+            path = self.root / rel
+            if rel not in self.content:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        for rel in changed:
+            content, path = self.content.get(rel, 0), self.root / rel
+            if content is None:
+                if path.is_file() or path.is_symlink():
+                    path.unlink()
+                path.mkdir(parents=True, exist_ok=True)
+            elif content != 0:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(content)
+                self.stats[rel] = REREAD
+        return changed
 
 
 @dataclass
@@ -629,17 +676,13 @@ def problems_of(out: Outcome, changed: list[str], match: str | None) -> list[str
 
 
 @pytest.mark.parametrize("argv,match,stdin,timeout", CASES)
-def test_user_mistake_is_one_error_line_and_loses_nothing(ws, argv, match, stdin, timeout, tmp_path, monkeypatch):
+def test_user_mistake_is_one_error_line_and_loses_nothing(ws, tree, argv, match, stdin, timeout, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # outside the workspace: pycma and friends must not litter it
-    root = ws["root"]
-    before = snapshot(root)
+    tree.put_back()  # every case starts from the workspace as it was made
     try:
         out = run_cli(resolve_all(argv, ws), stdin, timeout)
     finally:
-        after = snapshot(root)
-        restore(root, before)
-    old, new = digests(before), digests(after)
-    changed = sorted(rel for rel in set(old) | set(new) if old.get(rel, 0) != new.get(rel, 0))
+        changed = tree.put_back()
     found = problems_of(out, changed, match)
     assert not found, "; ".join(found)
 
@@ -801,9 +844,7 @@ def assert_refused_and_unchanged(root: Path, argv: list, match: str) -> None:
     """What every row of the table asserts, for a case built by hand."""
     before = snapshot(root)
     out = run_cli([str(a) for a in argv], None, None)
-    old, new = digests(before), digests(snapshot(root))
-    changed = sorted(rel for rel in set(old) | set(new) if old.get(rel, 0) != new.get(rel, 0))
-    found = problems_of(out, changed, match)
+    found = problems_of(out, changes(before, snapshot(root)), match)
     assert not found, "; ".join(found)
 
 

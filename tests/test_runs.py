@@ -133,7 +133,7 @@ def test_kill_9_mid_tune_frees_the_directory_and_resumes_bit_identically(tiny_mo
     import sys
     import time
 
-    args = [str(a) for a in tune_args(tiny_model, data_dir, tmp_path / "run", "--budget", 800,
+    args = [str(a) for a in tune_args(tiny_model, data_dir, tmp_path / "run", "--budget", 400,
                                       "--checkpoint-every", 2, "-q")]
     proc = subprocess.Popen([sys.executable, "-m", "bbt_onnx.cli", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, cwd=tmp_path)
@@ -148,7 +148,7 @@ def test_kill_9_mid_tune_frees_the_directory_and_resumes_bit_identically(tiny_mo
 
     resumed = invoke(["tune", "--resume", tmp_path / "run", "-q"])
     assert resumed.exit_code == 0, resumed.output
-    whole = invoke(tune_args(tiny_model, data_dir, tmp_path / "whole", "--budget", 800, "--checkpoint-every", 2,
+    whole = invoke(tune_args(tiny_model, data_dir, tmp_path / "whole", "--budget", 400, "--checkpoint-every", 2,
                              "-q"))
     assert whole.exit_code == 0, whole.output
     assert TunedPrompt.load(tmp_path / "run").z.tobytes() == TunedPrompt.load(tmp_path / "whole").z.tobytes()
@@ -184,7 +184,7 @@ def test_kill_9_before_the_first_checkpoint_leaves_a_stub_the_same_command_clear
     """run.json ("running") and log.jsonl, no checkpoint, no tune holding it: nothing to resume, and the same
     command starts the run again instead of asking for --force."""
     run = tmp_path / "run"
-    args = tune_args(tiny_model, data_dir, run, "--budget", 800, "--checkpoint-every", 1000, "-q")
+    args = tune_args(tiny_model, data_dir, run, "--budget", 400, "--checkpoint-every", 1000, "-q")
     _kill_when(_spawn(args, tmp_path), _logged(run))
     assert json.loads((run / "run.json").read_text())["status"] == "running"
     assert not (run / "checkpoint.npz").exists()

@@ -20,8 +20,6 @@ from bbt_onnx.workflow import tune
 from test_serve import (TOKEN, Server, alive, children, free_ports, ok, raw_infer, request, token_file,  # noqa: F401
                         torch_blocked)
 
-pytestmark = pytest.mark.xdist_group("serve-life")
-
 
 @pytest.fixture(scope="module")
 def server(tiny_model, token_file, tmp_path_factory):
@@ -82,12 +80,12 @@ def test_a_starting_server_is_waited_for_and_named_not_ready(server, client_dir)
                                  b"{}")
         assert status == 503 and "starting" in text
         for protocol, port in (("http", http), ("grpc", grpc)):
-            with pytest.raises(ServerError, match="not ready within 1 s"):
-                Model.load(client_dir, TritonSpec(Remote(f"{protocol}://127.0.0.1:{port}", TOKEN, timeout=1)))
-            threading.Timer(1.0, lambda: setattr(state, "value", "serving")).start()
+            with pytest.raises(ServerError, match="not ready within 0.3 s"):
+                Model.load(client_dir, TritonSpec(Remote(f"{protocol}://127.0.0.1:{port}", TOKEN, timeout=0.3)))
+            threading.Timer(0.5, lambda: setattr(state, "value", "serving")).start()
             t0 = time.monotonic()
             model = Model.load(client_dir, TritonSpec(Remote(f"{protocol}://127.0.0.1:{port}", TOKEN, timeout=30)))
-            assert time.monotonic() - t0 >= 0.9 and model.engine.model == "tiny-roberta"
+            assert time.monotonic() - t0 >= 0.45 and model.engine.model == "tiny-roberta"
             state.value = "starting"
     finally:
         for gate in gates:

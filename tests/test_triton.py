@@ -25,7 +25,6 @@ from conftest import PROMPT_TOKENS
 from helpers import cli_error, invoke
 from test_serve import free_ports, tune_args, z_of
 
-pytestmark = pytest.mark.xdist_group("triton")
 MISSING_BACKEND = "unable to find backend library for backend 'onnxruntime'"
 
 
@@ -79,10 +78,10 @@ def start_triton(repository: Path, work: Path, ready_models: list[str]) -> Trito
 
 
 @pytest.fixture(scope="module")
-def triton(repository, tmp_path_factory):
+def triton(repository, tmp_path_factory, stop_later):
     server = start_triton(repository, tmp_path_factory.mktemp("triton"), ["tiny-roberta", "tiny-roberta.deep"])
     yield server
-    server.stop()
+    stop_later(server.stop)
 
 
 def index(server) -> list[dict]:
