@@ -223,7 +223,7 @@ def predict(model_dir, prompt_dir, input_path, output, quiet, **params):
     prompt = load_prompt(prompt_dir)
     model = Model.load(model_dir, from_params(EngineOptions, params).spec(), deep=prompt.deep)
     prompt.check_model(model)
-    rows = read_input(input_path, click.get_binary_stream("stdin"))
+    rows = read_input(input_path, click.open_file("-", "rb") if input_path == "-" else None)  # stdin, as bytes
     enc = prompt.encoder(model).encode(rows)  # every row checked before the progress bar starts
     with row_progress(len(rows), "predicting", quiet) as advance:
         preds = label_rows(prompt, model, rows, enc, prompt_dir, log=err, on_batch=advance)

@@ -309,8 +309,18 @@ class BlackBoxTuner:
             state.es = [state.es]
 
     # -- the loop, step by step: start, step, result --------------------------------------------------------
-    def start(self, train: EncodedSet, state: TunerState | None = None) -> TunerState:
-        """A new state (or a checkpointed one, checked), with the untuned prompt's train loss."""
+    def choose_pending_start(self, train, dev=None) -> None:
+        """`prompt_init auto` not yet chosen: choose it on dev (else train) when they come as rows; rows that come
+        encoded keep the slots they were encoded with."""
+        rows = dev if dev is not None else train
+        if self.start_pending and rows is not None and not isinstance(rows, EncodedSet):
+            self.choose_start(rows)
+
+    def start(self, train: EncodedSet | Sequence[Example], state: TunerState | None = None,
+              dev: EncodedSet | Sequence[Example] | None = None) -> TunerState:
+        """A new state (or a checkpointed one, checked), with the untuned prompt's train loss; with `prompt_init
+        auto`, rows choose the start first, as in `fit` (on `dev` when given)."""
+        self.choose_pending_start(train, dev)
         if state is None:
             state = self.new_state()
         self.check_state(state)
@@ -432,8 +442,7 @@ class BlackBoxTuner:
         """Tune on `train`, choose by `dev`; pass a checkpointed `state` to resume. With `prompt_init auto` the
         start is chosen on `dev` (else `train`) when they come as rows; rows that come encoded keep the slots they
         were encoded with."""
-        if self.start_pending and not isinstance(dev if dev is not None else train, EncodedSet):
-            self.choose_start(dev if dev is not None else train)
+        self.choose_pending_start(train, dev)
         train_set, dev_set = self.encode(train), self.encode(dev)
         state = self.start(train_set, state)
         every = self.config.checkpoint_every

@@ -94,9 +94,9 @@ def test_decoder_tuning_lowers_the_train_loss(decoder):
     model = Model.load(decoder.model)
     train = sentiment_examples(32, seed=3)
     tuner = BlackBoxTuner(model, TASK, TuneConfig(prompt_tokens=PROMPT_TOKENS, intrinsic_dim=40, popsize=10,
-                                                  budget=300))
+                                                  budget=150))
     prompt = tuner.fit(train)
-    assert tuner.report.train_loss_final < 0.8 * tuner.report.train_loss_initial
+    assert tuner.report.train_loss_final < 0.8 * tuner.report.train_loss_initial  # 0.49 to 0.58 measured
     zero = TunedPrompt.zero(prompt.projection, TASK)
     assert prompt.evaluate(model, train).ce_loss < zero.evaluate(model, train).ce_loss
 

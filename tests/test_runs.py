@@ -43,11 +43,11 @@ def test_interrupt_before_the_first_checkpoint_leaves_nothing_and_says_so(tiny_m
 
     monkeypatch.setattr(RunDir, "append_log", interrupt)
     out = tmp_path / "run"
-    cut = invoke(tune_args(tiny_model, data_dir, out, "-q"))
+    cut = invoke(tune_args(tiny_model, data_dir, out, "--budget", 20, "-q"))
     assert cut.exit_code == 130 and "--resume" not in cut.stderr and "nothing to resume" in cut.stderr
     assert not out.exists()  # no stub to block the rerun
     monkeypatch.setattr(RunDir, "append_log", real)
-    assert invoke(tune_args(tiny_model, data_dir, out, "-q")).exit_code == 0  # the same command, again
+    assert invoke(tune_args(tiny_model, data_dir, out, "--budget", 20, "-q")).exit_code == 0  # the same command
 
 
 def test_a_full_disk_mid_run_is_one_line_and_leaves_no_stub(tiny_model, data_dir, tmp_path, monkeypatch):
@@ -258,17 +258,17 @@ def test_an_old_pickle_checkpoint_resumes_only_when_trusted(tiny_model, data_dir
     from bbt_onnx.tasks import PRESETS
 
     whole = tmp_path / "whole"
-    assert invoke(tune_args(tiny_model, data_dir, whole, "-q")).exit_code == 0
+    assert invoke(tune_args(tiny_model, data_dir, whole, "--budget", 120, "-q")).exit_code == 0
     real = RunDir.append_log
 
     def interrupt(self, row):
         real(self, row)
-        if row["generation"] == 9:
+        if row["generation"] == 9:  # the last checkpoint was at 8
             raise KeyboardInterrupt
 
     monkeypatch.setattr(RunDir, "append_log", interrupt)
     run = tmp_path / "run"
-    assert invoke(tune_args(tiny_model, data_dir, run, "-q")).exit_code == 130
+    assert invoke(tune_args(tiny_model, data_dir, run, "--budget", 120, "-q")).exit_code == 130
     monkeypatch.setattr(RunDir, "append_log", real)
     settings = json.loads((run / "run.json").read_text())["settings"]
     tuner = BlackBoxTuner(Model.load(tiny_model), PRESETS["sst2"], TuneConfig(**settings["tune"]))

@@ -58,7 +58,8 @@ class Server:
                "--http-port", str(self.http),
                "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--token-file", str(token_file),
                "--max-request", str(MAX_REQUEST), "--threads", "1", *extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "w"), env=env)
+        with open(log, "w") as err:  # the child keeps its own copy of the file
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env)
         deadline = time.monotonic() + 120
         while not self.ready():
             if self.proc.poll() is not None or time.monotonic() > deadline:

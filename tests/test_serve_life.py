@@ -41,10 +41,10 @@ def client_dir(tiny_model, tmp_path_factory) -> Path:
 def test_a_tune_rides_over_a_tritonserver_death(server, client_dir, tiny_model, data_dir, tmp_path):
     """tritonserver killed mid-tune: serve starts it again, the gates answer 503 meanwhile, and the client waits:
     the run ends with the in-process z."""
-    expected = tune(request(tiny_model, data_dir, tmp_path / "local", budget=600)).prompt.z
+    expected = tune(request(tiny_model, data_dir, tmp_path / "local", budget=300)).prompt.z
     done = {}
     runner = threading.Thread(target=lambda: done.update(z=tune(request(
-        client_dir, data_dir, tmp_path / "remote", Remote(server.url("grpc"), TOKEN), budget=600)).prompt.z))
+        client_dir, data_dir, tmp_path / "remote", Remote(server.url("grpc"), TOKEN), budget=300)).prompt.z))
     runner.start()
     while not (tmp_path / "remote" / "log.jsonl").is_file() or not (tmp_path / "remote" / "log.jsonl").read_text():
         time.sleep(0.05)  # mid-run
