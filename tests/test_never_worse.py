@@ -220,11 +220,11 @@ def test_calibrate_reaches_the_prompt_and_both_numbers_are_recorded(tiny_model, 
 
 
 def test_patience_stops_early_and_says_so(tiny_model, data_dir, tmp_path):
-    outcome = tune(request(tiny_model, data_dir, tmp_path / "run", budget=600, eval_every=6, patience=2,
+    outcome = tune(request(tiny_model, data_dir, tmp_path / "run", budget=120, eval_every=6, patience=2,
                            fallback=False))
     m = outcome.metrics
-    assert "patience=2" in m["stop_reason"] and m["api_calls"] < 600
+    assert "patience=2" in m["stop_reason"] and m["api_calls"] < 120  # 18 here
     dev = [row["dev_metric"] for row in generations(tmp_path / "run") if row["dev_metric"] is not None]
     assert len(dev) >= 3 and max(dev[-2:]) <= max(dev[:-2])  # the last two evaluations did not improve
-    whole = tune(request(tiny_model, data_dir, tmp_path / "whole", budget=600, eval_every=6, fallback=False))
-    assert whole.metrics["api_calls"] == 600  # patience 0: the whole budget, as the reference
+    whole = tune(request(tiny_model, data_dir, tmp_path / "whole", budget=120, eval_every=6, fallback=False))
+    assert whole.metrics["api_calls"] == 120  # patience 0: the whole budget, as the reference

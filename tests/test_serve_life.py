@@ -81,10 +81,12 @@ def test_a_starting_server_is_waited_for_and_named_not_ready(server, client_dir)
         assert status == 503 and "starting" in text
         for protocol, port in (("http", http), ("grpc", grpc)):
             with pytest.raises(ServerError, match="not ready within 0.3 s"):
-                Model.load(client_dir, TritonSpec(Remote(f"{protocol}://127.0.0.1:{port}", TOKEN, timeout=0.3)))
+                Model.load(client_dir, TritonSpec(Remote(f"{protocol}://127.0.0.1:{port}", TOKEN, timeout=0.3,
+                                                         backoff=0.05)))
             threading.Timer(0.5, lambda: setattr(state, "value", "serving")).start()
             t0 = time.monotonic()
-            model = Model.load(client_dir, TritonSpec(Remote(f"{protocol}://127.0.0.1:{port}", TOKEN, timeout=30)))
+            model = Model.load(client_dir, TritonSpec(Remote(f"{protocol}://127.0.0.1:{port}", TOKEN, timeout=30,
+                                                             backoff=0.05)))
             assert time.monotonic() - t0 >= 0.45 and model.engine.model == "tiny-roberta"
             state.value = "starting"
     finally:

@@ -70,7 +70,7 @@ class Stop(Exception):
 
 def test_resume_from_a_checkpoint_ends_with_the_same_prompt(model, splits):
     train, dev = splits
-    cfg = TuneConfig(budget=200, checkpoint_every=3, **SMALL)
+    cfg = TuneConfig(budget=120, checkpoint_every=3, **SMALL)
     whole = BlackBoxTuner(model, PRESETS["sst2"], cfg).fit(train, dev)
 
     saved = []
@@ -220,7 +220,7 @@ def test_off_a_terminal_tune_and_evaluate_print_status_lines(tiny_model, data_di
 
 
 def test_cli_resume_after_interrupt_matches_an_uninterrupted_run(tiny_model, data_dir, tmp_path, monkeypatch):
-    whole = invoke(tune_args(tiny_model, data_dir, tmp_path / "a", "-q"))
+    whole = invoke(tune_args(tiny_model, data_dir, tmp_path / "a", "--budget", 120, "-q"))
     assert whole.exit_code == 0, whole.output
 
     real = RunDir.append_log
@@ -231,16 +231,16 @@ def test_cli_resume_after_interrupt_matches_an_uninterrupted_run(tiny_model, dat
             raise KeyboardInterrupt
 
     monkeypatch.setattr(RunDir, "append_log", interrupt)
-    cut = invoke(tune_args(tiny_model, data_dir, tmp_path / "b", "-q"))
+    cut = invoke(tune_args(tiny_model, data_dir, tmp_path / "b", "--budget", 120, "-q"))
     assert cut.exit_code == 130 and "--resume" in cut.stderr
     monkeypatch.setattr(RunDir, "append_log", real)
-    assert "continue it with --resume" in cli_error(tune_args(tiny_model, data_dir, tmp_path / "b"))
+    assert "continue it with --resume" in cli_error(tune_args(tiny_model, data_dir, tmp_path / "b", "--budget", 120))
     resumed = invoke(["tune", "--resume", tmp_path / "b", "-q"])
     assert resumed.exit_code == 0, resumed.output
     a, b = TunedPrompt.load(tmp_path / "a"), TunedPrompt.load(tmp_path / "b")
     assert a.z.tobytes() == b.z.tobytes()
     log = [row["generation"] for row in generations(tmp_path / "b")]
-    assert log == list(range(1, 21))
+    assert log == list(range(1, 13))  # cut at 10, resumed from the checkpoint at 8
     assert json.loads(resumed.stdout)["test_metric"] == json.loads(whole.stdout)["test_metric"]
 
 
