@@ -284,11 +284,11 @@ def build_graphs(loaded: Loaded, manifest: Manifest, tokenizer, sample: validate
     family = loaded.family
     export_onnx(scorer_for(loaded, deep), sample.feeds(), plain, opts.opset, (input_names(family, deep),
                 list(GRAPH_OUTPUTS)), AXES)
-    fuse = partial(optimize.fuse, plain, num_heads=manifest.num_heads, hidden_size=manifest.hidden_size,
-                   model_type=family.fusion_type)
-    builders = {"fp32": partial(fuse, fp16=False)}  # CPU fusions; fp16 takes the CUDA ones
+    fusion = optimize.Fusion(plain, num_heads=manifest.num_heads, hidden_size=manifest.hidden_size,
+                             model_type=family.fusion_type)
+    builders = {"fp32": partial(fusion.write, fp16=False)}  # fused once, for the CPU and for CUDA
     if opts.fp16:
-        builders["fp16"] = partial(fuse, fp16=True)
+        builders["fp16"] = partial(fusion.write, fp16=True)
     if opts.int8 and family.int8 is not None:
         feeds = calibration_feeds(manifest, tokenizer, deep)
         builders["int8"] = partial(quantize.accurate_int8, plain, feeds=feeds, family=family.int8,

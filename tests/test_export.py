@@ -223,20 +223,20 @@ def test_failed_validation_leaves_nothing_half_written(tiny_src, tmp_path, monke
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_re_export_with_more_graphs_is_the_same_model(tiny_src, tmp_path):
+def test_a_re_export_with_more_graphs_is_the_same_model(tiny_src, tiny_model, tmp_path):
     """The fingerprint covers the weights and the contract, not which graphs were exported beside them: prompts keep
     working across a re-export with --deep or --int8, and a prompt written with the old fingerprint (the manifest
     file's sha256) keeps loading."""
     from bbt_onnx import Model, TunedPrompt
     from bbt_onnx.subspace import ProjectionSpec
 
-    plain = export_model(ExportOptions(str(tiny_src), tmp_path / "a", prompt_tokens=4))
-    more = export_model(ExportOptions(str(tiny_src), tmp_path / "b", prompt_tokens=4, deep=True, int8=True))
-    assert (tmp_path / "a" / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()
-    a, b = load_manifest(tmp_path / "a"), load_manifest(tmp_path / "b")
+    plain = export_model(ExportOptions(str(tiny_src), tmp_path / "a", prompt_tokens=PROMPT_TOKENS))
+    more = load_manifest(tiny_model)  # the same source exported with fp16, int8 and deep graphs too
+    assert (tmp_path / "a" / "model.onnx").read_bytes() == (tiny_model / "model.onnx").read_bytes()
+    a, b = load_manifest(tmp_path / "a"), more
     assert set(more.graphs) > set(plain.graphs) and a.fingerprint() == b.fingerprint()
     assert a.legacy_fingerprint() != b.legacy_fingerprint()
-    spec = ProjectionSpec(0, 1, 4, a.hidden_size, a.embedding_std)
+    spec = ProjectionSpec(0, 1, PROMPT_TOKENS, a.hidden_size, a.embedding_std)
     for fingerprint in (a.fingerprint(), b.legacy_fingerprint()):
         TunedPrompt.zero(spec, PRESETS["sst2"], fingerprint).check_model(Model(b, None, None))
     other = export_model(ExportOptions(str(tiny_src), tmp_path / "c", prompt_tokens=6))  # another contract
@@ -275,6 +275,23 @@ def test_roberta_base_shape_exports_and_matches(tmp_path):
     assert m.placeholder_ids == tuple(range(1000, 1050))
     assert m.graphs["fp32"].parity["max_abs_diff"] <= 1e-4
     assert m.graphs["int8"].parity["argmax_agreement"] >= 0.9
+
+
+def test_the_fp16_graph_is_the_fused_fp32_graph_in_half_precision(tiny_model):
+    """fp16 weights behind the fp32 graph's float32 inputs and outputs, with the same fused operators: one fusion
+    pass writes both."""
+    from collections import Counter
+
+    import onnx
+
+    m = load_manifest(tiny_model)
+    for deep in (False, True):
+        half, full = (onnx.load(str(tiny_model / m.graph(p, deep).file)).graph for p in ("fp16", "fp32"))
+        assert {t.data_type for t in half.initializer if len(t.dims) >= 2} == {onnx.TensorProto.FLOAT16}
+        assert [str(v.type) for v in (*half.input, *half.output)] == [str(v.type) for v in (*full.input, *full.output)]
+        ops = [Counter(n.op_type for n in g.node if n.op_type != "Cast") for g in (half, full)]
+        assert ops[0] == ops[1] and ops[0]["Attention"] > 0  # fused, as on the CPU
+        assert m.graph("fp16", deep).fused_ops == m.graph("fp32", deep).fused_ops
 
 
 def test_parity_is_judged_against_float64_without_false_alarms(tmp_path, tiny_model):
