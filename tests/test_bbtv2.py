@@ -91,19 +91,22 @@ def test_each_layer_has_its_own_projection_at_its_own_scale():
 
 
 # -- the search -----------------------------------------------------------------------------------------------
-SMALL = dict(prompt_tokens=P, intrinsic_dim=20, popsize=6, eval_every=36, method="bbtv2")
+ROUND = 6  # the popsize: one generation's calls, on one layer
+SMALL = dict(prompt_tokens=P, intrinsic_dim=20, popsize=ROUND, eval_every=36, method="bbtv2")
 
 
 def test_rounds_visit_the_layers_bottom_up_within_the_budget(family):
     model = Model.load(family.model, deep=True)
     train = sentiment_examples(16, seed=2)
     events = []
-    tuner = BlackBoxTuner(model, task_for(family), TuneConfig(budget=100, **SMALL))  # 100 // (6 x 3) = 5 rounds
+    rounds = 100 // (ROUND * LAYERS)  # whole rounds only: a round visits every layer once
+    assert 100 % (ROUND * LAYERS)  # the budget leaves a part of a round unused
+    tuner = BlackBoxTuner(model, task_for(family), TuneConfig(budget=100, **SMALL))
     tuner.fit(train, on_event=events.append)
-    assert [e.layer for e in events] == [0, 1, 2] * 5
-    assert tuner.report.api_calls == 90 and tuner.report.generations == 15
+    assert [e.layer for e in events] == list(range(LAYERS)) * rounds
+    assert tuner.report.api_calls == rounds * LAYERS * ROUND and tuner.report.generations == rounds * LAYERS
     state = tuner.state
-    assert len(state.es) == LAYERS and all(es.opts["maxiter"] == 5 for es in state.es)
+    assert len(state.es) == LAYERS and all(es.opts["maxiter"] == rounds for es in state.es)
     for layer, es in enumerate(state.es):  # each layer keeps its own strategy's best ever
         np.testing.assert_array_equal(state.prefix_z[layer], es.result.xbest)
     assert tuner.report.train_loss_final <= tuner.report.train_loss_initial
@@ -111,7 +114,8 @@ def test_rounds_visit_the_layers_bottom_up_within_the_budget(family):
 
 def test_a_budget_below_one_round_is_a_settings_error(family):
     with pytest.raises(SettingsError, match="less than one BBTv2 round"):
-        BlackBoxTuner(Model.load(family.model, deep=True), task_for(family), TuneConfig(budget=17, **SMALL))
+        BlackBoxTuner(Model.load(family.model, deep=True), task_for(family),
+                      TuneConfig(budget=ROUND * LAYERS - 1, **SMALL))
 
 
 def test_bbtv2_needs_the_deep_graph(family, tmp_path):
@@ -157,16 +161,17 @@ def test_cli_bbtv2_tune_evaluate_predict(family, tmp_path):
     write_csv(tmp_path / "pool.csv", sentiment_rows(60, seed=6))
     write_csv(tmp_path / "test.csv", sentiment_rows(20, seed=7))
     args = ["tune", "--model", out, "--data", tmp_path / "pool.csv", "--test", tmp_path / "test.csv", "--k-shot", 8,
-            "--prompt-tokens", P, "--intrinsic-dim", 20, "--popsize", 6, "--budget", 54, "--eval-every", 18,
+            "--prompt-tokens", P, "--intrinsic-dim", 20, "--popsize", ROUND, "--budget", 3 * ROUND * LAYERS,
+            "--eval-every", ROUND * LAYERS,
             "--method", "bbtv2", "--out", tmp_path / "run", "-q", "--no-fallback", *family.task_args()]
     tuned = invoke(args)
     assert tuned.exit_code == 0, tuned.output
     metrics = json.loads(tuned.stdout)
-    assert metrics["api_calls"] == 54 and metrics["generations"] == 9
+    assert metrics["api_calls"] == 3 * ROUND * LAYERS and metrics["generations"] == 3 * LAYERS
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["settings"]["tune"]["method"] == "bbtv2"
     log = [row["layer"] for row in generations(tmp_path / "run")]
-    assert log == [0, 1, 2] * 3
+    assert log == list(range(LAYERS)) * 3
     prompt = TunedPrompt.load(tmp_path / "run")
     assert prompt.deep and prompt.embeds.shape[0] == LAYERS
 
