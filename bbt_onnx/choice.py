@@ -16,9 +16,36 @@ import numpy as np
 
 from . import losses
 from .errors import SettingsError
+from .options import setting
 from .stats import Margin, paired_margin
 
 RULES = ("interval", "max")
+POLICY_KEYS = ("choose", "fallback")  # ChoicePolicy's fields, which older runs recorded among the tune settings
+
+
+@dataclass(frozen=True)
+class ChoicePolicy:
+    """How a run chooses what it hands back: run policy, not search settings (a checkpoint does not depend on it)."""
+
+    fallback: bool = setting(True, "Hand back the best plain template instead of the tuned prompt when tuning did "
+                             "not earn its place on dev (choose says when).", flag="--fallback/--no-fallback")
+    choose: str = setting("interval", "When the tuned prompt replaces the template: interval (its dev margin's "
+                          "paired-bootstrap interval lies above 0) or max (it scored higher on dev).", choices=RULES)
+
+    def __post_init__(self):
+        if not isinstance(self.fallback, bool):
+            raise SettingsError(f"fallback must be true or false, got {self.fallback!r}", "fallback")
+        if self.choose not in RULES:
+            raise SettingsError(f"choose {self.choose!r} is not one of {', '.join(RULES)}", "choose")
+
+    def to_json(self) -> dict:
+        return {"choose": self.choose, "fallback": self.fallback}
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> "ChoicePolicy":
+        """A run's recorded policy: its own entry, or (runs from before it had one) the tune settings' keys."""
+        doc = settings.get("policy") or settings.get("tune", {})
+        return cls(**{k: doc[k] for k in POLICY_KEYS if k in doc})
 
 
 @dataclass(frozen=True)
@@ -57,7 +84,7 @@ def best(candidates: list[Scored]) -> Scored:
 def choose(tuned: list[Scored], baselines: list[Scored], labels: np.ndarray, metric: str, rule: str = "interval",
            fallback: bool = True, seed: int = 0) -> Choice:
     if rule not in RULES:
-        raise SettingsError(f"--choose {rule!r} is not one of {', '.join(RULES)}")
+        raise SettingsError(f"rule {rule!r} is not one of {', '.join(RULES)}", "rule")
     top, base = best(tuned), best(baselines)
     margin = paired_margin(metric, top.logits, base.logits, labels, seed=seed)
     if not fallback:

@@ -12,20 +12,21 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .bench import BenchOptions
-from .check import Tolerances
+from .version import __version__
+from .choice import ChoicePolicy
 from .data import DataSpec
 from .deploy import DeployOptions
 from .engines import EngineOptions
-from .exporting import ExportOptions
+from .export_options import ExportOptions
 from .fileio import dumps
+from .jobs.bench import BenchOptions
+from .jobs.check import Tolerances
 from .options import Group, Rule, click_options, from_params
 from .progress import Progress, row_progress
 from .serving.repository import RepoOptions
 from .serving.server import ServeOptions
 from .tasks import TaskSpec
-from .tuner import TuneConfig
+from .tuning.config import TuneConfig
 
 
 def err(msg: str) -> None:
@@ -68,7 +69,7 @@ def cli():
 @quiet_option
 def export(quiet, **params):
     """Export a masked or causal LM to an ONNX prompt graph, check it against PyTorch, write its manifest."""
-    from .exporting import run_export
+    from .jobs.export import run_export
 
     if quiet:  # transformers' and the hub's notes and progress bars too
         os.environ.update(TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1", TQDM_DISABLE="1")
@@ -77,7 +78,8 @@ def export(quiet, **params):
 
 # --------------------------------------------------------------------------- tune
 TUNE_FLAGS = ("model_dir", "out", "force", "force_any", "precision", "seeds", "data_seed", *TaskSpec.__dataclass_fields__,
-              *(f for f in DataSpec.__dataclass_fields__ if f != "seed"), *TuneConfig.__dataclass_fields__)
+              *(f for f in DataSpec.__dataclass_fields__ if f != "seed"), *TuneConfig.__dataclass_fields__,
+              *ChoicePolicy.__dataclass_fields__)
 
 
 def parse_seeds(ctx, param, value):
@@ -109,6 +111,7 @@ def parse_seeds(ctx, param, value):
 @click_options(DataSpec)
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory to write.")
 @click_options(TuneConfig)
+@click_options(ChoicePolicy)
 @click.option("--seeds", callback=parse_seeds, help="Several seeds, e.g. 0,1,2, run in lock-step on the same rows "
               "(every seed's candidates in one engine call per generation); the run keeps their ensemble.")
 @click.option("--data-seed", type=click.IntRange(0, 2**32 - 1), help="Seed of the k-shot draw from --data "
@@ -135,19 +138,19 @@ def tune(ctx, model_dir, out, resume, force, force_any, trust_checkpoint, quiet,
     (or the seeds' ensemble) is kept only when it beats the best of them on dev (--choose, --no-fallback). Writes
     prompt.npz (what was kept), run.json, log.jsonl, loss.png and checkpoint.npz into --out, prints the metrics JSON.
     """
-    from .runs import RunDir, interrupted_hint
-    from .workflow import Hooks, TuneRequest, tune as run_tune
+    from .jobs.tune import Hooks, TuneRequest, resume_request, tune as run_tune
+    from .runs import interrupted_hint
 
     task, engine = from_params(TaskSpec, params), from_params(EngineOptions, params).spec()
     config = from_params(TuneConfig, params)
     if resume:
-        settings = RunDir.open_existing(resume).read_json()["settings"]
-        request = TuneRequest.from_settings(settings, str(resume), engine)
+        request = resume_request(resume, engine)
     else:
         if seeds:
             config = replace(config, seed=seeds[0])
         data = from_params(DataSpec, params, seed=config.seed if data_seed is None else data_seed)
-        request = TuneRequest(model_dir, task.resolve(), data, config, str(out), engine, seeds or ())
+        request = TuneRequest(model_dir, task.resolve(), data, config, str(out), engine, seeds or (),
+                              from_params(ChoicePolicy, params))
 
     progress = Progress(quiet)
     hooks = Hooks(log=(lambda m: None) if quiet else err, start=progress.start, event=progress.update,
@@ -172,7 +175,7 @@ def tune(ctx, model_dir, out, resume, force, force_any, trust_checkpoint, quiet,
 # --------------------------------------------------------------------------- evaluate / predict
 @cli.command(rules=ENGINE_RULES)
 @model_option()
-@click.option("--prompt", "prompt_dir", type=click.Path(path_type=Path), help="Run directory (or prompt.npz).")
+@click.option("--prompt", type=click.Path(path_type=Path), help="Run directory (or prompt.npz).")
 @click.option("--data", required=True, help="Labelled CSV/TSV/JSONL file to score.")
 @click.option("--no-prompt", is_flag=True, help="Score z = 0: the manual template, the untuned baseline.")
 @click.option("--prompt-tokens", type=click.IntRange(0),
@@ -180,25 +183,13 @@ def tune(ctx, model_dir, out, resume, force, force_any, trust_checkpoint, quiet,
 @click_options(TaskSpec)
 @click_options(EngineOptions)
 @quiet_option
-def evaluate(model_dir, prompt_dir, data, no_prompt, prompt_tokens, quiet, **params):
+def evaluate(model_dir, prompt, data, no_prompt, prompt_tokens, quiet, **params):
     """Score a tuned prompt (or the bare template) on a labelled file; prints a metrics JSON."""
-    from .data import check_labels, read_examples
-    from .model import Model
-    from .prompt import load_run_prompt, template_prompt
+    from .jobs.evaluate import evaluate as run_evaluate
 
-    task = from_params(TaskSpec, params)
-    prompt = load_run_prompt(prompt_dir, no_prompt, task.given, prompt_tokens)
-    model = Model.load(model_dir, from_params(EngineOptions, params).spec(), deep=prompt is not None and prompt.deep)
-    prompt = prompt or template_prompt(model.manifest, task.resolve(), prompt_tokens)
-    rows = read_examples(data)
-    check_labels(rows, prompt.task.label_keys, data)
-    prompt.check_model(model)
-    enc = prompt.encoder(model).encode(rows)  # every row checked before the progress bar starts
-    with row_progress(len(rows), "scoring", quiet) as advance:
-        result = prompt.evaluate(model, enc, on_batch=advance).to_json()
-    result.update(task=prompt.task.name, prompt="none (z = 0)" if no_prompt else str(prompt_dir),
-                  provider=model.engine.provider)
-    emit_json(result)
+    emit_json(run_evaluate(model_dir, data, prompt, from_params(TaskSpec, params),
+                           from_params(EngineOptions, params).spec(), no_prompt, prompt_tokens,
+                           progress=lambda total, label: row_progress(total, label, quiet)))
 
 
 @cli.command(rules=ENGINE_RULES)
@@ -212,26 +203,13 @@ def evaluate(model_dir, prompt_dir, data, no_prompt, prompt_tokens, quiet, **par
 def predict(model_dir, prompt_dir, input_path, output, quiet, **params):
     """Label texts with a run's result (its tuned prompt, ensemble or kept template); writes JSONL: text, label and
     per-label probabilities."""
-    from .data import read_input
-    from .fileio import check_output_file, check_writable, write_text_atomic
-    from .model import Model
-    from .prompt import label_rows, load_prompt
+    from .jobs.predict import predict as run_predict
 
+    lines, count = run_predict(model_dir, prompt_dir, input_path, output, from_params(EngineOptions, params).spec(),
+                               stdin=click.open_file("-", "rb") if input_path == "-" else None,  # stdin, as bytes
+                               log=err, progress=lambda total, label: row_progress(total, label, quiet))
     if output:
-        check_writable(output)
-        check_output_file(output, [("input", input_path), ("model directory", model_dir), ("run", prompt_dir)])
-    prompt = load_prompt(prompt_dir)
-    model = Model.load(model_dir, from_params(EngineOptions, params).spec(), deep=prompt.deep)
-    prompt.check_model(model)
-    rows = read_input(input_path, click.open_file("-", "rb") if input_path == "-" else None)  # stdin, as bytes
-    enc = prompt.encoder(model).encode(rows)  # every row checked before the progress bar starts
-    with row_progress(len(rows), "predicting", quiet) as advance:
-        preds = label_rows(prompt, model, rows, enc, prompt_dir, log=err, on_batch=advance)
-    lines = "".join(dumps({"text": r.text, **({"text_b": r.text_b} if r.text_b else {}), "label": p.label,
-                           "probabilities": p.probabilities}) + "\n" for r, p in zip(rows, preds))
-    if output:
-        write_text_atomic(output, lines)
-        err(f"wrote {len(preds)} predictions to {output}")
+        err(f"wrote {count} predictions to {output}")
     else:
         click.echo(lines, nl=False)
 
@@ -269,7 +247,7 @@ def deploy(model_dir, prompt_dir, out, quiet, **params):
 def report(runs, fmt):
     """Tabulate finished runs from their run.json files: per task and setting, each baseline, each seed, the mean
     ± std over seeds, the ensemble and the result each run kept (dev and test)."""
-    from .report import format_markdown, summarise
+    from .jobs.report import format_markdown, summarise
 
     summary = summarise(list(runs))
     emit_json(summary.to_json()) if fmt == "json" else click.echo(format_markdown(summary))
@@ -297,7 +275,7 @@ def check(ctx, model_dir, prompt_dir, data, engines, token_file, threads, as_jso
     Exit code 0 when every engine is within tolerance (and every graph matches its sha256), 1 when one is
     not, 2 for a mistake. The table goes to stderr; --json prints the report on stdout.
     """
-    from .check import CheckRequest, format_report, run_check
+    from .jobs.check import CheckRequest, format_report, run_check
     from .engines import parse_engines
     from .engines.served import read_token
 
@@ -328,7 +306,7 @@ def check(ctx, model_dir, prompt_dir, data, engines, token_file, threads, as_jso
 def bench(ctx, model_dir, as_json, **params):
     """Time engine calls per precision against PyTorch in the same process, and an end-to-end tune; or, with
     --server, load-test a served model (exit code 1 when a call failed)."""
-    from .bench import format_bench, run_bench
+    from .jobs.bench import format_bench, run_bench
 
     report = run_bench(from_params(BenchOptions, params, model_dir=model_dir), log=err)
     emit_json(report) if as_json else click.echo(format_bench(report))
@@ -346,9 +324,9 @@ def bench(ctx, model_dir, as_json, **params):
               "NAME.classify, a text classifier with dynamic batching (needs the deploy extra).")
 @click_options(EngineOptions, only=LOCAL_ENGINE)
 @click_options(ServeOptions)
-@click.option("--token-file", type=click.Path(dir_okay=False),
+@click.option("--token-file", "token", type=click.Path(dir_okay=False),  # `token`: ServeOptions' name for it
               help="File holding a shared secret every request but health must send (triton-access-token).")
-def serve(model_dirs, names, prompts, token_file, **params):
+def serve(model_dirs, names, prompts, token, **params):
     """Serve the models' prompt graphs on Triton Inference Server until Ctrl-C or SIGTERM.
 
     Tune against it with `--server http://HOST:HTTP_PORT` (or grpc://HOST:GRPC_PORT) from a client directory;
@@ -360,7 +338,7 @@ def serve(model_dirs, names, prompts, token_file, **params):
     engine = from_params(EngineOptions, params).spec()
     run_serve(from_params(ServeOptions, params, model_dirs=tuple(model_dirs), names=tuple(names), engine=engine,
                           prompts=tuple(str(p) for p in prompts),
-                          token=read_token(token_file) if token_file else None), log=err)
+                          token=read_token(token) if token else None), log=err)
 
 
 @cli.command("client-dir")

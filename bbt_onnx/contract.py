@@ -3,7 +3,6 @@ name for each graph variant. Export builds graphs to it; engines feed graphs by 
 
 from __future__ import annotations
 
-PRECISIONS = ("fp32", "fp16", "int8")
 PARTS = ("text", "tail")  # the cached pair for suffix prompts
 
 GRAPH_INPUTS = ("input_ids", "attention_mask", "mask_pos", "prompt_embeds", "label_ids")

@@ -217,12 +217,14 @@ def hf_test_split(spec: str) -> list[Example]:
         return load_hf(spec, "validation")
 
 
-def check_labels(examples: Sequence[Example], keys: Sequence[str], source: str) -> None:
+def check_labels(examples: Sequence[Example], keys: Sequence[str], source: str, argument: str | None = None) -> None:
+    """Every row's label is one of the task's; `source` names the rows, `argument` the argument they came from."""
     unknown = Counter(e.label for e in examples if e.label not in keys)
     if unknown:
         shown = ", ".join(f"{k!r} ({n} rows)" for k, n in unknown.most_common(5))
-        raise DataError(f"{source} has labels the task does not know: {shown}; the task's labels are "
-                       f"{', '.join(keys)} (name them with --labels name=word,...)")
+        raise DataError(f"{source} has rows whose label the task does not know: {shown}; the task's label names are "
+                        f"{', '.join(keys)} (name them with labels name=word,...)",
+                        ("labels",) if argument is None else (argument, "labels"))
 
 
 def k_shot_split(examples: Sequence[Example], keys: Sequence[str], k: int, rng: np.random.Generator,
@@ -301,7 +303,7 @@ def load_splits(spec: DataSpec, keys: Sequence[str]) -> Splits:
     sources = {"data": spec.data, "train": spec.train, "dev": spec.dev, "test": spec.test}
     loaded = {name: read_examples(src) for name, src in sources.items() if src}
     for name, rows in loaded.items():
-        check_labels(rows, keys, f"--{name} {sources[name]}")
+        check_labels(rows, keys, f"{name} {sources[name]}", name)
     if spec.data:
         train, dev = k_shot_split(loaded["data"], keys, spec.k_shot, generator(spec.seed, "sampling"),
                                   with_dev=not spec.dev)

@@ -23,6 +23,7 @@ from .data import Example, check_labels
 from .errors import DataError, ModelError, SettingsError
 from .manifest import Manifest
 from .tasks import Framing, Task, check_template
+from .truncation import truncation_plan
 
 
 @dataclass(frozen=True)
@@ -290,7 +291,7 @@ class Encoder:
         for i, r in enumerate(rows):
             input_ids[i, :len(r)] = r
             attention[i, :len(r)] = 1
-        check_labels([e for e in examples if e.label is not None], self.task.label_keys, "the rows")
+        check_labels([e for e in examples if e.label is not None], self.task.label_keys, "the input")
         labels = np.array([-1 if e.label is None else self.task.class_index(e.label) for e in examples], dtype=np.int64)
         return EncodedSet(input_ids, attention, np.array(mask_pos, dtype=np.int64), labels,
                           np.array(self.label_ids, dtype=np.int64), truncated, np.array(prompt_pos, dtype=np.int64))
@@ -313,10 +314,11 @@ class Encoder:
         counts = {f: owner.count(f) for f in ("text", "text_b")}
         drop = truncation_plan(counts, over)
         if drop is None:
-            limit = (f"--max-length {self.max_length}" if self.max_length < self.manifest.max_positions
+            limit = (f"{self.max_length} tokens" if self.max_length < self.manifest.max_positions
                      else f"the model's {self.max_length} positions")
             raise SettingsError(f"the template and {self.prompt_tokens} prompt tokens leave no room for text within "
-                                f"{limit}; shorten the template, use fewer prompt tokens or a larger --max-length")
+                                f"{limit}; shorten the template, use fewer prompt tokens or a larger max_length",
+                                "max_length")
         keep = [True] * len(ids)
         for i in range(len(ids) - 1, -1, -1):
             field = owner[i]
@@ -324,30 +326,6 @@ class Encoder:
                 keep[i] = False
                 drop[field] -= 1
         return [t for t, k in zip(ids, keep) if k], [o for o, k in zip(owner, keep) if k]
-
-
-def truncation_plan(counts: dict[str, int], over: int) -> dict[str, int] | None:
-    """How many tokens to cut from each field so that `over` go in all: always from the longest field
-    (the first named wins a tie), each keeping at least one token; None when that cannot be done."""
-    order = list(counts)
-    present = [f for f in order if counts[f] > 0]
-    if sum(counts[f] for f in present) - over < len(present):
-        return None
-    drop = {f: 0 for f in order}
-    left = dict(counts)
-    # cut the longest down to the next one's length, then share the rest out evenly, first named first
-    while over > 0:
-        top = max(left.values())
-        longest = [f for f in order if left[f] == top]
-        below = max([v for v in left.values() if v < top], default=0)
-        step = min(over, (top - below) * len(longest))
-        share, extra = divmod(step, len(longest))
-        for j, f in enumerate(longest):
-            cut = share + (1 if j < extra else 0)
-            drop[f] += cut
-            left[f] -= cut
-        over -= step
-    return drop
 
 
 def length_buckets(lengths: np.ndarray, max_buckets: int = 4, min_saving: float = 0.1) -> list[np.ndarray]:

@@ -18,13 +18,15 @@ class BBTError(Exception):
         self.arguments: tuple[str, ...] = (argument,) if isinstance(argument, str) else tuple(argument or ())
 
     def render(self, names: dict[str, str]) -> str:
-        """The message with the first mention of each of its arguments written as `names` gives it (a flag)."""
+        """The message with the first mention of each of its arguments written as `names` gives it (a flag): a
+        word of its own, not part of a path the message quotes (`out /runs/force/a` names out, not force)."""
         import re
 
         message = str(self)
         for argument in self.arguments:
             if argument in names:
-                message = re.sub(rf"(?<![\w-]){re.escape(argument)}(?![\w-])", names[argument], message, count=1)
+                message = re.sub(rf"(?<![\w/\\.-]){re.escape(argument)}(?![\w-]|[/\\.]\w)", names[argument],
+                                 message, count=1)
         return message
 
 

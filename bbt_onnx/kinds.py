@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import ModelError, SettingsError
+from .errors import SettingsError
 
 SENTIMENT = " . {text} . It was {mask} ."  # the reference's SST-2 template (the prompt slots come before it)
 
@@ -39,10 +39,3 @@ KINDS: dict[str, LmKind] = {
                      example_template=" Review: {text}\nSentiment:",
                      example_labels=(("0", " negative"), ("1", " positive"))),
 }
-
-
-def lm_kind(name: str) -> LmKind:
-    try:
-        return KINDS[name]
-    except KeyError:
-        raise ModelError(f"kind {name!r} is not one of {', '.join(KINDS)}") from None

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .contract import PARTS, PRECISIONS, PROMPT_POS, contract, graph_key
+from .contract import PARTS, PROMPT_POS, contract, graph_key
+from .devices import PRECISIONS, REFERENCE_PRECISION
 from .errors import ModelError
 from .kinds import KINDS, LmKind
 
@@ -112,8 +113,9 @@ class Manifest:
         key = graph_key(precision, deep)
         if key not in self.graphs:
             have = ", ".join(sorted(self.graphs))
-            flags = " ".join(f for f, wanted in (("--deep", deep), (f"--{precision}", precision != "fp32")) if wanted)
-            hint = f" (re-export with {flags})" if flags else ""
+            asked_for = precision not in PRECISIONS or not PRECISIONS[precision].always_exported
+            flags = " ".join(f for f, wanted in (("--deep", deep), (f"--{precision}", asked_for)) if wanted)
+            hint = f" (re-export with `bbt-onnx export {flags}`)" if flags else ""
             raise ModelError(f"model has no {key} graph{hint}; it has: {have}")
         return self.graphs[key]
 
@@ -140,7 +142,8 @@ class Manifest:
         --deep or --int8 keeps it."""
         if "_fingerprint" not in self.__dict__:
             facts = {k: v for k, v in self.to_json().items() if k not in FINGERPRINT_SKIPS}
-            facts["fp32_graph"] = self.graphs["fp32"].sha256 if "fp32" in self.graphs else None
+            reference = self.graphs.get(REFERENCE_PRECISION)  # fp32: the weights as exported
+            facts["fp32_graph"] = reference.sha256 if reference is not None else None
             assert self.directory is not None
             tokenizer = hashlib.sha256((self.directory / TOKENIZER_NAME).read_bytes()).hexdigest()
             text = json.dumps(facts, sort_keys=True, separators=(",", ":")) + tokenizer
@@ -280,7 +283,7 @@ def _check(m: Manifest, path: Path, graphs: bool = True) -> None:
     files = [m.directory / g.file for g in m.graphs.values()]  # type: ignore[operator]
     if graphs and files and not any(f.is_file() for f in files):
         raise ModelError(f"{m.directory} holds no graph files: a client directory (manifest and tokenizer only) is "
-                         "used with --server URL, where the model is served")
+                         "used with server (a URL), where the model is served", "server")
     problems = []
     if m.kind not in KINDS:
         problems.append(f"kind {m.kind!r} is not one of {', '.join(KINDS)}")

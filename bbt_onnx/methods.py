@@ -130,16 +130,17 @@ class BbtV2(Bbt):
     def scorer(engine, embeds: np.ndarray) -> Callable[[EncodedSet], np.ndarray]:
         """rows -> [1, N, K]: every layer's prompt ([L, P, H]) on the engine's deep graph."""
         if not engine.deep:
-            raise PromptError("this is a BBTv2 prompt: open the model with deep=True (its --deep graph)")
+            raise PromptError("this is a BBTv2 prompt: open the model with deep=True (on its deep-prompt graph)")
         return lambda rows: engine.deep_label_logits(embeds[:1], rows, embeds, 0)
 
     def __init__(self, model, spec: ProjectionSpec):
         m = model.manifest
         if not m.layer_std:
-            raise ModelError(f"{m.directory} has no per-layer statistics for BBTv2; re-export the model with --deep")
+            raise ModelError(f"{m.directory} has no per-layer statistics for BBTv2; re-export the model with "
+                             "`bbt-onnx export --deep`")
         if not model.engine.deep:
-            raise ModelError("BBTv2 needs an engine that takes deep prompts (open the model with deep=True, and "
-                             "export it with --deep)")
+            raise ModelError("BBTv2 needs an engine that takes deep prompts (open the model with deep=True, on a "
+                             "model exported with `bbt-onnx export --deep`)")
         self.engine = model.engine
         self.specs = layer_specs(spec, m.layer_std)
         self.a_t = [build_projection(s) for s in self.specs]

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from typing import Callable
 
 import click
 
@@ -91,3 +92,12 @@ def row_progress(total: int, label: str, quiet: bool):
         yield progress.update
     finally:
         progress.close()
+
+
+# a job's progress over rows: called with the row count and a label, it gives the function that advances it
+RowProgress = Callable[[int, str], AbstractContextManager[Callable[[int], None]]]
+
+
+def no_progress(total: int, label: str) -> AbstractContextManager[Callable[[int], None]]:
+    """A job's default: nothing shown."""
+    return row_progress(total, label, quiet=True)

@@ -13,17 +13,17 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import losses
-from .calibration import calibrated, content_free_rows, log_prior
+from .calibration import calibrated, content_free_prior
 from .data import Example, as_examples
 from .encoding import EncodedSet
 from .engines.base import score_rows
 from .errors import DataError, PromptError, SettingsError
 from .fileio import write_bytes_atomic
 from .methods import METHODS
+from .runs import PROMPT_NAME, result_file
 from .subspace import ProjectionSpec
 from .tasks import Task
 
-PROMPT_NAME = "prompt.npz"
 EVAL_ROWS = 64  # rows per engine call when scoring a dev/test set
 
 
@@ -54,7 +54,8 @@ class Evaluation:
 
 class Scoring:
     """What every result does with rows, on top of its `raw_logits` ([N, K]) and its calibration: logits,
-    evaluate, predict. A subclass has `task`, `calibration`, `check_model`, `encoder` and `raw_logits`."""
+    evaluate, predict, and its prior (computed once, then carried). A subclass has `task`, `calibration`,
+    `check_model`, `encoder` and `raw_logits`."""
 
     def encode(self, model, rows: Sequence[Example | str] | EncodedSet) -> EncodedSet:
         """Rows as this prompt frames them on `model`: Example rows, or plain texts."""
@@ -85,6 +86,16 @@ class Scoring:
                 on_batch: Callable[[int], None] | None = None) -> list[Prediction]:
         logits = self.logits(model, rows, batch_rows, on_batch)
         return predictions(np.exp(losses.log_softmax(logits.astype(np.float64))), self.task.label_keys)
+
+    def prior(self, model) -> tuple[float, ...]:
+        """This result's label prior on the content-free rows: the one it carries (computed once, when it was
+        calibrated), else computed now (`prior_of`)."""
+        return self.calibration if self.calibration is not None else prior_of(self, model)
+
+    def calibrate(self, model) -> "Result":
+        """This result with its label prior on the content-free rows (contextual calibration); one that carries
+        its prior already is handed back as it is."""
+        return self if self.calibration is not None else replace(self, calibration=prior_of(self, model))
 
 
 def label_rows(result, model, rows: Sequence[Example], enc: EncodedSet, result_path: str | Path,
@@ -147,11 +158,6 @@ class TunedPrompt(Scoring):
     def zero_prompt(self) -> "TunedPrompt":
         """This prompt's z = 0: its template after its own placeholder tokens."""
         return TunedPrompt.zero(self.projection, self.task, self.model_fingerprint, self.placeholder_ids)
-
-    def calibrate(self, model) -> "TunedPrompt":
-        """This prompt with its label prior on the content-free rows (contextual calibration)."""
-        uncalibrated = replace(self, calibration=None)
-        return replace(self, calibration=prior_of(uncalibrated, model))
 
     # -- files ---------------------------------------------------------------
     def meta(self) -> dict:
@@ -287,7 +293,7 @@ class PromptEnsemble(Scoring):
 
     def raw_logits(self, model, enc: EncodedSet, batch_rows: int = EVAL_ROWS, on_batch=None) -> np.ndarray:
         """log of the members' mean label probabilities, [N, K]."""
-        if self.deep:
+        if not METHODS[self.method].shares_calls:  # a call carries one member's prompt (BBTv2's layers)
             probs = [np.exp(losses.log_softmax(m.raw_logits(model, enc, batch_rows).astype(np.float64)))
                      for m in self.members]
             mean = np.mean(probs, axis=0)
@@ -303,9 +309,6 @@ class PromptEnsemble(Scoring):
             mean = np.exp(losses.log_softmax(out)).mean(axis=0)
         return np.log(mean).astype(np.float32)
 
-    def calibrate(self, model) -> "PromptEnsemble":
-        return replace(self, calibration=prior_of(replace(self, calibration=None), model))
-
     def save(self, path: str | Path) -> Path:
         for m in self.members:
             check_finite(m.z, m.embeds)
@@ -319,15 +322,16 @@ Result = TunedPrompt | PromptEnsemble  # what a run hands back
 
 
 def prior_of(result, model) -> tuple[float, ...]:
-    """The label prior `result` has on the content-free rows, as log-probabilities."""
-    raw = result.raw_logits(model, result.encoder(model).encode(content_free_rows(result.task)))
-    return tuple(float(v) for v in log_prior(raw))
+    """The label prior `result` has on the content-free rows, as log-probabilities, from its raw logits (whatever
+    calibration it carries is not applied): `calibration.content_free_prior`, as the tuner's dev scores have it."""
+    prior = content_free_prior(lambda rows: result.raw_logits(model, rows), result.task, result.encoder(model).encode)
+    return tuple(float(v) for v in prior)
 
 
 def check_finite(z: np.ndarray, embeds: np.ndarray) -> None:
     if not (np.isfinite(z).all() and np.isfinite(embeds).all()):
-        raise PromptError("the prompt holds NaN or infinite numbers; it is not saved (check --alpha, --sigma "
-                          "and the model's embedding_std)")
+        raise PromptError("the prompt holds NaN or infinite numbers; it is not saved (check alpha, sigma "
+                          "and the model's embedding_std)", ("alpha", "sigma"))
 
 
 def write_npz(path: str | Path, arrays: dict[str, np.ndarray], meta: dict) -> Path:
@@ -337,16 +341,6 @@ def write_npz(path: str | Path, arrays: dict[str, np.ndarray], meta: dict) -> Pa
     buf = io.BytesIO()
     np.savez(buf, **arrays, meta=np.array(json.dumps(meta)))
     write_bytes_atomic(path, buf.getvalue())
-    return path
-
-
-def result_file(path: str | Path) -> Path:
-    """The file that holds a run's result (a run directory, or the file itself)."""
-    path = Path(path)
-    if path.is_dir():
-        from .runs import RunDir
-
-        return RunDir(path).file(PROMPT_NAME)  # a run a --force replacement left aside is still the run
     return path
 
 
@@ -387,13 +381,15 @@ def load_run_prompt(run: str | Path | None, no_prompt: bool = False, task_given:
     and the template alone is scored; a run brings its own task and prompt length."""
     if run is None:
         if not no_prompt:
-            raise SettingsError("give --prompt RUN_DIR, or --no-prompt with a task to score the manual template")
+            raise SettingsError("give prompt (a run directory), or no_prompt with a task to score the manual "
+                                "template", ("prompt", "no_prompt"))
         return None
     if task_given:
-        raise SettingsError("--task/--template/--labels/--task-file/--metric/--bos/--chat/--prompt-position come "
-                            "from the run with --prompt; drop them")
+        raise SettingsError("name, template, labels, task_file, metric, bos, chat and prompt_position come from "
+                            "the run; drop them",
+                            ("name", "template", "labels", "task_file", "metric", "bos", "chat", "prompt_position"))
     if prompt_tokens is not None:
-        raise SettingsError("--prompt-tokens comes from the run with --prompt; drop it")
+        raise SettingsError("prompt_tokens comes from the run; drop it", "prompt_tokens")
     prompt = load_prompt(run)
     return prompt.zero_prompt() if no_prompt else prompt
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +26,11 @@ from typing import Callable
 from .errors import RunError
 from .fileio import check_out_path, dumps, remove_tree, storage_error, write_bytes_atomic, write_json_atomic
 from .plot import plot_run
-from .prompt import PROMPT_NAME
 
 RUN_JSON = "run.json"
 LOG = "log.jsonl"
 CHECKPOINT = "checkpoint.npz"
+PROMPT_NAME = "prompt.npz"  # what the run hands back: a prompt, an ensemble or a kept template
 LEGACY_CHECKPOINT = "checkpoint.pkl"  # pickle, from bbt-onnx before 0.2: read only with --trust-checkpoint
 PLOT = "loss.png"
 TUNED = "tuned.npz"  # the tuned prompt, when the run kept a plain template instead
@@ -284,47 +283,18 @@ class RunDir:
         rows = [r for r in self.read_log() if r["generation"] <= generations]
         write_bytes_atomic(self.path / LOG, "".join(dumps(r) + "\n" for r in rows).encode())
 
-    def save_checkpoint(self, states) -> None:
-        """checkpoint.npz (one state, or every seed's), without pickle; then the run this one replaced (or an old
-        pickle checkpoint) goes."""
-        from .checkpoint import dumps_many
-
-        write_bytes_atomic(self.path / CHECKPOINT, dumps_many(states if isinstance(states, list) else [states]))
+    def save_checkpoint(self, data: bytes) -> None:
+        """checkpoint.npz (`tuning.checkpoint.dumps_many`'s bytes); then the run this one replaced (or an old pickle
+        checkpoint) goes."""
+        write_bytes_atomic(self.path / CHECKPOINT, data)
         (self.path / LEGACY_CHECKPOINT).unlink(missing_ok=True)
         self._drop_replaced()
 
-    def load_checkpoint(self, tuner, trust: bool = False):
-        """The TunerState to resume, restored for `tuner` (a run of one seed)."""
-        return self.load_checkpoints([tuner], trust)[0]
-
-    def load_checkpoints(self, tuners, trust: bool = False) -> list:
-        """Every seed's TunerState, restored for `tuners`. checkpoint.npz is data only; an old checkpoint.pkl (one
-        seed) is unpickled, which runs whatever code it holds, so only when `trust` says the user wrote it."""
-        from .checkpoint import loads_many
-        from .tuner import TunerState
-
+    def checkpoint_file(self) -> tuple[Path, bool]:
+        """Where the checkpoint lies, and whether it is an old pickle (checkpoint.pkl, read only when the user
+        trusts it): `tuning.checkpoint.read_states` reads either."""
         path = self.file(CHECKPOINT)
-        if path.is_file():
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                raise storage_error(path, exc, "read") from None
-            return loads_many(data, tuners, str(path))
-        path = self.file(LEGACY_CHECKPOINT)
-        if not trust:
-            raise RunError(f"{path} is a pickle checkpoint from an older bbt-onnx; unpickling runs any code it holds, "
-                           "so it is read only when you say you trust it (you wrote it yourself): pass "
-                           "trust_checkpoint", "trust_checkpoint")
-        try:
-            state = pickle.loads(path.read_bytes())
-        except Exception as exc:  # noqa: BLE001 - unpickling damaged bytes can raise almost any type
-            raise RunError(f"cannot read {path}: it is damaged ({type(exc).__name__}); start the run again "
-                           "with force", "force") from None
-        if not isinstance(state, TunerState):
-            raise RunError(f"{path} is not a bbt-onnx checkpoint (it holds a {type(state).__name__})")
-        if len(tuners) != 1:
-            raise RunError(f"{path} holds one seed's state and this run has {len(tuners)}")
-        return [state]
+        return (path, False) if path.is_file() else (self.file(LEGACY_CHECKPOINT), True)
 
     # -- at the end --------------------------------------------------------------
     def finish(self, settings: dict, metrics: dict, extra: dict | None = None) -> bool:
@@ -396,3 +366,11 @@ def interrupted_hint(out: str | Path) -> str:
         return f"interrupted; continue with: bbt-onnx tune --resume {out}"
     return "interrupted before the first checkpoint, so there is nothing to resume; run the same command again to " \
            "start over"
+
+
+def result_file(path: str | Path) -> Path:
+    """The file that holds a run's result (a run directory, or the file itself)."""
+    path = Path(path)
+    if path.is_dir():
+        return RunDir(path).file(PROMPT_NAME)  # a run a force replacement left aside is still the run
+    return path

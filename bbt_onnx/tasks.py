@@ -202,7 +202,7 @@ def parse_labels(spec: str) -> tuple[tuple[str, str], ...]:
         if not item.strip():
             continue
         if "=" not in item:
-            raise SettingsError(f"--labels item {item!r} is not name=word (e.g. negative=bad,positive=great)")
+            raise SettingsError(f"labels item {item!r} is not name=word (e.g. negative=bad,positive=great)", "labels")
         key, word = item.split("=", 1)
         pairs.append((key.strip(), word.rstrip()))  # a leading space is the word's own, as the README says
     return tuple(pairs)
@@ -235,18 +235,20 @@ def resolve_task(name: str | None = None, template: str | None = None, labels: s
 def _named_task(name, template, labels, task_file, metric) -> Task:
     if task_file is not None:
         if name or template or labels:
-            raise SettingsError("--task-file cannot be combined with --task, --template or --labels")
+            raise SettingsError("task_file cannot be combined with name, template or labels",
+                                ("task_file", "name", "template", "labels"))
         task = load_task_file(task_file)
         return make_task(task.name, task.template, task.labels, metric or task.metric, task.framing)
     if name is not None:
         if name not in PRESETS:
             raise SettingsError(f"unknown task {name!r}; presets: {', '.join(PRESETS)} "
-                           "(or give --template and --labels, or --task-file)")
+                           "(or give template and labels, or task_file)", ("template", "labels", "task_file"))
         base = PRESETS[name]
         return make_task(base.name, template or base.template,
                          parse_labels(labels) if labels else base.labels, metric or base.metric)
     if template is None or labels is None:
-        raise SettingsError("say what the task is: --task PRESET, or --template and --labels, or --task-file")
+        raise SettingsError("say what the task is: name (a preset), or template and labels, or task_file",
+                            ("name", "template", "labels", "task_file"))
     return make_task("custom", template, parse_labels(labels), metric or "accuracy")
 
 

@@ -70,10 +70,11 @@ class MlflowTracker:
         try:
             from mlflow.tracking import MlflowClient
         except ImportError:
-            raise SettingsError("--track mlflow needs MLflow: pip install 'bbt-onnx[track]'") from None
+            raise SettingsError("track mlflow needs MLflow: pip install 'bbt-onnx[track]'", "track") from None
         self.client = self._call(lambda: MlflowClient(uri))
         self.experiment = experiment
         self.run_id: str | None = None
+        self.several = False  # several seeds: each seed's curves under its own keys (from the settings, at start)
         self._experiment_id()  # a store that cannot be used is refused before the run starts
 
     @staticmethod
@@ -86,8 +87,11 @@ class MlflowTracker:
             text = " ".join(str(exc).split())
             if "MLFLOW_ALLOW_FILE_STORE" in text:
                 text = ("MLflow keeps its file store (./mlruns, file:...) only with MLFLOW_ALLOW_FILE_STORE=true in the "
-                        "environment; set it, or give --track-uri a tracking server or database")
-            raise SettingsError(f"MLflow refused: {text[:400]}") from None
+                        "environment; set it, or give track_uri a tracking server or database")
+            elif "sqlite" in text and "unsupported URI" in text:  # mlflow-skinny alone: no database store
+                text = ("its database store (the default, sqlite:///mlflow.db) needs sqlalchemy and alembic: "
+                        "pip install 'bbt-onnx[track]'")
+            raise SettingsError(f"MLflow refused: {text[:400]}", "track_uri") from None
 
     def _experiment_id(self) -> str:
         found = self._call(lambda: self.client.get_experiment_by_name(self.experiment))
@@ -100,6 +104,7 @@ class MlflowTracker:
 
         run = self._call(lambda: self.client.create_run(self._experiment_id(), run_name=name))
         self.run_id = run.info.run_id
+        self.several = len(settings.get("seeds", ())) > 1
         params = [Param(k, v[:6000]) for k, v in flatten(settings).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per batch
             self._call(lambda chunk=params[i:i + 100]: self.client.log_batch(self.run_id, params=chunk))
@@ -110,7 +115,7 @@ class MlflowTracker:
         if self.run_id is None:
             return
         now = int(time.time() * 1000)
-        prefix = f"seed{event.seed}." if getattr(event, "seeds", 1) > 1 else ""
+        prefix = f"seed{event.seed}." if self.several else ""  # lock-step seeds' events interleave
         metrics = [Metric(prefix + "train_loss", event.best_loss_so_far, now, event.calls)]
         if event.dev_metric is not None:
             metrics.append(Metric(prefix + "dev_metric", event.dev_metric, now, event.calls))
@@ -150,5 +155,5 @@ def open_tracker(name: str, uri: str | None = None) -> Tracker:
     try:
         kind = TRACKERS[name]
     except KeyError:
-        raise SettingsError(f"--track {name!r} is not one of {', '.join(TRACKERS)}") from None
+        raise SettingsError(f"track {name!r} is not one of {', '.join(TRACKERS)}", "track") from None
     return kind(uri)

@@ -18,10 +18,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from bbt_onnx import PRESETS, TuneConfig
+from bbt_onnx.choice import ChoicePolicy
 from bbt_onnx.data import DataSpec
 from bbt_onnx.engines import OrtSpec
 from bbt_onnx.tasks import load_task_file, make_framing
-from bbt_onnx.workflow import TuneRequest, tune
+from bbt_onnx.jobs.tune import TuneRequest, tune
 
 
 def main() -> None:
@@ -45,14 +46,15 @@ def main() -> None:
         task = replace(task, framing=make_framing(bos="never", position="suffix", base=task.framing))
     seeds = tuple(int(s) for s in args.seeds.split(","))
     config = TuneConfig(prompt_tokens=args.prompt_tokens, intrinsic_dim=args.intrinsic_dim, popsize=args.popsize,
-                        budget=args.budget, eval_every=args.budget, checkpoint_every=0, fallback=False,
+                        budget=args.budget, eval_every=args.budget, checkpoint_every=0,
                         prompt_init="reference")
     engine = OrtSpec(args.device, args.precision)
     work = Path(tempfile.mkdtemp(prefix="bbt-lockstep-"))
 
     def request(out: str, seed: int, together: tuple[int, ...] = ()) -> TuneRequest:
         return TuneRequest(args.model, task, DataSpec(args.data, k_shot=16, seed=seeds[0]), replace(config, seed=seed),
-                           str(work / out), engine, together)
+                           str(work / out), engine, together,
+                           ChoicePolicy(fallback=False))
 
     best = {"lock-step": float("inf"), "one after another": float("inf")}
     together_z, alone_z = [], []

@@ -36,9 +36,10 @@ from real_data import prepare  # noqa: E402
 from bbt_onnx import Model, TuneConfig, TunedPrompt, read_examples  # noqa: E402
 from bbt_onnx.data import DataSpec, load_splits  # noqa: E402
 from bbt_onnx.engines import OrtSpec  # noqa: E402
-from bbt_onnx.report import format_markdown, summarise  # noqa: E402
+from bbt_onnx.choice import ChoicePolicy  # noqa: E402
+from bbt_onnx.jobs.report import format_markdown, summarise  # noqa: E402
 from bbt_onnx.tasks import Framing, Task, load_task_file  # noqa: E402
-from bbt_onnx.workflow import Hooks, TuneRequest, tune  # noqa: E402
+from bbt_onnx.jobs.tune import Hooks, TuneRequest, tune  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
@@ -91,12 +92,13 @@ def tune_one(args, task_name: str, setting: str, method: str, data: Path, data_s
         print(f"{out.name}: done before, kept", file=sys.stderr)
         return out
     cfg = replace(CONFIGS[args.config][task_name], calibrate=args.calibrate, prompt_init=args.prompt_init,
-                  choose=args.choose, patience=args.patience, checkpoint_every=0, **METHOD_SETTINGS[method])
+                  patience=args.patience, checkpoint_every=0, **METHOD_SETTINGS[method])
     task = replace(TASKS[task_name], framing=SETTINGS[setting])
     seeds = tuple(int(s) for s in args.tune_seeds.split(","))
     request = TuneRequest(str(args.model_dir), task, DataSpec(str(data / "pool.csv"), test=str(data / "test.csv"),
                                                              k_shot=16, seed=data_seed),
-                          replace(cfg, seed=seeds[0]), str(out), OrtSpec(args.device, args.precision), seeds)
+                          replace(cfg, seed=seeds[0]), str(out), OrtSpec(args.device, args.precision), seeds,
+                          ChoicePolicy(choose=args.choose))
     t0 = time.perf_counter()
     outcome = tune(request, Hooks(log=lambda m: print(f"{out.name}: {m}", file=sys.stderr)), force=True)
     print(f"{out.name}: kept {outcome.metrics['kept']}, test {outcome.metrics['test_metric']:.4f} "

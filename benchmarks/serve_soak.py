@@ -34,7 +34,7 @@ import numpy as np
 from bbt_onnx import Model, OrtSpec, PRESETS, Remote, TritonSpec, TuneConfig
 from bbt_onnx.data import DataSpec
 from bbt_onnx.synthetic import sentiment_examples, sentiment_rows, write_csv
-from bbt_onnx.workflow import TuneRequest, tune
+from bbt_onnx.jobs.tune import TuneRequest, tune
 
 TOKEN = "soak-token-0123456789"
 P = 8

@@ -4,8 +4,8 @@ A record says which transformers class it is, which LM kind (the runtime's `bbt_
 blocks and the embeddings the prompt is added to, which wrappers compute the graph contract and the reference's
 PyTorch forward, how its tokenizer names the special tokens and whether its rows open with BOS, the label words'
 prefix, the positions it reserves, its onnxruntime fusion type and int8 record, and what it supports (the cached
-pair, chat templates, int8 levels). A new architecture is one record here, plus its wrappers when no existing one
-computes it.
+pair, chat templates, int8 levels), and the recipe of its tiny test model. A new architecture is one record here
+(`register` adds one from outside the package), plus its wrappers when no existing one computes it.
 """
 
 from __future__ import annotations
@@ -13,16 +13,27 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from bbt_onnx.errors import SettingsError
 from bbt_onnx.kinds import KINDS, SENTIMENT
 from bbt_onnx.tasks import Framing, Task
 
-from .baseline import CausalReference, MaskedReference
+from .reference import CausalReference, MaskedReference
 from .errors import ExportError
 from .quantize import LLAMA_MLP, Int8Family
 from .wrappers import BertHead, CausalPromptScorer, MaskedPromptScorer, RobertaHead, reach
 
-PARITY_LABELS = (("0", "a"), ("1", "b"))
 SPECIALS = {"bos": "bos", "eos": "eos", "pad": "pad", "mask": "mask"}  # contract id -> the tokenizer's token
+
+
+@dataclass(frozen=True)
+class Tiny:
+    """How the tests' tiny random model of an architecture is made (`tiny.make_tiny`): its tokenizer, and its
+    config from the common sizes."""
+
+    tokenizer: Callable | str  # () -> a fast tokenizer; a name is export/tiny.py's builder of that name
+    config: Callable | str  # (tokenizer, hidden, layers, heads, max_positions, init_std) -> a transformers config
+    bias_std: bool = False  # draw the attention biases (Qwen2's q/k/v) at init_std
+    own_chat: bool = False  # the tokenizer brings its own chat template (Qwen2's ChatML)
 
 
 @dataclass(frozen=True)
@@ -44,7 +55,13 @@ class Family:
     int8: Int8Family | None = None  # the calibrated int8 pass's record; None: dynamic int8
     kv_cache: bool = False  # the cached text/tail pair for suffix prompts
     chat: bool = False  # a chat template may frame the rows
-    parity_task: Task = Task("parity", SENTIMENT, PARITY_LABELS)  # the rows export checks parity on
+    parity_template: str = SENTIMENT  # the rows export checks parity on, with its own label words
+    parity_framing: Framing = Framing()
+    tiny: Tiny | None = None  # how the tests' tiny random model of it is made (export/tiny.py)
+
+    def parity_task(self, labels) -> Task:
+        """The task of export's parity rows, with `labels` (export picks words every vocabulary has)."""
+        return Task("parity", self.parity_template, labels, framing=self.parity_framing)
 
     @property
     def lm(self):
@@ -65,20 +82,34 @@ class Family:
 MASKED = dict(kind="masked", scorer=MaskedPromptScorer, reference=MaskedReference, fusion_type="bert")
 CAUSAL = dict(kind="causal", scorer=CausalPromptScorer, reference=CausalReference, bos_always=False,
               label_prefix=" ", kv_cache=True, chat=True,
-              parity_task=Task("parity", " {text}\nAnswer:", PARITY_LABELS, framing=Framing(position="suffix")))
+              parity_template=" {text}\nAnswer:", parity_framing=Framing(position="suffix"))
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("RobertaForMaskedLM", "roberta", body="roberta", blocks="encoder.layer", embeddings="roberta.embeddings",
-           head=RobertaHead, position_offset=lambda config: int(config.pad_token_id) + 1, **MASKED),
+           head=RobertaHead, position_offset=lambda config: int(config.pad_token_id) + 1,
+           tiny=Tiny("make_tokenizer", "roberta_config"), **MASKED),
     Family("BertForMaskedLM", "bert", body="bert", blocks="encoder.layer", embeddings="bert.embeddings",
-           head=BertHead, specials={**SPECIALS, "bos": "cls", "eos": "sep"}, **MASKED),
+           head=BertHead, specials={**SPECIALS, "bos": "cls", "eos": "sep"},
+           tiny=Tiny("bert_tokenizer", "bert_config"), **MASKED),
     Family("LlamaForCausalLM", "llama", body="model", blocks="layers", embeddings="model.embed_tokens",
-           int8=LLAMA_MLP, **CAUSAL),
+           int8=LLAMA_MLP, tiny=Tiny("make_tokenizer", "llama_config"), **CAUSAL),
     Family("Qwen2ForCausalLM", "qwen2", body="model", blocks="layers", embeddings="model.embed_tokens",
-           int8=LLAMA_MLP, **CAUSAL),
+           int8=LLAMA_MLP, tiny=Tiny("qwen2_tokenizer", "qwen2_config", bias_std=True,
+                                     own_chat=True), **CAUSAL),
     Family("GPT2LMHeadModel", "gpt2", body="transformer", blocks="h", embeddings="transformer.wte", fusion_type="gpt2",
-           int8=Int8Family(), **CAUSAL),
+           int8=Int8Family(), tiny=Tiny("gpt2_tokenizer", "gpt2_config"), **CAUSAL),
 )}
+
+
+def register(family: Family, replace: bool = False) -> Family:
+    """Add an architecture defined outside this package, so export and the tests find it like the built-in ones.
+    A model_type already registered is refused unless `replace`: two records for one checkpoint is a mistake."""
+    old = FAMILIES.get(family.model_type)
+    if old is not None and not replace:
+        raise SettingsError(f"model_type {family.model_type!r} is already registered (as {old.architecture}); pass "
+                            "replace=True to replace its record", "replace")
+    FAMILIES[family.model_type] = family
+    return family
 
 
 def supported() -> str:

@@ -14,7 +14,7 @@ import numpy as np
 
 from bbt_onnx.contract import AXES, CACHE_AXES, GRAPH_OUTPUTS, graph_key
 from bbt_onnx.data import Example
-from bbt_onnx.encoding import Encoder
+from bbt_onnx.encoding import Encoder, label_token_ids
 from bbt_onnx.errors import SettingsError
 from bbt_onnx.fileio import sha256_file, write_dir
 from bbt_onnx.manifest import GraphSpec, Manifest, TensorSpec
@@ -24,7 +24,7 @@ from . import optimize, quantize, validate
 from .errors import ExportError
 from .families import Family
 from .loading import Loaded, load_model
-from bbt_onnx.exporting import MODEL_DIR, ExportOptions
+from bbt_onnx.export_options import MODEL_DIR, ExportOptions
 from .wrappers import TAIL_NAMES, TEXT_NAMES, CausalTailGraph, CausalTextGraph, input_names, scorer_for
 
 GRAPH_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
@@ -155,13 +155,33 @@ def export_onnx(scorer, feeds: dict[str, np.ndarray], path: Path, opset: int, na
                           output_names=names[1], dynamic_axes=axes, do_constant_folding=True)
 
 
+def probe_labels(manifest: Manifest, tokenizer) -> tuple[tuple[str, str], ...]:
+    """Two label words for export's own rows (parity, int8 calibration): the first two vocabulary entries, in id
+    order, that are each one token of this tokenizer as the runtime reads a label word, and not the same token.
+    They are not the user's words, so no vocabulary may refuse them; the rows score random label ids anyway."""
+    words = {}  # token id -> the word that is it
+    for i in range(tokenizer.get_vocab_size(with_added_tokens=False)):
+        word = tokenizer.decode([i])
+        if i in manifest.special_ids or not word.strip():
+            continue
+        try:
+            (first,), split = label_token_ids(tokenizer, [word], manifest.label_prefix)
+        except SettingsError:  # it produces no tokens
+            continue
+        if not split:
+            words.setdefault(first, word)
+        if len(words) == 2:
+            return tuple((str(k), w) for k, w in enumerate(words.values()))
+    raise ExportError("the tokenizer has fewer than two tokens that tokenize as themselves; it cannot score labels")
+
+
 def parity_inputs(manifest: Manifest, tokenizer, family: Family, prompt_count: int = 3,
                   seed: int = 0) -> validate.ParityInputs:
     """Padded, tokenized texts through the runtime's own encoder, random prompts at the embedding scale, in the
     family's parity task (a decoder's rows carry a suffix prompt, so the slots sit at a different position in
-    every row)."""
-    return encoded_inputs(manifest, tokenizer, family.parity_task, PARITY_TEXTS, prompt_count,
-                          manifest.prompt_tokens, seed)
+    every row), with export's own label words."""
+    return encoded_inputs(manifest, tokenizer, family.parity_task(probe_labels(manifest, tokenizer)), PARITY_TEXTS,
+                          prompt_count, manifest.prompt_tokens, seed)
 
 
 def encoded_inputs(manifest: Manifest, tokenizer, task: Task, texts: list[str], prompt_count: int,
@@ -186,9 +206,10 @@ def calibration_feeds(manifest: Manifest, tokenizer, deep: bool) -> list[dict[st
     lengths = sorted({min(CALIBRATION_PROMPT_TOKENS, manifest.prompt_tokens), manifest.prompt_tokens})
     # with and without BOS: without it, the first text token takes the outsized activations BOS otherwise takes
     framings = [Framing(), Framing(bos="never")] if manifest.bos_id is not None else [Framing()]
+    labels = probe_labels(manifest, tokenizer)
     for i, template in enumerate(CALIBRATION_TEMPLATES):
         for framing in framings:
-            task = Task("calibration", template, (("0", "a"), ("1", "b")), framing=framing)
+            task = Task("calibration", template, labels, framing=framing)
             for tokens in lengths:
                 rows = encoded_inputs(manifest, tokenizer, task, CALIBRATION_TEXTS[i::len(CALIBRATION_TEMPLATES)], 2,
                                       tokens, seed=i)

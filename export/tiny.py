@@ -1,17 +1,19 @@
 """Tiny random-weight checkpoints, built offline, for tests and the CPU demo.
 
 Each architecture's tokenizer is trained with `tokenizers` on text written here (a byte-level BPE, or BERT's
-WordPiece), and the model is created from a config with random weights: no hub. `TINY` holds one builder per
-architecture; `python -m bbt_onnx_export.tiny DIR [ARCHITECTURE]` writes one.
+WordPiece), and the model is created from a config with random weights: no hub. Each family record holds its
+architecture's `Tiny` recipe (export/families.py), which names the builders here;
+`python -m bbt_onnx_export.tiny DIR [ARCHITECTURE]` writes one.
 """
 
 from __future__ import annotations
 
 import random
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from .families import FAMILIES
 
 WORDS = ("the a an this that movie film story plot acting music scene actor director it was is "
          "great good fine bad awful terrible boring fun moving funny dull slow sharp warm cold "
@@ -113,15 +115,6 @@ def save_random(directory: Path, architecture: str, config, tokenizer, seed: int
     return directory
 
 
-@dataclass(frozen=True)
-class Tiny:
-    """How a tiny model of one architecture is made: its tokenizer, and its config from the common sizes."""
-
-    tokenizer: Callable
-    config: Callable  # (tokenizer, hidden, layers, heads, max_positions, init_std) -> a transformers config
-    bias_std: bool = False  # draw the attention biases (Qwen2's q/k/v) at init_std
-
-
 def roberta_config(tok, hidden, layers, heads, positions, std):
     from transformers import RobertaConfig
 
@@ -160,13 +153,14 @@ def gpt2_config(tok, hidden, layers, heads, positions, std):
                       initializer_range=std, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
 
 
-TINY = {
-    "RobertaForMaskedLM": Tiny(make_tokenizer, roberta_config),
-    "BertForMaskedLM": Tiny(bert_tokenizer, bert_config),
-    "LlamaForCausalLM": Tiny(make_tokenizer, llama_config),
-    "Qwen2ForCausalLM": Tiny(qwen2_tokenizer, qwen2_config, bias_std=True),
-    "GPT2LMHeadModel": Tiny(gpt2_tokenizer, gpt2_config),
-}
+def builder(named: Callable | str) -> Callable:
+    """A recipe's builder: the built-in records name this module's functions (so the records need not import it)."""
+    return globals()[named] if isinstance(named, str) else named
+
+
+def recipes() -> dict:
+    """Each architecture's tiny recipe, from the family records (registered ones included), in their order."""
+    return {f.architecture: f.tiny for f in FAMILIES.values() if f.tiny is not None}
 
 
 def make_tiny(directory: str | Path, architecture: str = "RobertaForMaskedLM", hidden: int = 32, layers: int = 2,
@@ -178,11 +172,14 @@ def make_tiny(directory: str | Path, architecture: str = "RobertaForMaskedLM", h
     A larger `init_std` than the usual 0.02 makes a random model respond visibly to its prompt, which tests of
     the tuning mechanics need.
     """
-    tiny = TINY[architecture]
-    tokenizer = tiny.tokenizer()
+    tiny = recipes().get(architecture)
+    if tiny is None:
+        raise ValueError(f"no tiny recipe for architecture {architecture!r}; the family records have one for "
+                         f"{', '.join(recipes())}")
+    tokenizer = builder(tiny.tokenizer)()
     if chat_template is not None:
         tokenizer.chat_template = chat_template
-    config = tiny.config(tokenizer, hidden, layers, heads, max_positions, init_std)
+    config = builder(tiny.config)(tokenizer, hidden, layers, heads, max_positions, init_std)
     return save_random(Path(directory), architecture, config, tokenizer, seed, init_std if tiny.bias_std else 0.0)
 
 
@@ -199,7 +196,7 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(prog="python -m bbt_onnx_export.tiny", description="A tiny random checkpoint.")
     ap.add_argument("out")
-    ap.add_argument("architecture", nargs="?", default="RobertaForMaskedLM", choices=list(TINY))
+    ap.add_argument("architecture", nargs="?", default="RobertaForMaskedLM", choices=list(recipes()))
     ap.add_argument("--init-std", type=float, default=0.02, help="weights' std; 0.5 makes the outputs move with "
                     "the prompt")
     args = ap.parse_args()

@@ -25,14 +25,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+# the family records import torch: only once its threads are bound to this worker's core (above)
+from bbt_onnx_export.families import FAMILIES  # noqa: E402
+
 PROMPT_TOKENS = 8
 # Two layers: BBTv2's deep graph takes a prompt at the embeddings and at a layer above them, and a round visits
 # more than one layer; a third layer took no path the second does not take, and cost a tenth of the suite's time.
 LAYERS = 2
-MASKED = ("RobertaForMaskedLM", "BertForMaskedLM")
-DECODERS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel")
+# the architectures whose family record holds a tiny recipe, in the records' order: the shared exports' list
+RECIPES = {f.architecture: f for f in FAMILIES.values() if f.tiny is not None}
+MASKED = tuple(arch for arch, f in RECIPES.items() if f.kind == "masked")
+DECODERS = tuple(arch for arch, f in RECIPES.items() if f.kind == "causal")
 ARCHS = MASKED + DECODERS
-# a chat template for the tiny Llama and GPT-2 tokenizers (Qwen2's brings its own ChatML one)
+# a chat template for the tiny decoders whose tokenizer brings none (Qwen2's brings its own ChatML one)
 CHAT = ("{% for m in messages %}<s>[{{ m['role'] }}] {{ m['content'] }} </s>{% endfor %}"
         "{% if add_generation_prompt %}<s>[assistant] {% endif %}")
 
@@ -91,20 +96,19 @@ class Exports:
     def get(self, arch: str) -> Tiny:
         import fcntl
 
-        name = "tiny-" + arch.split("For")[0].split("LMHead")[0].lower()  # its name on a server: tiny-roberta
-        tiny = Tiny(arch, self.root / arch / name, self.root / arch / "model")
+        family = RECIPES[arch]
+        tiny = Tiny(arch, self.root / arch / f"tiny-{family.model_type}", self.root / arch / "model")  # tiny-roberta
         with open(self.root / f"{arch}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not (tiny.model / "manifest.json").is_file():
                 from bbt_onnx_export import ExportOptions, export_model
                 from bbt_onnx_export.tiny import make_tiny
 
-                decoder = arch in DECODERS
-                chat = CHAT if decoder and not arch.startswith("Qwen2") else None
+                chat = CHAT if family.chat and not family.tiny.own_chat else None
                 shutil.rmtree(self.root / arch, ignore_errors=True)
                 make_tiny(tiny.src, arch, layers=LAYERS, init_std=0.5, chat_template=chat)
                 export_model(ExportOptions(str(tiny.src), tiny.model, prompt_tokens=PROMPT_TOKENS, fp16=True,
-                                           int8=True, deep=True, kv_cache=decoder))
+                                           int8=True, deep=True, kv_cache=family.kv_cache))
         return tiny
 
 
@@ -124,15 +128,23 @@ def exports(tmp_path_factory) -> Exports:
     return Exports(shared / "exports")
 
 
-# in a parallel run each worker exports its share first, so that none waits for a model another is exporting
+# in a parallel run each worker exports its share first, so that none waits for a model another is exporting: a
+# split of the built-in architectures measured on two cores; an architecture it does not name joins the shares in turn
 SHARES = (("GPT2LMHeadModel", "BertForMaskedLM"), ("RobertaForMaskedLM", "LlamaForCausalLM", "Qwen2ForCausalLM"))
+
+
+def share(worker: int) -> list[str]:
+    """The architectures worker `worker` exports before its first test."""
+    i, n = worker % len(SHARES), len(SHARES)
+    unnamed = [arch for arch in ARCHS if not any(arch in named for named in SHARES)]
+    return [arch for arch in SHARES[i] if arch in RECIPES] + unnamed[i::n]
 
 
 @pytest.fixture(scope="session", autouse=True)
 def exports_shared_out(exports) -> None:
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker:
-        for arch in SHARES[int(worker.removeprefix("gw")) % len(SHARES)]:
+        for arch in share(int(worker.removeprefix("gw"))):
             exports.get(arch)
 
 

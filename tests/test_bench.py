@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bbt_onnx import Model
-from bbt_onnx.bench import split_batch
+from bbt_onnx.timing import split_batch
 from bbt_onnx.data import Example
 from bbt_onnx.encoding import length_buckets
 from bbt_onnx.errors import BBTError
@@ -86,7 +86,7 @@ def test_io_binding_path_gives_the_same_logits(tiny_model):
 def test_memcpy_nodes_are_counted_from_the_optimised_graph(tiny_model, monkeypatch):
     import onnx
 
-    from bbt_onnx import bench
+    from bbt_onnx.jobs import bench
 
     m = Model.load(tiny_model).manifest
     assert bench.memcpy_nodes(m, "fp32", "cpu") == 0  # every node on the CPU provider

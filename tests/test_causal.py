@@ -174,7 +174,7 @@ def test_torch_baseline_computes_what_the_graph_computes(family):
     """bench's PyTorch side (the reference's forward: every position, then the full LM head) on every family."""
     import torch
 
-    from bbt_onnx.bench import synthetic_inputs
+    from bbt_onnx.timing import synthetic_inputs
     from bbt_onnx_export.baseline import load_scorer
 
     model = Model.load(family.model)

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from bbt_onnx.check import CheckReport, Tolerances, check_engines, random_prompts, sample_rows
+from bbt_onnx.jobs.check import CheckReport, Tolerances, check_engines, random_prompts, sample_rows
 from bbt_onnx.encoding import load_tokenizer
 from bbt_onnx.engines import OrtSpec, all_local_engines, parse_engines
 from bbt_onnx.errors import SettingsError
@@ -160,5 +160,5 @@ def test_engine_specs_parse_with_or_without_the_backend():
     served = parse_engine("triton:grpc://127.0.0.1:9001", "secret")
     assert isinstance(served, TritonSpec) and served.remote.token == "secret" and served.name == "grpc://127.0.0.1:9001"
     assert parse_engine("http://127.0.0.1:9000").remote.protocol == "http"
-    with pytest.raises(SettingsError, match="token-file goes with a server"):
+    with pytest.raises(SettingsError, match="token goes with a server URL in engines"):
         parse_engines("cpu:fp32", "secret")

@@ -26,8 +26,6 @@ from bbt_onnx import Model, PromptEnsemble, TunedPrompt
 from bbt_onnx.data import Example
 from bbt_onnx.deploy import PROBES, DeployOptions, deploy, session
 from bbt_onnx.deploy.build import build_classifier, save_model
-from bbt_onnx.deploy.recipe import truncation_plan as recipe_plan
-from bbt_onnx.encoding import truncation_plan
 from bbt_onnx.errors import PromptError, SettingsError
 from bbt_onnx.manifest import load_manifest
 from bbt_onnx.subspace import ProjectionSpec
@@ -394,8 +392,9 @@ def test_a_run_that_is_still_going_is_refused(mistakes):
 def test_a_tokenizer_the_graph_cannot_run_is_refused_with_input_text_and_gets_ids_by_default(mistakes, tmp_path):
     bert = load_manifest(mistakes["bert"])
     prompt = random_prompt(bert, PRESETS["sst2"], "bbt")
-    with pytest.raises(SettingsError, match="WordPiece.*--input ids"):
+    with pytest.raises(SettingsError, match="WordPiece.*deploy with ids instead") as caught:
         build_classifier(bert, prompt, inputs="text")
+    assert caught.value.arguments == ("inputs",) and "--" not in str(caught.value)
     assert build_classifier(bert, prompt).inputs == "ids"
 
 
@@ -405,14 +404,6 @@ def test_int8_and_fp16_classifiers_build_from_the_models_graphs(mistakes, tmp_pa
                                        precision=precision))
         assert summary["precision"] == precision and (tmp_path / precision / "classifier.onnx").is_file()
         assert summary["check"].get("max_abs_diff", 0) < 1e-2
-
-
-def test_the_recipes_truncation_plan_is_the_runtimes():
-    for a in range(0, 12):
-        for b in range(0, 12):
-            for over in range(0, 25):
-                counts = {"text": a, "text_b": b}
-                assert recipe_plan(counts, over) == truncation_plan(counts, over)
 
 
 def test_deploy_refuses_a_model_changed_after_the_prompt_was_tuned(mistakes, tmp_path):

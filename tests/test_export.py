@@ -307,3 +307,19 @@ def test_parity_is_judged_against_float64_without_false_alarms(tmp_path, tiny_mo
     tame = load_manifest(tiny_model).graphs["fp32"].parity  # well conditioned: 1e-4 as ever
     assert 2 * tame["torch_fp32_vs_fp64"] < 1e-4 and tame["fp32_tolerance"] == 1e-4
     assert tame["max_abs_diff_fp64"] <= 1e-4
+
+
+def test_a_tokenizer_without_single_token_a_and_b_exports(tmp_path):
+    """Export's own rows (parity, int8 calibration) take label words export picks from the model's vocabulary:
+    a byte-level BPE that never saw " a" or " b" splits both into the same first piece, and must not be refused
+    for words the user never chose."""
+    from bbt_onnx_export.families import FAMILIES
+    from bbt_onnx_export.tiny import builder, corpus, make_tokenizer, save_random
+
+    texts = [" ".join(w for w in line.split() if not w.startswith(("a", "b"))) for line in corpus()]
+    tok = make_tokenizer(texts)
+    assert tok.tokenize(" a")[0] == tok.tokenize(" b")[0] == "Ġ"  # the words that were once fixed would clash
+    family = FAMILIES["llama"]
+    src = save_random(tmp_path / "src", family.architecture, builder(family.tiny.config)(tok, 32, 2, 4, 128, 0.02), tok, 0)
+    m = export_model(ExportOptions(str(src), tmp_path / "out", prompt_tokens=4, int8=True))
+    assert m.graphs["fp32"].parity["max_abs_diff"] <= 1e-4 and "int8" in m.graphs

@@ -41,6 +41,7 @@ from bbt_onnx.errors import BBTError, DataError, ModelError, PromptError, RunErr
 from bbt_onnx.manifest import load_manifest
 from bbt_onnx.runs import RunDir
 from bbt_onnx.synthetic import sentiment_rows, write_csv
+from bbt_onnx.tuning.checkpoint import read_states
 
 from conftest import PROMPT_TOKENS, without_graphs
 
@@ -698,7 +699,7 @@ def _prompt_on_other_model(ws):
 
 
 def _checkpoint_plain_dict(ws):
-    state = RunDir(ws["run_ckpt_dict"]).load_checkpoint(_tuner(ws))
+    state = read_states(RunDir(ws["run_ckpt_dict"]), [_tuner(ws)])[0]
     assert state.generation >= 0  # a checkpoint that is not a TunerState must be refused when it is read
 
 
@@ -790,7 +791,7 @@ API_CASES = [
     api("load-state-of-pickled-objects", lambda ws: _tuner(ws).load_state(
         (ws["run_npz_object"] / "checkpoint.npz").read_bytes()), RunError),
     api("load-state-random-bytes", lambda ws: _tuner(ws).load_state(b"\x00" * 64), RunError),
-    api("checkpoint-pickle-untrusted", lambda ws: RunDir(ws["run_pickle"]).load_checkpoint(_tuner(ws)), RunError,
+    api("checkpoint-pickle-untrusted", lambda ws: read_states(RunDir(ws["run_pickle"]), [_tuner(ws)]), RunError,
         "trust_checkpoint"),
 ]
 

@@ -4,6 +4,8 @@ prompt, the start of the search, calibration, patience."""
 from __future__ import annotations
 
 import json
+import sys
+from collections import Counter
 from dataclasses import replace
 
 import numpy as np
@@ -12,13 +14,15 @@ import pytest
 from bbt_onnx import Model, PRESETS, TuneConfig
 from bbt_onnx.baselines import init_candidates, plain_framings
 from bbt_onnx.calibration import calibrated, content_free_rows, log_prior
-from bbt_onnx.choice import choose, scored
-from bbt_onnx.data import DataSpec
+from bbt_onnx.choice import ChoicePolicy, choose, scored
+from bbt_onnx.data import DataSpec, load_splits
 from bbt_onnx.errors import BBTError
 from bbt_onnx.prompt import TunedPrompt, load_prompt
 from bbt_onnx.stats import paired_margin, spread
 from bbt_onnx.tasks import Framing, make_task
-from bbt_onnx.workflow import TuneRequest, tune
+from bbt_onnx.jobs.tune import TuneRequest, tune
+from bbt_onnx.losses import metric as metric_of
+from bbt_onnx.tuning.tuner import BlackBoxTuner
 
 from helpers import generations, invoke
 from test_tune import tune_args
@@ -112,11 +116,12 @@ def test_start_candidates(tiny_model):
 
 
 # -- the run -----------------------------------------------------------------------------------------------------
-def request(model, data_dir, out, **config) -> TuneRequest:
+def request(model, data_dir, out, fallback: bool = True, **config) -> TuneRequest:
     cfg = TuneConfig(**{"prompt_tokens": 4, "intrinsic_dim": 20, "popsize": 6, "budget": 60, "eval_every": 12,
                         "seed": 3, "checkpoint_every": 0, **config})
     return TuneRequest(str(model), PRESETS["sst2"], DataSpec(str(data_dir / "pool.csv"), test=str(data_dir / "test.csv"),
-                                                             k_shot=8, seed=3), cfg, str(out))
+                                                             k_shot=8, seed=3), cfg, str(out),
+                       policy=ChoicePolicy(fallback=fallback))
 
 
 def test_a_run_scores_the_baselines_and_keeps_what_its_rule_says(tiny_model, data_dir, tmp_path):
@@ -176,14 +181,14 @@ def test_the_kept_template_is_not_the_tuned_prompt_when_fallback_is_off(tiny_mod
 
 def test_a_tuned_prompt_clearly_better_on_dev_is_kept(tiny_model, data_dir, tmp_path, monkeypatch):
     """The rule sees dev logits only: hand it a tuned prompt that is perfect on dev and it is kept."""
-    import bbt_onnx.workflow as workflow
+    import bbt_onnx.jobs.settle as settle
 
-    real = workflow.scored
+    real = settle.scored
 
     def perfect_tuned(name, logits, labels, metric):
         return real(name, one_hot(labels, logits.shape[-1]) if name == "the tuned prompt" else logits, labels, metric)
 
-    monkeypatch.setattr(workflow, "scored", perfect_tuned)
+    monkeypatch.setattr(settle, "scored", perfect_tuned)
     outcome = tune(request(tiny_model, data_dir, tmp_path / "run"))
     assert outcome.record["choice"]["tuned"] and outcome.record["choice"]["dev_margin"]["low"] > 0
 
@@ -217,6 +222,91 @@ def test_calibrate_reaches_the_prompt_and_both_numbers_are_recorded(tiny_model, 
     rows = data_rows(data_dir)
     expect = calibrated(raw.logits(model, rows), np.array(prompt.calibration))
     assert prompt.logits(model, rows) == pytest.approx(expect.astype(np.float32), abs=1e-6)
+
+
+def log_probs(logits) -> np.ndarray:
+    """log-softmax over the labels, written here so that the checks below do not lean on the library's."""
+    x = np.asarray(logits, np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def cf_prior(cf_logits) -> np.ndarray:
+    """Zhao et al.'s p_cf: the mean label probabilities on the content-free rows, as logs."""
+    return np.log(np.exp(log_probs(cf_logits)).mean(axis=0))
+
+
+def divided(raw, prior) -> np.ndarray:
+    """p / p_cf, renormalised, as log-probabilities."""
+    return log_probs(log_probs(raw) - prior)
+
+
+def test_dev_scores_divide_out_the_prompts_content_free_prior_and_no_other(tiny_model, data_dir):
+    """The tuner's dev scores are the raw scores with the prompt's own prior on "N/A", "" and "[MASK]" divided out:
+    not the dev rows' own prior, not none (the rows here tell the three apart)."""
+    model = Model.load(tiny_model)
+    task = PRESETS["sst2"]
+    tuner = BlackBoxTuner(model, task, TuneConfig(prompt_tokens=4, intrinsic_dim=20, popsize=6, budget=60,
+                                                  calibrate=True, prompt_init="reference"))
+    rows = tuner.encode(data_rows(data_dir)[:24])
+    z = np.random.default_rng(0).normal(0.0, 1.0, tuner.method.zero().shape)
+    score = tuner.method.z_scorer(z)
+    raw = score(rows)[0]
+    prior = cf_prior(score(tuner.encoder.encode(content_free_rows(task)))[0])
+    expect = divided(raw, prior)
+    assert np.abs(expect - divided(raw, cf_prior(raw))).max() > 1e-3  # the dev rows' own prior
+    assert np.abs(expect - log_probs(raw)).max() > 1e-3  # no prior
+    assert tuner.dev_logits(z, rows) == pytest.approx(expect, abs=1e-5)
+    assert tuner.prior(z) == pytest.approx(prior, abs=1e-6)
+    assert tuner.dev_logits(z, rows, tuner.prior(z)) == pytest.approx(expect, abs=1e-5)
+
+
+def test_a_runs_calibrated_numbers_divide_out_each_results_content_free_prior(tiny_model, data_dir, tmp_path):
+    """Each seed's prompt and the seeds' ensemble carry their own prior on the content-free rows, and run.json's
+    calibrated and uncalibrated numbers (the seeds' dev metric is the tuner's) are their scores with and without it."""
+    req = replace(request(tiny_model, data_dir, tmp_path / "run", calibrate=True, fallback=False), seeds=(3, 4))
+    outcome = tune(req)
+    record, model, task = outcome.record, Model.load(tiny_model), PRESETS["sst2"]
+    splits = load_splits(req.data, task.label_keys)
+    results = [*zip(outcome.seed_prompts, record["seeds"]), (outcome.tuned, record["ensemble"])]
+    assert outcome.prompt.origin == "ensemble" and len(results) == 3
+    for result, scores in results:
+        raw = replace(result, calibration=None)
+        prior = cf_prior(raw.logits(model, raw.encoder(model).encode(content_free_rows(task))))
+        assert result.calibration == pytest.approx(prior, abs=1e-6)
+        for split, rows in (("dev", splits.dev), ("test", splits.test)):
+            plain = raw.logits(model, rows)
+            labels = raw.encode(model, rows).labels
+            assert result.logits(model, rows) == pytest.approx(divided(plain, prior).astype(np.float32), abs=1e-5)
+            cal = float(metric_of(task.metric, divided(plain, prior), labels)[0])
+            assert scores[f"{split}_metric"] == pytest.approx(cal)
+            if scores[f"{split}_metric_calibrated"] is not None:  # a seed's dev metric is the tuner's alone
+                assert scores[f"{split}_metric_calibrated"] == pytest.approx(cal)
+                assert scores[f"{split}_metric_uncalibrated"] == pytest.approx(
+                    float(metric_of(task.metric, plain, labels)[0]))
+
+
+@pytest.mark.parametrize("calibrate", [True, False])
+def test_each_result_computes_its_prior_once(tiny_model, data_dir, tmp_path, monkeypatch, calibrate):
+    """A result that carries its prior is not stripped and scored on the content-free rows again: each seed's
+    prompt, the ensemble and the template pay for it once, and a kept template keeps the prior its scores used."""
+    import bbt_onnx.prompt as prompt_module
+
+    real, calls = prompt_module.prior_of, Counter()
+
+    def counting(result, model):
+        calls[result.origin] += 1
+        return real(result, model)
+
+    for module in [m for name, m in sys.modules.items() if name.startswith("bbt_onnx")]:
+        if getattr(module, "prior_of", None) is real:  # wherever it was imported
+            monkeypatch.setattr(module, "prior_of", counting)
+    outcome = tune(replace(request(tiny_model, data_dir, tmp_path / "run", calibrate=calibrate), seeds=(3, 4)))
+    assert calls == {"tuned": 2, "ensemble": 1, "template": 1}
+    kept = outcome.prompt
+    assert (kept.calibration is not None) == calibrate
+    if calibrate and kept.origin == "template":
+        assert kept.calibration == real(replace(kept, calibration=None), Model.load(tiny_model))
 
 
 def test_patience_stops_early_and_says_so(tiny_model, data_dir, tmp_path):

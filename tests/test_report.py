@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from bbt_onnx.provenance import command_line, provenance
-from bbt_onnx.report import summarise
+from bbt_onnx.jobs.report import summarise
 
 from helpers import cli_error, generations, invoke
 from test_tune import tune_args
@@ -110,6 +110,64 @@ def test_tracking_to_a_real_mlflow_file_store(tiny_model, data_dir, tmp_path, mo
     assert found.data.metrics["baseline.template.dev"] == pytest.approx(
         json.loads((tmp_path / "run" / "run.json").read_text())["baselines"][0]["dev_metric"])
     assert {"prompt.npz", "run.json"} <= {a.path for a in client.list_artifacts(found.info.run_id)}
+
+
+def test_tracking_several_seeds_keeps_one_curve_per_seed(tiny_model, data_dir, tmp_path, monkeypatch):
+    """Lock-step seeds' events interleave: each seed's train loss and dev metric go under keys of its own."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a file store: no database to create (the default's is)
+    store = f"file:{tmp_path / 'mlruns'}"
+    r = invoke(tune_args(tiny_model, data_dir, tmp_path / "run", "--seeds", "0,1", "--budget", 30, "--eval-every", 20,
+                         "--track", "mlflow", "--track-uri", store, "-q"))
+    assert r.exit_code == 0, r.output
+    client = MlflowClient(store)
+    (found,) = client.search_runs([client.get_experiment_by_name("bbt-onnx").experiment_id])
+    assert "train_loss" not in found.data.metrics and "dev_metric" not in found.data.metrics
+    logged = generations(tmp_path / "run")
+    for seed in (0, 1):
+        mine = [g for g in logged if g["seed"] == seed]
+        assert len(mine) == 3  # 30 calls of 10 candidates
+        for key, field in (("train_loss", "best_loss_so_far"), ("dev_metric", "dev_metric")):
+            history = sorted(client.get_metric_history(found.info.run_id, f"seed{seed}.{key}"), key=lambda m: m.step)
+            expect = [g for g in mine if g[field] is not None]
+            assert expect and [m.step for m in history] == [g["calls"] for g in expect]
+            assert [m.value for m in history] == pytest.approx([g[field] for g in expect])
+
+
+def test_tracking_to_mlflows_default_store_as_a_new_user(tiny_model, data_dir, tmp_path, monkeypatch):
+    """No tracking URI and no file-store switch: MLflow's default, ./mlflow.db, works with the `track` extra."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    r = invoke(tune_args(tiny_model, data_dir, tmp_path / "run", "--budget", 20, "--track", "mlflow", "-q"))
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "mlflow.db").is_file()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (found,) = client.search_runs([client.get_experiment_by_name("bbt-onnx").experiment_id])
+    assert found.info.status == "FINISHED" and "train_loss" in found.data.metrics
+    assert "run.json" in {a.path for a in client.list_artifacts(found.info.run_id)}
+
+
+def test_mlflow_without_its_database_store_says_what_to_install():
+    """mlflow-skinny alone refuses its own default URI with a model-registry message; ours names the fix."""
+    pytest.importorskip("mlflow")
+    from mlflow.exceptions import MlflowException
+
+    from bbt_onnx.errors import SettingsError
+    from bbt_onnx.tracking import MlflowTracker
+
+    def refuse():  # what MlflowClient() says in a fresh directory without sqlalchemy (mlflow-skinny 3.18)
+        raise MlflowException("Model registry functionality is unavailable; got unsupported URI "
+                              "'sqlite:////home/u/mlflow.db' for model registry data storage.")
+
+    with pytest.raises(SettingsError, match=r"sqlite:///mlflow.db\) needs sqlalchemy and alembic") as caught:
+        MlflowTracker._call(refuse)
+    assert caught.value.arguments == ("track_uri",)
 
 
 def test_a_tracker_that_cannot_open_is_one_line(tiny_model, data_dir, tmp_path, monkeypatch):

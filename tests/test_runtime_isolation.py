@@ -48,7 +48,7 @@ def test_a_healthy_run_shows_no_third_party_warning(tmp_path):
                 if name.split(".")[0] == "matplotlib":
                     raise ImportError("blocked: " + name)
         sys.meta_path.insert(0, Block())
-        import bbt_onnx.cli, bbt_onnx.tuner, bbt_onnx.bench
+        import bbt_onnx.cli, bbt_onnx.tuning.tuner, bbt_onnx.jobs.bench
     """)
     out = subprocess.run([sys.executable, "-W", "error", "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stderr == "", out.stderr
@@ -58,7 +58,7 @@ def test_the_runtime_loads_without_pyplot_and_leaves_a_hosts_pyplot_alone():
     the host); bbt-onnx hides it while pycma loads, and leaves it importable, or loaded when the host had it."""
     script = textwrap.dedent("""
         import importlib, json, sys
-        import bbt_onnx.cli, bbt_onnx.workflow
+        import bbt_onnx.cli, bbt_onnx.jobs.tune
         bare = "matplotlib.pyplot" in sys.modules
         import matplotlib.pyplot as host  # importable afterwards; now the host has it
         importlib.reload(bbt_onnx.cmaes)  # bbt-onnx loaded again, by a host that uses pyplot

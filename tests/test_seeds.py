@@ -12,7 +12,8 @@ from bbt_onnx.data import DataSpec
 from bbt_onnx.losses import log_softmax
 from bbt_onnx.prompt import PromptEnsemble, load_prompt
 from bbt_onnx.runs import RunDir
-from bbt_onnx.workflow import TuneRequest, tune
+from bbt_onnx.choice import ChoicePolicy
+from bbt_onnx.jobs.tune import TuneRequest, tune
 
 from helpers import cli_error, generations, invoke
 from test_never_worse import data_rows
@@ -21,9 +22,10 @@ from test_tune import tune_args
 
 def request(model, data_dir, out, seeds=(), seed=0, **config) -> TuneRequest:
     cfg = TuneConfig(**{"prompt_tokens": 4, "intrinsic_dim": 20, "popsize": 6, "budget": 48, "eval_every": 12,
-                        "seed": seed, "checkpoint_every": 0, "fallback": False, **config})
+                        "seed": seed, "checkpoint_every": 0, **config})
     data = DataSpec(str(data_dir / "pool.csv"), test=str(data_dir / "test.csv"), k_shot=8, seed=5)  # one split
-    return TuneRequest(str(model), PRESETS["sst2"], data, cfg, str(out), seeds=tuple(seeds))
+    return TuneRequest(str(model), PRESETS["sst2"], data, cfg, str(out), seeds=tuple(seeds),
+                       policy=ChoicePolicy(fallback=False))
 
 
 def test_each_lockstep_seed_ends_bit_for_bit_like_its_own_run_in_one_call_per_generation(tiny_model, data_dir,

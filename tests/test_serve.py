@@ -22,7 +22,7 @@ from bbt_onnx.data import DataSpec
 from bbt_onnx.engines import OrtSpec, Remote, TritonEngine, TritonSpec
 from bbt_onnx.errors import ServerError
 from bbt_onnx.tasks import resolve_task
-from bbt_onnx.workflow import TuneRequest, tune
+from bbt_onnx.jobs.tune import TuneRequest, tune
 from conftest import LAYERS, PROMPT_TOKENS, without_graphs
 from helpers import cli_error, invoke
 
@@ -471,7 +471,7 @@ def test_retries_after_transient_failures_change_nothing(server, client_dir, tin
     real_sleep = time.sleep
     monkeypatch.setattr("bbt_onnx.engines.triton.time.sleep", lambda s: (slept.append(s), real_sleep(s)))
     model = Model(engine.manifest, Model.load(client_dir, TritonSpec(Remote(server.url(), TOKEN))).tokenizer, engine)
-    monkeypatch.setattr("bbt_onnx.workflow.Model.load", lambda *a, **k: model)
+    monkeypatch.setattr("bbt_onnx.jobs.tune.Model.load", lambda *a, **k: model)
     outcome = tune(request(client_dir, data_dir, tmp_path / "flaky", Remote(server.url(), TOKEN)))
     np.testing.assert_array_equal(outcome.prompt.z, expected)
     assert engine.retried > 0 and outcome.metrics["api_calls"] == 48

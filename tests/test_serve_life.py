@@ -16,7 +16,7 @@ import pytest
 from bbt_onnx import Model
 from bbt_onnx.engines import Remote, TritonSpec
 from bbt_onnx.errors import ServerError
-from bbt_onnx.workflow import tune
+from bbt_onnx.jobs.tune import tune
 from test_serve import (TOKEN, Server, alive, children, free_ports, ok, raw_infer, request, token_file,  # noqa: F401
                         torch_blocked)
 

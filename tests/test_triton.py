@@ -174,11 +174,11 @@ def test_types_follow_the_graph_and_an_existing_repository_needs_force(tiny_mode
 
 
 def test_repository_mistakes_are_one_line(tiny_model, tmp_path):
-    assert "--tensorrt runs in the onnxruntime backend" in cli_error(
+    assert "--tensorrt runs in onnxruntime on GPU instances only" in cli_error(
         ["triton-repo", "--model", str(tiny_model), "--out", str(tmp_path / "a"), "--backend", "python",
          "--tensorrt"])
     assert "is not a model name" in cli_error(["triton-repo", "--model", str(tiny_model), "--out",
                                                str(tmp_path / "b"), "--name", "../x"])
-    assert "--tensorrt runs in the onnxruntime backend" in cli_error(
+    assert "--tensorrt runs in onnxruntime on GPU instances only" in cli_error(
         ["triton-repo", "--model", str(tiny_model), "--out", str(tmp_path / "c"), "--kind", "cpu", "--tensorrt"])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -268,7 +268,7 @@ def earlier_run(tiny_model, data_dir, tmp_path):
 @pytest.mark.parametrize("change,match", [
     (["--data", "EMPTY"], "is empty"),
     (["--data", "BADCOLS"], "no text column"),
-    (["--data", "BADLABELS"], "labels the task does not know"),
+    (["--data", "BADLABELS"], "whose label the task does not know"),
     (["--template", " {text} It was ."], "no {mask}"),
     (["--template", " {mask} ."], "no {text}"),
     (["--k-shot", 40], "class '0' has only 60 examples"),
@@ -397,7 +397,7 @@ def test_prompts_and_checkpoints_from_before_bbtv2_still_load(model, splits, tmp
 
     from bbt_onnx.methods import new_es
     from bbt_onnx.seeding import seeds
-    from bbt_onnx.tuner import TunerState
+    from bbt_onnx.tuning.tuner import TunerState
 
     train, dev = splits
     cfg = TuneConfig(budget=40, **SMALL)

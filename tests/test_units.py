@@ -186,8 +186,9 @@ def test_malformed_files(tmp_path, name, content, match):
 
 
 def test_unknown_labels_are_named():
-    with pytest.raises(BBTError, match="'positive'.*labels are 0, 1"):
+    with pytest.raises(BBTError, match="'positive'.*label names are 0, 1") as caught:
         check_labels([Example("x", label="positive")], ["0", "1"], "train.csv")
+    assert caught.value.arguments == ("labels",) and "--" not in str(caught.value)
 
 
 def test_k_shot_split_takes_k_per_class_for_train_and_dev_deterministically():
@@ -272,7 +273,7 @@ def test_batches_sort_by_length_and_trim_padding(model_parts):
 
 def test_encoding_rows_with_unknown_labels_is_a_user_error(model_parts):
     m, tok = model_parts
-    with pytest.raises(BBTError, match="'positive'.*labels are 0, 1"):
+    with pytest.raises(BBTError, match="'positive'.*label names are 0, 1"):
         Encoder(tok, m, PRESETS["sst2"], 2).encode([Example("fine", label="positive")])
 
 
@@ -298,6 +299,27 @@ def test_truncation_plan_is_the_longest_first_rule_in_one_step():
     cases += [({"text": int(a), "text_b": int(b)}, int(o)) for a, b, o in rng.integers(0, 40, size=(300, 3))]
     for counts, over in cases:
         assert truncation_plan(counts, over) == reference_truncation(counts, over), (counts, over)
+
+
+def test_deploys_encode_py_carries_the_truncation_rule_and_nothing_of_bbt_onnx(tmp_path, monkeypatch):
+    """encode.py, written beside an ids classifier, holds `truncation_plan`'s source instead of importing it."""
+    import importlib.util
+    import sys
+
+    from bbt_onnx.deploy import encoder_script
+    from bbt_onnx.truncation import truncation_plan
+
+    (tmp_path / "encode.py").write_text(encoder_script())
+    monkeypatch.setitem(sys.modules, "bbt_onnx", None)  # as where it runs: no bbt-onnx to import
+    spec = importlib.util.spec_from_file_location("encode", tmp_path / "encode.py")
+    encode = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(encode)
+    assert encode.truncation_plan is not truncation_plan and encode.encode.__module__ == "encode"
+    for a in range(0, 12):
+        for b in range(0, 12):
+            for over in range(0, 25):
+                counts = {"text": a, "text_b": b}
+                assert encode.truncation_plan(counts, over) == reference_truncation(counts, over), (counts, over)
 
 
 def test_truncating_a_huge_row_is_linear(model_parts):
@@ -351,7 +373,7 @@ def test_every_tune_setting_is_checked_as_a_settings_error(field, value):
     """Refused when the config is built, in the words of the library (the argument's name, never a flag), with the
     argument named for the CLI to write as its flag."""
     from bbt_onnx.errors import SettingsError
-    from bbt_onnx.tuner import TuneConfig
+    from bbt_onnx.tuning.tuner import TuneConfig
 
     with pytest.raises(SettingsError, match=field if field != "prompt_tokens" or value != 2.5
                        else "whole number") as caught:
@@ -429,7 +451,7 @@ def test_a_checkpoint_continues_cma_es_bit_for_bit(dim, popsize, diagonal, bound
 
     from bbt_onnx import checkpoint
     from bbt_onnx.methods import new_es
-    from bbt_onnx.tuner import TuneConfig, TunerState
+    from bbt_onnx.tuning.tuner import TuneConfig, TunerState
 
     def f(x):
         x = np.asarray(x)
@@ -455,3 +477,77 @@ def test_a_checkpoint_continues_cma_es_bit_for_bit(dim, popsize, diagonal, bound
     whole = run(None)
     for cut in (0, 1, 4, len(whole[0]) // 2):
         assert run(cut) == whole, cut
+
+
+def test_runs_and_checkpoints_that_recorded_the_policy_among_the_tune_settings_still_load():
+    """Before the run policy left TuneConfig, run.json's and checkpoint.npz's settings held `choose` and
+    `fallback`: such a checkpoint restores into today's tuner, and such a run resumes with its own policy."""
+    import io
+    import json
+    from types import SimpleNamespace
+
+    from bbt_onnx.choice import ChoicePolicy
+    from bbt_onnx.jobs.tune import TuneRequest
+    from bbt_onnx.methods import new_es
+    from bbt_onnx.tuning import checkpoint
+    from bbt_onnx.tuning.config import TuneConfig, TunerState
+
+    cfg = TuneConfig(intrinsic_dim=12, popsize=6, budget=60)
+    fresh = lambda: TunerState(cfg, [new_es(cfg, 7)])  # noqa: E731
+    state = fresh()
+    state.es[0].tell(state.es[0].ask(), list(range(6)))
+    with np.load(io.BytesIO(checkpoint.dumps(state)), allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    doc = json.loads(str(arrays[checkpoint.DOC][()]))
+    doc["config"].update(choose="max", fallback=False)  # as the config recorded them then
+    arrays[checkpoint.DOC] = np.array(json.dumps(doc))
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    restored = checkpoint.loads(buf.getvalue(), SimpleNamespace(config=cfg, new_state=fresh))
+    assert restored.config == cfg and np.array_equal(restored.es[0].mean, state.es[0].mean)
+
+    old = {"model": {"dir": "m"}, "task": PRESETS["sst2"].to_json(), "data": {"data": "pool.csv"},
+           "tune": {**cfg.to_json(), "choose": "max", "fallback": False}, "seeds": [42]}
+    request = TuneRequest.from_settings(old, "run")
+    assert request.config == cfg and request.policy == ChoicePolicy(fallback=False, choose="max")
+    assert TuneRequest.from_settings({**old, "tune": cfg.to_json()}, "run").policy == ChoicePolicy()
+
+
+def test_one_repository_kind_for_what_triton_repo_serve_and_deploy_write(tmp_path):
+    """Both writers go through model_repository.add_model, and --force recognises what either wrote, nothing else."""
+    from bbt_onnx.model_repository import add_model, looks_like_repository
+
+    stub = tmp_path / "model.py"
+    stub.write_text("# the python backend's model\n")
+    graphs = tmp_path / "graphs"
+    add_model(graphs, "tiny", 'backend: "python"\n', lambda v: (v / "model.onnx").write_bytes(b"onnx"), stub)
+    assert sorted(p.name for p in (graphs / "tiny" / "1").iterdir()) == ["model.onnx", "model.py"]
+    classifier = tmp_path / "classifier"
+    report = add_model(classifier, "tiny.classify", 'backend: "onnxruntime"\n',
+                       lambda v: {"checked": (v / "classifier.onnx").write_bytes(b"onnx") == 4})
+    assert report == {"checked": True} and looks_like_repository(graphs) and looks_like_repository(classifier)
+    (classifier / "tiny.classify" / "1" / "notes.txt").write_text("mine")
+    (graphs / "tiny" / "1" / "model.onnx").unlink()
+    assert not looks_like_repository(classifier) and not looks_like_repository(graphs)
+    assert not looks_like_repository(tmp_path / "missing")
+
+
+def test_an_old_pickle_checkpoint_names_the_tuner_module_it_was_written_by(tmp_path):
+    """checkpoint.pkl from before checkpoint.npz names `bbt_onnx.tuner`'s classes: trusted, it still loads."""
+    import pickle
+
+    from bbt_onnx.errors import RunError
+    from bbt_onnx.methods import new_es
+    from bbt_onnx.runs import RunDir
+    from bbt_onnx.tuning.checkpoint import read_states
+    from bbt_onnx.tuning.config import TuneConfig, TunerState
+
+    cfg = TuneConfig(intrinsic_dim=12, popsize=6, budget=60)
+    state = TunerState(cfg, [new_es(cfg, 7)], generation=3, calls=18)
+    old = pickle.dumps(state, protocol=0).replace(b"cbbt_onnx.tuning.config\n", b"cbbt_onnx.tuner\n")
+    assert b"cbbt_onnx.tuner\n" in old
+    (tmp_path / "checkpoint.pkl").write_bytes(old)
+    with pytest.raises(RunError, match="trust"):
+        read_states(RunDir(tmp_path), [None])
+    (restored,) = read_states(RunDir(tmp_path), [None], trust=True)
+    assert isinstance(restored, TunerState) and restored.config == cfg and restored.calls == 18

@@ -15,16 +15,19 @@ from typing import Callable
 
 import numpy as np
 
-from ..contract import PRECISIONS
 from ..data import Example
+from ..devices import PRECISIONS, precision_of
 from ..encoding import Encoder, load_tokenizer
-from ..engines.served import CLASSIFY_SUFFIX, served_name
+from ..engines.served import CLASSIFY_SUFFIX, check_name, served_name
 from ..errors import ModelError, PromptError, RunError, SettingsError
-from ..fileio import OutputKind, check_replaceable, only_files, sha256_file, write_dir, write_json_atomic
+from ..fileio import (OutputKind, check_replaceable, only_files, sha256_file, write_dir, write_json_atomic,
+                      write_text_atomic)
 from ..manifest import Manifest, load_manifest
+from ..model_repository import REPOSITORY
 from ..options import setting
-from ..prompt import PromptEnsemble, Result, load_prompt, result_file
-from ..serving.repository import check_name
+from ..prompt import PromptEnsemble, Result, load_prompt
+from ..runs import RUN_JSON, RunDir, result_file
+from .extensions import extensions_library
 from .build import INPUTS, Classifier, build_classifier, front_model, onnx_module, save_model
 from .recipe import encode as recipe_encode
 
@@ -60,23 +63,6 @@ def long_probe(tokens: int) -> str:
     return " ".join(words[i % len(words)] for i in range(tokens + 20))
 
 
-def extensions_library() -> str:
-    """onnxruntime-extensions' custom-op library, or one line naming the extra that brings it. Found without
-    importing the package, whose import loads transformers when that is installed (seconds)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("onnxruntime_extensions")
-    if spec is None or spec.origin is None:
-        raise SettingsError("deploy needs onnxruntime-extensions (the tokenizer inside the graph): "
-                            "pip install 'bbt-onnx[deploy]'")
-    found = sorted(Path(spec.origin).parent.glob("_extensions_pydll*"))
-    if found:
-        return str(found[0])
-    import onnxruntime_extensions
-
-    return onnxruntime_extensions.get_library_path()
-
-
 def session(path: Path, threads: int | None = None, extensions: bool = True):
     """An onnxruntime CPU session over a classifier, with onnxruntime-extensions' ops registered (a classifier
     that takes ids needs none)."""
@@ -96,7 +82,8 @@ class DeployOptions:
     model_dir: str
     prompt: str
     out: Path
-    precision: str = setting("fp32", "Which of the model's graphs the classifier is built on.", choices=PRECISIONS)
+    precision: str = setting("fp32", "Which of the model's graphs the classifier is built on.",
+                             choices=tuple(PRECISIONS))
     output_format: str = setting("onnx", "onnx: OUT/classifier.onnx, one graph from text to label; triton: OUT is a "
                                  "model repository with the classifier as NAME.classify (texts in, dynamic batching).",
                                  choices=FORMATS, flag="--format")
@@ -121,11 +108,13 @@ class DeployOptions:
 
     def check(self) -> "DeployOptions":
         if self.output_format not in FORMATS:
-            raise SettingsError(f"--format {self.output_format!r} is not one of {', '.join(FORMATS)}")
+            raise SettingsError(f"output_format {self.output_format!r} is not one of {', '.join(FORMATS)}",
+                                "output_format")
         if self.backend not in TRITON_BACKENDS:
-            raise SettingsError(f"--backend {self.backend!r} is not one of {', '.join(TRITON_BACKENDS)}")
+            raise SettingsError(f"backend {self.backend!r} is not one of {', '.join(TRITON_BACKENDS)}", "backend")
         if self.output_format != "triton" and (self.name or self.op_library or self.backend != "onnxruntime"):
-            raise SettingsError("--backend, --name and --op-library describe a model repository: add --format triton")
+            raise SettingsError("backend, name and op_library describe a model repository: add output_format triton",
+                                ("backend", "name", "op_library", "output_format"))
         if self.name is not None:
             check_name(self.name)
         return self
@@ -139,8 +128,6 @@ OUTPUT = OutputKind("a deployed classifier (`bbt-onnx deploy`)", lambda d: only_
 def finished_result(path: str | Path) -> tuple[Result, Path]:
     """What a finished run kept (a tuned prompt, the seeds' ensemble or a plain template), or a prompt file, and its
     file; a run that is still going, or that stopped before its end, is refused: its result is not final."""
-    from ..runs import RUN_JSON, RunDir
-
     path = Path(path)
     if path.is_dir() and RunDir(path).file(RUN_JSON).is_file():
         run = RunDir(path)
@@ -201,13 +188,14 @@ def check_encoding(clf: Classifier, manifest: Manifest, prompt: Result, staging:
                         or not np.array_equal(value[i], want[name][i])), 0)
             raise ModelError(f"the classifier's {name} differ from bbt-onnx's encoding (first on the row "
                              f"{rows[bad].text[:60]!r}); this tokenizer cannot run in the graph: deploy with "
-                             "--input ids")
+                             "inputs ids", "inputs")
 
 
 def check_scores(clf: Classifier, path: Path, manifest: Manifest, prompt: Result, precision: str,
                  rows: list[Example]) -> dict:
-    """The classifier's probabilities against the runtime's predictions on the same graph, on the probe rows: in one
-    batch, or for int8 (whose activation scales depend on the batch) row by row."""
+    """The classifier's probabilities against the runtime's predictions on the same graph, on the probe rows, within
+    the precision's probe tolerance: in one batch, or row by row where scores depend on the batch (int8's
+    activation scales)."""
     from ..engines.ort import OrtEngine
     from ..model import Model
 
@@ -232,9 +220,10 @@ def check_scores(clf: Classifier, path: Path, manifest: Manifest, prompt: Result
     def predict(batch: list[Example]) -> np.ndarray:
         return np.array([[p.probabilities[k] for k in clf.labels] for p in prompt.predict(model, batch)])
 
-    batches = [[r] for r in rows] if precision == "int8" else [rows]
+    record = precision_of(precision)
+    batches = [[r] for r in rows] if record.batch_dependent else [rows]
     diff = max(float(np.abs(classify(b) - predict(b)).max()) for b in batches)
-    tolerance = 1e-2 if precision == "fp16" else 1e-4
+    tolerance = record.probe_tolerance
     if not diff <= tolerance:
         raise ModelError(f"the classifier's probabilities differ from bbt-onnx predict's by {diff:.2e} on the probe "
                          f"rows (tolerance {tolerance:g}): a bug in deploy; please report it")
@@ -260,6 +249,19 @@ def prepare(manifest: Manifest, result_path: str | Path, precision: str = "fp32"
     return clf, prompt
 
 
+def encoder_script() -> str:
+    """recipe.py as encode.py: its one import from bbt-onnx replaced by that function's source, so that the file
+    runs with numpy and tokenizers alone while the rule itself has one home (`truncation.py`)."""
+    import inspect
+
+    from .. import truncation
+    from . import recipe
+
+    text = Path(recipe.__file__).read_text(encoding="utf-8")
+    line = next(x for x in text.splitlines(keepends=True) if x.startswith("from ..truncation import truncation_plan"))
+    return text.replace(line, "\n" + inspect.getsource(truncation.truncation_plan) + "\n")
+
+
 def write_checked(folder: Path, clf: Classifier, manifest: Manifest, prompt: Result, precision: str) -> dict:
     """classifier.onnx (and, for an ids graph, its recipe, tokenizer and encode.py) in `folder`, then checked there
     against the runtime on the probe rows; the check's report."""
@@ -269,7 +271,7 @@ def write_checked(folder: Path, clf: Classifier, manifest: Manifest, prompt: Res
     if clf.inputs == "ids":
         write_json_atomic(folder / RECIPE, clf.recipe)
         shutil.copyfile(manifest.tokenizer_path, folder / TOKENIZER)
-        shutil.copyfile(Path(__file__).with_name("recipe.py"), folder / ENCODER_SCRIPT)
+        write_text_atomic(folder / ENCODER_SCRIPT, encoder_script())
     rows = probe_rows(clf)
     check_encoding(clf, manifest, prompt, folder, rows)
     # a row as long as the model's positions costs seconds in a real model's graph: scored only when short
@@ -280,7 +282,7 @@ def write_checked(folder: Path, clf: Classifier, manifest: Manifest, prompt: Res
 def deploy(opts: DeployOptions, log: Callable[[str], None] = lambda _m: None) -> dict:
     """Build, check and write OUT (a folder with classifier.onnx, or a Triton model repository); every refusal
     comes before OUT is touched."""
-    from .triton import REPOSITORY, ClassifierModel, add_classifier
+    from .triton import ClassifierModel, add_classifier
 
     opts.check()
     out = Path(opts.out)

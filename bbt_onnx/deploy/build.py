@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
+from ..version import __version__
 from ..contract import PROMPT_POS
 from ..encoding import Encoder, load_tokenizer
 from ..errors import ModelError, SettingsError
@@ -95,11 +95,12 @@ class Classifier:
 def choose_inputs(requested: str, tokenizer_json: dict) -> tuple[str, str | None]:
     """("text" or "ids", why the tokenizer cannot run in the graph or None)."""
     if requested not in INPUTS:
-        raise SettingsError(f"--input {requested!r} is not one of {', '.join(INPUTS)}")
+        raise SettingsError(f"inputs {requested!r} is not one of {', '.join(INPUTS)}", "inputs")
     why = graph_tokenizer(tokenizer_json)
     if requested == "text" and why:
-        raise SettingsError(f"--input text: onnxruntime-extensions cannot run this model's tokenizer in the graph "
-                            f"({why}); deploy with --input ids for a graph that takes token ids and its recipe")
+        raise SettingsError(f"inputs text: onnxruntime-extensions cannot run this model's tokenizer in the graph "
+                            f"({why}); deploy with ids instead, a graph that takes token ids, and its recipe",
+                            "inputs")
     if requested == "auto":
         return ("ids" if why else "text"), why
     return requested, why

@@ -15,38 +15,18 @@ whole; the token ids that come before it and after it (`pre_ids`, `post_ids`: BO
 of a chat or suffix framing, EOS); and the row's limit. Each token belongs to the first field its characters
 overlap (by the tokenizer's offsets), so truncation cuts the text fields only, from their ends, longest field
 first, exactly as bbt-onnx does. Texts are stripped of surrounding whitespace first, as bbt-onnx's readers do.
-This file imports nothing from bbt-onnx; bbt-onnx's in-graph tokenizer follows the same recipe.
+As encode.py this file imports nothing from bbt-onnx: deploy writes `truncation_plan`'s source in place of its
+one import. bbt-onnx's in-graph tokenizer follows the same recipe.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..truncation import truncation_plan  # its source stands here in encode.py
+
 RECIPE_FORMAT = 1
 TEXT_FIELDS = ("text", "text_b")
-
-
-def truncation_plan(counts: dict, over: int):
-    """How many tokens to cut from each field so that `over` go in all: always from the longest field
-    (the first named wins a tie), each keeping at least one token; None when that cannot be done."""
-    order = list(counts)
-    present = [f for f in order if counts[f] > 0]
-    if sum(counts[f] for f in present) - over < len(present):
-        return None
-    drop = {f: 0 for f in order}
-    left = dict(counts)
-    while over > 0:
-        top = max(left.values())
-        longest = [f for f in order if left[f] == top]
-        below = max([v for v in left.values() if v < top], default=0)
-        step = min(over, (top - below) * len(longest))
-        share, extra = divmod(step, len(longest))
-        for j, f in enumerate(longest):
-            cut = share + (1 if j < extra else 0)
-            drop[f] += cut
-            left[f] -= cut
-        over -= step
-    return drop
 
 
 def render(recipe: dict, values: dict) -> tuple:

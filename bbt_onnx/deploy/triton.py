@@ -17,20 +17,19 @@ client can check it is the classifier of its run.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from ..engines.served import FINGERPRINT_PARAM, LABELS_PARAM, PROMPT_PARAM
-from ..fileio import OutputKind, only_files, write_text_atomic
+from ..model_repository import add_model as add_repository_model
 from .build import Classifier
+from .extensions import extensions_library
 
 MAX_BATCH = 64  # texts per batch the server forms
 QUEUE_DELAY_US = 2000  # how long a text may wait for others to join its batch
 MAX_TEXT_BYTES = 1 << 20  # one text, as the runtime's readers limit a row
 MODEL_PY = Path(__file__).with_name("triton_model.py")
-FILES = ("classifier.onnx", "classifier.onnx.data", "recipe.json", "encode.py", "tokenizer.json", "model.py")
 
 
 @dataclass(frozen=True)
@@ -70,17 +69,11 @@ def classifier_config(model: ClassifierModel):
               "bbt_max_text_bytes": str(MAX_TEXT_BYTES), "bbt_threads": str(model.threads or 0)}
     if bare:
         config.default_model_filename = "classifier.onnx"
-        config.model_operations.op_library_filename.append(model.op_library or extensions_path())
+        config.model_operations.op_library_filename.append(model.op_library or extensions_library())
         params.update(intra_op_thread_count=str(model.threads or 0), inter_op_thread_count="1")
     for key, value in params.items():
         config.parameters[key].string_value = value
     return config
-
-
-def extensions_path() -> str:
-    from . import extensions_library
-
-    return extensions_library()
 
 
 def add_classifier(repository: Path, model: ClassifierModel, write: Callable[[Path], dict]) -> dict:
@@ -89,25 +82,5 @@ def add_classifier(repository: Path, model: ClassifierModel, write: Callable[[Pa
     from google.protobuf import text_format
 
     config = text_format.MessageToString(classifier_config(model))  # refused before anything is written
-    version = repository / model.name / "1"
-    report = write(version)
-    if model.backend == "python":
-        shutil.copyfile(MODEL_PY, version / "model.py")
-    write_text_atomic(repository / model.name / "config.pbtxt", config)
-    return report
-
-
-def looks_like_classifier_repo(directory: Path) -> bool:
-    """What `deploy --format triton --force` may replace: model folders of config.pbtxt and 1/ with a
-    classifier's files only."""
-    try:
-        models = list(directory.iterdir())
-    except OSError:
-        return False
-    return bool(models) and all(
-        m.is_dir() and not m.is_symlink() and sorted(p.name for p in m.iterdir()) == ["1", "config.pbtxt"]
-        and only_files(m / "1", lambda n: n in FILES, ("classifier.onnx",)) for m in models)
-
-
-REPOSITORY = OutputKind("a classifier's model repository (`bbt-onnx deploy --format triton`)",
-                        looks_like_classifier_repo)
+    return add_repository_model(repository, model.name, config, write,
+                                MODEL_PY if model.backend == "python" else None)

@@ -9,17 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
-from ..contract import PRECISIONS
+from ..devices import DEVICES, PRECISIONS, REFERENCE_DEVICE, REFERENCE_PRECISION
 from ..errors import SettingsError
 from ..options import setting
 from .base import Engine, PromptScoring, score_rows
-from .ort import DEVICES, OrtEngine, OrtSpec
+from .ort import OrtEngine, OrtSpec
 from .served import read_token
 from .triton import Remote, TritonEngine, TritonSpec
 
 EngineSpec = Union[OrtSpec, TritonSpec]
 BACKENDS = {spec.backend: spec for spec in (OrtSpec, TritonSpec)}
-REFERENCE = OrtSpec("cpu", "fp32")  # what every other engine is compared with
+REFERENCE = OrtSpec(REFERENCE_DEVICE, REFERENCE_PRECISION)  # what every other engine is compared with
 
 
 def parse_engine(text: str, token: str | None = None, threads: int | None = None) -> EngineSpec:
@@ -35,11 +35,11 @@ def parse_engine(text: str, token: str | None = None, threads: int | None = None
 def parse_engines(text: str, token: str | None = None, threads: int | None = None) -> list[EngineSpec]:
     specs = [parse_engine(part, token, threads) for part in str(text).split(",") if part.strip()]
     if not specs:
-        raise SettingsError("--engines names no engine; e.g. --engines cpu:fp32,cpu:int8")
+        raise SettingsError("engines names no engine; e.g. cpu:fp32,cpu:int8", "engines")
     if len({s.name for s in specs}) != len(specs):
-        raise SettingsError(f"--engines names an engine twice: {text}")
+        raise SettingsError(f"engines names an engine twice: {text}", "engines")
     if token and not any(s.takes_token for s in specs):
-        raise SettingsError("--token-file goes with a server URL in --engines")
+        raise SettingsError("token goes with a server URL in engines", ("token", "engines"))
     return specs
 
 
@@ -52,8 +52,8 @@ def all_local_engines(threads: int | None = None) -> list[OrtSpec]:
 class EngineOptions:
     """How a command names its engine: onnxruntime here (device, precision, threads), or a server."""
 
-    device: str = setting("cpu", "onnxruntime execution provider.", choices=DEVICES)
-    precision: str = setting("fp32", "Which exported graph.", choices=PRECISIONS)
+    device: str = setting("cpu", "onnxruntime execution provider.", choices=tuple(DEVICES))
+    precision: str = setting("fp32", "Which exported graph.", choices=tuple(PRECISIONS))
     threads: int | None = setting(None, "CPU threads for onnxruntime [default: all cores].", minimum=1)
     server: str | None = setting(None, "Score on a Triton server (`bbt-onnx serve`, or a stock tritonserver over "
                                  "`bbt-onnx triton-repo`): http://HOST:PORT or grpc://HOST:PORT. --model may then be "

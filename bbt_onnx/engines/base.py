@@ -65,7 +65,8 @@ def check_prompt_positions(batch: EncodedSet, takes_prompt_pos: bool, prompt_sta
     if takes_prompt_pos or batch.prompt_pos is None or (batch.prompt_pos == prompt_start).all():
         return
     raise ModelError(f"the {graph} graph puts the prompt right after BOS only, and these rows have it "
-                     "elsewhere (--bos, --chat or --prompt-position suffix); re-export the model")
+                     "elsewhere (bos, chat or prompt_position suffix); re-export the model",
+                     ("bos", "chat", "prompt_position"))
 
 
 class PromptScoring:

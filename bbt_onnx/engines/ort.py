@@ -14,15 +14,14 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..contract import GRAPH_OUTPUTS, PRECISIONS, PROMPT_POS, ROW_INPUTS, TEXT_OUTPUTS, graph_key
+from ..contract import GRAPH_OUTPUTS, PROMPT_POS, ROW_INPUTS, TEXT_OUTPUTS, graph_key
+from ..devices import DEVICES, PRECISIONS, device_of
 from ..encoding import CacheSplit, EncodedSet, cache_split
 from ..errors import ModelError, SettingsError
 from ..fileio import sha256_file
 from ..manifest import MANIFEST_NAME, GraphSpec, Manifest, dim_problems
 from .base import PromptScoring, check_prompt_positions, row_groups, row_input
 
-DEVICES = ("cpu", "cuda")
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 KV_CACHE_LIMIT = 4 << 30  # bytes of cached text keys and values an engine may hold
 
@@ -50,13 +49,12 @@ class OrtEngine(PromptScoring):
     def __init__(self, manifest: Manifest, precision: str = "fp32", device: str = "cpu",
                  threads: int | None = None, verify: bool = True, max_buckets: int | None = None, deep: bool = False,
                  kv_cache: bool | None = None, kv_cache_limit: int = KV_CACHE_LIMIT):
-        if device not in DEVICES:
-            raise SettingsError(f"device {device!r} is not one of {', '.join(DEVICES)}")
+        self.on = device_of(device)  # what running on this device changes
         self.manifest = manifest
         self.precision = precision
         self.deep = deep
         self.device = device
-        self.provider = PROVIDERS[device]
+        self.provider = self.on.provider
         self.threads = threads
         self.verify = verify
         self.graph = graph_key(precision, deep)
@@ -68,19 +66,17 @@ class OrtEngine(PromptScoring):
         self.prompt_dtype = ORT_TYPES[inputs["prompt_embeds"].type]
         if "prompt_layer" in inputs:  # [1]; a scalar in deep graphs exported before it could be served
             self.LAYER_SHAPE = (1,) * len(inputs["prompt_layer"].shape)
-        # On CPU, padding is computed like any token: rows of similar length go in one call. A GPU
-        # prefers one large call.
-        self.max_buckets = max_buckets if max_buckets is not None else (4 if device == "cpu" else 1)
-        # On CUDA the rows are bound on the device once per batch; each call uploads only the prompts
-        # and downloads only [C, N, K].
-        self.io_binding = device == "cuda"
+        # the device's calls per set of rows (length buckets on CPU, one large call on a GPU), and whether its rows
+        # are bound on it once per batch, so each call uploads only the prompts and downloads only [C, N, K]
+        self.max_buckets = max_buckets if max_buckets is not None else self.on.row_buckets
+        self.io_binding = self.on.io_binding
         self.row_inputs = ROW_INPUTS + ((PROMPT_POS,) if self.takes_prompt_pos else ())
         self._plans: dict[int, tuple[np.ndarray, list[Part]]] = {}  # by the rows' identity
         # Suffix prompts on a decoder: the text's keys and values once per set of rows, then only the tails.
         has_pair = not deep and manifest.has_cache_graphs(precision)
         if kv_cache and not has_pair:
             raise ModelError(f"the model has no cached pair of graphs for {graph_key(precision, deep)} (re-export "
-                             "a decoder with --kv-cache; BBTv2's deep graph has none)")
+                             "a decoder with `bbt-onnx export --kv-cache`; BBTv2's deep graph has none)")
         self.kv_cache = has_pair if kv_cache is None else bool(kv_cache)
         self.kv_cache_limit = kv_cache_limit
         self._text = self._tail = None
@@ -103,26 +99,23 @@ class OrtEngine(PromptScoring):
             raise ModelError(f"{path} does not match the sha256 in its manifest: the graph was changed or "
                            "half-copied; re-export the model")
         provider = self.provider
-        if self.device == "cuda" and hasattr(ort, "preload_dlls"):
+        if self.on.preload_dlls and hasattr(ort, "preload_dlls"):
             try:  # CUDA and cuDNN from the nvidia-* wheels (torch's), when the system has none on its path
                 ort.preload_dlls()
             except Exception:  # noqa: BLE001 - best effort; the provider check below says what is missing
                 pass
         available = ort.get_available_providers()
         if provider not in available:
-            raise ModelError(f"--device {self.device} needs onnxruntime's {provider}, which this install lacks "
+            raise ModelError(f"device {self.device} needs onnxruntime's {provider}, which this install lacks "
                            f"(available: {', '.join(available)}); install the gpu extra (onnxruntime-gpu) "
-                           "in an environment without the CPU onnxruntime")
+                           "in an environment without the CPU onnxruntime", "device")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads or cpu_threads()
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        # CUDA's default lets fp32 MatMuls run in TF32 (10-bit mantissa): an fp32 graph there drifted 2e-3 from
-        # CPU on a 24-layer model (H100). fp32 means fp32; the fp16 graph is the fast path.
-        options = {"use_tf32": "0"} if self.device == "cuda" else {}
-        try:
-            session = ort.InferenceSession(str(path), sess_options=opts, providers=[(provider, options)])
+        try:  # the device's provider options: on CUDA, TF32 off (fp32 means fp32)
+            session = ort.InferenceSession(str(path), sess_options=opts, providers=[(provider, self.on.options)])
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
             raise ModelError(f"onnxruntime cannot load {path} on {self.device}: "
                              f"{str(exc).splitlines()[0][:300]}") from None
@@ -191,7 +184,7 @@ class OrtEngine(PromptScoring):
             rows = sum(len(split.text_ids) for split in splits)
             raise SettingsError(f"the cached keys and values of these {rows} rows would take {need / 2**30:.1f} GiB, "
                                 f"over the engine's limit of {self.kv_cache_limit / 2**30:.1f} GiB; use fewer "
-                                "training rows or a smaller --max-length, or tune with a prefix prompt")
+                                "training rows or a smaller max_length, or tune with a prefix prompt", "max_length")
         if self._cached_bytes + need > self.kv_cache_limit:
             self._plans = {k: v for k, v in self._plans.items() if v[1][0].split is None}
             self._cached_bytes = 0
@@ -329,8 +322,9 @@ class OrtSpec:
         """Why this engine cannot open for `manifest`, or None when it can."""
         if self.local_graph(deep) not in manifest.graphs:
             return f"the model has no {self.local_graph(deep)} graph"
-        if PROVIDERS[self.device] not in onnxruntime().get_available_providers():
-            return f"onnxruntime's {PROVIDERS[self.device]} is not installed"
+        provider = DEVICES[self.device].provider
+        if provider not in onnxruntime().get_available_providers():
+            return f"onnxruntime's {provider} is not installed"
         return None
 
     def open(self, manifest: Manifest, deep: bool = False) -> OrtEngine:

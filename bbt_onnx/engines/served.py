@@ -21,7 +21,7 @@ PRECISION_PARAM = "bbt_precision"
 PROMPT_PARAM = "bbt_prompt_sha256"  # a served classifier's: the sha256 of the run's prompt file it was built from
 LABELS_PARAM = "bbt_labels"  # a served classifier's label names, JSON
 CLASSIFY_SUFFIX = ".classify"  # a served classifier's name: its model's, then this
-BUCKETS_PARAM = "bbt_row_buckets"  # calls per set of rows the server prefers: 4 length buckets on CPU, 1 on a GPU
+BUCKETS_PARAM = "bbt_row_buckets"  # calls per set of rows the server prefers: its device's `row_buckets`
 DEFAULT_MAX_REQUEST = 1 << 18  # C x N x T per request: e.g. 20 prompts x 32 rows x 409 tokens
 DEFAULT_MAX_PROMPTS = 256  # C per request
 DEFAULT_MAX_LABELS = 64  # K per request
@@ -66,7 +66,7 @@ def max_body(manifest: Manifest, max_request: int = DEFAULT_MAX_REQUEST, max_pro
 
 def check_max_request(max_request: int) -> None:
     if isinstance(max_request, bool) or not (isinstance(max_request, int) and max_request >= 1):
-        raise SettingsError(f"--max-request must be a positive integer, got {max_request!r}")
+        raise SettingsError(f"max_request must be a positive integer, got {max_request!r}", "max_request")
 
 
 def read_token(path: str | Path) -> str:
@@ -107,3 +107,11 @@ def write_client_dir(model_dir: str | Path, out: str | Path, force: bool = False
             shutil.copyfile(manifest.directory / name, staging / name)
 
     return write_dir(out, force, fill, kind, force_any, inputs, log)
+
+
+def check_name(name: str, argument: str = "name") -> str:
+    """A model name Triton accepts as a directory and a URL part; `argument` is what the caller calls it."""
+    if not name or len(name) > 100 or not all(c.isalnum() or c in "._-" for c in name) or name[0] in ".-":
+        raise SettingsError(f"{argument} {name!r} is not a model name: letters, digits, '.', '_' and '-', at most "
+                            "100, not starting with '.' or '-'", argument)
+    return name

@@ -138,8 +138,8 @@ class Remote:
     def check(self) -> "Remote":
         parts = urlsplit(self.url)
         if parts.username is not None or parts.password is not None:
-            raise SettingsError("the server URL holds a user name or password; give the token with --token-file, "
-                                "so that it is never written to a run")
+            raise SettingsError("the server URL holds a user name or password; give the token in token_file, "
+                                "so that it is never written to a run", "token_file")
         name = parts.path.strip("/")
         if parts.scheme.lower() not in WIRES or not parts.hostname or parts.query or parts.fragment or \
                 "/" in name or (name and not all(c.isalnum() or c in "._-" for c in name)):
@@ -214,10 +214,10 @@ class TritonClient:
             raise ServerError(f"the server at {self.remote.url} failed to load {self.model!r}; see its log")
         if not ready and self.deep:
             raise ServerError(f"the server at {self.remote.url} does not serve the deep-prompt graph BBTv2 needs "
-                              f"({self.model!r}): export the model with --deep and serve it again")
+                              f"({self.model!r}): export the model with `bbt-onnx export --deep` and serve it again")
         if not ready:
             raise ServerError(f"the server at {self.remote.url} serves no model named {self.model!r} (this model "
-                              f"directory's name on a server); check --server and --model")
+                              f"directory's name on a server); check the server URL and model_dir", "model_dir")
         return client
 
     def _model_state(self, client) -> str | None:
@@ -297,8 +297,8 @@ class TritonClient:
         text = self._text(exc)
         low = text.lower()
         if "restricted" in low or code in ("401", "403", "StatusCode.PERMISSION_DENIED", "StatusCode.UNAUTHENTICATED"):
-            hint = "pass --token-file" if not self.remote.token else "the token in --token-file is not the server's"
-            return ServerError(f"the server at {url} refused the request: {hint}")
+            hint = "pass token_file" if not self.remote.token else "the token in token_file is not the server's"
+            return ServerError(f"the server at {url} refused the request: {hint}", "token_file")
         if "over the server's limit" in low or "larger than max" in low:
             return ServerError(f"the server at {url} refused a request over its limit: {text[:300]}")
         if code in ("400", "StatusCode.INVALID_ARGUMENT"):
@@ -363,8 +363,9 @@ class TritonEngine(TritonClient, PromptScoring):
         c, (n, t) = feeds["prompt_embeds"].shape[0], feeds["input_ids"].shape
         if self.max_request is not None and c * n * t > self.max_request:
             raise ServerError(f"a request of {c} prompts x {n} rows x {t} tokens = {c * n * t} is over the "
-                              f"server's limit of {self.max_request} (C x N x T); use a smaller --popsize, fewer "
-                              "rows per call or a shorter --max-length, or raise the server's --max-request")
+                              f"server's limit of {self.max_request} (C x N x T); use a smaller popsize, fewer "
+                              "rows per call or a shorter max_length, or raise the server's max_request",
+                              ("popsize", "max_length", "max_request"))
         inputs = self._inputs(feeds)
         outputs = [self.wire.output(GRAPH_OUTPUTS[0])]
         result = self._retrying(lambda: self.client.infer(self.model, inputs, outputs=outputs,

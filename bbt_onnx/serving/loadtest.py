@@ -42,9 +42,10 @@ def parse_clients(text: str) -> list[int]:
     try:
         counts = [int(part) for part in str(text).split(",") if part.strip()]
     except ValueError:
-        raise SettingsError(f"--clients {text!r} is not a comma-separated list of integers, e.g. 1,4,8") from None
+        raise SettingsError(f"clients {text!r} is not a comma-separated list of integers, e.g. 1,4,8",
+                            "clients") from None
     if not counts or any(not 1 <= c <= MAX_CLIENTS for c in counts):
-        raise SettingsError(f"--clients takes counts in 1..{MAX_CLIENTS}, e.g. 1,4,8; got {text!r}")
+        raise SettingsError(f"clients takes counts in 1..{MAX_CLIENTS}, e.g. 1,4,8; got {text!r}", "clients")
     return counts
 
 
@@ -99,7 +100,7 @@ def server_report(model_dir: str, remote: Remote, device: str, batch: int, seq: 
                   log: Callable[[str], None] = lambda _m: None) -> dict:
     """`bench --server`: a load run per client count on synthetic population calls, then the same call in
     process when the directory has the served graph, for the API's overhead at one client."""
-    from ..bench import median_ms, synthetic_inputs
+    from ..timing import median_ms, synthetic_inputs
     from ..engines.ort import OrtEngine
 
     manifest = load_manifest(model_dir, graphs=False)

@@ -42,9 +42,9 @@ class TritonPythonModel:
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        # on CUDA, fp32 means fp32 (onnxruntime's default is TF32), as in bbt-onnx's own engine
-        providers = [("CUDAExecutionProvider", {"use_tf32": "0"})] if p.get("bbt_device") == "cuda" else \
-            ["CPUExecutionProvider"]
+        # the provider and its options as the repository wrote them from the device's record (on CUDA, TF32 off:
+        # fp32 means fp32, as in bbt-onnx's own engine)
+        providers = [(p.get("bbt_provider", "CPUExecutionProvider"), json.loads(p.get("bbt_provider_options", "{}")))]
         self.session = ort.InferenceSession(path, sess_options=opts, providers=providers)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.dtypes = {name: (np.float16 if i.type == "tensor(float16)" else np.float32 if "float" in i.type

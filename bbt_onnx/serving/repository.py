@@ -5,7 +5,8 @@ Each model is its graph file and a `config.pbtxt` built through tritonclient's `
 ModelConfig message): the graph contract (names, types, dims), instances, a warm-up request, and the parameters the
 client checks (fingerprint, limits). Two backends:
 - `onnxruntime`, a stock tritonserver's: the graph runs in Triton's onnxruntime backend, with CPU thread counts,
-  fp32 kept in fp32 on CUDA (TF32 off) and optionally TensorRT at the graph's precision with profile shapes;
+  fp32 kept in fp32 on CUDA (TF32 off) and optionally TensorRT at the graph's precision with profile shapes (each
+  as the device's and the precision's records say, `devices`);
 - `python`: the graph runs in onnxruntime inside Triton's python backend (`model.py` beside it), which checks
   every request against the model's limits first; the tritonserver PyTriton ships has this backend only.
 Run tritonserver with `--disable-auto-complete-config`, so the configs are used as written.
@@ -13,23 +14,28 @@ Run tritonserver with `--disable-auto-complete-config`, so the configs are used 
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..contract import PRECISIONS, graph_key
-from ..engines.served import (DEFAULT_MAX_REQUEST, check_max_request, request_limits, served_name,
+from ..contract import graph_key
+from ..devices import DEVICES, INSTANCES, PRECISIONS, REFERENCE_PRECISION
+from ..engines.served import (DEFAULT_MAX_REQUEST, check_max_request, check_name, request_limits, served_name,
                               served_parameters)
 from ..errors import SettingsError
-from ..fileio import OutputKind, check_replaceable, only_files, write_dir, write_text_atomic
+from ..fileio import check_replaceable, write_dir
 from ..manifest import GraphSpec, Manifest, TensorSpec, load_manifest
+from ..model_repository import BACKENDS, REPOSITORY, add_model as add_repository_model
 from ..options import setting
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64"}
 WARMUP_SIZES = {"C": 2, "N": 2, "T": 16, "P": 4, "K": 2}  # a small request of every input, all zeros
 PROFILE = {"C": (1, 20, 64), "N": (1, 32, 256), "K": (1, 2, 16)}  # TensorRT's min, opt and max per dynamic dim
-INSTANCE_KINDS = ("gpu", "cpu")
-BACKENDS = ("onnxruntime", "python")
+PYTHON_KIND = "KIND_CPU"  # the python backend's instances: its model.py opens its own provider
+# triton-repo's default graph: the first of these the model has
+REPO_ORDER = tuple(sorted((p.name for p in PRECISIONS.values() if p.repo_rank is not None),
+                          key=lambda name: PRECISIONS[name].repo_rank))
 GRAPH_FILE = "model.onnx"
 MODEL_PY = Path(__file__).with_name("model.py")
 
@@ -43,9 +49,10 @@ class RepoOptions:
     backend: str = setting("onnxruntime", "Triton backend: a stock tritonserver's onnxruntime, or python (the graph "
                            "in onnxruntime inside Triton's python backend, every request checked first).",
                            choices=BACKENDS)
-    precision: str | None = setting(None, "Which graph [default: fp16 when exported, else fp32].",
-                                    choices=PRECISIONS)
-    kind: str = setting("gpu", "Instance kind (KIND_GPU or KIND_CPU).", choices=INSTANCE_KINDS)
+    precision: str | None = setting(None, f"Which graph [default: the first of {', '.join(REPO_ORDER)} the model "
+                                    "has].", choices=tuple(PRECISIONS))
+    kind: str = setting("gpu", f"Instance kind ({' or '.join(d.triton_kind for d in INSTANCES.values())}).",
+                        choices=tuple(INSTANCES))
     instances: int = setting(1, "Model instances per server.")
     threads: int | None = setting(None, "CPU threads per instance [default: 0, onnxruntime's choice; set it when "
                                   "several instances share the cores].", minimum=1)
@@ -58,33 +65,30 @@ class RepoOptions:
                               "in it is deleted).")
 
     def check(self) -> "RepoOptions":
-        if self.kind not in INSTANCE_KINDS:
-            raise SettingsError(f"--kind must be one of {', '.join(INSTANCE_KINDS)}, got {self.kind!r}")
+        if self.kind not in INSTANCES:
+            raise SettingsError(f"kind must be one of {', '.join(INSTANCES)}, got {self.kind!r}", "kind")
         if self.backend not in BACKENDS:
-            raise SettingsError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+            raise SettingsError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}", "backend")
         if not (isinstance(self.instances, int) and 1 <= self.instances <= 64):
-            raise SettingsError(f"--instances must be in 1..64, got {self.instances}")
+            raise SettingsError(f"instances must be in 1..64, got {self.instances}", "instances")
         check_max_request(self.max_request)
-        if self.tensorrt and (self.kind != "gpu" or self.backend != "onnxruntime"):
-            raise SettingsError("--tensorrt runs in the onnxruntime backend on GPU instances only; drop it, or use "
-                                "--kind gpu --backend onnxruntime")
+        if self.tensorrt and (not INSTANCES[self.kind].tensorrt or self.backend != "onnxruntime"):
+            kinds = " or ".join(k for k, d in INSTANCES.items() if d.tensorrt)
+            raise SettingsError(f"tensorrt runs in onnxruntime on GPU instances only; drop it, or use "
+                                f"kind {kinds} with the onnxruntime backend", ("tensorrt", "kind"))
         if self.name is not None:
             check_name(self.name)
         return self
 
 
-def check_name(name: str) -> str:
-    if not name or len(name) > 100 or not all(c.isalnum() or c in "._-" for c in name) or name[0] in ".-":
-        raise SettingsError(f"--name {name!r} is not a model name: letters, digits, '.', '_' and '-', at most 100, "
-                            "not starting with '.' or '-'")
-    return name
 
 
 def pick_precision(manifest: Manifest, wanted: str | None) -> str:
+    """`wanted`, or the model's graph of the lowest `repo_rank` (fp16 when exported), else the reference's."""
     if wanted:
         manifest.graph(wanted)  # a clear error when the model lacks it
         return wanted
-    return "fp16" if "fp16" in manifest.graphs else "fp32"
+    return next((p for p in REPO_ORDER if p in manifest.graphs), REFERENCE_PRECISION)
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,7 @@ class Served:
     precision: str
     deep: bool = False
     backend: str = "onnxruntime"
-    kind: str = "gpu"
+    kind: str = "gpu"  # instances' kind, a device's `instance` (triton-repo's kind)
     instances: int = 1
     threads: int | None = None
     tensorrt: bool = False
@@ -126,30 +130,33 @@ def model_config(model: Served):
     layer = next((t for t in model.graph.inputs if t.name == "prompt_layer"), None)
     if layer is not None and not layer.shape and model.backend == "onnxruntime":
         raise SettingsError("this deep graph takes prompt_layer as a scalar, which a stock tritonserver cannot serve; "
-                            "re-export the model with --deep, or use --backend python")
+                            "re-export the model with `bbt-onnx export --deep`, or use backend python", "backend")
     config = pb.ModelConfig(name=model.name, backend=model.backend, max_batch_size=0)
     for spec in model.graph.inputs:
         config.input.add(name=spec.name, data_type=pb.DataType.Value(TRITON_TYPES[spec.dtype]),
                          dims=_dims(spec) or [1])
     for spec in model.graph.outputs:
         config.output.add(name=spec.name, data_type=pb.DataType.Value(TRITON_TYPES[spec.dtype]), dims=_dims(spec))
-    kind = "KIND_GPU" if model.kind == "gpu" and model.backend == "onnxruntime" else "KIND_CPU"
+    on = INSTANCES[model.kind]
+    kind = on.triton_kind if model.backend == "onnxruntime" else PYTHON_KIND
     config.instance_group.add(count=model.instances, kind=pb.ModelInstanceGroup.Kind.Value(kind))
-    row_buckets = 1 if model.kind == "gpu" else 4  # as OrtEngine splits rows on each device
-    params = {**served_parameters(model.manifest, model.precision, model.max_request, row_buckets),
+    # as OrtEngine splits rows on that device
+    params = {**served_parameters(model.manifest, model.precision, model.max_request, on.row_buckets),
               **request_limits(model.manifest, model.deep, model.max_request)}
     if model.backend == "python":
-        params.update(bbt_graph=GRAPH_FILE, bbt_threads=str(model.threads or 0), bbt_device=model.device)
+        provider = DEVICES[model.device]
+        params.update(bbt_graph=GRAPH_FILE, bbt_threads=str(model.threads or 0), bbt_device=model.device,
+                      bbt_provider=provider.provider, bbt_provider_options=json.dumps(provider.options))
     else:
         config.default_model_filename = GRAPH_FILE
-        if model.kind == "cpu":
+        if on.instance_threads:
             params.update(intra_op_thread_count=str(model.threads or 0), inter_op_thread_count="1")
         gpu = config.optimization.execution_accelerators.gpu_execution_accelerator
         if model.tensorrt:
             trt = gpu.add(name="tensorrt")
             trt.parameters.update(tensorrt_parameters(model))
-        if model.kind == "gpu" and model.precision == "fp32":  # fp32 means fp32: CUDA's default is TF32
-            gpu.add(name="cuda").parameters["use_tf32"] = "0"
+        if on.accelerator and PRECISIONS[model.precision].tf32_off:  # fp32 means fp32: CUDA's default is TF32
+            gpu.add(name=on.accelerator).parameters.update(on.options)
     for key, value in params.items():
         config.parameters[key].string_value = value
     warm = config.model_warmup.add(name="population", batch_size=1)
@@ -175,7 +182,7 @@ def tensorrt_parameters(model: Served) -> dict[str, str]:
             out.append(f"{spec.name}:{'x'.join(dims) or '1'}")
         return ",".join(out)
 
-    return {"precision_mode": "FP16" if model.precision == "fp16" else "FP32", "trt_engine_cache_enable": "1",
+    return {"precision_mode": PRECISIONS[model.precision].tensorrt_mode, "trt_engine_cache_enable": "1",
             "trt_engine_cache_path": "/tmp/bbt-trt-cache", "trt_profile_min_shapes": shapes(0),
             "trt_profile_opt_shapes": shapes(1), "trt_profile_max_shapes": shapes(2)}
 
@@ -189,35 +196,10 @@ def config_text(model: Served) -> str:
 
 def add_model(repository: Path, model: Served) -> None:
     """REPOSITORY/NAME/config.pbtxt and REPOSITORY/NAME/1/model.onnx (and model.py for the python backend)."""
-    version = repository / model.name / "1"
-    version.mkdir(parents=True)
-    shutil.copyfile(model.manifest.directory / model.graph.file, version / GRAPH_FILE)
-    if model.backend == "python":
-        shutil.copyfile(MODEL_PY, version / "model.py")
-    write_text_atomic(repository / model.name / "config.pbtxt", config_text(model))
-
-
-def looks_like_repo(directory: Path) -> bool:
-    """What `triton-repo --force` may replace: model folders of config.pbtxt (onnxruntime or python backend) and
-    1/model.onnx (and 1/model.py) only."""
-    try:
-        models = list(directory.iterdir())
-    except OSError:
-        return False
-    for model in models:
-        if model.is_symlink() or not model.is_dir() or not only_files(model / "1", lambda n: n in (GRAPH_FILE, "model.py")) or \
-                sorted(p.name for p in model.iterdir()) != ["1", "config.pbtxt"]:
-            return False
-        try:
-            config = (model / "config.pbtxt").read_text(encoding="utf-8")
-            if not any(f'backend: "{b}"' in config for b in BACKENDS):
-                return False
-        except (OSError, UnicodeDecodeError):
-            return False
-    return bool(models)
-
-
-REPOSITORY = OutputKind("a model repository (`bbt-onnx triton-repo`)", looks_like_repo)
+    add_repository_model(repository, model.name, config_text(model),
+                         lambda version: shutil.copyfile(model.manifest.directory / model.graph.file,
+                                                         version / GRAPH_FILE),
+                         MODEL_PY if model.backend == "python" else None)
 
 
 def write_repo(opts: RepoOptions, log=None) -> Path:

@@ -20,15 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..contract import PRECISIONS
+from ..devices import DEVICES, precision_of
 from ..deploy.triton import add_classifier
 from ..engines.ort import OrtSpec
-from ..engines.served import DEFAULT_MAX_REQUEST, check_max_request, max_body
+from ..engines.served import DEFAULT_MAX_REQUEST, check_max_request, check_name, max_body
 from ..errors import ServerError, SettingsError
 from ..manifest import load_manifest
 from ..options import setting
 from .gate import GrpcGate, HttpGate
-from .repository import add_model, check_name, served_models
+from .repository import add_model, served_models
 from .tritonserver import TritonProcess, Watchdog
 
 # everything but health (and the server's own metadata) needs the token when one is given
@@ -51,36 +51,37 @@ class ServeOptions:
     verbose: bool = setting(False, "Show tritonserver's own log (it goes to a file in the workspace otherwise).")
 
     def check(self) -> "ServeOptions":
-        ports = {"--http-port": self.http_port, "--grpc-port": self.grpc_port, "--metrics-port": self.metrics_port}
-        for flag, port in ports.items():
+        ports = {"http_port": self.http_port, "grpc_port": self.grpc_port, "metrics_port": self.metrics_port}
+        for name, port in ports.items():
             if not (isinstance(port, int) and 1 <= port <= 65535):
-                raise SettingsError(f"{flag} must be in 1..65535, got {port}")
+                raise SettingsError(f"{name} must be in 1..65535, got {port}", name)
         if len(set(ports.values())) != 3:
-            raise SettingsError(f"--http-port, --grpc-port and --metrics-port must differ, got {sorted(ports.values())}")
+            raise SettingsError(f"http_port, grpc_port and metrics_port must differ, got {sorted(ports.values())}",
+                                tuple(ports))
         check_max_request(self.max_request)
         if not is_loopback(self.host) and not self.token:
-            raise SettingsError(f"--host {self.host} is reachable from other machines: pass --token-file, or serve on "
-                                "127.0.0.1 (and put TLS and authentication in a gateway in front; see docs/serving.md)")
+            raise SettingsError(f"host {self.host} is reachable from other machines: pass token, or serve on "
+                                "127.0.0.1 (and put TLS and authentication in a gateway in front; see docs/serving.md)",
+                                ("host", "token"))
         if self.names and len(self.names) != len(self.model_dirs):
-            raise SettingsError(f"--name is given {len(self.names)} times for {len(self.model_dirs)} models: give one "
-                                "per --model, in the same order")
+            raise SettingsError(f"names holds {len(self.names)} for {len(self.model_dirs)} models: give one name per "
+                                "model in model_dirs, in the same order", ("names", "model_dirs"))
         for name in self.names:
-            check_name(name)
-        if self.engine.precision not in PRECISIONS:
-            raise SettingsError(f"precision {self.engine.precision!r} is not one of {', '.join(PRECISIONS)}")
+            check_name(name, "names")
+        precision_of(self.engine.precision)
         return self
 
 
 def check_ports_free(host: str, ports: dict[str, int]) -> None:
     """A port another process holds is one line now, not a start-up failure later."""
-    for flag, port in ports.items():
+    for name, port in ports.items():
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((host, port))
             except OSError as exc:
-                raise SettingsError(f"cannot listen on {host}:{port} ({flag}): {exc.strerror}; pick another port"
-                                    ) from None
+                raise SettingsError(f"cannot listen on {host}:{port} ({name}): {exc.strerror}; pick another port",
+                                    name) from None
 
 
 def free_port() -> int:
@@ -111,8 +112,8 @@ class State:
 def serve(opts: ServeOptions, log: Callable[[str], None] = lambda _m: None) -> None:
     """Serve until SIGINT or SIGTERM; then nothing of the server is left: no process, shared memory or folder."""
     opts.check()
-    check_ports_free(opts.host, {"--http-port": opts.http_port, "--grpc-port": opts.grpc_port,
-                                 "--metrics-port": opts.metrics_port})
+    check_ports_free(opts.host, {"http_port": opts.http_port, "grpc_port": opts.grpc_port,
+                                 "metrics_port": opts.metrics_port})
     models, limit = [], 0
     for i, directory in enumerate(opts.model_dirs):
         manifest = load_manifest(directory)
@@ -121,17 +122,17 @@ def serve(opts: ServeOptions, log: Callable[[str], None] = lambda _m: None) -> N
             raise SettingsError(f"cannot serve {directory} on {opts.engine.name}: {reason}")
         limit = max(limit, max_body(manifest, opts.max_request))
         for model in served_models(manifest, opts.engine.precision, opts.names[i] if opts.names else None,
-                                   backend="python", kind="gpu" if opts.engine.device == "cuda" else "cpu",
+                                   backend="python", kind=DEVICES[opts.engine.device].instance,
                                    threads=opts.engine.threads, max_request=opts.max_request,
                                    device=opts.engine.device):
             clash = next((m for m in models if m.name == model.name), None)
             if clash is not None:
                 raise SettingsError(f"{directory} would be served as {model.name!r}, the name of "
-                                    f"{clash.manifest.directory} too; give each its own --name")
+                                    f"{clash.manifest.directory} too; give each its own name in names", "names")
             models.append(model)
     classifiers = [classifier_for(run, models, opts) for run in opts.prompts]  # built, not yet checked
     if len({c[0].name for c in classifiers}) != len(classifiers):
-        raise SettingsError("two --prompt runs are for one model: serve one classifier per model")
+        raise SettingsError("prompts holds two runs for one model: serve one classifier per model", "prompts")
     workspace = Path(tempfile.mkdtemp(prefix="bbt-serve-"))
     watchdog = Watchdog(workspace)
     state, stop = State(), Stop()
@@ -198,8 +199,9 @@ def classifier_for(run: str, models: list, opts: ServeOptions):
     fingerprint = next(iter(getattr(result, "members", (result,)))).model_fingerprint
     base = next((m for m in models if not m.deep and m.manifest.is_model(fingerprint)), None)
     if base is None:
-        raise SettingsError(f"--prompt {run} was tuned on none of the models served here; add its model with --model")
-    precision = opts.engine.precision if opts.engine.device == "cpu" else "fp32"
+        raise SettingsError(f"the run {run} in prompts was tuned on none of the models served here; add its model to "
+                            "model_dirs", ("prompts", "model_dirs"))
+    precision = DEVICES[opts.engine.device].classifier_precision or opts.engine.precision  # it runs on CPU
     clf, prompt = prepare(base.manifest, run, precision)
     served = ClassifierModel(f"{base.name}{CLASSIFY_SUFFIX}", clf, "python", threads=opts.engine.threads)
     return served, lambda folder: write_checked(folder, clf, base.manifest, prompt, precision)

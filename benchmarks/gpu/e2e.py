@@ -1,6 +1,6 @@
 """End-to-end tunes on synthetic rows: full CMA-ES and sep-CMA (--diagonal) on one loaded engine.
 
-`bbt-onnx bench` runs one end-to-end tune with full CMA-ES only; this runs the same tune (`bbt_onnx.bench.end_to_end`:
+`bbt-onnx bench` runs one end-to-end tune with full CMA-ES only; this runs the same tune (`bbt_onnx.jobs.bench.end_to_end`:
 32 synthetic sentiment rows, 16 per class) once per CMA-ES mode, with rows padded to about --seq-target tokens, and
 reports wall time, calls/s and the engine / optimizer / host split. The JSON file is rewritten after each mode, so a
 run stopped by a time limit keeps the modes it finished.
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from bbt_onnx import Model
-from bbt_onnx.bench import end_to_end, words_for_length
+from bbt_onnx.jobs.bench import end_to_end, words_for_length
 from bbt_onnx.engines import OrtSpec
 
 

@@ -1,7 +1,7 @@
 """Parity of every exported graph on the GPU against the fp32 graph on CPU, on the same synthetic inputs.
 
 For each graph (fp32, fp16, and the deep ones when present) on each --device, the label logits [C, N, K] of
-`bbt_onnx.bench.synthetic_inputs` rows are compared with the CPU fp32 graph's: max and mean abs diff, and how
+`bbt_onnx.timing.synthetic_inputs` rows are compared with the CPU fp32 graph's: max and mean abs diff, and how
 often the argmax over the K label words agrees. The export's own parity against PyTorch (from the manifest)
 is copied alongside.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from bbt_onnx import Model, load_manifest
-from bbt_onnx.bench import synthetic_inputs
+from bbt_onnx.timing import synthetic_inputs
 from bbt_onnx.engines import OrtSpec
 
 

@@ -6,24 +6,20 @@ Only measurements live here; the PyTorch baseline (which needs torch) is in
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
 
-from .contract import PRECISIONS
-from .encoding import EncodedSet
-from .engines.ort import DEVICES, PROVIDERS, onnxruntime
-from .errors import BBTError, SettingsError
-from .manifest import Manifest, load_manifest
-from .options import setting
-from .tasks import Framing, Task
-
-TEXTS_PER_CALL = 32  # the reference's few-shot set: 16 per class x 2 classes
-MAX_BATCH = 8192  # sequences per timed call: 256 candidates x 32 texts, far above any population
-MAX_TOKENS = 1 << 19  # sequences x tokens per timed call (640 x 114 on the GPU runs): its activations must fit
+from ..devices import DEVICES, PRECISIONS, REFERENCE_PRECISION, device_of
+from ..encoding import EncodedSet
+from ..engines.ort import onnxruntime
+from ..errors import BBTError, SettingsError
+from ..manifest import Manifest, load_manifest
+from ..options import setting
+from ..tasks import Framing, Task
+from ..timing import TEXTS_PER_CALL, median_ms, synthetic_inputs
 
 
 def example_task(manifest: Manifest, framing: Framing = Framing()) -> Task:
@@ -36,10 +32,10 @@ class BenchOptions:
     """`bbt-onnx bench`: engine timings against PyTorch and an end-to-end tune, or a load test of a server."""
 
     model_dir: str
-    device: str = setting("cpu", "onnxruntime execution provider.", choices=DEVICES)
-    precisions: tuple[str, ...] = setting((), "Graphs to time (repeatable) [default: fp32 and int8 on cpu, fp16 and "
-                                          "fp32 on cuda, those exported].", flag="--precision",
-                                          choices=PRECISIONS, multiple=True)
+    device: str = setting("cpu", "onnxruntime execution provider.", choices=tuple(DEVICES))
+    precisions: tuple[str, ...] = setting((), "Graphs to time (repeatable) [default: " + ", ".join(
+        f"{' and '.join(d.bench_precisions)} on {d.name}" for d in DEVICES.values()) + ", those exported].",
+                                          flag="--precision", choices=tuple(PRECISIONS), multiple=True)
     batch: int = setting(64, "Sequences per engine call (candidates x up to 32 texts).", minimum=1)
     seq: int = setting(80, "Tokens per sequence.", minimum=1)
     baseline: str = setting("torch", "Time Hugging Face transformers on the same inputs (eager and SDPA; needs "
@@ -47,7 +43,8 @@ class BenchOptions:
     torch_model: str | None = setting(None, "Checkpoint for the torch baseline [default: the manifest's source].")
     repeat: int = setting(3, "Timed calls per measurement (median).", minimum=1)
     e2e_budget: int | None = setting(None, "API calls of the end-to-end tune (popsize 20, 32 texts); 0 skips it "
-                                     "[default: 40 on cpu, 2000 on cuda].", minimum=0)
+                                     "[default: " + ", ".join(f"{d.bench_e2e_budget} on {d.name}"
+                                                              for d in DEVICES.values()) + "].", minimum=0)
     e2e_dim: int = setting(500, "d of the end-to-end tune.", minimum=1)
     threads: int | None = setting(None, "CPU threads for onnxruntime [default: all cores].", minimum=1)
     suffix_data: str | None = setting(None, "Rows (CSV/TSV/JSONL) for the suffix-prompt timing of a --kv-cache "
@@ -69,26 +66,24 @@ class BenchOptions:
 def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _m: None) -> dict:
     """`bbt-onnx bench` as a job: the report a table or JSON is printed from."""
     if opts.server:
-        from .engines import Remote
-        from .engines.served import read_token
-        from .serving.loadtest import parse_clients, server_report
+        from ..engines import Remote
+        from ..engines.served import read_token
+        from ..serving.loadtest import parse_clients, server_report
 
         remote = Remote(opts.server, read_token(opts.token_file) if opts.token_file else None,
                         opts.server_timeout).check()
         return server_report(opts.model_dir, remote, opts.device, opts.batch, opts.seq, opts.repeat, opts.threads,
                              parse_clients(opts.clients), opts.calls, opts.max_seconds, log=log)
-    from .engines import OrtSpec
-    from .model import Model
+    from ..engines import OrtSpec
+    from ..model import Model
 
+    on = device_of(opts.device)
     manifest = load_manifest(opts.model_dir)
-    precisions = opts.precisions
-    if not precisions:
-        wanted = ("fp32", "int8") if opts.device == "cpu" else ("fp16", "fp32")
-        precisions = tuple(p for p in wanted if p in manifest.graphs)
+    precisions = opts.precisions or tuple(p for p in on.bench_precisions if p in manifest.graphs)
     cache_precision = next((p for p in precisions if manifest.has_cache_graphs(p)), None)
     if opts.suffix_data and cache_precision is None:
         raise SettingsError("suffix_data times the cached pair of graphs, and this model has none; re-export a "
-                            "decoder with --kv-cache", "suffix_data")
+                            "decoder with `bbt-onnx export --kv-cache`", "suffix_data")
     prompts, enc = synthetic_inputs(manifest, opts.batch, opts.seq)
     results, models = [], {}
     for precision in precisions:
@@ -112,9 +107,9 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _m: None) 
         log(f"timing a suffix prompt ({cache_precision}): {len(rows)} rows, P={p}, popsize 10, full vs cached text")
         report["suffix_cache"] = suffix_cache(manifest, cache_precision, opts.device, rows, p, 10, opts.repeat,
                                               opts.threads)
-    budget = opts.e2e_budget if opts.e2e_budget is not None else (40 if opts.device == "cpu" else 2000)
+    budget = opts.e2e_budget if opts.e2e_budget is not None else on.bench_e2e_budget
     if budget:
-        fast = min(results, key=lambda r: r.ms_per_call).precision if results else "fp32"
+        fast = min(results, key=lambda r: r.ms_per_call).precision if results else REFERENCE_PRECISION
         log(f"end to end: {budget} calls, popsize 20, d={opts.e2e_dim}, {fast}")
         model = models.get(fast) or Model.load(opts.model_dir, OrtSpec(opts.device, fast, opts.threads))
         report["end_to_end"] = {"precision": fast, **end_to_end(
@@ -126,7 +121,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _m: None) 
 def format_bench(report: dict) -> str:
     """The human table of either kind of bench report."""
     if "load" in report:
-        from .serving.loadtest import format_load
+        from ..serving.loadtest import format_load
 
         return format_load(report)
     return format_report(report)
@@ -136,8 +131,8 @@ def suffix_rows(path: str | None, count: int = 32) -> list:
     """`count` rows drawn at random from `path`, or synthetic reviews of about an MR sentence's length."""
     import random
 
-    from .data import Example, read_examples
-    from .synthetic import sentiment_examples
+    from ..data import Example, read_examples
+    from ..synthetic import sentiment_examples
 
     if path is None:
         return sentiment_examples(count, seed=0, min_words=12, max_words=30)
@@ -152,7 +147,7 @@ def torch_baseline(manifest: Manifest, source: str, prompts: np.ndarray, enc: En
         from bbt_onnx_export.baseline import VARIANTS, torch_ms
     except ImportError as exc:
         return f"no torch baseline: {exc}"
-    fp16 = device == "cuda"
+    fp16 = DEVICES[device].torch_fp16
     timings = {}
     for attn in VARIANTS:
         log(f"timing torch {attn} ({'fp16' if fp16 else 'fp32'}) on {device}")
@@ -187,59 +182,6 @@ class EngineTiming:
         return asdict(self)
 
 
-def split_batch(batch: int) -> tuple[int, int]:
-    """(candidates, texts) for `batch` sequences: up to 32 texts, the population fills the rest."""
-    if batch > MAX_BATCH:
-        raise SettingsError(f"batch {batch} is more than {MAX_BATCH} sequences per call", "batch")
-    texts = min(batch, TEXTS_PER_CALL)
-    if batch % texts:
-        raise SettingsError(f"batch {batch} is not a multiple of {texts} texts per call", "batch")
-    return batch // texts, texts
-
-
-def synthetic_inputs(manifest: Manifest, batch: int, seq: int, seed: int = 0) -> tuple[np.ndarray, EncodedSet]:
-    """Random ids shaped like real rows: bos, P placeholders, text, mask (masked LMs), eos; full attention."""
-    candidates, texts = split_batch(batch)
-    p = manifest.prompt_tokens
-    head = 1 + p
-    if seq < head + 4:
-        raise SettingsError(f"seq {seq} is too short for {p} prompt tokens; use at least {head + 4}", "seq")
-    if seq > manifest.max_positions:
-        raise SettingsError(f"seq {seq} exceeds the model's {manifest.max_positions} positions", "seq")
-    if batch * seq > MAX_TOKENS:
-        raise SettingsError(f"batch {batch} x seq {seq} = {batch * seq:,} tokens per call is more than {MAX_TOKENS:,}",
-                            ("batch", "seq"))
-    rng = np.random.default_rng(seed)
-    specials = manifest.special_ids
-    low = max(specials) + 1 if specials else 0
-    ids = rng.integers(low, manifest.vocab_size, size=(texts, seq), dtype=np.int64)
-    start = manifest.prompt_start
-    ids[:, start:start + p] = manifest.placeholder_ids
-    if manifest.bos_id is not None:
-        ids[:, 0] = manifest.bos_id
-    mask_pos = np.full(texts, seq - 1, np.int64)
-    if manifest.appends_eos:
-        ids[:, -1] = manifest.eos_id
-    if manifest.lm.mask_token:  # " . It was <mask> ." ends the row: the mask two before the end
-        ids[:, -3] = manifest.mask_id
-        mask_pos[:] = seq - 3
-    enc = EncodedSet(ids, np.ones_like(ids), mask_pos, np.zeros(texts, np.int64),
-                     rng.integers(low, manifest.vocab_size, size=2, dtype=np.int64))
-    prompts = rng.normal(0, manifest.embedding_std, size=(candidates, p, manifest.hidden_size)).astype(np.float32)
-    return prompts, enc
-
-
-def median_ms(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
-
-
 def time_engine(engine, precision: str, device: str, prompts: np.ndarray, enc: EncodedSet,
                 repeat: int) -> EngineTiming:
     ms = median_ms(lambda: engine.label_logits(prompts, enc), repeat)
@@ -272,15 +214,15 @@ def optimized_graph(manifest: Manifest, precision: str, device: str) -> bytes:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.optimized_model_filepath = f"{tmp}/optimized.onnx"
-        ort.InferenceSession(str(manifest.graph_path(precision)), opts, providers=[PROVIDERS[device]])
+        ort.InferenceSession(str(manifest.graph_path(precision)), opts, providers=[DEVICES[device].provider])
         with open(opts.optimized_model_filepath, "rb") as f:
             return f.read()
 
 
 def optimizer_costs(dim: int, popsize: int, generations: int = 10) -> dict[str, float]:
     """ms per ask+tell generation for full and diagonal CMA-ES at this d, on a dummy objective."""
-    from .methods import new_es
-    from .tuner import TuneConfig
+    from ..methods import new_es
+    from ..tuning.tuner import TuneConfig
 
     out = {}
     for name, diagonal in (("full", False), ("diagonal", True)):
@@ -299,8 +241,8 @@ def optimizer_costs(dim: int, popsize: int, generations: int = 10) -> dict[str, 
 def end_to_end(model, budget: int, popsize: int, dim: int, prompt_tokens: int, words: int, seed: int = 0,
                diagonal: bool = False) -> dict:
     """A real tune on synthetic rows (16 per class, `words` words each): calls/s and where the time goes."""
-    from .synthetic import sentiment_examples
-    from .tuner import BlackBoxTuner, TuneConfig
+    from ..synthetic import sentiment_examples
+    from ..tuning.tuner import BlackBoxTuner, TuneConfig
 
     rows = sentiment_examples(TEXTS_PER_CALL, seed, min_words=words, max_words=words)
     config = TuneConfig(prompt_tokens=prompt_tokens, intrinsic_dim=dim, popsize=popsize, budget=budget,
@@ -326,7 +268,7 @@ def end_to_end(model, budget: int, popsize: int, dim: int, prompt_tokens: int, w
 
 def words_for_length(model, prompt_tokens: int, seq: int, seed: int = 0) -> int:
     """The fewest words per synthetic row whose encoded rows reach `seq` tokens."""
-    from .synthetic import sentiment_examples
+    from ..synthetic import sentiment_examples
 
     encoder = model.encoder(example_task(model.manifest), prompt_tokens)
     for words in range(1, 400):
@@ -341,8 +283,8 @@ def suffix_cache(manifest: Manifest, precision: str, device: str, rows: list, pr
     """One generation of a suffix prompt (`popsize` candidates on the training rows) recomputed in full, with
     the engine's length buckets, against the same on the cached text, side by side; and how far apart the
     logits are."""
-    from .encoding import Encoder, load_tokenizer
-    from .engines.ort import OrtEngine
+    from ..encoding import Encoder, load_tokenizer
+    from ..engines.ort import OrtEngine
 
     task = example_task(manifest, Framing(bos="never", position="suffix"))
     enc = Encoder(load_tokenizer(manifest), manifest, task, prompt_tokens).encode(rows)

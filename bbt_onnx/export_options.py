@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BBTError, SettingsError
+from .errors import SettingsError
 from .fileio import OutputKind
 from .manifest import looks_like_model_dir
 from .options import setting
@@ -65,18 +65,3 @@ class ExportOptions:
 
         check_replaceable(self.out, self.force, MODEL_DIR, self.force_any, self.inputs())
 
-
-def run_export(options: ExportOptions, log=lambda _m: None) -> dict:
-    """The export pipeline (the `export` extra, torch inside), and a summary of what it wrote."""
-    try:
-        from bbt_onnx_export.pipeline import export_model
-    except ImportError as exc:
-        if (exc.name or "").startswith("onnxruntime"):
-            raise BBTError("export runs onnxruntime: pip install 'bbt-onnx[cpu]' (or [gpu])") from None
-        raise BBTError(f"export needs the `export` extra (torch, transformers, onnx): pip install 'bbt-onnx[export]' "
-                       f"after pip install torch==2.13.0 ({exc})") from None
-    manifest = export_model(options, log=log)
-    graphs = {name: {"file": g.file, **g.parity, **({"fused_ops": g.fused_ops} if g.fused_ops else {})}
-              for name, g in manifest.graphs.items()}
-    return {"out": str(options.out), "kind": manifest.kind, "architecture": manifest.architecture,
-            "prompt_tokens": manifest.prompt_tokens, "embedding_std": manifest.embedding_std, "graphs": graphs}

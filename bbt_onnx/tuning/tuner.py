@@ -15,120 +15,30 @@ prompt slots on dev at z = 0), dev-based early stopping (`patience`) and context
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
-from .cmaes import cma
 import numpy as np
 
-from . import losses
-from .baselines import AUTO, init_candidates, init_choice
-from .calibration import calibrated, content_free_rows, log_prior
-from .choice import RULES
-from .data import Example, as_examples
-from .encoding import EncodedSet
-from .engines.base import score_rows
-from .errors import DataError, RunError, SettingsError
-from .methods import GeneratorRandn  # noqa: F401 - checkpoints written before methods.py pickled tuner.GeneratorRandn
-from .methods import METHODS, method_for
-from .model import Model
-from .options import setting
-from .prompt import TunedPrompt, as_ids
-from .seeding import seeds
-from .subspace import PROJECTIONS, ProjectionSpec
-from .tasks import Task
+from .. import losses
+from ..baselines import AUTO, init_candidates, init_choice
+from ..calibration import calibrated, content_free_prior
+from ..data import Example, as_examples
+from ..encoding import EncodedSet
+from ..engines.base import score_rows
+from ..errors import DataError, RunError, SettingsError
+from ..methods import GeneratorRandn  # noqa: F401 - checkpoints written before methods.py pickled tuner.GeneratorRandn
+from ..methods import method_for
+from ..model import Model
+from ..prompt import TunedPrompt, as_ids
+from ..seeding import seeds
+from ..subspace import ProjectionSpec
+from ..tasks import Task
+from .config import TuneConfig, TunerState
 
 
 DEV_ROWS = 256  # dev rows per engine call
-TPA_DIMENSION = getattr(cma.evolution_strategy, "TPA_dimension", 300)  # pycma's own switch to TPA
-MIN_LENGTH = 8  # --max-length below this leaves no room for a template
-
-
-@dataclass(frozen=True)
-class TuneConfig:
-    """The reference's defaults (the paper's settings for RoBERTa-large)."""
-
-    prompt_tokens: int = setting(50, "Soft-prompt tokens P.")
-    intrinsic_dim: int = setting(500, "Subspace dimension d.")
-    popsize: int = setting(20, "CMA-ES population per generation.")
-    budget: int = setting(8000, "API calls: one call = one candidate on the train set.")
-    sigma: float = setting(1.0, "CMA-ES initial step size.")
-    alpha: float = setting(1.0, "Scale of the normal projection.")
-    random_proj: str = setting("normal", "How A is drawn: normal (the reference's scale) or uniform.",
-                               choices=PROJECTIONS)
-    bound: float = setting(0.0, "Box z to [-bound, bound]; 0 is off.")
-    diagonal: bool = setting(False, "sep-CMA (diagonal covariance): far cheaper per generation.")
-    loss: str = setting("ce", "What CMA-ES minimises on the train set.", choices=losses.LOSSES)
-    eval_every: int = setting(100, "Score the best-so-far prompt on dev every N calls.")
-    seed: int = setting(42, "One seed for sampling, the projection and CMA-ES.")
-    checkpoint_every: int = setting(10, "Generations between checkpoints; 0 is off.")
-    prompt_init: str | None = setting(AUTO, "What fills the prompt slots, so what z = 0 is: auto (the filler that "
-                                      "scores best on dev at z = 0: the reference's ids, spaces, newlines or the "
-                                      "template's words), reference (the paper's ids, for faithful runs), or text "
-                                      "whose tokens fill them (its token count must equal --prompt-tokens).")
-    max_length: int | None = setting(None, "Token limit per row [default: the model's].", minimum=MIN_LENGTH)
-    method: str = setting("bbt", "bbt: one prompt on the embeddings; bbtv2: a prompt on every layer, one CMA-ES "
-                          "per layer (needs a model exported with --deep).", choices=tuple(METHODS))
-    patience: int = setting(0, "Stop after this many dev evaluations without a better dev metric; 0 is off (the "
-                            "reference spends the whole budget).")
-    calibrate: bool = setting(False, "Contextual calibration: divide out the label prior each prompt has on "
-                              "content-free inputs (\"N/A\", \"\", \"[MASK]\"), for the plain baselines and the "
-                              "tuned prompt alike.")
-    fallback: bool = setting(True, "Hand back the best plain template instead of the tuned prompt when tuning did "
-                             "not earn its place on dev (--choose says when).", flag="--fallback/--no-fallback")
-    choose: str = setting("interval", "When the tuned prompt replaces the template: interval (its dev margin's "
-                          "paired-bootstrap interval lies above 0) or max (it scored higher on dev).", choices=RULES)
-
-    def __post_init__(self):
-        self.check()  # a config that cannot run is refused when it is built
-
-    def check(self) -> None:
-        """Every setting in range, before anything runs or touches disk (also done when the config is built)."""
-        ints = {"prompt_tokens": 1, "intrinsic_dim": 1, "popsize": 2, "budget": 1, "eval_every": 1, "seed": 0,
-                "checkpoint_every": 0, "patience": 0}
-        for name, least in ints.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise SettingsError(f"{name} must be a whole number, got {value!r}", name)
-            if value < least:
-                raise SettingsError(f"{name} must be at least {least}, got {value}", name)
-        if self.seed >= 2**32:
-            raise SettingsError(f"seed must be below 2**32, got {self.seed}", "seed")
-        if self.max_length is not None and (isinstance(self.max_length, bool) or
-                                            not isinstance(self.max_length, (int, np.integer))
-                                            or self.max_length < MIN_LENGTH):
-            raise SettingsError(f"max_length must be at least {MIN_LENGTH}, got {self.max_length!r}", "max_length")
-        for name, positive in (("sigma", True), ("alpha", True), ("bound", False)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
-                    or not math.isfinite(value):
-                raise SettingsError(f"{name} must be a finite number, got {value!r}", name)
-            if value < 0 or (positive and value == 0):
-                raise SettingsError(f"{name} must be {'positive' if positive else '0 (off) or positive'}, got "
-                                    f"{value}", name)
-        if self.popsize < 3 and self.intrinsic_dim >= TPA_DIMENSION:
-            raise SettingsError(f"popsize {self.popsize} is too small at intrinsic_dim {self.intrinsic_dim}: from "
-                                f"{TPA_DIMENSION} dimensions pycma's step-size control (TPA) spends two candidates "
-                                "of every generation; use at least 3", ("popsize", "intrinsic_dim"))
-        if self.budget < self.popsize:
-            raise SettingsError(f"budget {self.budget} is smaller than popsize {self.popsize}: not even one "
-                                "generation", ("budget", "popsize"))
-        for name, choices in (("loss", losses.LOSSES), ("random_proj", PROJECTIONS), ("method", tuple(METHODS))):
-            if getattr(self, name) not in choices:
-                raise SettingsError(f"{name} {getattr(self, name)!r} is not one of {', '.join(choices)}", name)
-        for name in ("diagonal", "calibrate", "fallback"):
-            if not isinstance(getattr(self, name), bool):
-                raise SettingsError(f"{name} must be true or false, got {getattr(self, name)!r}", name)
-        if self.choose not in RULES:
-            raise SettingsError(f"choose {self.choose!r} is not one of {', '.join(RULES)}", "choose")
-        if self.prompt_init is not None and (not isinstance(self.prompt_init, str) or not self.prompt_init.strip()):
-            raise SettingsError("prompt_init is empty; leave it out to choose the start on dev (auto)",
-                                "prompt_init")
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -151,33 +61,6 @@ class GenerationEvent:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class TunerState:
-    """Everything a resumed run needs to continue bit for bit: pycma's strategies (with our generator) and the
-    loop's counters and best-so-far values. `checkpoint.dumps` writes it without pickle; `tuner.load_state` reads
-    it back."""
-
-    config: TuneConfig
-    es: list[cma.CMAEvolutionStrategy]  # one per layer for BBTv2
-    generation: int = 0
-    calls: int = 0
-    dev_calls: int = 0
-    train_loss_initial: float = float("nan")
-    best_z: np.ndarray | None = None
-    best_loss: float = float("inf")
-    best_dev_z: np.ndarray | None = None
-    best_dev_metric: float = float("-inf")
-    last_dev_z: np.ndarray | None = None
-    last_dev_metric: float = float("nan")
-    seconds: float = 0.0
-    engine_seconds: float = 0.0
-    optimizer_seconds: float = 0.0
-    host_seconds: float = 0.0
-    stop_reason: dict = field(default_factory=dict)
-    prefix_z: np.ndarray | None = None  # BBTv2: [L, d], each layer at its best so far
-    stale_evals: int = 0  # dev evaluations since the best dev metric last improved (patience)
 
 
 @dataclass(frozen=True)
@@ -241,7 +124,7 @@ class BlackBoxTuner:
     def _set_placeholders(self, ids: tuple[int, ...] | None) -> None:
         self.placeholder_ids = ids
         self.encoder = self.model.encoder(self.task, self.config.prompt_tokens, self.config.max_length, ids)
-        self._content_free: EncodedSet | None = None
+        self._content_free: tuple[list[Example], EncodedSet] | None = None  # the content-free rows, encoded once
 
     @property
     def warnings(self) -> list[str]:
@@ -273,15 +156,29 @@ class BlackBoxTuner:
         self._set_placeholders(other.placeholder_ids)
         self.start_name, self.start_scores, self.start_pending = other.start_name, other.start_scores, False
 
-    def dev_logits(self, z: np.ndarray, rows: EncodedSet) -> np.ndarray:
-        """[N, K] scores of the prompt z on dev rows: calibrated log-probabilities when the run calibrates."""
+    def dev_logits(self, z: np.ndarray, rows: EncodedSet, prior: np.ndarray | None = None) -> np.ndarray:
+        """[N, K] scores of the prompt z on dev rows: calibrated log-probabilities when the run calibrates, by z's
+        own prior on the content-free rows (`prior`, from `prior(z)`; computed here when not given)."""
         scorer = self.method.z_scorer(z)
         raw = score_rows(scorer, rows, DEV_ROWS)
         if not self.config.calibrate:
             return raw
-        if self._content_free is None:
-            self._content_free = self.encoder.encode(content_free_rows(self.task))
-        return calibrated(raw, log_prior(score_rows(scorer, self._content_free, DEV_ROWS)))
+        return calibrated(raw, self._prior(scorer) if prior is None else prior)
+
+    def prior(self, z: np.ndarray) -> np.ndarray:
+        """[K] the prompt z's label prior on the content-free rows, as log-probabilities: what calibration divides
+        out of its dev scores (`calibration.content_free_prior`, as a tuned prompt's `calibration` is computed)."""
+        return self._prior(self.method.z_scorer(z))
+
+    def _prior(self, scorer) -> np.ndarray:
+        return content_free_prior(lambda rows: score_rows(scorer, rows, DEV_ROWS), self.task,
+                                  self._encode_content_free)
+
+    def _encode_content_free(self, rows: list[Example]) -> EncodedSet:
+        """The content-free rows, encoded once for the slots the tuner has (`_set_placeholders` forgets them)."""
+        if self._content_free is None or self._content_free[0] != rows:
+            self._content_free = (list(rows), self.encoder.encode(rows))
+        return self._content_free[1]
 
     def encode(self, rows: Sequence[Example | str] | EncodedSet | None) -> EncodedSet | None:
         if rows is None or isinstance(rows, EncodedSet):

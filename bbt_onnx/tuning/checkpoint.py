@@ -18,14 +18,18 @@ from __future__ import annotations
 import io
 import json
 import math
+import pickle
 import types
 from dataclasses import fields
 from typing import Any
 
 import numpy as np
 
-from .cmaes import cma  # pycma through cmaes.py, without its matplotlib warning
-from .errors import RunError
+from ..cmaes import cma  # pycma through cmaes.py, without its matplotlib warning
+from ..errors import RunError
+from ..fileio import storage_error
+from ..runs import RunDir
+from .config import TuneConfig, TunerState
 
 FORMAT = "bbt-onnx checkpoint"
 VERSION = 1
@@ -60,7 +64,7 @@ def _kept(value) -> bool:
     from cma.logger import CMADataLogger
     from cma.options_parameters import CMAOptions
 
-    from .methods import GeneratorRandn
+    from ..methods import GeneratorRandn
 
     if isinstance(value, (CMAOptions, CMADataLogger, GeneratorRandn, np.random.Generator, type)):
         return True
@@ -272,8 +276,6 @@ def loads_many(data: bytes, tuners, source: str = "the checkpoint") -> list:
 def loads(data: bytes, tuner, source: str = "the checkpoint"):
     """The TunerState in checkpoint.npz bytes, its strategies restored into fresh ones `tuner` builds. A file that is
     not one, is damaged, or was written with other settings is a RunError; nothing in it is run."""
-    from .tuner import TuneConfig
-
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
@@ -289,7 +291,7 @@ def loads(data: bytes, tuner, source: str = "the checkpoint"):
         raise RunError(f"{source} was written with pycma {doc.get('cma')}, and this install has {cma.__version__}; "
                        "resume it where pycma is the same version (CMA-ES would not continue bit for bit)")
     try:
-        config = TuneConfig(**doc["config"])
+        config = TuneConfig.from_json(doc["config"])
     except Exception as exc:  # noqa: BLE001 - a field missing, unknown or out of range
         raise RunError(f"{source} holds damaged settings ({type(exc).__name__}); start the run again with force",
                        "force") from None
@@ -382,3 +384,44 @@ def _check_state(state, config, strategies: int) -> None:
         if name == "prefix_z" and value.shape != (strategies, config.intrinsic_dim) or \
                 name != "prefix_z" and value.shape != shape:
             raise ValueError(f"{name} has shape {value.shape}")
+
+
+def save_states(run: RunDir, states) -> None:
+    """Every seed's state (or one) into the run's checkpoint.npz, without pickle."""
+    run.save_checkpoint(dumps_many(states if isinstance(states, list) else [states]))
+
+
+def read_states(run: RunDir, tuners, trust: bool = False) -> list:
+    """Every seed's TunerState in the run's checkpoint, restored for `tuners`. checkpoint.npz is data only; an old
+    checkpoint.pkl (one seed) is unpickled, which runs whatever code it holds, so only when `trust` says the user
+    wrote it."""
+    path, legacy = run.checkpoint_file()
+    if not legacy:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise storage_error(path, exc, "read") from None
+        return loads_many(data, tuners, str(path))
+    if not trust:
+        raise RunError(f"{path} is a pickle checkpoint from an older bbt-onnx; unpickling runs any code it holds, "
+                       "so it is read only when you say you trust it (you wrote it yourself): pass "
+                       "trust_checkpoint", "trust_checkpoint")
+    try:
+        state = LegacyUnpickler(io.BytesIO(path.read_bytes())).load()
+    except Exception as exc:  # noqa: BLE001 - unpickling damaged bytes can raise almost any type
+        raise RunError(f"cannot read {path}: it is damaged ({type(exc).__name__}); start the run again "
+                       "with force", "force") from None
+    if not isinstance(state, TunerState):
+        raise RunError(f"{path} is not a bbt-onnx checkpoint (it holds a {type(state).__name__})")
+    if len(tuners) != 1:
+        raise RunError(f"{path} holds one seed's state and this run has {len(tuners)}")
+    return [state]
+
+
+class LegacyUnpickler(pickle.Unpickler):
+    """Old pickles name the tuner's classes by the module they lived in then (`bbt_onnx.tuner`)."""
+
+    MOVED = {"bbt_onnx.tuner": "bbt_onnx.tuning.tuner"}
+
+    def find_class(self, module, name):
+        return super().find_class(self.MOVED.get(module, module), name)

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .encoding import EncodedSet
+from ..encoding import EncodedSet
 from .tuner import Ask, BlackBoxTuner, GenerationEvent, TunerState
 
 

@@ -3,7 +3,8 @@
 Polygraphy compares raw outputs per tensor; a prompt's user cares one level up: do the
 engines agree on the predictions, and on the task metric? So the check reports, per
 engine, the max abs logit difference, the prediction agreement, the metric and its delta,
-and the time per call, and passes or fails each engine by tolerances set per precision.
+and the time per call, and passes or fails each engine by its precision's parity gate
+(`devices.Parity`), whose limits the tolerance arguments may override.
 """
 
 from __future__ import annotations
@@ -15,19 +16,20 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import losses
-from .compare import compare_logits
-from .data import Example, check_labels, read_examples
-from .encoding import load_tokenizer
-from .engines import REFERENCE, EngineSpec, all_local_engines
-from .engines.ort import onnxruntime
-from .errors import ModelError, SettingsError
-from .fileio import sha256_file
-from .manifest import Manifest, load_manifest
-from .model import Model
-from .options import setting
-from .prompt import EVAL_ROWS, Result, TunedPrompt, load_run_prompt, template_prompt
-from .tasks import TaskSpec
+from .. import losses
+from ..compare import compare_logits
+from ..data import Example, check_labels, read_examples
+from ..devices import EXACT, ROUNDED, Parity, parity_of
+from ..encoding import load_tokenizer
+from ..engines import REFERENCE, EngineSpec, all_local_engines
+from ..engines.ort import onnxruntime
+from ..errors import ModelError, SettingsError
+from ..fileio import sha256_file
+from ..manifest import Manifest, load_manifest
+from ..model import Model
+from ..options import setting
+from ..prompt import EVAL_ROWS, Result, TunedPrompt, load_run_prompt, template_prompt
+from ..tasks import TaskSpec
 
 # rows for a check without --data: plain sentences of several kinds, and a second text for pair templates
 SAMPLE_TEXTS = (
@@ -45,21 +47,32 @@ SAMPLE_PAIRS = ("The film was good.", "The company lost money.", "It rained all 
 
 @dataclass(frozen=True)
 class Tolerances:
-    """When an engine passes: fp32 engines must match closely; fp16 and int8 must agree on predictions."""
+    """The user's tolerances, each overriding one limit of its precisions' parity gate (fp32 engines must match
+    closely; fp16 and int8 must agree on predictions); None keeps the record's."""
 
-    fp32_max_diff: float = setting(1e-3, "fp32 engines: largest max abs logit diff.")
-    fp32_agreement: float = setting(1.0, "fp32 engines: least prediction agreement.")
-    lowp_agreement: float = setting(0.98, "fp16 and int8: least prediction agreement.")
-    lowp_metric_delta: float = setting(0.01, "fp16 and int8: largest change of the task metric (with labelled "
-                                       "rows).")  # one point of accuracy or F1
+    fp32_max_diff: float | None = setting(None, "fp32 engines: largest max abs logit diff [default: "
+                                          f"{EXACT.max_diff:g}].")
+    fp32_agreement: float | None = setting(None, "fp32 engines: least prediction agreement [default: "
+                                           f"{EXACT.agreement:g}].")
+    lowp_agreement: float | None = setting(None, "fp16 and int8: least prediction agreement [default: "
+                                           f"{ROUNDED.agreement:g}].")
+    lowp_metric_delta: float | None = setting(None, "fp16 and int8: largest change of the task metric (with "
+                                              f"labelled rows) [default: {ROUNDED.metric_delta:g}].")
 
     def check(self) -> None:
         for name, value in asdict(self).items():
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise SettingsError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value!r}")
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise SettingsError(f"{name} must be a finite number >= 0, got {value!r}", name)
         for name in ("fp32_agreement", "lowp_agreement"):
-            if getattr(self, name) > 1:
-                raise SettingsError(f"--{name.replace('_', '-')} is a fraction of rows: at most 1")
+            if (getattr(self, name) or 0) > 1:
+                raise SettingsError(f"{name} is a fraction of rows: at most 1", name)
+
+    def gate(self, precision: str) -> Parity:
+        """The parity gate an engine of `precision` passes: its record's, with the limits given here."""
+        base = parity_of(precision)
+        given = {limit: getattr(self, f"{base.group}_{limit}", None) for limit in ("max_diff", "agreement",
+                                                                                     "metric_delta")}
+        return replace(base, **{limit: value for limit, value in given.items() if value is not None})
 
 
 @dataclass
@@ -126,18 +139,15 @@ def random_prompts(base: TunedPrompt, manifest: Manifest, count: int = 3, seed: 
 
 
 def failures(precision: str, result: EngineResult, tol: Tolerances, labelled: bool) -> list[str]:
-    """Why an engine of this precision fails its tolerances (empty: it passes)."""
+    """Why an engine of this precision fails its gate (empty: it passes)."""
+    gate = tol.gate(precision)
     reasons = []
-    if precision == "fp32":
-        if result.max_abs_diff > tol.fp32_max_diff:
-            reasons.append(f"max abs diff {result.max_abs_diff:.3g} > {tol.fp32_max_diff:g}")
-        if result.argmax_agreement < tol.fp32_agreement:
-            reasons.append(f"agreement {result.argmax_agreement:.2%} < {tol.fp32_agreement:.2%}")
-    else:
-        if result.argmax_agreement < tol.lowp_agreement:
-            reasons.append(f"agreement {result.argmax_agreement:.2%} < {tol.lowp_agreement:.2%}")
-        if labelled and abs(result.metric_delta) > tol.lowp_metric_delta:
-            reasons.append(f"metric delta {result.metric_delta:+.4f} beyond {tol.lowp_metric_delta:g}")
+    if gate.max_diff is not None and result.max_abs_diff > gate.max_diff:
+        reasons.append(f"max abs diff {result.max_abs_diff:.3g} > {gate.max_diff:g}")
+    if result.argmax_agreement < gate.agreement:
+        reasons.append(f"agreement {result.argmax_agreement:.2%} < {gate.agreement:.2%}")
+    if labelled and gate.metric_delta is not None and abs(result.metric_delta) > gate.metric_delta:
+        reasons.append(f"metric delta {result.metric_delta:+.4f} beyond {gate.metric_delta:g}")
     return reasons
 
 

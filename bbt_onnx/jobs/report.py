@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import RunError
-from .runs import RUN_JSON, read_run_json
-from .stats import Spread, spread
+from ..errors import RunError
+from ..runs import RUN_JSON, read_run_json
+from ..stats import Spread, spread
 
 SETTING_KEYS = ("method", "prompt_tokens", "intrinsic_dim", "popsize", "budget", "loss", "calibrate", "prompt_init")
 
