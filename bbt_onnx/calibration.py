@@ -32,9 +32,23 @@ def content_free_rows(task: Task) -> list[Example]:
 
 
 def log_prior(content_free_logits: np.ndarray) -> np.ndarray:
-    """[M, K] label logits of the content-free rows -> [K]: log of their mean label-word probabilities."""
+    """[..., M, K] label logits of the content-free rows -> [..., K]: log of their mean label-word probabilities
+    (one prior per leading index: per candidate, when a call scored several)."""
     probs = np.exp(log_softmax(np.asarray(content_free_logits, np.float64)))
-    return np.log(probs.mean(axis=0))
+    return np.log(probs.mean(axis=-2))
+
+
+def search_calibrated(logits: np.ndarray, rows: int, mode: str) -> np.ndarray:
+    """One call's [C, N(+M), K] label logits -> [C, N, K] scores of the N training rows that the search's loss
+    sees: raw (`off`), or calibrated by each candidate's own prior: from the M content-free rows scored after the
+    training rows in the same call (`content-free`), or from the training rows themselves (`batch`, Zhou et al.
+    2023's batch calibration)."""
+    logits = np.asarray(logits)
+    train = logits[:, :rows]
+    if mode == "off":
+        return train
+    source = logits[:, rows:] if mode == "content-free" else train
+    return calibrated(train, log_prior(source)[:, None, :])
 
 
 def content_free_prior(score: Callable[[Rows], np.ndarray], task: Task,

@@ -61,6 +61,22 @@ class EncodedSet:
                        mask_pos=self.mask_pos[index], labels=self.labels[index], truncated=0,
                        prompt_pos=None if self.prompt_pos is None else self.prompt_pos[index])
 
+    def join(self, other: "EncodedSet", pad_id: int) -> "EncodedSet":
+        """These rows, then `other`'s (the same label words), right-padded with `pad_id` to the longer width."""
+        width = max(self.input_ids.shape[1], other.input_ids.shape[1])
+
+        def padded(a: np.ndarray, value: int) -> np.ndarray:
+            return np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=value)
+
+        both = (self.prompt_pos is None) == (other.prompt_pos is None)
+        if not both or not np.array_equal(self.label_ids, other.label_ids):
+            raise ValueError("rows of another framing or task cannot be joined")
+        return EncodedSet(np.concatenate([padded(self.input_ids, pad_id), padded(other.input_ids, pad_id)]),
+                          np.concatenate([padded(self.attention_mask, 0), padded(other.attention_mask, 0)]),
+                          np.concatenate([self.mask_pos, other.mask_pos]), np.concatenate([self.labels, other.labels]),
+                          self.label_ids, self.truncated + other.truncated,
+                          None if self.prompt_pos is None else np.concatenate([self.prompt_pos, other.prompt_pos]))
+
     def batches(self, rows: int) -> Iterator[tuple[np.ndarray, "EncodedSet"]]:
         """Length-sorted batches of at most `rows` rows, so little padding is computed."""
         order = np.argsort(self.lengths, kind="stable")

@@ -13,7 +13,8 @@ runs: nothing else is read.
 
 usage: python benchmarks/real_fewshot.py [--config cpu|cpu-deep|gpu] [--tasks mr,bbc] [--data-seeds 0,1,2]
        [--tune-seeds 0,1,2] [--methods bbt,bbtv2] [--settings suffix,prefix,suffix-chat,prefix-chat]
-       [--calibrate] [--prompt-init auto|reference|TEXT] [--choose interval|max] [--patience N] [--runs DIR]
+       [--calibrate [--search-calibration off|content-free|batch]] [--prompt-init auto|reference|TEXT]
+       [--choose interval|max] [--patience N] [--runs DIR]
        [--icl [--icl-test-rows N]]
 """
 
@@ -81,6 +82,7 @@ def ensure_model(model_dir: Path, precision: str, deep: bool) -> None:
 
 def run_name(task: str, setting: str, method: str, args, data_seed: int) -> str:
     tags = [task, setting, method, *(["cal"] if args.calibrate else []),
+            *([f"search-{args.search_calibration}"] if args.search_calibration != "off" else []),
             *([f"patience{args.patience}"] if args.patience else []),
             *([f"init-{args.prompt_init}"] if args.prompt_init != "auto" else []), f"d{data_seed}"]
     return "-".join(tags)
@@ -92,6 +94,7 @@ def tune_one(args, task_name: str, setting: str, method: str, data: Path, data_s
         print(f"{out.name}: done before, kept", file=sys.stderr)
         return out
     cfg = replace(CONFIGS[args.config][task_name], calibrate=args.calibrate, prompt_init=args.prompt_init,
+                  search_calibration=args.search_calibration,
                   patience=args.patience, checkpoint_every=0, **METHOD_SETTINGS[method])
     task = replace(TASKS[task_name], framing=SETTINGS[setting])
     seeds = tuple(int(s) for s in args.tune_seeds.split(","))
@@ -154,6 +157,8 @@ def main() -> None:
     ap.add_argument("--methods", default="bbt", help="bbt, bbtv2 or both (comma-separated)")
     ap.add_argument("--settings", default="suffix", help=f"comma-separated, of {', '.join(SETTINGS)}")
     ap.add_argument("--calibrate", action="store_true")
+    ap.add_argument("--search-calibration", choices=["off", "content-free", "batch"], default="off",
+                    help="with --calibrate: what the search's train loss is calibrated by")
     ap.add_argument("--prompt-init", default="auto")
     ap.add_argument("--choose", default="interval")
     ap.add_argument("--patience", type=int, default=0)

@@ -245,6 +245,29 @@ def test_cli_framing_mistakes_are_one_line(decoder, tiny_model, tmp_path):
                                         "--chat", "--data", tmp_path / "rows.csv"])
 
 
+def test_search_calibrations_content_free_rows_ride_on_the_cached_text(decoder):
+    """A suffix prompt's search with content-free calibration scores the training rows and the content-free rows in
+    one call on the cached pair: the full graph's logits, and the texts computed once for the whole search."""
+    model = Model.load(decoder.model)
+    cfg = TuneConfig(prompt_tokens=4, intrinsic_dim=8, popsize=6, budget=24, eval_every=24, calibrate=True,
+                     search_calibration="content-free", prompt_init="reference")
+    tuner = BlackBoxTuner(model, task(Framing(bos="never", position="suffix")), cfg)
+    train = tuner.encode(rows(12))
+    joined = tuner.search_rows(train)
+    assert len(joined) == len(train) + 3 and joined.suffix_tail == train.suffix_tail is not None
+    assert tuner.search_rows(train) is joined and (joined.labels[len(train):] == -1).all()
+    prompts = np.random.default_rng(2).normal(0, model.manifest.embedding_std * 3,
+                                              (2, 4, model.manifest.hidden_size)).astype(np.float32)
+    full = OrtEngine(model.manifest, kv_cache=False)
+    np.testing.assert_allclose(model.engine.label_logits(prompts, joined), full.label_logits(prompts, joined),
+                               atol=1e-4)
+    tuner.start(train)
+    tuner.step(train, None)
+    runs = model.engine.text_runs
+    tuner.step(train, None)
+    assert model.engine.text_runs == runs  # the second generation ran only the tails
+
+
 def test_cli_export_refuses_kv_cache_for_a_masked_lm(tiny_src, tmp_path):
     error = cli_error(["export", "--model", tiny_src, "--out", tmp_path / "x", "--kv-cache"])
     assert "--kv-cache is for decoders" in error and not (tmp_path / "x").exists()

@@ -318,3 +318,56 @@ def test_patience_stops_early_and_says_so(tiny_model, data_dir, tmp_path):
     assert len(dev) >= 3 and max(dev[-2:]) <= max(dev[:-2])  # the last two evaluations did not improve
     whole = tune(request(tiny_model, data_dir, tmp_path / "whole", budget=120, eval_every=6, fallback=False))
     assert whole.metrics["api_calls"] == 120  # patience 0: the whole budget, as the reference
+
+
+# -- calibration inside the search -------------------------------------------------------------------------------
+def search_tuner(tiny_model, mode: str) -> BlackBoxTuner:
+    return BlackBoxTuner(Model.load(tiny_model), PRESETS["sst2"],
+                         TuneConfig(prompt_tokens=4, intrinsic_dim=20, popsize=6, budget=60, eval_every=60,
+                                    calibrate=True, search_calibration=mode, prompt_init="reference", seed=3))
+
+
+@pytest.mark.parametrize("mode", ["content-free", "batch"])
+def test_the_search_minimises_the_loss_of_each_candidates_calibrated_scores(tiny_model, data_dir, monkeypatch, mode):
+    """CMA-ES is told the loss of calibrated scores: each candidate's own prior, from the content-free rows scored
+    in the same engine call as the training rows (three more rows, no more calls), or from its training rows."""
+    from bbt_onnx.engines.ort import OrtEngine
+    from bbt_onnx.losses import loss as loss_of
+
+    tuner = search_tuner(tiny_model, mode)
+    train = tuner.encode(data_rows(data_dir)[:24])
+    tuner.start(train)
+    seen, told, real_tell = [], [], type(tuner.state.es[0]).tell
+    real = OrtEngine.label_logits
+
+    def recorded(self, prompts, rows):
+        out = real(self, prompts, rows)
+        seen.append((len(prompts), len(rows), out))
+        return out
+
+    monkeypatch.setattr(OrtEngine, "label_logits", recorded)
+    monkeypatch.setattr(type(tuner.state.es[0]), "tell", lambda es, z, f: (told.append(f), real_tell(es, z, f))[1])
+    tuner.step(train, None)
+    (count, rows, logits), = seen  # one engine call for the generation
+    assert count == 6 and rows == len(train) + (3 if mode == "content-free" else 0)
+    source = logits[:, len(train):] if mode == "content-free" else logits
+    expect = np.stack([divided(c[:len(train)], cf_prior(s)) for c, s in zip(logits, source)])
+    assert np.abs(expect - log_probs(logits[:, :len(train)])).max() > 1e-3  # the calibration moved the scores
+    assert told == [pytest.approx(loss_of("ce", "accuracy", expect, train.labels).tolist())]
+    assert tuner.state.calls == 6  # the extra rows are not calls
+
+
+def test_search_calibration_keeps_lockstep_seeds_bit_for_bit_and_needs_calibrate(tiny_model, data_dir, tmp_path):
+    """The content-free rows ride in the seeds' one call; each seed still ends with its own run's z."""
+    cal = {"calibrate": True, "search_calibration": "content-free", "budget": 36}
+    together = tune(replace(request(tiny_model, data_dir, tmp_path / "all", fallback=False, **cal), seeds=(0, 1)))
+    for seed, prompt in zip((0, 1), together.seed_prompts):
+        alone = tune(request(tiny_model, data_dir, tmp_path / f"s{seed}", fallback=False, seed=seed, **cal))
+        assert prompt.z.tobytes() == alone.tuned.z.tobytes()
+    plain = tune(request(tiny_model, data_dir, tmp_path / "after", fallback=False, calibrate=True, budget=36,
+                         seed=1))
+    assert plain.tuned.z.tobytes() != together.seed_prompts[1].z.tobytes()  # the search saw other losses
+    assert together.record["settings"]["tune"]["search_calibration"] == "content-free"
+    with pytest.raises(BBTError, match="needs calibrate") as caught:
+        TuneConfig(search_calibration="batch")
+    assert caught.value.arguments == ("search_calibration", "calibrate")

@@ -19,6 +19,7 @@ from ..subspace import PROJECTIONS
 
 TPA_DIMENSION = getattr(cma.evolution_strategy, "TPA_dimension", 300)  # pycma's own switch to TPA
 MIN_LENGTH = 8  # max_length below this leaves no room for a template
+SEARCH_CALIBRATIONS = ("off", "content-free", "batch")  # what the search's train loss is calibrated by
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,12 @@ class TuneConfig:
     calibrate: bool = setting(False, "Contextual calibration: divide out the label prior each prompt has on "
                               "content-free inputs (\"N/A\", \"\", \"[MASK]\"), for the plain baselines and the "
                               "tuned prompt alike.")
+    search_calibration: str = setting("off", "With --calibrate, what CMA-ES's train loss sees: off (raw scores, the "
+                                      "paper's search; calibration chooses on dev and corrects the result), "
+                                      "content-free (each candidate's prior on the content-free rows, scored in "
+                                      "the same engine call as the training rows: three more rows a call) or batch "
+                                      "(each candidate's prior from its own training rows' mean probabilities, no "
+                                      "more rows).", choices=SEARCH_CALIBRATIONS)
 
     def __post_init__(self):
         self.check()  # a config that cannot run is refused when it is built
@@ -89,6 +96,12 @@ class TuneConfig:
         for name, choices in (("loss", losses.LOSSES), ("random_proj", PROJECTIONS), ("method", tuple(METHODS))):
             if getattr(self, name) not in choices:
                 raise SettingsError(f"{name} {getattr(self, name)!r} is not one of {', '.join(choices)}", name)
+        if self.search_calibration not in SEARCH_CALIBRATIONS:
+            raise SettingsError(f"search_calibration {self.search_calibration!r} is not one of "
+                                f"{', '.join(SEARCH_CALIBRATIONS)}", "search_calibration")
+        if self.search_calibration != "off" and self.calibrate is not True:
+            raise SettingsError(f"search_calibration {self.search_calibration} calibrates the search's scores: it "
+                                "needs calibrate", ("search_calibration", "calibrate"))
         for name in ("diagonal", "calibrate"):
             if not isinstance(getattr(self, name), bool):
                 raise SettingsError(f"{name} must be true or false, got {getattr(self, name)!r}", name)

@@ -40,7 +40,7 @@ class LockStep:
         active = [t for t in self.tuners if not t.finished()]
         asks = [t.ask() for t in active]
         t0 = time.perf_counter()
-        logits = self.score(active, asks, train)
+        logits = self.score(active, asks, active[0].search_rows(train))  # the seeds' search rows are alike
         share = (time.perf_counter() - t0) / sum(len(a.z) for a in asks)  # engine time, split by candidates
         return [t.tell(a, out, train, dev, share * len(a.z)) for t, a, out in zip(active, asks, logits)]
 

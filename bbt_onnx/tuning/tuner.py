@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import losses
 from ..baselines import AUTO, init_candidates, init_choice
-from ..calibration import calibrated, content_free_prior
+from ..calibration import calibrated, content_free_prior, content_free_rows, search_calibrated
 from ..data import Example, as_examples
 from ..encoding import EncodedSet
 from ..engines.base import score_rows
@@ -125,6 +125,7 @@ class BlackBoxTuner:
         self.placeholder_ids = ids
         self.encoder = self.model.encoder(self.task, self.config.prompt_tokens, self.config.max_length, ids)
         self._content_free: tuple[list[Example], EncodedSet] | None = None  # the content-free rows, encoded once
+        self._search: tuple[EncodedSet, EncodedSet] | None = None  # train rows, and what a generation scores
 
     @property
     def warnings(self) -> list[str]:
@@ -180,6 +181,21 @@ class BlackBoxTuner:
             self._content_free = (list(rows), self.encoder.encode(rows))
         return self._content_free[1]
 
+    def search_rows(self, train: EncodedSet) -> EncodedSet:
+        """What a generation's engine call scores: the training rows, then (content-free search calibration) the
+        content-free rows, so that every candidate's prior comes from the same call."""
+        if self.config.search_calibration != "content-free":
+            return train
+        if self._search is None or self._search[0] is not train:
+            extra = self._encode_content_free(content_free_rows(self.task))
+            self._search = (train, train.join(extra, self.model.manifest.pad_id))
+        return self._search[1]
+
+    def search_loss(self, logits: np.ndarray, train: EncodedSet) -> np.ndarray:
+        """[C] what CMA-ES minimises, from one call's logits on `search_rows(train)`: the loss of the training rows'
+        scores, calibrated as `search_calibration` says."""
+        return self._loss(search_calibrated(logits, len(train), self.config.search_calibration), train.labels)
+
     def encode(self, rows: Sequence[Example | str] | EncodedSet | None) -> EncodedSet | None:
         if rows is None or isinstance(rows, EncodedSet):
             return rows
@@ -231,7 +247,8 @@ class BlackBoxTuner:
         self.method.prepare(state)
         if state.generation == 0:
             zero = self.method.zero()
-            state.train_loss_initial = float(self._loss(self.method.z_scorer(zero)(train), train.labels)[0])
+            state.train_loss_initial = float(self.search_loss(self.method.z_scorer(zero)(self.search_rows(train)),
+                                                              train)[0])
         return state
 
     def _started(self, step: str) -> TunerState:
@@ -255,7 +272,7 @@ class BlackBoxTuner:
         train, dev = self._encoded(train, "train"), self._encoded(dev, "dev")
         ask = self.ask()
         t0 = time.perf_counter()
-        logits = self.method.score(self.state, ask.z, ask.layer, train)
+        logits = self.method.score(self.state, ask.z, ask.layer, self.search_rows(train))
         return self.tell(ask, logits, train, dev, time.perf_counter() - t0)
 
     def ask(self) -> "Ask":
@@ -268,11 +285,12 @@ class BlackBoxTuner:
 
     def tell(self, ask: "Ask", logits: np.ndarray, train: EncodedSet, dev: EncodedSet | None,
              engine_seconds: float) -> GenerationEvent:
-        """The candidates' train logits ([C, N, K], from one engine call) told to pycma; dev when it is due."""
+        """The candidates' logits on `search_rows(train)` ([C, N(+3), K], from one engine call) told to pycma as
+        `search_loss`; dev when it is due."""
         state, cfg, method = self._started("tell"), self.config, self.method
         es, z, layer = state.es[ask.layer], ask.z, ask.layer
         t2 = time.perf_counter()
-        cand_loss = self._loss(logits, train.labels)
+        cand_loss = self.search_loss(logits, train)
         t3 = time.perf_counter()
         es.tell(list(z), cand_loss.tolist())
         t4 = time.perf_counter()
@@ -318,7 +336,7 @@ class BlackBoxTuner:
                              cfg.max_length, cfg.method, tuple(s.embedding_std for s in self.method.specs))
         if cfg.calibrate:
             prompt = prompt.calibrate(self.model)
-        final_loss = float(self._loss(self.method.z_scorer(final_z)(train), train.labels)[0])
+        final_loss = float(self.search_loss(self.method.z_scorer(final_z)(self.search_rows(train)), train)[0])
         state.seconds = time.perf_counter() - self._clock
         self.report = FitReport(
             train_loss_initial=state.train_loss_initial, train_loss_final=final_loss,
