@@ -14,7 +14,7 @@ from .engines import EngineSpec, OrtSpec
 from .errors import SettingsError
 from .jobs.tune import Hooks, TuneOutcome, TuneRequest, tune as tune_job
 from .prompt import Result
-from .tasks import Task, resolve_task
+from .tasks import PRESETS, Task, resolve_task
 from .tuning.config import TuneConfig
 
 
@@ -98,8 +98,9 @@ def tune(model_dir: str | Path, task: str | Path | Task, data: str | Path | Data
     if seeds:
         config = replace(config, seed=seeds[0])  # as the CLI does; the config checks each seed
     spec = as_data(data, test, k_shot, config.seed if data_seed is None else data_seed)
+    task_file = None if isinstance(task, Task) or str(task) in PRESETS else str(task)
     request = TuneRequest(str(model_dir), as_task(task), spec, config, str(out), engine, tuple(seeds),
-                          policy)
+                          policy, task_file)
     hooks = hooks or Hooks()
     if log is not None:
         hooks = replace(hooks, log=log)

@@ -127,7 +127,7 @@ def parse_seeds(ctx, param, value):
 @click.option("--force", is_flag=True, help="Replace an earlier run in --out (kept until the new run's first "
               "checkpoint).")
 @click.option("--force-any", is_flag=True, help="Write the run into --out even when it holds files but no run (they "
-              "are kept; only the run's own files are written).")
+              "are kept: files named like a run's own, such as log.jsonl, are refused, never replaced).")
 @quiet_option
 @click.pass_context
 def tune(ctx, model_dir, out, resume, force, force_any, trust_checkpoint, quiet, seeds, data_seed, track, track_uri,
@@ -150,7 +150,7 @@ def tune(ctx, model_dir, out, resume, force, force_any, trust_checkpoint, quiet,
             config = replace(config, seed=seeds[0])
         data = from_params(DataSpec, params, seed=config.seed if data_seed is None else data_seed)
         request = TuneRequest(model_dir, task.resolve(), data, config, str(out), engine, seeds or (),
-                              from_params(ChoicePolicy, params))
+                              from_params(ChoicePolicy, params), task.task_file)
 
     progress = Progress(quiet)
     hooks = Hooks(log=(lambda m: None) if quiet else err, start=progress.start, event=progress.update,

@@ -96,6 +96,10 @@ class RunDir:
             raise RunError(f"out {self.path} holds {shown}: it does not look like a run directory, and force replaces "
                            "only an earlier run; choose another directory, or pass force_any to write the run there "
                            "anyway", ("out", "force", "force_any"))
+        if RUN_JSON not in view.files and files:  # named like a run's files, with no run: they are someone's own
+            raise RunError(f"out {self.path} holds {', '.join(sorted(files))} but no run: files of yours that the run "
+                           "would replace (force_any writes a run beside what it did not write, never over it); move "
+                           "them, or choose another directory", "out")
 
     @classmethod
     def open_existing(cls, path: str | Path) -> "RunDir":
@@ -374,3 +378,12 @@ def result_file(path: str | Path) -> Path:
     if path.is_dir():
         return RunDir(path).file(PROMPT_NAME)  # a run a force replacement left aside is still the run
     return path
+
+
+def run_of(path: str | Path) -> Path | None:
+    """The run directory a result lies in: the directory given, or a prompt file's own run (its folder holds
+    run.json); None for a prompt file that lies outside any run."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    return path.parent if (path.parent / RUN_JSON).exists() else None

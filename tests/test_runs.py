@@ -300,3 +300,32 @@ def test_a_stub_is_cleared_when_a_tune_claims_the_directory(tmp_path):
     assert snapshot(run) == before
     with RunDir(run).claim():
         assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+
+
+def test_nothing_a_command_did_not_write_is_replaced(tiny_model, data_dir, tmp_path):
+    """force_any writes a run beside the user's files, never over files that merely share a run's names; a task
+    file is never among the run files a tune replaces; predict never writes into the run of the prompt it reads."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    own = {"log.jsonl": b"my notes\n", "loss.png": b"my plot", "notes.txt": b"kept"}
+    for name, data in own.items():
+        (mine / name).write_bytes(data)
+    error = cli_error(tune_args(tiny_model, data_dir, mine, "--force-any", "--budget", 20))
+    assert "log.jsonl, loss.png but no run" in error and "--out" in error
+    assert {p.name: p.read_bytes() for p in mine.iterdir()} == own
+
+    out = tmp_path / "run"
+    out.mkdir()
+    task = out / "run.json"  # a task file where the run writes its record
+    task.write_text(json.dumps({"template": " . {text} . It was {mask} .", "labels": {"0": "bad", "1": "great"}}))
+    args = [a for a in tune_args(tiny_model, data_dir, out, "--force", "--budget", 20) if a not in ("--task", "sst2")]
+    assert "which the run reads" in cli_error([*args, "--task-file", task])
+    assert json.loads(task.read_text())["labels"] == {"0": "bad", "1": "great"}
+
+    run = tmp_path / "done"
+    assert invoke(tune_args(tiny_model, data_dir, run, "--budget", 20, "-q")).exit_code == 0
+    record = (run / "run.json").read_bytes()
+    (tmp_path / "texts.txt").write_text("a gripping film\n")
+    error = cli_error(["predict", "--model", tiny_model, "--prompt", run / "prompt.npz", "--input",
+                       tmp_path / "texts.txt", "--output", run / "run.json"])
+    assert "lies inside the run" in error and (run / "run.json").read_bytes() == record

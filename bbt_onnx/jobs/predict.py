@@ -12,6 +12,7 @@ from ..fileio import check_output_file, check_writable, dumps, write_text_atomic
 from ..model import Model
 from ..progress import RowProgress, no_progress
 from ..prompt import label_rows, load_prompt
+from ..runs import run_of
 
 
 def predict(model_dir: str | Path, prompt: str | Path, input_path: str, output: Path | None = None,
@@ -21,7 +22,8 @@ def predict(model_dir: str | Path, prompt: str | Path, input_path: str, output: 
     `input_path` "-" reads `stdin`."""
     if output:
         check_writable(output)
-        check_output_file(output, [("input", input_path), ("model directory", model_dir), ("run", prompt)])
+        check_output_file(output, [("input", input_path), ("model directory", model_dir), ("run", prompt),
+                                   ("run", run_of(prompt))])
     result = load_prompt(prompt)
     model = Model.load(model_dir, engine, deep=result.deep)
     result.check_model(model)

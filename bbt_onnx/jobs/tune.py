@@ -43,6 +43,7 @@ class TuneRequest:
     engine: EngineSpec = OrtSpec()  # a server's spec: the token is never written to the run
     seeds: tuple[int, ...] = ()  # seeds run in lock-step on the same rows; () is config.seed alone
     policy: ChoicePolicy = ChoicePolicy()  # how the run chooses between the tuned prompt and the plain template
+    task_file: str | None = None  # where the task came from, when a file: read, so never replaced by the run
 
     @property
     def all_seeds(self) -> tuple[int, ...]:
@@ -265,8 +266,8 @@ def write_step(job: Prepared, outcome: Settled, baselines: list[dict], wall: flo
 
 
 def check_inputs_apart(request: TuneRequest) -> None:
-    """No file the run reads is one the run writes: a data or task file that is one of --out's run files."""
-    files = [request.data.data, request.data.train, request.data.dev, request.data.test]
+    """No file the run reads is one the run writes: a data or task file that is one of out's run files."""
+    files = [request.data.data, request.data.train, request.data.dev, request.data.test, request.task_file]
     for path in files:
         if path and not str(path).startswith("hf:") and any(same_path(path, Path(request.out) / name)
                                                             for name in OWN_FILES):
