@@ -362,3 +362,48 @@ def only_files(directory: Path, allowed: Callable[[str], bool], required: tuple[
     names = {e.name for e in entries}
     return all(e.is_file(follow_symlinks=False) and allowed(e.name) for e in entries) and \
         all(r in names for r in required)
+
+
+# Bounds on what a command reads: a hostile or mistaken file (a FIFO, a link to /dev/zero, a zip bomb) is refused
+# before it is read, so no read hangs or fills memory.
+JSON_LIMIT = 16 << 20  # run.json, manifest.json, a task file
+LOG_LIMIT = 256 << 20  # log.jsonl
+TOKEN_LIMIT = 64 << 10  # a token file
+NPZ_LIMIT = 1 << 30  # prompt.npz and checkpoint.npz, as stored and as inflated
+
+
+def read_bounded(path: str | Path, limit: int) -> bytes:
+    """A regular file's bytes, at most `limit` of them; anything else is an OSError that says why (a FIFO opens
+    without waiting for a writer, so it is refused, not waited on)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError("not a regular file")
+        if info.st_size > limit:
+            raise OSError(f"it holds {info.st_size:,} bytes, more than the {limit:,} such a file may hold")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(f"it grew past the {limit:,} bytes such a file may hold while it was read")
+    return data
+
+
+def read_text_bounded(path: str | Path, limit: int) -> str:
+    """`read_bounded` as UTF-8 text."""
+    return read_bounded(path, limit).decode("utf-8")
+
+
+def check_npz(data: bytes, limit: int = NPZ_LIMIT) -> bytes:
+    """`data` when it is a zip (an .npz) whose members inflate to at most `limit` bytes in all, as their headers
+    say; a zip bomb is refused before anything is inflated (numpy then reads each member to its declared size)."""
+    import io
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            total = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise OSError(f"not an npz file ({exc})") from None
+    if total > limit:
+        raise OSError(f"its arrays inflate to {total:,} bytes, more than the {limit:,} allowed")
+    return data

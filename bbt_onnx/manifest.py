@@ -16,6 +16,7 @@ from typing import Any
 from .contract import PARTS, PROMPT_POS, contract, graph_key
 from .devices import PRECISIONS, REFERENCE_PRECISION
 from .errors import ModelError
+from .fileio import JSON_LIMIT, only_files, read_text_bounded, write_json_atomic
 from .kinds import KINDS, LmKind
 
 FORMAT_VERSION = 1
@@ -166,16 +167,12 @@ class Manifest:
         return {"format_version": data.pop("format_version"), **data}
 
     def write(self, directory: Path) -> None:
-        from .fileio import write_json_atomic
-
         write_json_atomic(Path(directory) / MANIFEST_NAME, self.to_json())
 
 
 def looks_like_model_dir(directory: Path) -> bool:
     """What `export --force` may replace: a directory export wrote (a manifest, a tokenizer, graphs) or a client
     directory, and nothing else."""
-    from .fileio import only_files
-
     return only_files(Path(directory), lambda n: n in (MANIFEST_NAME, TOKENIZER_NAME) or n.endswith((".onnx", ".data")),
                       (MANIFEST_NAME,))
 
@@ -213,8 +210,8 @@ def load_manifest(model_dir: str | Path, graphs: bool = True) -> Manifest:
     if not path.is_file():
         raise ModelError(f"{directory} has no {MANIFEST_NAME}: it is not a model directory written by `bbt-onnx export`")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = json.loads(read_text_bounded(path, JSON_LIMIT))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ModelError(f"cannot read {path}: {exc}") from None
     if not isinstance(raw, dict):
         raise ModelError(f"{path} is not a JSON object")

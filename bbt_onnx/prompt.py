@@ -18,7 +18,7 @@ from .data import Example, as_examples
 from .encoding import EncodedSet
 from .engines.base import score_rows
 from .errors import DataError, PromptError, SettingsError
-from .fileio import write_bytes_atomic
+from .fileio import NPZ_LIMIT, check_npz, read_bounded, write_bytes_atomic
 from .methods import METHODS
 from .runs import PROMPT_NAME, result_file
 from .subspace import ProjectionSpec
@@ -350,7 +350,11 @@ def load_prompt(path: str | Path) -> Result:
     if not path.is_file():
         raise PromptError(f"{path} does not exist: give a run directory written by `bbt-onnx tune`")
     try:
-        with np.load(path, allow_pickle=False) as f:
+        data = check_npz(read_bounded(path, NPZ_LIMIT))
+    except OSError as exc:
+        raise PromptError(f"cannot read {path}: {exc}") from None
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as f:
             meta = json.loads(str(f["meta"]))
             embeds, z = f["prompt"], f["z"]
         members = meta.get("ensemble") if isinstance(meta, dict) else None

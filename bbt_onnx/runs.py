@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import RunError
-from .fileio import check_out_path, dumps, remove_tree, storage_error, write_bytes_atomic, write_json_atomic
+from .fileio import (JSON_LIMIT, LOG_LIMIT, check_out_path, dumps, read_bounded, read_text_bounded, remove_tree,
+                     storage_error, write_bytes_atomic, write_json_atomic)
 from .plot import plot_run
 
 RUN_JSON = "run.json"
@@ -264,7 +265,7 @@ class RunDir:
         if not path.exists():
             return []
         try:
-            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            lines = read_bounded(path, LOG_LIMIT).decode("utf-8", errors="replace").splitlines()
         except OSError as exc:
             raise storage_error(path, exc, "read") from None
         rows = []
@@ -312,9 +313,9 @@ def _status(path: Path | None) -> str | None:
     if path is None:
         return None
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(read_text_bounded(path, JSON_LIMIT))
         return raw.get("status") if isinstance(raw, dict) else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 
@@ -356,8 +357,8 @@ def lock_exclusive(fd: int, path: Path) -> None:
 def read_run_json(path: Path) -> dict:
     """A run.json, checked for the shape tune writes: an object whose settings are an object."""
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = json.loads(read_text_bounded(path, JSON_LIMIT))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise RunError(f"cannot read {path}: {exc}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("settings"), dict):
         raise RunError(f"{path} is not a run.json written by `bbt-onnx tune` (no settings object)")

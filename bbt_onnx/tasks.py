@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import SettingsError
+from .fileio import JSON_LIMIT, read_text_bounded
 from .kinds import SENTIMENT, LmKind
 from .options import setting
 
@@ -21,6 +22,8 @@ METRICS = ("accuracy", "f1")
 BOS_CHOICES = ("auto", "always", "never")  # auto: as the model's tokenizer does
 POSITIONS = ("prefix", "suffix")
 FRAMING_KEYS = (("bos", "bos"), ("chat", "chat"), ("prompt_position", "position"))  # JSON key, Framing field
+
+MAX_TEMPLATE_CHARS = 100_000  # about 20,000 tokens: past every model's positions, far under a row's limit
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,9 @@ class Task:
         if not isinstance(self.template, str) or not self.template.strip():
             raise SettingsError("template is empty: write where the text goes, e.g. \" {text} It was {mask} .\"",
                                 "template")
+        if len(self.template) > MAX_TEMPLATE_CHARS:  # before anything reads it: no model has positions for more
+            raise SettingsError(f"template holds {len(self.template):,} characters, more than the "
+                                f"{MAX_TEMPLATE_CHARS:,} a template may hold", "template")
         template_fields(self.template)
         object.__setattr__(self, "labels", label_pairs(self.labels))
         labels = self.labels
@@ -211,9 +217,9 @@ def parse_labels(spec: str) -> tuple[tuple[str, str], ...]:
 def load_task_file(path: str | Path) -> Task:
     path = Path(path)
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SettingsError(f"cannot read task file {path}: {exc}") from None
+        raw = json.loads(read_text_bounded(path, JSON_LIMIT))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise SettingsError(f"cannot read task file {path}: {exc}", "task_file") from None
     if not isinstance(raw, dict) or "template" not in raw or "labels" not in raw:
         raise SettingsError(f"task file {path} needs an object with \"template\" and \"labels\" "
                        '(e.g. {"template": " {text} It was {mask} .", "labels": {"neg": "bad", "pos": "great"}})')

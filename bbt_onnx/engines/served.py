@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import SettingsError
+from ..fileio import TOKEN_LIMIT, OutputKind, check_replaceable, only_files, read_text_bounded, write_dir
 from ..manifest import MANIFEST_NAME, TOKENIZER_NAME, Manifest, load_manifest
 
 TOKEN_HEADER = "triton-access-token"
@@ -72,7 +73,7 @@ def check_max_request(max_request: int) -> None:
 def read_token(path: str | Path) -> str:
     """The shared secret in a token file (its first line, without surrounding whitespace)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_text_bounded(path, TOKEN_LIMIT)
     except (OSError, UnicodeDecodeError) as exc:
         raise SettingsError(f"cannot read the token file {path}: {exc}") from None
     token = text.strip().splitlines()[0].strip() if text.strip() else ""
@@ -85,8 +86,6 @@ def read_token(path: str | Path) -> str:
 
 
 def looks_like_client_dir(directory: Path) -> bool:
-    from ..fileio import only_files
-
     return only_files(directory, lambda n: n in (MANIFEST_NAME, TOKENIZER_NAME), (MANIFEST_NAME,))
 
 
@@ -95,8 +94,6 @@ def write_client_dir(model_dir: str | Path, out: str | Path, force: bool = False
     """What a user of a remote service holds: the manifest (byte for byte, so its fingerprint is the server's)
     and the tokenizer; no graphs, no weights. `force` replaces an earlier client directory, `force_any` anything
     (never the model directory, nor a folder holding it)."""
-    from ..fileio import OutputKind, check_replaceable, write_dir
-
     kind = OutputKind("a client directory (manifest.json and tokenizer.json)", looks_like_client_dir)
     inputs = [("model directory", Path(model_dir))]
     check_replaceable(out, force, kind, force_any, inputs)  # before the model is read

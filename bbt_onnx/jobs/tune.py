@@ -32,6 +32,8 @@ from ..tuning.lockstep import LockStep
 from ..tuning.tuner import BlackBoxTuner, GenerationEvent
 from .settle import Settled, public, run_metrics, score_baselines, settle
 
+MAX_SEEDS = 64  # seeds in one run's lock-step
+
 
 @dataclass(frozen=True)
 class TuneRequest:
@@ -52,6 +54,8 @@ class TuneRequest:
     def check(self) -> None:
         self.config.check()
         seeds = self.all_seeds
+        if len(seeds) > MAX_SEEDS:  # each seed holds its own strategies in memory and in the checkpoint
+            raise SettingsError(f"seeds names {len(seeds)} seeds; a run takes at most {MAX_SEEDS}", "seeds")
         if len(set(seeds)) != len(seeds):
             raise SettingsError(f"seeds {list(seeds)} name a seed twice", "seeds")
         for seed in seeds:

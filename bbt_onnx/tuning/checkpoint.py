@@ -27,7 +27,7 @@ import numpy as np
 
 from ..cmaes import cma  # pycma through cmaes.py, without its matplotlib warning
 from ..errors import RunError
-from ..fileio import storage_error
+from ..fileio import NPZ_LIMIT, check_npz, read_bounded
 from ..runs import RunDir
 from .config import TuneConfig, TunerState
 
@@ -398,16 +398,16 @@ def read_states(run: RunDir, tuners, trust: bool = False) -> list:
     path, legacy = run.checkpoint_file()
     if not legacy:
         try:
-            data = path.read_bytes()
+            data = check_npz(read_bounded(path, NPZ_LIMIT))
         except OSError as exc:
-            raise storage_error(path, exc, "read") from None
+            raise RunError(f"cannot read {path}: {exc}") from None
         return loads_many(data, tuners, str(path))
     if not trust:
         raise RunError(f"{path} is a pickle checkpoint from an older bbt-onnx; unpickling runs any code it holds, "
                        "so it is read only when you say you trust it (you wrote it yourself): pass "
                        "trust_checkpoint", "trust_checkpoint")
     try:
-        state = LegacyUnpickler(io.BytesIO(path.read_bytes())).load()
+        state = LegacyUnpickler(io.BytesIO(read_bounded(path, NPZ_LIMIT))).load()
     except Exception as exc:  # noqa: BLE001 - unpickling damaged bytes can raise almost any type
         raise RunError(f"cannot read {path}: it is damaged ({type(exc).__name__}); start the run again "
                        "with force", "force") from None
