@@ -268,6 +268,7 @@ def remove_tree(path: Path) -> list[str]:
 
 def staging_dir(out: Path) -> Path:
     """A fresh hidden sibling of `out` to build a directory in, with the permissions a new folder would get."""
+    out = Path(os.path.abspath(out))  # `a/..` names its parent's sibling by its own name, not `..`
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -281,7 +282,7 @@ def swap_in(staging: Path, out: Path, log: Callable[[str], None] | None = None) 
     """Move a finished `staging` directory to `out`. An old `out` is renamed aside first and removed only once the
     new one is in place; if the move fails, the old one is put back. At no moment is neither on disk. What of the
     old one cannot be removed (a mount point inside, a folder that refuses) stays aside, and `log` says where."""
-    old = None
+    out, old = Path(os.path.abspath(out)), None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{staging.name.rsplit('-', 1)[-1]}")
         out.rename(old)
@@ -317,9 +318,10 @@ def check_replaceable(out: str | Path, force: bool, kind: OutputKind | None = No
     """Whether `write_dir` may write `out`; touches nothing. A non-empty `out` is replaced only with `force`, and only
     when it looks like this command's own output (`kind`), unless `force_any`; never when it is, holds or lies inside
     one of `inputs` (`(what, path)` pairs), or holds a run a tune is writing."""
-    out = Path(out)
+    out = Path(os.path.normpath(out))  # `a/../b` is b, checked and written as b; `a/..` is the folder it names
     check_out_path(out)
     check_apart(out, inputs)
+    check_not_cwd(out)
     entries = sorted(e.name for e in out.iterdir()) if out.is_dir() else []
     if not entries:
         return out
@@ -334,6 +336,21 @@ def check_replaceable(out: str | Path, force: bool, kind: OutputKind | None = No
                             "an earlier one; remove it yourself, or pass force_any to replace it anyway",
                             ("out", "force", "force_any"))
     return out
+
+
+def check_not_cwd(out: Path, argument: str = "out") -> None:
+    """A directory written whole (and replaced) is neither the working directory (`.`) nor a folder above it:
+    replacing it would pull the folder the command runs in from under it."""
+    try:
+        here = os.getcwd()
+    except OSError:  # the working directory is gone: nothing to protect
+        return
+    if same_path(out, here):
+        raise SettingsError(f"{argument} {out} is the working directory, which writing it would replace; name "
+                            "another directory (a new folder, e.g. ./out)", argument)
+    if inside(here, out):
+        raise SettingsError(f"{argument} {out} holds the working directory {here}, which writing it would replace; "
+                            "name another directory", argument)
 
 
 def write_dir(out: str | Path, force: bool, fill: Callable[[Path], None], kind: OutputKind | None = None,

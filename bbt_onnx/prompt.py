@@ -192,6 +192,7 @@ class TunedPrompt(Scoring):
         except Exception as exc:  # noqa: BLE001 - a damaged field can raise almost any type
             raise PromptError(f"{where} is not a bbt-onnx prompt file, or it is damaged ({type(exc).__name__}); "
                               "tune again or restore it") from None
+        check_meta(meta, spec.prompt_tokens, where)
         layers = METHODS[prompt.method].prompt_dims(len(prompt.layer_std)) if prompt.method in METHODS else ()
         if prompt.method not in METHODS or embeds.shape != (*layers, spec.prompt_tokens, spec.hidden_size) \
                 or z.shape != (*layers, spec.intrinsic_dim) or not (np.isfinite(z).all() and np.isfinite(embeds).all()) \
@@ -220,6 +221,13 @@ class TunedPrompt(Scoring):
         if self.prompt_tokens > m.prompt_tokens:
             raise PromptError(f"this prompt has {self.prompt_tokens} tokens; the model was exported for at most "
                               f"{m.prompt_tokens}")
+        outside = [i for i in self.placeholder_ids or () if not 0 <= i < m.vocab_size]
+        if outside:
+            raise PromptError(f"this prompt's placeholder id {outside[0]} is outside the model's vocabulary "
+                              f"(0..{m.vocab_size - 1}): it was tuned for another model, or its file is damaged")
+        if self.max_length is not None and self.max_length > m.max_positions:
+            raise PromptError(f"this prompt was tuned with max_length {self.max_length}, more than the model's "
+                              f"{m.max_positions} positions: it was tuned for another model, or its file is damaged")
 
     def encode(self, model, rows: Sequence[Example | str] | EncodedSet) -> EncodedSet:
         """Rows as this prompt frames them on `model`: Example rows, or plain texts."""
@@ -326,6 +334,24 @@ def prior_of(result, model) -> tuple[float, ...]:
     calibration it carries is not applied): `calibration.content_free_prior`, as the tuner's dev scores have it."""
     prior = content_free_prior(lambda rows: result.raw_logits(model, rows), result.task, result.encoder(model).encode)
     return tuple(float(v) for v in prior)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_meta(meta: dict, prompt_tokens: int, where: str) -> None:
+    """A prompt file's token counts and ids are of the types and ranges tune writes: max_length a positive whole
+    number of tokens, placeholder_ids one token id (a whole number, not negative) per prompt token. Whether they fit
+    a model (its vocabulary, its positions) is `check_model`'s to say."""
+    max_length, ids = meta.get("max_length"), meta.get("placeholder_ids")
+    if max_length is not None and not (_is_int(max_length) and max_length >= 1):
+        raise PromptError(f"{where} is damaged: its max_length {max_length!r:.40} is not a number of tokens; tune "
+                          "again or restore it")
+    if ids is not None and not (isinstance(ids, list) and len(ids) == prompt_tokens
+                                and all(_is_int(i) and i >= 0 for i in ids)):
+        raise PromptError(f"{where} is damaged: its placeholder_ids are not {prompt_tokens} token ids; tune again or "
+                          "restore it")
 
 
 def check_finite(z: np.ndarray, embeds: np.ndarray) -> None:

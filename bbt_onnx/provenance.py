@@ -14,6 +14,9 @@ from importlib import metadata
 VERSIONED = ("bbt-onnx", "numpy", "onnxruntime", "onnxruntime-gpu", "cma", "tritonclient")
 SECRET_FLAG = re.compile(r"^--?([\w-]*-)?(token|secret|password|passwd|api-key)(-file)?$", re.IGNORECASE)
 USERINFO = re.compile(r"(\w+://)[^/@\s]+@")
+# a secret-looking query parameter's value (a database URI's ?password=...)
+SECRET_PARAM = re.compile(r"([?&](?:password|passwd|pwd|pass|secret|token|access_token|api_?key|sslpassword|"
+                          r"client_secret)=)[^&#\s]*", re.IGNORECASE)
 HIDDEN = "***"
 
 
@@ -81,7 +84,7 @@ def command_line(argv: list[str] | None = None) -> list[str]:
             out.append(f"{flag}={HIDDEN}")
             continue
         hide_next = secret
-        out.append(USERINFO.sub(r"\1" + HIDDEN + "@", arg))
+        out.append(SECRET_PARAM.sub(r"\1" + HIDDEN, USERINFO.sub(r"\1" + HIDDEN + "@", arg)))
     return out
 
 

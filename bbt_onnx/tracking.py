@@ -6,13 +6,27 @@ files); it never changes what the run computes. MLflow is the one built in (`--t
 
 from __future__ import annotations
 
+import os
+import re
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import unquote, urlsplit
 
 from .errors import SettingsError
 
 FILES = ("prompt.npz", "loss.png", "run.json")  # logged as artifacts when the run wrote them
+HIDDEN = "***"
+USERINFO = re.compile(r"([A-Za-z][\w+.-]*://)[^/?#\s]*@")  # scheme://user:password@host: the part before the host
+SECRET_PARAM = re.compile(r"([?&;](?:password|passwd|pwd|pass|secret|token|access_token|api_key|apikey|sslpassword|"
+                          r"client_secret)=)[^&;#\s]*", re.IGNORECASE)
+# MLflow's HTTP client retries a refused connection seven times with growing waits (minutes). Unless the user set
+# them, the tracker's calls wait this long for a server: the first (opening the store) one try, the later ones a few.
+CONNECT_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+CALL_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
+_ENV_LOCK = threading.Lock()
 
 
 class Tracker(Protocol):
@@ -63,27 +77,106 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
+def secrets_of(uri: str | None) -> set[str]:
+    """The credentials a URI carries: its userinfo's password and any secret query parameter's value (as written
+    and decoded), to be hidden wherever text about the URI is shown."""
+    if not uri:
+        return set()
+    found: set[str] = set()
+    try:
+        parts = urlsplit(uri)
+        found.update(v for v in (parts.password,) if v)
+    except ValueError:
+        pass
+    found.update(m.group(0)[len(m.group(1)):] for m in SECRET_PARAM.finditer(uri))
+    found.update({unquote(v) for v in found})
+    return {v for v in found if len(v) >= 3}  # shorter ones only by their place (a URI's userinfo, a parameter)
+
+
+def shown(uri: str | None) -> str:
+    """How a message names the store: the URI without its credentials."""
+    return redact(uri, uri) if uri else "MLflow's default store"
+
+
+def redact(text: str, uri: str | None = None) -> str:
+    """`text` (a URI, or a message that may quote one) with every URI's userinfo and secret query parameters
+    hidden, and the credentials of `uri` hidden wherever they appear."""
+    text = SECRET_PARAM.sub(r"\1" + HIDDEN, USERINFO.sub(r"\1" + HIDDEN + "@", text))
+    for secret in sorted(secrets_of(uri), key=len, reverse=True):
+        text = text.replace(secret, HIDDEN)
+    return text
+
+
+@contextmanager
+def http_limits(defaults: dict[str, str]):
+    """MLflow's HTTP timeout and retries as `defaults` says, for the duration of a call, where the user has not set
+    them in the environment."""
+    with _ENV_LOCK:
+        added = [k for k in defaults if k not in os.environ]
+        for key in added:
+            os.environ[key] = defaults[key]
+        try:
+            yield
+        finally:
+            for key in added:
+                os.environ.pop(key, None)
+
+
+def unreachable(exc: BaseException) -> str | None:
+    """Why the server could not be reached, when `exc` comes from a refused or timed-out connection."""
+    import requests
+
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, requests.exceptions.Timeout):
+            return "no answer in time"
+        if isinstance(cause, requests.exceptions.ConnectionError):
+            text = str(cause)
+            for known in ("Connection refused", "Name or service not known", "No route to host",
+                          "Network is unreachable", "timed out"):
+                if known in text:
+                    return known.lower() if known != "timed out" else "no answer in time"
+            return "the connection failed"
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 class MlflowTracker:
-    """Logs to an MLflow tracking store: the URI given, else MLflow's own default (MLFLOW_TRACKING_URI)."""
+    """Logs to an MLflow tracking store: the URI given, else MLflow's own default (MLFLOW_TRACKING_URI).
+
+    Nothing touches the store until the run begins (`start`, after the job has checked every setting): a refused
+    tune creates no database and no mlruns/. The URI is shown only with its credentials hidden."""
 
     def __init__(self, uri: str | None = None, experiment: str = "bbt-onnx"):
         try:
-            from mlflow.tracking import MlflowClient
+            import mlflow.tracking  # noqa: F401  (only the import: the store is opened at start)
         except ImportError:
             raise SettingsError("track mlflow needs MLflow: pip install 'bbt-onnx[track]'", "track") from None
-        self.client = self._call(lambda: MlflowClient(uri))
+        self.uri = uri
+        self.client = None
         self.experiment = experiment
         self.run_id: str | None = None
         self.several = False  # several seeds: each seed's curves under its own keys (from the settings, at start)
-        self._experiment_id()  # a store that cannot be used is refused before the run starts
 
     @staticmethod
-    def _call(action):
+    def _call(action, uri: str | None = None, limits: dict[str, str] = CALL_ENV):
+        """`action()`, MLflow's refusals as one line with `uri` (else MLFLOW_TRACKING_URI) shown without credentials."""
         from mlflow.exceptions import MlflowException
 
+        uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
         try:
-            return action()
+            with http_limits(limits):
+                return action()
+        except ImportError as exc:  # a store's own package missing: a database's driver (psycopg), boto3, ...
+            raise SettingsError(f"MLflow cannot use {shown(uri)} (track_uri) without a package it imports: "
+                                f"{redact(str(exc), uri)}", "track_uri") from None
         except MlflowException as exc:
+            why = unreachable(exc)
+            if why is not None:
+                raise SettingsError(f"cannot reach the MLflow tracking server at {shown(uri)} (track_uri): {why}",
+                                    "track_uri") from None
             text = " ".join(str(exc).split())
             if "MLFLOW_ALLOW_FILE_STORE" in text:
                 text = ("MLflow keeps its file store (./mlruns, file:...) only with MLFLOW_ALLOW_FILE_STORE=true in the "
@@ -91,23 +184,27 @@ class MlflowTracker:
             elif "sqlite" in text and "unsupported URI" in text:  # mlflow-skinny alone: no database store
                 text = ("its database store (the default, sqlite:///mlflow.db) needs sqlalchemy and alembic: "
                         "pip install 'bbt-onnx[track]'")
-            raise SettingsError(f"MLflow refused: {text[:400]}", "track_uri") from None
+            raise SettingsError(f"MLflow refused: {redact(text, uri)[:400]}", "track_uri") from None
 
-    def _experiment_id(self) -> str:
-        found = self._call(lambda: self.client.get_experiment_by_name(self.experiment))
-        if found is not None:
-            return found.experiment_id
-        return self._call(lambda: self.client.create_experiment(self.experiment))
+    def _connect(self) -> None:
+        """Open the store (a database is created here) and find or create the experiment: one try, a short wait."""
+        from mlflow.tracking import MlflowClient
+
+        self.client = self._call(lambda: MlflowClient(self.uri), self.uri, CONNECT_ENV)
+        found = self._call(lambda: self.client.get_experiment_by_name(self.experiment), self.uri, CONNECT_ENV)
+        self.experiment_id = found.experiment_id if found is not None else \
+            self._call(lambda: self.client.create_experiment(self.experiment), self.uri)
 
     def start(self, name: str, settings: dict) -> None:
         from mlflow.entities import Param
 
-        run = self._call(lambda: self.client.create_run(self._experiment_id(), run_name=name))
+        self._connect()
+        run = self._call(lambda: self.client.create_run(self.experiment_id, run_name=name), self.uri)
         self.run_id = run.info.run_id
         self.several = len(settings.get("seeds", ())) > 1
         params = [Param(k, v[:6000]) for k, v in flatten(settings).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per batch
-            self._call(lambda chunk=params[i:i + 100]: self.client.log_batch(self.run_id, params=chunk))
+            self._call(lambda chunk=params[i:i + 100]: self.client.log_batch(self.run_id, params=chunk), self.uri)
 
     def generation(self, event) -> None:
         from mlflow.entities import Metric
@@ -119,7 +216,7 @@ class MlflowTracker:
         metrics = [Metric(prefix + "train_loss", event.best_loss_so_far, now, event.calls)]
         if event.dev_metric is not None:
             metrics.append(Metric(prefix + "dev_metric", event.dev_metric, now, event.calls))
-        self._call(lambda: self.client.log_batch(self.run_id, metrics=metrics))
+        self._call(lambda: self.client.log_batch(self.run_id, metrics=metrics), self.uri)
 
     def finish(self, run_dir: Path, record: dict) -> None:
         from mlflow.entities import Metric
@@ -128,11 +225,12 @@ class MlflowTracker:
             return
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, 0) for k, v in result_metrics(record).items()]
-        self._call(lambda: self.client.log_batch(self.run_id, metrics=metrics))
+        self._call(lambda: self.client.log_batch(self.run_id, metrics=metrics), self.uri)
         for name in FILES:
             if (Path(run_dir) / name).is_file():
-                self._call(lambda path=Path(run_dir) / name: self.client.log_artifact(self.run_id, str(path)))
-        self._call(lambda: self.client.set_terminated(self.run_id))
+                self._call(lambda path=Path(run_dir) / name: self.client.log_artifact(self.run_id, str(path)),
+                           self.uri)
+        self._call(lambda: self.client.set_terminated(self.run_id), self.uri)
 
 
 TRACKERS = {"mlflow": MlflowTracker}

@@ -82,7 +82,7 @@ def ensure_model(model_dir: Path, precision: str, deep: bool) -> None:
 
 def run_name(task: str, setting: str, method: str, args, data_seed: int) -> str:
     tags = [task, setting, method, *(["cal"] if args.calibrate else []),
-            *([f"search-{args.search_calibration}"] if args.search_calibration != "off" else []),
+            *([f"search-{args.search_calibration}"] if args.search_calibration else []),
             *([f"patience{args.patience}"] if args.patience else []),
             *([f"init-{args.prompt_init}"] if args.prompt_init != "auto" else []), f"d{data_seed}"]
     return "-".join(tags)
@@ -157,8 +157,8 @@ def main() -> None:
     ap.add_argument("--methods", default="bbt", help="bbt, bbtv2 or both (comma-separated)")
     ap.add_argument("--settings", default="suffix", help=f"comma-separated, of {', '.join(SETTINGS)}")
     ap.add_argument("--calibrate", action="store_true")
-    ap.add_argument("--search-calibration", choices=["off", "content-free", "batch"], default="off",
-                    help="with --calibrate: what the search's train loss is calibrated by")
+    ap.add_argument("--search-calibration", choices=["off", "content-free", "batch"],
+                    help="with --calibrate: what the search's train loss is calibrated by [default: tune's]")
     ap.add_argument("--prompt-init", default="auto")
     ap.add_argument("--choose", default="interval")
     ap.add_argument("--patience", type=int, default=0)

@@ -9,7 +9,6 @@ import os
 import shutil
 import struct
 import threading
-import zipfile
 from pathlib import Path
 
 import numpy as np

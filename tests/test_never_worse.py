@@ -365,8 +365,12 @@ def test_search_calibration_keeps_lockstep_seeds_bit_for_bit_and_needs_calibrate
         alone = tune(request(tiny_model, data_dir, tmp_path / f"s{seed}", fallback=False, seed=seed, **cal))
         assert prompt.z.tobytes() == alone.tuned.z.tobytes()
     plain = tune(request(tiny_model, data_dir, tmp_path / "after", fallback=False, calibrate=True, budget=36,
-                         seed=1))
+                         seed=1, search_calibration="off"))
     assert plain.tuned.z.tobytes() != together.seed_prompts[1].z.tobytes()  # the search saw other losses
+    assert TuneConfig(calibrate=True).search_calibration == "content-free"  # what calibrate means for the search
+    assert TuneConfig().search_calibration == "off"
+    recorded = {k: v for k, v in TuneConfig(calibrate=True).to_json().items() if k != "search_calibration"}
+    assert TuneConfig.from_json(recorded).search_calibration == "off"  # a run from before searched raw scores
     assert together.record["settings"]["tune"]["search_calibration"] == "content-free"
     with pytest.raises(BBTError, match="needs calibrate") as caught:
         TuneConfig(search_calibration="batch")

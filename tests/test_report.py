@@ -34,9 +34,10 @@ def test_a_run_records_where_it_was_made(runs):
 
 def test_the_command_line_keeps_no_secret():
     argv = ["bbt-onnx", "tune", "--prompt-tokens", "8", "--token", "s3cret", "--api-key=k3y", "--token-file", "tok",
-            "--server", "http://user:pw@127.0.0.1:8000/m"]
+            "--server", "http://user:pw@127.0.0.1:8000/m", "--track-uri", "postgresql://db/x?password=hunter22&ssl=1"]
     shown = " ".join(command_line(argv))
-    assert "s3cret" not in shown and "k3y" not in shown and "pw@" not in shown
+    assert "s3cret" not in shown and "k3y" not in shown and "pw@" not in shown and "hunter22" not in shown
+    assert "postgresql://db/x?password=***&ssl=1" in shown
     assert "--prompt-tokens 8" in shown and "--token-file tok" in shown and "127.0.0.1:8000/m" in shown
     assert provenance("CPUExecutionProvider", argv)["command"] == command_line(argv)
 

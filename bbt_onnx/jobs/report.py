@@ -52,7 +52,83 @@ def read_run(path: str | Path) -> dict:
     raw = read_run_json(path)
     if raw.get("status") != "complete":
         raise RunError(f"{path} is not a finished run (status {raw.get('status')!r}); finish or resume it first")
+    check_shape(raw, path)
     return raw
+
+
+SCORES = ("dev_metric", "test_metric", "test_metric_uncalibrated", "test_metric_calibrated")
+SCALAR = (str, int, float, bool, type(None))
+
+
+def check_shape(raw: dict, path: Path) -> None:
+    """Refuse a run.json whose fields the report reads are not of the shape tune writes (a hand-edited or hostile
+    file), as one RunError naming the file and the field ("RUN/run.json: seeds[0] is not an object"). Every field
+    the report reads is checked here, so nothing after it meets a wrong type. A field tune may leave out (or write
+    as null, where it does) may be missing."""
+
+    def fail(field: str, what: str):
+        raise RunError(f"{path}: {field} is not {what}, as `bbt-onnx tune` writes it")
+
+    def is_number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    def obj(value, field: str, null: bool = False) -> dict:
+        if value is None and null:
+            return {}
+        if not isinstance(value, dict):
+            fail(field, "an object")
+        return value
+
+    def scores(entry: dict, field: str) -> None:
+        for key in SCORES:
+            if entry.get(key) is not None and not is_number(entry[key]):
+                fail(f"{field}.{key}", "a number")
+
+    def entries(name: str) -> list:
+        value = raw.get(name, [])
+        if not isinstance(value, list):
+            fail(name, "a list")
+        for i, entry in enumerate(value):
+            scores(obj(entry, f"{name}[{i}]"), f"{name}[{i}]")
+        return value
+
+    settings = obj(raw.get("settings"), "settings")
+    for part in ("task", "tune", "data"):
+        obj(settings.get(part, {}), f"settings.{part}")
+    task, tune = settings.get("task", {}), settings.get("tune", {})
+    if not isinstance(task.get("name", ""), str):
+        fail("settings.task.name", "a string")
+    for key in ("bos", "chat", "prompt_position"):
+        if not isinstance(task.get(key), SCALAR):
+            fail(f"settings.task.{key}", "a plain value")
+    for key in SETTING_KEYS:
+        if not isinstance(tune.get(key), SCALAR):
+            fail(f"settings.tune.{key}", "a plain value")
+    seed = settings.get("data", {}).get("seed")
+    if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool)):
+        fail("settings.data.seed", "an integer")
+    obj(raw.get("metrics", {}), "metrics")
+    for i, base in enumerate(entries("baselines")):
+        if not isinstance(base.get("name"), str):
+            fail(f"baselines[{i}].name", "a string")
+    for i, s in enumerate(entries("seeds")):
+        if not isinstance(s.get("seed"), int) or isinstance(s["seed"], bool):
+            fail(f"seeds[{i}].seed", "an integer")
+    scores(obj(raw.get("ensemble"), "ensemble", null=True), "ensemble")
+    choice = obj(raw.get("choice"), "choice", null=True)
+    scores(choice, "choice")
+    if not isinstance(choice.get("kept", ""), str):
+        fail("choice.kept", "a string")
+    if not isinstance(choice.get("best_baseline"), (str, type(None))):
+        fail("choice.best_baseline", "a string")
+    margin = obj(choice.get("dev_margin"), "choice.dev_margin", null=True)
+    for key in ("value", "low"):
+        if margin.get(key) is not None and not is_number(margin[key]):
+            fail(f"choice.dev_margin.{key}", "a number")
+    versions = obj(obj(raw.get("provenance", {}), "provenance").get("versions"), "provenance.versions", null=True)
+    for name, version in versions.items():
+        if not isinstance(version, str):
+            fail(f"provenance.versions.{name}", "a string")
 
 
 def setting_of(run: dict) -> str:
@@ -131,8 +207,8 @@ def kept_under(rule: str, run: dict) -> dict | None:
     choice, base = run.get("choice") or {}, best_baseline(run)
     margin = choice.get("dev_margin") or {}
     tuned = run.get("ensemble") or (run.get("seeds") or [None])[0]
-    if base is None or tuned is None or "low" not in margin:
-        return None
+    if base is None or tuned is None or margin.get("low") is None or margin.get("value") is None:
+        return None  # no margin recorded, or none measured (null: NaN written as JSON)
     keep = margin["value"] > 0 if rule == "max" else margin["low"] > 0
     picked = tuned if keep else base
     return {"tuned": keep, "dev_metric": picked.get("dev_metric"), "test_metric": picked.get("test_metric")}

@@ -308,10 +308,10 @@ def loads(data: bytes, tuner, source: str = "the checkpoint"):
         for node, es in zip(strategies, fresh):
             if not isinstance(node, dict) or node.get("t") != "object":
                 raise ValueError("a strategy that is not an object")
-            before = _shapes(es)
+            before, fixed = _shapes(es), _fixed(es)
             if Decoder(arrays, named(es)).decode(node, es) is not es:
                 raise ValueError("a strategy of another class")
-            _check_strategy(es, before, config.intrinsic_dim)
+            _check_strategy(es, before, fixed, config.intrinsic_dim)
         for es, r in zip(fresh, rng):
             es.opts["randn"].rng.bit_generator.state = r
         raw = doc["state"]
@@ -343,14 +343,67 @@ def _shapes(es) -> dict[str, tuple]:
     return out
 
 
-def _check_strategy(es, before: dict[str, tuple], dim: int) -> None:
-    """The restored strategy has the fresh one's arrays, shapes and dtypes, and finite numbers where they matter."""
+# What a run's settings fix and pycma never changes while it runs (sizes, learning rates, damping, weights): a
+# restored strategy must hold the fresh one's values, so a crafted popsize, dimension or rate never reaches pycma.
+FIXED = ("N", "N_pheno", "sigma0", "gp.N", "sp.N", "sp.popsize", "sp.mu", "sp", "const", "sm.dimension", "sm._lam",
+         "sm._mueff", "sm._parameters", "sm.lazy_update_gap", "sm.constant_trace", "sm.condition_limit",
+         "sm.quadratic", "adapt_sigma.cs", "adapt_sigma.damps", "adapt_sigma._popsize", "adapt_sigma._lam_mirr",
+         "adapt_sigma.max_delta_log_sigma", "adapt_sigma.dampdown_fac", "sigma_vec.dim")
+POSITIVE = ("sm.D", "D", "dC", "sigma_vec.scaling")  # pycma takes square roots of, or divides by, these
+
+
+def _at(es, path: str):
+    obj = es
+    for part in path.split("."):
+        obj = getattr(obj, part, MISSING)
+        if obj is MISSING:
+            break
+    return obj
+
+
+def _plain(value) -> Any:
+    """A value as plain data (pycma's objects as their class and attributes), to compare two strategies' values."""
+    if isinstance(value, np.ndarray):
+        return ("array", value.dtype.str, value.shape, value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return ("dict", [(_plain(k), _plain(v)) for k, v in value.items()])
+    if isinstance(value, (list, tuple)):
+        return (type(value).__qualname__, [_plain(v) for v in value],
+                _plain(vars(value)) if hasattr(value, "__dict__") else None)
+    if type(value).__module__.startswith("cma."):
+        return (type(value).__qualname__, _plain(vars(value)))
+    return value
+
+
+def _fixed(es) -> dict[str, Any]:
+    """The fresh strategy's values at FIXED, as plain data."""
+    return {path: _plain(value) for path in FIXED if (value := _at(es, path)) is not MISSING}
+
+
+def _check_strategy(es, before: dict[str, tuple], fixed: dict[str, Any], dim: int) -> None:
+    """The restored strategy has the fresh one's arrays, shapes and dtypes, the values the run's settings fix, and
+    pycma's numbers as pycma needs them: finite, and positive where it takes roots or divides."""
     for path, (shape, dtype) in before.items():
-        obj = es
-        for part in path.split("."):
-            obj = getattr(obj, part)
+        obj = _at(es, path)
         if not isinstance(obj, np.ndarray) or obj.shape != shape or obj.dtype != dtype:
             raise ValueError(f"{path} is not a {dtype} array of shape {shape}")
+    for path, value in fixed.items():
+        if _plain(_at(es, path)) != value:
+            raise ValueError(f"{path} is not the value this run's settings give it")
+    for obj, prefix in ((es, ""), (es.sm, "sm."), (es.adapt_sigma, "adapt_sigma.")):
+        for name, value in vars(obj).items():
+            if isinstance(value, np.ndarray) and value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise ValueError(f"{prefix}{name} holds numbers that are not finite")
+    for path in POSITIVE:
+        value = _at(es, path)
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f" and not (np.isfinite(value).all()
+                                                                               and (value > 0).all()):
+            raise ValueError(f"{path} holds numbers that are not positive")
+    covariance = getattr(es.sm, "C", None)
+    if isinstance(covariance, np.ndarray) and covariance.ndim == 2 and not (np.diag(covariance) > 0).all():
+        raise ValueError("sm.C has a variance that is not positive")
     sigma = float(es.sigma)
     if not (math.isfinite(sigma) and sigma > 0):
         raise ValueError("a step size that is not a positive number")

@@ -20,6 +20,7 @@ from ..subspace import PROJECTIONS
 TPA_DIMENSION = getattr(cma.evolution_strategy, "TPA_dimension", 300)  # pycma's own switch to TPA
 MIN_LENGTH = 8  # max_length below this leaves no room for a template
 SEARCH_CALIBRATIONS = ("off", "content-free", "batch")  # what the search's train loss is calibrated by
+CALIBRATED_SEARCH = "content-free"  # what calibrate means for the search unless search_calibration says otherwise
 
 
 @dataclass(frozen=True)
@@ -52,14 +53,16 @@ class TuneConfig:
     calibrate: bool = setting(False, "Contextual calibration: divide out the label prior each prompt has on "
                               "content-free inputs (\"N/A\", \"\", \"[MASK]\"), for the plain baselines and the "
                               "tuned prompt alike.")
-    search_calibration: str = setting("off", "With --calibrate, what CMA-ES's train loss sees: off (raw scores, the "
-                                      "paper's search; calibration chooses on dev and corrects the result), "
-                                      "content-free (each candidate's prior on the content-free rows, scored in "
-                                      "the same engine call as the training rows: three more rows a call) or batch "
-                                      "(each candidate's prior from its own training rows' mean probabilities, no "
-                                      "more rows).", choices=SEARCH_CALIBRATIONS)
+    search_calibration: str | None = setting(
+        None, "With --calibrate, what CMA-ES's train loss sees: content-free (each candidate's prior on the "
+        "content-free rows, scored in the same engine call as the training rows: three more rows a call), batch "
+        "(each candidate's prior from its own training rows' mean probabilities, no more rows) or off (raw scores, "
+        "the paper's search; calibration then only chooses on dev and corrects the result) [default: content-free "
+        "with --calibrate, else off].", choices=SEARCH_CALIBRATIONS)
 
     def __post_init__(self):
+        if self.search_calibration is None:  # resolved here, so that a run records what its search did
+            object.__setattr__(self, "search_calibration", CALIBRATED_SEARCH if self.calibrate is True else "off")
         self.check()  # a config that cannot run is refused when it is built
 
     def check(self) -> None:
@@ -115,8 +118,9 @@ class TuneConfig:
     @classmethod
     def from_json(cls, doc: dict) -> "TuneConfig":
         """The settings a run or checkpoint recorded; runs from before the run policy left the config recorded
-        `choose` and `fallback` here (they now travel as `ChoicePolicy`)."""
-        return cls(**{k: v for k, v in doc.items() if k not in POLICY_KEYS})
+        `choose` and `fallback` here (they now travel as `ChoicePolicy`), and runs from before the search could be
+        calibrated searched raw scores."""
+        return cls(**{"search_calibration": "off", **{k: v for k, v in doc.items() if k not in POLICY_KEYS}})
 
 
 @dataclass
