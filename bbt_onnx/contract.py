@@ -15,6 +15,10 @@ ROW_INPUTS = ("input_ids", "attention_mask", "mask_pos", "label_ids")  # what an
 TEXT_INPUTS = ("input_ids", "attention_mask")
 TEXT_OUTPUTS = ("text_kv",)  # [L, 2, N, kv_heads, S, head_dim]
 TAIL_INPUTS = ("text_kv", "text_mask", "tail_ids", "mask_pos", "prompt_embeds", "label_ids")
+# a prefix every row shares (demonstrations), before each row's text: its keys and values once, batch 1, which both
+# halves of the pair take and broadcast over the rows; length 0 for rows without one. Pairs exported before it lack it.
+PREFIX_KV = "prefix_kv"  # [L, 2, 1, kv_heads, S_p, head_dim]
+PREFIX_INPUTS = (PREFIX_KV,)
 
 # dynamic axes by tensor: C candidates, N rows, T tokens, P prompt slots, K label words; S text and U tail tokens
 AXES = {
@@ -29,7 +33,8 @@ AXES = {
 }
 CACHE_AXES = {"input_ids": {0: "N", 1: "S"}, "attention_mask": {0: "N", 1: "S"}, "text_kv": {2: "N", 4: "S"},
               "text_mask": {0: "N", 1: "S"}, "tail_ids": {0: "N", 1: "U"}, "mask_pos": {0: "N"},
-              "prompt_embeds": {0: "C", 1: "P"}, "label_ids": {0: "K"}, "label_logits": {0: "C", 1: "N", 2: "K"}}
+              "prompt_embeds": {0: "C", 1: "P"}, "label_ids": {0: "K"}, "label_logits": {0: "C", 1: "N", 2: "K"},
+              PREFIX_KV: {4: "S_p"}}
 
 
 def graph_inputs(prompt_positions: bool, deep: bool) -> tuple[str, ...]:
@@ -44,9 +49,15 @@ def graph_key(precision: str, deep: bool = False, part: str = "") -> str:
 
 
 def contract(deep: bool = False, part: str = "") -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The inputs and outputs a graph of this kind must have (besides a decoder's prompt_pos)."""
+    """The inputs and outputs a graph of this kind must have (besides a decoder's prompt_pos, and the cached pair's
+    `optional_inputs`)."""
     if part == "text":
         return TEXT_INPUTS, TEXT_OUTPUTS
     if part == "tail":
         return TAIL_INPUTS, GRAPH_OUTPUTS
     return graph_inputs(False, deep), GRAPH_OUTPUTS
+
+
+def optional_inputs(part: str = "") -> tuple[str, ...]:
+    """Inputs a graph of this kind may lack, having been exported before they existed: the cached pair's prefix."""
+    return PREFIX_INPUTS if part in PARTS else ()

@@ -28,7 +28,11 @@ from .truncation import truncation_plan
 
 @dataclass(frozen=True)
 class EncodedSet:
-    """N encoded rows, right-padded to the longest: the graph inputs bar the prompt."""
+    """N encoded rows, right-padded to the longest: the graph inputs bar the prompt.
+
+    With `prefix_ids`, every row is those ids (a prefix the rows share: demonstrations, with BOS first when the
+    framing has one) and then its own ids; every field but `prefix_ids` describes the rows' own ids, and positions
+    (mask_pos, prompt_pos) count from a row's own first id. `whole()` is the same rows in one piece."""
 
     input_ids: np.ndarray  # int64 [N, T]
     attention_mask: np.ndarray  # int64 [N, T]
@@ -37,6 +41,7 @@ class EncodedSet:
     label_ids: np.ndarray  # int64 [K]
     truncated: int = 0  # rows whose text was cut to fit
     prompt_pos: np.ndarray | None = None  # int64 [N]: each row's first prompt slot; None: right after BOS
+    prefix_ids: np.ndarray | None = None  # int64 [S_p]: ids every row shares before its own; None: no prefix
 
     @property
     def suffix_tail(self) -> int | None:
@@ -61,21 +66,42 @@ class EncodedSet:
                        mask_pos=self.mask_pos[index], labels=self.labels[index], truncated=0,
                        prompt_pos=None if self.prompt_pos is None else self.prompt_pos[index])
 
+    @property
+    def prefix_length(self) -> int:
+        return 0 if self.prefix_ids is None else int(np.size(self.prefix_ids))
+
+    def whole(self) -> "EncodedSet":
+        """The rows with the shared prefix put before each (positions shifted past it): what runs where nothing
+        caches the prefix (a masked LM, an engine without the cached pair). Rows without a prefix are returned
+        as they are; `prompt_pos` None (right after BOS) stays None, the slots then lie in the prefix."""
+        if self.prefix_ids is None:
+            return self
+        prefix = np.asarray(self.prefix_ids, dtype=np.int64).reshape(-1)
+        n, s = len(self), prefix.size
+        return replace(self, input_ids=np.concatenate([np.broadcast_to(prefix, (n, s)), self.input_ids], axis=1),
+                       attention_mask=np.concatenate([np.ones((n, s), np.int64), self.attention_mask], axis=1),
+                       mask_pos=self.mask_pos + s, prompt_pos=None if self.prompt_pos is None else self.prompt_pos + s,
+                       prefix_ids=None)
+
     def join(self, other: "EncodedSet", pad_id: int) -> "EncodedSet":
-        """These rows, then `other`'s (the same label words), right-padded with `pad_id` to the longer width."""
+        """These rows, then `other`'s (the same label words and shared prefix), right-padded with `pad_id` to the
+        longer width."""
         width = max(self.input_ids.shape[1], other.input_ids.shape[1])
 
         def padded(a: np.ndarray, value: int) -> np.ndarray:
             return np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=value)
 
         both = (self.prompt_pos is None) == (other.prompt_pos is None)
-        if not both or not np.array_equal(self.label_ids, other.label_ids):
+        same_prefix = (self.prefix_ids is None) == (other.prefix_ids is None) and \
+            (self.prefix_ids is None or np.array_equal(self.prefix_ids, other.prefix_ids))
+        if not both or not same_prefix or not np.array_equal(self.label_ids, other.label_ids):
             raise ValueError("rows of another framing or task cannot be joined")
         return EncodedSet(np.concatenate([padded(self.input_ids, pad_id), padded(other.input_ids, pad_id)]),
                           np.concatenate([padded(self.attention_mask, 0), padded(other.attention_mask, 0)]),
                           np.concatenate([self.mask_pos, other.mask_pos]), np.concatenate([self.labels, other.labels]),
                           self.label_ids, self.truncated + other.truncated,
-                          None if self.prompt_pos is None else np.concatenate([self.prompt_pos, other.prompt_pos]))
+                          None if self.prompt_pos is None else np.concatenate([self.prompt_pos, other.prompt_pos]),
+                          self.prefix_ids)
 
     def batches(self, rows: int) -> Iterator[tuple[np.ndarray, "EncodedSet"]]:
         """Length-sorted batches of at most `rows` rows, so little padding is computed."""

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .contract import PARTS, PROMPT_POS, contract, graph_key
+from .contract import PARTS, PREFIX_KV, PROMPT_POS, contract, graph_key, optional_inputs
 from .devices import PRECISIONS, REFERENCE_PRECISION
 from .errors import ModelError
 from .fileio import JSON_LIMIT, only_files, read_text_bounded, write_json_atomic
@@ -51,8 +51,12 @@ class GraphSpec:
 
     def keeps_contract(self, inputs: list[str], outputs: list[str]) -> bool:
         want_in, want_out = self.contract()
-        return sorted(n for n in inputs if n != PROMPT_POS or self.part) == sorted(want_in) and \
-            list(outputs) == list(want_out)
+        optional = (*optional_inputs(self.part), *(() if self.part else (PROMPT_POS,)))
+        return sorted(n for n in inputs if n not in optional) == sorted(want_in) and list(outputs) == list(want_out)
+
+    def takes(self, name: str) -> bool:
+        """Whether the graph has this input (an optional one may be missing from older exports)."""
+        return any(t.name == name for t in self.inputs)
 
 
 @dataclass(frozen=True)
@@ -258,7 +262,7 @@ def load_manifest(model_dir: str | Path, graphs: bool = True) -> Manifest:
 def fixed_dims(m: Manifest) -> dict[str, dict[int, tuple[str, int]]]:
     return {"prompt_embeds": {2: ("hidden_size", m.hidden_size)},
             "deep_prompts": {0: ("num_layers", m.num_layers), 2: ("hidden_size", m.hidden_size)},
-            "text_kv": {0: ("num_layers", m.num_layers)}}
+            "text_kv": {0: ("num_layers", m.num_layers)}, PREFIX_KV: {0: ("num_layers", m.num_layers)}}
 
 
 def dim_problems(m: Manifest, where: str, inputs) -> list[str]:

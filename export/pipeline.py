@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from bbt_onnx.contract import AXES, CACHE_AXES, GRAPH_OUTPUTS, graph_key
+from bbt_onnx.contract import AXES, CACHE_AXES, GRAPH_OUTPUTS, PREFIX_KV, graph_key
 from bbt_onnx.data import Example
 from bbt_onnx.encoding import Encoder, label_token_ids
 from bbt_onnx.errors import SettingsError
@@ -281,7 +281,7 @@ def build_directory(loaded: Loaded, manifest: Manifest, opts: ExportOptions, tmp
         graphs.update(build_graphs(loaded, manifest, tokenizer, deep,
                                    validate.references(loaded, deep, manifest.prompt_start), opts, tmp, True, log))
     if opts.kv_cache:
-        graphs.update(build_cache_graphs(loaded, sample, plain_refs, opts, tmp, log))
+        graphs.update(build_cache_graphs(loaded, manifest, tokenizer, sample, plain_refs, opts, tmp, log))
 
     specs = {}
     for key, (path, precision, deep, par, fused) in graphs.items():
@@ -335,32 +335,66 @@ def build_graphs(loaded: Loaded, manifest: Manifest, tokenizer, sample: validate
     return graphs
 
 
-def build_cache_graphs(loaded: Loaded, sample: validate.ParityInputs, refs: tuple[np.ndarray, np.ndarray],
-                       opts: ExportOptions, tmp: Path, log: Callable[[str], None]) -> dict:
+def build_cache_graphs(loaded: Loaded, manifest: Manifest, tokenizer, sample: validate.ParityInputs,
+                       refs: tuple[np.ndarray, np.ndarray], opts: ExportOptions, tmp: Path,
+                       log: Callable[[str], None]) -> dict:
     """The text/tail pair (fp32) for suffix prompts on a decoder, judged like the full graph: the tail's logits
-    on the cached text against PyTorch on the whole rows (`refs`)."""
+    on the cached text against PyTorch on the whole rows (`refs`); and with a prefix every row shares (its keys
+    and values from the text graph, once), against PyTorch on the rows with that prefix before them."""
+    import torch
+
     reference, exact = refs
     split = sample.cache_split()
+    prefixed = prefixed_inputs(manifest, tokenizer, sample)
     text, tail = tmp / "model.text.onnx", tmp / "model.tail.onnx"
     log(f"exporting the cached pair for suffix prompts (text {text.name}, tail {tail.name})")
     # SDPA: GPT-2's eager attention slices a causal buffer of max_positions keys, and the tail's C*U queries
     # with the text make more keys than that
     with attention(loaded.model, "sdpa"):
-        export_onnx(CausalTextGraph(loaded.model, loaded.family).eval(), {"input_ids": split.text_ids,
-                    "attention_mask": split.text_mask}, text, opts.opset, TEXT_NAMES, CACHE_AXES)
-        kv = validate.session(text).run(["text_kv"], {"input_ids": split.text_ids,
-                                                      "attention_mask": split.text_mask})[0]
+        text_graph = CausalTextGraph(loaded.model, loaded.family).eval()
+        with torch.no_grad():  # an example prefix to trace with (its length is a dynamic axis; any will do)
+            ids = torch.from_numpy(np.ascontiguousarray(prefixed.input_ids[:1, :prefixed.prefix]))
+            prefix_kv = text_graph(ids, torch.ones_like(ids)).numpy()
+        export_onnx(text_graph, {"input_ids": split.text_ids, "attention_mask": split.text_mask,
+                                 PREFIX_KV: prefix_kv}, text, opts.opset, TEXT_NAMES, CACHE_AXES)
+        session = validate.session(text)
+        kv = session.run(["text_kv"], {"input_ids": split.text_ids, "attention_mask": split.text_mask,
+                                       PREFIX_KV: validate.empty_prefix(session)})[0]
         export_onnx(CausalTailGraph(loaded.model, loaded.family).eval(),
                     {"text_kv": kv, "text_mask": split.text_mask, "tail_ids": split.tail_ids,
                      "mask_pos": split.tail_mask_pos, "prompt_embeds": sample.prompt_embeds,
-                     "label_ids": sample.label_ids}, tail, opts.opset, TAIL_NAMES, CACHE_AXES)
+                     "label_ids": sample.label_ids, PREFIX_KV: prefix_kv}, tail, opts.opset, TAIL_NAMES, CACHE_AXES)
     parity = validate.judge(reference, exact, validate.run_cached(text, tail, sample))
     log(f"text+tail: max abs diff vs PyTorch on the whole rows {parity['max_abs_diff']:.2e} (vs float64 "
         f"{parity['max_abs_diff_fp64']:.2e}), argmax agreement {parity['argmax_agreement']:.1%}")
-    if not parity["max_abs_diff_fp64"] <= parity["fp32_tolerance"]:
-        raise ExportError(f"the cached pair disagrees with PyTorch: max abs diff {parity['max_abs_diff_fp64']:.3g} > "
-                          f"{parity['fp32_tolerance']:.3g}; this is a bug, please report it")
-    return {"text-fp32": (text, "fp32", False, {}, {}), "tail-fp32": (tail, "fp32", False, parity, {})}
+    shared = validate.judge(*validate.references(loaded, prefixed, manifest.prompt_start),
+                            validate.run_cached(text, tail, prefixed))
+    log(f"prefix+text+tail ({prefixed.prefix} shared ids): max abs diff vs PyTorch on the whole rows "
+        f"{shared['max_abs_diff']:.2e} (vs float64 {shared['max_abs_diff_fp64']:.2e})")
+    for what, judged in (("", parity), (" with a shared prefix", shared)):
+        if not judged["max_abs_diff_fp64"] <= judged["fp32_tolerance"]:
+            raise ExportError(f"the cached pair{what} disagrees with PyTorch: max abs diff "
+                              f"{judged['max_abs_diff_fp64']:.3g} > {judged['fp32_tolerance']:.3g}; this is a bug, "
+                              "please report it")
+    return {"text-fp32": (text, "fp32", False, {}, {}), "tail-fp32": (tail, "fp32", False,
+                                                                    {**parity, "prefix": shared}, {})}
+
+
+PREFIX_TEXT = " Review: a quiet , lovely film\n"  # export's own shared prefix (a demonstration) for the pair's parity
+
+
+def prefixed_inputs(manifest: Manifest, tokenizer, sample: validate.ParityInputs) -> validate.ParityInputs:
+    """The parity rows with a prefix every row shares: the rows' BOS (if any), then a demonstration's ids, then
+    each row's own ids; its `prefix` is both."""
+    lead = manifest.prompt_start  # BOS opens every parity row when the model has one
+    demo = np.array(tokenizer.encode(PREFIX_TEXT, add_special_tokens=False).ids, np.int64)
+    n = len(sample.input_ids)
+    head = np.concatenate([sample.input_ids[:1, :lead], demo[None]], axis=1)
+    shift = demo.size
+    return replace(sample, input_ids=np.concatenate([np.repeat(head, n, axis=0), sample.input_ids[:, lead:]], axis=1),
+                   attention_mask=np.concatenate([np.ones((n, lead + shift), np.int64), sample.attention_mask[:, lead:]],
+                                                 axis=1),
+                   mask_pos=sample.mask_pos + shift, prompt_pos=sample.prompt_pos + shift, prefix=lead + shift)
 
 
 @contextmanager

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from bbt_onnx.compare import compare_logits as compare  # noqa: F401 - the runtime's, so check needs no torch
+from bbt_onnx.contract import PREFIX_KV
 
 from .wrappers import pre_hook_adding
 
@@ -31,6 +32,7 @@ class ParityInputs:
     deep_prompts: np.ndarray | None = None  # [L, P, H]: the deep graph's per-layer prompts
     prompt_layer: int = 0  # the layer the candidates replace there
     prompt_pos: np.ndarray | None = None  # [N]: each row's first slot (decoders' graphs take it)
+    prefix: int = 0  # the first `prefix` ids, the same in every row: what the cached pair takes as a shared prefix
 
     def feeds(self) -> dict[str, np.ndarray]:
         """The graph's inputs, in the order the scorers take them."""
@@ -42,13 +44,22 @@ class ParityInputs:
             feeds.update(deep_prompts=self.deep_prompts, prompt_layer=np.array([self.prompt_layer], dtype=np.int64))
         return feeds
 
-    def cache_split(self):
-        """The rows cut for the cached pair (they must carry a suffix prompt)."""
-        from bbt_onnx.encoding import EncodedSet, cache_split
+    def rows(self):
+        """The rows as the runtime's EncodedSet: the first `prefix` ids as their shared prefix, the rest their own."""
+        from bbt_onnx.encoding import EncodedSet
 
-        rows = EncodedSet(self.input_ids, self.attention_mask, self.mask_pos, np.zeros(len(self.input_ids)),
-                          self.label_ids, prompt_pos=self.prompt_pos)
-        split = cache_split(rows)
+        p = self.prefix
+        assert (self.input_ids[:, :p] == self.input_ids[:1, :p]).all(), "the rows' first ids differ"
+        return EncodedSet(self.input_ids[:, p:], self.attention_mask[:, p:], self.mask_pos - p,
+                          np.zeros(len(self.input_ids)), self.label_ids,
+                          prompt_pos=None if self.prompt_pos is None else self.prompt_pos - p,
+                          prefix_ids=self.input_ids[0, :p] if p else None)
+
+    def cache_split(self):
+        """The rows cut for the cached pair (they must carry a suffix prompt), after the shared prefix."""
+        from bbt_onnx.encoding import cache_split
+
+        split = cache_split(self.rows())
         assert split is not None, "the parity rows carry no suffix prompt"
         return split
 
@@ -160,9 +171,26 @@ def run_onnx(path, inputs: ParityInputs) -> np.ndarray:
 
 
 def run_cached(text_path, tail_path, inputs: ParityInputs) -> np.ndarray:
-    """The cached pair on suffix-prompt rows: the texts' keys and values once, then the tails."""
+    """The cached pair on suffix-prompt rows: the shared prefix's keys and values (its first `prefix` ids, none
+    when 0), then the texts' after it, then the tails. A pair exported before prefixes takes none."""
     split = inputs.cache_split()
-    kv = session(text_path).run(["text_kv"], {"input_ids": split.text_ids, "attention_mask": split.text_mask})[0]
-    return session(tail_path).run(["label_logits"], {
+    text, tail = session(text_path), session(tail_path)
+    extra = {}
+    if PREFIX_KV in {i.name for i in text.get_inputs()}:
+        extra[PREFIX_KV] = empty_prefix(text)
+        if inputs.prefix:
+            ids = inputs.input_ids[:1, :inputs.prefix]
+            extra[PREFIX_KV] = text.run(["text_kv"], {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                                                      **extra})[0]
+    else:
+        assert not inputs.prefix, "this cached pair takes no prefix"
+    kv = text.run(["text_kv"], {"input_ids": split.text_ids, "attention_mask": split.text_mask, **extra})[0]
+    return tail.run(["label_logits"], {
         "text_kv": kv, "text_mask": split.text_mask, "tail_ids": split.tail_ids, "mask_pos": split.tail_mask_pos,
-        "prompt_embeds": inputs.prompt_embeds, "label_ids": inputs.label_ids})[0]
+        "prompt_embeds": inputs.prompt_embeds, "label_ids": inputs.label_ids, **extra})[0]
+
+
+def empty_prefix(text_session) -> np.ndarray:
+    """The text graph's prefix_kv of length 0: what rows without a shared prefix feed."""
+    shape = next(i.shape for i in text_session.get_inputs() if i.name == PREFIX_KV)
+    return np.zeros([1 if axis == 2 else 0 if axis == 4 else d for axis, d in enumerate(shape)], np.float32)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,12 +12,17 @@ import pytest
 from bbt_onnx import BlackBoxTuner, Model, TuneConfig, TunedPrompt
 from bbt_onnx.data import Example
 from bbt_onnx.engines import OrtEngine
+from bbt_onnx.contract import CACHE_AXES, GRAPH_OUTPUTS, TAIL_INPUTS, TEXT_INPUTS, TEXT_OUTPUTS
+from bbt_onnx.encoding import EncodedSet
 from bbt_onnx.errors import ModelError, SettingsError
+from bbt_onnx.fileio import sha256_file
 from bbt_onnx.manifest import load_manifest
 from bbt_onnx.synthetic import sentiment_examples, sentiment_rows, write_csv
 from bbt_onnx.tasks import Framing, Task, make_framing, resolve_task
 from bbt_onnx_export import validate
 from bbt_onnx_export.loading import load_model
+from bbt_onnx_export.pipeline import attention, export_onnx, tensor_specs
+from bbt_onnx_export.wrappers import CausalTailGraph, CausalTextGraph
 
 from conftest import without_graphs
 from helpers import cli_error, invoke
@@ -62,6 +69,8 @@ def test_the_manifest_records_the_chat_template_and_bos(decoder):
         assert m.bos_token_id is not None
     assert {"deep-fp32", "fp32", "tail-fp32", "text-fp32"} <= set(m.graphs)
     assert m.graphs["tail-fp32"].parity["max_abs_diff_fp64"] <= 1e-4
+    assert m.graphs["tail-fp32"].parity["prefix"]["max_abs_diff_fp64"] <= 1e-4  # export's own shared prefix
+    assert all(m.graphs[k].takes("prefix_kv") for k in ("text-fp32", "tail-fp32"))
 
 
 def test_bos_choices(decoder):
@@ -194,6 +203,198 @@ def test_bbtv2_takes_a_suffix_prompt_on_the_deep_graph(decoder):
                                    prompt_pos=enc.prompt_pos)
     want = validate.torch_reference(loaded, inputs)[0]
     np.testing.assert_allclose(prompt.logits(model, enc), want, atol=1e-4)
+
+
+# -- a prefix every row shares (demonstrations) -------------------------------------------------------------------
+DEMOS = " Review: a fine , warm film\nSentiment: great\n Review: dull and long\nSentiment: bad\n"
+
+
+def prefixed_rows(model, n: int = 24, prompt_tokens: int = 6, demos: str = DEMOS) -> EncodedSet:
+    """Suffix-prompt rows whose own ids carry no BOS, with BOS (when the model's rows open with it) and two
+    demonstrations as the prefix they share."""
+    own = model.encoder(task(Framing(bos="never", position="suffix")), prompt_tokens).encode(rows(n))
+    lead = [] if model.manifest.bos_id is None else [model.manifest.bos_id]
+    demo = model.tokenizer.encode(demos, add_special_tokens=False).ids
+    return replace(own, prefix_ids=np.array(lead + demo, np.int64))
+
+
+def in_one_piece(enc: EncodedSet, pad_id: int) -> EncodedSet:
+    """The same rows written out whole, row by row: the prefix's ids, then the row's own, positions after both."""
+    prefix = [int(i) for i in enc.prefix_ids]
+    whole = [prefix + [int(i) for i in enc.input_ids[r, :n]] for r, n in enumerate(enc.lengths)]
+    width = max(map(len, whole))
+    ids = np.array([r + [pad_id] * (width - len(r)) for r in whole], np.int64)
+    mask = np.array([[1] * len(r) + [0] * (width - len(r)) for r in whole], np.int64)
+    return EncodedSet(ids, mask, enc.mask_pos + len(prefix), enc.labels, enc.label_ids,
+                      prompt_pos=None if enc.prompt_pos is None else enc.prompt_pos + len(prefix))
+
+
+def test_a_shared_prefix_runs_once_and_scores_as_the_whole_rows(decoder):
+    """Prefix (demonstrations), then each row's text, then the slots and the cue: the full graph's logits on the
+    rows in one piece, across candidates, buckets and batches, the prefix run once per engine."""
+    model = Model.load(decoder.model)
+    m = model.manifest
+    enc = prefixed_rows(model)
+    whole = in_one_piece(enc, m.pad_id)
+    full, cached = OrtEngine(m, kv_cache=False), OrtEngine(m)
+    sub = enc.take(np.arange(3, 11))  # another set of rows with the same prefix: its own text, the same prefix
+    rng = np.random.default_rng(4)
+    for c in (1, 4):
+        prompts = rng.normal(0, m.embedding_std * 3, (c, 6, m.hidden_size)).astype(np.float32)
+        want = full.label_logits(prompts, whole)
+        np.testing.assert_allclose(cached.label_logits(prompts, enc), want, atol=1e-4)
+        np.testing.assert_allclose(full.label_logits(prompts, enc), want, atol=1e-4)  # no cache: run whole
+        np.testing.assert_allclose(cached.label_logits(prompts, sub), full.label_logits(prompts, whole.take(
+            np.arange(3, 11))), atol=1e-4)
+    assert cached.plan_summary(enc)["cached_prefix"] and not full.plan_summary(enc)["cached_text"]
+    assert cached.prefix_runs == 1  # one prefix, kept: not per call, per set of rows nor per bucket
+    assert cached.text_runs == cached.plan_summary(enc)["calls"] + cached.plan_summary(sub)["calls"]
+    again = replace(enc, prefix_ids=enc.prefix_ids.copy())  # the same ids in another array: the same entry
+    np.testing.assert_allclose(cached.label_logits(prompts, again), want, atol=1e-4)
+    assert cached.prefix_runs == 1
+    one_call = OrtEngine(m, max_buckets=1)  # rows in one call, in their own (unsorted) order
+    np.testing.assert_allclose(one_call.label_logits(prompts, enc), want, atol=1e-4)
+    bound = OrtEngine(m)  # CUDA's path: the prefix, the texts' keys and values and the rows bound as OrtValues
+    bound.io_binding = True
+    np.testing.assert_allclose(bound.label_logits(prompts, enc), want, atol=1e-4)
+    np.testing.assert_allclose(bound.label_logits(prompts, replace(enc, prefix_ids=None)),
+                               full.label_logits(prompts, replace(enc, prefix_ids=None)), atol=1e-4)
+    assert bound.plan_summary(enc)["text_kv_on_device"]
+
+
+def test_the_prefix_scores_as_the_hf_model_on_the_whole_rows(decoder):
+    model = Model.load(decoder.model)
+    enc = prefixed_rows(model, n=5, prompt_tokens=4)
+    whole = in_one_piece(enc, model.manifest.pad_id)
+    prompts = np.random.default_rng(0).normal(0, 0.5, (3, 4, model.manifest.hidden_size)).astype(np.float32)
+    want = validate.torch_reference(load_model(str(decoder.src)), validate.ParityInputs(
+        whole.input_ids, whole.attention_mask, whole.mask_pos, prompts, whole.label_ids, prompt_pos=whole.prompt_pos))
+    np.testing.assert_allclose(OrtEngine(model.manifest).label_logits(prompts, enc), want, atol=1e-4)
+
+
+def test_two_prefixes_never_share_keys_and_values(decoder):
+    model = Model.load(decoder.model)
+    m = model.manifest
+    a = prefixed_rows(model, n=10)
+    b = replace(a, prefix_ids=np.concatenate([a.prefix_ids[:-1], [a.prefix_ids[-1] + 1]]))  # one id apart
+    c = prefixed_rows(model, n=10, demos=DEMOS[:-1])  # one token shorter
+    assert a.attention_mask is b.attention_mask  # the same rows: only the prefix tells them apart
+    engine, full = OrtEngine(m), OrtEngine(m, kv_cache=False)
+    prompts = np.random.default_rng(5).normal(0, m.embedding_std * 3, (3, 6, m.hidden_size)).astype(np.float32)
+    got = {}
+    for name, rows_ in (("a", a), ("b", b), ("c", c), ("a again", a)):
+        got[name] = engine.label_logits(prompts, rows_)
+        np.testing.assert_allclose(got[name], full.label_logits(prompts, in_one_piece(rows_, m.pad_id)), atol=1e-4)
+    assert engine.prefix_runs == 3
+    assert np.abs(got["a"] - got["b"]).max() > 1e-3 and np.abs(got["a"] - got["c"]).max() > 1e-3
+
+
+def kv_bytes(m, tokens: int) -> int:
+    """What `tokens` tokens of one row take in the cache: every layer's keys and values in fp32."""
+    shape = next(t.shape for t in m.graphs["tail-fp32"].inputs if t.name == "text_kv")
+    return int(np.prod([d for d in shape if isinstance(d, int)])) * 4 * tokens
+
+
+def test_the_prefix_counts_against_the_cache_limit(decoder):
+    model = Model.load(decoder.model)
+    m = model.manifest
+    a = prefixed_rows(model, n=6)
+    b = replace(a, prefix_ids=a.prefix_ids[:-1])
+    prompts = np.zeros((2, 6, m.hidden_size), np.float32)
+    p, text = a.prefix_length, int(a.prompt_pos.max()) * len(a)  # the texts at their padded width, in one call
+    with pytest.raises(SettingsError, match=r"shared prefix \(\d+ tokens\) would take .* over the engine's "
+                                            r"kv_cache_limit"):
+        OrtEngine(m, kv_cache_limit=kv_bytes(m, p) - 1).label_logits(prompts, a)
+    with pytest.raises(SettingsError, match=r"these 6 rows after a shared prefix of \d+ tokens would take"):
+        OrtEngine(m, kv_cache_limit=kv_bytes(m, p + text) - 1, max_buckets=1).label_logits(prompts, a)
+    # room for one prefix and its rows: the other prefix's entry replaces it, and each scores as its whole rows
+    engine = OrtEngine(m, kv_cache_limit=kv_bytes(m, p + text), max_buckets=1)
+    full = OrtEngine(m, kv_cache=False)
+    for rows_ in (a, b, a):
+        np.testing.assert_allclose(engine.label_logits(prompts, rows_),
+                                   full.label_logits(prompts, in_one_piece(rows_, m.pad_id)), atol=1e-4)
+    assert engine.prefix_runs == 3  # a, then b in its place, then a again
+
+
+def old_pair(decoder, out) -> Path:
+    """A copy of the model directory whose cached pair is the one exported before shared prefixes existed."""
+    target = without_graphs(decoder.model, out, lambda key: True)
+    loaded = load_model(str(decoder.src))
+    m = load_manifest(target)
+    enc = Model.load(target).encoder(task(SUFFIX), 4).encode(rows(4))
+    split = validate.ParityInputs(enc.input_ids, enc.attention_mask, enc.mask_pos, None, enc.label_ids,
+                                  prompt_pos=enc.prompt_pos).cache_split()
+    text, tail = target / m.graphs["text-fp32"].file, target / m.graphs["tail-fp32"].file
+    feeds = {"input_ids": split.text_ids, "attention_mask": split.text_mask}
+    with attention(loaded.model, "sdpa"):
+        export_onnx(CausalTextGraph(loaded.model, loaded.family).eval(), feeds, text, m.opset,
+                    (list(TEXT_INPUTS), list(TEXT_OUTPUTS)), CACHE_AXES)
+        kv = validate.session(text).run(None, feeds)[0]
+        export_onnx(CausalTailGraph(loaded.model, loaded.family).eval(),
+                    {"text_kv": kv, "text_mask": split.text_mask, "tail_ids": split.tail_ids,
+                     "mask_pos": split.tail_mask_pos, "prompt_embeds": np.zeros((2, 4, m.hidden_size), np.float32),
+                     "label_ids": enc.label_ids}, tail, m.opset, (list(TAIL_INPUTS), list(GRAPH_OUTPUTS)), CACHE_AXES)
+    graphs = dict(m.graphs)
+    for key, path in (("text-fp32", text), ("tail-fp32", tail)):
+        inputs, outputs = tensor_specs(path)
+        graphs[key] = replace(graphs[key], sha256=sha256_file(path), inputs=inputs, outputs=outputs)
+    replace(m, graphs=graphs).write(target)
+    return target
+
+
+def test_a_pair_from_before_prefixes_keeps_its_rows_bit_for_bit_and_refuses_a_prefix(decoder, tmp_path):
+    model = Model.load(decoder.model)
+    m = model.manifest
+    old = load_manifest(old_pair(decoder, tmp_path / "old"))
+    assert not old.graphs["tail-fp32"].takes("prefix_kv") and old.has_cache_graphs("fp32")
+    enc = prefixed_rows(model, n=12)
+    plain = replace(enc, prefix_ids=None)
+    prompts = np.random.default_rng(6).normal(0, m.embedding_std * 3, (3, 6, m.hidden_size)).astype(np.float32)
+    before, now = OrtEngine(old), OrtEngine(m)
+    # rows without a prefix: the new pair, fed an empty prefix, is the old pair to the bit
+    np.testing.assert_array_equal(now.label_logits(prompts, plain), before.label_logits(prompts, plain))
+    assert before.plan_summary(plain)["cached_text"]
+    with pytest.raises(ModelError, match=r"before shared prefixes: re-export it with `bbt-onnx export --kv-cache`"):
+        before.label_logits(prompts, enc)
+    # without the cache, the old directory runs the rows whole
+    np.testing.assert_allclose(OrtEngine(old, kv_cache=False).label_logits(prompts, enc),
+                               now.label_logits(prompts, enc), atol=1e-4)
+
+
+def test_a_masked_lm_runs_the_prefix_with_each_row(tiny_model):
+    """A masked LM has no cached pair: the prefix (here <s>, the prompt's slots and a demonstration, so the prompt
+    stays right after <s>) is put before every row, and scores as the rows written out whole."""
+    model = Model.load(tiny_model)
+    m = model.manifest
+    enc = model.encoder(resolve_task("sst2"), 4).encode(rows(9))
+    head = 1 + 4  # <s> and the slots
+    demo = model.tokenizer.encode(" a fine film . It was great .", add_special_tokens=False).ids
+    own = EncodedSet(enc.input_ids[:, head:], enc.attention_mask[:, head:], enc.mask_pos - head, enc.labels,
+                     enc.label_ids, prefix_ids=np.array(list(enc.input_ids[0, :head]) + demo, np.int64))
+    whole = in_one_piece(own, m.pad_id)
+    prompts = np.random.default_rng(7).normal(0, m.embedding_std * 3, (2, 4, m.hidden_size)).astype(np.float32)
+    engine = OrtEngine(m)
+    np.testing.assert_allclose(engine.label_logits(prompts, own), engine.label_logits(prompts, whole), atol=1e-5)
+    assert not engine.plan_summary(own)["cached_text"]
+
+
+def test_rows_with_a_prefix_over_the_models_positions_are_refused(decoder):
+    model = Model.load(decoder.model)
+    enc = prefixed_rows(model, n=4)
+    long = replace(enc, prefix_ids=np.resize(enc.prefix_ids, model.manifest.max_positions))
+    with pytest.raises(SettingsError, match="over the model's .* positions; use a shorter prefix"):
+        OrtEngine(model.manifest).label_logits(np.zeros((1, 6, model.manifest.hidden_size), np.float32), long)
+
+
+def test_joined_rows_keep_their_shared_prefix_and_refuse_another(decoder):
+    model = Model.load(decoder.model)
+    enc = prefixed_rows(model, n=6)
+    joined = enc.take(np.arange(3)).join(enc.take(np.arange(3, 6)), model.manifest.pad_id)
+    assert np.array_equal(joined.prefix_ids, enc.prefix_ids)
+    with pytest.raises(ValueError, match="cannot be joined"):
+        enc.join(replace(enc, prefix_ids=enc.prefix_ids[:-1]), model.manifest.pad_id)
+    with pytest.raises(ValueError, match="cannot be joined"):
+        enc.join(replace(enc, prefix_ids=None), model.manifest.pad_id)
 
 
 # -- refusals ---------------------------------------------------------------------------------------------------

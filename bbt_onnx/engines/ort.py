@@ -3,7 +3,8 @@
 
 On CPU, rows of similar length go in one call (padding is computed like any token); on CUDA the rows are bound on
 the device once per set of rows. Suffix-prompt rows on a decoder exported with the cached pair run their text once
-and each call only the tails.
+and each call only the tails; a prefix the rows share (demonstrations) runs once per engine, its keys and values
+kept once, and the texts and tails attend to it.
 """
 
 from __future__ import annotations
@@ -14,16 +15,24 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..contract import GRAPH_OUTPUTS, PROMPT_POS, ROW_INPUTS, TEXT_OUTPUTS, graph_key
+from ..contract import GRAPH_OUTPUTS, PREFIX_KV, PROMPT_POS, ROW_INPUTS, TEXT_OUTPUTS, graph_key
 from ..devices import DEVICES, PRECISIONS, device_of
 from ..encoding import CacheSplit, EncodedSet, cache_split
-from ..errors import ModelError, SettingsError
+from ..errors import DataError, ModelError, SettingsError
 from ..fileio import sha256_file
 from ..manifest import MANIFEST_NAME, GraphSpec, Manifest, dim_problems
 from .base import PromptScoring, check_prompt_positions, row_groups, row_input
 
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
-KV_CACHE_LIMIT = 4 << 30  # bytes of cached text keys and values an engine may hold
+KV_CACHE_LIMIT = 4 << 30  # bytes of cached keys and values (texts and shared prefixes) an engine may hold
+
+
+def size_text(size: int) -> str:
+    """Bytes in words: 1.5 GiB, 12.0 MiB, 800 bytes."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift:
+            return f"{size / (1 << shift):.1f} {unit}"
+    return f"{size} bytes"
 
 
 def cpu_threads() -> int:
@@ -71,7 +80,7 @@ class OrtEngine(PromptScoring):
         self.max_buckets = max_buckets if max_buckets is not None else self.on.row_buckets
         self.io_binding = self.on.io_binding
         self.row_inputs = ROW_INPUTS + ((PROMPT_POS,) if self.takes_prompt_pos else ())
-        self._plans: dict[int, tuple[np.ndarray, list[Part]]] = {}  # by the rows' identity
+        self._plans: dict[int, tuple[np.ndarray, object, list[Part]]] = {}  # by the rows' (and prefix's) identity
         # Suffix prompts on a decoder: the text's keys and values once per set of rows, then only the tails.
         has_pair = not deep and manifest.has_cache_graphs(precision)
         if kv_cache and not has_pair:
@@ -80,14 +89,19 @@ class OrtEngine(PromptScoring):
         self.kv_cache = has_pair if kv_cache is None else bool(kv_cache)
         self.kv_cache_limit = kv_cache_limit
         self._text = self._tail = None
-        self._cached_bytes = 0
+        self._cached_bytes = 0  # the kept texts' keys and values
+        self._prefixes: dict[bytes, object] = {}  # each shared prefix's keys and values (batch 1), by its ids' bytes
+        self._prefix_bytes = 0
         self.text_runs = 0  # texts run through the text graph (once per set of rows and bucket, then kept)
+        self.prefix_runs = 0  # shared prefixes run through it (once per distinct prefix, then kept)
 
     def plan_summary(self, batch: EncodedSet) -> dict:
         """How this engine runs a set of rows: its calls, whether through the cached text, and where the rows and
         the cached keys and values live. Planned once per set of rows, as a tune does."""
         parts = self._plan(batch)
-        return {"calls": len(parts), "cached_text": parts[0].split is not None,
+        cached = parts[0].split is not None
+        return {"calls": len(parts), "cached_text": cached,
+                "cached_prefix": cached and batch.prefix_length > 0,  # else a prefix runs with each row
                 "rows_on_device": all(p.device_rows is not None for p in parts),
                 "text_kv_on_device": any(type(p.text_kv).__name__ == "OrtValue" for p in parts)}
 
@@ -163,55 +177,107 @@ class OrtEngine(PromptScoring):
         for part in parts:
             feeds = {"text_mask": part.split.text_mask, "tail_ids": part.split.tail_ids,
                      "mask_pos": part.split.tail_mask_pos, "prompt_embeds": prompts, "label_ids": part.batch.label_ids}
-            out[:, part.index] = self._run_tail(part.text_kv, feeds)
+            out[:, part.index] = self._run_tail(part.text_kv, part.prefix_kv, feeds)
         return out
+
+    def _supports_prefix(self) -> bool:
+        self._cache_pair()
+        return self.takes_prefix
 
     def _cache_pair(self):
         if self._text is None:
             graphs = self.manifest.graphs
-            self._text = self._open(graphs[graph_key(self.precision, part="text")])
-            self._tail = self._open(graphs[graph_key(self.precision, part="tail")])
-            shape = next(i.shape for i in self._tail.get_inputs() if i.name == "text_kv")
+            text = self._open(graphs[graph_key(self.precision, part="text")])
+            tail = self._open(graphs[graph_key(self.precision, part="tail")])
+            shape = next(i.shape for i in tail.get_inputs() if i.name == "text_kv")
             self._kv_unit = int(np.prod([d for d in shape if isinstance(d, int)])) * 4  # bytes per row and token
+            # pairs exported before shared prefixes take none; the others take an empty one for rows without
+            self.takes_prefix = all(PREFIX_KV in {i.name for i in g.get_inputs()} for g in (text, tail))
+            self._no_prefix = None
+            if self.takes_prefix:
+                self._no_prefix = np.zeros([0 if axis == 4 else 1 if axis == 2 else d
+                                            for axis, d in enumerate(shape)], np.float32)
+            self._text, self._tail = text, tail
         return self._text, self._tail
 
-    def _reserve(self, splits: list[CacheSplit]) -> None:
-        """Room for these texts' keys and values within the limit: older cached texts go first; a set of rows that
-        alone is over the limit is a clear error."""
+    def _reserve(self, splits: list[CacheSplit], prefix: np.ndarray | None) -> None:
+        """Room for these texts' keys and values, and their prefix's when it is not kept yet, within the limit:
+        older cached texts go first, then older prefixes; what alone is over the limit is a clear error."""
         self._cache_pair()
         need = self._kv_unit * sum(split.text_ids.size for split in splits)
-        if need > self.kv_cache_limit:
+        fresh = 0 if prefix is None or prefix.tobytes() in self._prefixes else self._kv_unit * prefix.size
+        if fresh > self.kv_cache_limit:
+            raise SettingsError(f"the keys and values of the shared prefix ({prefix.size} tokens) would take "
+                                f"{size_text(fresh)}, over the engine's kv_cache_limit of "
+                                f"{size_text(self.kv_cache_limit)}; use a shorter prefix (fewer demonstrations)",
+                                "kv_cache_limit")
+        if need + fresh > self.kv_cache_limit:
             rows = sum(len(split.text_ids) for split in splits)
-            raise SettingsError(f"the cached keys and values of these {rows} rows would take {need / 2**30:.1f} GiB, "
-                                f"over the engine's limit of {self.kv_cache_limit / 2**30:.1f} GiB; use fewer "
-                                "training rows or a smaller max_length, or tune with a prefix prompt", "max_length")
-        if self._cached_bytes + need > self.kv_cache_limit:
-            self._plans = {k: v for k, v in self._plans.items() if v[1][0].split is None}
+            with_prefix = f" after a shared prefix of {prefix.size} tokens" if prefix is not None else ""
+            raise SettingsError(f"the cached keys and values of these {rows} rows{with_prefix} would take "
+                                f"{size_text(need + fresh)}, over the engine's limit of "
+                                f"{size_text(self.kv_cache_limit)}; use fewer training rows or a smaller max_length, "
+                                "or tune with a prefix prompt", "max_length")
+        if self._cached_bytes + self._prefix_bytes + need + fresh > self.kv_cache_limit:
+            self._plans = {k: v for k, v in self._plans.items() if v[2][0].split is None}
             self._cached_bytes = 0
+        if self._prefix_bytes + need + fresh > self.kv_cache_limit:  # no kept text holds a prefix any more
+            keep = b"" if prefix is None else prefix.tobytes()
+            self._prefixes = {k: v for k, v in self._prefixes.items() if k == keep}
+            self._prefix_bytes = sum(self._kv_unit * len(k) // 8 for k in self._prefixes)
         self._cached_bytes += need
 
-    def _text_kv(self, split: CacheSplit):
-        """Every layer's keys and values for these texts, on the engine's device."""
-        text, _ = self._cache_pair()
-        self.text_runs += 1
-        feeds = {"input_ids": split.text_ids, "attention_mask": split.text_mask}
+    def _prefix_kv(self, prefix: np.ndarray | None):
+        """The keys and values of a prefix every row shares, computed once per distinct prefix and kept (batch 1;
+        the graphs broadcast it over the rows); an empty one for rows without a prefix, None for a pair that
+        takes none."""
+        self._cache_pair()
+        if prefix is None:
+            return self._device(self._no_prefix) if self.takes_prefix else None
+        key = prefix.tobytes()
+        if key not in self._prefixes:
+            self.prefix_runs += 1
+            ids = prefix.reshape(1, -1)
+            self._prefixes[key] = self._run_text(ids, np.ones_like(ids), self._device(self._no_prefix))
+            self._prefix_bytes += self._kv_unit * prefix.size
+        return self._prefixes[key]
+
+    def _device(self, value: np.ndarray):
+        """An input kept for many calls: on the device when binding."""
         if not self.io_binding:
-            return text.run(list(TEXT_OUTPUTS), feeds)[0]
+            return value
+        return onnxruntime().OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device, 0)
+
+    def _text_kv(self, split: CacheSplit, prefix_kv):
+        """Every layer's keys and values for these texts (after the shared prefix's), on the engine's device."""
+        self.text_runs += 1
+        return self._run_text(split.text_ids, split.text_mask, prefix_kv)
+
+    def _run_text(self, ids: np.ndarray, mask: np.ndarray, prefix_kv):
+        text, _ = self._cache_pair()
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        kept = {} if prefix_kv is None else {PREFIX_KV: prefix_kv}
+        if not self.io_binding:
+            return text.run(list(TEXT_OUTPUTS), {**feeds, **kept})[0]
         ort = onnxruntime()
         binding = text.io_binding()
         for name, value in feeds.items():
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, self.device, 0))
+        for name, value in kept.items():
+            binding.bind_ortvalue_input(name, value)
         binding.bind_output(TEXT_OUTPUTS[0], self.device)
         text.run_with_iobinding(binding)
         return binding.get_outputs()[0]  # stays on the device
 
-    def _run_tail(self, text_kv, feeds: dict) -> np.ndarray:
+    def _run_tail(self, text_kv, prefix_kv, feeds: dict) -> np.ndarray:
         _, tail = self._cache_pair()
+        kept = {"text_kv": text_kv, **({} if prefix_kv is None else {PREFIX_KV: prefix_kv})}
         if not self.io_binding:
-            return np.asarray(tail.run(list(GRAPH_OUTPUTS), {"text_kv": text_kv, **feeds})[0], dtype=np.float32)
+            return np.asarray(tail.run(list(GRAPH_OUTPUTS), {**kept, **feeds})[0], dtype=np.float32)
         ort = onnxruntime()
         binding = tail.io_binding()
-        binding.bind_ortvalue_input("text_kv", text_kv)
+        for name, value in kept.items():
+            binding.bind_ortvalue_input(name, value)
         for name, value in feeds.items():
             value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device, 0)
             binding.bind_ortvalue_input(name, value)
@@ -221,30 +287,55 @@ class OrtEngine(PromptScoring):
 
     def _plan(self, batch: EncodedSet) -> list["Part"]:
         """How a batch is run: its length buckets, with their rows on the device when binding, or for suffix rows
-        on a model with the cached pair, their texts' keys and values. Decided and built once per batch, since
+        on a model with the cached pair, their texts' keys and values (after their shared prefix's, kept once per
+        engine). Rows with a prefix anywhere else run whole. Decided and built once per batch (and prefix), since
         the training set is scored every generation."""
         key = id(batch.attention_mask)
         hit = self._plans.get(key)
-        if hit is None or hit[0] is not batch.attention_mask:
-            check_prompt_positions(batch, self.takes_prompt_pos, self.manifest.prompt_start, self.graph)
+        if hit is None or hit[0] is not batch.attention_mask or hit[1] is not batch.prefix_ids:
+            prefix = self._check_prefix(batch)
             whole = cache_split(batch) if self.kv_cache else None
             cached = whole is not None
+            rows = batch if cached else batch.whole()  # a prefix not cached runs with each row
+            check_prompt_positions(rows, self.takes_prompt_pos, self.manifest.prompt_start, self.graph)
+            if cached and prefix is not None and not self._supports_prefix():
+                raise ModelError("this model's cached pair of graphs was exported before shared prefixes: re-export "
+                                 "it with `bbt-onnx export --kv-cache` for rows with a prefix (or open the engine "
+                                 "with kv_cache=False, which runs every row whole)", "kv_cache")
             if len(self._plans) >= 8:
                 self._plans.clear()
                 self._cached_bytes = 0
-            lengths = batch.prompt_pos if cached else batch.lengths  # a cached text's length is its cost
-            groups, subsets = row_groups(batch, lengths, self.max_buckets)
+            lengths = rows.prompt_pos if cached else rows.lengths  # a cached text's length is its cost
+            groups, subsets = row_groups(rows, lengths, self.max_buckets)
             if cached:
                 splits = [whole] if len(subsets) == 1 else [cache_split(sub) for sub in subsets]
-                self._reserve(splits)
-                parts = [Part(g, sub, split=split, text_kv=self._text_kv(split))
+                self._reserve(splits, prefix)
+                prefix_kv = self._prefix_kv(prefix)
+                parts = [Part(g, sub, split=split, text_kv=self._text_kv(split, prefix_kv), prefix_kv=prefix_kv)
                          for g, sub, split in zip(groups, subsets, splits)]
             else:
                 parts = [Part(g, sub, self._bind_rows(sub) if self.io_binding else None)
                          for g, sub in zip(groups, subsets)]
-            hit = (batch.attention_mask, parts)
+            hit = (batch.attention_mask, batch.prefix_ids, parts)
             self._plans[key] = hit
-        return hit[1]
+        return hit[2]
+
+    def _check_prefix(self, batch: EncodedSet) -> np.ndarray | None:
+        """The rows' shared prefix as int64 ids (None when they have none or an empty one); rows that with it
+        would not fit the model's positions are refused."""
+        if not batch.prefix_length:
+            return None
+        prefix = np.ascontiguousarray(batch.prefix_ids, dtype=np.int64)
+        if prefix.ndim != 1:
+            raise DataError(f"prefix_ids must be one sequence of ids, got an array of shape {list(prefix.shape)}",
+                            "prefix_ids")
+        longest = prefix.size + int(batch.lengths.max())
+        if longest > self.manifest.max_positions:
+            raise SettingsError(f"a shared prefix of {prefix.size} tokens and rows of up to "
+                                f"{int(batch.lengths.max())} make {longest} tokens, over the model's "
+                                f"{self.manifest.max_positions} positions; use a shorter prefix or a smaller "
+                                "max_length", "max_length")
+        return prefix
 
     def _bind_rows(self, batch: EncodedSet) -> dict:
         ort = onnxruntime()
@@ -281,6 +372,7 @@ class Part:
     device_rows: dict | None = None
     split: CacheSplit | None = None  # suffix rows: the texts and tails of the cached pair
     text_kv: object = None  # their keys and values (numpy, or an OrtValue on the device)
+    prefix_kv: object = None  # their shared prefix's (kept once by the engine), empty without one; None: not taken
 
 
 @dataclass(frozen=True)

@@ -348,6 +348,7 @@ class TritonEngine(TritonClient, PromptScoring):
 
     # -- the engine (label_logits and deep_label_logits come from PromptScoring) -----------------------
     def _score(self, prompts: np.ndarray, batch: EncodedSet, extra: dict) -> np.ndarray:
+        batch = batch.whole()  # a prefix the rows share runs with each row: a server caches nothing
         check_prompt_positions(batch, self.takes_prompt_pos, self.manifest.prompt_start, self.graph_label)
         groups, subsets = row_groups(batch, batch.lengths, self.max_buckets)
         out = np.empty((prompts.shape[0], len(batch), len(batch.label_ids)), np.float32)
