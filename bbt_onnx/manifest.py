@@ -282,6 +282,11 @@ def _check(m: Manifest, path: Path, graphs: bool = True) -> None:
         raise ModelError(f"{path}: graph file {bad_files[0]!r} is not a file name inside the model directory; "
                          "re-export the model")
     files = [m.directory / g.file for g in m.graphs.values()]  # type: ignore[operator]
+    home = m.directory.resolve()  # type: ignore[union-attr]
+    away = sorted(f.name for f in files if f.is_symlink() and home not in f.resolve().parents)
+    if away:  # a link out of the directory: the graph run would not be the one the manifest was checked with
+        raise ModelError(f"{path}: graph file {away[0]!r} is a link out of the model directory; copy the graph "
+                         "into it (or re-export the model)")
     if graphs and files and not any(f.is_file() for f in files):
         raise ModelError(f"{m.directory} holds no graph files: a client directory (manifest and tokenizer only) is "
                          "used with server (a URL), where the model is served", "server")

@@ -366,6 +366,7 @@ def snapshot(root: Path) -> dict:
      "no int8 graph"),
     (["--prompt", "{root}/missing", "--out", "{out}", "--force"], "does not exist"),
     (["--prompt", "{root}/run", "--out", "{out}", "--force", "--max-length", "8"], "no room for text"),
+    (["--prompt", "{root}/run", "--out", "{out}", "--force", "--max-length", "4000"], "more than the model's"),
 ])
 def test_deploy_mistake_is_one_error_line_and_out_is_untouched(mistakes, args, match):
     root, out = mistakes["root"], mistakes["out"]

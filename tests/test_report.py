@@ -179,3 +179,21 @@ def test_a_tracker_that_cannot_open_is_one_line(tiny_model, data_dir, tmp_path, 
     assert "MLflow refused" in line and not (tmp_path / "run").exists()
     assert "--track-uri goes with --track" in cli_error(tune_args(tiny_model, data_dir, tmp_path / "r",
                                                                   "--track-uri", "x"))
+
+
+def test_report_reads_the_run_a_killed_force_replacement_left_aside(runs, tmp_path):
+    """tune --force moves the earlier run into .replaced/ until the new one has a checkpoint; killed before that,
+    the directory still holds the earlier run, for report as for every other command."""
+    import shutil
+
+    run = shutil.copytree(runs / "a", tmp_path / "a")
+    aside = run / ".replaced"
+    aside.mkdir()
+    for f in list(run.iterdir()):
+        if f.name != ".replaced":
+            f.rename(aside / f.name)
+    (run / "run.json").write_text(json.dumps({"status": "running", "settings": {}}))  # the new run, killed early
+    (run / "log.jsonl").write_text("")
+    r = invoke(["report", run, "--format", "json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == json.loads(invoke(["report", runs / "a", "--format", "json"]).stdout)

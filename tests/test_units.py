@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -551,3 +553,20 @@ def test_an_old_pickle_checkpoint_names_the_tuner_module_it_was_written_by(tmp_p
         read_states(RunDir(tmp_path), [None])
     (restored,) = read_states(RunDir(tmp_path), [None], trust=True)
     assert isinstance(restored, TunerState) and restored.config == cfg and restored.calls == 18
+
+
+def test_a_graph_file_that_links_out_of_the_model_directory_is_refused(tiny_model, tmp_path):
+    """The graph a manifest names lies in its own directory: a link to a graph elsewhere is refused."""
+    from bbt_onnx.errors import ModelError
+    from bbt_onnx.manifest import load_manifest
+
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    elsewhere = shutil.copy(model / "model.onnx", tmp_path / "other.onnx")
+    (model / "model.onnx").unlink()
+    (model / "model.onnx").symlink_to(elsewhere)
+    with pytest.raises(ModelError, match="'model.onnx' is a link out of the model directory"):
+        load_manifest(model)
+    (model / "model.onnx").unlink()
+    (model / "inside.onnx").write_bytes(Path(elsewhere).read_bytes())
+    (model / "model.onnx").symlink_to("inside.onnx")  # a link within the directory stays fine
+    assert load_manifest(model).directory == model

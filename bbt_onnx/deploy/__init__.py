@@ -238,6 +238,9 @@ def prepare(manifest: Manifest, result_path: str | Path, precision: str = "fp32"
     prompt, prompt_file = finished_result(result_path)
     prompt.check_model(_Manifested(manifest))
     if max_length is not None:
+        if max_length > manifest.max_positions:  # cut silently to the model's, it would not be what was asked
+            raise SettingsError(f"max_length {max_length} is more than the model's {manifest.max_positions} positions; "
+                                "leave it out to use them all", "max_length")
         prompt = with_max_length(prompt, max_length)
     members = prompt.members if isinstance(prompt, PromptEnsemble) else (prompt,)
     if not all(m.model_fingerprint for m in members):

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import RunError
-from ..runs import RUN_JSON, read_run_json
+from ..runs import RUN_JSON, RunDir, read_run_json
 from ..stats import Spread, spread
 
 SETTING_KEYS = ("method", "prompt_tokens", "intrinsic_dim", "popsize", "budget", "loss", "calibrate", "prompt_init")
@@ -48,7 +48,7 @@ def read_run(path: str | Path) -> dict:
     """A finished run's run.json (a run directory or the file itself)."""
     path = Path(path)
     if path.is_dir():
-        path = path / RUN_JSON
+        path = RunDir(path).file(RUN_JSON)  # an earlier run a killed force replacement left aside is still the run
     raw = read_run_json(path)
     if raw.get("status") != "complete":
         raise RunError(f"{path} is not a finished run (status {raw.get('status')!r}); finish or resume it first")
