@@ -197,3 +197,16 @@ def test_report_reads_the_run_a_killed_force_replacement_left_aside(runs, tmp_pa
     r = invoke(["report", run, "--format", "json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout) == json.loads(invoke(["report", runs / "a", "--format", "json"]).stdout)
+
+
+def test_runs_that_searched_otherwise_are_other_settings():
+    """search_calibration decides a run's numbers: runs that differ in it are reported apart, and a run from before
+    the option searched raw scores (off)."""
+    from bbt_onnx.jobs.report import setting_of
+
+    def run(**tune) -> dict:
+        return {"settings": {"tune": {"calibrate": True, "budget": 20, **tune}, "task": {}}}
+
+    assert setting_of(run()) == setting_of(run(search_calibration="off"))
+    assert setting_of(run(search_calibration="content-free")) != setting_of(run(search_calibration="off"))
+    assert "search_calibration content-free" in setting_of(run(search_calibration="content-free"))

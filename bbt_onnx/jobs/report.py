@@ -15,7 +15,8 @@ from ..errors import RunError
 from ..runs import RUN_JSON, RunDir, read_run_json
 from ..stats import Spread, spread
 
-SETTING_KEYS = ("method", "prompt_tokens", "intrinsic_dim", "popsize", "budget", "loss", "calibrate", "prompt_init")
+SETTING_KEYS = ("method", "prompt_tokens", "intrinsic_dim", "popsize", "budget", "loss", "calibrate",
+                "search_calibration", "prompt_init")
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ def check_shape(raw: dict, path: Path) -> None:
 
 def setting_of(run: dict) -> str:
     """The setting a run belongs to, in words: what decides its numbers apart from the seed and the data."""
-    tune = run["settings"].get("tune", {})
+    tune = {"search_calibration": "off", **run["settings"].get("tune", {})}  # runs from before it searched raw scores
     task = run["settings"].get("task", {})
     framing = ", ".join(f"{k} {task[k]}" for k in ("bos", "chat", "prompt_position") if k in task)
     parts = [f"{k} {tune[k]}" for k in SETTING_KEYS if tune.get(k) is not None]
