@@ -250,7 +250,7 @@ def load_manifest(model_dir: str | Path, graphs: bool = True) -> Manifest:
             bos_token_id=None if raw.get("bos_token_id") is None else int(raw["bos_token_id"]),
             chat_prefix=None if raw.get("chat_prefix") is None else str(raw["chat_prefix"]),
             chat_suffix=None if raw.get("chat_suffix") is None else str(raw["chat_suffix"]),
-            directory=directory,
+            directory=directory.absolute(),  # a later change of working directory keeps finding its files
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ModelError(f"{path} is incomplete or malformed ({type(exc).__name__}: {exc}); re-export the model") from None

@@ -570,3 +570,17 @@ def test_a_graph_file_that_links_out_of_the_model_directory_is_refused(tiny_mode
     (model / "inside.onnx").write_bytes(Path(elsewhere).read_bytes())
     (model / "model.onnx").symlink_to("inside.onnx")  # a link within the directory stays fine
     assert load_manifest(model).directory == model
+
+
+def test_a_model_loaded_by_a_relative_path_keeps_scoring_after_a_change_of_directory(tiny_model, tmp_path,
+                                                                                      monkeypatch):
+    """A Model remembers its directory absolutely: a caller that changes directory (a server, a notebook) keeps
+    scoring, and the fingerprint checks still find the files."""
+    from bbt_onnx import PRESETS, Model, TunedPrompt
+
+    monkeypatch.chdir(Path(tiny_model).parent)
+    model = Model.load(Path(tiny_model).name)
+    prompt = TunedPrompt.template(model.manifest, PRESETS["sst2"], "template")
+    before = prompt.logits(model, ["a gripping film"])
+    monkeypatch.chdir(tmp_path)
+    assert np.array_equal(prompt.logits(model, ["a gripping film"]), before)
