@@ -46,3 +46,21 @@ def test_refusal_is_heard_though_the_body_is_unread(gate, case, status):
     for _ in range(40):
         answer = exchange(gate.port, head, body)
         assert answer.split(b" ")[1] == status, answer[:80]
+
+
+@pytest.mark.parametrize("body, why", [
+    (b'{"inputs": [{"name": "x", "shape": [1], "shape": [100000], "datatype": "INT64", "data": [1]}]}',
+     "names 'shape' twice"),
+    (b'{"inputs": [], "inputs": [{"name": "x", "shape": [1], "datatype": "INT64", "data": [1]}]}',
+     "names 'inputs' twice"),
+    (b'{"inputs": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", "nests too deep"),
+])
+def test_a_request_two_parsers_could_read_apart_is_refused(body, why):
+    """A repeated key (Python's json keeps the last, tritonserver's rapidjson the first) or a nesting that exhausts
+    the parser is a 400 naming it, before anything is forwarded."""
+    from bbt_onnx.serving.gate import Refusal, check_infer
+
+    with pytest.raises(Refusal, match=why) as caught:
+        check_infer(body, {}, 1 << 20)
+    assert caught.value.status == 400
+    check_infer(b'{"inputs": [{"name": "x", "shape": [1], "datatype": "INT64", "data": [1]}]}', {}, 1 << 20)

@@ -36,13 +36,31 @@ class Refusal(Exception):
         self.status = status
 
 
+class DuplicateKey(ValueError):
+    """A JSON object that names a key twice: two parsers may each read a different value."""
+
+
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json's object hook: an object whose keys are all different, else DuplicateKey naming the repeated key."""
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
 def check_infer(body: bytes, headers: dict[str, str], max_bytes: int) -> None:
     """An inference request's JSON header against the data it carries: every input's declared shape a list of
     counts whose product fits the limit and equals its data (JSON `data`, or `binary_data_size`)."""
     length = headers.get("inference-header-content-length")
     try:
         head = body[:int(length)] if length is not None else body
-        request = json.loads(head)
+        request = json.loads(head, object_pairs_hook=unique_keys)
+    except DuplicateKey as exc:  # Python keeps a repeated key's last value, tritonserver's parser its first
+        raise Refusal(400, f"the inference request names {str(exc)!r} twice in one object") from None
+    except RecursionError:
+        raise Refusal(400, "the inference request's JSON nests too deep") from None
     except (ValueError, UnicodeDecodeError):
         raise Refusal(400, "the inference request's header is not valid JSON") from None
     inputs = request.get("inputs") if isinstance(request, dict) else None
