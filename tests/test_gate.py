@@ -64,3 +64,37 @@ def test_a_request_two_parsers_could_read_apart_is_refused(body, why):
         check_infer(body, {}, 1 << 20)
     assert caught.value.status == 400
     check_infer(b'{"inputs": [{"name": "x", "shape": [1], "datatype": "INT64", "data": [1]}]}', {}, 1 << 20)
+
+
+def answer(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(request)
+        data = b""
+        while chunk := conn.recv(1 << 16):
+            data += chunk
+        return data
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"POST http://127.0.0.1/v2/models/m/infer HTTP/1.1\r\nHost: a\r\n\r\n",  # an absolute-URL target
+    b"POST  /v2/models/m/infer HTTP/1.1\r\nHost: a\r\n\r\n",  # two spaces in the request line
+    b"POST /v2/models/m/infer HTTP/1.1\r\nHost: a\r\nContent-Length : 5\r\n\r\nhello",  # a space before the colon
+    b"POST /v2/models/m/infer HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 9\r\n\r\nhello",
+    b"POST /v2/models/m/infer HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n  folded\r\n\r\n",  # an obsolete folded line
+    b"GET /v2/health/live HTTP/1.1\r\nno colon here\r\n\r\n",
+])
+def test_a_request_two_http_parsers_could_read_apart_is_a_400(gate, request_bytes):
+    """What RFC 9112 tells a server to refuse is refused at the gate, before the token and before any upstream: the
+    ways a token holder once aborted tritonserver and smuggled a second request."""
+    assert answer(gate.port, request_bytes).startswith(b"HTTP/1.1 400")
+
+
+def test_a_well_formed_request_is_read_and_forwarded_as_the_gate_writes_it():
+    from bbt_onnx.serving.gate import canonical_head, parse_head
+
+    head = b"POST /v2/models/m/infer HTTP/1.1\r\nHost: a\r\nContent-Length:  12\r\nAccept: x\r\nAccept: y\r\n\r\n"
+    method, target, version, headers = parse_head(head)
+    assert (method, target, version) == ("POST", "/v2/models/m/infer", "HTTP/1.1")
+    assert headers == {"host": "a", "content-length": "12", "accept": "x, y"}
+    assert canonical_head(method, target, version, headers) == (
+        b"POST /v2/models/m/infer HTTP/1.1\r\nhost: a\r\ncontent-length: 12\r\naccept: x, y\r\n\r\n")

@@ -25,6 +25,11 @@ ITEM_BYTES = {"BOOL": 1, "INT8": 1, "UINT8": 1, "INT16": 2, "UINT16": 2, "FP16":
 INFER_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$")
 OPEN_METADATA = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?(/ready)?$")  # model metadata and readiness
 MAX_HEAD = 64 * 1024
+# RFC 9112: a token method, an origin-form target, HTTP/1.x, single spaces; a header is a token, a colon, a value
+REQUEST_LINE = re.compile(r"^([!#$%&'*+.^_`|~0-9A-Za-z-]+) (/[^\s]*) (HTTP/1\.[01])$")
+HEADER_LINE = re.compile(r"^([!#$%&'*+.^_`|~0-9A-Za-z-]+):([^\r\n]*)$")
+SINGLE_HEADERS = ("content-length", "transfer-encoding", "host", TOKEN_HEADER.lower(),
+                  "inference-header-content-length")  # given twice, two readers could each take another
 DRAIN = 256 << 20  # a refused body up to this size is read past and dropped, so the client reads the refusal
 STATES = ("starting", "serving", "restarting", "stopping")
 LIVE = b"\x08\x01"  # a ServerLiveResponse with live = true, as protobuf bytes
@@ -161,7 +166,12 @@ class HttpGate:
                     head = await reader.readuntil(b"\r\n\r\n")
                 except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
                     return
-                method, target, headers = parse_head(head)
+                try:
+                    method, target, version, headers = parse_head(head)
+                except Refusal as refusal:
+                    await respond(writer, refusal.status, str(refusal), close=True)
+                    await linger(reader, writer)
+                    return
                 keep = headers.get("connection", "").lower() != "close"
                 if self.token and restricted(method, target) and headers.get(TOKEN_HEADER) != self.token:
                     await respond(writer, 403, f"This API is restricted, expecting header '{TOKEN_HEADER}'",
@@ -194,7 +204,7 @@ class HttpGate:
                 try:
                     if upstream is None:
                         upstream = await asyncio.open_connection("127.0.0.1", self.upstream, limit=MAX_HEAD)
-                    closing = await forward(head, body, upstream, writer)
+                    closing = await forward(canonical_head(method, target, version, headers), body, upstream, writer)
                 except (OSError, asyncio.IncompleteReadError, ValueError):
                     if upstream is not None:
                         upstream[1].close()
@@ -236,16 +246,42 @@ def restricted(method: str, target: str) -> bool:
     return True
 
 
-def parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
+def parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
+    """A request's line and headers, read as RFC 9112 says a server must: one space apart, an origin-form target, no
+    whitespace before a header's colon, no folded lines, no header that frames the body (or carries the token) given
+    twice. Anything else is a 400, so that the gate and tritonserver never read one request two ways."""
     lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    method, target = (parts[0], parts[1]) if len(parts) >= 2 else ("", "")
-    headers = {}
+    request = REQUEST_LINE.match(lines[0])
+    if request is None:
+        raise Refusal(400, "the request line is not METHOD /path HTTP/1.x, one space apart")
+    headers: dict[str, str] = {}
     for line in lines[1:]:
+        if not line:
+            continue
+        field = HEADER_LINE.match(line)
+        if field is None:
+            raise Refusal(400, "a header line is malformed (whitespace before its colon, folded, or no colon)")
+        key, value = field.group(1).lower(), field.group(2).strip(" \t")
+        if key in headers and key in SINGLE_HEADERS:
+            raise Refusal(400, f"the {key} header is given twice")
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    return request.group(1), request.group(2), request.group(3), headers
+
+
+def canonical_head(method: str, target: str, version: str, headers: dict[str, str]) -> bytes:
+    """The request as the gate forwards it: written from what it parsed, never the client's bytes."""
+    lines = [f"{method} {target} {version}", *(f"{k}: {v}" for k, v in headers.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def response_headers(response: bytes) -> dict[str, str]:
+    """tritonserver's response headers, read leniently: it is the server the gate trusts."""
+    headers = {}
+    for line in response.decode("latin-1").split("\r\n")[1:]:
         if ":" in line:
             key, value = line.split(":", 1)
             headers[key.strip().lower()] = value.strip()
-    return method, target, headers
+    return headers
 
 
 async def forward(head: bytes, body: bytes, upstream, writer) -> bool:
@@ -254,7 +290,7 @@ async def forward(head: bytes, body: bytes, upstream, writer) -> bool:
     up_writer.write(head + body)
     await up_writer.drain()
     response = await up_reader.readuntil(b"\r\n\r\n")
-    _, _, headers = parse_head(b"X X\r\n" + response.split(b"\r\n", 1)[1])
+    headers = response_headers(response)
     writer.write(response)
     if "chunked" in headers.get("transfer-encoding", "").lower():
         while True:
