@@ -98,3 +98,66 @@ def test_a_well_formed_request_is_read_and_forwarded_as_the_gate_writes_it():
     assert headers == {"host": "a", "content-length": "12", "accept": "x, y"}
     assert canonical_head(method, target, version, headers) == (
         b"POST /v2/models/m/infer HTTP/1.1\r\nhost: a\r\ncontent-length: 12\r\naccept: x, y\r\n\r\n")
+
+
+@pytest.fixture
+def strict_gate():
+    limits = {"head_seconds": 0.5, "body_seconds": 0.5, "idle_seconds": 1.0, "connections": 6, "per_client": 3}
+    gate = HttpGate("127.0.0.1", free_port(), free_port(), 1 << 16, lambda: "serving", token="secret",
+                    limits=limits)
+    gate.start()
+    yield gate
+    gate.stop()
+
+
+def closed_within(conn: socket.socket, seconds: float) -> bool:
+    """The gate closes the connection within `seconds` (what it sends before closing is read and dropped)."""
+    import time
+
+    conn.settimeout(seconds)
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            if not conn.recv(1 << 16):
+                return True
+    except (socket.timeout, ConnectionError):
+        return False
+    return False
+
+
+def test_slow_heads_stalled_bodies_and_idle_connections_are_closed(strict_gate):
+    """A head begun and never ended, a body declared and never sent, a connection that waits without a request:
+    each is closed once its time is up, without a token, so half-open connections cannot pile up."""
+    port = strict_gate.port
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        conn.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: a\r\n")  # never ends the head
+        assert closed_within(conn, 3)
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        conn.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: a\r\ntriton-access-token: secret\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"inp")  # declares 100 bytes, sends 5
+        assert closed_within(conn, 3)
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        assert closed_within(conn, 4)  # idle: nothing sent at all
+
+
+def test_a_body_on_an_open_endpoint_is_refused_unread(strict_gate):
+    answer_ = answer(strict_gate.port, b"GET /v2/health/live HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n")
+    assert answer_.startswith(b"HTTP/1.1 400") and b"takes no body" in answer_
+
+
+def test_connections_are_capped_per_client(strict_gate):
+    """The fourth connection from one address hears 429 at once; one closed makes room again."""
+    import time
+
+    held = [socket.create_connection(("127.0.0.1", strict_gate.port)) for _ in range(3)]
+    time.sleep(0.2)  # the gate has counted them
+    try:
+        refused = answer(strict_gate.port, b"")
+        assert refused.startswith(b"HTTP/1.1 429")
+        held.pop().close()
+        time.sleep(0.2)
+        assert answer(strict_gate.port, b"GET /v2/health/live HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+                      ).startswith(b"HTTP/1.1 503")  # heard (no tritonserver behind this gate)
+    finally:
+        for conn in held:
+            conn.close()

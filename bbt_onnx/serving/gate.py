@@ -30,6 +30,9 @@ REQUEST_LINE = re.compile(r"^([!#$%&'*+.^_`|~0-9A-Za-z-]+) (/[^\s]*) (HTTP/1\.[0
 HEADER_LINE = re.compile(r"^([!#$%&'*+.^_`|~0-9A-Za-z-]+):([^\r\n]*)$")
 SINGLE_HEADERS = ("content-length", "transfer-encoding", "host", TOKEN_HEADER.lower(),
                   "inference-header-content-length")  # given twice, two readers could each take another
+# Limits on what a connection may hold: the time to finish a head once it began, to send a declared body, to stay
+# idle between requests; connections at once, overall and from one address
+LIMITS = {"head_seconds": 10.0, "body_seconds": 120.0, "idle_seconds": 300.0, "connections": 512, "per_client": 64}
 DRAIN = 256 << 20  # a refused body up to this size is read past and dropped, so the client reads the refusal
 STATES = ("starting", "serving", "restarting", "stopping")
 LIVE = b"\x08\x01"  # a ServerLiveResponse with live = true, as protobuf bytes
@@ -114,8 +117,10 @@ class HttpGate:
     shapes checked, keep-alive connections each with their own upstream connection."""
 
     def __init__(self, host: str, port: int, upstream: int, max_body: int, state: Callable[[], str],
-                 token: str | None = None):
+                 token: str | None = None, limits: dict | None = None):
         self.host, self.port, self.upstream, self.max_body, self.state = host, port, upstream, max_body, state
+        self.limits = {**LIMITS, **(limits or {})}
+        self.open: dict[str, int] = {}  # connections now open, by the client's address
         self.token = token  # checked here first, so that a caller without it has nothing parsed for it
         self.loop: asyncio.AbstractEventLoop | None = None
         self.server: asyncio.base_events.Server | None = None
@@ -159,12 +164,30 @@ class HttpGate:
         self.loop.close()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = (writer.get_extra_info("peername") or ("?",))[0]
+        if sum(self.open.values()) >= self.limits["connections"] or \
+                self.open.get(peer, 0) >= self.limits["per_client"]:
+            await respond(writer, 429, "too many connections: close some, or retry in a moment", close=True)
+            writer.close()
+            return
+        self.open[peer] = self.open.get(peer, 0) + 1
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self.open[peer] -= 1
+            if not self.open[peer]:
+                del self.open[peer]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         try:
             while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+                try:  # a connection may wait idle for its next request, but a head once begun must end soon
+                    first = await asyncio.wait_for(reader.readexactly(1), self.limits["idle_seconds"])
+                    head = first + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"),
+                                                          self.limits["head_seconds"])
+                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError,
+                        asyncio.TimeoutError):
                     return
                 try:
                     method, target, version, headers = parse_head(head)
@@ -173,6 +196,11 @@ class HttpGate:
                     await linger(reader, writer)
                     return
                 keep = headers.get("connection", "").lower() != "close"
+                if not restricted(method, target) and (headers.get("content-length", "0") != "0" or
+                                                       "transfer-encoding" in headers):
+                    await respond(writer, 400, "this endpoint takes no body", close=True)  # refused unread
+                    await linger(reader, writer)
+                    return
                 if self.token and restricted(method, target) and headers.get(TOKEN_HEADER) != self.token:
                     await respond(writer, 403, f"This API is restricted, expecting header '{TOKEN_HEADER}'",
                                   close=True)
@@ -180,6 +208,8 @@ class HttpGate:
                     return
                 try:
                     body = await self._body(reader, headers)
+                except asyncio.TimeoutError:  # a body declared and not sent: the connection goes
+                    return
                 except Refusal as refusal:
                     await respond(writer, refusal.status, str(refusal), close=True)
                     await linger(reader, writer)
@@ -234,7 +264,7 @@ class HttpGate:
             while left > 0:
                 left -= len(await reader.read(min(left, 1 << 16)) or b"x" * left)
             raise Refusal(413, f"a body of {length} bytes is over the server's limit of {self.max_body}")
-        return await reader.readexactly(length) if length else b""
+        return await asyncio.wait_for(reader.readexactly(length), self.limits["body_seconds"]) if length else b""
 
 
 def restricted(method: str, target: str) -> bool:
@@ -311,7 +341,7 @@ async def forward(head: bytes, body: bytes, upstream, writer) -> bool:
 async def respond(writer, status: int, reason: str, close: bool) -> None:
     body = json.dumps({"error": reason}).encode() if reason else b""
     text = {200: "OK", 400: "Bad Request", 403: "Forbidden", 411: "Length Required", 413: "Payload Too Large",
-            503: "Service Unavailable"}
+            429: "Too Many Requests", 503: "Service Unavailable"}
     writer.write(f"HTTP/1.1 {status} {text.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
                  f"Content-Length: {len(body)}\r\n{'Connection: close' + chr(13) + chr(10) if close else ''}\r\n"
                  .encode() + body)
