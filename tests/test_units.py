@@ -584,3 +584,11 @@ def test_a_model_loaded_by_a_relative_path_keeps_scoring_after_a_change_of_direc
     before = prompt.logits(model, ["a gripping film"])
     monkeypatch.chdir(tmp_path)
     assert np.array_equal(prompt.logits(model, ["a gripping film"]), before)
+
+
+def test_the_restart_budget_recovers_with_time():
+    """serve gives up after RESTARTS deaths within the window, not after RESTARTS deaths in a lifetime."""
+    from bbt_onnx.serving.server import RESTART_WINDOW, recent
+
+    assert recent([0.0, 10.0, RESTART_WINDOW + 5.0], RESTART_WINDOW + 20.0) == [RESTART_WINDOW + 5.0]
+    assert recent([0.0, 1.0], 2.0) == [0.0, 1.0]

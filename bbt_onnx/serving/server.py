@@ -33,7 +33,8 @@ from .tritonserver import TritonProcess, Watchdog
 
 # everything but health (and the server's own metadata) needs the token when one is given
 TOKEN_ENDPOINTS = ("inference", "model-config", "model-repository", "shared-memory", "statistics", "trace", "logging")
-RESTARTS = 5  # tritonserver deaths survived before serve gives up
+RESTARTS = 5  # tritonserver deaths survived within RESTART_WINDOW before serve gives up
+RESTART_WINDOW = 600.0  # seconds: a death older than this no longer counts, so the budget recovers
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,12 @@ class State:
         return self.value
 
 
+def recent(deaths: list[float], now: float) -> list[float]:
+    """The deaths that still count against the restart budget: those within the window, so that a long-lived
+    server is not ended by rare deaths spread over days."""
+    return [d for d in deaths if now - d < RESTART_WINDOW]
+
+
 def serve(opts: ServeOptions, log: Callable[[str], None] = lambda _m: None) -> None:
     """Serve until SIGINT or SIGTERM; then nothing of the server is left: no process, shared memory or folder."""
     opts.check()
@@ -159,14 +166,15 @@ def serve(opts: ServeOptions, log: Callable[[str], None] = lambda _m: None) -> N
         log(f"serving {names}: http://{opts.host}:{opts.http_port}, grpc://{opts.host}:{opts.grpc_port}, metrics on "
             f"{opts.metrics_port}; requests up to {opts.max_request} (C x N x T), bodies up to {limit} bytes"
             f"{'; every request but health needs the token' if opts.token else ''}. Ctrl-C or SIGTERM stops it.")
-        restarts = 0
+        deaths: list[float] = []
         while True:
             time.sleep(0.2)
             if triton.alive():
                 continue
-            restarts += 1
-            if restarts > RESTARTS:
-                raise ServerError(f"tritonserver died {restarts} times{triton.last_error()}; giving up")
+            deaths = recent(deaths + [time.monotonic()], time.monotonic())
+            if len(deaths) > RESTARTS:
+                raise ServerError(f"tritonserver died {len(deaths)} times in {RESTART_WINDOW / 60:.0f} minutes"
+                                  f"{triton.last_error()}; giving up")
             state.value = "restarting"
             log(f"tritonserver exited (code {triton.proc.returncode}){triton.last_error()}; starting it again")
             triton.stop()
