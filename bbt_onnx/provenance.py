@@ -13,11 +13,16 @@ from importlib import metadata
 
 VERSIONED = ("bbt-onnx", "numpy", "onnxruntime", "onnxruntime-gpu", "cma", "tritonclient")
 SECRET_FLAG = re.compile(r"^--?([\w-]*-)?(token|secret|password|passwd|api-key)(-file)?$", re.IGNORECASE)
-USERINFO = re.compile(r"(\w+://)[^/@\s]+@")
+USERINFO = re.compile(r"([A-Za-z][\w+.-]*://)[^/?#\s]*@")  # scheme://user:password@host: the part before the host
 # a secret-looking query parameter's value (a database URI's ?password=...)
-SECRET_PARAM = re.compile(r"([?&](?:password|passwd|pwd|pass|secret|token|access_token|api_?key|sslpassword|"
-                          r"client_secret)=)[^&#\s]*", re.IGNORECASE)
+SECRET_PARAM = re.compile(r"([?&;](?:password|passwd|pwd|pass|secret|token|access_token|api_?key|sslpassword|"
+                          r"client_secret)=)[^&;#\s]*", re.IGNORECASE)
 HIDDEN = "***"
+
+
+def hide_credentials(text: str) -> str:
+    """`text` with every URL's userinfo and every secret-looking query parameter's value hidden."""
+    return SECRET_PARAM.sub(r"\1" + HIDDEN, USERINFO.sub(r"\1" + HIDDEN + "@", text))
 
 
 def versions() -> dict[str, str]:
@@ -84,7 +89,7 @@ def command_line(argv: list[str] | None = None) -> list[str]:
             out.append(f"{flag}={HIDDEN}")
             continue
         hide_next = secret
-        out.append(SECRET_PARAM.sub(r"\1" + HIDDEN, USERINFO.sub(r"\1" + HIDDEN + "@", arg)))
+        out.append(hide_credentials(arg))
     return out
 
 

@@ -7,7 +7,6 @@ files); it never changes what the run computes. MLflow is the one built in (`--t
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 from contextlib import contextmanager
@@ -16,12 +15,9 @@ from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
 from .errors import SettingsError
+from .provenance import HIDDEN, SECRET_PARAM, hide_credentials
 
 FILES = ("prompt.npz", "loss.png", "run.json")  # logged as artifacts when the run wrote them
-HIDDEN = "***"
-USERINFO = re.compile(r"([A-Za-z][\w+.-]*://)[^/?#\s]*@")  # scheme://user:password@host: the part before the host
-SECRET_PARAM = re.compile(r"([?&;](?:password|passwd|pwd|pass|secret|token|access_token|api_key|apikey|sslpassword|"
-                          r"client_secret)=)[^&;#\s]*", re.IGNORECASE)
 # MLflow's HTTP client retries a refused connection seven times with growing waits (minutes). Unless the user set
 # them, the tracker's calls wait this long for a server: the first (opening the store) one try, the later ones a few.
 CONNECT_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
@@ -101,7 +97,7 @@ def shown(uri: str | None) -> str:
 def redact(text: str, uri: str | None = None) -> str:
     """`text` (a URI, or a message that may quote one) with every URI's userinfo and secret query parameters
     hidden, and the credentials of `uri` hidden wherever they appear."""
-    text = SECRET_PARAM.sub(r"\1" + HIDDEN, USERINFO.sub(r"\1" + HIDDEN + "@", text))
+    text = hide_credentials(text)
     for secret in sorted(secrets_of(uri), key=len, reverse=True):
         text = text.replace(secret, HIDDEN)
     return text
