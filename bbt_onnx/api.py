@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 from .choice import ChoicePolicy
 from .classifier import Classifier
 from .data import DataSpec
+from .demos import DemoSpec
 from .engines import EngineSpec, OrtSpec
 from .errors import SettingsError
 from .jobs.tune import Hooks, TuneOutcome, TuneRequest, tune as tune_job
@@ -86,21 +87,23 @@ def as_data(data: str | Path | DataSpec, test: str | Path | None, k_shot: int | 
 def tune(model_dir: str | Path, task: str | Path | Task, data: str | Path | DataSpec, out: str | Path, *,
          config: TuneConfig = TuneConfig(), seeds: Sequence[int] = (), policy: ChoicePolicy = ChoicePolicy(),
          engine: EngineSpec = OrtSpec(), test: str | Path | None = None, k_shot: int | None = None,
-         data_seed: int | None = None, force: bool = False, log: Callable[[str], None] | None = None,
-         hooks: Hooks | None = None) -> Run:
+         data_seed: int | None = None, demos: int | DemoSpec | None = None, force: bool = False,
+         log: Callable[[str], None] | None = None, hooks: Hooks | None = None) -> Run:
     """`bbt-onnx tune`: score the plain template in every framing, tune (several `seeds` in lock-step), keep the
     tuned prompt only when it beats the best template on dev (`policy`), score `test`, write the run into `out`.
 
     `task`: a preset name, a task JSON file or a Task. `data`: a labelled pool (a file or hf:NAME) drawn `k_shot`
     per class (16) for train and again for dev, by `data_seed` [default: the run's seed]; or a DataSpec (explicit
-    train, dev and test files). `force` replaces an earlier run in `out`. `log` hears the messages the CLI prints;
+    train, dev and test files). `demos`: K demonstrations per class drawn from the pool after train and dev (`tune
+    --demos K`), or a DemoSpec (a file's). `force` replaces an earlier run in `out`. `log` hears the messages the CLI prints;
     `hooks` every event. Every input is checked before anything is written (a `BBTError` otherwise)."""
     if seeds:
         config = replace(config, seed=seeds[0])  # as the CLI does; the config checks each seed
     spec = as_data(data, test, k_shot, config.seed if data_seed is None else data_seed)
     task_file = None if isinstance(task, Task) or str(task) in PRESETS else str(task)
-    request = TuneRequest(str(model_dir), as_task(task), spec, config, str(out), engine, tuple(seeds),
-                          policy, task_file)
+    demo_spec = demos if isinstance(demos, DemoSpec) else DemoSpec(demos)
+    request = TuneRequest(str(model_dir), demo_spec.apply(as_task(task), spec.seed, pool=True), spec, config,
+                          str(out), engine, tuple(seeds), policy, task_file, demo_spec)
     hooks = hooks or Hooks()
     if log is not None:
         hooks = replace(hooks, log=log)

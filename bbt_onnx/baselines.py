@@ -2,7 +2,9 @@
 the candidate tokens for the prompt slots at z = 0. Each is a list of named choices; scoring them is the caller's.
 
 The plain template is the user's own prompt, written by hand: for a decoder with and without the tokenizer's BOS
-and inside the chat template (when the model has one); for a masked LM, the template. Prompt slots filled with
+and inside the chat template (when the model has one); for a masked LM, the template. When the task has
+demonstrations, each framing is scored without them and with them (in-context learning), so that a prompt tuned
+on top of demonstrations must beat both. Prompt slots filled with
 arbitrary ids cost accuracy before tuning starts (on SmolLM2 and MR, the reference's ids cost 3.5 to 7.7 points),
 so the start is chosen among cheap fillers: the reference's ids, a whitespace token, a newline token, the
 template's own words, or the user's text.
@@ -24,15 +26,24 @@ AUTO, REFERENCE = "auto", "reference"
 
 def framing_name(task: Task) -> str:
     f = task.framing
+    what = "in-context" if task.demonstrations else "template"
     if f.chat:
-        return "template (chat)"
-    return {"auto": "template (BOS)", "never": "template (no BOS)"}.get(f.bos, f"template (BOS {f.bos})")
+        return f"{what} (chat)"
+    return {"auto": f"{what} (BOS)", "never": f"{what} (no BOS)"}.get(f.bos, f"{what} (BOS {f.bos})")
 
 
 def plain_framings(task: Task, manifest: Manifest) -> list[tuple[str, Task]]:
-    """(name, task) for the template alone in the task's own framing and each other one the model allows."""
+    """(name, task) for the template alone in the task's own framing and each other one the model allows; with
+    demonstrations, each of those without them and then with them."""
+    if task.demonstrations:
+        return plain_framings(task.without_demonstrations(), manifest) + \
+            [(framing_name(framed), framed) for _, framed in _framings(task, manifest)]
+    return _framings(task, manifest)
+
+
+def _framings(task: Task, manifest: Manifest) -> list[tuple[str, Task]]:
     if not manifest.lm.framings:
-        return [("template", task)]
+        return [("in-context" if task.demonstrations else "template", task)]
     position = task.framing.position
     options = [task] + [replace(task, framing=make_framing(bos, chat, position))
                         for bos, chat in (("auto", False), ("never", False), ("auto", True))

@@ -15,6 +15,7 @@ import click
 from .version import __version__
 from .choice import ChoicePolicy
 from .data import DataSpec
+from .demos import DemoSpec
 from .deploy import DeployOptions
 from .engines import EngineOptions
 from .export_options import ExportOptions
@@ -79,7 +80,7 @@ def export(quiet, **params):
 # --------------------------------------------------------------------------- tune
 TUNE_FLAGS = ("model_dir", "out", "force", "force_any", "precision", "seeds", "data_seed", *TaskSpec.__dataclass_fields__,
               *(f for f in DataSpec.__dataclass_fields__ if f != "seed"), *TuneConfig.__dataclass_fields__,
-              *ChoicePolicy.__dataclass_fields__)
+              *ChoicePolicy.__dataclass_fields__, *DemoSpec.__dataclass_fields__)
 
 
 def parse_seeds(ctx, param, value):
@@ -108,6 +109,7 @@ def parse_seeds(ctx, param, value):
     *ENGINE_RULES))
 @model_option(required=False)
 @click_options(TaskSpec)
+@click_options(DemoSpec)
 @click_options(DataSpec)
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory to write.")
 @click_options(TuneConfig)
@@ -149,8 +151,9 @@ def tune(ctx, model_dir, out, resume, force, force_any, trust_checkpoint, quiet,
         if seeds:
             config = replace(config, seed=seeds[0])
         data = from_params(DataSpec, params, seed=config.seed if data_seed is None else data_seed)
-        request = TuneRequest(model_dir, task.resolve(), data, config, str(out), engine, seeds or (),
-                              from_params(ChoicePolicy, params), task.task_file)
+        demos = from_params(DemoSpec, params)
+        request = TuneRequest(model_dir, demos.apply(task.resolve(), data.seed, pool=True), data, config, str(out),
+                              engine, seeds or (), from_params(ChoicePolicy, params), task.task_file, demos)
 
     progress = Progress(quiet)
     hooks = Hooks(log=(lambda m: None) if quiet else err, start=progress.start, event=progress.update,
@@ -181,15 +184,18 @@ def tune(ctx, model_dir, out, resume, force, force_any, trust_checkpoint, quiet,
 @click.option("--prompt-tokens", type=click.IntRange(0),
               help="Prompt slots for --no-prompt without a run [default: model's P].")
 @click_options(TaskSpec)
+@click_options(DemoSpec)
 @click_options(EngineOptions)
 @quiet_option
 def evaluate(model_dir, prompt, data, no_prompt, prompt_tokens, quiet, **params):
-    """Score a tuned prompt (or the bare template) on a labelled file; prints a metrics JSON."""
+    """Score a tuned prompt (or the bare template) on a labelled file; prints a metrics JSON. A run brings its
+    demonstrations; a bare template takes them from --demos-file."""
     from .jobs.evaluate import evaluate as run_evaluate
 
     emit_json(run_evaluate(model_dir, data, prompt, from_params(TaskSpec, params),
                            from_params(EngineOptions, params).spec(), no_prompt, prompt_tokens,
-                           progress=lambda total, label: row_progress(total, label, quiet)))
+                           progress=lambda total, label: row_progress(total, label, quiet),
+                           demos=from_params(DemoSpec, params)))
 
 
 @cli.command(rules=ENGINE_RULES)
@@ -265,6 +271,7 @@ def report(runs, fmt):
               "cannot run are skipped].")
 @click.option("--token-file", type=click.Path(dir_okay=False), help="Access token for the servers in --engines.")
 @click_options(TaskSpec)
+@click_options(DemoSpec)
 @click_options(Tolerances)
 @click_options(EngineOptions, only=("threads",))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
@@ -283,7 +290,7 @@ def check(ctx, model_dir, prompt_dir, data, engines, token_file, threads, as_jso
     tolerances.check()
     named = parse_engines(engines, read_token(token_file) if token_file else None, threads) if engines else None
     request = CheckRequest(model_dir, None if prompt_dir is None else str(prompt_dir), from_params(TaskSpec, params),
-                           data, named and tuple(named), tolerances, threads)
+                           from_params(DemoSpec, params), data, named and tuple(named), tolerances, threads)
     report = run_check(request, log=err)
     err(format_report(report))
     if as_json:

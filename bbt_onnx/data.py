@@ -7,7 +7,7 @@ import io
 import json
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -256,6 +256,23 @@ def k_shot_split(examples: Sequence[Example], keys: Sequence[str], k: int, rng: 
     return train, dev
 
 
+def per_class(examples: Sequence[Example], keys: Sequence[str], k: int, order: Sequence[int]) -> list[Example]:
+    """The first k rows of each class in `order` (a seeded permutation), in that order: balanced, and shuffled
+    rather than alternating (a strict alternation is a pattern a model continues instead of reading the row)."""
+    counts: Counter = Counter()
+    out = []
+    for i in order:
+        e = examples[i]
+        if e.label in keys and counts[e.label] < k:
+            out.append(e)
+            counts[e.label] += 1
+    for key in keys:
+        if counts[key] < k:
+            raise DataError(f"class {key!r} has only {counts[key]} rows left for {k} demonstrations per class "
+                            "(lower demos)", "demos")
+    return out
+
+
 def file_fingerprint(path: str | Path) -> str:
     from .fileio import sha256_file
 
@@ -293,10 +310,13 @@ class Splits:
     dev: list[Example] | None
     test: list[Example] | None
     fingerprints: dict[str, str]
+    demos: list[Example] = field(default_factory=list)  # drawn with `demos`, apart from train and dev
 
 
-def load_splits(spec: DataSpec, keys: Sequence[str]) -> Splits:
-    """Train/dev/test rows as the reference forms them; every label checked against the task."""
+def load_splits(spec: DataSpec, keys: Sequence[str], demos: int = 0) -> Splits:
+    """Train/dev/test rows as the reference forms them; every label checked against the task. With `demos`, that
+    many rows per class as demonstrations, drawn with the same sampling stream after train and dev: from the rest
+    of the pool, or from an explicit train file, which then loses them (a row never sees itself)."""
     from .seeding import generator
 
     spec.check()
@@ -304,15 +324,25 @@ def load_splits(spec: DataSpec, keys: Sequence[str]) -> Splits:
     loaded = {name: read_examples(src) for name, src in sources.items() if src}
     for name, rows in loaded.items():
         check_labels(rows, keys, f"{name} {sources[name]}", name)
+    rng = generator(spec.seed, "sampling")
     if spec.data:
-        train, dev = k_shot_split(loaded["data"], keys, spec.k_shot, generator(spec.seed, "sampling"),
-                                  with_dev=not spec.dev)
+        train, dev = k_shot_split(loaded["data"], keys, spec.k_shot, rng, with_dev=not spec.dev)
         dev = loaded.get("dev", dev)
+        taken = {id(e) for e in train + (dev if not spec.dev else [])}
+        pool = [e for e in loaded["data"] if id(e) not in taken]
     else:
         train, dev = loaded["train"], loaded.get("dev")
+        pool = train
+    drawn = per_class(pool, keys, demos, rng.permutation(len(pool))) if demos else []
+    if drawn and not spec.data:
+        shown = {id(e) for e in drawn}
+        train = [e for e in train if id(e) not in shown]
+        if not train:
+            raise DataError(f"the train file's rows all became demonstrations; lower demos below "
+                            f"{demos}", "demos")
     test = loaded.get("test")
     if test is None and spec.data and spec.data.startswith("hf:"):
         test = hf_test_split(spec.data)
         check_labels(test, keys, f"{spec.data} (evaluation split)")
     fingerprints = {name: file_fingerprint(src) for name, src in sources.items() if src}
-    return Splits(train, dev or None, test, fingerprints)
+    return Splits(train, dev or None, test, fingerprints, drawn)

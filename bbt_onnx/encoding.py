@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 from .data import Example, check_labels
 from .errors import DataError, ModelError, SettingsError
 from .manifest import Manifest
-from .tasks import Framing, Task, check_template
+from .tasks import Demonstration, Framing, Task, check_template
 from .truncation import truncation_plan
 
 
@@ -196,6 +196,38 @@ def init_placeholders(tokenizer: Tokenizer, text: str, prompt_tokens: int) -> li
     return ids
 
 
+DEMO_SEPARATORS = {True: " ", False: "\n\n"}  # between demonstrations, by whether the model is a masked LM
+
+
+def demonstration_text(task: Task, demo: Demonstration, word: str, masked: bool, label_prefix: str) -> str:
+    """The template filled with a demonstration's text and answered with `word`: where {mask} stands on a masked
+    LM, after the answer cue on a decoder (as the label word is read: with the model's label prefix)."""
+    out = []
+    for literal, field, _, _ in string.Formatter().parse(task.template):
+        out.append(literal)
+        if field == "text":
+            out.append(demo.text)
+        elif field == "text_b":
+            if demo.text_b is None:
+                raise DataError(f"the template uses {{text_b}} but demonstration {demo.text[:40]!r} has no text_b")
+            out.append(demo.text_b)
+        elif field == "mask":
+            out.append(word.strip() if masked else "")
+    text = "".join(out)
+    if masked:
+        return text.strip()
+    answer = word if word.startswith(" ") else label_prefix + word
+    return text + (answer.lstrip() if text[-1:].isspace() else answer)
+
+
+def demonstrations_block(task: Task, manifest: Manifest) -> str:
+    """Every demonstration of the task, each followed by the separator: the text every row is preceded by."""
+    masked = bool(manifest.lm.mask_token)
+    words = dict(task.labels)
+    return "".join(demonstration_text(task, d, words[d.label], masked, manifest.label_prefix) +
+                   DEMO_SEPARATORS[masked] for d in task.demonstrations)
+
+
 SLOTS = "@slots"  # the owner of the marker that stands for the prompt slots while a row is cut to fit
 
 
@@ -258,20 +290,39 @@ class Encoder:
         self.lead = bos_ids(task, manifest)
         self.tail = [manifest.eos_id] if manifest.appends_eos else []
         self.mask_text = tokenizer.id_to_token(manifest.mask_id) if manifest.lm.mask_token else ""
+        # demonstrations: on a decoder a prefix the rows share (BOS, the chat template's opening, the
+        # demonstrations), computed once with a --kv-cache export; on a masked LM, whose slots follow <s>, plain
+        # text after the slots, before the template, in every row
+        self.demos = demonstrations_block(task, manifest) if task.demonstrations else ""
+        self.prefix_ids: list[int] = []
+        if self.demos and manifest.lm.framings:
+            opening = manifest.chat_prefix if task.framing.chat else ""
+            self.prefix_ids = self.lead + tokenizer.encode(opening + self.demos, add_special_tokens=False).ids
+            self.lead = []
+            self.max_length = min(self.max_length, manifest.max_positions - len(self.prefix_ids))
+            if self.max_length < len(self.placeholder_ids) + 2:
+                raise SettingsError(f"the {len(task.demonstrations)} demonstrations take {len(self.prefix_ids)} "
+                                    f"tokens of the model's {manifest.max_positions} positions, leaving no room for "
+                                    "a row; use fewer demonstrations", "demos")
         self.before, self.after = self._pieces(list(string.Formatter().parse(task.template)))
 
     def _pieces(self, parts: list) -> tuple[list, list]:
         """The template parts before the prompt slots and after them."""
         framing = self.task.framing
+        if self.demos and not self.prefix_ids:  # a masked LM: the demonstrations lead the template
+            space = "" if parts[0][0][:1].isspace() else " "
+            parts = [(self.demos.rstrip() + space, None, None, None)] + parts
         last = max(i for i, part in enumerate(parts) if part[1] in ("text", "text_b"))
         body, cue = parts[:last + 1], parts[last + 1:]
+        opening = []
         if framing.chat:
-            body = [(self.manifest.chat_prefix, None, None, None)] + lstrip_parts(body)
+            opening = [] if self.prefix_ids else [(self.manifest.chat_prefix, None, None, None)]  # else in the prefix
+            body = opening + lstrip_parts(body)
             cue = [(self.manifest.chat_suffix, None, None, None)] + lstrip_parts(cue)
         if framing.position == "suffix":
             return body, cue
         if framing.chat:  # the slots open the user turn
-            return body[:1], body[1:] + cue
+            return body[:len(opening)], body[len(opening):] + cue
         return [], parts
 
     def _render(self, parts: list, ex: Example) -> tuple[str, dict[str, tuple[int, int]]]:
@@ -336,7 +387,8 @@ class Encoder:
         check_labels([e for e in examples if e.label is not None], self.task.label_keys, "the input")
         labels = np.array([-1 if e.label is None else self.task.class_index(e.label) for e in examples], dtype=np.int64)
         return EncodedSet(input_ids, attention, np.array(mask_pos, dtype=np.int64), labels,
-                          np.array(self.label_ids, dtype=np.int64), truncated, np.array(prompt_pos, dtype=np.int64))
+                          np.array(self.label_ids, dtype=np.int64), truncated, np.array(prompt_pos, dtype=np.int64),
+                          np.array(self.prefix_ids, dtype=np.int64) if self.prefix_ids else None)
 
     @staticmethod
     def _own(enc, spans: dict[str, tuple[int, int]]) -> tuple[list[int], list[str | None]]:
@@ -358,7 +410,8 @@ class Encoder:
         if drop is None:
             limit = (f"{self.max_length} tokens" if self.max_length < self.manifest.max_positions
                      else f"the model's {self.max_length} positions")
-            raise SettingsError(f"the template and {self.prompt_tokens} prompt tokens leave no room for text within "
+            demos = f", the {len(self.task.demonstrations)} demonstrations" if self.demos else ""
+            raise SettingsError(f"the template{demos} and {self.prompt_tokens} prompt tokens leave no room for text within "
                                 f"{limit}; shorten the template, use fewer prompt tokens or a larger max_length",
                                 "max_length")
         keep = [True] * len(ids)

@@ -24,6 +24,7 @@ POSITIONS = ("prefix", "suffix")
 FRAMING_KEYS = (("bos", "bos"), ("chat", "chat"), ("prompt_position", "position"))  # JSON key, Framing field
 
 MAX_TEMPLATE_CHARS = 100_000  # about 20,000 tokens: past every model's positions, far under a row's limit
+MAX_DEMONSTRATIONS = 1024  # far past what any model's positions hold
 
 
 @dataclass(frozen=True)
@@ -91,14 +92,43 @@ def label_pairs(labels) -> tuple[tuple[str, str], ...]:
 
 
 @dataclass(frozen=True)
+class Demonstration:
+    """One answered example shown before every row (in-context learning): the template filled with its text and
+    answered with its label's word."""
+
+    text: str
+    label: str
+    text_b: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.text, str) or not self.text.strip():
+            raise SettingsError("a demonstration needs a non-empty text", "demonstrations")
+        if not isinstance(self.label, str) or not self.label:
+            raise SettingsError(f"demonstration {self.text[:40]!r} has no label", "demonstrations")
+        if self.text_b is not None and not isinstance(self.text_b, str):
+            raise SettingsError(f"demonstration {self.text[:40]!r}: text_b must be a string", "demonstrations")
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "label": self.label, **({} if self.text_b is None else {"text_b": self.text_b})}
+
+    @classmethod
+    def from_json(cls, raw) -> "Demonstration":
+        if not isinstance(raw, dict):
+            raise SettingsError(f"a demonstration must be an object with text and label, got {raw!r}"[:200],
+                                "demonstrations")
+        return cls(raw.get("text"), None if raw.get("label") is None else str(raw["label"]), raw.get("text_b"))
+
+
+@dataclass(frozen=True)
 class Task:
     """What the model is asked, and how its answer is read.
 
     `template` holds `{text}`, optionally `{text_b}`, and `{mask}` where the label word
     goes; it is tokenized as written, right after the prompt slots. `labels` pairs the
     data's label values with the verbalizer words, in class order (a dict {name: word} is
-    taken too). For `f1` the second label is the positive class. A task that cannot work
-    is refused when it is built (SettingsError).
+    taken too). For `f1` the second label is the positive class. `demonstrations` are answered
+    examples every row sees first (in-context learning). A task that cannot work is refused
+    when it is built (SettingsError).
     """
 
     name: str = "custom"
@@ -106,6 +136,7 @@ class Task:
     labels: tuple[tuple[str, str], ...] = ()
     metric: str = "accuracy"
     framing: Framing = Framing()
+    demonstrations: tuple[Demonstration, ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -133,6 +164,31 @@ class Task:
                                 "metric")
         if not isinstance(self.framing, Framing):
             raise SettingsError(f"framing must be a Framing, got {type(self.framing).__name__}", "framing")
+        self._check_demonstrations()
+
+    def _check_demonstrations(self) -> None:
+        demos = self.demonstrations
+        if isinstance(demos, (str, bytes, dict)) or not isinstance(demos, (list, tuple)):
+            raise SettingsError("demonstrations must be a list", "demonstrations")
+        object.__setattr__(self, "demonstrations", demos := tuple(demos))
+        if len(demos) > MAX_DEMONSTRATIONS:
+            raise SettingsError(f"{len(demos)} demonstrations; a task holds at most {MAX_DEMONSTRATIONS}",
+                                "demonstrations")
+        chars = 0
+        for demo in demos:
+            if not isinstance(demo, Demonstration):
+                raise SettingsError(f"demonstrations must be Demonstration records, got {type(demo).__name__}",
+                                    "demonstrations")
+            if demo.label not in self.label_keys:
+                raise SettingsError(f"demonstration {demo.text[:40]!r} has label {demo.label!r}, which the task does "
+                                    f"not know (its labels: {', '.join(self.label_keys)})", "demonstrations")
+            chars += len(demo.text) + len(demo.text_b or "")
+        if chars > 10 * MAX_TEMPLATE_CHARS:
+            raise SettingsError(f"the demonstrations hold {chars:,} characters, more than the "
+                                f"{10 * MAX_TEMPLATE_CHARS:,} any model's positions could take", "demonstrations")
+
+    def without_demonstrations(self) -> "Task":
+        return replace(self, demonstrations=())
 
     @property
     def label_keys(self) -> tuple[str, ...]:
@@ -153,13 +209,18 @@ class Task:
             raise KeyError(label) from None
 
     def to_json(self) -> dict:
+        demos = {"demonstrations": [d.to_json() for d in self.demonstrations]} if self.demonstrations else {}
         return {"name": self.name, "template": self.template,
-                "labels": [list(p) for p in self.labels], "metric": self.metric, **self.framing.to_json()}
+                "labels": [list(p) for p in self.labels], "metric": self.metric, **self.framing.to_json(), **demos}
 
     @classmethod
     def from_json(cls, raw: dict) -> "Task":
+        demos = raw.get("demonstrations") or []
+        if not isinstance(demos, list):
+            raise SettingsError("demonstrations must be a list of {text, label} objects", "demonstrations")
         return Task(str(raw.get("name", "custom")), str(raw["template"]), label_pairs(raw["labels"]),
-                    str(raw.get("metric", "accuracy")), Framing.from_json(raw))
+                    str(raw.get("metric", "accuracy")), Framing.from_json(raw),
+                    tuple(Demonstration.from_json(d) for d in demos))
 
 
 def _pairs(words: list[str]) -> tuple[tuple[str, str], ...]:
@@ -244,7 +305,7 @@ def _named_task(name, template, labels, task_file, metric) -> Task:
             raise SettingsError("task_file cannot be combined with name, template or labels",
                                 ("task_file", "name", "template", "labels"))
         task = load_task_file(task_file)
-        return make_task(task.name, task.template, task.labels, metric or task.metric, task.framing)
+        return replace(task, metric=metric or task.metric)  # the file's framing and demonstrations too
     if name is not None:
         if name not in PRESETS:
             raise SettingsError(f"unknown task {name!r}; presets: {', '.join(PRESETS)} "

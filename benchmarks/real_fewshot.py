@@ -14,13 +14,17 @@ runs: nothing else is read.
 usage: python benchmarks/real_fewshot.py [--config cpu|cpu-deep|gpu] [--tasks mr,bbc] [--data-seeds 0,1,2]
        [--tune-seeds 0,1,2] [--methods bbt,bbtv2] [--settings suffix,prefix,suffix-chat,prefix-chat]
        [--calibrate [--search-calibration off|content-free|batch]] [--prompt-init auto|reference|TEXT]
-       [--choose interval|max] [--patience N] [--runs DIR]
+       [--choose interval|max] [--patience N] [--demos K] [--test-rows N] [--runs DIR]
        [--icl [--icl-test-rows N]]
+
+  --demos K: K demonstrations per class before every row (`tune --demos K`), the prompt tuned on top of them; the run
+         also scores in-context learning (each framing with the demonstrations) among its baselines.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.util
 import json
 import random
@@ -36,6 +40,7 @@ from real_data import prepare  # noqa: E402
 
 from bbt_onnx import Model, TuneConfig, TunedPrompt, read_examples  # noqa: E402
 from bbt_onnx.data import DataSpec, load_splits  # noqa: E402
+from bbt_onnx.demos import DemoSpec  # noqa: E402
 from bbt_onnx.engines import OrtSpec  # noqa: E402
 from bbt_onnx.choice import ChoicePolicy  # noqa: E402
 from bbt_onnx.jobs.report import format_markdown, summarise  # noqa: E402
@@ -84,7 +89,9 @@ def run_name(task: str, setting: str, method: str, args, data_seed: int) -> str:
     tags = [task, setting, method, *(["cal"] if args.calibrate else []),
             *([f"search-{args.search_calibration}"] if args.search_calibration else []),
             *([f"patience{args.patience}"] if args.patience else []),
-            *([f"init-{args.prompt_init}"] if args.prompt_init != "auto" else []), f"d{data_seed}"]
+            *([f"init-{args.prompt_init}"] if args.prompt_init != "auto" else []),
+            *([f"demos{args.demos}"] if args.demos else []), *([f"test{args.test_rows}"] if args.test_rows else []),
+            f"d{data_seed}"]
     return "-".join(tags)
 
 
@@ -98,10 +105,18 @@ def tune_one(args, task_name: str, setting: str, method: str, data: Path, data_s
                   patience=args.patience, checkpoint_every=0, **METHOD_SETTINGS[method])
     task = replace(TASKS[task_name], framing=SETTINGS[setting])
     seeds = tuple(int(s) for s in args.tune_seeds.split(","))
-    request = TuneRequest(str(args.model_dir), task, DataSpec(str(data / "pool.csv"), test=str(data / "test.csv"),
+    test = data / "test.csv"
+    if args.test_rows:  # the first N test rows, written beside the runs
+        with open(test, encoding="utf-8", newline="") as f:
+            rows = list(csv.reader(f))[:args.test_rows + 1]
+        test = args.runs / f"{task_name}-test{args.test_rows}.csv"
+        test.parent.mkdir(parents=True, exist_ok=True)
+        with open(test, "w", encoding="utf-8", newline="") as f:
+            csv.writer(f).writerows(rows)
+    request = TuneRequest(str(args.model_dir), task, DataSpec(str(data / "pool.csv"), test=str(test),
                                                              k_shot=16, seed=data_seed),
                           replace(cfg, seed=seeds[0]), str(out), OrtSpec(args.device, args.precision), seeds,
-                          ChoicePolicy(choose=args.choose))
+                          ChoicePolicy(choose=args.choose), demos=DemoSpec(args.demos))
     t0 = time.perf_counter()
     outcome = tune(request, Hooks(log=lambda m: print(f"{out.name}: {m}", file=sys.stderr)), force=True)
     print(f"{out.name}: kept {outcome.metrics['kept']}, test {outcome.metrics['test_metric']:.4f} "
@@ -162,6 +177,8 @@ def main() -> None:
     ap.add_argument("--prompt-init", default="auto")
     ap.add_argument("--choose", default="interval")
     ap.add_argument("--patience", type=int, default=0)
+    ap.add_argument("--demos", type=int, help="demonstrations per class before every row (tune --demos)")
+    ap.add_argument("--test-rows", type=int, default=0, help="score the first N test rows [default: all]")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     ap.add_argument("--model-dir", type=Path, default=Path("models/smollm2"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
 from importlib import metadata
@@ -348,22 +347,20 @@ def build_cache_graphs(loaded: Loaded, manifest: Manifest, tokenizer, sample: va
     prefixed = prefixed_inputs(manifest, tokenizer, sample)
     text, tail = tmp / "model.text.onnx", tmp / "model.tail.onnx"
     log(f"exporting the cached pair for suffix prompts (text {text.name}, tail {tail.name})")
-    # SDPA: GPT-2's eager attention slices a causal buffer of max_positions keys, and the tail's C*U queries
-    # with the text make more keys than that
-    with attention(loaded.model, "sdpa"):
-        text_graph = CausalTextGraph(loaded.model, loaded.family).eval()
-        with torch.no_grad():  # an example prefix to trace with (its length is a dynamic axis; any will do)
-            ids = torch.from_numpy(np.ascontiguousarray(prefixed.input_ids[:1, :prefixed.prefix]))
-            prefix_kv = text_graph(ids, torch.ones_like(ids)).numpy()
-        export_onnx(text_graph, {"input_ids": split.text_ids, "attention_mask": split.text_mask,
-                                 PREFIX_KV: prefix_kv}, text, opts.opset, TEXT_NAMES, CACHE_AXES)
-        session = validate.session(text)
-        kv = session.run(["text_kv"], {"input_ids": split.text_ids, "attention_mask": split.text_mask,
-                                       PREFIX_KV: validate.empty_prefix(session)})[0]
-        export_onnx(CausalTailGraph(loaded.model, loaded.family).eval(),
-                    {"text_kv": kv, "text_mask": split.text_mask, "tail_ids": split.tail_ids,
-                     "mask_pos": split.tail_mask_pos, "prompt_embeds": sample.prompt_embeds,
-                     "label_ids": sample.label_ids, PREFIX_KV: prefix_kv}, tail, opts.opset, TAIL_NAMES, CACHE_AXES)
+    # the pair attends with its own attention (export/attention.py), whatever the model's setting
+    text_graph = CausalTextGraph(loaded.model, loaded.family).eval()
+    with torch.no_grad():  # an example prefix to trace with (its length is a dynamic axis; any will do)
+        ids = torch.from_numpy(np.ascontiguousarray(prefixed.input_ids[:1, :prefixed.prefix]))
+        prefix_kv = text_graph(ids, torch.ones_like(ids)).numpy()
+    export_onnx(text_graph, {"input_ids": split.text_ids, "attention_mask": split.text_mask,
+                             PREFIX_KV: prefix_kv}, text, opts.opset, TEXT_NAMES, CACHE_AXES)
+    session = validate.session(text)
+    kv = session.run(["text_kv"], {"input_ids": split.text_ids, "attention_mask": split.text_mask,
+                                   PREFIX_KV: validate.empty_prefix(session)})[0]
+    export_onnx(CausalTailGraph(loaded.model, loaded.family).eval(),
+                {"text_kv": kv, "text_mask": split.text_mask, "tail_ids": split.tail_ids,
+                 "mask_pos": split.tail_mask_pos, "prompt_embeds": sample.prompt_embeds,
+                 "label_ids": sample.label_ids, PREFIX_KV: prefix_kv}, tail, opts.opset, TAIL_NAMES, CACHE_AXES)
     parity = validate.judge(reference, exact, validate.run_cached(text, tail, sample))
     log(f"text+tail: max abs diff vs PyTorch on the whole rows {parity['max_abs_diff']:.2e} (vs float64 "
         f"{parity['max_abs_diff_fp64']:.2e}), argmax agreement {parity['argmax_agreement']:.1%}")
@@ -395,17 +392,6 @@ def prefixed_inputs(manifest: Manifest, tokenizer, sample: validate.ParityInputs
                    attention_mask=np.concatenate([np.ones((n, lead + shift), np.int64), sample.attention_mask[:, lead:]],
                                                  axis=1),
                    mask_pos=sample.mask_pos + shift, prompt_pos=sample.prompt_pos + shift, prefix=lead + shift)
-
-
-@contextmanager
-def attention(model, implementation: str):
-    """The model with another attention implementation for the duration."""
-    before = model.config._attn_implementation
-    model.set_attn_implementation(implementation)
-    try:
-        yield model
-    finally:
-        model.set_attn_implementation(before)
 
 
 def deep_parity_inputs(manifest: Manifest, sample: validate.ParityInputs, seed: int = 1) -> validate.ParityInputs:

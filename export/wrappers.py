@@ -25,6 +25,8 @@ from torch import nn
 
 from bbt_onnx.contract import GRAPH_OUTPUTS, PREFIX_INPUTS, TAIL_INPUTS, TEXT_INPUTS, TEXT_OUTPUTS, graph_inputs
 
+from .attention import active, sharing
+
 # the cached pair's names, as export writes them now (with the shared prefix's input last)
 TEXT_NAMES = (list(TEXT_INPUTS + PREFIX_INPUTS), list(TEXT_OUTPUTS))
 TAIL_NAMES = (list(TAIL_INPUTS + PREFIX_INPUTS), list(GRAPH_OUTPUTS))
@@ -259,22 +261,6 @@ def cache_from_pairs(pairs: tuple):
     return DynamicCache(pairs)
 
 
-def with_prefix(prefix_kv: torch.Tensor | None, pairs, n: int) -> tuple:
-    """Every layer's (keys, values) with the shared prefix's [1, kv_heads, S_p, head_dim] broadcast over the n rows
-    before them; `pairs` None: the prefix alone. The prefix is stored once; the copy per row lives in the graph only."""
-    if prefix_kv is None:
-        return tuple(pairs)
-    shared = [tuple(prefix_kv[i, j].expand(n, -1, -1, -1) for j in (0, 1)) for i in range(prefix_kv.shape[0])]
-    if pairs is None:
-        return tuple(shared)
-    return tuple((torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)) for (pk, pv), (k, v) in zip(shared, pairs))
-
-
-def prefix_allowed(prefix_kv: torch.Tensor, n: int, queries: int) -> torch.Tensor:
-    """[n, 1, queries, S_p] all true: every row's every query sees the whole shared prefix (it has no padding)."""
-    return torch.ones_like(prefix_kv[0, 0, :, 0, :, 0], dtype=torch.bool)[:, None, None, :].expand(n, 1, queries, -1)
-
-
 def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean attention mask as the additive one the model takes (0, or the dtype's minimum)."""
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
@@ -285,35 +271,28 @@ class CausalTextGraph(CausalPromptScorer):
     keys and values [L, 2, N, kv_heads, S, head_dim], computed once per set of rows.
 
     With `prefix_kv` [L, 2, 1, kv_heads, S_p, head_dim], the keys and values of a prefix every row shares (this
-    graph's own output on the prefix, with an empty prefix), the texts continue it: they attend to it, their
-    positions start at S_p, and only their own keys and values are returned. The prefix is this very graph run once
-    on its ids (batch 1); an empty prefix (S_p = 0) gives the texts alone. Without `prefix_kv` at export, the graph
-    of pairs exported before prefixes existed."""
+    graph's own output on the prefix, with an empty prefix), the texts continue it: they attend to it where it is
+    (export/attention.py: never copied per row), their positions start at S_p, and only their own keys and values
+    are returned. An empty prefix (S_p = 0) gives the texts alone. Without `prefix_kv` at export, the graph of pairs
+    exported before prefixes existed. It attends with `bbt_shared` whatever the model's own setting."""
 
     def forward(self, input_ids, attention_mask, prefix_kv=None):
         x = self.embed(input_ids)
-        if prefix_kv is None:
-            out = self.body(inputs_embeds=x, attention_mask=causal_mask(attention_mask, x.dtype), use_cache=True)
-            return torch.stack([torch.stack([k, v]) for k, v in cache_pairs(out.past_key_values)])
-        n, s = input_ids.shape
-        start = prefix_kv.shape[4]
-        causal = torch.ones(s, s, dtype=torch.bool, device=input_ids.device).tril()
-        own = causal[None, None] & attention_mask[:, None, None, :].bool()
-        mask = additive(torch.cat([prefix_allowed(prefix_kv, n, s), own], dim=-1), x.dtype)
-        positions = (torch.arange(s, device=input_ids.device) + start).unsqueeze(0)
-        past = cache_from_pairs(with_prefix(prefix_kv, None, n))
-        out = self.body(inputs_embeds=x, attention_mask=mask, position_ids=positions, past_key_values=past,
-                        use_cache=True)
-        return torch.stack([torch.stack([k[:, :, start:], v[:, :, start:]])
-                            for k, v in cache_pairs(out.past_key_values)])
+        start = 0 if prefix_kv is None else prefix_kv.shape[4]
+        positions = (torch.arange(input_ids.shape[1], device=input_ids.device) + start).unsqueeze(0)
+        with active(self.body), sharing(prefix=prefix_kv):
+            out = self.body(inputs_embeds=x, attention_mask=causal_mask(attention_mask, x.dtype),
+                            position_ids=positions, use_cache=True)
+        return torch.stack([torch.stack([k, v]) for k, v in cache_pairs(out.past_key_values)])
 
 
 class CausalTailGraph(CausalPromptScorer):
     """The tail half: C prompts on the slots of each row's tail (the slots and the answer cue, U tokens from
     position len(text)), attending to the cached text -> label logits [C, N, K], equal to the full graph's.
 
-    The C candidates' tails of a row run as one sequence of C*U queries over that row's cached keys, with a
-    block-diagonal causal mask and each block's own positions, so the cache is never copied C times. With
+    The C candidates' tails of a row run as one sequence of C*U queries over that row's cached keys, each block
+    with its own positions; the `bbt_shared` attention (export/attention.py) scores them against the text together
+    and each against its own tail alone, so neither the cache nor the attention grows per candidate. With
     `prefix_kv`, the shared prefix comes before every row's text (positions after it): prefix, text, then tail."""
 
     def forward(self, text_kv, text_mask, tail_ids, mask_pos, prompt_embeds, label_ids, prefix_kv=None):
@@ -323,19 +302,14 @@ class CausalTailGraph(CausalPromptScorer):
         h = emb.shape[-1]
         x = (emb.unsqueeze(1) + place_prompts(prompt_embeds, u, 0).unsqueeze(0)).reshape(n, c * u, h)
         step = torch.arange(u, device=tail_ids.device).repeat(c)  # each query's place within its tail
-        block = torch.arange(c, device=tail_ids.device).repeat_interleave(u)  # and its candidate
         positions = text_mask.sum(1, keepdim=True) + step.unsqueeze(0)  # [N, C*U]
-        own_tail = (block[:, None] == block[None, :]) & (step[:, None] >= step[None, :])  # [C*U, C*U]
-        parts = [text_mask[:, None, None, :].bool().expand(n, 1, c * u, text_mask.shape[1]),
-                 own_tail[None, None].expand(n, 1, c * u, c * u)]
-        pairs = tuple((text_kv[i, 0], text_kv[i, 1]) for i in range(text_kv.shape[0]))
         if prefix_kv is not None:
             positions = positions + prefix_kv.shape[4]
-            parts.insert(0, prefix_allowed(prefix_kv, n, c * u))
-            pairs = with_prefix(prefix_kv, pairs, n)
-        mask = additive(torch.cat(parts, dim=-1), x.dtype)
-        out = self.body(inputs_embeds=x, attention_mask=mask, position_ids=positions,
-                        past_key_values=cache_from_pairs(pairs), use_cache=True)[0]  # [N, C*U, H]
+        mask = additive(text_mask[:, None, None, :].bool(), emb.dtype)  # [N, 1, 1, S]: the texts' padding
+        pairs = tuple((text_kv[i, 0], text_kv[i, 1]) for i in range(text_kv.shape[0]))
+        with active(self.body), sharing(prefix=prefix_kv, blocks=(c, u)):
+            out = self.body(inputs_embeds=x, attention_mask=mask, position_ids=positions,
+                            past_key_values=cache_from_pairs(pairs), use_cache=True)[0]  # [N, C*U, H]
         rows = torch.arange(c, device=tail_ids.device).unsqueeze(0) * u + mask_pos.unsqueeze(1)  # [N, C]
         picked = torch.gather(out, 1, rows.unsqueeze(-1).expand(n, c, h)).transpose(0, 1).reshape(c * n, 1, h)
         zero = torch.zeros(c * n, dtype=torch.long, device=tail_ids.device)

@@ -30,7 +30,7 @@ from bbt_onnx.errors import PromptError, SettingsError
 from bbt_onnx.manifest import load_manifest
 from bbt_onnx.subspace import ProjectionSpec
 from bbt_onnx.synthetic import sentiment_rows
-from bbt_onnx.tasks import PRESETS, Framing, Task
+from bbt_onnx.tasks import PRESETS, Demonstration, Framing, Task
 
 from conftest import without_graphs
 from helpers import cli_error, invoke
@@ -41,8 +41,11 @@ LABELS = (("negative", " bad"), ("positive", " great"))
 BLOCKED = ("bbt_onnx", "bbt_onnx_export", "torch", "transformers", "tokenizers", "onnx")
 
 
-def decoder_task(**framing) -> Task:
-    return Task("review", TEMPLATE, LABELS, framing=Framing(**framing))
+DEMOS = (Demonstration("warm and fine", "positive"), Demonstration("dull , long", "negative"))
+
+
+def decoder_task(demos=(), **framing) -> Task:
+    return Task("review", TEMPLATE, LABELS, framing=Framing(**framing), demonstrations=demos)
 
 
 # id: (architecture, method, task, the graph's input)
@@ -58,6 +61,9 @@ CASES = {
     "qwen2-bbt-chat-suffix": ("Qwen2ForCausalLM", "bbt", decoder_task(chat=True, position="suffix", bos="never"),
                               "text"),
     "qwen2-bbtv2-prefix": ("Qwen2ForCausalLM", "bbtv2", decoder_task(), "text"),
+    "llama-demos-suffix": ("LlamaForCausalLM", "bbt", decoder_task(DEMOS, position="suffix"), "text"),
+    "roberta-demos": ("RobertaForMaskedLM", "bbt", replace(PRESETS["sst2"], demonstrations=(
+        Demonstration("warm and fine", "1"), Demonstration("dull , long", "0"))), "text"),
     "bert-bbt": ("BertForMaskedLM", "bbt", PRESETS["sst2"], "ids"),
     "bert-pair": ("BertForMaskedLM", "bbtv2", PRESETS["mrpc"], "ids"),
 }

@@ -21,7 +21,7 @@ from bbt_onnx.synthetic import sentiment_examples, sentiment_rows, write_csv
 from bbt_onnx.tasks import Framing, Task, make_framing, resolve_task
 from bbt_onnx_export import validate
 from bbt_onnx_export.loading import load_model
-from bbt_onnx_export.pipeline import attention, export_onnx, tensor_specs
+from bbt_onnx_export.pipeline import export_onnx, tensor_specs
 from bbt_onnx_export.wrappers import CausalTailGraph, CausalTextGraph
 
 from conftest import without_graphs
@@ -326,14 +326,13 @@ def old_pair(decoder, out) -> Path:
                                   prompt_pos=enc.prompt_pos).cache_split()
     text, tail = target / m.graphs["text-fp32"].file, target / m.graphs["tail-fp32"].file
     feeds = {"input_ids": split.text_ids, "attention_mask": split.text_mask}
-    with attention(loaded.model, "sdpa"):
-        export_onnx(CausalTextGraph(loaded.model, loaded.family).eval(), feeds, text, m.opset,
-                    (list(TEXT_INPUTS), list(TEXT_OUTPUTS)), CACHE_AXES)
-        kv = validate.session(text).run(None, feeds)[0]
-        export_onnx(CausalTailGraph(loaded.model, loaded.family).eval(),
-                    {"text_kv": kv, "text_mask": split.text_mask, "tail_ids": split.tail_ids,
-                     "mask_pos": split.tail_mask_pos, "prompt_embeds": np.zeros((2, 4, m.hidden_size), np.float32),
-                     "label_ids": enc.label_ids}, tail, m.opset, (list(TAIL_INPUTS), list(GRAPH_OUTPUTS)), CACHE_AXES)
+    export_onnx(CausalTextGraph(loaded.model, loaded.family).eval(), feeds, text, m.opset,
+                (list(TEXT_INPUTS), list(TEXT_OUTPUTS)), CACHE_AXES)
+    kv = validate.session(text).run(None, feeds)[0]
+    export_onnx(CausalTailGraph(loaded.model, loaded.family).eval(),
+                {"text_kv": kv, "text_mask": split.text_mask, "tail_ids": split.tail_ids,
+                 "mask_pos": split.tail_mask_pos, "prompt_embeds": np.zeros((2, 4, m.hidden_size), np.float32),
+                 "label_ids": enc.label_ids}, tail, m.opset, (list(TAIL_INPUTS), list(GRAPH_OUTPUTS)), CACHE_AXES)
     graphs = dict(m.graphs)
     for key, path in (("text-fp32", text), ("tail-fp32", tail)):
         inputs, outputs = tensor_specs(path)

@@ -21,6 +21,7 @@ from bbt_onnx import Model, TuneConfig
 from bbt_onnx.data import DataSpec
 from bbt_onnx.engines import OrtSpec, Remote, TritonEngine, TritonSpec
 from bbt_onnx.errors import ServerError
+from bbt_onnx.synthetic import write_csv
 from bbt_onnx.tasks import resolve_task
 from bbt_onnx.jobs.tune import TuneRequest, tune
 from conftest import LAYERS, PROMPT_TOKENS, without_graphs
@@ -589,6 +590,23 @@ def test_a_decoder_tunes_through_the_server_with_its_prompt_positions(server, se
     assert remote["train_loss_initial"] != remote["train_loss_final"]  # the prompt moved the loss
     assert "does not serve the deep-prompt graph BBTv2 needs" in cli_error(
         [*args, *framing, "--method", "bbtv2", "--out", str(tmp_path / "v2")])
+
+
+def test_a_decoder_scores_demonstrations_through_the_server_as_in_process(server, served, data_dir, tmp_path):
+    """The server runs each row with the demonstrations written out (it caches nothing); in the process they are
+    a shared prefix computed once: the same scores."""
+    model, client = served["qwen2"], tmp_path / "client"
+    ok(["client-dir", "--model", str(model), "--out", str(client)])
+    write_csv(tmp_path / "demos.csv", [("warm and fine", 1), ("dull , long", 0)])
+    args = ["evaluate", "--no-prompt", "--template", " Review: {text}\nSentiment:", "--labels", "0=bad,1=good",
+            "--bos", "never", "--prompt-position", "suffix", "--prompt-tokens", "0", "--demos-file",
+            str(tmp_path / "demos.csv"), "--data", str(data_dir / "test.csv"), "-q"]
+    local = json.loads(ok([*args, "--model", str(model)]))
+    remote = json.loads(ok([*args, "--model", str(client), *server.args()]))
+    plain = json.loads(ok([a for a in args if a not in ("--demos-file", str(tmp_path / "demos.csv"))] +
+                          ["--model", str(model)]))
+    assert remote["ce_loss"] == pytest.approx(local["ce_loss"], abs=1e-5) and remote["metric"] == local["metric"]
+    assert abs(plain["ce_loss"] - local["ce_loss"]) > 1e-4  # the demonstrations were scored
 
 
 def test_one_server_serves_several_models_each_under_its_name(server, served, data_dir, tmp_path):

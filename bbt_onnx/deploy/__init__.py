@@ -167,7 +167,7 @@ def check_encoding(clf: Classifier, manifest: Manifest, prompt: Result, staging:
     """The graph's rows (or the recipe's) are the runtime's, token for token, on the probe rows."""
     tokenizer = load_tokenizer(manifest)
     enc = Encoder(tokenizer, manifest, prompt.task, prompt.prompt_tokens, prompt.max_length,
-                  prompt.placeholder_ids).encode(rows)
+                  prompt.placeholder_ids).encode(rows).whole()  # the demonstrations' ids written out in each row
     texts = np.array([r.text for r in rows], dtype=object)
     texts_b = np.array([r.text_b or "" for r in rows], dtype=object)
     if clf.inputs == "text":

@@ -62,7 +62,10 @@ def layout(encoder: Encoder, prompt_positions: bool) -> dict:
             segments.append(["mask", encoder.mask_text])
         elif name is not None:
             segments.append(["field", name])
-    lead, slots, tail = list(encoder.lead), list(encoder.placeholder_ids), list(encoder.tail)
+    # a decoder's demonstrations (with BOS and a chat opening) are ids before every row: the front writes them
+    # out in each row, which the runtime computes once; the row's own limit stays the runtime's
+    shared = [int(i) for i in encoder.prefix_ids]
+    lead, slots, tail = shared + list(encoder.lead), list(encoder.placeholder_ids), list(encoder.tail)
     if variable_after:
         pre, post, prompt_pos = lead + fixed_ids + slots, tail, len(lead) + len(fixed_ids)
     else:
@@ -70,7 +73,7 @@ def layout(encoder: Encoder, prompt_positions: bool) -> dict:
     return {"format": RECIPE_FORMAT,
             "fields": [f for f in TEXT_FIELDS if any(s == ["field", f] for s in segments)],
             "segments": segments, "pre_ids": [int(i) for i in pre], "post_ids": [int(i) for i in post],
-            "max_length": int(encoder.max_length), "pad_id": int(encoder.manifest.pad_id),
+            "max_length": int(encoder.max_length) + len(shared), "pad_id": int(encoder.manifest.pad_id),
             "mask": "token" if encoder.manifest.lm.mask_token else "last",
             "prompt_pos": prompt_pos, "prompt_after_text": not variable_after,
             "prompt_positions": bool(prompt_positions)}

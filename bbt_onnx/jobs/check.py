@@ -19,6 +19,7 @@ import numpy as np
 from .. import losses
 from ..compare import compare_logits
 from ..data import Example, check_labels, read_examples
+from ..demos import DemoSpec, refuse_with_run
 from ..devices import EXACT, ROUNDED, Parity, parity_of
 from ..encoding import load_tokenizer
 from ..engines import REFERENCE, EngineSpec, all_local_engines
@@ -151,12 +152,14 @@ def failures(precision: str, result: EngineResult, tol: Tolerances, labelled: bo
     return reasons
 
 
-def prompt_set(manifest: Manifest, run: str | None, task: TaskSpec = TaskSpec()) -> list[tuple[str, Result]]:
+def prompt_set(manifest: Manifest, run: str | None, task: TaskSpec = TaskSpec(),
+               demos: DemoSpec = DemoSpec()) -> list[tuple[str, Result]]:
     """What check scores: a run's result (tuned, an ensemble or a kept template) and its z = 0; or, without a run,
-    the task's template at z = 0 and three random prompts at the embedding scale."""
+    the task's template (with `demos`' demonstrations) at z = 0 and three random prompts at the embedding scale."""
     prompt = load_run_prompt(run, run is None, task.given)
+    refuse_with_run(demos, prompt)
     if prompt is None:
-        zero = template_prompt(manifest, task.resolve())
+        zero = template_prompt(manifest, demos.apply(task.resolve()))
         return [("z=0", zero)] + [(f"random{i}", p) for i, p in enumerate(random_prompts(zero, manifest), 1)]
     prompt.check_model(Model(manifest, None, None))
     return [(prompt.origin, prompt), ("z=0", prompt.zero_prompt())]
@@ -170,6 +173,7 @@ class CheckRequest:
     model_dir: str
     run: str | None = None
     task: TaskSpec = TaskSpec()
+    demos: DemoSpec = DemoSpec()
     data: str | None = None
     engines: tuple[EngineSpec, ...] | None = None
     tolerances: Tolerances = Tolerances()
@@ -180,7 +184,7 @@ def run_check(request: CheckRequest, log: Callable[[str], None] = lambda _m: Non
     """`bbt-onnx check` as a job: inputs checked first, then every engine scored and judged."""
     request.tolerances.check()
     manifest = load_manifest(request.model_dir)
-    prompts = prompt_set(manifest, request.run, request.task)
+    prompts = prompt_set(manifest, request.run, request.task, request.demos)
     task = prompts[0][1].task
     rows = read_examples(request.data) if request.data else sample_rows(task.uses_text_b)
     if request.data:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data import check_labels, read_examples
+from ..demos import DemoSpec, refuse_with_run
 from ..engines import EngineSpec, OrtSpec
 from ..model import Model
 from ..progress import RowProgress, no_progress
@@ -15,12 +16,13 @@ from ..tasks import TaskSpec
 
 def evaluate(model_dir: str | Path, data: str, prompt: str | Path | None = None, task: TaskSpec = TaskSpec(),
              engine: EngineSpec = OrtSpec(), no_prompt: bool = False, prompt_tokens: int | None = None,
-             progress: RowProgress = no_progress) -> dict:
+             progress: RowProgress = no_progress, demos: DemoSpec = DemoSpec()) -> dict:
     """The metrics of `prompt` (a run, or its prompt file) on `data`; with `no_prompt`, z = 0 (the run's start, or
-    the template with `prompt_tokens` slots when there is no run)."""
+    the template with `prompt_tokens` slots, and `demos`' demonstrations, when there is no run)."""
     result = load_run_prompt(prompt, no_prompt, task.given, prompt_tokens)
+    refuse_with_run(demos, result)
     model = Model.load(model_dir, engine, deep=result is not None and result.deep)
-    result = result or template_prompt(model.manifest, task.resolve(), prompt_tokens)
+    result = result or template_prompt(model.manifest, demos.apply(task.resolve()), prompt_tokens)
     rows = read_examples(data)
     check_labels(rows, result.task.label_keys, data)
     result.check_model(model)

@@ -16,6 +16,7 @@ from typing import Callable
 
 from ..choice import ChoicePolicy
 from ..data import DataSpec, load_splits
+from ..demos import DemoSpec, as_demonstrations, without_demonstrations
 from ..encoding import EncodedSet
 from ..engines import EngineSpec, OrtSpec
 from ..errors import BBTError, RunError, SettingsError
@@ -46,6 +47,7 @@ class TuneRequest:
     seeds: tuple[int, ...] = ()  # seeds run in lock-step on the same rows; () is config.seed alone
     policy: ChoicePolicy = ChoicePolicy()  # how the run chooses between the tuned prompt and the plain template
     task_file: str | None = None  # where the task came from, when a file: read, so never replaced by the run
+    demos: DemoSpec = DemoSpec()  # K per class drawn from the pool (a file's are in the task already)
 
     @property
     def all_seeds(self) -> tuple[int, ...]:
@@ -70,6 +72,7 @@ class TuneRequest:
             "tune": self.config.to_json(),
             "policy": self.policy.to_json(),
             "seeds": list(self.all_seeds),
+            **({"demos": self.demos.to_json()} if self.demos.given else {}),
         }
 
     @classmethod
@@ -83,7 +86,7 @@ class TuneRequest:
             return cls(model_dir=settings["model"]["dir"], task=Task.from_json(settings["task"]),
                        data=DataSpec(**settings["data"]), config=TuneConfig.from_json(tune), out=out,
                        engine=engine.resumed(settings["model"]), seeds=tuple(int(s) for s in settings.get("seeds", ())),
-                       policy=ChoicePolicy.from_settings(settings))
+                       policy=ChoicePolicy.from_settings(settings), demos=DemoSpec.from_json(settings.get("demos")))
         except (KeyError, TypeError, ValueError, AttributeError, BBTError) as exc:
             raise RunError(f"{out}/run.json has incomplete or damaged settings ({type(exc).__name__}: {exc}); "
                            "it cannot be resumed") from None
@@ -162,6 +165,7 @@ def tune(request: TuneRequest, hooks: Hooks = Hooks(), resume: bool = False, for
         hooks.begin(job.run.path.name, job.settings)
         baselines = baselines_step(job, hooks, resume)
         prompts, wall = search_step(job, hooks)
+        request = job.request  # with the demonstrations drawn
         outcome = settle(job.model, request.task, request.config, request.policy, job.tuners, prompts, baselines,
                          job.dev, job.test, hooks.log)
         metrics, record = write_step(job, outcome, [public(b) for b in baselines], wall, hooks)
@@ -180,7 +184,11 @@ def prepare(request: TuneRequest, hooks: Hooks, resume: bool, force: bool, force
     run = RunDir.open_existing(request.out) if resume else RunDir.check_new(request.out, force, force_any)
     run.log = hooks.log
     model = Model.load(request.model_dir, request.engine, deep=method_for(request.config.method).deep)
-    splits = load_splits(request.data, request.task.label_keys)
+    request, splits = with_demonstrations(request, hooks)
+    if request.task.demonstrations and model.manifest.lm.framings and not (
+            request.task.framing.position == "suffix" and model.manifest.has_cache_graphs("fp32")):
+        hooks.log("note: every row runs with its demonstrations written out; on a decoder exported with --kv-cache, "
+                  "--prompt-position suffix computes them once")
     recorded = run.read_json() if resume else {}
     start = recorded.get("settings", {}).get("start") or {}
     tuners = [BlackBoxTuner(model, request.task, replace(request.config, seed=seed), start.get("ids"))
@@ -212,6 +220,26 @@ def prepare(request: TuneRequest, hooks: Hooks, resume: bool, force: bool, force
         for tuner, state in zip(tuners, states):
             tuner.check_state(state)
     return Prepared(request, run, model, splits, tuners, train, dev, test, settings, states)
+
+
+def with_demonstrations(request: TuneRequest, hooks: Hooks) -> tuple[TuneRequest, object]:
+    """The rows, and the request whose task holds its demonstrations: drawn from the pool after train and dev, or
+    the file's (then train and dev rows equal to one are dropped: a row never sees itself)."""
+    splits = load_splits(request.data, request.task.label_keys, request.demos.from_pool)
+    if splits.demos:
+        request = replace(request, task=replace(request.task, demonstrations=as_demonstrations(splits.demos)))
+    elif request.task.demonstrations:
+        train = without_demonstrations(splits.train, request.task)
+        dev = without_demonstrations(splits.dev, request.task) if splits.dev else splits.dev
+        dropped = len(splits.train) - len(train) + (len(splits.dev) - len(dev) if dev else 0)
+        if dropped:
+            hooks.log(f"note: {dropped} train and dev rows are demonstrations too, and were left out")
+        if not train:
+            raise SettingsError("every training row is one of the demonstrations", "demos_file")
+        splits = replace(splits, train=train, dev=dev or None)
+    if request.task.demonstrations:
+        hooks.log(f"{len(request.task.demonstrations)} demonstrations before every row")
+    return request, splits
 
 
 def baselines_step(job: Prepared, hooks: Hooks, resume: bool) -> list[dict]:
@@ -271,7 +299,8 @@ def write_step(job: Prepared, outcome: Settled, baselines: list[dict], wall: flo
 
 def check_inputs_apart(request: TuneRequest) -> None:
     """No file the run reads is one the run writes: a data or task file that is one of out's run files."""
-    files = [request.data.data, request.data.train, request.data.dev, request.data.test, request.task_file]
+    files = [request.data.data, request.data.train, request.data.dev, request.data.test, request.task_file,
+             request.demos.demos_file]
     for path in files:
         if path and not str(path).startswith("hf:") and any(same_path(path, Path(request.out) / name)
                                                             for name in OWN_FILES):
