@@ -8,14 +8,11 @@ the seeds' ensemble, calibrated and uncalibrated numbers, in its run.json. The t
 runs: nothing else is read.
 
   settings: where the tuned prompt goes (prefix or suffix; outside the chat template without BOS, or inside it).
-  --icl: in-context learning instead, once per task: as many of the first data seed's train rows as fit the
-         context, as demonstrations before every test row, in the best plain framing on dev.
 
 usage: python benchmarks/real_fewshot.py [--config cpu|cpu-deep|gpu] [--tasks mr,bbc] [--data-seeds 0,1,2]
        [--tune-seeds 0,1,2] [--methods bbt,bbtv2] [--settings suffix,prefix,suffix-chat,prefix-chat]
        [--calibrate [--search-calibration off|content-free|batch]] [--prompt-init auto|reference|TEXT]
        [--choose interval|max] [--patience N] [--demos K] [--test-rows N] [--runs DIR]
-       [--icl [--icl-test-rows N]]
 
   --demos K: K demonstrations per class before every row (`tune --demos K`), the prompt tuned on top of them; the run
          also scores in-context learning (each framing with the demonstrations) among its baselines.
@@ -27,7 +24,6 @@ import argparse
 import csv
 import importlib.util
 import json
-import random
 import subprocess
 import sys
 import time
@@ -38,13 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from real_data import prepare  # noqa: E402
 
-from bbt_onnx import Model, TuneConfig, TunedPrompt, read_examples  # noqa: E402
-from bbt_onnx.data import DataSpec, load_splits  # noqa: E402
+from bbt_onnx import TuneConfig  # noqa: E402
+from bbt_onnx.data import DataSpec  # noqa: E402
 from bbt_onnx.demos import DemoSpec  # noqa: E402
 from bbt_onnx.engines import OrtSpec  # noqa: E402
 from bbt_onnx.choice import ChoicePolicy  # noqa: E402
 from bbt_onnx.jobs.report import format_markdown, summarise  # noqa: E402
-from bbt_onnx.tasks import Framing, Task, load_task_file  # noqa: E402
+from bbt_onnx.tasks import Framing, load_task_file  # noqa: E402
 from bbt_onnx.jobs.tune import Hooks, TuneRequest, tune  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -124,45 +120,6 @@ def tune_one(args, task_name: str, setting: str, method: str, data: Path, data_s
     return out
 
 
-def icl(args, task_name: str, data: Path, data_seed: int) -> dict:
-    """In-context learning: the train rows as demonstrations (as many as fit), the best plain framing on dev."""
-    model = Model.load(args.model_dir, OrtSpec(args.device, args.precision))
-    base = TASKS[task_name]
-    splits = load_splits(DataSpec(str(data / "pool.csv"), k_shot=16, seed=data_seed), base.label_keys)
-    words = {key: model.manifest.label_prefix + word for key, word in base.labels}
-    test = read_examples(str(data / "test.csv"))
-    if args.icl_test_rows and args.icl_test_rows < len(test):  # long contexts cost minutes per hundred rows on CPU
-        test = random.Random(0).sample(test, args.icl_test_rows)
-    before, after = base.template.split("{text}")  # a decoder's template ends with its answer cue
-
-    def shot(text: str, label: str) -> str:
-        return before + text.replace("{", "{{").replace("}", "}}") + after + words[label] + "\n\n"
-
-    shots = [shot(ex.text, ex.label) for ex in splits.train]
-    random.Random(data_seed).shuffle(shots)  # the draw lists each class together
-    longest = max(len(model.tokenizer.encode(ex.text).ids) for ex in test) + 64
-    room = model.manifest.max_positions - longest
-    demos, used = "", 0
-    for shot in shots:
-        cost = len(model.tokenizer.encode(shot).ids)
-        if used + cost > room:
-            break
-        demos, used = demos + shot, used + cost
-    best = None
-    for name, framing in (("no BOS", Framing(bos="never")), ("BOS", Framing(bos="auto")), ("chat", Framing(chat=True))):
-        task = Task(f"{task_name}-icl", demos.lstrip() + base.template, base.labels, base.metric, framing)
-        dev = TunedPrompt.template(model.manifest, task, name).evaluate(model, splits.dev).metric
-        if best is None or dev > best[1]:
-            best = (name, dev, task)
-    t0 = time.perf_counter()
-    metric = TunedPrompt.template(model.manifest, best[2], best[0]).evaluate(model, test).metric
-    record = {"task": task_name, "data_seed": data_seed, "demonstrations": demos.count("\n\n"),
-              "of_train_rows": len(splits.train), "framing": best[0], "dev_metric": best[1], "test_metric": metric, "test_rows": len(test),
-              "test_seconds": time.perf_counter() - t0}
-    print(json.dumps(record), file=sys.stderr)
-    return record
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", choices=CONFIGS, default="cpu")
@@ -184,19 +141,12 @@ def main() -> None:
     ap.add_argument("--model-dir", type=Path, default=Path("models/smollm2"))
     ap.add_argument("--data-dir", type=Path, default=Path(".data"))
     ap.add_argument("--runs", type=Path, default=Path("runs/evidence"))
-    ap.add_argument("--icl", action="store_true", help="measure in-context learning instead (once per task)")
-    ap.add_argument("--icl-test-rows", type=int, default=0, help="with --icl: score a fixed random sample of this "
-                    "many test rows [default: all]")
     args = ap.parse_args()
     methods = args.methods.split(",")
     ensure_model(args.model_dir, args.precision, deep="bbtv2" in methods)
     tasks = args.tasks.split(",")
     data = {name: prepare(name, args.data_dir) for name in tasks}
     data_seeds = [int(s) for s in args.data_seeds.split(",")]
-    if args.icl:
-        records = [icl(args, name, data[name], data_seeds[0]) for name in tasks]
-        print(json.dumps(records, indent=1))
-        return
     runs = []
     for data_seed in data_seeds:  # whole draws first, so that a stopped session has complete ones
         for setting in args.settings.split(","):

@@ -15,7 +15,7 @@ from bbt_onnx.contract import AXES, CACHE_AXES, GRAPH_OUTPUTS, PREFIX_KV, graph_
 from bbt_onnx.data import Example
 from bbt_onnx.encoding import Encoder, label_token_ids
 from bbt_onnx.errors import SettingsError
-from bbt_onnx.fileio import sha256_file, write_dir
+from bbt_onnx.fileio import sha256_file, storage_error, write_dir
 from bbt_onnx.manifest import GraphSpec, Manifest, TensorSpec
 from bbt_onnx.tasks import Framing, Task
 
@@ -265,7 +265,12 @@ def build_directory(loaded: Loaded, manifest: Manifest, opts: ExportOptions, tmp
                     log: Callable[[str], None]) -> Manifest:
     """Everything a model directory holds, written into `tmp`: the tokenizer, every graph asked for (each checked
     against PyTorch), and the manifest last."""
-    loaded.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+    path = tmp / "tokenizer.json"
+    try:  # written here, not by the tokenizers library, whose own error on a full disk is no OSError
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(loaded.tokenizer.backend_tokenizer.to_str(pretty=True))
+    except OSError as exc:
+        raise storage_error(path, exc) from None
     manifest = replace(manifest, directory=tmp)
     from bbt_onnx.encoding import load_tokenizer
 

@@ -14,6 +14,7 @@ from bbt_onnx import Model, read_examples
 from bbt_onnx.data import DataSpec, load_splits
 from bbt_onnx.demos import DemoSpec
 from bbt_onnx.engines import OrtEngine
+from bbt_onnx.jobs.tune import TuneRequest
 from bbt_onnx.errors import DataError, SettingsError
 from bbt_onnx.prompt import TunedPrompt, load_prompt
 from bbt_onnx.synthetic import sentiment_examples, sentiment_rows, write_csv
@@ -153,6 +154,8 @@ def test_a_tune_with_demonstrations_scores_in_context_learning_and_its_result_ca
     assert "template (BOS)" in names and "in-context (BOS)" in names and "in-context (chat)" in names
     kept = load_prompt(out)
     assert len(kept.task.demonstrations) == 2
+    again = TuneRequest.from_settings(run["settings"], str(out))  # a resume's request: the run's own
+    assert [d.to_json() for d in again.task.demonstrations] == demos and again.demos == DemoSpec(1)
     model = Model.load(model_dir)
     test = read_examples(str(data_dir / "test.csv"))
     icl = next(b for b in run["baselines"] if b["name"] == "in-context (BOS)")

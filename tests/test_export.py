@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -323,3 +325,14 @@ def test_a_tokenizer_without_single_token_a_and_b_exports(tmp_path):
     src = save_random(tmp_path / "src", family.architecture, builder(family.tiny.config)(tok, 32, 2, 4, 128, 0.02), tok, 0)
     m = export_model(ExportOptions(str(src), tmp_path / "out", prompt_tokens=4, int8=True))
     assert m.graphs["fp32"].parity["max_abs_diff"] <= 1e-4 and "int8" in m.graphs
+
+
+def test_a_full_disk_during_export_is_one_line_and_leaves_nothing(tiny_src, tmp_path, monkeypatch):
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("bbt_onnx_export.pipeline.open", full, raising=False)  # the tokenizer, written first
+    out = tmp_path / "model"
+    line = cli_error(["export", "--model", tiny_src, "--out", out, "--prompt-tokens", 4, "-q"])
+    assert "No space left on device" in line and "tokenizer.json" in line
+    assert not out.exists() and list(tmp_path.iterdir()) == []
