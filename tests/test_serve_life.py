@@ -54,6 +54,31 @@ def test_a_tune_rides_over_a_tritonserver_death(server, client_dir, tiny_model, 
     runner.join(timeout=120)
     np.testing.assert_array_equal(done["z"], expected)
     assert "starting it again" in server.log.read_text() and "serving again" in server.log.read_text()
+    assert "tritonserver exited (killed by SIGKILL)" in server.log.read_text()
+
+
+def test_a_death_is_told_by_its_signal_and_its_own_error_lines(tmp_path):
+    """The cause a restart line gives: the signal, and the last E line or crash words this process wrote, not a
+    warning that mentions an error, nor an earlier process's lines."""
+    import subprocess
+    import sys
+
+    from bbt_onnx.serving.tritonserver import TritonProcess
+
+    log = tmp_path / "tritonserver.log"
+    log.write_text("E1207 09:00:00.000 1 server.cc:1] an earlier process's error\n")
+    triton = TritonProcess(tmp_path, tmp_path, 1, 2, log_file=log)
+    triton.log_start = log.stat().st_size
+    with open(log, "a") as f:
+        f.write("I1207 10:00:00.000 1 model.cc:1] loaded\nW1207 10:00:01.000 1 pb.cc:1] error_code is deprecated\n")
+    assert triton.last_error() == ""
+    with open(log, "a") as f:
+        f.write("E1207 10:00:02.000 1 infer.cc:1] shape overflow\nW1207 10:00:02.500 1 x.cc:1] an error later\n"
+                "terminate called after throwing an instance of 'std::length_error'\n")
+    assert triton.last_error() == ": terminate called after throwing an instance of 'std::length_error'"
+    triton.proc = subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGABRT)"])
+    triton.proc.wait()
+    assert triton.exit_cause() == "killed by SIGABRT"
 
 def proc_name(pid: int) -> str:
     try:

@@ -173,10 +173,10 @@ def serve(opts: ServeOptions, log: Callable[[str], None] = lambda _m: None) -> N
                 continue
             deaths = recent(deaths + [time.monotonic()], time.monotonic())
             if len(deaths) > RESTARTS:
-                raise ServerError(f"tritonserver died {len(deaths)} times in {RESTART_WINDOW / 60:.0f} minutes"
-                                  f"{triton.last_error()}; giving up")
+                raise ServerError(f"tritonserver died {len(deaths)} times in {RESTART_WINDOW / 60:.0f} minutes, "
+                                  f"the last {triton.exit_cause()}{triton.last_error()}; giving up")
             state.value = "restarting"
-            log(f"tritonserver exited (code {triton.proc.returncode}){triton.last_error()}; starting it again")
+            log(f"tritonserver exited ({triton.exit_cause()}){triton.last_error()}; starting it again")
             triton.stop()
             triton = TritonProcess(repository, workspace, triton.http_port, triton.grpc_port, opts.token,
                                    TOKEN_ENDPOINTS, log_file=triton.log_file, watchdog=watchdog,

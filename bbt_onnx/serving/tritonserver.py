@@ -12,6 +12,7 @@ exit, and when the owner dies without one (kill -9). No process, shared memory o
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -27,6 +28,9 @@ from ..errors import ServerError, SettingsError
 
 SHM_DIR = Path("/dev/shm")
 READY_TIMEOUT = 300.0  # seconds for every model to load
+LOG_TAIL = 64 << 10  # bytes of the log read back for a death's cause
+ERROR_LINE = re.compile(r"^E\d{4} ")  # the log's error lines (E1207 10:00:00.000 ...); W and I lines are not errors
+CRASH_MARKS = ("terminate called", "what():", "Signal (", "Aborted", "Segmentation fault", "core dumped")
 
 
 def distribution() -> tuple[Path, Path]:
@@ -82,6 +86,7 @@ class TritonProcess:
     metrics: tuple[str, int] | None = None  # host and port for Prometheus metrics; None: off
     exit_on_error: bool = True  # False: a model that fails to load leaves the server up, not ready
     proc: subprocess.Popen | None = field(default=None, init=False)
+    log_start: int = field(default=0, init=False)  # where this process's part of the log file begins
     shm_prefix: str = field(default_factory=lambda: f"bbt-{uuid.uuid4().hex[:12]}-", init=False)
 
     def command(self, binary: Path, backends: Path) -> list[str]:
@@ -109,6 +114,7 @@ class TritonProcess:
             backend_directory(server, self.workspace)
         # what tritonserver prints outside its log file (a crash's last words) goes to the same file
         out = open(self.log_file, "ab") if self.log_file else sys.stderr
+        self.log_start = out.tell() if self.log_file else 0
         try:
             self.proc = subprocess.Popen(self.command(server / "bin" / "tritonserver", backends),
                                          env=environment(libs), stdin=subprocess.DEVNULL, stdout=out,
@@ -121,7 +127,7 @@ class TritonProcess:
         deadline = time.monotonic() + timeout
         while not (ready or self.ready)():
             if self.proc.poll() is not None:
-                raise ServerError(f"tritonserver exited with code {self.proc.returncode} while loading the models"
+                raise ServerError(f"tritonserver exited ({self.exit_cause()}) while loading the models"
                                   f"{self.last_error()}")
             if time.monotonic() > deadline:
                 self.stop()
@@ -137,12 +143,29 @@ class TritonProcess:
             return False
 
     def last_error(self) -> str:
-        """The last error line of the log, for a one-line message."""
+        """The last error this process wrote to the log (an E line, or a crash's last words), for a one-line
+        message: read from the log's last 64 KiB, never from an earlier process's part, and never a warning that
+        merely mentions an error."""
         if self.log_file is None or not self.log_file.is_file():
             return ""
-        lines = [l for l in self.log_file.read_text(errors="replace").splitlines() if l.startswith("E") or
-                 "error" in l.lower()]
+        with open(self.log_file, "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            f.seek(max(self.log_start, end - LOG_TAIL))
+            text = f.read(LOG_TAIL).decode(errors="replace")
+        lines = [line for line in text.splitlines() if ERROR_LINE.match(line) or any(m in line for m in CRASH_MARKS)]
         return f": {' '.join(lines[-1].split())[:300]}" if lines else ""
+
+    def exit_cause(self) -> str:
+        """How the process ended: its exit code, or the signal that killed it (an abort is SIGABRT)."""
+        code = None if self.proc is None else self.proc.poll()
+        if code is None:
+            return "still running"
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"code {code}"
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
