@@ -54,16 +54,23 @@ def test_refusal_is_heard_though_the_body_is_unread(gate, case, status):
     (b'{"inputs": [], "inputs": [{"name": "x", "shape": [1], "datatype": "INT64", "data": [1]}]}',
      "names 'inputs' twice"),
     (b'{"inputs": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", "nests too deep"),
+    ('{"inputs": [{"name": "x", "shape": [1], "datatype": "INT64", "data": [1]}]}'.encode("utf-16"), "not UTF-8"),
+    (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "INT64", "data": [1, "2"]}]}', "another type"),
+    (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "INT64", "data": [1.5]}]}', "another type"),
+    (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [true]}]}', "another type"),
 ])
 def test_a_request_two_parsers_could_read_apart_is_refused(body, why):
-    """A repeated key (Python's json keeps the last, tritonserver's rapidjson the first) or a nesting that exhausts
-    the parser is a 400 naming it, before anything is forwarded."""
+    """A repeated key (Python's json keeps the last, tritonserver's rapidjson the first), a nesting that exhausts
+    the parser, a body that is not UTF-8 (Python reads UTF-16, tritonserver does not) or a value of another type
+    than its input's datatype (tritonserver's own answer is a 500) is a 400 naming it, before anything is
+    forwarded."""
     from bbt_onnx.serving.gate import Refusal, check_infer
 
     with pytest.raises(Refusal, match=why) as caught:
         check_infer(body, {}, 1 << 20)
     assert caught.value.status == 400
     check_infer(b'{"inputs": [{"name": "x", "shape": [1], "datatype": "INT64", "data": [1]}]}', {}, 1 << 20)
+    check_infer(b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2.5]}]}', {}, 1 << 20)
 
 
 def answer(port: int, request: bytes) -> bytes:

@@ -396,9 +396,15 @@ def test_hostile_requests_are_one_line_refusals_and_the_server_stays_up(server, 
         "not-json": raw_infer(server, "tiny-roberta", b"{"),
         "body-over-limit": raw_infer(server, "tiny-roberta", b"0" * 8_000_000),
         "chunked": raw_infer(server, "tiny-roberta", b"x", {"Transfer-Encoding": "chunked"}),
+        # tritonserver's own answer to these is a 500: the gate's is a 400
+        "string-in-int64": raw_infer(server, "tiny-roberta", b'{"inputs": [{"name": "mask_pos", "shape": [1], '
+                                     b'"datatype": "INT64", "data": ["0"]}]}'),
+        "utf-16-body": raw_infer(server, "tiny-roberta", '{"inputs": [{"name": "mask_pos", "shape": [1], '
+                                 '"datatype": "INT64", "data": [0]}]}'.encode("utf-16")),
     }
     assert {k: status for k, (status, _) in answers.items()} == {"huge-json-shape": 400, "not-json": 400,
-                                                                "body-over-limit": 413, "chunked": 411}
+                                                                "body-over-limit": 413, "chunked": 411,
+                                                                "string-in-int64": 400, "utf-16-body": 400}
     model = Model.load(client_dir, TritonSpec(Remote(server.url(), TOKEN)))
     good, deep = valid_feeds(model), valid_feeds(model, deep=True)
     bad = {

@@ -64,12 +64,15 @@ def check_infer(body: bytes, headers: dict[str, str], max_bytes: int) -> None:
     length = headers.get("inference-header-content-length")
     try:
         head = body[:int(length)] if length is not None else body
-        request = json.loads(head, object_pairs_hook=unique_keys)
+        # UTF-8 only: Python's json reads UTF-16 and UTF-32 too, tritonserver's parser does not
+        request = json.loads(head.decode("utf-8"), object_pairs_hook=unique_keys)
     except DuplicateKey as exc:  # Python keeps a repeated key's last value, tritonserver's parser its first
         raise Refusal(400, f"the inference request names {str(exc)!r} twice in one object") from None
     except RecursionError:
         raise Refusal(400, "the inference request's JSON nests too deep") from None
-    except (ValueError, UnicodeDecodeError):
+    except UnicodeDecodeError:
+        raise Refusal(400, "the inference request's header is not UTF-8") from None
+    except ValueError:
         raise Refusal(400, "the inference request's header is not valid JSON") from None
     inputs = request.get("inputs") if isinstance(request, dict) else None
     if not isinstance(inputs, list):
@@ -94,12 +97,31 @@ def check_infer(body: bytes, headers: dict[str, str], max_bytes: int) -> None:
             if dtype != "BYTES" and size != count * ITEM_BYTES[dtype]:
                 raise Refusal(400, f"input {name!r} of shape {shape} carries {size} bytes, not "
                                    f"{count * ITEM_BYTES[dtype]}")
-        elif flat_count(item.get("data"), count) != count:
-            raise Refusal(400, f"input {name!r} declares shape {shape} but carries another number of values")
+        else:
+            found = flat_count(item.get("data"), count, VALUE_TYPES[dtype])
+            if found is None:
+                raise Refusal(400, f"input {name!r} of datatype {dtype} carries a value of another type")
+            if found != count:
+                raise Refusal(400, f"input {name!r} declares shape {shape} but carries another number of values")
 
 
-def flat_count(data, stop: int) -> int:
-    """How many values a JSON array holds, flattened (counting stops past `stop`)."""
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# what a JSON value of each datatype must be, so that a client's mistake is a 400 here, not tritonserver's 500
+VALUE_TYPES = {**dict.fromkeys(("INT8", "UINT8", "INT16", "UINT16", "INT32", "UINT32", "INT64", "UINT64"), _is_int),
+               **dict.fromkeys(("FP16", "BF16", "FP32", "FP64"), _is_number),
+               "BOOL": lambda v: isinstance(v, bool), "BYTES": lambda v: isinstance(v, str)}
+
+
+def flat_count(data, stop: int, fits) -> int | None:
+    """How many values a JSON array holds, flattened (counting stops past `stop`); None when a value does not
+    `fit` its datatype, -1 when `data` is no array."""
     if not isinstance(data, list):
         return -1
     count, todo = 0, [data]
@@ -107,6 +129,8 @@ def flat_count(data, stop: int) -> int:
         for value in todo.pop():
             if isinstance(value, list):
                 todo.append(value)
+            elif not fits(value):
+                return None
             else:
                 count += 1
     return count
