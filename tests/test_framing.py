@@ -314,6 +314,15 @@ def test_the_prefix_counts_against_the_cache_limit(decoder):
         np.testing.assert_allclose(engine.label_logits(prompts, rows_),
                                    full.label_logits(prompts, in_one_piece(rows_, m.pad_id)), atol=1e-4)
     assert engine.prefix_runs == 3  # a, then b in its place, then a again
+    # room for two prefixes: the least recently used goes first
+    c = replace(a, prefix_ids=a.prefix_ids[:-2])
+    engine = OrtEngine(m, kv_cache_limit=kv_bytes(m, 2 * p - 1 + text), max_buckets=1)
+    for rows_ in (a, b, a, c, a):  # a is used again before c comes, so b is the one c replaces
+        np.testing.assert_allclose(engine.label_logits(prompts, rows_),
+                                   full.label_logits(prompts, in_one_piece(rows_, m.pad_id)), atol=1e-4)
+    assert engine.prefix_runs == 3
+    engine.label_logits(prompts, b)
+    assert engine.prefix_runs == 4
 
 
 def old_pair(decoder, out) -> Path:

@@ -202,7 +202,8 @@ class OrtEngine(PromptScoring):
 
     def _reserve(self, splits: list[CacheSplit], prefix: np.ndarray | None) -> None:
         """Room for these texts' keys and values, and their prefix's when it is not kept yet, within the limit:
-        older cached texts go first, then older prefixes; what alone is over the limit is a clear error."""
+        cached texts go first, then the least recently used prefixes; what alone is over the limit is a clear
+        error."""
         self._cache_pair()
         need = self._kv_unit * sum(split.text_ids.size for split in splits)
         fresh = 0 if prefix is None or prefix.tobytes() in self._prefixes else self._kv_unit * prefix.size
@@ -221,10 +222,13 @@ class OrtEngine(PromptScoring):
         if self._cached_bytes + self._prefix_bytes + need + fresh > self.kv_cache_limit:
             self._plans = {k: v for k, v in self._plans.items() if v[2][0].split is None}
             self._cached_bytes = 0
-        if self._prefix_bytes + need + fresh > self.kv_cache_limit:  # no kept text holds a prefix any more
-            keep = b"" if prefix is None else prefix.tobytes()
-            self._prefixes = {k: v for k, v in self._prefixes.items() if k == keep}
-            self._prefix_bytes = sum(self._kv_unit * len(k) // 8 for k in self._prefixes)
+        keep = b"" if prefix is None else prefix.tobytes()
+        for key in list(self._prefixes):  # no kept text holds a prefix any more: least recently used go first
+            if self._prefix_bytes + need + fresh <= self.kv_cache_limit:
+                break
+            if key != keep:
+                del self._prefixes[key]
+                self._prefix_bytes -= self._kv_unit * len(key) // 8
         self._cached_bytes += need
 
     def _prefix_kv(self, prefix: np.ndarray | None):
@@ -235,7 +239,9 @@ class OrtEngine(PromptScoring):
         if prefix is None:
             return self._device(self._no_prefix) if self.takes_prefix else None
         key = prefix.tobytes()
-        if key not in self._prefixes:
+        if key in self._prefixes:
+            self._prefixes[key] = self._prefixes.pop(key)  # the most recently used now
+        else:
             self.prefix_runs += 1
             ids = prefix.reshape(1, -1)
             self._prefixes[key] = self._run_text(ids, np.ones_like(ids), self._device(self._no_prefix))
