@@ -19,6 +19,7 @@ TAIL_INPUTS = ("text_kv", "text_mask", "tail_ids", "mask_pos", "prompt_embeds", 
 # halves of the pair take and broadcast over the rows; length 0 for rows without one. Pairs exported before it lack it.
 PREFIX_KV = "prefix_kv"  # [L, 2, 1, kv_heads, S_p, head_dim]
 PREFIX_INPUTS = (PREFIX_KV,)
+PREFIX_IDS = "prefix_ids"  # [S_p]: the shared prefix's ids, as serve's NAME.cached takes them
 
 # dynamic axes by tensor: C candidates, N rows, T tokens, P prompt slots, K label words; S text and U tail tokens
 AXES = {

@@ -599,20 +599,52 @@ def test_a_decoder_tunes_through_the_server_with_its_prompt_positions(server, se
 
 
 def test_a_decoder_scores_demonstrations_through_the_server_as_in_process(server, served, data_dir, tmp_path):
-    """The server runs each row with the demonstrations written out (it caches nothing); in the process they are
-    a shared prefix computed once: the same scores."""
+    """serve's NAME.cached computes a shared prefix (the demonstrations) once per server and prefix, and scores the
+    rows after it bit for bit as the process does; without it (a server of rows only) every row is sent whole,
+    and the scores agree within the graphs' tolerance."""
     model, client = served["qwen2"], tmp_path / "client"
     ok(["client-dir", "--model", str(model), "--out", str(client)])
     write_csv(tmp_path / "demos.csv", [("warm and fine", 1), ("dull , long", 0)])
+    write_csv(tmp_path / "other.csv", [("dull , long", 0), ("warm and fine", 1)])
     args = ["evaluate", "--no-prompt", "--template", " Review: {text}\nSentiment:", "--labels", "0=bad,1=good",
-            "--bos", "never", "--prompt-position", "suffix", "--prompt-tokens", "0", "--demos-file",
-            str(tmp_path / "demos.csv"), "--data", str(data_dir / "test.csv"), "-q"]
-    local = json.loads(ok([*args, "--model", str(model)]))
-    remote = json.loads(ok([*args, "--model", str(client), *server.args()]))
-    plain = json.loads(ok([a for a in args if a not in ("--demos-file", str(tmp_path / "demos.csv"))] +
-                          ["--model", str(model)]))
-    assert remote["ce_loss"] == pytest.approx(local["ce_loss"], abs=1e-5) and remote["metric"] == local["metric"]
+            "--bos", "never", "--prompt-position", "suffix", "--prompt-tokens", "0", "--data",
+            str(data_dir / "test.csv"), "-q"]
+    local = json.loads(ok([*args, "--demos-file", str(tmp_path / "demos.csv"), "--model", str(model),
+                           "--threads", "1"]))
+    remote = json.loads(ok([*args, "--demos-file", str(tmp_path / "demos.csv"), "--model", str(client),
+                            *server.args()]))
+    plain = json.loads(ok([*args, "--model", str(model)]))
+    assert remote["ce_loss"] == local["ce_loss"] and remote["metric"] == local["metric"]  # bit for bit
     assert abs(plain["ce_loss"] - local["ce_loss"]) > 1e-4  # the demonstrations were scored
+    assert Model.load(client, TritonSpec(Remote(server.url(), TOKEN))).engine.cached == "tiny-qwen2.cached"
+    before = prefix_runs(server)
+    for demos in ("demos.csv", "demos.csv", "other.csv"):  # the same prefix again, then another
+        ok([*args, "--demos-file", str(tmp_path / demos), "--model", str(client), *server.args()])
+    assert prefix_runs(server) - before == 1  # demos.csv's was kept from the first evaluate; other.csv's is new
+    for bad, why in (([10**6], "outside the vocabulary"), ([7] * 500, "within the model's 128 positions")):
+        status, text = raw_infer(server, "tiny-qwen2.cached", probe(bad))
+        assert status == 400 and why in text and len(text.splitlines()) == 1, text
+
+
+def probe(prefix: list[int]) -> bytes:
+    """A one-row request to a served NAME.cached after `prefix`, asking for both outputs."""
+    return json.dumps({"inputs": [
+        {"name": "input_ids", "shape": [1, 2], "datatype": "INT64", "data": [5, 6]},
+        {"name": "attention_mask", "shape": [1, 2], "datatype": "INT64", "data": [1, 1]},
+        {"name": "mask_pos", "shape": [1], "datatype": "INT64", "data": [1]},
+        {"name": "prompt_pos", "shape": [1], "datatype": "INT64", "data": [1]},
+        {"name": "prefix_ids", "shape": [len(prefix)], "datatype": "INT64", "data": prefix},
+        {"name": "prompt_embeds", "shape": [1, 0, 32], "datatype": "FP32", "data": []},
+        {"name": "label_ids", "shape": [2], "datatype": "INT64", "data": [8, 9]}],
+        "outputs": [{"name": "label_logits"}, {"name": "prefix_runs"}]}).encode()
+
+
+def prefix_runs(server) -> int:
+    """How many shared prefixes the served NAME.cached has computed: its second output, on a one-row request."""
+    status, text = raw_infer(server, "tiny-qwen2.cached", probe([7]))
+    assert status == 200, text
+    runs = next(o for o in json.loads(text)["outputs"] if o["name"] == "prefix_runs")
+    return int(runs["data"][0]) - 1  # this probe's own prefix ([7]) counts once
 
 
 def test_one_server_serves_several_models_each_under_its_name(server, served, data_dir, tmp_path):

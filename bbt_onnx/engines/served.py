@@ -22,6 +22,7 @@ PRECISION_PARAM = "bbt_precision"
 PROMPT_PARAM = "bbt_prompt_sha256"  # a served classifier's: the sha256 of the run's prompt file it was built from
 LABELS_PARAM = "bbt_labels"  # a served classifier's label names, JSON
 CLASSIFY_SUFFIX = ".classify"  # a served classifier's name: its model's, then this
+CACHED_SUFFIX = ".cached"  # serve's model of rows after a shared prefix, on the cached pair
 BUCKETS_PARAM = "bbt_row_buckets"  # calls per set of rows the server prefers: its device's `row_buckets`
 DEFAULT_MAX_REQUEST = 1 << 18  # C x N x T per request: e.g. 20 prompts x 32 rows x 409 tokens
 DEFAULT_MAX_PROMPTS = 256  # C per request

@@ -20,13 +20,13 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from ..contract import GRAPH_OUTPUTS, PROMPT_POS, ROW_INPUTS
-from ..encoding import EncodedSet
+from ..contract import GRAPH_OUTPUTS, PREFIX_IDS, PROMPT_POS, ROW_INPUTS
+from ..encoding import EncodedSet, cache_split
 from ..errors import ServerError, SettingsError
 from ..manifest import Manifest
 from .base import PromptScoring, check_prompt_positions, row_groups, row_input
-from .served import (BUCKETS_PARAM, CLASSIFY_SUFFIX, DEEP_SUFFIX, FINGERPRINT_PARAM, GRPC_PREFIX, LABELS_PARAM, LIMIT_PARAM,
-                     PRECISION_PARAM, PROMPT_PARAM, TOKEN_HEADER, served_name)
+from .served import (BUCKETS_PARAM, CACHED_SUFFIX, CLASSIFY_SUFFIX, DEEP_SUFFIX, FINGERPRINT_PARAM, GRPC_PREFIX,
+                     LABELS_PARAM, LIMIT_PARAM, PRECISION_PARAM, PROMPT_PARAM, TOKEN_HEADER, served_name)
 
 WIRE_TYPES = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64}
 TRANSIENT_HTTP = {408, 429, 502, 503, 504}
@@ -345,10 +345,22 @@ class TritonEngine(TritonClient, PromptScoring):
         self.prompt_dtype = WIRE_TYPES[types["prompt_embeds"]]
         self.takes_prompt_pos = PROMPT_POS in types
         self.row_inputs = ROW_INPUTS + ((PROMPT_POS,) if self.takes_prompt_pos else ())
+        self.cached = None if deep else self._cached_model(f"{base}{CACHED_SUFFIX}")
+
+    def _cached_model(self, name: str) -> str | None:
+        """serve's model of rows after a shared prefix, when this server has one for this very model: there the
+        prefix is computed once per server; elsewhere every row is sent with its prefix written out."""
+        try:
+            params = self.parameters(self.wire.config(self.client, name))
+        except Exception:  # noqa: BLE001 - no such model (a stock tritonserver, an older serve): rows go whole
+            return None
+        return name if params.get(FINGERPRINT_PARAM) == self.manifest.fingerprint() else None
 
     # -- the engine (label_logits and deep_label_logits come from PromptScoring) -----------------------
     def _score(self, prompts: np.ndarray, batch: EncodedSet, extra: dict) -> np.ndarray:
-        batch = batch.whole()  # a prefix the rows share runs with each row: a server caches nothing
+        if self.cached and not extra and batch.prefix_length and cache_split(batch) is not None:
+            return self._score_cached(prompts, batch)
+        batch = batch.whole()  # a prefix the rows share runs with each row: this server caches none
         check_prompt_positions(batch, self.takes_prompt_pos, self.manifest.prompt_start, self.graph_label)
         groups, subsets = row_groups(batch, batch.lengths, self.max_buckets)
         out = np.empty((prompts.shape[0], len(batch), len(batch.label_ids)), np.float32)
@@ -358,9 +370,25 @@ class TritonEngine(TritonClient, PromptScoring):
             out[:, index] = self.infer(feeds)
         return out
 
-    def infer(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """One request: the graph's inputs -> [C, N, K] float32, retried on transient failures only (a retry
-        sends the same tensors and is never counted as another call)."""
+    def _score_cached(self, prompts: np.ndarray, batch: EncodedSet) -> np.ndarray:
+        """Suffix rows after a shared prefix, through NAME.cached: the rows' own ids and the prefix's, in one
+        request when it fits the server's limit (the server then plans them as the process would: the same
+        scores, bit for bit), else in as many as it takes."""
+        c, (n, t) = prompts.shape[0], batch.input_ids.shape
+        per = n if self.max_request is None else max(1, min(n, self.max_request // max(c * t, 1)))
+        out = np.empty((c, n, len(batch.label_ids)), np.float32)
+        for start in range(0, n, per):
+            index = np.arange(start, min(n, start + per))
+            rows = batch if per >= n else batch.take(index)
+            feeds = {name: getattr(rows, name) for name in (*ROW_INPUTS[:3], PROMPT_POS)}
+            feeds.update({PREFIX_IDS: np.asarray(batch.prefix_ids, np.int64), "prompt_embeds": prompts,
+                          "label_ids": batch.label_ids})
+            out[:, index] = self.infer(feeds, self.cached)
+        return out
+
+    def infer(self, feeds: dict[str, np.ndarray], model: str | None = None) -> np.ndarray:
+        """One request: the graph's inputs -> [C, N, K] float32 (of `model`, else this engine's), retried on
+        transient failures only (a retry sends the same tensors and is never counted as another call)."""
         c, (n, t) = feeds["prompt_embeds"].shape[0], feeds["input_ids"].shape
         if self.max_request is not None and c * n * t > self.max_request:
             raise ServerError(f"a request of {c} prompts x {n} rows x {t} tokens = {c * n * t} is over the "
@@ -369,7 +397,7 @@ class TritonEngine(TritonClient, PromptScoring):
                               ("popsize", "max_length", "max_request"))
         inputs = self._inputs(feeds)
         outputs = [self.wire.output(GRAPH_OUTPUTS[0])]
-        result = self._retrying(lambda: self.client.infer(self.model, inputs, outputs=outputs,
+        result = self._retrying(lambda: self.client.infer(model or self.model, inputs, outputs=outputs,
                                                           headers=self.wire.headers(), **self.wire.infer_options()))
         self.calls += 1
         logits = result.as_numpy(GRAPH_OUTPUTS[0])

@@ -4,6 +4,11 @@
 NAME/1/model.py, beside the graph (NAME/1/model.onnx). Every request is checked against the model's limits (its
 config's `bbt_*` parameters) before anything is allocated for it or run: a client's mistake is answered as one line
 with status 400 (INVALID_ARG), never a traceback; an unexpected failure is one line with status 500.
+
+serve's NAME.cached (`bbt_mode` cached) scores rows after a shared prefix (demonstrations) on the model
+directory's cached pair, through bbt-onnx's own engine (so this mode needs bbt-onnx, which serve has): the prefix's
+keys and values are computed once per server and prefix ids, kept least recently used first within
+`bbt_kv_cache_bytes`, and a request's rows are planned and run exactly as in the process.
 """
 
 import json
@@ -13,6 +18,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 OUTPUT = "label_logits"
+PREFIX_RUNS = "prefix_runs"  # NAME.cached's second output: the prefixes it has computed so far
+CONFIG_TYPES = {"TYPE_INT64": np.int64, "TYPE_FP32": np.float32, "TYPE_FP16": np.float16}
 INT_INPUTS = ("input_ids", "attention_mask", "mask_pos", "label_ids", "prompt_pos", "prompt_layer")
 
 
@@ -34,6 +41,10 @@ class TritonPythonModel:
                                              "bbt_hidden_size", "bbt_vocab_size", "bbt_max_positions",
                                              "bbt_max_labels", "bbt_layers")}
         self.deep = p.get("bbt_deep") == "1"
+        self.engine = None
+        if p.get("bbt_mode") == "cached":
+            self.open_cached(config, p)
+            return
         path = os.path.join(args["model_repository"], args["model_version"], p.get("bbt_graph", "model.onnx"))
         opts = ort.SessionOptions()
         threads = int(p.get("bbt_threads", "0"))
@@ -50,14 +61,28 @@ class TritonPythonModel:
         self.dtypes = {name: (np.float16 if i.type == "tensor(float16)" else np.float32 if "float" in i.type
                               else np.int64) for name, i in self.inputs.items()}
 
+    def open_cached(self, config, p):
+        """bbt-onnx's engine on the model directory's cached pair (the graphs checked against their sha256)."""
+        from bbt_onnx.engines.ort import OrtEngine
+        from bbt_onnx.manifest import load_manifest
+
+        threads = int(p.get("bbt_threads", "0"))
+        self.engine = OrtEngine(load_manifest(p["bbt_model_dir"]), device=p.get("bbt_device", "cpu"),
+                                threads=threads or None, kv_cache=True, kv_cache_limit=int(p["bbt_kv_cache_bytes"]))
+        self.inputs = {i["name"]: None for i in config["input"]}
+        self.dtypes = {i["name"]: CONFIG_TYPES[i["data_type"]] for i in config["input"]}
+
     def execute(self, requests):
         responses = []
         for request in requests:
             try:
                 feeds = self.feeds(request)
-                logits = self.session.run([OUTPUT], feeds)[0]
-                out = pb_utils.Tensor(OUTPUT, np.ascontiguousarray(logits, dtype=np.float32))
-                responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
+                if self.engine is not None:
+                    out = self.cached_outputs(feeds)
+                else:
+                    logits = self.session.run([OUTPUT], feeds)[0]
+                    out = [pb_utils.Tensor(OUTPUT, np.ascontiguousarray(logits, dtype=np.float32))]
+                responses.append(pb_utils.InferenceResponse(output_tensors=out))
             except Refused as exc:
                 responses.append(pb_utils.InferenceResponse(
                     output_tensors=[], error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)))
@@ -65,6 +90,28 @@ class TritonPythonModel:
                 message = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)))
         return responses
+
+    def cached_outputs(self, feeds):
+        """The rows after their shared prefix, scored by the engine as in the process; a request the engine refuses
+        (a prefix over the byte bound) is the client's mistake."""
+        from bbt_onnx.encoding import EncodedSet
+        from bbt_onnx.errors import BBTError
+
+        ids = feeds["input_ids"]
+        prefix = feeds["prefix_ids"]
+        if prefix.ndim != 1 or prefix.size < 1 or prefix.size + ids.shape[1] > self.limits["bbt_max_positions"]:
+            raise Refused(f"prefix_ids must be [S_p] ids with 1 <= S_p and S_p plus the {ids.shape[1]} tokens of a "
+                          f"row within the model's {self.limits['bbt_max_positions']} positions")
+        if not ((prefix >= 0) & (prefix < self.limits["bbt_vocab_size"])).all():
+            raise Refused("prefix_ids holds ids outside the vocabulary")
+        batch = EncodedSet(ids, feeds["attention_mask"], feeds["mask_pos"], np.full(len(ids), -1, np.int64),
+                           feeds["label_ids"], prompt_pos=feeds["prompt_pos"], prefix_ids=prefix)
+        try:
+            logits = self.engine.label_logits(feeds["prompt_embeds"], batch)
+        except BBTError as exc:
+            raise Refused(str(exc)) from None
+        return [pb_utils.Tensor(OUTPUT, np.ascontiguousarray(logits, dtype=np.float32)),
+                pb_utils.Tensor(PREFIX_RUNS, np.array([self.engine.prefix_runs], np.int64))]
 
     def feeds(self, request):
         """The graph's inputs from the request, every shape, range and size checked first."""

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..contract import graph_key
+from ..contract import GRAPH_OUTPUTS, PREFIX_IDS, PREFIX_KV, ROW_INPUTS, graph_key
 from ..devices import DEVICES, INSTANCES, PRECISIONS, REFERENCE_PRECISION
-from ..engines.served import (DEFAULT_MAX_REQUEST, check_max_request, check_name, request_limits, served_name,
+from ..engines.served import (CACHED_SUFFIX, DEFAULT_MAX_REQUEST, check_max_request, check_name, request_limits, served_name,
                               served_parameters)
 from ..errors import SettingsError
 from ..fileio import check_replaceable, write_dir
@@ -38,6 +38,7 @@ REPO_ORDER = tuple(sorted((p.name for p in PRECISIONS.values() if p.repo_rank is
                           key=lambda name: PRECISIONS[name].repo_rank))
 GRAPH_FILE = "model.onnx"
 MODEL_PY = Path(__file__).with_name("model.py")
+CACHED_KV_BYTES = 2 << 30  # the keys and values it keeps (the prefixes, least recently used evicted first)
 
 
 @dataclass(frozen=True)
@@ -107,16 +108,36 @@ class Served:
     tensorrt: bool = False
     max_request: int = DEFAULT_MAX_REQUEST
     device: str = "cpu"  # the python backend's onnxruntime provider
+    cached: bool = False  # rows after a shared prefix on the model directory's cached pair (serve's NAME.cached)
 
 
-def served_models(manifest: Manifest, precision: str, name: str | None = None, **how) -> list[Served]:
-    """The prompt graph and, when exported, its deep graph beside it as NAME.deep."""
+def served_models(manifest: Manifest, precision: str, name: str | None = None, cached: bool = False,
+                  **how) -> list[Served]:
+    """The prompt graph and, when exported, its deep graph beside it as NAME.deep; with `cached` (serve), for a
+    decoder with the cached pair, NAME.cached: rows after a shared prefix (demonstrations), whose keys and values
+    the server computes once and keeps."""
     base = name or served_name(manifest)
     out = [Served(manifest, manifest.graph(precision), base, precision, **how)]
     if graph_key(precision, deep=True) in manifest.graphs:
         out.append(Served(manifest, manifest.graph(precision, deep=True), f"{base}.deep", precision, deep=True,
                           **how))
+    if cached and manifest.has_cache_graphs(REFERENCE_PRECISION) and \
+            manifest.graphs[graph_key(REFERENCE_PRECISION, part="tail")].takes(PREFIX_KV):
+        out.append(Served(manifest, cached_contract(manifest), f"{base}{CACHED_SUFFIX}", REFERENCE_PRECISION,
+                          cached=True, **how))
     return out
+
+
+def cached_contract(manifest: Manifest) -> GraphSpec:
+    """What NAME.cached takes: the rows' own ids (after the prefix), their positions, the prefix's ids, the
+    prompts and label ids; the tail graph's record otherwise (its file is not copied: the backend opens the pair)."""
+    tail = manifest.graphs[graph_key(REFERENCE_PRECISION, part="tail")]
+    full = {t.name: t for t in manifest.graph(REFERENCE_PRECISION).inputs}
+    rows = tuple(full[name] for name in ROW_INPUTS[:3]) + (TensorSpec("prompt_pos", "int64", ("N",)),)
+    return replace(tail, inputs=rows + (TensorSpec(PREFIX_IDS, "int64", ("S_p",)), full["prompt_embeds"],
+                                        full["label_ids"]),
+                   outputs=tuple(t for t in tail.outputs if t.name in GRAPH_OUTPUTS) +
+                   (TensorSpec("prefix_runs", "int64", (1,)),))
 
 
 def _dims(spec: TensorSpec) -> list[int]:
@@ -147,6 +168,9 @@ def model_config(model: Served):
         provider = DEVICES[model.device]
         params.update(bbt_graph=GRAPH_FILE, bbt_threads=str(model.threads or 0), bbt_device=model.device,
                       bbt_provider=provider.provider, bbt_provider_options=json.dumps(provider.options))
+        if model.cached:
+            params.update(bbt_mode="cached", bbt_model_dir=str(model.manifest.directory.resolve()),
+                          bbt_kv_cache_bytes=str(CACHED_KV_BYTES))
     else:
         config.default_model_filename = GRAPH_FILE
         if on.instance_threads:
@@ -159,6 +183,8 @@ def model_config(model: Served):
             gpu.add(name=on.accelerator).parameters.update(on.options)
     for key, value in params.items():
         config.parameters[key].string_value = value
+    if model.cached:  # its rows need a prefix and real texts: no all-zero warm-up request
+        return config
     warm = config.model_warmup.add(name="population", batch_size=1)
     sizes = {**WARMUP_SIZES, "P": min(WARMUP_SIZES["P"], model.manifest.prompt_tokens)}
     for spec in model.graph.inputs:
@@ -196,9 +222,11 @@ def config_text(model: Served) -> str:
 
 def add_model(repository: Path, model: Served) -> None:
     """REPOSITORY/NAME/config.pbtxt and REPOSITORY/NAME/1/model.onnx (and model.py for the python backend)."""
-    add_repository_model(repository, model.name, config_text(model),
-                         lambda version: shutil.copyfile(model.manifest.directory / model.graph.file,
-                                                         version / GRAPH_FILE),
+    def fill(version: Path) -> None:
+        if not model.cached:  # NAME.cached opens the model directory's cached pair itself
+            shutil.copyfile(model.manifest.directory / model.graph.file, version / GRAPH_FILE)
+
+    add_repository_model(repository, model.name, config_text(model), fill,
                          MODEL_PY if model.backend == "python" else None)
 
 

@@ -129,7 +129,7 @@ def serve(opts: ServeOptions, log: Callable[[str], None] = lambda _m: None) -> N
             raise SettingsError(f"cannot serve {directory} on {opts.engine.name}: {reason}")
         limit = max(limit, max_body(manifest, opts.max_request))
         for model in served_models(manifest, opts.engine.precision, opts.names[i] if opts.names else None,
-                                   backend="python", kind=DEVICES[opts.engine.device].instance,
+                                   cached=True, backend="python", kind=DEVICES[opts.engine.device].instance,
                                    threads=opts.engine.threads, max_request=opts.max_request,
                                    device=opts.engine.device):
             clash = next((m for m in models if m.name == model.name), None)
