@@ -35,6 +35,7 @@ from .tritonserver import TritonProcess, Watchdog
 TOKEN_ENDPOINTS = ("inference", "model-config", "model-repository", "shared-memory", "statistics", "trace", "logging")
 RESTARTS = 5  # tritonserver deaths survived within RESTART_WINDOW before serve gives up
 RESTART_WINDOW = 600.0  # seconds: a death older than this no longer counts, so the budget recovers
+BACKEND_PROBE = 1.0  # seconds between looks at tritonserver's model backends (a killed one is a death too)
 
 
 @dataclass(frozen=True)
@@ -167,16 +168,22 @@ def serve(opts: ServeOptions, log: Callable[[str], None] = lambda _m: None) -> N
             f"{opts.metrics_port}; requests up to {opts.max_request} (C x N x T), bodies up to {limit} bytes"
             f"{'; every request but health needs the token' if opts.token else ''}. Ctrl-C or SIGTERM stops it.")
         deaths: list[float] = []
+        probe = time.monotonic()
         while True:
             time.sleep(0.2)
-            if triton.alive():
+            dead = frozenset()
+            if triton.alive() and time.monotonic() >= probe:  # its model backends, once a second
+                probe, dead = time.monotonic() + BACKEND_PROBE, triton.dead_backends()
+            if triton.alive() and not dead:
                 continue
+            cause = (f"tritonserver's model backend died (pid {', '.join(map(str, sorted(dead)))})" if dead else
+                     f"tritonserver exited ({triton.exit_cause()}){triton.last_error()}")
             deaths = recent(deaths + [time.monotonic()], time.monotonic())
             if len(deaths) > RESTARTS:
                 raise ServerError(f"tritonserver died {len(deaths)} times in {RESTART_WINDOW / 60:.0f} minutes, "
-                                  f"the last {triton.exit_cause()}{triton.last_error()}; giving up")
+                                  f"the last: {cause}; giving up")
             state.value = "restarting"
-            log(f"tritonserver exited ({triton.exit_cause()}){triton.last_error()}; starting it again")
+            log(f"{cause}; starting it again")
             triton.stop()
             triton = TritonProcess(repository, workspace, triton.http_port, triton.grpc_port, opts.token,
                                    TOKEN_ENDPOINTS, log_file=triton.log_file, watchdog=watchdog,

@@ -31,6 +31,23 @@ READY_TIMEOUT = 300.0  # seconds for every model to load
 LOG_TAIL = 64 << 10  # bytes of the log read back for a death's cause
 ERROR_LINE = re.compile(r"^E\d{4} ")  # the log's error lines (E1207 10:00:00.000 ...); W and I lines are not errors
 CRASH_MARKS = ("terminate called", "what():", "Signal (", "Aborted", "Segmentation fault", "core dumped")
+STUB = "triton_python_backend_stub"  # a python-backend model's process (its command name is cut to 15 characters)
+
+
+def group_members(pgid: int) -> dict[int, str]:
+    """The living processes of a process group, by pid, with their command names (from /proc)."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 1:].split()
+        if int(rest[2]) == pgid and rest[0] not in ("Z", "X"):
+            out[int(entry.name)] = name
+    return out
 
 
 def distribution() -> tuple[Path, Path]:
@@ -86,7 +103,8 @@ class TritonProcess:
     metrics: tuple[str, int] | None = None  # host and port for Prometheus metrics; None: off
     exit_on_error: bool = True  # False: a model that fails to load leaves the server up, not ready
     proc: subprocess.Popen | None = field(default=None, init=False)
-    log_start: int = field(default=0, init=False)  # where this process's part of the log file begins
+    log_start: int = field(default=0, init=False)  # where this process's part of the log begins (once up: its life)
+    backends: frozenset = field(default=frozenset(), init=False)  # the model backends' pids once every model loaded
     shm_prefix: str = field(default_factory=lambda: f"bbt-{uuid.uuid4().hex[:12]}-", init=False)
 
     def command(self, binary: Path, backends: Path) -> list[str]:
@@ -133,6 +151,20 @@ class TritonProcess:
                 self.stop()
                 raise ServerError(f"tritonserver did not load the models within {timeout:g} s{self.last_error()}")
             time.sleep(0.1)
+        self.backends = self.backend_processes()
+        if self.log_file is not None and self.log_file.is_file():  # a later death's cause: what came after the start
+            self.log_start = self.log_file.stat().st_size
+
+    def backend_processes(self) -> frozenset:
+        """The python backend's processes in tritonserver's group (one per model instance)."""
+        if self.proc is None:
+            return frozenset()
+        return frozenset(pid for pid, name in group_members(self.proc.pid).items() if STUB.startswith(name))
+
+    def dead_backends(self) -> frozenset:
+        """The model backends that ran once the models loaded and run no more. tritonserver stays up and ready
+        when one is killed (by the out-of-memory killer, say), and answers every request of its model with a 500."""
+        return self.backends - self.backend_processes()
 
     def ready(self) -> bool:
         """Listening, and (strict readiness) every model ready."""
@@ -144,8 +176,9 @@ class TritonProcess:
 
     def last_error(self) -> str:
         """The last error this process wrote to the log (an E line, or a crash's last words), for a one-line
-        message: read from the log's last 64 KiB, never from an earlier process's part, and never a warning that
-        merely mentions an error."""
+        message: read from the log's last 64 KiB, never from an earlier process's part nor, once it is up, from
+        its start (whose E lines, such as a missing CUDA driver, are harmless), and never a warning that merely
+        mentions an error."""
         if self.log_file is None or not self.log_file.is_file():
             return ""
         with open(self.log_file, "rb") as f:
