@@ -598,6 +598,15 @@ def test_a_decoder_tunes_through_the_server_with_its_prompt_positions(server, se
         [*args, *framing, "--method", "bbtv2", "--out", str(tmp_path / "v2")])
 
 
+def test_the_metrics_port_listens_on_loopback_only(server):
+    """tritonserver's metrics cannot check the token, so they listen on 127.0.0.1 whatever the host."""
+    from bbt_onnx.serving.server import ServeOptions
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics}/metrics", timeout=5) as r:
+        assert r.status == 200 and b"nv_" in r.read()
+    assert ServeOptions(("m",), host="0.0.0.0", token="t", metrics_port=9100).metrics == ("127.0.0.1", 9100)
+
+
 def test_a_decoder_scores_demonstrations_through_the_server_as_in_process(server, served, data_dir, tmp_path):
     """serve's NAME.cached computes a shared prefix (the demonstrations) once per server and prefix, and scores the
     rows after it bit for bit as the process does; without it (a server of rows only) every row is sent whole,

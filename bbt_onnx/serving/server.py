@@ -35,6 +35,7 @@ from .tritonserver import TritonProcess, Watchdog
 TOKEN_ENDPOINTS = ("inference", "model-config", "model-repository", "shared-memory", "statistics", "trace", "logging")
 RESTARTS = 5  # tritonserver deaths survived within RESTART_WINDOW before serve gives up
 RESTART_WINDOW = 600.0  # seconds: a death older than this no longer counts, so the budget recovers
+LOOPBACK = "127.0.0.1"
 BACKEND_PROBE = 1.0  # seconds between looks at tritonserver's model backends (a killed one is a death too)
 
 
@@ -47,10 +48,16 @@ class ServeOptions:
     host: str = setting("127.0.0.1", "Address to bind; one other machines can reach needs --token-file.")
     http_port: int = setting(8000, "HTTP port.")
     grpc_port: int = setting(8001, "gRPC port.")
-    metrics_port: int = setting(8002, "Metrics port.")
+    metrics_port: int = setting(8002, "Metrics port (Prometheus), on 127.0.0.1 whatever --host is: it has no token.")
     token: str | None = None  # every request but health must send it (triton-access-token)
     max_request: int = setting(DEFAULT_MAX_REQUEST, "Largest request, as prompts x rows x tokens (C x N x T).")
     verbose: bool = setting(False, "Show tritonserver's own log (it goes to a file in the workspace otherwise).")
+
+    @property
+    def metrics(self) -> tuple[str, int]:
+        """Where tritonserver's metrics listen: loopback only, since that endpoint cannot check the token (scrape it
+        from this machine, or through a gateway of your own)."""
+        return LOOPBACK, self.metrics_port
 
     def check(self) -> "ServeOptions":
         ports = {"http_port": self.http_port, "grpc_port": self.grpc_port, "metrics_port": self.metrics_port}
@@ -120,8 +127,8 @@ def recent(deaths: list[float], now: float) -> list[float]:
 def serve(opts: ServeOptions, log: Callable[[str], None] = lambda _m: None) -> None:
     """Serve until SIGINT or SIGTERM; then nothing of the server is left: no process, shared memory or folder."""
     opts.check()
-    check_ports_free(opts.host, {"http_port": opts.http_port, "grpc_port": opts.grpc_port,
-                                 "metrics_port": opts.metrics_port})
+    check_ports_free(opts.host, {"http_port": opts.http_port, "grpc_port": opts.grpc_port})
+    check_ports_free(LOOPBACK, {"metrics_port": opts.metrics_port})
     models, limit = [], 0
     for i, directory in enumerate(opts.model_dirs):
         manifest = load_manifest(directory)
@@ -156,7 +163,7 @@ def serve(opts: ServeOptions, log: Callable[[str], None] = lambda _m: None) -> N
         names = ", ".join(repr(m.name) for m in models + [c[0] for c in classifiers])
         triton = TritonProcess(repository, workspace, free_port(), free_port(), opts.token, TOKEN_ENDPOINTS,
                                log_file=None if opts.verbose else workspace / "tritonserver.log",
-                               watchdog=watchdog, metrics=(opts.host, opts.metrics_port))
+                               watchdog=watchdog, metrics=opts.metrics)
         log(f"starting tritonserver: {names} ({opts.engine.name}), workspace {workspace}")
         gates = [HttpGate(opts.host, opts.http_port, triton.http_port, limit, state, opts.token),
                  GrpcGate(opts.host, opts.grpc_port, triton.grpc_port, limit, state)]
@@ -165,7 +172,8 @@ def serve(opts: ServeOptions, log: Callable[[str], None] = lambda _m: None) -> N
         triton.start()
         state.value = "serving"
         log(f"serving {names}: http://{opts.host}:{opts.http_port}, grpc://{opts.host}:{opts.grpc_port}, metrics on "
-            f"{opts.metrics_port}; requests up to {opts.max_request} (C x N x T), bodies up to {limit} bytes"
+            f"http://{LOOPBACK}:{opts.metrics_port}; requests up to {opts.max_request} (C x N x T), bodies up to "
+            f"{limit} bytes"
             f"{'; every request but health needs the token' if opts.token else ''}. Ctrl-C or SIGTERM stops it.")
         deaths: list[float] = []
         probe = time.monotonic()
