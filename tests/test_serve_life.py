@@ -106,6 +106,27 @@ def test_a_killed_model_backend_is_healed(server, client_dir, tiny_model):
     np.testing.assert_array_equal(remote.engine.label_logits(prompts, rows), local.engine.label_logits(prompts, rows))
 
 
+def test_the_grpc_gate_caps_calls_per_client_and_overall(server):
+    """The gRPC gate admits calls within the HTTP gate's limits: overall and per client address."""
+    import tritonclient.grpc as grpcclient
+
+    from bbt_onnx.serving.gate import Admission, GrpcGate
+
+    admission = Admission(total=3, per_client=2)
+    assert admission.enter("a") and admission.enter("a") and not admission.enter("a")  # two from one address
+    assert admission.enter("b") and not admission.enter("c")  # three in all
+    admission.leave("a")
+    assert admission.enter("c")
+    port = free_ports(1)[0]
+    gate = GrpcGate("127.0.0.1", port, server.grpc, 1 << 22, lambda: "serving", limits={"per_client": 0})
+    gate.start()
+    try:
+        with pytest.raises(Exception, match="too many calls at once"):
+            grpcclient.InferenceServerClient(f"127.0.0.1:{port}").is_server_live()
+    finally:
+        gate.stop()
+
+
 def proc_name(pid: int) -> str:
     try:
         return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")

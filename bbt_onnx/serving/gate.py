@@ -391,19 +391,50 @@ async def linger(reader, writer, seconds: float = 2.0, most: int = 1 << 20) -> N
         pass
 
 
+class Admission:
+    """Calls in flight, overall and by client address, within the gate's limits; threads enter at once."""
+
+    def __init__(self, total: int, per_client: int):
+        self.total, self.per_client = total, per_client
+        self.open: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def enter(self, client: str) -> bool:
+        with self.lock:
+            if sum(self.open.values()) >= self.total or self.open.get(client, 0) >= self.per_client:
+                return False
+            self.open[client] = self.open.get(client, 0) + 1
+            return True
+
+    def leave(self, client: str) -> None:
+        with self.lock:
+            self.open[client] -= 1
+            if not self.open[client]:
+                del self.open[client]
+
+
+def peer_address(peer: str) -> str:
+    """grpc's peer ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000") without its port: the client's address."""
+    return peer.rsplit(":", 1)[0]
+
+
 class GrpcGate:
     """gRPC in front of tritonserver's gRPC port: messages over the limit refused by length before they are read,
+    calls in flight capped overall and per client address, idle connections closed (the HTTP gate's `LIMITS`),
     unary calls forwarded as bytes with their metadata and deadline."""
 
-    def __init__(self, host: str, port: int, upstream: int, max_message: int, state: Callable[[], str]):
+    def __init__(self, host: str, port: int, upstream: int, max_message: int, state: Callable[[], str],
+                 limits: dict | None = None):
         import grpc
 
         self.grpc, self.state = grpc, state
+        limits = {**LIMITS, **(limits or {})}
+        self.admission = Admission(limits["connections"], limits["per_client"])
         self.channel = grpc.insecure_channel(f"127.0.0.1:{upstream}", options=[
             ("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)])
         self.server = grpc.server(ThreadPoolExecutor(max_workers=32, thread_name_prefix="grpc-gate"), options=[
             ("grpc.max_receive_message_length", max_message), ("grpc.max_send_message_length", -1),
-            ("grpc.so_reuseport", 0)])
+            ("grpc.so_reuseport", 0), ("grpc.max_connection_idle_ms", int(limits["idle_seconds"] * 1000))])
         self.server.add_generic_rpc_handlers((self,))
         if not self.server.add_insecure_port(f"{host}:{port}"):
             raise OSError(f"cannot listen on {host}:{port}")
@@ -423,6 +454,15 @@ class GrpcGate:
         grpc = self.grpc
 
         def forward_call(request: bytes, context):
+            client = peer_address(context.peer())
+            if not self.admission.enter(client):
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls at once: retry in a moment")
+            try:
+                return forward(request, context)
+            finally:
+                self.admission.leave(client)
+
+        def forward(request: bytes, context):
             state = self.state()
             if state != "serving":
                 if details.method.endswith("/ServerLive") and state != "stopping":
