@@ -7,7 +7,8 @@ left (processes, shared memory, its workspace) is looked for. The report (JSON o
 tunes and tuner errors, z mismatches, hostile requests by class and answer, tracebacks seen in any answer,
 tritonserver restarts, and what outlived the server.
 
-usage: python benchmarks/serve_soak.py [--model DIR] [--minutes 10] [--tuners 8] [--hostile 1000] [--json-out F]
+usage: python benchmarks/serve_soak.py [--model DIR] [--minutes 10] [--tuners 8] [--hostile 1000] [--half-open 100]
+       [--json-out F]
 Without --model it exports a tiny random RoBERTa (with its deep graph) into a temporary folder.
 """
 
@@ -86,6 +87,7 @@ class Hostile:
 
     def __init__(self, http: int, grpc: int, model: Model):
         self.http, self.grpc = http, grpc
+        self.pending: list[tuple[float, socket.socket]] = []  # half-open connections, by when they began
         enc = model.encoder(PRESETS["sst2"], P).encode(sentiment_examples(4, seed=0))
         m = model.manifest
         self.good = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "mask_pos": enc.mask_pos,
@@ -121,7 +123,63 @@ class Hostile:
                                                                                               np.float32)}, "grpc"),
             "grpc-5000-labels": lambda: self.send({**self.good, "label_ids": np.arange(5000, dtype=np.int64) % 50 + 5},
                                                   "grpc"),
+            # what two parsers could read apart, and what tritonserver answers with a 500
+            "json-shape-twice": lambda: self.raw(b'{"inputs": [{"name": "input_ids", "shape": [1], "shape": '
+                                                 b'[1000000, 1000000, 1000000], "datatype": "INT64", "data": [1]}]}'),
+            "json-inputs-twice": lambda: self.raw(b'{"inputs": [], "inputs": [{"name": "input_ids", "shape": '
+                                                  b'[1000000, 1000000, 1000000], "datatype": "INT64", "data": [1]}]}'),
+            "json-deep-nesting": lambda: self.raw(b'{"inputs": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"),
+            "json-utf16": lambda: self.raw('{"inputs": [{"name": "mask_pos", "shape": [1], "datatype": "INT64", '
+                                           '"data": [0]}]}'.encode("utf-16")),
+            "json-string-in-int64": lambda: self.raw(b'{"inputs": [{"name": "mask_pos", "shape": [1], "datatype": '
+                                                     b'"INT64", "data": ["0"]}]}'),
+            "http-absolute-url": lambda: self.head(b"POST http://x/v2/models/tiny-roberta/infer HTTP/1.1"),
+            "http-two-spaces": lambda: self.head(b"POST  /v2/models/tiny-roberta/infer HTTP/1.1"),
+            "http-space-before-colon": lambda: self.head(b"POST /v2/models/tiny-roberta/infer HTTP/1.1",
+                                                         b"Content-Length : 2"),
+            "http-half-open": lambda: self.half_open(),
         }
+
+    def head(self, line: bytes, length: bytes = b"Content-Length: 2") -> tuple[int, str]:
+        """A request whose head a strict HTTP/1.1 parser must refuse, sent as raw bytes."""
+        request = line + b"\r\nHost: x\r\ntriton-access-token: " + TOKEN.encode() + b"\r\n" + length + b"\r\n\r\n{}"
+        try:
+            with socket.create_connection(("127.0.0.1", self.http), timeout=30) as conn:
+                conn.sendall(request)
+                answer = conn.recv(4096).decode(errors="replace")
+        except OSError as exc:
+            return -1, f"{type(exc).__name__}: {exc}"
+        first = answer.split("\r\n", 1)[0].split(" ")
+        return (int(first[1]) if len(first) > 1 and first[1].isdigit() else -1), answer.split("\r\n\r\n", 1)[-1]
+
+    def half_open(self) -> tuple[int, str]:
+        """A head begun and never finished, without a token, left open: `closed()` checks at the end that the
+        gate closed every one by its head timeout."""
+        try:
+            conn = socket.create_connection(("127.0.0.1", self.http), timeout=30)
+            conn.sendall(b"POST /v2/models/tiny-roberta/infer HTTP/1.1\r\nHost: x\r\n")
+        except OSError as exc:
+            return -1, f"{type(exc).__name__}: {exc}"
+        self.pending.append((time.monotonic(), conn))
+        return 0, "left half-open"
+
+    def closed(self, within: float) -> dict:
+        """Of the half-open connections, how many the gate closed, and how many were still open `within` seconds
+        after they began (waiting for those that are younger)."""
+        closed = hung = 0
+        for began, conn in self.pending:
+            time.sleep(max(0.0, began + within - time.monotonic()))
+            conn.settimeout(0.5)
+            try:
+                data = conn.recv(4096)
+                closed += 1 if data is not None else 0  # an answer or the end of the stream: closed by the gate
+            except socket.timeout:
+                hung += 1
+            except OSError:
+                closed += 1  # reset by the gate
+            finally:
+                conn.close()
+        return {"half_open": len(self.pending), "closed": closed, "still_open": hung}
 
     def raw(self, body: bytes, headers=None, token=True) -> tuple[int, str]:
         request = urllib.request.Request(f"http://127.0.0.1:{self.http}/v2/models/tiny-roberta/infer", data=body,
@@ -171,6 +229,44 @@ class Hostile:
             client.close()
 
 
+HEAD_TIMEOUT = 10.0  # the gate's LIMITS["head_seconds"]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def half_open_burst(port: int, pid: int, count: int) -> dict:
+    """`count` connections without a token that begin a head and never finish it, all at once: serve's memory
+    before and at its highest while they are open, and when the last of them was closed by the gate."""
+    before, peak, conns = rss_mib(pid), 0.0, []
+    t0 = time.monotonic()
+    for _ in range(count):
+        conn = socket.create_connection(("127.0.0.1", port), timeout=HEAD_TIMEOUT * 3)
+        conn.sendall(b"POST /v2/models/tiny-roberta/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000")
+        conns.append(conn)
+    open_ = set(range(count))
+    while open_ and time.monotonic() - t0 < HEAD_TIMEOUT * 3:
+        peak = max(peak, rss_mib(pid))
+        for i in list(open_):
+            conns[i].settimeout(0.01)
+            try:
+                conns[i].recv(4096)
+                open_.discard(i)  # answered or closed: the gate let it go
+            except socket.timeout:
+                pass
+            except OSError:
+                open_.discard(i)
+        time.sleep(0.1)
+    for conn in conns:
+        conn.close()
+    return {"connections": count, "rss_before_mib": round(before, 1), "rss_peak_mib": round(peak, 1),
+            "all_closed": not open_, "seconds_to_close_all": round(time.monotonic() - t0, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path)
@@ -178,6 +274,8 @@ def main() -> None:
     ap.add_argument("--tuners", type=int, default=8)
     ap.add_argument("--hostile", type=int, default=1000)
     ap.add_argument("--budget", type=int, default=120)
+    ap.add_argument("--half-open", type=int, default=100, help="unauthenticated half-open connections at once, "
+                    "before the tuners start: the memory they cost serve and how soon the gate closes them")
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bbt-soak-"))
@@ -197,6 +295,7 @@ def main() -> None:
     log = (work / "serve.log").read_text()
     workspace = Path(next(line for line in log.splitlines() if "workspace" in line).rsplit("workspace ", 1)[1])
     kids = children(serve.pid)
+    burst = half_open_burst(http, serve.pid, args.half_open)
 
     def request(seed: int, out: Path, remote=None) -> TuneRequest:
         config = TuneConfig(prompt_tokens=P, intrinsic_dim=20, popsize=6, budget=args.budget, eval_every=36,
@@ -254,6 +353,7 @@ def main() -> None:
     for t in threads:
         t.join()
     wall = time.monotonic() - t0
+    left_open = hostile.closed(within=HEAD_TIMEOUT + 5)
     serve.send_signal(signal.SIGTERM)
     code = serve.wait(timeout=120)
     time.sleep(2)
@@ -264,6 +364,7 @@ def main() -> None:
         "z_mismatches": results["z_mismatches"], "hostile_requests": sum(answers.values()),
         "hostile_answers": {f"{name} -> {status}": n for (name, status), n in sorted(answers.items())},
         "tracebacks_in_answers": len(tracebacks), "first_traceback": (tracebacks or [None])[0],
+        "half_open_during_the_run": left_open, "half_open_burst": burst,
         "tritonserver_restarts": log.count("starting it again"), "serve_exit_code": code,
         "processes_left": [p for p in kids if alive(p)], "workspace_left": workspace.exists(),
         "shared_memory_left": [str(p) for p in Path("/dev/shm").glob("bbt-*")],
