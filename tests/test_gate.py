@@ -73,6 +73,21 @@ def test_a_request_two_parsers_could_read_apart_is_refused(body, why):
     check_infer(b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2.5]}]}', {}, 1 << 20)
 
 
+def test_what_is_forwarded_is_the_header_the_gate_read_written_again():
+    """The JSON header goes on as the gate wrote it from what it checked (two parsers cannot read it apart), the
+    binary data after it as sent, the lengths updated; NaN and Infinity, which Python alone reads, are refused."""
+    from bbt_onnx.serving.gate import Refusal, check_infer
+
+    header = b'{ "inputs" : [ {"name": "x", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 8}} ] }'
+    headers = {"content-length": str(len(header) + 8), "inference-header-content-length": str(len(header))}
+    body = check_infer(header + b"\x00" * 8, headers, 1 << 20)
+    written = b'{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":8}}]}'
+    assert body == written + b"\x00" * 8
+    assert headers == {"content-length": str(len(written) + 8), "inference-header-content-length": str(len(written))}
+    with pytest.raises(Refusal, match="not valid JSON"):
+        check_infer(b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [NaN]}]}', {}, 1 << 20)
+
+
 def answer(port: int, request: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
         conn.sendall(request)

@@ -25,9 +25,7 @@ ITEM_BYTES = {"BOOL": 1, "INT8": 1, "UINT8": 1, "INT16": 2, "UINT16": 2, "FP16":
 INFER_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$")
 OPEN_METADATA = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?(/ready)?$")  # model metadata and readiness
 MAX_HEAD = 64 * 1024
-# RFC 9112: a token method, an origin-form target, HTTP/1.x, single spaces; a header is a token, a colon, a value
-REQUEST_LINE = re.compile(r"^([!#$%&'*+.^_`|~0-9A-Za-z-]+) (/[^\s]*) (HTTP/1\.[01])$")
-HEADER_LINE = re.compile(r"^([!#$%&'*+.^_`|~0-9A-Za-z-]+):([^\r\n]*)$")
+FOLDED = re.compile(rb"\r\n[ \t]")  # a header line that continues the one before it
 SINGLE_HEADERS = ("content-length", "transfer-encoding", "host", TOKEN_HEADER.lower(),
                   "inference-header-content-length")  # given twice, two readers could each take another
 # Limits on what a connection may hold: the time to finish a head once it began, to send a declared body, to stay
@@ -58,14 +56,20 @@ def unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return seen
 
 
-def check_infer(body: bytes, headers: dict[str, str], max_bytes: int) -> None:
+def no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")  # Python reads NaN and Infinity, which no JSON parser need accept
+
+
+def check_infer(body: bytes, headers: dict[str, str], max_bytes: int) -> bytes:
     """An inference request's JSON header against the data it carries: every input's declared shape a list of
-    counts whose product fits the limit and equals its data (JSON `data`, or `binary_data_size`)."""
+    counts whose product fits the limit and equals its data (JSON `data`, or `binary_data_size`). Returns the body
+    to forward: the header as the gate read it, written out again by the gate (so that tritonserver parses exactly
+    what was checked), then the binary data as sent; `headers` get the new lengths."""
     length = headers.get("inference-header-content-length")
     try:
         head = body[:int(length)] if length is not None else body
         # UTF-8 only: Python's json reads UTF-16 and UTF-32 too, tritonserver's parser does not
-        request = json.loads(head.decode("utf-8"), object_pairs_hook=unique_keys)
+        request = json.loads(head.decode("utf-8"), object_pairs_hook=unique_keys, parse_constant=no_constant)
     except DuplicateKey as exc:  # Python keeps a repeated key's last value, tritonserver's parser its first
         raise Refusal(400, f"the inference request names {str(exc)!r} twice in one object") from None
     except RecursionError:
@@ -103,6 +107,12 @@ def check_infer(body: bytes, headers: dict[str, str], max_bytes: int) -> None:
                 raise Refusal(400, f"input {name!r} of datatype {dtype} carries a value of another type")
             if found != count:
                 raise Refusal(400, f"input {name!r} declares shape {shape} but carries another number of values")
+    written = json.dumps(request, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if length is not None:
+        headers["inference-header-content-length"] = str(len(written))
+    forwarded = written + body[len(head):]
+    headers["content-length"] = str(len(forwarded))
+    return forwarded
 
 
 def _is_int(value) -> bool:
@@ -249,7 +259,7 @@ class HttpGate:
                     continue
                 if method == "POST" and INFER_PATH.match(target.split("?")[0]):
                     try:
-                        check_infer(body, headers, self.max_body)
+                        body = check_infer(body, headers, self.max_body)
                     except Refusal as refusal:
                         await respond(writer, refusal.status, str(refusal), close=not keep)
                         if not keep:
@@ -301,25 +311,33 @@ def restricted(method: str, target: str) -> bool:
 
 
 def parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
-    """A request's line and headers, read as RFC 9112 says a server must: one space apart, an origin-form target, no
-    whitespace before a header's colon, no folded lines, no header that frames the body (or carries the token) given
-    twice. Anything else is a 400, so that the gate and tritonserver never read one request two ways."""
-    lines = head.decode("latin-1").split("\r\n")
-    request = REQUEST_LINE.match(lines[0])
-    if request is None:
-        raise Refusal(400, "the request line is not METHOD /path HTTP/1.x, one space apart")
+    """A request's line and headers, read by h11 (a maintained HTTP/1.1 implementation, strict as RFC 9112 tells a
+    server to be: one space apart, no whitespace before a header's colon, no folded lines, one Content-Length),
+    then held to what the gate forwards: an origin-form target, and no header that frames the body (or carries the
+    token) given twice. Anything else is a 400, so that the gate and tritonserver never read one request two
+    ways."""
+    import h11
+
+    if FOLDED.search(head):  # h11 unfolds an obsolete folded line; RFC 9112 lets a server refuse it instead
+        raise Refusal(400, "a header line is folded (obsolete line folding)")
+    reader = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+    reader.receive_data(head if head.endswith(b"\r\n\r\n") else head.rstrip(b"\r\n") + b"\r\n\r\n")
+    try:
+        event = reader.next_event()
+    except h11.RemoteProtocolError as exc:
+        raise Refusal(400, f"the request's head is malformed ({exc})") from None
+    if not isinstance(event, h11.Request):
+        raise Refusal(400, "the request's head is incomplete")
+    target = event.target.decode("latin-1")
+    if not target.startswith("/"):
+        raise Refusal(400, "the request's target is not a path (origin form, /v2/...)")
     headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if not line:
-            continue
-        field = HEADER_LINE.match(line)
-        if field is None:
-            raise Refusal(400, "a header line is malformed (whitespace before its colon, folded, or no colon)")
-        key, value = field.group(1).lower(), field.group(2).strip(" \t")
+    for name, value in event.headers.raw_items():
+        key, text = name.decode("latin-1").lower(), value.decode("latin-1")
         if key in headers and key in SINGLE_HEADERS:
             raise Refusal(400, f"the {key} header is given twice")
-        headers[key] = f"{headers[key]}, {value}" if key in headers else value
-    return request.group(1), request.group(2), request.group(3), headers
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    return event.method.decode("ascii"), target, f"HTTP/{event.http_version.decode('ascii')}", headers
 
 
 def canonical_head(method: str, target: str, version: str, headers: dict[str, str]) -> bytes:
