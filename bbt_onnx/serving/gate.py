@@ -312,7 +312,7 @@ def restricted(method: str, target: str) -> bool:
 
 def parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
     """A request's line and headers, read by h11 (a maintained HTTP/1.1 implementation, strict as RFC 9112 tells a
-    server to be: one space apart, no whitespace before a header's colon, no folded lines, one Content-Length),
+    server to be: one space apart, no whitespace before a header's colon, one Content-Length), with no folded lines,
     then held to what the gate forwards: an origin-form target, and no header that frames the body (or carries the
     token) given twice. Anything else is a 400, so that the gate and tritonserver never read one request two
     ways."""
