@@ -95,8 +95,8 @@ def tune(model_dir: str | Path, task: str | Path | Task, data: str | Path | Data
     `task`: a preset name, a task JSON file or a Task. `data`: a labelled pool (a file or hf:NAME) drawn `k_shot`
     per class (16) for train and again for dev, by `data_seed` [default: the run's seed]; or a DataSpec (explicit
     train, dev and test files). `demos`: K demonstrations per class drawn from the pool after train and dev (`tune
-    --demos K`), or a DemoSpec (a file's). `force` replaces an earlier run in `out`. `log` hears the messages the CLI prints;
-    `hooks` every event. Every input is checked before anything is written (a `BBTError` otherwise)."""
+    --demos K`), or a DemoSpec (a file's). `force` replaces an earlier run in `out`. `log` hears the messages the
+    CLI prints; `hooks` every event. Every input is checked before anything is written (a `BBTError` otherwise)."""
     if seeds:
         config = replace(config, seed=seeds[0])  # as the CLI does; the config checks each seed
     spec = as_data(data, test, k_shot, config.seed if data_seed is None else data_seed)

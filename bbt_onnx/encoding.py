@@ -411,8 +411,9 @@ class Encoder:
             limit = (f"{self.max_length} tokens" if self.max_length < self.manifest.max_positions
                      else f"the model's {self.max_length} positions")
             demos = f", the {len(self.task.demonstrations)} demonstrations" if self.demos else ""
-            raise SettingsError(f"the template{demos} and {self.prompt_tokens} prompt tokens leave no room for text within "
-                                f"{limit}; shorten the template, use fewer prompt tokens or a larger max_length",
+            raise SettingsError(f"the template{demos} and {self.prompt_tokens} prompt tokens leave no room for text "
+                                f"within {limit}; shorten the template, use fewer prompt tokens or a larger "
+                                "max_length",
                                 "max_length")
         keep = [True] * len(ids)
         for i in range(len(ids) - 1, -1, -1):

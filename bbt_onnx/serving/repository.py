@@ -19,10 +19,10 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..contract import GRAPH_OUTPUTS, PREFIX_IDS, PREFIX_KV, ROW_INPUTS, graph_key
+from ..contract import GRAPH_OUTPUTS, PREFIX_IDS, PREFIX_KV, PROMPT_POS, ROW_INPUTS, graph_key
 from ..devices import DEVICES, INSTANCES, PRECISIONS, REFERENCE_PRECISION
-from ..engines.served import (CACHED_SUFFIX, DEFAULT_MAX_REQUEST, check_max_request, check_name, request_limits, served_name,
-                              served_parameters)
+from ..engines.served import (CACHED_SUFFIX, DEFAULT_MAX_REQUEST, check_max_request, check_name, request_limits,
+                              served_name, served_parameters)
 from ..errors import SettingsError
 from ..fileio import check_replaceable, write_dir
 from ..manifest import GraphSpec, Manifest, TensorSpec, load_manifest
@@ -133,7 +133,7 @@ def cached_contract(manifest: Manifest) -> GraphSpec:
     prompts and label ids; the tail graph's record otherwise (its file is not copied: the backend opens the pair)."""
     tail = manifest.graphs[graph_key(REFERENCE_PRECISION, part="tail")]
     full = {t.name: t for t in manifest.graph(REFERENCE_PRECISION).inputs}
-    rows = tuple(full[name] for name in ROW_INPUTS[:3]) + (TensorSpec("prompt_pos", "int64", ("N",)),)
+    rows = tuple(full[name] for name in ROW_INPUTS[:3]) + (TensorSpec(PROMPT_POS, "int64", ("N",)),)
     return replace(tail, inputs=rows + (TensorSpec(PREFIX_IDS, "int64", ("S_p",)), full["prompt_embeds"],
                                         full["label_ids"]),
                    outputs=tuple(t for t in tail.outputs if t.name in GRAPH_OUTPUTS) +
