@@ -34,7 +34,11 @@ def framing_name(task: Task) -> str:
 
 def plain_framings(task: Task, manifest: Manifest) -> list[tuple[str, Task]]:
     """(name, task) for the template alone in the task's own framing and each other one the model allows; with
-    demonstrations, each of those without them and then with them."""
+    demonstrations, each of those without them and then with them; with further words a class (a multi-word
+    verbalizer), all of those read by the label words alone and then by every word."""
+    if task.extra_words:
+        bare = plain_framings(task.with_extra_words(), manifest)
+        return bare + [(f"{name} + words", framed.with_extra_words(task.extra_words)) for name, framed in bare]
     if task.demonstrations:
         return plain_framings(task.without_demonstrations(), manifest) + \
             [(framing_name(framed), framed) for _, framed in _framings(task, manifest)]

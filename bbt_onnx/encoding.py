@@ -38,10 +38,16 @@ class EncodedSet:
     attention_mask: np.ndarray  # int64 [N, T]
     mask_pos: np.ndarray  # int64 [N]
     labels: np.ndarray  # int64 [N], class index, -1 when unknown
-    label_ids: np.ndarray  # int64 [K]
+    label_ids: np.ndarray  # int64 [W]: every word the readout reads, in class order
     truncated: int = 0  # rows whose text was cut to fit
     prompt_pos: np.ndarray | None = None  # int64 [N]: each row's first prompt slot; None: right after BOS
     prefix_ids: np.ndarray | None = None  # int64 [S_p]: ids every row shares before its own; None: no prefix
+    label_groups: np.ndarray | None = None  # int64 [W]: the class each word counts for; None: one word a class
+
+    @property
+    def classes(self) -> int:
+        """K, the classes the readout scores (the label ids' count when each class has one word)."""
+        return len(self.label_ids) if self.label_groups is None else int(self.label_groups.max()) + 1
 
     @property
     def suffix_tail(self) -> int | None:
@@ -94,14 +100,17 @@ class EncodedSet:
         both = (self.prompt_pos is None) == (other.prompt_pos is None)
         same_prefix = (self.prefix_ids is None) == (other.prefix_ids is None) and \
             (self.prefix_ids is None or np.array_equal(self.prefix_ids, other.prefix_ids))
-        if not both or not same_prefix or not np.array_equal(self.label_ids, other.label_ids):
+        same_readout = np.array_equal(self.label_ids, other.label_ids) and \
+            (self.label_groups is None) == (other.label_groups is None) and \
+            (self.label_groups is None or np.array_equal(self.label_groups, other.label_groups))
+        if not both or not same_prefix or not same_readout:
             raise ValueError("rows of another framing or task cannot be joined")
         return EncodedSet(np.concatenate([padded(self.input_ids, pad_id), padded(other.input_ids, pad_id)]),
                           np.concatenate([padded(self.attention_mask, 0), padded(other.attention_mask, 0)]),
                           np.concatenate([self.mask_pos, other.mask_pos]), np.concatenate([self.labels, other.labels]),
                           self.label_ids, self.truncated + other.truncated,
                           None if self.prompt_pos is None else np.concatenate([self.prompt_pos, other.prompt_pos]),
-                          self.prefix_ids)
+                          self.prefix_ids, self.label_groups)
 
     def batches(self, rows: int) -> Iterator[tuple[np.ndarray, "EncodedSet"]]:
         """Length-sorted batches of at most `rows` rows, so little padding is computed."""
@@ -185,6 +194,31 @@ def label_token_ids(tokenizer: Tokenizer, words: Sequence[str], prefix: str) -> 
         owner[first] = word
         ids.append(first)
     return ids, warnings
+
+
+def readout_ids(tokenizer: Tokenizer, task: Task, prefix: str) -> tuple[list[int], list[int] | None, list[str]]:
+    """Every word the task's readout reads, as (ids in class order, the class of each or None when each class has
+    its label word alone, warnings). The label words are read as `label_token_ids` reads them; a class's further
+    words likewise, each id counted for one class only."""
+    ids, warnings = label_token_ids(tokenizer, task.label_words, prefix)
+    if not task.extra_words:
+        return ids, None, warnings
+    owner = {i: c for c, i in enumerate(ids)}
+    flat, groups = [], []
+    for c, (label_id, extra) in enumerate(zip(ids, task.extra_words)):
+        flat.append(label_id)
+        groups.append(c)
+        more, notes = label_token_ids(tokenizer, extra, prefix) if extra else ([], [])
+        warnings += notes
+        for word, i in zip(extra, more):
+            if owner.get(i, c) != c:
+                raise SettingsError(f"extra word {word!r} reads the same token as a word of class "
+                                    f"{task.label_keys[owner[i]]!r}; leave one out", "extra_words")
+            if i not in owner:
+                owner[i] = c
+                flat.append(i)
+                groups.append(c)
+    return flat, groups, warnings
 
 
 def init_placeholders(tokenizer: Tokenizer, text: str, prompt_tokens: int) -> list[int]:
@@ -285,7 +319,7 @@ class Encoder:
         self.task = task
         self.prompt_tokens = prompt_tokens
         self.max_length = min(max_length or manifest.max_positions, manifest.max_positions)
-        self.label_ids, self.warnings = label_token_ids(tokenizer, task.label_words, manifest.label_prefix)
+        self.label_ids, self.label_groups, self.warnings = readout_ids(tokenizer, task, manifest.label_prefix)
         self.placeholder_ids = [int(i) for i in placeholder_ids]
         self.lead = bos_ids(task, manifest)
         self.tail = [manifest.eos_id] if manifest.appends_eos else []
@@ -388,7 +422,8 @@ class Encoder:
         labels = np.array([-1 if e.label is None else self.task.class_index(e.label) for e in examples], dtype=np.int64)
         return EncodedSet(input_ids, attention, np.array(mask_pos, dtype=np.int64), labels,
                           np.array(self.label_ids, dtype=np.int64), truncated, np.array(prompt_pos, dtype=np.int64),
-                          np.array(self.prefix_ids, dtype=np.int64) if self.prefix_ids else None)
+                          np.array(self.prefix_ids, dtype=np.int64) if self.prefix_ids else None,
+                          None if self.label_groups is None else np.array(self.label_groups, dtype=np.int64))
 
     @staticmethod
     def _own(enc, spans: dict[str, tuple[int, int]]) -> tuple[list[int], list[str | None]]:

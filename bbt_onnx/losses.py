@@ -20,6 +20,22 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+def class_scores(word_logits: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    """[..., W] logits of the readout's words -> [..., K] class scores: each class the log of its words' summed
+    exp-logits (so the log of their summed probability, up to the row's normaliser, which every class shares and
+    a softmax over classes cancels). `groups` [W] names each word's class; None (one word a class) is the identity."""
+    if groups is None:
+        return word_logits
+    x = np.asarray(word_logits, np.float64)
+    k = int(groups.max()) + 1
+    out = np.empty((*x.shape[:-1], k), np.float64)
+    for c in range(k):
+        part = x[..., groups == c]
+        top = part.max(axis=-1, keepdims=True)
+        out[..., c] = (top + np.log(np.exp(part - top).sum(axis=-1, keepdims=True)))[..., 0]
+    return out.astype(np.asarray(word_logits).dtype)
+
+
 def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Mean CE over the N rows, per candidate: [C]."""
     lp = log_softmax(_as3d(logits))

@@ -309,7 +309,7 @@ class PromptEnsemble(Scoring):
                 on_batch(len(enc))
         else:
             embeds = np.stack([m.embeds for m in self.members])
-            out = np.empty((len(self.members), len(enc), len(enc.label_ids)), np.float64)
+            out = np.empty((len(self.members), len(enc), enc.classes), np.float64)
             for idx, batch in enc.batches(batch_rows):
                 out[:, idx] = model.engine.label_logits(embeds, batch)
                 if on_batch:

@@ -25,6 +25,7 @@ FRAMING_KEYS = (("bos", "bos"), ("chat", "chat"), ("prompt_position", "position"
 
 MAX_TEMPLATE_CHARS = 100_000  # about 20,000 tokens: past every model's positions, far under a row's limit
 MAX_DEMONSTRATIONS = 1024  # far past what any model's positions hold
+MAX_CLASS_WORDS = 64  # words that count for one class: a readout, not a vocabulary
 
 
 @dataclass(frozen=True)
@@ -127,8 +128,10 @@ class Task:
     goes; it is tokenized as written, right after the prompt slots. `labels` pairs the
     data's label values with the verbalizer words, in class order (a dict {name: word} is
     taken too). For `f1` the second label is the positive class. `demonstrations` are answered
-    examples every row sees first (in-context learning). A task that cannot work is refused
-    when it is built (SettingsError).
+    examples every row sees first (in-context learning). `extra_words` are, per class, more words
+    that count for it beside its label word (a multi-word verbalizer: a class then scores the log
+    of its words' summed probability). A task that cannot work is refused when it is built
+    (SettingsError).
     """
 
     name: str = "custom"
@@ -137,6 +140,7 @@ class Task:
     metric: str = "accuracy"
     framing: Framing = Framing()
     demonstrations: tuple[Demonstration, ...] = ()
+    extra_words: tuple[tuple[str, ...], ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -165,6 +169,34 @@ class Task:
         if not isinstance(self.framing, Framing):
             raise SettingsError(f"framing must be a Framing, got {type(self.framing).__name__}", "framing")
         self._check_demonstrations()
+        self._check_extra_words()
+
+    def _check_extra_words(self) -> None:
+        extra = self.extra_words
+        if isinstance(extra, (str, bytes, dict)) or not isinstance(extra, (list, tuple)):
+            raise SettingsError("extra_words must be a list with one list of words per class", "extra_words")
+        if not extra:
+            object.__setattr__(self, "extra_words", ())
+            return
+        if len(extra) != len(self.labels):
+            raise SettingsError(f"extra_words holds {len(extra)} lists for {len(self.labels)} classes; give one "
+                                "(possibly empty) per class, in class order", "extra_words")
+        out, seen = [], {w.strip() for w in self.label_words}
+        for key, words in zip(self.label_keys, extra):
+            if isinstance(words, (str, bytes)) or not isinstance(words, (list, tuple)):
+                raise SettingsError(f"extra_words for {key!r} must be a list of words", "extra_words")
+            if len(words) > MAX_CLASS_WORDS:
+                raise SettingsError(f"extra_words for {key!r} holds {len(words)} words; a class takes at most "
+                                    f"{MAX_CLASS_WORDS}", "extra_words")
+            for word in words:
+                if not isinstance(word, str) or not word.strip() or len(word) > 100:
+                    raise SettingsError(f"extra_words for {key!r}: {word!r} is not a word", "extra_words")
+                if word.strip() in seen:
+                    raise SettingsError(f"extra_words: {word.strip()!r} counts for two classes, or is a label "
+                                        "word already", "extra_words")
+                seen.add(word.strip())
+            out.append(tuple(words))
+        object.__setattr__(self, "extra_words", tuple(out) if any(out) else ())
 
     def _check_demonstrations(self) -> None:
         demos = self.demonstrations
@@ -190,6 +222,15 @@ class Task:
     def without_demonstrations(self) -> "Task":
         return replace(self, demonstrations=())
 
+    def with_extra_words(self, extra: tuple[tuple[str, ...], ...] = ()) -> "Task":
+        return replace(self, extra_words=extra)
+
+    @property
+    def class_words(self) -> tuple[tuple[str, ...], ...]:
+        """Each class's words, its label word first."""
+        extra = self.extra_words or ((),) * len(self.labels)
+        return tuple((word, *more) for word, more in zip(self.label_words, extra))
+
     @property
     def label_keys(self) -> tuple[str, ...]:
         return tuple(k for k, _ in self.labels)
@@ -210,8 +251,9 @@ class Task:
 
     def to_json(self) -> dict:
         demos = {"demonstrations": [d.to_json() for d in self.demonstrations]} if self.demonstrations else {}
-        return {"name": self.name, "template": self.template,
-                "labels": [list(p) for p in self.labels], "metric": self.metric, **self.framing.to_json(), **demos}
+        extra = {"extra_words": [list(w) for w in self.extra_words]} if self.extra_words else {}
+        return {"name": self.name, "template": self.template, "labels": [list(p) for p in self.labels],
+                "metric": self.metric, **self.framing.to_json(), **demos, **extra}
 
     @classmethod
     def from_json(cls, raw: dict) -> "Task":
@@ -220,7 +262,15 @@ class Task:
             raise SettingsError("demonstrations must be a list of {text, label} objects", "demonstrations")
         return Task(str(raw.get("name", "custom")), str(raw["template"]), label_pairs(raw["labels"]),
                     str(raw.get("metric", "accuracy")), Framing.from_json(raw),
-                    tuple(Demonstration.from_json(d) for d in demos))
+                    tuple(Demonstration.from_json(d) for d in demos), _word_lists(raw.get("extra_words")))
+
+
+def _word_lists(raw) -> tuple[tuple[str, ...], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(w, list) for w in raw):
+        raise SettingsError("extra_words must be a list with one list of words per class", "extra_words")
+    return tuple(tuple(w) for w in raw)
 
 
 def _pairs(words: list[str]) -> tuple[tuple[str, str], ...]:

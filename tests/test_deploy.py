@@ -64,6 +64,8 @@ CASES = {
     "llama-demos-suffix": ("LlamaForCausalLM", "bbt", decoder_task(DEMOS, position="suffix"), "text"),
     "roberta-demos": ("RobertaForMaskedLM", "bbt", replace(PRESETS["sst2"], demonstrations=(
         Demonstration("warm and fine", "1"), Demonstration("dull , long", "0"))), "text"),
+    "llama-words-suffix": ("LlamaForCausalLM", "bbt", replace(decoder_task(position="suffix"), extra_words=(
+        (" awful", " dull"), (" fun", " warm", " sharp"))), "text"),
     "bert-bbt": ("BertForMaskedLM", "bbt", PRESETS["sst2"], "ids"),
     "bert-pair": ("BertForMaskedLM", "bbtv2", PRESETS["mrpc"], "ids"),
 }

@@ -173,7 +173,9 @@ def test_a_tune_through_the_server_ends_with_the_in_process_z(server, client_dir
 
 
 def test_evaluate_and_predict_through_the_server_match_in_process(server, client_dir, tiny_model, data_dir, tmp_path):
-    ok(tune_args(tiny_model, data_dir, tmp_path / "run"))
+    """A run that reads several words a class: the server scores every word, the client sums each class's."""
+    ok(tune_args(tiny_model, data_dir, tmp_path / "run", "--verbalizer", "auto:2"))
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["task"]["extra_words"]
     args = ["evaluate", "--prompt", str(tmp_path / "run"), "--data", str(data_dir / "test.csv"), "-q"]
     local = json.loads(ok([*args, "--model", str(tiny_model)]))
     remote = json.loads(ok([*args, "--model", str(client_dir), *server.args("grpc")]))

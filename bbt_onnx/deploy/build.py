@@ -170,7 +170,8 @@ def build_classifier(manifest: Manifest, prompt: Result, precision: str = "fp32"
     copies, copied_inits, more = _copies(graph, per_member[1:])  # one per BBTv2 member beyond the first
     outputs = [graph.output[0].name] + more
     raw = outputs[0] if len(outputs) == 1 else head.op("Concat", *outputs, axis=0)
-    scores = head.op("LogSoftmax", head.op("Cast", raw, to=TensorProto.FLOAT), axis=-1)  # [S, N, K]
+    scores = head.op("LogSoftmax", _class_scores(head, head.op("Cast", raw, to=TensorProto.FLOAT),
+                                                 encoder.label_groups), axis=-1)  # [S, N, K]
     if len(members) == 1:
         scores = head.op("Squeeze", scores, head.const([0], np.int64))
     else:  # the members' probabilities averaged, as PromptEnsemble scores them
@@ -196,6 +197,7 @@ def build_classifier(manifest: Manifest, prompt: Result, precision: str = "fp32"
     metadata = {
         "labels": json.dumps(list(labels)),
         "label_words": json.dumps(list(prompt.task.label_words)),
+        "class_words": json.dumps([list(w) for w in prompt.task.class_words]),
         "task": json.dumps(prompt.task.to_json()),
         "template": prompt.task.template,
         "model_fingerprint": manifest.fingerprint(),
@@ -219,6 +221,18 @@ def build_classifier(manifest: Manifest, prompt: Result, precision: str = "fp32"
     notes = [f"the tokenizer runs outside the graph ({why}): encode.py and recipe.json build its inputs"] \
         if kind == "ids" and why else []
     return Classifier(model, kind, recipe, metadata, labels, notes)
+
+
+def _class_scores(head: Graph, word_logits: str, groups) -> str:
+    """[S, N, W] word logits -> [S, N, K]: each class the log-sum-exp of its words' logits, as the engines read
+    a multi-word verbalizer (`losses.class_scores`); one word a class is the logits as they are."""
+    if groups is None:
+        return word_logits
+    groups = np.asarray(groups)
+    parts = [head.op("Unsqueeze", head.reduce("ReduceLogSumExp", head.op(
+        "Gather", word_logits, head.const(np.flatnonzero(groups == c).astype(np.int64), np.int64), axis=2), 2),
+        head.const([2], np.int64)) for c in range(int(groups.max()) + 1)]
+    return head.op("Concat", *parts, axis=2)
 
 
 def _copies(graph, constants: list[dict[str, np.ndarray]]) -> tuple[list, list, list[str]]:

@@ -8,6 +8,7 @@ from typing import Callable, Protocol, runtime_checkable
 import numpy as np
 
 from ..contract import PROMPT_POS
+from ..losses import class_scores
 from ..encoding import EncodedSet, length_buckets
 from ..errors import ModelError, PromptError
 from ..manifest import Manifest
@@ -16,7 +17,9 @@ from ..manifest import Manifest
 @runtime_checkable
 class Engine(Protocol):
     """The forward-only service the tuner queries. `deep`: opened on the deep-prompt graph (BBTv2), so that
-    `deep_label_logits` scores; `precision`: the graph's (fp32, fp16, int8)."""
+    `deep_label_logits` scores; `precision`: the graph's (fp32, fp16, int8). The graph reads the logits of the
+    batch's `label_ids`; with `label_groups` (several words a class) the engine hands back each class's
+    log-sum-exp of its words (`losses.class_scores`), so K below is the batch's `classes`."""
 
     provider: str
     precision: str
@@ -37,7 +40,7 @@ def score_rows(score: Callable[[EncodedSet], np.ndarray], rows: EncodedSet, batc
                on_batch=None) -> np.ndarray:
     """[N, K] label logits of one prompt on every row, in the rows' order, scored in length-sorted batches of
     `batch_rows`; `score(batch)` gives [1, n, K] for a batch, and `on_batch(rows)` hears of each batch done."""
-    out = np.empty((len(rows), len(rows.label_ids)), np.float32)
+    out = np.empty((len(rows), rows.classes), np.float32)
     for idx, batch in rows.batches(batch_rows):
         out[idx] = score(batch)[0]
         if on_batch:
@@ -84,7 +87,7 @@ class PromptScoring:
         if self.deep:
             zeros = np.zeros((self.manifest.num_layers, *np.shape(prompt_embeds)[1:]), self.prompt_dtype)
             return self.deep_label_logits(prompt_embeds, batch, zeros, 0)
-        return self._score(self._prompts(prompt_embeds), batch, {})
+        return class_scores(self._score(self._prompts(prompt_embeds), batch, {}), batch.label_groups)
 
     def deep_label_logits(self, prompt_embeds: np.ndarray, batch: EncodedSet, layer_prompts: np.ndarray,
                           layer: int) -> np.ndarray:
@@ -97,8 +100,9 @@ class PromptScoring:
                               f"{self.manifest.hidden_size}], got {list(layers.shape)}", "layer_prompts")
         if not 0 <= layer < self.manifest.num_layers:
             raise PromptError(f"layer {layer} is outside 0..{self.manifest.num_layers - 1}", "layer")
-        return self._score(prompts, batch, {"deep_prompts": layers,
-                                            "prompt_layer": np.full(self.LAYER_SHAPE, layer, np.int64)})
+        return class_scores(self._score(prompts, batch, {"deep_prompts": layers,
+                                                         "prompt_layer": np.full(self.LAYER_SHAPE, layer, np.int64)}),
+                            batch.label_groups)
 
     def _prompts(self, prompt_embeds: np.ndarray) -> np.ndarray:
         try:

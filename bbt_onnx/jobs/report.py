@@ -16,14 +16,14 @@ from ..runs import RUN_JSON, RunDir, read_run_json
 from ..stats import Spread, spread
 
 SETTING_KEYS = ("method", "prompt_tokens", "intrinsic_dim", "popsize", "budget", "loss", "calibrate",
-                "search_calibration", "prompt_init")
+                "search_calibration", "prompt_init", "verbalizer")
 
 
 @dataclass(frozen=True)
 class Row:
     task: str
     setting: str
-    candidate: str
+    candidate: str  # a baseline, a seed, the ensemble or a result; "words" rows list a run's chosen words in note
     runs: int
     dev: Spread
     test: Spread
@@ -126,6 +126,11 @@ def check_shape(raw: dict, path: Path) -> None:
     for key in ("value", "low"):
         if margin.get(key) is not None and not is_number(margin[key]):
             fail(f"choice.dev_margin.{key}", "a number")
+    words = obj(settings.get("verbalizer"), "settings.verbalizer", null=True)
+    for key, chosen in obj(words.get("words"), "settings.verbalizer.words", null=True).items():
+        if not isinstance(chosen, list) or not all(isinstance(w, list) and len(w) == 2 and isinstance(w[0], str)
+                                                   and is_number(w[1]) for w in chosen):
+            fail(f"settings.verbalizer.words.{key}", "a list of [word, separation] pairs")
     versions = obj(obj(raw.get("provenance", {}), "provenance").get("versions"), "provenance.versions", null=True)
     for name, version in versions.items():
         if not isinstance(version, str):
@@ -134,7 +139,8 @@ def check_shape(raw: dict, path: Path) -> None:
 
 def setting_of(run: dict) -> str:
     """The setting a run belongs to, in words: what decides its numbers apart from the seed and the data."""
-    tune = {"search_calibration": "off", **run["settings"].get("tune", {})}  # runs from before it searched raw scores
+    # runs from before the search could be calibrated searched raw scores; before the readout widened, read labels
+    tune = {"search_calibration": "off", "verbalizer": "labels", **run["settings"].get("tune", {})}
     task = run["settings"].get("task", {})
     framing = ", ".join(f"{k} {task[k]}" for k in ("bos", "chat", "prompt_position") if k in task)
     parts = [f"{k} {tune[k]}" for k in SETTING_KEYS if tune.get(k) is not None]
@@ -177,6 +183,14 @@ def group_rows(task: str, setting: str, runs: list[dict]) -> list[Row]:
     ensembles = [run["ensemble"] for run in runs if run.get("ensemble")]
     if ensembles:
         rows.append(row("ensemble of the seeds", ensembles))
+    for run in runs:
+        chosen = run["settings"].get("verbalizer")
+        if chosen:
+            data = run["settings"].get("data", {}).get("seed")
+            rows.append(Row(task, setting, "words" + (f" (data {data})" if len(runs) > 1 else ""), 1, spread([]),
+                            spread([]), spread([]), spread([]), note="; ".join(
+                                f"{key}: {', '.join(w for w, _ in words)}"
+                                for key, words in (chosen.get("words") or {}).items())))
     results = [run.get("choice") or {} for run in runs]
     kept = sorted({r.get("kept", "?") for r in results})
     held = [r for r, run in zip(results, runs) if not_worse(r, run)]

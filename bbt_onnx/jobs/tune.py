@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from ..choice import ChoicePolicy
 from ..data import DataSpec, load_splits
 from ..demos import DemoSpec, as_demonstrations, without_demonstrations
@@ -23,7 +25,7 @@ from ..errors import BBTError, RunError, SettingsError
 from ..fileio import check_apart, same_path
 from ..methods import method_for
 from ..model import Model
-from ..prompt import Result
+from ..prompt import Result, TunedPrompt
 from ..provenance import provenance
 from ..runs import OWN_FILES, TUNED, RunDir
 from ..tasks import Task
@@ -31,6 +33,7 @@ from ..tuning.checkpoint import read_states, save_states
 from ..tuning.config import TuneConfig, TunerState
 from ..tuning.lockstep import LockStep
 from ..tuning.tuner import BlackBoxTuner, GenerationEvent
+from ..verbalizer import VerbalizerSpec, candidate_words, choose_words, record, worded_task
 from .settle import Settled, public, run_metrics, score_baselines, settle
 
 MAX_SEEDS = 64  # seeds in one run's lock-step
@@ -185,11 +188,13 @@ def prepare(request: TuneRequest, hooks: Hooks, resume: bool, force: bool, force
     run.log = hooks.log
     model = Model.load(request.model_dir, request.engine, deep=method_for(request.config.method).deep)
     request, splits = with_demonstrations(request, hooks)
+    recorded = run.read_json() if resume else {}
+    request, words = (request, recorded.get("settings", {}).get("verbalizer")) if resume else \
+        with_verbalizer(request, model, splits.train, hooks)
     if request.task.demonstrations and model.manifest.lm.framings and not (
             request.task.framing.position == "suffix" and model.manifest.has_cache_graphs("fp32")):
         hooks.log("note: every row runs with its demonstrations written out; on a decoder exported with --kv-cache, "
                   "--prompt-position suffix computes them once")
-    recorded = run.read_json() if resume else {}
     start = recorded.get("settings", {}).get("start") or {}
     tuners = [BlackBoxTuner(model, request.task, replace(request.config, seed=seed), start.get("ids"))
               for seed in request.all_seeds]
@@ -213,6 +218,8 @@ def prepare(request: TuneRequest, hooks: Hooks, resume: bool, force: bool, force
                   "the plain template")
     settings = request.settings(model)
     settings["data_fingerprints"] = splits.fingerprints
+    if words:
+        settings["verbalizer"] = words
     settings["start"] = start or {"name": first.start_name, "ids": list(first.encoder.placeholder_ids),
                                   "candidates": first.start_scores}
     states = resume_states(run, settings, request, tuners, model.manifest, trust_checkpoint) if resume else None
@@ -240,6 +247,32 @@ def with_demonstrations(request: TuneRequest, hooks: Hooks) -> tuple[TuneRequest
     if request.task.demonstrations:
         hooks.log(f"{len(request.task.demonstrations)} demonstrations before every row")
     return request, splits
+
+
+def with_verbalizer(request: TuneRequest, model: Model, train, hooks: Hooks) -> tuple[TuneRequest, dict | None]:
+    """With `--verbalizer auto[:K]`, the request whose task counts K more words a class, chosen from the plain
+    template's answers on the training rows (one pass over them), and the choice's record for run.json."""
+    spec = VerbalizerSpec.parse(request.config.verbalizer)
+    if not spec.auto:
+        return request, None
+    task = request.task
+    if task.extra_words:
+        raise SettingsError("verbalizer auto chooses each class's further words, and the task names its own "
+                            "(extra_words); drop one of them", "verbalizer")
+    plain = TunedPrompt.template(model.manifest, task)
+    enc = plain.encode(model, train)
+    words = candidate_words(model.tokenizer, model.manifest)
+    ids = [i for _, i in words]
+    label_ids = [int(i) for i in enc.label_ids]
+    columns = ids + [i for i in label_ids if i not in ids]  # the label words' probability is in the softmax too
+    reserved = {columns.index(i) for i in label_ids}
+    logits = plain.raw_logits(model, replace(enc, label_ids=np.asarray(columns, np.int64), label_groups=None))
+    chosen = choose_words(logits, enc.labels, spec.words, reserved)
+    worded = worded_task(task, words, chosen)
+    hooks.log(f"verbalizer {spec} ({len(words)} candidate words, {len(enc)} train rows): " + "; ".join(
+        f"{key}: {', '.join(w.strip() for w in class_words)}" for key, class_words in zip(task.label_keys,
+                                                                                           worded.class_words)))
+    return replace(request, task=worded), record(spec, words, chosen, task, len(enc))
 
 
 def baselines_step(job: Prepared, hooks: Hooks, resume: bool) -> list[dict]:

@@ -16,6 +16,7 @@ from ..errors import SettingsError
 from ..methods import METHODS
 from ..options import setting
 from ..subspace import PROJECTIONS
+from ..verbalizer import VerbalizerSpec
 
 TPA_DIMENSION = getattr(cma.evolution_strategy, "TPA_dimension", 300)  # pycma's own switch to TPA
 MIN_LENGTH = 8  # max_length below this leaves no room for a template
@@ -59,6 +60,10 @@ class TuneConfig:
         "(each candidate's prior from its own training rows' mean probabilities, no more rows) or off (raw scores, "
         "the paper's search; calibration then only chooses on dev and corrects the result) [default: content-free "
         "with --calibrate, else off].", choices=SEARCH_CALIBRATIONS)
+
+    verbalizer: str = setting("labels", "How a class is read: labels (its label word, the paper's readout) or auto[:K] "
+                              "(K more words a class, 4 by default, chosen on the training rows from the model's "
+                              "answers: a class then scores its words' summed probability).")
 
     def __post_init__(self):
         if self.search_calibration is None:  # resolved here, so that a run records what its search did
@@ -108,6 +113,9 @@ class TuneConfig:
         for name in ("diagonal", "calibrate"):
             if not isinstance(getattr(self, name), bool):
                 raise SettingsError(f"{name} must be true or false, got {getattr(self, name)!r}", name)
+        if not isinstance(self.verbalizer, str):
+            raise SettingsError(f"verbalizer must be text (labels or auto[:K]), got {self.verbalizer!r}", "verbalizer")
+        VerbalizerSpec.parse(self.verbalizer)
         if self.prompt_init is not None and (not isinstance(self.prompt_init, str) or not self.prompt_init.strip()):
             raise SettingsError("prompt_init is empty; leave it out to choose the start on dev (auto)",
                                 "prompt_init")
