@@ -1,11 +1,12 @@
 """A wider readout chosen from the model's own answers: `--verbalizer auto[:K]`.
 
 One label word per class reads a sliver of what the model says at the answer position. Following the multi-word
-verbalizers of the few-shot literature (AMuLaP), the K further words of each class are chosen on the training rows
-from the model's answer distribution over candidate words: the vocabulary's whole words in the tokenizer's merge
-order (a byte-pair vocabulary lists its most frequent words first). A word joins the class whose rows give it the
-most probability, ranked by how far that mean probability stands above every other class's (the separation);
-the user's label word always stays first. The choosing is pure (`choose_words`); scoring the rows is the caller's.
+verbalizers of the few-shot literature (AMuLaP), up to K further words a class are chosen on the training rows from
+the model's answers over candidate words: the vocabulary's whole words in the tokenizer's merge order (a byte-pair
+vocabulary lists its most frequent words first). Each class's pool is the words its rows make likelier than the
+other classes' rows do; from the pools, words join greedily while they lower the rows' cross-entropy, so that a
+word the model says everywhere ("The") never dilutes a class. The user's label word always stays first. The
+choosing is pure (`choose_words`); scoring the rows is the caller's.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from .tasks import MAX_CLASS_WORDS, Task
 LABELS, AUTO = "labels", "auto"
 DEFAULT_WORDS = 4  # further words a class, beside its label word
 CANDIDATES = 2000  # whole words of the vocabulary the model's answers are read over
-SEPARATES = 1e-9  # a mean probability this far above every other class's is a separation, not rounding
+POOL = 50  # each class's likeliest words the greedy choice tries
+SEPARATES = 1e-6  # a word must lower the training loss by more than this (rounding is not a gain)
 
 
 @dataclass(frozen=True)
@@ -77,32 +79,74 @@ def candidate_words(tokenizer: Tokenizer, manifest: Manifest, limit: int = CANDI
 
 @dataclass(frozen=True)
 class ChosenWords:
-    """Per class, the chosen candidates' indices and their separation (mean probability on the class's rows less
-    the highest other class's), best first."""
+    """Per class, the chosen candidates' indices, in the order chosen, and what each lowered the training rows'
+    cross-entropy by when it joined; the loss with the label words alone and with every chosen word."""
 
     index: tuple[tuple[int, ...], ...]
-    separation: tuple[tuple[float, ...], ...]
+    gain: tuple[tuple[float, ...], ...]
+    loss_before: float
+    loss_after: float
 
 
-def choose_words(logits: np.ndarray, labels: np.ndarray, k: int, reserved: set[int] = frozenset()) -> ChosenWords:
-    """Up to `k` candidates a class from [N, V] answer logits over V candidates on labelled rows: each candidate
-    counts for the class whose rows give it the highest mean probability (softmax over the candidates), ranked by
-    that mean less the highest other class's; `reserved` columns (the label words) are never chosen."""
-    labels = np.asarray(labels)
-    classes = int(labels.max()) + 1
-    if classes < 2 or any((labels == c).sum() == 0 for c in range(classes)):
-        raise SettingsError("choosing words needs training rows of every class", "verbalizer")
-    probs = np.exp(log_softmax(np.asarray(logits, np.float64)))
+def class_pools(probs: np.ndarray, labels: np.ndarray, classes: int, size: int, reserved) -> list[np.ndarray]:
+    """Each class's likely words: the candidates that class's rows give more probability than the others' do,
+    ranked by their share of the divergence between the two (P_c log(P_c / P_rest)), each in one class at most."""
     mean = np.stack([probs[labels == c].mean(axis=0) for c in range(classes)])  # [K, V]
-    index, separation = [], []
+    tiny = np.finfo(np.float64).tiny
+    share = np.stack([mean[c] * np.log(np.maximum(mean[c], tiny) / np.maximum(np.delete(mean, c, 0).mean(0), tiny))
+                      for c in range(classes)])
+    share[:, sorted(reserved)] = -np.inf
+    owner = share.argmax(axis=0)
+    pools = []
     for c in range(classes):
-        others = np.delete(mean, c, axis=0).max(axis=0)
-        margin = mean[c] - others
-        margin[list(reserved)] = -np.inf
-        order = [int(i) for i in np.argsort(-margin, kind="stable")[:k] if margin[i] > SEPARATES]
-        index.append(tuple(order))
-        separation.append(tuple(float(margin[i]) for i in order))
-    return ChosenWords(tuple(index), tuple(separation))
+        mine = np.flatnonzero((owner == c) & (share[c] > 0))
+        pools.append(mine[np.argsort(-share[c, mine], kind="stable")][:size])
+    return pools
+
+
+def choose_words(logits: np.ndarray, labels: np.ndarray, label_columns: list[int], k: int,
+                 reserved: set[int] = frozenset(), pool: int = POOL) -> ChosenWords:
+    """Up to `k` further words a class from [N, V] answer logits over V candidates on labelled rows: greedily, the
+    word whose joining its class (the class then scores the log-sum-exp of its words' logits) lowers the rows'
+    cross-entropy most, among each class's `pool` likeliest words (`class_pools`), until no word lowers it or
+    every class has `k`. `label_columns[c]` is class c's label word; it and `reserved` are never chosen."""
+    labels = np.asarray(labels)
+    x = np.asarray(logits, np.float64)
+    classes = len(label_columns)
+    if any((labels == c).sum() == 0 for c in range(classes)):
+        raise SettingsError("choosing words needs training rows of every class", "verbalizer")
+    pools = class_pools(np.exp(log_softmax(x)), labels, classes, pool, set(reserved) | set(label_columns))
+    scores = x[:, label_columns]  # [N, K]
+    rows = np.arange(len(labels))
+
+    def loss(s: np.ndarray) -> np.ndarray:  # [N, K, M] class scores -> [M] mean cross-entropy
+        top = s.max(axis=1, keepdims=True)
+        norm = top[:, 0] + np.log(np.exp(s - top).sum(axis=1))
+        return (norm - s[rows, labels]).mean(axis=0)
+
+    before = current = float(loss(scores[..., None])[0])
+    chosen: list[list[int]] = [[] for _ in range(classes)]
+    gains: list[list[float]] = [[] for _ in range(classes)]
+    while True:
+        best = (current - SEPARATES, -1, -1)
+        for c in range(classes):
+            left = np.array([i for i in pools[c] if i not in chosen[c]], np.int64)
+            if len(chosen[c]) >= k or not len(left):
+                continue
+            trial = np.repeat(scores[..., None], len(left), axis=2)  # [N, K, M]
+            trial[:, c, :] = np.logaddexp(scores[:, c:c + 1], x[:, left])
+            losses = loss(trial)
+            j = int(losses.argmin())
+            if losses[j] < best[0]:
+                best = (float(losses[j]), c, int(left[j]))
+        if best[1] < 0:
+            break
+        value, c, i = best
+        scores[:, c] = np.logaddexp(scores[:, c], x[:, i])
+        chosen[c].append(i)
+        gains[c].append(current - value)
+        current = value
+    return ChosenWords(tuple(map(tuple, chosen)), tuple(tuple(g) for g in gains), before, current)
 
 
 def worded_task(task: Task, words: list[tuple[str, int]], chosen: ChosenWords) -> Task:
@@ -113,5 +157,6 @@ def worded_task(task: Task, words: list[tuple[str, int]], chosen: ChosenWords) -
 def record(spec: VerbalizerSpec, words: list[tuple[str, int]], chosen: ChosenWords, task: Task, rows: int) -> dict:
     """What run.json keeps of the choice: how, over what, and each class's words with their separation."""
     return {"spec": str(spec), "candidates": len(words), "rows": rows,
-            "words": {key: [[words[i][0], round(s, 6)] for i, s in zip(index, sep)]
-                      for key, index, sep in zip(task.label_keys, chosen.index, chosen.separation)}}
+            "train_loss": [round(chosen.loss_before, 6), round(chosen.loss_after, 6)],
+            "words": {key: [[words[i][0], round(g, 6)] for i, g in zip(index, gain)]
+                      for key, index, gain in zip(task.label_keys, chosen.index, chosen.gain)}}

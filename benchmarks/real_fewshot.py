@@ -12,8 +12,11 @@ runs: nothing else is read.
 usage: python benchmarks/real_fewshot.py [--config cpu|cpu-deep|gpu] [--tasks mr,bbc] [--data-seeds 0,1,2]
        [--tune-seeds 0,1,2] [--methods bbt,bbtv2] [--settings suffix,prefix,suffix-chat,prefix-chat]
        [--calibrate [--search-calibration off|content-free|batch]] [--prompt-init auto|reference|TEXT]
-       [--choose interval|max] [--patience N] [--demos K] [--test-rows N] [--runs DIR]
+       [--choose interval|max] [--patience N] [--demos K] [--verbalizer labels|auto[:K]] [--test-rows N]
+       [--runs DIR]
 
+  --verbalizer auto[:K]: K more words a class chosen on the training rows (`tune --verbalizer`); the run also
+         scores each plain framing read by those words among its baselines.
   --demos K: K demonstrations per class before every row (`tune --demos K`), the prompt tuned on top of them; the run
          also scores in-context learning (each framing with the demonstrations) among its baselines.
 """
@@ -86,7 +89,9 @@ def run_name(task: str, setting: str, method: str, args, data_seed: int) -> str:
             *([f"search-{args.search_calibration}"] if args.search_calibration else []),
             *([f"patience{args.patience}"] if args.patience else []),
             *([f"init-{args.prompt_init}"] if args.prompt_init != "auto" else []),
-            *([f"demos{args.demos}"] if args.demos else []), *([f"test{args.test_rows}"] if args.test_rows else []),
+            *([f"demos{args.demos}"] if args.demos else []),
+            *([f"words-{args.verbalizer.replace(':', '')}"] if args.verbalizer != "labels" else []),
+            *([f"test{args.test_rows}"] if args.test_rows else []),
             f"d{data_seed}"]
     return "-".join(tags)
 
@@ -97,7 +102,7 @@ def tune_one(args, task_name: str, setting: str, method: str, data: Path, data_s
         print(f"{out.name}: done before, kept", file=sys.stderr)
         return out
     cfg = replace(CONFIGS[args.config][task_name], calibrate=args.calibrate, prompt_init=args.prompt_init,
-                  search_calibration=args.search_calibration,
+                  search_calibration=args.search_calibration, verbalizer=args.verbalizer,
                   patience=args.patience, checkpoint_every=0, **METHOD_SETTINGS[method])
     task = replace(TASKS[task_name], framing=SETTINGS[setting])
     seeds = tuple(int(s) for s in args.tune_seeds.split(","))
@@ -135,6 +140,7 @@ def main() -> None:
     ap.add_argument("--choose", default="interval")
     ap.add_argument("--patience", type=int, default=0)
     ap.add_argument("--demos", type=int, help="demonstrations per class before every row (tune --demos)")
+    ap.add_argument("--verbalizer", default="labels", help="labels or auto[:K] (tune --verbalizer)")
     ap.add_argument("--test-rows", type=int, default=0, help="score the first N test rows [default: all]")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")

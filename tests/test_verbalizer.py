@@ -14,7 +14,7 @@ from bbt_onnx import Model, read_examples
 from bbt_onnx.baselines import plain_framings
 from bbt_onnx.engines import OrtEngine
 from bbt_onnx.errors import SettingsError
-from bbt_onnx.losses import class_scores
+from bbt_onnx.losses import class_scores, cross_entropy
 from bbt_onnx.prompt import TunedPrompt, load_prompt
 from bbt_onnx.synthetic import sentiment_examples
 from bbt_onnx.tasks import Framing, Task
@@ -80,17 +80,24 @@ def test_a_class_scores_the_log_of_its_words_summed_probability():
     np.testing.assert_allclose(q / q.sum(-1, keepdims=True), np.stack([p[..., groups == c].sum(-1) for c in (0, 1)], -1), rtol=1e-5)
 
 
-def test_words_are_chosen_for_the_class_they_separate():
+def test_words_join_a_class_only_while_they_lower_the_training_loss():
     labels = np.array([0, 0, 0, 1, 1, 1])
-    logits = np.zeros((6, 6))
-    logits[:3, 2], logits[:3, 5] = 4.0, 3.0  # class 0's rows: word 2, then word 5 (reserved: a label word)
-    logits[3:, 3], logits[3:, 1] = 4.0, 3.0  # class 1's rows: word 3, then word 1
-    logits[:, 4] = 5.0  # word 4: as probable on every row, separates nothing
-    chosen = choose_words(logits, labels, 2, reserved={5})
-    assert chosen.index == ((2,), (3, 1))  # nothing else stands above the other class for class 0
-    assert chosen.separation[1][0] > chosen.separation[1][1] > 0
+    logits = np.zeros((6, 7))  # columns 0 and 1: the label words, as weak as the rest
+    logits[:3, 2] = 4.0  # word 2: class 0's rows say it
+    logits[3:, 3] = 3.0  # word 3: class 1's rows say it
+    logits[:, 4] = 5.0  # word 4: every row says it, so it separates nothing
+    logits[:3, 5] = 6.0  # word 5: class 0's rows, but reserved
+    logits[3:, 6] = 0.5  # word 6: a little on class 1's rows
+    chosen = choose_words(logits, labels, [0, 1], 3, reserved={5})
+    assert chosen.index[0] == (2,) and chosen.index[1][0] == 3
+    assert 4 not in chosen.index[0] + chosen.index[1] and 5 not in chosen.index[0]
+    assert all(g > 0 for per in chosen.gain for g in per) and chosen.loss_after < chosen.loss_before
+    scores = np.stack([np.logaddexp.reduce(logits[:, [0, *chosen.index[0]]], axis=1),
+                       np.logaddexp.reduce(logits[:, [1, *chosen.index[1]]], axis=1)], axis=1)
+    assert chosen.loss_after == pytest.approx(cross_entropy(scores, labels)[0])
+    assert choose_words(logits, labels, [0, 1], 1).index[1] == (3,)  # k caps each class
     with pytest.raises(SettingsError, match="every class"):
-        choose_words(logits[:3], labels[:3], 2)
+        choose_words(logits[:3], labels[:3], [0, 1], 2)
 
 
 def test_candidates_are_whole_words_that_tokenize_back_to_one_id(exports):
@@ -151,7 +158,8 @@ def test_a_run_chooses_words_on_train_keeps_them_and_every_command_reads_them(ex
     assert chosen["spec"] == "auto:3" and chosen["rows"] == 16 and chosen["candidates"] > 20
     extra = run["settings"]["task"]["extra_words"]
     assert [[w for w, _ in chosen["words"][k]] for k in ("0", "1")] == extra
-    assert 1 <= len(extra[0]) <= 3 and all(s > 0 for k in ("0", "1") for _, s in chosen["words"][k])
+    assert all(len(extra[c]) <= 3 for c in (0, 1)) and all(g > 0 for k in ("0", "1") for _, g in chosen["words"][k])
+    assert chosen["train_loss"][1] < chosen["train_loss"][0]
     names = [b["name"] for b in run["baselines"]]
     assert "template (BOS)" in names and "template (BOS) + words" in names
     kept = load_prompt(out)

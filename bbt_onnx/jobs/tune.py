@@ -265,13 +265,13 @@ def with_verbalizer(request: TuneRequest, model: Model, train, hooks: Hooks) -> 
     ids = [i for _, i in words]
     label_ids = [int(i) for i in enc.label_ids]
     columns = ids + [i for i in label_ids if i not in ids]  # the label words' probability is in the softmax too
-    reserved = {columns.index(i) for i in label_ids}
     logits = plain.raw_logits(model, replace(enc, label_ids=np.asarray(columns, np.int64), label_groups=None))
-    chosen = choose_words(logits, enc.labels, spec.words, reserved)
+    chosen = choose_words(logits, enc.labels, [columns.index(i) for i in label_ids], spec.words)
     worded = worded_task(task, words, chosen)
     hooks.log(f"verbalizer {spec} ({len(words)} candidate words, {len(enc)} train rows): " + "; ".join(
         f"{key}: {', '.join(w.strip() for w in class_words)}" for key, class_words in zip(task.label_keys,
-                                                                                           worded.class_words)))
+                                                                                           worded.class_words)) +
+        f" (train loss {chosen.loss_before:.4f} -> {chosen.loss_after:.4f})")
     return replace(request, task=worded), record(spec, words, chosen, task, len(enc))
 
 
