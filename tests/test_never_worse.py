@@ -69,6 +69,21 @@ def test_the_best_baseline_is_the_one_compared():
     assert choice.kept == "template (no BOS)" and choice.best_baseline == "template (no BOS)"
 
 
+def test_the_best_template_is_ranked_on_train_and_dev_and_compared_on_dev():
+    labels = np.array([0, 1] * 16)
+    lucky = scored("template (BOS)", one_hot(np.r_[1 - labels[:6], labels[6:]]), labels, "accuracy",
+                   (one_hot(1 - labels), labels))  # 26/32 on dev, 0/32 on train
+    steady = scored("template (no BOS)", one_hot(np.r_[1 - labels[:8], labels[8:]]), labels, "accuracy",
+                    (one_hot(labels), labels))  # 24/32 on dev, 32/32 on train
+    assert (lucky.rank, lucky.rows, steady.rank) == (pytest.approx(26 / 64), 64, pytest.approx(56 / 64))
+    tuned = scored("tuned", one_hot(np.r_[1 - labels[:7], labels[7:]]), labels, "accuracy")  # 25/32
+    choice = choose([tuned], [lucky, steady], labels, "accuracy", rule="max")
+    assert choice.best_baseline == "template (no BOS)" and choice.tuned  # compared on dev: 25 against 24
+    assert choice.margin.value == pytest.approx(1 / 32) and "over 64 train and dev rows" in choice.reason
+    on_dev = [scored(c.name, c.logits, labels, "accuracy") for c in (lucky, steady)]
+    assert choose([tuned], on_dev, labels, "accuracy", rule="max").kept == "template (BOS)"
+
+
 def test_calibration_divides_out_the_prior():
     prior_logits = np.log(np.array([[0.9, 0.1], [0.8, 0.2], [0.85, 0.15]]))
     prior = log_prior(prior_logits)
@@ -129,13 +144,17 @@ def test_a_run_scores_the_baselines_and_keeps_what_its_rule_says(tiny_model, dat
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     names = [b["name"] for b in run["baselines"]]
     assert names[0] == "template" and names[1].startswith("z = 0")
+    assert run["settings"]["policy"]["baseline_rows"] == "train+dev"
+    model = Model.load(tiny_model)
+    template = TunedPrompt.template(model.manifest, PRESETS["sst2"])
+    splits = load_splits(request(tiny_model, data_dir, tmp_path).data, PRESETS["sst2"].label_keys)
+    assert run["baselines"][0]["train_metric"] == pytest.approx(template.evaluate(model, splits.train).metric)
     logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()][:2]
     assert [r["baseline"] for r in logged] == names and logged[0]["dev_metric"] == run["baselines"][0]["dev_metric"]
     choice = run["choice"]
     margin = choice["dev_margin"]
     assert choice["rule"] == "interval" and choice["tuned"] == (margin["low"] > 0)
-    model = Model.load(tiny_model)
-    template = TunedPrompt.template(model.manifest, PRESETS["sst2"])
+    assert f"over {len(splits.train) + len(splits.dev)} train and dev rows" in choice["reason"]
     kept = load_prompt(tmp_path / "run")
     if choice["tuned"]:
         assert kept.origin == "tuned" and not (tmp_path / "run" / "tuned.npz").exists()
@@ -185,8 +204,9 @@ def test_a_tuned_prompt_clearly_better_on_dev_is_kept(tiny_model, data_dir, tmp_
 
     real = settle.scored
 
-    def perfect_tuned(name, logits, labels, metric):
-        return real(name, one_hot(labels, logits.shape[-1]) if name == "the tuned prompt" else logits, labels, metric)
+    def perfect_tuned(name, logits, labels, metric, unseen=None):
+        return real(name, one_hot(labels, logits.shape[-1]) if name == "the tuned prompt" else logits, labels, metric,
+                    unseen)
 
     monkeypatch.setattr(settle, "scored", perfect_tuned)
     outcome = tune(request(tiny_model, data_dir, tmp_path / "run"))

@@ -162,6 +162,8 @@ def test_a_run_chooses_words_on_train_keeps_them_and_every_command_reads_them(ex
     assert chosen["train_loss"][1] < chosen["train_loss"][0]
     names = [b["name"] for b in run["baselines"]]
     assert "template (BOS)" in names and "template (BOS) + words" in names
+    train = {b["name"]: b.get("train_metric") for b in run["baselines"]}  # words chosen on train are not ranked there
+    assert train["template (BOS)"] is not None and train["template (BOS) + words"] is None
     kept = load_prompt(out)
     assert kept.task.extra_words == tuple(tuple(w) for w in extra)
     model = Model.load(model_dir)

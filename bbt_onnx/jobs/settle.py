@@ -18,6 +18,7 @@ from ..runs import TUNED
 from ..tasks import Task
 from ..tuning.config import TuneConfig
 from ..tuning.tuner import BlackBoxTuner
+from ..verbalizer import VerbalizerSpec
 
 
 @dataclass
@@ -33,17 +34,21 @@ class Settled:
 
 def score_baselines(model: Model, task: Task, tuner: BlackBoxTuner, splits, dev, test) -> list[dict]:
     """The plain template in every framing the model allows (each framing its own rows), and the run's z = 0, on
-    dev and test, calibrated and not; `dev_metric` and `test_metric` are the run's own (calibrated when it
-    calibrates). Each computes its prior once; `_prompt` is the template as the run would keep it."""
+    dev and test, calibrated and not, and on train where the template was not fitted to it (words chosen on train
+    were); `dev_metric`, `train_metric` and `test_metric` are the run's own (calibrated when it calibrates). Each
+    computes its prior once; `_prompt` is the template as the run would keep it."""
     out, calibrate = [], tuner.config.calibrate
+    chose_words = VerbalizerSpec.parse(tuner.config.verbalizer).auto
     for name, framed in plain_framings(task, model.manifest):
         plain = TunedPrompt.template(model.manifest, framed, name)
         prompt = plain.calibrate(model)  # its prior: for the calibrated numbers, and for the run to keep
+        fitted = chose_words and bool(framed.extra_words)
         encoded = {split: prompt.encode(model, rows) if rows else None
-                   for split, rows in (("dev", splits.dev), ("test", splits.test))}
+                   for split, rows in (("dev", splits.dev), ("test", splits.test),
+                                       ("train", None if fitted or not splits.dev else splits.train))}
         out.append({"name": name, "framing": framed.framing.to_json(), "prompt_tokens": 0,
                     "_prompt": prompt if calibrate else plain,
-                    **split_scores(prompt, model, encoded["dev"], encoded["test"], calibrate)})
+                    **split_scores(prompt, model, encoded["dev"], encoded["test"], calibrate, encoded["train"])})
     zero = tuner.method.zero()
     record = {"name": f"z = 0 ({tuner.start_name})", "prompt_tokens": tuner.config.prompt_tokens,
               "dev_metric": None, "test_metric": None}
@@ -56,12 +61,17 @@ def score_baselines(model: Model, task: Task, tuner: BlackBoxTuner, splits, dev,
 
 
 def split_scores(result: Result, model: Model, dev: EncodedSet | None, test: EncodedSet | None,
-                 calibrate: bool) -> dict:
+                 calibrate: bool, train: EncodedSet | None = None) -> dict:
     """`result` on encoded dev and test rows (each scored once): the metric uncalibrated and calibrated (its prior
     on the content-free rows divided out: the one it carries, computed only when it carries none), the run's own,
-    test accuracy, and the dev logits the run's choice uses."""
+    test accuracy, and the dev logits the run's choice uses; with `train` (a template's), its own metric and logits
+    there, which rank it with dev."""
     prior = result.prior(model)
     scores: dict = {}
+    if train is not None:
+        raw = result.raw_logits(model, train)
+        own = calibrated(raw, prior) if calibrate else raw
+        scores.update(train_metric=metric_of(result.task, own, train.labels), _train=(own, train.labels))
     for split, enc in (("dev", dev), ("test", test)):
         keys = (f"{split}_metric", f"{split}_metric_uncalibrated", f"{split}_metric_calibrated")
         if enc is None:
@@ -113,9 +123,11 @@ def settle(model: Model, task: Task, config: TuneConfig, policy: ChoicePolicy, t
                                                             "test_accuracy": tuned_json.get("test_accuracy")})
     plain = [b for b in baselines if "_dev_logits" in b]
     tuned_logits = ensemble_scores["_dev_logits"] if ensemble is not None else tuned.logits(model, dev)
+    ranks_train = policy.baseline_rows == "train+dev"
     choice = choose([scored(tuned.origin if ensemble is not None else "the tuned prompt", tuned_logits, dev.labels,
                             task.metric)],
-                    [scored(b["name"], b["_dev_logits"], dev.labels, task.metric) for b in plain],
+                    [scored(b["name"], b["_dev_logits"], dev.labels, task.metric, b.get("_train") if ranks_train
+                            else None) for b in plain],
                     dev.labels, task.metric, policy.choose, policy.fallback)
     log(choice.reason)
     if choice.tuned:

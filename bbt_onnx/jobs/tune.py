@@ -284,8 +284,10 @@ def baselines_step(job: Prepared, hooks: Hooks, resume: bool) -> list[dict]:
             job.run.append_log({"generation": 0, "calls": 0, "baseline": b["name"], "dev_metric": b["dev_metric"],
                                 "test_metric": b["test_metric"]})
     if dev is not None:
-        hooks.log(f"baselines on dev ({task.metric}{', calibrated' if cfg.calibrate else ''}): " +
-                  ", ".join(f"{b['name']} {b['dev_metric']:.4f}" for b in baselines))
+        hooks.log(f"baselines on dev ({task.metric}{', calibrated' if cfg.calibrate else ''}; on train): " +
+                  ", ".join(f"{b['name']} {b['dev_metric']:.4f}" + (f" ({b['train_metric']:.4f})"
+                                                                     if b.get("train_metric") is not None else "")
+                            for b in baselines))
     return baselines
 
 
