@@ -47,7 +47,8 @@ def repository(tiny_model, exports, tmp_path_factory) -> Path:
     kinds = {
         "ort-gpu": [tiny_model, "--tensorrt", "--instances", "2", "--name", "ort-gpu"],
         "ort-cpu": [qwen2, "--kind", "cpu", "--precision", "fp32", "--threads", "1", "--name", "ort-cpu"],
-        "py": [tiny_model, "--backend", "python", "--kind", "cpu", "--precision", "fp32", "--threads", "1"],
+        "py": [tiny_model, "--backend", "python", "--kind", "cpu", "--precision", "fp32", "--threads", "1",
+               "--instances", "2"],
     }
     repo = root / "repository"
     repo.mkdir()
@@ -140,6 +141,30 @@ def test_a_tune_through_the_python_backend_ends_with_the_in_process_z(triton, ti
                                            *server), *extra]))
         np.testing.assert_array_equal(z_of(tmp_path / f"remote-{method}"), z_of(tmp_path / f"local-{method}"))
         assert remote["train_loss_final"] == local["train_loss_final"]
+
+
+def test_a_population_split_over_two_instances_ends_with_the_same_z(triton, repository, tiny_model, data_dir,
+                                                                      tmp_path):
+    """--shards N sends each generation's candidates as N concurrent requests, which the server's two instances
+    take in parallel; every N ends with the in-process z, lock-step seeds too."""
+    assert parse(repository / "tiny-roberta" / "config.pbtxt").instance_group[0].count == 2
+    server = ["--server", f"http://127.0.0.1:{triton.http_port}"]
+    extra = ["--budget", "36", "--popsize", "6", "--eval-every", "12", "--seeds", "3,4"]
+
+    def args(out, *more):
+        full = tune_args(tiny_model, data_dir, tmp_path / out, *more)
+        at = full.index("--seed")
+        return [*full[:at], *full[at + 2:], *extra]
+
+    ok(args("local"))
+    for shards in ("1", "2", "4"):
+        ok(args(f"shards{shards}", *server, "--shards", shards))
+        with np.load(tmp_path / f"shards{shards}" / "prompt.npz") as got, np.load(tmp_path / "local" / "prompt.npz") \
+                as want:
+            np.testing.assert_array_equal(got["z"], want["z"])
+    assert "it needs --server" in cli_error([*tune_args(tiny_model, data_dir, tmp_path / "x"), "--shards", "2"])
+    assert "shards must be a whole number in 1..64" in cli_error(
+        [*tune_args(tiny_model, data_dir, tmp_path / "y", *server), "--shards", "65"])
 
 
 def test_a_model_name_in_the_url_reaches_a_renamed_model(triton, exports, data_dir, tmp_path):

@@ -64,10 +64,16 @@ class EngineOptions:
                                     "requests); a timed-out request is retried up to 3 times.", minimum=0,
                                     open_minimum=True)
 
+    shards: int = setting(1, "With --server: send each call's candidates as N concurrent requests, in candidate "
+                          "order, so that the server spreads one population over its instances (triton-repo "
+                          "--instances, or several GPUs); the scores are the same for every N.", minimum=1)
+
     def spec(self) -> EngineSpec:
         if self.server:
             token = read_token(self.token_file) if self.token_file else None
-            return TritonSpec(Remote(self.server, token, self.server_timeout).check())
+            return TritonSpec(Remote(self.server, token, self.server_timeout, shards=self.shards).check())
+        if self.shards != 1:
+            raise SettingsError("shards splits a call into requests to a server; it needs --server", "shards")
         return OrtSpec(self.device, self.precision, self.threads)
 
 

@@ -14,6 +14,7 @@ import json
 import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar
 from urllib.parse import urlsplit
@@ -30,6 +31,7 @@ from .served import (BUCKETS_PARAM, CACHED_SUFFIX, CLASSIFY_SUFFIX, DEEP_SUFFIX,
 
 WIRE_TYPES = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64}
 TRANSIENT_HTTP = {408, 429, 502, 503, 504}
+MAX_SHARDS = 64  # concurrent requests one call may become
 TRANSIENT_GRPC = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED")
 
 
@@ -120,6 +122,7 @@ class Remote:
     timeout: float = 60.0  # seconds per request
     retries: int = 3  # extra tries for a transient failure, with exponential backoff
     backoff: float = 0.25  # seconds before the first retry
+    shards: int = 1  # concurrent requests a call's candidates are split into, in candidate order
 
     @property
     def protocol(self) -> str:
@@ -153,6 +156,8 @@ class Remote:
             raise SettingsError(f"the server timeout must be a positive number of seconds, got {self.timeout}")
         if not (isinstance(self.retries, int) and 0 <= self.retries <= 20):
             raise SettingsError(f"retries must be an integer in 0..20, got {self.retries}")
+        if isinstance(self.shards, bool) or not isinstance(self.shards, int) or not 1 <= self.shards <= MAX_SHARDS:
+            raise SettingsError(f"shards must be a whole number in 1..{MAX_SHARDS}, got {self.shards!r}", "shards")
         return self
 
     def wire(self) -> HttpWire:
@@ -174,7 +179,12 @@ class TritonClient:
         self.bytes_sent = 0
         self._jitter = random.Random()  # spreads retries: it never touches what is computed
         self._local = threading.local()  # a connection per thread: tritonclient's HTTP client is bound to one
+        self._count = threading.Lock()  # the counters, when shards send from several threads
         self._local.client = self._connect()
+
+    def _counted(self, name: str, amount: int = 1) -> None:
+        with self._count:
+            setattr(self, name, getattr(self, name) + amount)
 
     def parameters(self, config: dict) -> dict[str, str]:
         return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
@@ -245,14 +255,14 @@ class TritonClient:
                 if self._starting(exc):
                     waiting_until = waiting_until or time.monotonic() + self.remote.timeout
                     if time.monotonic() < waiting_until:
-                        self.retried += 1
+                        self._counted("retried")
                         time.sleep(min(1.0, self.remote.backoff * 2) * (0.5 + self._jitter.random()))
                         continue
                     raise ServerError(f"the server at {self.remote.url} is not ready within "
                                       f"{self.remote.timeout:g} s: {self._text(exc)[:200]}") from None
                 if not self._transient(exc) or attempt >= self.remote.retries:
                     raise self._error(exc) from None
-                self.retried += 1
+                self._counted("retried")
                 time.sleep(self.remote.backoff * 2 ** attempt * (0.5 + self._jitter.random()))
                 attempt += 1
 
@@ -345,6 +355,7 @@ class TritonEngine(TritonClient, PromptScoring):
         self.prompt_dtype = WIRE_TYPES[types["prompt_embeds"]]
         self.takes_prompt_pos = PROMPT_POS in types
         self.row_inputs = ROW_INPUTS + ((PROMPT_POS,) if self.takes_prompt_pos else ())
+        self._pool: ThreadPoolExecutor | None = None  # the shards' threads, each with its own connection
         self.cached = None if deep else self._cached_model(f"{base}{CACHED_SUFFIX}")
 
     def _cached_model(self, name: str) -> str | None:
@@ -367,8 +378,21 @@ class TritonEngine(TritonClient, PromptScoring):
         for index, rows in zip(groups, subsets):
             feeds = {name: row_input(rows, name, self.manifest.prompt_start) for name in self.row_inputs}
             feeds.update(extra, prompt_embeds=prompts)
-            out[:, index] = self.infer(feeds)
+            out[:, index] = self.sharded(feeds)
         return out
+
+    def sharded(self, feeds: dict[str, np.ndarray], model: str | None = None) -> np.ndarray:
+        """One call's candidates as `remote.shards` concurrent requests, in candidate order (the server spreads
+        them over its instances), put back together: every candidate is scored on the same rows either way."""
+        c = feeds["prompt_embeds"].shape[0]
+        parts = np.array_split(np.arange(c), min(self.remote.shards, c))
+        if len(parts) == 1:
+            return self.infer(feeds, model)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.remote.shards, thread_name_prefix="bbt-shard")
+        jobs = [self._pool.submit(self.infer, {**feeds, "prompt_embeds": feeds["prompt_embeds"][part]}, model)
+                for part in parts]
+        return np.concatenate([job.result() for job in jobs])
 
     def _score_cached(self, prompts: np.ndarray, batch: EncodedSet) -> np.ndarray:
         """Suffix rows after a shared prefix, through NAME.cached: the rows' own ids and the prefix's, in one
@@ -383,7 +407,7 @@ class TritonEngine(TritonClient, PromptScoring):
             feeds = {name: getattr(rows, name) for name in (*ROW_INPUTS[:3], PROMPT_POS)}
             feeds.update({PREFIX_IDS: np.asarray(batch.prefix_ids, np.int64), "prompt_embeds": prompts,
                           "label_ids": batch.label_ids})
-            out[:, index] = self.infer(feeds, self.cached)
+            out[:, index] = self.sharded(feeds, self.cached)
         return out
 
     def infer(self, feeds: dict[str, np.ndarray], model: str | None = None) -> np.ndarray:
@@ -399,7 +423,7 @@ class TritonEngine(TritonClient, PromptScoring):
         outputs = [self.wire.output(GRAPH_OUTPUTS[0])]
         result = self._retrying(lambda: self.client.infer(model or self.model, inputs, outputs=outputs,
                                                           headers=self.wire.headers(), **self.wire.infer_options()))
-        self.calls += 1
+        self._counted("calls")
         logits = result.as_numpy(GRAPH_OUTPUTS[0])
         want = (c, n, len(feeds["label_ids"]))
         if logits is None or logits.shape != want:
@@ -412,7 +436,7 @@ class TritonEngine(TritonClient, PromptScoring):
         for name, value in feeds.items():
             wire = self.wire_types.get(name, "INT64")
             array = np.ascontiguousarray(value, dtype=WIRE_TYPES[wire])
-            self.bytes_sent += array.nbytes
+            self._counted("bytes_sent", array.nbytes)
             inputs.append(self.wire.input(name, array, wire))
         return inputs
 
