@@ -23,6 +23,7 @@ from .stats import Margin, paired_margin
 
 RULES = ("interval", "max")
 BASELINE_ROWS = ("train+dev", "dev")
+BLEND_WEIGHTS = (0.25, 0.5)  # a plain framing's share in a blend with the tuned side
 POLICY_KEYS = ("choose", "fallback")  # ChoicePolicy's fields, which older runs recorded among the tune settings
 
 
@@ -34,6 +35,10 @@ class ChoicePolicy:
                              "not earn its place on dev (choose says when).", flag="--fallback/--no-fallback")
     choose: str = setting("interval", "When the tuned prompt replaces the template: interval (its dev margin's "
                           "paired-bootstrap interval lies above 0) or max (it scored higher on dev).", choices=RULES)
+    blend: bool = setting(False, "Also weigh blends of the tuned side with each plain framing (their probabilities "
+                          f"averaged, the template's weight {' or '.join(str(w) for w in BLEND_WEIGHTS)}) as tuned "
+                          "candidates: the best on dev meets the best template as the tuned side would.",
+                          flag="--blend/--no-blend")
     baseline_rows: str = setting("train+dev", "Which rows choose the best plain framing: train+dev (a template never "
                                  "saw the training rows, so they are evidence too: twice the rows) or dev.",
                                  choices=BASELINE_ROWS)
@@ -43,19 +48,23 @@ class ChoicePolicy:
             raise SettingsError(f"fallback must be true or false, got {self.fallback!r}", "fallback")
         if self.choose not in RULES:
             raise SettingsError(f"choose {self.choose!r} is not one of {', '.join(RULES)}", "choose")
+        if not isinstance(self.blend, bool):
+            raise SettingsError(f"blend must be true or false, got {self.blend!r}", "blend")
         if self.baseline_rows not in BASELINE_ROWS:
             raise SettingsError(f"baseline_rows {self.baseline_rows!r} is not one of {', '.join(BASELINE_ROWS)}",
                                 "baseline_rows")
 
     def to_json(self) -> dict:
-        return {"choose": self.choose, "fallback": self.fallback, "baseline_rows": self.baseline_rows}
+        return {"choose": self.choose, "fallback": self.fallback, "baseline_rows": self.baseline_rows,
+                "blend": self.blend}
 
     @classmethod
     def from_settings(cls, settings: dict) -> "ChoicePolicy":
         """A run's recorded policy: its own entry, or (runs from before it had one) the tune settings' keys; runs
         from before train rows ranked the templates ranked them on dev."""
         doc = settings.get("policy") or settings.get("tune", {})
-        return cls(**{"baseline_rows": "dev", **{k: doc[k] for k in (*POLICY_KEYS, "baseline_rows") if k in doc}})
+        return cls(**{"baseline_rows": "dev", **{k: doc[k] for k in (*POLICY_KEYS, "baseline_rows", "blend")
+                                                 if k in doc}})
 
 
 @dataclass(frozen=True)

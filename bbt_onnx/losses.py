@@ -36,6 +36,12 @@ def class_scores(word_logits: np.ndarray, groups: np.ndarray | None) -> np.ndarr
     return out.astype(np.asarray(word_logits).dtype)
 
 
+def mixed(logits: list[np.ndarray], weights) -> np.ndarray:
+    """The log of the weighted mean of several scorers' class probabilities ([N, K] each): how an ensemble or a
+    blend of results reads rows."""
+    return np.log(sum(w * np.exp(log_softmax(np.asarray(x, np.float64))) for w, x in zip(weights, logits)))
+
+
 def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Mean CE over the N rows, per candidate: [C]."""
     lp = log_softmax(_as3d(logits))

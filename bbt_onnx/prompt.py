@@ -175,7 +175,8 @@ class TunedPrompt(Scoring):
     def load(cls, path: str | Path) -> "TunedPrompt":
         prompt = load_prompt(path)
         if not isinstance(prompt, TunedPrompt):
-            raise PromptError(f"{path} holds an ensemble of {len(prompt.members)} prompts: load it with load_prompt")
+            raise PromptError(f"{path} holds {prompt.origin}, of {len(prompt.members)} parts: load it with "
+                              "load_prompt")
         return prompt
 
     @classmethod
@@ -282,6 +283,10 @@ class PromptEnsemble(Scoring):
         return self.members[0].projection
 
     @property
+    def model_fingerprint(self) -> str:
+        return self.members[0].model_fingerprint
+
+    @property
     def placeholder_ids(self):
         return self.members[0].placeholder_ids
 
@@ -320,13 +325,148 @@ class PromptEnsemble(Scoring):
     def save(self, path: str | Path) -> Path:
         for m in self.members:
             check_finite(m.z, m.embeds)
-        meta = {"ensemble": [m.meta() for m in self.members], "origin": self.origin,
-                "calibration": None if self.calibration is None else list(self.calibration)}
         return write_npz(path, {"prompt": np.stack([m.embeds for m in self.members]),
-                                "z": np.stack([m.z for m in self.members])}, meta)
+                                "z": np.stack([m.z for m in self.members])}, ensemble_meta(self))
 
 
-Result = TunedPrompt | PromptEnsemble  # what a run hands back
+MAX_BLEND = 8  # results one blend averages
+
+
+@dataclass(frozen=True)
+class BlendRows:
+    """The same rows as each member of a blend encodes them (members may frame and read rows differently)."""
+
+    parts: tuple[EncodedSet, ...]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.parts[0].labels
+
+    @property
+    def truncated(self) -> int:
+        return max(p.truncated for p in self.parts)
+
+    def __len__(self) -> int:
+        return len(self.parts[0])
+
+    def take(self, index: np.ndarray) -> "BlendRows":
+        return BlendRows(tuple(p.take(index) for p in self.parts))
+
+
+class BlendEncoder:
+    """Rows into `BlendRows`: each member's encoder in turn."""
+
+    def __init__(self, encoders: list):
+        self.encoders = encoders
+
+    def encode(self, rows) -> BlendRows:
+        return BlendRows(tuple(e.encode(rows) for e in self.encoders))
+
+
+@dataclass(frozen=True)
+class Blend(Scoring):
+    """Results a run scored, averaged: each member's label probabilities (its own framing, readout, prompt and
+    calibration) weighted by `weights`, for instance the seeds' ensemble with the plain template. The first member
+    is the tuned side; a blend carries no calibration of its own."""
+
+    members: tuple  # TunedPrompt or PromptEnsemble results
+    weights: tuple[float, ...]
+    origin: str = "blend"
+
+    def __post_init__(self):
+        if not 2 <= len(self.members) <= MAX_BLEND or len(self.weights) != len(self.members):
+            raise PromptError(f"a blend averages 2 to {MAX_BLEND} results, one weight each")
+        if any(isinstance(m, Blend) or not isinstance(m, (TunedPrompt, PromptEnsemble)) for m in self.members):
+            raise PromptError("a blend's members are prompts, ensembles or templates")
+        if not all(np.isfinite(w) and w > 0 for w in self.weights) or abs(sum(self.weights) - 1) > 1e-6:
+            raise PromptError(f"a blend's weights must be positive and sum to 1, got {list(self.weights)}")
+        first = self.members[0]
+        for m in self.members[1:]:
+            if m.task.label_keys != first.task.label_keys or m.task.metric != first.task.metric or \
+                    m.model_fingerprint != first.model_fingerprint:
+                raise PromptError("a blend's members must share the labels, the metric and the model")
+
+    calibration = None  # each member divides out its own prior
+
+    @property
+    def task(self) -> Task:
+        return self.members[0].task
+
+    @property
+    def deep(self) -> bool:
+        return any(m.deep for m in self.members)
+
+    @property
+    def method(self) -> str:
+        return self.members[0].method
+
+    @property
+    def model_fingerprint(self) -> str:
+        return self.members[0].model_fingerprint
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.members[0].prompt_tokens
+
+    @property
+    def placeholder_ids(self):
+        return self.members[0].placeholder_ids
+
+    @property
+    def max_length(self) -> int | None:
+        return self.members[0].max_length
+
+    def encoder(self, model) -> BlendEncoder:
+        return BlendEncoder([m.encoder(model) for m in self.members])
+
+    def encode(self, model, rows) -> BlendRows:
+        return rows if isinstance(rows, BlendRows) else self.encoder(model).encode(as_examples(rows))
+
+    def check_model(self, model) -> None:
+        for m in self.members:
+            m.check_model(model)
+
+    def zero_prompt(self) -> TunedPrompt:
+        return self.members[0].zero_prompt()
+
+    def calibrate(self, model) -> "Blend":
+        return self  # its members carry their own priors
+
+    def raw_logits(self, model, rows: BlendRows, batch_rows: int = EVAL_ROWS, on_batch=None) -> np.ndarray:
+        """log of the members' weighted mean label probabilities, [N, K] (each member calibrated as it is)."""
+        rows = self.encode(model, rows)
+        out = losses.mixed([m.logits(model, part, batch_rows) for m, part in zip(self.members, rows.parts)],
+                           self.weights)
+        if on_batch:
+            on_batch(len(rows))
+        return out.astype(np.float32)
+
+    def save(self, path: str | Path) -> Path:
+        arrays, metas = {}, []
+        for i, m in enumerate(self.members):
+            parts = m.members if isinstance(m, PromptEnsemble) else (m,)
+            for p in parts:
+                check_finite(p.z, p.embeds)
+            arrays[f"prompt{i}"] = np.stack([p.embeds for p in parts])
+            arrays[f"z{i}"] = np.stack([p.z for p in parts])
+            metas.append(ensemble_meta(m) if isinstance(m, PromptEnsemble) else m.meta())
+        meta = {"blend": metas, "weights": list(self.weights), "origin": self.origin}
+        return write_npz(path, {"prompt": np.zeros((0,)), "z": np.zeros((0,)), **arrays}, meta)
+
+
+def prompts_of(result) -> tuple[TunedPrompt, ...]:
+    """Every prompt a result holds: itself, an ensemble's members, a blend's members' prompts."""
+    if isinstance(result, Blend):
+        return tuple(p for m in result.members for p in prompts_of(m))
+    return tuple(result.members) if isinstance(result, PromptEnsemble) else (result,)
+
+
+def ensemble_meta(ensemble: PromptEnsemble) -> dict:
+    return {"ensemble": [m.meta() for m in ensemble.members], "origin": ensemble.origin,
+            "calibration": None if ensemble.calibration is None else list(ensemble.calibration)}
+
+
+Result = TunedPrompt | PromptEnsemble | Blend  # what a run hands back
 
 
 def prior_of(result, model) -> tuple[float, ...]:
@@ -382,26 +522,53 @@ def load_prompt(path: str | Path) -> Result:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as f:
             meta = json.loads(str(f["meta"]))
-            embeds, z = f["prompt"], f["z"]
-        members = meta.get("ensemble") if isinstance(meta, dict) else None
-        if members is not None and (not isinstance(members, list) or len(members) != len(embeds) or
-                                    len(members) != len(z) or not members):
-            raise ValueError("ensemble")
+            blend = meta.get("blend") if isinstance(meta, dict) else None
+            if blend is not None:
+                if not isinstance(blend, list) or not 2 <= len(blend) <= MAX_BLEND:
+                    raise ValueError("blend")
+                parts = [(f[f"prompt{i}"], f[f"z{i}"]) for i in range(len(blend))]
+            else:
+                embeds, z = f["prompt"], f["z"]
     except Exception as exc:  # noqa: BLE001 - a damaged zip or field can raise almost any type
         raise PromptError(f"{path} is not a bbt-onnx prompt file, or it is damaged ({type(exc).__name__}); "
                           "tune again or restore it") from None
+    if blend is None:
+        return result_from(meta, embeds, z, str(path))
+    try:
+        weights = tuple(float(w) for w in meta["weights"])
+        members = []
+        for m, (e, v) in zip(blend, parts):
+            if not isinstance(m, dict) or (m.get("ensemble") is None and (len(e) != 1 or len(v) != 1)):
+                raise ValueError("member")
+            members.append(result_from(m, e, v, str(path)) if m.get("ensemble") is not None else
+                           result_from(m, e[0], v[0], str(path)))
+        return Blend(tuple(members), weights, str(meta.get("origin", "blend")))
+    except PromptError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise PromptError(f"{path} is damaged: its blend does not match its own description "
+                          f"({type(exc).__name__})") from None
+
+
+def result_from(meta: dict, embeds: np.ndarray, z: np.ndarray, where: str) -> TunedPrompt | PromptEnsemble:
+    """A prompt, or an ensemble of prompts, from its arrays and description."""
+    members = meta.get("ensemble") if isinstance(meta, dict) else None
+    if members is not None and (not isinstance(members, list) or len(members) != len(embeds) or
+                                len(members) != len(z) or not members):
+        raise PromptError(f"{where} is not a bbt-onnx prompt file, or it is damaged (ensemble); tune again or restore "
+                          "it")
     if members is None:
-        return TunedPrompt.from_arrays(meta, embeds, z, str(path))
-    prompts = tuple(TunedPrompt.from_arrays(m, e, v, str(path)) for m, e, v in zip(members, embeds, z))
+        return TunedPrompt.from_arrays(meta, embeds, z, where)
+    prompts = tuple(TunedPrompt.from_arrays(m, e, v, where) for m, e, v in zip(members, embeds, z))
     cal = meta.get("calibration")
     try:
         ensemble = PromptEnsemble(prompts, None if cal is None else tuple(float(v) for v in cal),
                                   str(meta.get("origin", "ensemble")))
     except (PromptError, TypeError, ValueError):
-        raise PromptError(f"{path} is damaged: its prompts do not form one ensemble") from None
+        raise PromptError(f"{where} is damaged: its prompts do not form one ensemble") from None
     if ensemble.calibration is not None and (len(ensemble.calibration) != len(ensemble.task.labels)
                                              or not np.isfinite(ensemble.calibration).all()):
-        raise PromptError(f"{path} is damaged: its calibration does not match its labels")
+        raise PromptError(f"{where} is damaged: its calibration does not match its labels")
     return ensemble
 
 

@@ -162,7 +162,7 @@ def test_a_population_split_over_two_instances_ends_with_the_same_z(triton, repo
         with np.load(tmp_path / f"shards{shards}" / "prompt.npz") as got, np.load(tmp_path / "local" / "prompt.npz") \
                 as want:
             np.testing.assert_array_equal(got["z"], want["z"])
-    assert "it needs --server" in cli_error([*tune_args(tiny_model, data_dir, tmp_path / "x"), "--shards", "2"])
+    assert "--shards sends a call as several requests and needs --server" in cli_error([*tune_args(tiny_model, data_dir, tmp_path / "x"), "--shards", "2"])
     assert "shards must be a whole number in 1..64" in cli_error(
         [*tune_args(tiny_model, data_dir, tmp_path / "y", *server), "--shards", "65"])
 

@@ -511,8 +511,8 @@ def test_runs_and_checkpoints_that_recorded_the_policy_among_the_tune_settings_s
     old = {"model": {"dir": "m"}, "task": PRESETS["sst2"].to_json(), "data": {"data": "pool.csv"},
            "tune": {**cfg.to_json(), "choose": "max", "fallback": False}, "seeds": [42]}
     request = TuneRequest.from_settings(old, "run")
-    assert request.config == cfg and request.policy == ChoicePolicy(fallback=False, choose="max")
-    assert TuneRequest.from_settings({**old, "tune": cfg.to_json()}, "run").policy == ChoicePolicy()
+    assert request.config == cfg and request.policy == ChoicePolicy(fallback=False, choose="max", baseline_rows="dev")
+    assert TuneRequest.from_settings({**old, "tune": cfg.to_json()}, "run").policy == ChoicePolicy(baseline_rows="dev")
 
 
 def test_one_repository_kind_for_what_triton_repo_serve_and_deploy_write(tmp_path):

@@ -25,7 +25,7 @@ from ..fileio import (OutputKind, check_replaceable, only_files, sha256_file, wr
 from ..manifest import Manifest, load_manifest
 from ..model_repository import REPOSITORY
 from ..options import setting
-from ..prompt import PromptEnsemble, Result, load_prompt
+from ..prompt import Blend, PromptEnsemble, Result, load_prompt, prompts_of
 from ..runs import RUN_JSON, RunDir, result_file
 from .extensions import extensions_library
 from .build import INPUTS, Classifier, build_classifier, front_model, onnx_module, save_model
@@ -144,6 +144,8 @@ def finished_result(path: str | Path) -> tuple[Result, Path]:
 
 
 def with_max_length(result: Result, max_length: int) -> Result:
+    if isinstance(result, Blend):
+        return replace(result, members=tuple(with_max_length(m, max_length) for m in result.members))
     if isinstance(result, PromptEnsemble):
         return replace(result, members=tuple(replace(m, max_length=max_length) for m in result.members))
     return replace(result, max_length=max_length)
@@ -242,8 +244,7 @@ def prepare(manifest: Manifest, result_path: str | Path, precision: str = "fp32"
             raise SettingsError(f"max_length {max_length} is more than the model's {manifest.max_positions} positions; "
                                 "leave it out to use them all", "max_length")
         prompt = with_max_length(prompt, max_length)
-    members = prompt.members if isinstance(prompt, PromptEnsemble) else (prompt,)
-    if not all(m.model_fingerprint for m in members):
+    if not all(m.model_fingerprint for m in prompts_of(prompt)):
         raise PromptError(f"{prompt_file} does not name the model it was tuned on (no fingerprint); deploy needs a "
                           "prompt written by `bbt-onnx tune`")
     clf = build_classifier(manifest, prompt, precision, inputs, sha256_file(prompt_file))
@@ -276,7 +277,8 @@ def write_checked(folder: Path, clf: Classifier, manifest: Manifest, prompt: Res
         shutil.copyfile(manifest.tokenizer_path, folder / TOKENIZER)
         write_text_atomic(folder / ENCODER_SCRIPT, encoder_script())
     rows = probe_rows(clf)
-    check_encoding(clf, manifest, prompt, folder, rows)
+    for part, member in zip(clf.parts, prompt.members) if isinstance(prompt, Blend) else [(clf, prompt)]:
+        check_encoding(part, manifest, member, folder, rows)
     # a row as long as the model's positions costs seconds in a real model's graph: scored only when short
     scored = rows if clf.recipe["max_length"] <= SCORED_LENGTH else rows[:-1]
     return check_scores(clf, path, manifest, prompt, precision, scored)

@@ -22,7 +22,7 @@ from ..contract import PROMPT_POS
 from ..encoding import Encoder, load_tokenizer
 from ..errors import ModelError, SettingsError
 from ..manifest import Manifest
-from ..prompt import PromptEnsemble, Result
+from ..prompt import Blend, PromptEnsemble, Result
 from .front import CONTRIB, Graph, build_front, graph_tokenizer
 from .recipe import RECIPE_FORMAT, TEXT_FIELDS
 from .recipe import encode as recipe_encode
@@ -89,6 +89,7 @@ class Classifier:
     metadata: dict[str, str]
     labels: tuple[str, ...]
     notes: list[str] = field(default_factory=list)
+    parts: list["Classifier"] = field(default_factory=list)  # a blend's members' own classifiers, for the checks
 
     @property
     def input_names(self) -> list[str]:
@@ -112,7 +113,9 @@ def choose_inputs(requested: str, tokenizer_json: dict) -> tuple[str, str | None
 def build_classifier(manifest: Manifest, prompt: Result, precision: str = "fp32", inputs: str = "auto",
                      prompt_sha256: str = "") -> Classifier:
     """The classifier graph of what a run kept (a tuned prompt, the seeds' ensemble or a plain template, calibrated
-    or not) on this model's `precision` graph."""
+    or not, or a blend of them) on this model's `precision` graph."""
+    if isinstance(prompt, Blend):
+        return build_blend(manifest, prompt, precision, inputs, prompt_sha256)
     onnx = onnx_module()
     from onnx import TensorProto, helper, numpy_helper
 
@@ -221,6 +224,65 @@ def build_classifier(manifest: Manifest, prompt: Result, precision: str = "fp32"
     notes = [f"the tokenizer runs outside the graph ({why}): encode.py and recipe.json build its inputs"] \
         if kind == "ids" and why else []
     return Classifier(model, kind, recipe, metadata, labels, notes)
+
+
+def build_blend(manifest: Manifest, blend: Blend, precision: str, inputs: str, prompt_sha256: str) -> Classifier:
+    """A blend's classifier: each member's own classifier (its front, scoring graph and head) side by side in one
+    graph, sharing the texts and the model's weights, and their probabilities averaged by the blend's weights."""
+    onnx = onnx_module()
+    from onnx import TensorProto, helper
+
+    parts = [build_classifier(manifest, m, precision, inputs, prompt_sha256) for m in blend.members]
+    if any(p.inputs != "text" for p in parts):
+        raise SettingsError("a blend's members frame rows differently, which needs the tokenizer in the graph, and "
+                            "this model's tokenizer cannot run there; deploy one result of the run instead", "inputs")
+    shared = {}  # the model's weights, by the graph file they come from: one copy each
+    for m in blend.members:
+        path = manifest.graph_path(precision, m.deep)
+        shared.setdefault(path, {t.name for t in onnx.load(str(path), load_external_data=False).graph.initializer})
+    merged, first = onnx.ModelProto(), parts[0].model
+    merged.CopyFrom(first)
+    graph = merged.graph
+    del graph.node[:], graph.initializer[:], graph.value_info[:], graph.output[:]
+    texts = {i.name for i in first.graph.input}
+    kept: set[str] = set()
+    head = Graph("bbt_blend/", next(o.version for o in first.opset_import if o.domain in ("", "ai.onnx")))
+    scaled = []
+    for i, (member, part) in enumerate(zip(blend.members, parts)):
+        weights = shared[manifest.graph_path(precision, member.deep)]
+
+        def rename(name: str) -> str:
+            return name if name in texts or name in weights or not name else f"b{i}/{name}"
+
+        for node in part.model.graph.node:
+            _rename_node(node, rename, f"b{i}/")
+            graph.node.append(node)
+        for init in part.model.graph.initializer:
+            name = rename(init.name)
+            if name not in kept:
+                init.name = name
+                graph.initializer.append(init)
+                kept.add(name)
+        for info in part.model.graph.value_info:
+            info.name = rename(info.name)
+            graph.value_info.append(info)
+        scaled.append(head.op("Mul", rename("probabilities"), head.const(np.float32(blend.weights[i]), np.float32)))
+    probabilities = head.op("Sum", *scaled, out="probabilities")
+    head.op("ArgMax", probabilities, axis=-1, keepdims=0, out="label")
+    graph.node.extend(head.nodes)
+    graph.initializer.extend(head.inits)
+    k = len(blend.task.labels)
+    graph.output.extend([helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", k]),
+                         helper.make_tensor_value_info("label", TensorProto.INT64, ["N"])])
+    metadata = dict(parts[0].metadata, result=blend.origin, members=str(len(blend.members)),
+                    blend=json.dumps([{"result": m.origin, "weight": w, "task": m.task.to_json()}
+                                      for m, w in zip(blend.members, blend.weights)]),
+                    calibration=json.dumps(None), prompt_sha256=prompt_sha256)
+    del merged.metadata_props[:]
+    for key, value in metadata.items():
+        merged.metadata_props.add(key=key, value=value)
+    recipe = dict(parts[0].recipe, max_length=max(p.recipe["max_length"] for p in parts))
+    return Classifier(merged, "text", recipe, metadata, blend.task.label_keys, parts[0].notes, parts)
 
 
 def _class_scores(head: Graph, word_logits: str, groups) -> str:

@@ -73,7 +73,7 @@ class EngineOptions:
             token = read_token(self.token_file) if self.token_file else None
             return TritonSpec(Remote(self.server, token, self.server_timeout, shards=self.shards).check())
         if self.shards != 1:
-            raise SettingsError("shards splits a call into requests to a server; it needs --server", "shards")
+            raise SettingsError("shards sends a call as several requests and needs server", ("shards", "server"))
         return OrtSpec(self.device, self.precision, self.threads)
 
 

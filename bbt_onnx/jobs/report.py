@@ -1,7 +1,8 @@
 """`bbt-onnx report RUN...`: what runs measured, as the paper reports it, from their run.json files alone.
 
-Runs are grouped by task and setting (method, framing, prompt length, subspace, budget, calibration, start). In each
-group: every baseline, every seed, the tuned seeds' mean ± std, the ensemble, and the result each run kept (after
+Runs are grouped by task and setting (method, framing, prompt length, subspace, budget, calibration, start, readout).
+In each group: every baseline, every seed, the tuned seeds' mean ± std, the ensemble, the blend each run ranked
+first on dev (with --blend), the words each run chose (with --verbalizer auto), and the result each run kept (after
 its choice between tuned and plain). Runs made with different versions are flagged: the same seed gives the same z
 only within one environment.
 """
@@ -112,6 +113,9 @@ def check_shape(raw: dict, path: Path) -> None:
     for i, base in enumerate(entries("baselines")):
         if not isinstance(base.get("name"), str):
             fail(f"baselines[{i}].name", "a string")
+    for i, blend in enumerate(entries("blends")):
+        if not isinstance(blend.get("name"), str):
+            fail(f"blends[{i}].name", "a string")
     for i, s in enumerate(entries("seeds")):
         if not isinstance(s.get("seed"), int) or isinstance(s["seed"], bool):
             fail(f"seeds[{i}].seed", "an integer")
@@ -183,6 +187,10 @@ def group_rows(task: str, setting: str, runs: list[dict]) -> list[Row]:
     ensembles = [run["ensemble"] for run in runs if run.get("ensemble")]
     if ensembles:
         rows.append(row("ensemble of the seeds", ensembles))
+    blends = [best_on_dev(run["blends"]) for run in runs if run.get("blends")]
+    if blends:
+        rows.append(row("blend with a template, best on dev", blends,
+                        note="; ".join(sorted({b["name"] for b in blends}))))
     for run in runs:
         chosen = run["settings"].get("verbalizer")
         if chosen:
@@ -203,6 +211,11 @@ def group_rows(task: str, setting: str, runs: list[dict]) -> list[Row]:
             rows.append(row(f"result if --choose {rule}", under,
                             note=f"tuned kept in {sum(u['tuned'] for u in under)} of {len(under)}"))
     return rows
+
+
+def best_on_dev(entries: list[dict]) -> dict:
+    """The entry with the highest dev metric (the first of equals), as the run's choice ranks its tuned side."""
+    return max(entries, key=lambda e: -1.0 if e.get("dev_metric") is None else e["dev_metric"])
 
 
 def best_baseline(run: dict) -> dict | None:

@@ -4,16 +4,18 @@ compares with, scored before the search starts."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
+
+import numpy as np
 
 from .. import losses
 from ..baselines import plain_framings
 from ..calibration import calibrated
-from ..choice import ChoicePolicy, choose, scored
+from ..choice import BLEND_WEIGHTS, ChoicePolicy, choose, scored
 from ..encoding import EncodedSet
 from ..model import Model
-from ..prompt import PromptEnsemble, Result, TunedPrompt
+from ..prompt import Blend, PromptEnsemble, Result, TunedPrompt
 from ..runs import TUNED
 from ..tasks import Task
 from ..tuning.config import TuneConfig
@@ -30,6 +32,7 @@ class Settled:
     seeds: list[dict]
     ensemble: dict | None
     choice_json: dict
+    blends: list[dict] = field(default_factory=list)  # with --blend: each blend's dev and test scores
 
 
 def score_baselines(model: Model, task: Task, tuner: BlackBoxTuner, splits, dev, test) -> list[dict]:
@@ -82,9 +85,8 @@ def split_scores(result: Result, model: Model, dev: EncodedSet | None, test: Enc
         own = cal if calibrate else raw
         scores.update(zip(keys, (metric_of(result.task, own, enc.labels), metric_of(result.task, raw, enc.labels),
                                  metric_of(result.task, cal, enc.labels))))
-        if split == "dev":
-            scores["_dev_logits"] = own
-        else:
+        scores[f"_{split}_logits"] = own
+        if split == "test":
             scores["test_accuracy"] = float(losses.accuracy(own, enc.labels)[0])
     return scores
 
@@ -102,9 +104,10 @@ def settle(model: Model, task: Task, config: TuneConfig, policy: ChoicePolicy, t
     """Each seed scored, the seeds' ensemble, and the choice between tuning and the best plain template. `dev` and
     `test` are encoded as the run encodes them (a kept template's scores are its baseline record's)."""
     cfg = config
-    seeds = []
+    seeds, seed_scores = [], []
     for tuner, prompt in zip(tuners, prompts):
         scores = split_scores(prompt, model, None, test, cfg.calibrate)
+        seed_scores.append(scores)
         seeds.append({"seed": tuner.config.seed, **tuner.report.to_json(), **public(scores),
                       "dev_metric": tuner.report.best_dev_metric})
     ensemble, ensemble_json = None, None
@@ -123,14 +126,22 @@ def settle(model: Model, task: Task, config: TuneConfig, policy: ChoicePolicy, t
                                                             "test_accuracy": tuned_json.get("test_accuracy")})
     plain = [b for b in baselines if "_dev_logits" in b]
     tuned_logits = ensemble_scores["_dev_logits"] if ensemble is not None else tuned.logits(model, dev)
+    tuned_name = tuned.origin if ensemble is not None else "the tuned prompt"
+    tuned_test = (ensemble_scores if ensemble is not None else seed_scores[0]).get("_test_logits")
+    blends = blend_candidates(tuned_name, tuned_logits, tuned_test, plain, task, dev, test) if policy.blend else []
     ranks_train = policy.baseline_rows == "train+dev"
-    choice = choose([scored(tuned.origin if ensemble is not None else "the tuned prompt", tuned_logits, dev.labels,
-                            task.metric)],
+    choice = choose([scored(tuned_name, tuned_logits, dev.labels, task.metric)] +
+                    [scored(b["name"], b["_dev_logits"], dev.labels, task.metric) for b in blends],
                     [scored(b["name"], b["_dev_logits"], dev.labels, task.metric, b.get("_train") if ranks_train
                             else None) for b in plain],
                     dev.labels, task.metric, policy.choose, policy.fallback)
     log(choice.reason)
-    if choice.tuned:
+    blended = next((b for b in blends if b["name"] == choice.best_tuned), None)
+    if choice.tuned and blended is not None:
+        base = next(b for b in plain if b["name"] == blended["template"])
+        kept = Blend((tuned, base["_prompt"]), (1 - blended["weight"], blended["weight"]), blended["name"])
+        kept_json = {k: blended[k] for k in ("dev_metric", "test_metric", "test_accuracy")}
+    elif choice.tuned:
         kept, kept_json = tuned, {"dev_metric": metric_of(task, tuned_logits, dev.labels),
                                   "test_metric": tuned_json["test_metric"],
                                   "test_accuracy": tuned_json.get("test_accuracy")}
@@ -139,7 +150,27 @@ def settle(model: Model, task: Task, config: TuneConfig, policy: ChoicePolicy, t
         kept = base["_prompt"]  # calibrated when the run calibrates, by the prior its scores used
         kept_json = {k: base.get(k) for k in ("dev_metric", "test_metric", "test_accuracy")}
         log(f"the run hands back {choice.kept}, not the tuned prompt (kept beside it in {TUNED})")
-    return Settled(kept, tuned, seeds, ensemble_json, {**choice.to_json(), **kept_json})
+    return Settled(kept, tuned, seeds, ensemble_json, {**choice.to_json(), **kept_json},
+                   [public(b) for b in blends])
+
+
+def blend_candidates(tuned_name: str, tuned_dev: np.ndarray, tuned_test: np.ndarray | None, plain: list[dict],
+                     task: Task, dev: EncodedSet, test: EncodedSet | None) -> list[dict]:
+    """The tuned side blended with each plain framing at each weight, scored on dev and test from the logits
+    both already have (nothing is scored again): what a `Blend` of them reads."""
+    out = []
+    for base in plain:
+        for w in BLEND_WEIGHTS:
+            dev_logits = losses.mixed([tuned_dev, base["_dev_logits"]], (1 - w, w))
+            record = {"name": f"{tuned_name} + {w:g} x {base['name']}", "template": base["name"], "weight": w,
+                      "dev_metric": metric_of(task, dev_logits, dev.labels), "_dev_logits": dev_logits,
+                      "test_metric": None, "test_accuracy": None}
+            if test is not None and tuned_test is not None and base.get("_test_logits") is not None:
+                test_logits = losses.mixed([tuned_test, base["_test_logits"]], (1 - w, w))
+                record.update(test_metric=metric_of(task, test_logits, test.labels),
+                              test_accuracy=float(losses.accuracy(test_logits, test.labels)[0]))
+            out.append(record)
+    return out
 
 
 def run_metrics(tuners, outcome: Settled, wall: float, train_rows: int, dev_rows: int, test_rows: int) -> dict:

@@ -324,6 +324,7 @@ def write_step(job: Prepared, outcome: Settled, baselines: list[dict], wall: flo
         outcome.tuned.save(run.path / TUNED)  # the tuned prompt the template replaced: nothing is lost
     record = {"settings": settings, "metrics": metrics, "warnings": job.tuners[0].warnings, "baselines": baselines,
               "seeds": outcome.seeds, "ensemble": outcome.ensemble, "choice": outcome.choice_json,
+              **({"blends": outcome.blends} if outcome.blends else {}),
               "provenance": provenance(job.model.engine.provider)}
     if not run.finish(settings, metrics, {k: v for k, v in record.items() if k not in ("settings", "metrics")}):
         hooks.log("note: matplotlib is not installed, so no loss.png (pip install 'bbt-onnx[plot]')")
