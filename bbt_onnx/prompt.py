@@ -242,8 +242,50 @@ class TunedPrompt(Scoring):
         return score_rows(self.scorer(model), enc, batch_rows, on_batch)
 
 
+class Members:
+    """What a result made of several (an ensemble's prompts, a blend's results) reads off its first member, the
+    task and the prompt's shape, and checks on every one."""
+
+    members: tuple
+
+    @property
+    def task(self) -> Task:
+        return self.members[0].task
+
+    @property
+    def deep(self) -> bool:
+        return any(m.deep for m in self.members)
+
+    @property
+    def method(self) -> str:
+        return self.members[0].method
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.members[0].prompt_tokens
+
+    @property
+    def model_fingerprint(self) -> str:
+        return self.members[0].model_fingerprint
+
+    @property
+    def placeholder_ids(self):
+        return self.members[0].placeholder_ids
+
+    @property
+    def max_length(self) -> int | None:
+        return self.members[0].max_length
+
+    def check_model(self, model) -> None:
+        for m in self.members:
+            m.check_model(model)
+
+    def zero_prompt(self) -> TunedPrompt:
+        return self.members[0].zero_prompt()
+
+
 @dataclass(frozen=True)
-class PromptEnsemble(Scoring):
+class PromptEnsemble(Members, Scoring):
     """Several seeds' prompts for one task, scored together: their label probabilities averaged. Plain prompts
     go to the engine as one call of S candidates per batch; BBTv2 prompts one call each."""
 
@@ -263,46 +305,11 @@ class PromptEnsemble(Scoring):
                                   "and model")
 
     @property
-    def task(self) -> Task:
-        return self.members[0].task
-
-    @property
-    def deep(self) -> bool:
-        return self.members[0].deep
-
-    @property
-    def method(self) -> str:
-        return self.members[0].method
-
-    @property
-    def prompt_tokens(self) -> int:
-        return self.members[0].prompt_tokens
-
-    @property
     def projection(self) -> ProjectionSpec:
         return self.members[0].projection
 
-    @property
-    def model_fingerprint(self) -> str:
-        return self.members[0].model_fingerprint
-
-    @property
-    def placeholder_ids(self):
-        return self.members[0].placeholder_ids
-
-    @property
-    def max_length(self) -> int | None:
-        return self.members[0].max_length
-
     def encoder(self, model):
         return self.members[0].encoder(model)
-
-    def check_model(self, model) -> None:
-        for m in self.members:
-            m.check_model(model)
-
-    def zero_prompt(self) -> TunedPrompt:
-        return self.members[0].zero_prompt()
 
     def raw_logits(self, model, enc: EncodedSet, batch_rows: int = EVAL_ROWS, on_batch=None) -> np.ndarray:
         """log of the members' mean label probabilities, [N, K]."""
@@ -364,7 +371,7 @@ class BlendEncoder:
 
 
 @dataclass(frozen=True)
-class Blend(Scoring):
+class Blend(Members, Scoring):
     """Results a run scored, averaged: each member's label probabilities (its own framing, readout, prompt and
     calibration) weighted by `weights`, for instance the seeds' ensemble with the plain template. The first member
     is the tuned side; a blend carries no calibration of its own."""
@@ -388,46 +395,11 @@ class Blend(Scoring):
 
     calibration = None  # each member divides out its own prior
 
-    @property
-    def task(self) -> Task:
-        return self.members[0].task
-
-    @property
-    def deep(self) -> bool:
-        return any(m.deep for m in self.members)
-
-    @property
-    def method(self) -> str:
-        return self.members[0].method
-
-    @property
-    def model_fingerprint(self) -> str:
-        return self.members[0].model_fingerprint
-
-    @property
-    def prompt_tokens(self) -> int:
-        return self.members[0].prompt_tokens
-
-    @property
-    def placeholder_ids(self):
-        return self.members[0].placeholder_ids
-
-    @property
-    def max_length(self) -> int | None:
-        return self.members[0].max_length
-
     def encoder(self, model) -> BlendEncoder:
         return BlendEncoder([m.encoder(model) for m in self.members])
 
     def encode(self, model, rows) -> BlendRows:
         return rows if isinstance(rows, BlendRows) else self.encoder(model).encode(as_examples(rows))
-
-    def check_model(self, model) -> None:
-        for m in self.members:
-            m.check_model(model)
-
-    def zero_prompt(self) -> TunedPrompt:
-        return self.members[0].zero_prompt()
 
     def calibrate(self, model) -> "Blend":
         return self  # its members carry their own priors
