@@ -187,3 +187,35 @@ def test_auto_words_beside_the_tasks_own_are_refused(exports, data_dir, tmp_path
     assert "names its own (extra_words)" in cli_error(args)
     assert "K must be a whole number" in cli_error(tune_cli(exports.get("LlamaForCausalLM").model, data_dir,
                                                             tmp_path / "run2", "--verbalizer", "auto:0"))
+
+
+def test_a_run_with_chosen_words_resumes_with_them_bit_for_bit(exports, data_dir, tmp_path, monkeypatch):
+    from bbt_onnx.choice import ChoicePolicy
+    from bbt_onnx.data import DataSpec
+    from bbt_onnx.jobs.tune import TuneRequest, tune
+    from bbt_onnx.runs import RunDir
+
+    def request(out):
+        config = TuneConfig(prompt_tokens=4, intrinsic_dim=20, popsize=6, budget=48, eval_every=12,
+                            checkpoint_every=2, verbalizer="auto:2", seed=0)
+        return TuneRequest(str(exports.get("LlamaForCausalLM").model), worded(extra=(), position="suffix"),
+                           DataSpec(str(data_dir / "pool.csv"), k_shot=8, seed=0), config, str(out),
+                           policy=ChoicePolicy(fallback=False))
+
+    whole = tune(request(tmp_path / "whole"))
+    real = RunDir.append_log
+
+    def crash(self, row):
+        real(self, row)
+        if row.get("generation") == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "append_log", crash)
+    with pytest.raises(KeyboardInterrupt):
+        tune(request(tmp_path / "run"))
+    monkeypatch.setattr(RunDir, "append_log", real)
+    settings = RunDir(tmp_path / "run").read_json()["settings"]
+    resumed = tune(TuneRequest.from_settings(settings, str(tmp_path / "run")), resume=True)
+    assert resumed.tuned.task.extra_words and resumed.tuned.task == whole.tuned.task
+    assert resumed.tuned.z.tobytes() == whole.tuned.z.tobytes()
+    assert RunDir(tmp_path / "run").read_json()["settings"]["verbalizer"] == whole.record["settings"]["verbalizer"]

@@ -8,9 +8,9 @@ from typing import Callable, Protocol, runtime_checkable
 import numpy as np
 
 from ..contract import PROMPT_POS
-from ..losses import class_scores
 from ..encoding import EncodedSet, length_buckets
 from ..errors import ModelError, PromptError
+from ..losses import class_scores
 from ..manifest import Manifest
 
 
