@@ -376,7 +376,8 @@ class TaskSpec:
     name: str | None = setting(None, "Preset: " + ", ".join(PRESETS) + ".", flag="--task")
     template: str | None = setting(None, 'Custom template with {text}, {text_b}, {mask}, e.g. " {text} It was {mask} ."')
     labels: str | None = setting(None, "Custom verbalizer: name=word,... in class order, e.g. neg=bad,pos=great.")
-    task_file: str | None = setting(None, "JSON with template, labels, metric.", path=True)
+    task_file: str | None = setting(None, "JSON with template, labels, metric (and optionally the framing, "
+                                    "demonstrations and extra_words).", path=True)
     metric: str | None = setting(None, "Override the task's metric.", choices=METRICS)
     bos: str | None = setting(None, "Decoders: BOS first as the tokenizer (or chat template) does, always, or never "
                               "[default: the task's, else auto].", choices=BOS_CHOICES)
