@@ -390,9 +390,19 @@ class TritonEngine(TritonClient, PromptScoring):
             return self.infer(feeds, model)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.remote.shards, thread_name_prefix="bbt-shard")
-        jobs = [self._pool.submit(self.infer, {**feeds, "prompt_embeds": feeds["prompt_embeds"][part]}, model)
+        jobs = [self._pool.submit(self._shard, {**feeds, "prompt_embeds": feeds["prompt_embeds"][part]}, model)
                 for part in parts]
         return np.concatenate([job.result() for job in jobs])
+
+    def _shard(self, feeds: dict[str, np.ndarray], model: str | None) -> np.ndarray:
+        """One shard's request on a pool thread, whose connection is closed there when it is answered (tritonclient's
+        HTTP client cannot be closed from another thread, as it would be when the engine is collected)."""
+        try:
+            return self.infer(feeds, model)
+        finally:
+            client, self._local.client = getattr(self._local, "client", None), None
+            if client is not None:
+                client.close()
 
     def _score_cached(self, prompts: np.ndarray, batch: EncodedSet) -> np.ndarray:
         """Suffix rows after a shared prefix, through NAME.cached: the rows' own ids and the prefix's, in one
