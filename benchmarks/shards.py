@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,18 +29,9 @@ from bbt_onnx.engines import Remote, TritonSpec
 from bbt_onnx.jobs.tune import TuneRequest, tune
 from bbt_onnx.manifest import load_manifest
 from bbt_onnx.serving.repository import RepoOptions, write_repo
+from bbt_onnx.serving.server import free_port
 from bbt_onnx.serving.tritonserver import TritonProcess
 from bbt_onnx.tasks import load_task_file, make_framing
-
-
-def free_ports(count: int) -> list[int]:
-    socks = [socket.socket() for _ in range(count)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def main() -> None:
@@ -69,7 +58,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bbt-shards-"))
     write_repo(RepoOptions(args.model, str(work / "repo"), backend="python", kind="cpu", precision="fp32",
                            instances=args.instances, threads=1))
-    http, grpc = free_ports(2)
+    http = free_port()
+    grpc = next(p for p in iter(free_port, None) if p != http)
     server = TritonProcess(work / "repo", work, http, grpc, log_file=work / "tritonserver.log")
     print(f"starting tritonserver ({args.instances} instances) on 127.0.0.1:{http}", file=sys.stderr)
     server.start(timeout=600)
