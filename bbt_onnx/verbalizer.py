@@ -17,7 +17,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .errors import SettingsError
-from .losses import log_softmax
+from .losses import cross_entropy, log_softmax
 from .manifest import Manifest
 from .tasks import MAX_CLASS_WORDS, Task
 
@@ -117,14 +117,7 @@ def choose_words(logits: np.ndarray, labels: np.ndarray, label_columns: list[int
         raise SettingsError("choosing words needs training rows of every class", "verbalizer")
     pools = class_pools(np.exp(log_softmax(x)), labels, classes, pool, set(reserved) | set(label_columns))
     scores = x[:, label_columns]  # [N, K]
-    rows = np.arange(len(labels))
-
-    def loss(s: np.ndarray) -> np.ndarray:  # [N, K, M] class scores -> [M] mean cross-entropy
-        top = s.max(axis=1, keepdims=True)
-        norm = top[:, 0] + np.log(np.exp(s - top).sum(axis=1))
-        return (norm - s[rows, labels]).mean(axis=0)
-
-    before = current = float(loss(scores[..., None])[0])
+    before = current = float(cross_entropy(scores, labels)[0])
     chosen: list[list[int]] = [[] for _ in range(classes)]
     gains: list[list[float]] = [[] for _ in range(classes)]
     while True:
@@ -133,12 +126,12 @@ def choose_words(logits: np.ndarray, labels: np.ndarray, label_columns: list[int
             left = np.array([i for i in pools[c] if i not in chosen[c]], np.int64)
             if len(chosen[c]) >= k or not len(left):
                 continue
-            trial = np.repeat(scores[..., None], len(left), axis=2)  # [N, K, M]
-            trial[:, c, :] = np.logaddexp(scores[:, c:c + 1], x[:, left])
-            losses = loss(trial)
-            j = int(losses.argmin())
-            if losses[j] < best[0]:
-                best = (float(losses[j]), c, int(left[j]))
+            trial = np.repeat(scores[None], len(left), axis=0)  # [M, N, K]: one candidate set of scores a word
+            trial[:, :, c] = np.logaddexp(scores[:, c][None], x[:, left].T)
+            trial_loss = cross_entropy(trial, labels)
+            j = int(trial_loss.argmin())
+            if trial_loss[j] < best[0]:
+                best = (float(trial_loss[j]), c, int(left[j]))
         if best[1] < 0:
             break
         value, c, i = best
