@@ -15,7 +15,7 @@ $(BIN)/python:
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build
 install: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[cpu,export,gguf,serve,deploy,test,track]"
+	$(BIN)/pip install -q -e ".[cpu,export,gguf,serve,deploy,test,track,ray,slurm]"
 
 # in parallel, one worker per core: every tiny model is exported once and shared, and each test file runs on one
 # worker, so a module's fixtures (its servers too) are made once; the files go out slowest first (tests/conftest.py)

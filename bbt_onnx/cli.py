@@ -16,12 +16,14 @@ from .version import __version__
 from .choice import ChoicePolicy
 from .data import DataSpec
 from .demos import DemoSpec
+from .errors import BBTError, SettingsError
 from .deploy import DeployOptions
 from .engines import EngineOptions
 from .export_options import ExportOptions
 from .fileio import dumps
 from .jobs.bench import BenchOptions
 from .jobs.check import Tolerances
+from .jobs.sweep import SweepOptions
 from .options import Group, Rule, click_options, from_params
 from .progress import Progress, row_progress
 from .serving.repository import RepoOptions
@@ -140,20 +142,13 @@ def tune(ctx, model_dir, out, resume, force, force_any, trust_checkpoint, quiet,
     (or the seeds' ensemble) is kept only when it beats the best of them on dev (--choose, --no-fallback). Writes
     prompt.npz (what was kept), run.json, log.jsonl, loss.png and checkpoint.npz into --out, prints the metrics JSON.
     """
-    from .jobs.tune import Hooks, TuneRequest, resume_request, tune as run_tune
+    from .jobs.tune import Hooks, resume_request, tune as run_tune
     from .runs import interrupted_hint
 
-    task, engine = from_params(TaskSpec, params), from_params(EngineOptions, params).spec()
-    config = from_params(TuneConfig, params)
     if resume:
-        request = resume_request(resume, engine)
+        request = resume_request(resume, from_params(EngineOptions, params).spec())
     else:
-        if seeds:
-            config = replace(config, seed=seeds[0])
-        data = from_params(DataSpec, params, seed=config.seed if data_seed is None else data_seed)
-        demos = from_params(DemoSpec, params)
-        request = TuneRequest(model_dir, demos.apply(task.resolve(), data.seed, pool=True), data, config, str(out),
-                              engine, seeds or (), from_params(ChoicePolicy, params), task.task_file, demos)
+        request = tune_request(model_dir, out, seeds, data_seed, params)
 
     progress = Progress(quiet)
     hooks = Hooks(log=(lambda m: None) if quiet else err, start=progress.start, event=progress.update,
@@ -173,6 +168,124 @@ def tune(ctx, model_dir, out, resume, force, force_any, trust_checkpoint, quiet,
         progress.close()
     err(outcome.summary())
     emit_json(outcome.metrics)
+
+
+def tune_request(model_dir, out, seeds, data_seed, params: dict):
+    """The request tune's options make (the options are taken out of `params`)."""
+    from .jobs.tune import TuneRequest
+
+    task, engine = from_params(TaskSpec, params), from_params(EngineOptions, params).spec()
+    config = from_params(TuneConfig, params)
+    if seeds:
+        config = replace(config, seed=seeds[0])
+    data = from_params(DataSpec, params, seed=config.seed if data_seed is None else data_seed)
+    demos = from_params(DemoSpec, params)
+    return TuneRequest(model_dir, demos.apply(task.resolve(), data.seed, pool=True), data, config, str(out), engine,
+                       seeds or (), from_params(ChoicePolicy, params), task.task_file, demos)
+
+
+# --------------------------------------------------------------------------- sweep
+@cli.command(rules=(Rule("--resume takes the sweep's own spec and folder; drop SPEC and --out",
+                         given=("resume",), any_of=("spec", "out")),
+                    Rule("give a SPEC and --out, or --resume DIR", absent=("resume", "spec")),
+                    Rule("--out is required (the sweep's folder)", given=("spec",), absent=("out",))))
+@click.argument("spec", required=False, type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="The sweep's folder: sweep.json, "
+              "runs/TRIAL (one ordinary run directory a trial), logs/TRIAL.log.")
+@click.option("--resume", type=click.Path(file_okay=False, path_type=Path), help="Continue a sweep with its own "
+              "spec (the executor options are this command's): finished trials are kept, interrupted ones continue "
+              "from their checkpoints, the rest start.")
+@click_options(SweepOptions)
+@quiet_option
+@click.pass_context
+def sweep(ctx, spec, out, resume, quiet, **params):
+    """Run a grid of tunes (tasks x settings), each an ordinary run, as trials on Ray Tune or a Slurm job array.
+
+    SPEC (YAML or JSON) holds `model`, `tasks` (a name for each, with its tune settings: task, data, template,
+    ...), `settings` (tune settings every trial shares) and `grid` (settings to vary: every combination runs for
+    every task). Settings are tune's options by name, e.g. budget: 400, k-shot: 16, seeds: [1, 2, 3]. Every trial is
+    checked before the first starts. One line per finished trial on stderr; the summary JSON on stdout; exit code
+    1 when a trial failed. `bbt-onnx report DIR` tabulates the sweep.
+    """
+    from .jobs.runners import open_runner
+    from .jobs.sweep import SweepSpec, read_plan, read_spec, run_sweep
+
+    options = from_params(SweepOptions, params).check()
+    log = (lambda m: None) if quiet else err
+    if resume:
+        plan = read_plan(resume)
+        folder, spec_of, cwd = resume, SweepSpec.from_json(plan["spec"], f"{resume}/sweep.json"), plan.get("cwd")
+    else:
+        folder, spec_of, cwd = out, read_spec(spec), os.getcwd()
+    runner = open_runner(options, log)  # a missing extra is refused before any trial is built
+    try:
+        summary = run_sweep(sweep_of(folder, spec_of, options, cwd), runner, resume=bool(resume), log=log)
+    except KeyboardInterrupt:
+        err(f"interrupted; continue with: bbt-onnx sweep --resume {folder}")
+        ctx.exit(130)
+    emit_json(summary)
+    if summary["failed"] or summary["not_run"]:
+        err(f"{len(summary['failed'])} failed, {len(summary['not_run'])} not run; continue with: "
+            f"bbt-onnx sweep --resume {folder}")
+        ctx.exit(1)
+
+
+def sweep_of(folder: Path, spec, options, cwd: str):
+    """The sweep: every trial's request built as tune builds it from its options, relative paths read from `cwd`."""
+    from .jobs.sweep import RUNS, LOGS, Sweep, Trial, check_inputs, working_dir
+
+    folder = folder.resolve()
+    trials = []
+    with working_dir(cwd):
+        for plan in spec.trials():
+            trial_options = dict(plan.options)
+            if "server" not in trial_options:  # trials side by side each get their CPUs, not all of them
+                trial_options.setdefault("threads", options.cpus_per_trial)
+            request = replace(trial_request(plan.name, spec.model, folder / RUNS / plan.name, trial_options),
+                              sweep={"trial": plan.name, "task": plan.task, "point": plan.point})
+            trials.append(Trial(plan.name, request, cwd, str(folder / LOGS / f"{plan.name}.log")))
+        check_inputs(trials)
+    return Sweep(folder, spec, options, trials)
+
+
+def trial_request(name: str, model: str, out: Path, options: dict):
+    """A trial's request, its options parsed and checked by the tune command itself (types, choices, rules)."""
+    argv = ["--model", model, "--out", str(out)] + tune_argv(name, options)
+    try:
+        ctx = tune.make_context("tune", argv)
+        for rule in tune.rules:
+            message = rule.broken(ctx)
+            if message:
+                raise SettingsError(message)
+        params = dict(ctx.params)
+        return tune_request(params.pop("model_dir"), out, params.pop("seeds"), params.pop("data_seed"), params)
+    except click.ClickException as exc:
+        raise SettingsError(f"trial {name}: {exc.format_message()}", "spec") from None
+    except BBTError as exc:
+        raise type(exc)(f"trial {name}: {exc}", "spec") from None
+
+
+def tune_argv(name: str, options: dict) -> list[str]:
+    """tune's command line for a trial's options, named as tune's flags are (task, k_shot, prompt_tokens, ...)."""
+    params = {p.opts[0].lstrip("-").replace("-", "_"): p for p in tune.params if isinstance(p, click.Option)}
+    argv: list[str] = []
+    for key, value in options.items():
+        param = params.get(key)
+        if param is None:
+            raise SettingsError(f"trial {name}: {key} is not a tune setting (see bbt-onnx tune --help)", "spec")
+        if value is None:
+            continue
+        if param.is_flag or param.secondary_opts:
+            if not isinstance(value, bool):
+                raise SettingsError(f"trial {name}: {key} is a yes/no setting, got {value!r}", "spec")
+            argv += [param.opts[0]] if value else param.secondary_opts[:1]
+        elif isinstance(value, list) and key == "seeds":
+            argv += [param.opts[0], ",".join(str(v) for v in value)]
+        elif isinstance(value, (list, dict)):
+            raise SettingsError(f"trial {name}: {key} takes one value, got {value!r}", "spec")
+        else:
+            argv += [param.opts[0], str(value)]
+    return argv
 
 
 # --------------------------------------------------------------------------- evaluate / predict
@@ -252,7 +365,8 @@ def deploy(model_dir, prompt_dir, out, quiet, **params):
               help="A markdown table, or the same rows as JSON.")
 def report(runs, fmt):
     """Tabulate finished runs from their run.json files: per task and setting, each baseline, each seed, the mean
-    ± std over seeds, the ensemble and the result each run kept (dev and test)."""
+    ± std over seeds, the ensemble and the result each run kept (dev and test). A sweep's folder stands for all
+    its runs (grouped by its task names and grid points)."""
     from .jobs.report import format_markdown, summarise
 
     summary = summarise(list(runs))

@@ -15,6 +15,8 @@ VERSION = "1"
 BACKENDS = ("onnxruntime", "python")
 GRAPHS = ("model.onnx", "classifier.onnx")  # what a version folder serves: a scoring graph, or a classifier
 VERSION_FILES = (*GRAPHS, "classifier.onnx.data", "recipe.json", "encode.py", "tokenizer.json", "model.py")
+# the one file beside the model folders: `triton-repo --kserve`'s InferenceService (tritonserver loads folders only)
+SERVICE_MANIFEST = "inferenceservice.yaml"
 
 Report = TypeVar("Report")
 
@@ -34,9 +36,10 @@ def add_model(repository: Path, name: str, config: str, fill: Callable[[Path], R
 
 def looks_like_repository(directory: Path) -> bool:
     """What `--force` may replace: model folders of config.pbtxt (onnxruntime or python backend) and 1/ holding a
-    graph and the files that go with it, nothing else."""
+    graph and the files that go with it, and at most an InferenceService manifest beside them, nothing else."""
     try:
-        models = list(directory.iterdir())
+        models = [p for p in directory.iterdir()
+                  if not (p.name == SERVICE_MANIFEST and p.is_file() and not p.is_symlink())]
     except OSError:
         return False
     for model in models:

@@ -49,7 +49,7 @@ def pytest_addoption(parser):
 # The test files, slowest first as measured on two cores. `make test` runs each file on one worker and hands the
 # files out in collection order (--dist loadfile --no-loadscope-reorder), so longest-first lets the workers finish
 # together. Only the order depends on this list: a file missing from it runs after these.
-SLOWEST_FIRST = ("test_serve.py", "test_runs.py", "test_tune.py", "test_framing.py", "test_serve_life.py",
+SLOWEST_FIRST = ("test_serve.py", "test_runs.py", "test_tune.py", "test_framing.py", "test_sweep.py", "test_serve_life.py",
                  "test_deploy.py", "test_causal.py", "test_bbtv2.py", "test_deploy_triton.py", "test_hardening.py",
                  "test_export.py", "test_quantize.py", "test_triton.py", "test_seeds.py", "test_never_worse.py",
                  "test_units.py", "test_report.py", "test_runtime_isolation.py", "test_check.py", "test_bench.py")

@@ -9,12 +9,13 @@ only within one environment.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import RunError
 from ..runs import RUN_JSON, RunDir, read_run_json
 from ..stats import Spread, spread
+from .sweep import SWEEP_JSON, sweep_runs
 
 SETTING_KEYS = ("method", "prompt_tokens", "intrinsic_dim", "popsize", "budget", "loss", "calibrate",
                 "search_calibration", "prompt_init", "verbalizer")
@@ -41,9 +42,11 @@ class Report:
     rows: list[Row]
     runs: int
     mixed_versions: dict[str, list[str]]  # package -> the versions seen, when they differ
+    unfinished: list[str] = field(default_factory=list)  # a sweep's trials without a finished run
 
     def to_json(self) -> dict:
-        return {"runs": self.runs, "rows": [r.to_json() for r in self.rows], "mixed_versions": self.mixed_versions}
+        return {"runs": self.runs, "rows": [r.to_json() for r in self.rows], "mixed_versions": self.mixed_versions,
+                "unfinished": self.unfinished}
 
 
 def read_run(path: str | Path) -> dict:
@@ -148,21 +151,45 @@ def setting_of(run: dict) -> str:
     task = run["settings"].get("task", {})
     framing = ", ".join(f"{k} {task[k]}" for k in ("bos", "chat", "prompt_position") if k in task)
     parts = [f"{k} {tune[k]}" for k in SETTING_KEYS if tune.get(k) is not None]
+    point = sweep_of(run).get("point") or {}  # a sweep's grid may vary any setting: its runs stay apart by it
+    shown = set(SETTING_KEYS) | {"bos", "chat", "prompt_position"}
+    parts += [f"{k} {v}" for k, v in point.items() if k not in shown]
     return "; ".join(parts + ([framing] if framing else []))
 
 
+def sweep_of(run: dict) -> dict:
+    sweep = run["settings"].get("sweep")
+    return sweep if isinstance(sweep, dict) else {}
+
+
+def task_of(run: dict) -> str:
+    """The task's name: a sweep's own name for it (two tasks of a sweep may share a preset), else the task's."""
+    return str(sweep_of(run).get("task") or run["settings"].get("task", {}).get("name", "?"))
+
+
 def summarise(paths: list[str | Path]) -> Report:
+    """The report over run directories; a sweep's folder stands for its finished runs (its unfinished trials are
+    named in the report)."""
     if not paths:
-        raise RunError("give at least one run directory")
-    runs = [read_run(p) for p in paths]
+        raise RunError("give at least one run directory or sweep folder")
+    run_dirs, unfinished = [], []
+    for path in paths:
+        if (Path(path) / SWEEP_JSON).is_file():
+            done, missing = sweep_runs(path)
+            run_dirs += done
+            unfinished += [f"{path}: {name}" for name in missing]
+        else:
+            run_dirs.append(path)
+    if not run_dirs:
+        raise RunError(f"no finished runs in {', '.join(str(p) for p in paths)}")
+    runs = [read_run(p) for p in run_dirs]
     groups: dict[tuple[str, str], list[dict]] = {}
     for run in runs:
-        key = (str(run["settings"].get("task", {}).get("name", "?")), setting_of(run))
-        groups.setdefault(key, []).append(run)
+        groups.setdefault((task_of(run), setting_of(run)), []).append(run)
     rows: list[Row] = []
     for (task, setting), members in groups.items():
         rows.extend(group_rows(task, setting, members))
-    return Report(rows, len(runs), mixed_versions(runs))
+    return Report(rows, len(runs), mixed_versions(runs), unfinished)
 
 
 def group_rows(task: str, setting: str, runs: list[dict]) -> list[Row]:
@@ -267,6 +294,8 @@ def format_markdown(report: Report) -> str:
         mixed = "; ".join(f"{k} {' / '.join(v)}" for k, v in report.mixed_versions.items())
         lines.append(f"Note: these runs were made with different versions ({mixed}); the same seed gives the same z "
                      "only within one environment.")
+    if report.unfinished:
+        lines.append(f"Not finished, so not in the tables: {', '.join(report.unfinished)}.")
     return "\n".join(lines).rstrip() + "\n"
 
 

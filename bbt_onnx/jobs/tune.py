@@ -51,6 +51,7 @@ class TuneRequest:
     policy: ChoicePolicy = ChoicePolicy()  # how the run chooses between the tuned prompt and the plain template
     task_file: str | None = None  # where the task came from, when a file: read, so never replaced by the run
     demos: DemoSpec = DemoSpec()  # K per class drawn from the pool (a file's are in the task already)
+    sweep: dict | None = None  # a sweep's trial: its name, its task's name in the spec and its grid point
 
     @property
     def all_seeds(self) -> tuple[int, ...]:
@@ -76,6 +77,7 @@ class TuneRequest:
             "policy": self.policy.to_json(),
             "seeds": list(self.all_seeds),
             **({"demos": self.demos.to_json()} if self.demos.given else {}),
+            **({"sweep": self.sweep} if self.sweep else {}),
         }
 
     @classmethod
@@ -89,7 +91,8 @@ class TuneRequest:
             return cls(model_dir=settings["model"]["dir"], task=Task.from_json(settings["task"]),
                        data=DataSpec(**settings["data"]), config=TuneConfig.from_json(tune), out=out,
                        engine=engine.resumed(settings["model"]), seeds=tuple(int(s) for s in settings.get("seeds", ())),
-                       policy=ChoicePolicy.from_settings(settings), demos=DemoSpec.from_json(settings.get("demos")))
+                       policy=ChoicePolicy.from_settings(settings), demos=DemoSpec.from_json(settings.get("demos")),
+                       sweep=settings.get("sweep"))
         except (KeyError, TypeError, ValueError, AttributeError, BBTError) as exc:
             raise RunError(f"{out}/run.json has incomplete or damaged settings ({type(exc).__name__}: {exc}); "
                            "it cannot be resumed") from None

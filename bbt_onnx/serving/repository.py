@@ -24,10 +24,11 @@ from ..devices import DEVICES, INSTANCES, PRECISIONS, REFERENCE_PRECISION
 from ..engines.served import (CACHED_SUFFIX, DEFAULT_MAX_REQUEST, check_max_request, check_name, request_limits,
                               served_name, served_parameters)
 from ..errors import SettingsError
-from ..fileio import check_replaceable, write_dir
+from ..fileio import check_replaceable, write_dir, write_text_atomic
 from ..manifest import GraphSpec, Manifest, TensorSpec, load_manifest
-from ..model_repository import BACKENDS, REPOSITORY, add_model as add_repository_model
+from ..model_repository import BACKENDS, REPOSITORY, SERVICE_MANIFEST, add_model as add_repository_model
 from ..options import setting
+from .kserve import Service, check_service_name, check_storage_uri, inference_service, to_yaml
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64"}
 WARMUP_SIZES = {"C": 2, "N": 2, "T": 16, "P": 4, "K": 2}  # a small request of every input, all zeros
@@ -39,6 +40,8 @@ REPO_ORDER = tuple(sorted((p.name for p in PRECISIONS.values() if p.repo_rank is
 GRAPH_FILE = "model.onnx"
 MODEL_PY = Path(__file__).with_name("model.py")
 CACHED_KV_BYTES = 2 << 30  # the keys and values it keeps (the prefixes, least recently used evicted first)
+SERVICE_SETTINGS = ("storage_uri", "min_replicas", "max_replicas", "concurrency")  # what only kserve uses
+INT32_MAX = 2**31 - 1  # Kubernetes keeps replicas and the scale target as int32
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,18 @@ class RepoOptions:
     force: bool = setting(False, "Replace an earlier model repository in --out.")
     force_any: bool = setting(False, "Replace --out even when it does not look like a model repository (everything "
                               "in it is deleted).")
+    kserve: str | None = setting(None, f"Also write OUT/{SERVICE_MANIFEST}: a KServe InferenceService of this name "
+                                 "serving the repository over gRPC on KServe's stock Triton runtime (needs "
+                                 "--storage-uri).")
+    storage_uri: str | None = setting(None, "With --kserve: where the cluster finds this repository once uploaded "
+                                      "(s3://, gs://, pvc://, https://, ...): the folder OUT's contents go in.")
+    min_replicas: int | None = setting(None, "With --kserve: the fewest replicas [default: 1; 0 lets it scale to "
+                                       "zero].", minimum=0)
+    max_replicas: int | None = setting(None, "With --kserve: the most replicas [default: --min-replicas, at least "
+                                       "1].", minimum=1)
+    concurrency: int | None = setting(None, "With --kserve: the requests in flight per replica the autoscaler aims "
+                                      "at (KServe's scaleTarget on the concurrency metric) [default: --instances, "
+                                      "the requests one replica runs at once].", minimum=1)
 
     def check(self) -> "RepoOptions":
         if self.kind not in INSTANCES:
@@ -79,7 +94,47 @@ class RepoOptions:
                                 f"kind {kinds} with the onnxruntime backend", ("tensorrt", "kind"))
         if self.name is not None:
             check_name(self.name)
+        self.check_service()
         return self
+
+    def check_service(self) -> None:
+        """The InferenceService's settings: all of them with kserve (storage_uri required), none without."""
+        given = [n for n in SERVICE_SETTINGS if getattr(self, n) is not None]
+        if self.kserve is None:
+            if given:
+                raise SettingsError(f"{', '.join(given)} {'is a setting' if len(given) == 1 else 'are settings'} of "
+                                    "the InferenceService, which only kserve NAME writes; name the service, or drop "
+                                    f"{'it' if len(given) == 1 else 'them'}", tuple(given) + ("kserve",))
+            return
+        check_service_name(self.kserve)
+        if self.storage_uri is None:
+            raise SettingsError("kserve writes an InferenceService, which needs storage_uri: where the cluster finds "
+                                "this repository once uploaded (s3://BUCKET/PATH, gs://, pvc://, https://, ...)",
+                                ("kserve", "storage_uri"))
+        check_storage_uri(self.storage_uri)
+        if self.backend != "onnxruntime":
+            raise SettingsError("kserve serves the repository on KServe's stock Triton runtime, whose image lacks "
+                                "the onnxruntime package a python-backend model.py imports; use backend onnxruntime",
+                                ("kserve", "backend"))
+        for name, least in (("min_replicas", 0), ("max_replicas", 1), ("concurrency", 1)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or
+                                      not least <= value <= INT32_MAX):
+                raise SettingsError(f"{name} must be a whole number in {least}..{INT32_MAX}, got {value!r}", name)
+        service = self.service()
+        if service.max_replicas < service.min_replicas:
+            raise SettingsError(f"max_replicas ({service.max_replicas}) is below min_replicas "
+                                f"({service.min_replicas}); raise it, or lower the other", ("max_replicas",
+                                                                                          "min_replicas"))
+
+    def service(self) -> Service | None:
+        """What the InferenceService says, its defaults filled in (None without kserve)."""
+        if self.kserve is None:
+            return None
+        low = 1 if self.min_replicas is None else self.min_replicas
+        return Service(self.kserve, self.storage_uri, low, max(low, 1) if self.max_replicas is None else
+                       self.max_replicas, self.concurrency or self.instances,
+                       gpus=1 if INSTANCES[self.kind].accelerator else 0)  # one GPU holds every instance
 
 
 
@@ -232,7 +287,7 @@ def add_model(repository: Path, model: Served) -> None:
 
 def write_repo(opts: RepoOptions, log=None) -> Path:
     """REPO/NAME/config.pbtxt and REPO/NAME/1/model.onnx (and REPO/NAME.deep/ when the model has the deep-prompt
-    graph), written whole (`write_dir`)."""
+    graph; with `kserve`, REPO/inferenceservice.yaml beside them), written whole (`write_dir`)."""
     opts.check()
     inputs = [("model directory", Path(opts.model_dir))]
     check_replaceable(opts.out, opts.force, REPOSITORY, opts.force_any, inputs)  # before the model is read
@@ -243,9 +298,21 @@ def write_repo(opts: RepoOptions, log=None) -> Path:
                            max_request=opts.max_request)
     for model in models:
         model_config(model)  # every refusal before anything is written
+    service = opts.service()
 
     def fill(staging: Path) -> None:
         for model in models:
             add_model(staging, model)
+        if service is not None:
+            note = MANIFEST_NOTE.format(uri=service.storage_uri, file=SERVICE_MANIFEST)
+            write_text_atomic(staging / SERVICE_MANIFEST, to_yaml(inference_service(service), note))
 
-    return write_dir(opts.out, opts.force, fill, REPOSITORY, opts.force_any, inputs, log) / models[0].name
+    out = write_dir(opts.out, opts.force, fill, REPOSITORY, opts.force_any, inputs, log)
+    if service is not None and log is not None:
+        log(f"wrote {out / SERVICE_MANIFEST}: upload {out}'s contents to {service.storage_uri}, then kubectl apply -f "
+            f"{out / SERVICE_MANIFEST}")
+    return out / models[0].name
+
+
+MANIFEST_NOTE = """Written by bbt-onnx triton-repo: upload the folder this file is in to {uri}
+(this file may go along: tritonserver loads only the model folders), then: kubectl apply -f {file}"""

@@ -1,0 +1,62 @@
+"""A sweep's trials as one Slurm job array through submitit (the `slurm` extra); where there is no Slurm, submitit's
+local executor runs them as processes here.
+
+A job that Slurm stops at its time limit or preempts is requeued (submitit's checkpoint protocol), and its trial
+continues from its run's own checkpoint; the job's own folder (submitit's pickles and logs) is the sweep's
+`slurm/` folder.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from ..errors import SettingsError
+from .sweep import Runner, Sweep, SweepOptions, Trial, TrialResult, run_trial
+
+JOBS = "slurm"  # submitit's folder in the sweep's
+POLL_SECONDS = 2.0
+
+
+def open_slurm(options: SweepOptions, log: Callable[[str], None]) -> Runner:
+    try:
+        import submitit
+    except ImportError:
+        raise SettingsError("executor slurm needs submitit: pip install 'bbt-onnx[slurm]'", "executor") from None
+
+    class Requeued(submitit.helpers.Checkpointable):
+        """One trial; on a time limit or a preemption the same call is submitted again, and the trial resumes
+        from its run directory (which is the state, so nothing else is pickled)."""
+
+        def __call__(self, trial: Trial) -> tuple[dict, float]:
+            started = time.monotonic()
+            return run_trial(trial), time.monotonic() - started
+
+    def run(sweep: Sweep, done: Callable[[TrialResult], None]) -> None:
+        executor = submitit.AutoExecutor(folder=sweep.folder / JOBS, slurm_max_num_timeout=options.max_failures)
+        executor.update_parameters(name="bbt-onnx-sweep", timeout_min=options.slurm_minutes,
+                                   cpus_per_task=options.cpus_per_trial,
+                                   **({"slurm_partition": options.slurm_partition} if options.slurm_partition else {}))
+        jobs = executor.map_array(Requeued(), sweep.trials)
+        log(f"{len(jobs)} trials as {'a Slurm job array' if executor.cluster == 'slurm' else 'local processes'} "
+            f"({jobs[0].job_id.split('_')[0] if jobs else '-'})")
+        names = {job.job_id: trial.name for job, trial in zip(jobs, sweep.trials)}
+        try:
+            for job in submitit.helpers.as_completed(jobs, poll_frequency=POLL_SECONDS):
+                try:
+                    metrics, seconds = job.result()
+                    done(TrialResult(names[job.job_id], metrics, None, seconds))
+                except Exception as exc:  # the trial's own error, raised here by submitit
+                    done(TrialResult(names[job.job_id], None, last_line(exc)))
+        finally:
+            for job in jobs:
+                if not job.done():
+                    job.cancel(check=False)
+
+    return run
+
+
+def last_line(exc: Exception) -> str:
+    """The trial's exception, without the traceback submitit wraps around it."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(exc).__name__

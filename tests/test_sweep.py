@@ -1,0 +1,302 @@
+"""Sweeps: a grid of ordinary tunes as trials of Ray Tune (one local cluster for this file) or of submitit's local
+executor; a bad spec refused whole; a killed trial resumed bit for bit; a sweep continued; the report over it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from bbt_onnx.prompt import load_prompt
+
+from helpers import cli_error, invoke
+
+if importlib.util.find_spec("ray") is None:  # found, not imported: Ray reads its environment when first imported
+    pytest.skip("the ray extra is not installed", allow_module_level=True)
+
+SMALL = {"prompt-tokens": 4, "intrinsic-dim": 20, "popsize": 6, "budget": 48, "eval-every": 24,
+         "checkpoint-every": 2, "fallback": False}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local Ray cluster for the file's in-process sweeps, set up as a sweep sets up its own (loopback, a token
+    of its own): a sweep joins the cluster its process has."""
+    from bbt_onnx.jobs.ray_runner import environ, environment
+
+    scratch = tempfile.mkdtemp(prefix="bt", dir="/tmp")  # short: Ray's socket paths have a limit
+    with environ(environment(local=True)):
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=scratch, log_to_driver=False)
+        yield
+        ray.shutdown()
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def write_spec(path: Path, model, data_dir, grid=None, settings=None, tasks=None) -> Path:
+    spec = {"model": str(model),
+            "tasks": tasks or {"pos": {"task": "sst2", "data": str(data_dir / "pool.csv"), "k-shot": 8,
+                                       "test": str(data_dir / "test.csv")}},
+            "settings": {**SMALL, **(settings or {})},
+            "grid": grid if grid is not None else {"seed": [1, 2]}}
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def plain_tune(tiny_model, data_dir, out, seed, **extra) -> Path:
+    """The same trial as an ordinary `bbt-onnx tune`."""
+    args = ["tune", "--model", tiny_model, "--task", "sst2", "--data", data_dir / "pool.csv", "--k-shot", 8,
+            "--test", data_dir / "test.csv", "--out", out, "--seed", seed, "--threads", 1, "--no-fallback"]
+    for key, value in {**SMALL, **extra}.items():
+        if key != "fallback":
+            args += [f"--{key}", value]
+    result = invoke(args)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def z_of(run: Path):
+    return load_prompt(run).z
+
+
+def test_each_trial_is_an_ordinary_run_and_the_report_reads_the_sweep(cluster, tiny_model, data_dir, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = write_spec(tmp_path / "spec.json", tiny_model, data_dir)
+    result = invoke(["sweep", spec, "--out", tmp_path / "sweep"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["finished"] == 2 and summary["failed"] == [] and summary["not_run"] == []
+    lines = [line for line in result.stderr.splitlines() if line.startswith("[")]
+    assert sorted(line.split(":")[0][6:] for line in lines) == ["pos-seed=1", "pos-seed=2"]  # one line a trial
+    for seed in (1, 2):
+        run = tmp_path / "sweep" / "runs" / f"pos-seed={seed}"
+        alone = plain_tune(tiny_model, data_dir, tmp_path / f"alone{seed}", seed)
+        assert z_of(run).tobytes() == z_of(alone).tobytes()  # bit for bit the tune the command line runs
+        recorded = json.loads((run / "run.json").read_text())["settings"]["sweep"]
+        assert recorded == {"trial": f"pos-seed={seed}", "task": "pos", "point": {"seed": seed}}
+    report = invoke(["report", tmp_path / "sweep", "--format", "json"])
+    assert report.exit_code == 0, report.output
+    rows = json.loads(report.stdout)
+    assert rows["runs"] == 2 and rows["unfinished"] == []
+    assert {r["setting"].split("; ")[-1] for r in rows["rows"]} == {"seed 1", "seed 2"}  # apart by grid point
+    assert {r["task"] for r in rows["rows"]} == {"pos"}
+
+
+def test_a_killed_trial_starts_again_from_its_checkpoint_bit_for_bit(cluster, tiny_model, data_dir, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    long = {"budget": 1200, "popsize": 6, "checkpoint-every": 1, "eval-every": 600}
+    spec = write_spec(tmp_path / "spec.json", tiny_model, data_dir, grid={"seed": [3]}, settings=long)
+    folder = tmp_path / "sweep"
+    run = folder / "runs" / "pos-seed=3"
+    outcome = {}
+    sweeping = threading.Thread(target=lambda: outcome.update(result=invoke(["sweep", spec, "--out", folder,
+                                                                             "--max-failures", 1])))
+    sweeping.start()
+    deadline = time.monotonic() + 60
+    while not (run / "checkpoint.npz").is_file() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (run / "checkpoint.npz").is_file()
+    worker = int((folder / "logs" / "pos-seed=3.log").read_text().split(" pid ")[1].split()[0])
+    os.kill(worker, signal.SIGKILL)  # the trial's Ray worker dies mid-run
+    sweeping.join(120)
+    result = outcome["result"]
+    assert result.exit_code == 0, result.output
+    log = (folder / "logs" / "pos-seed=3.log").read_text()
+    assert ": new" in log and ": resumable" in log, log  # the second attempt continued the first
+    assert "starting it again from its last checkpoint" in result.stderr
+    alone = plain_tune(tiny_model, data_dir, tmp_path / "alone", 3, **long)
+    assert z_of(run).tobytes() == z_of(alone).tobytes()
+
+
+def test_resume_runs_only_what_did_not_finish(cluster, tiny_model, data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = write_spec(tmp_path / "spec.json", tiny_model, data_dir)
+    folder = tmp_path / "sweep"
+    assert invoke(["sweep", spec, "--out", folder]).exit_code == 0
+    kept = folder / "runs" / "pos-seed=1" / "run.json"
+    before = kept.stat().st_mtime_ns
+    lost = folder / "runs" / "pos-seed=2"
+    for f in lost.iterdir():
+        f.unlink()
+    lost.rmdir()
+    report = invoke(["report", folder])
+    assert report.exit_code == 0 and "Not finished, so not in the tables" in report.stdout
+    assert "pos-seed=2" in report.stdout
+    again = invoke(["sweep", "--resume", folder])
+    assert again.exit_code == 0, again.output
+    assert "1 of 2 trials finished before" in again.stderr
+    assert kept.stat().st_mtime_ns == before and (lost / "run.json").is_file()
+    assert cli_error(["sweep", spec, "--out", folder]).startswith("error: ")  # a sweep is continued, not replaced
+
+
+def test_a_failing_trial_is_one_line_and_the_others_still_run(cluster, tiny_model, data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tasks = {"pos": {"task": "sst2", "data": str(data_dir / "pool.csv"), "k-shot": 8},
+             "gone": {"task": "sst2", "data": str(data_dir / "pool.csv"), "k-shot": 8,
+                      "server": "http://127.0.0.1:1"}}  # nothing listens there: the trial fails when it starts
+    spec = write_spec(tmp_path / "spec.json", tiny_model, data_dir, grid={"seed": [1]}, tasks=tasks)
+    result = invoke(["sweep", spec, "--out", tmp_path / "sweep", "--max-failures", 0])
+    assert result.exit_code == 1, result.output
+    summary = json.loads(result.stdout)
+    assert summary["failed"] == ["gone-seed=1"] and summary["finished"] == 1
+    failed = [line for line in result.stderr.splitlines() if "gone-seed=1: failed:" in line]
+    assert len(failed) == 1 and "127.0.0.1:1" in failed[0] and "Traceback" not in failed[0], result.stderr
+    assert "bbt-onnx sweep --resume" in result.stderr
+
+
+def test_slurm_through_submitits_local_executor_gives_the_same_runs(tiny_model, data_dir, tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    monkeypatch.chdir(tmp_path)
+    spec = write_spec(tmp_path / "spec.json", tiny_model, data_dir, grid={"seed": [1]})
+    result = invoke(["sweep", spec, "--out", tmp_path / "sweep", "--executor", "slurm"])
+    assert result.exit_code == 0, result.output
+    assert "local processes" in result.stderr
+    run = tmp_path / "sweep" / "runs" / "pos-seed=1"
+    alone = plain_tune(tiny_model, data_dir, tmp_path / "alone", 1)
+    assert z_of(run).tobytes() == z_of(alone).tobytes()
+    assert any((tmp_path / "sweep" / "slurm").iterdir())
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"tasks": {}}, "names no tasks"),
+    ({"grid": {"seed": 3}}, "grid.seed is not a non-empty list"),
+    ({"grid": {"seed": [1, 1]}}, "names a value twice"),
+    ({"settings": {"out": "x"}}, "out is the sweep's to set"),
+    ({"settings": {"budget": 0}}, "trial pos-seed=1: budget must be at least 1"),
+    ({"settings": {"bugdet": 10}}, "trial pos-seed=1: bugdet is not a tune setting"),
+    ({"settings": {"seeds": [1, 2]}}, "trial pos-seed=1: --seeds names every seed of the run; drop --seed"),
+    ({"settings": {"chat": "yes"}}, "chat is a yes/no setting"),
+    ({"grid": {"method": ["bbt", "sgd"]}}, "trial pos-method=sgd: Invalid value for '--method'"),
+    ({"tasks": {"../x": {"task": "sst2"}}}, "task name '../x'"),
+    ({"tasks": {"pos": {"task": "sst2", "data": "missing.csv"}}}, "missing.csv"),
+    ({"model": "no-such-model"}, "no-such-model"),
+    ({"grid": {"prompt-tokens": [4, 999]}}, "trial pos-prompt_tokens=999: prompt_tokens 999 is outside"),
+    ({"grid": {"template": ["{text} no mask"]}}, "trial pos-template="),
+    ({"extra": 1}, "unknown keys ['extra']"),
+])
+def test_a_bad_spec_is_one_error_line_before_any_trial_and_nothing_is_written(tiny_model, data_dir, tmp_path, change,
+                                                                           words, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = {"model": str(tiny_model), "tasks": {"pos": {"task": "sst2", "data": str(data_dir / "pool.csv")}},
+            "settings": dict(SMALL), "grid": {"seed": [1, 2]}, **change}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    message = cli_error(["sweep", tmp_path / "spec.json", "--out", tmp_path / "sweep"])
+    assert words in message, message
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_sweep_flags_that_do_not_go_together(tmp_path):
+    assert "--out is required" in cli_error(["sweep", tmp_path / "spec.json"])
+    assert "drop SPEC and --out" in cli_error(["sweep", tmp_path / "spec.json", "--resume", tmp_path])
+    assert "give a SPEC and --out, or --resume DIR" in cli_error(["sweep"])
+    assert "not a sweep folder" in cli_error(["sweep", "--resume", tmp_path])
+    message = cli_error(["sweep", "--resume", tmp_path, "--executor", "slurm", "--address", "auto"])
+    assert "--address names a Ray cluster and goes with --executor ray" in message
+
+
+def test_yaml_spec_with_flag_spellings(tiny_model, data_dir, tmp_path):
+    pytest.importorskip("yaml")
+    from bbt_onnx.jobs.sweep import read_spec
+
+    (tmp_path / "spec.yaml").write_text(f"model: {tiny_model}\ntasks:\n  pos: {{task: sst2, k-shot: 8}}\n"
+                                        "grid:\n  prompt-tokens: [4, 8]\n")
+    spec = read_spec(tmp_path / "spec.yaml")
+    assert [p.name for p in spec.trials()] == ["pos-prompt_tokens=4", "pos-prompt_tokens=8"]
+    assert spec.trials()[1].options == {"task": "sst2", "k_shot": 8, "prompt_tokens": 8}
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    assert "is not valid YAML" in cli_error(["sweep", tmp_path / "bad.yaml", "--out", tmp_path / "o"])
+
+
+def test_a_local_cluster_listens_on_loopback_only_and_leaves_nothing_behind(tiny_model, data_dir, tmp_path):
+    """The command as a user runs it: its own cluster, on 127.0.0.1 only, with the user's Ray token passed through
+    and never shown or written; after Ctrl-C no process it started is left and its temporary folder is gone."""
+    settings = {"budget": 3000, "popsize": 6, "checkpoint-every": 1, "eval-every": 1500}
+    spec = write_spec(tmp_path / "spec.json", tiny_model, data_dir, grid={"seed": [1, 2]}, settings=settings)
+    scratch = Path(tempfile.mkdtemp(prefix="bt", dir="/tmp"))  # short: Ray's socket paths have a limit
+    token = "bbt-test-" + os.urandom(8).hex()
+    env = {**os.environ, "TMPDIR": str(scratch), "RAY_AUTH_TOKEN": token, "HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen([sys.executable, "-m", "bbt_onnx.cli", "sweep", str(spec), "--out", str(tmp_path / "s")],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    run = tmp_path / "s" / "runs" / "pos-seed=1"
+    while not (run / "checkpoint.npz").is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    started = processes_under(scratch)
+    assert started and proc.poll() is None, ("the sweep's cluster runs under its temporary folder", proc.poll() and proc.communicate())
+    listening = listening_addresses(started)
+    assert listening and all(host == "127.0.0.1" for host, _ in listening), listening
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    stderr += stdout
+    assert proc.returncode != 0 and "bbt-onnx sweep --resume" in stderr, stderr
+    time.sleep(1)
+    assert not processes_under(scratch)
+    assert not [p.name for p in scratch.iterdir() if p.name != ".ses"]  # (.ses: onnxruntime's, written on import)
+    shutil.rmtree(scratch)
+    assert not (tmp_path / "home" / ".ray").exists()  # no token file written for the user
+    written = [p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()]
+    assert token not in stderr and not any(token.encode() in b for b in written)
+
+
+def processes_under(folder: Path) -> list[int]:
+    """Processes whose command line names `folder` (Ray's processes name their session folder)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if str(folder) in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def listening_addresses(pids: list[int]) -> list[tuple[str, int]]:
+    """The TCP sockets `pids` listen on (from /proc: no tool needed), as (host, port)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    found = []
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                address, port = cols[1].split(":")
+                found.append((host_of(address, width), int(port, 16)))
+    return found
+
+
+def host_of(hexaddr: str, width: int) -> str:
+    raw = bytes.fromhex(hexaddr)
+    if width == 8:
+        return ".".join(str(b) for b in reversed(raw))
+    words = [raw[i:i + 4][::-1] for i in range(0, 16, 4)]
+    v6 = b"".join(words)
+    if v6 == bytes(15) + b"\x01":
+        return "::1"
+    if v6[:12] == bytes(10) + b"\xff\xff":
+        return ".".join(str(b) for b in v6[12:])
+    return v6.hex()
