@@ -142,18 +142,22 @@ def test_resume_runs_only_what_did_not_finish(cluster, tiny_model, data_dir, tmp
     assert cli_error(["sweep", spec, "--out", folder]).startswith("error: ")  # a sweep is continued, not replaced
 
 
-def test_a_failing_trial_is_one_line_and_the_others_still_run(cluster, tiny_model, data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("executor", ["ray", "slurm"])
+def test_a_failing_trial_is_one_line_and_the_others_still_run(cluster, tiny_model, data_dir, tmp_path, monkeypatch,
+                                                              executor):
+    if executor == "slurm":
+        pytest.importorskip("submitit")
     monkeypatch.chdir(tmp_path)
     tasks = {"pos": {"task": "sst2", "data": str(data_dir / "pool.csv"), "k-shot": 8},
              "gone": {"task": "sst2", "data": str(data_dir / "pool.csv"), "k-shot": 8,
                       "server": "http://127.0.0.1:1"}}  # nothing listens there: the trial fails when it starts
     spec = write_spec(tmp_path / "spec.json", tiny_model, data_dir, grid={"seed": [1]}, tasks=tasks)
-    result = invoke(["sweep", spec, "--out", tmp_path / "sweep", "--max-failures", 0])
+    result = invoke(["sweep", spec, "--out", tmp_path / "sweep", "--max-failures", 0, "--executor", executor])
     assert result.exit_code == 1, result.output
     summary = json.loads(result.stdout)
     assert summary["failed"] == ["gone-seed=1"] and summary["finished"] == 1
     failed = [line for line in result.stderr.splitlines() if "gone-seed=1: failed:" in line]
-    assert len(failed) == 1 and "127.0.0.1:1" in failed[0] and "Traceback" not in failed[0], result.stderr
+    assert len(failed) == 1 and "127.0.0.1:1" in failed[0] and "Traceback" not in result.stderr, result.stderr
     assert "bbt-onnx sweep --resume" in result.stderr
 
 
@@ -168,6 +172,29 @@ def test_slurm_through_submitits_local_executor_gives_the_same_runs(tiny_model, 
     alone = plain_tune(tiny_model, data_dir, tmp_path / "alone", 1)
     assert z_of(run).tobytes() == z_of(alone).tobytes()
     assert any((tmp_path / "sweep" / "slurm").iterdir())
+
+
+def test_a_job_stopped_at_its_time_limit_is_requeued_and_resumes_bit_for_bit(tiny_model, data_dir, tmp_path,
+                                                                             monkeypatch):
+    """submitit's local executor stops a job as Slurm does at its limit (a signal a little before it): the job is
+    requeued, and its trial continues from its checkpoint."""
+    pytest.importorskip("submitit")
+    from bbt_onnx.cli import sweep_of
+    from bbt_onnx.jobs.slurm_runner import open_slurm
+    from bbt_onnx.jobs.sweep import SweepOptions, read_spec, run_sweep
+
+    monkeypatch.chdir(tmp_path)
+    long = {"budget": 6000, "popsize": 6, "checkpoint-every": 1, "eval-every": 6000}
+    spec = write_spec(tmp_path / "spec.json", tiny_model, data_dir, grid={"seed": [4]}, settings=long)
+    options = SweepOptions(executor="slurm", slurm_minutes=0.1, max_failures=8)  # a 6 s limit, told at 4 s
+    lines = []
+    summary = run_sweep(sweep_of(tmp_path / "sweep", read_spec(spec), options, str(tmp_path)),
+                        open_slurm(options, lines.append), log=lines.append)
+    assert summary["finished"] == 1, (summary, lines)
+    log = (tmp_path / "sweep" / "logs" / "pos-seed=4.log").read_text()
+    assert log.count(": resumable") >= 1 and ": new" in log, log
+    alone = plain_tune(tiny_model, data_dir, tmp_path / "alone", 4, **long)
+    assert z_of(tmp_path / "sweep" / "runs" / "pos-seed=4").tobytes() == z_of(alone).tobytes()
 
 
 @pytest.mark.parametrize("change, words", [

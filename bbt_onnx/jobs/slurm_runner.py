@@ -8,6 +8,7 @@ continues from its run's own checkpoint; the job's own folder (submitit's pickle
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Callable
 
@@ -16,6 +17,7 @@ from .sweep import Runner, Sweep, SweepOptions, Trial, TrialResult, run_trial
 
 JOBS = "slurm"  # submitit's folder in the sweep's
 POLL_SECONDS = 2.0
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*")
 
 
 def open_slurm(options: SweepOptions, log: Callable[[str], None]) -> Runner:
@@ -33,12 +35,9 @@ def open_slurm(options: SweepOptions, log: Callable[[str], None]) -> Runner:
             return run_trial(trial), time.monotonic() - started
 
     def run(sweep: Sweep, done: Callable[[TrialResult], None]) -> None:
-        executor = submitit.AutoExecutor(folder=sweep.folder / JOBS, slurm_max_num_timeout=options.max_failures)
-        executor.update_parameters(name="bbt-onnx-sweep", timeout_min=options.slurm_minutes,
-                                   cpus_per_task=options.cpus_per_trial,
-                                   **({"slurm_partition": options.slurm_partition} if options.slurm_partition else {}))
+        executor, cluster = executor_for(submitit, sweep, options)
         jobs = executor.map_array(Requeued(), sweep.trials)
-        log(f"{len(jobs)} trials as {'a Slurm job array' if executor.cluster == 'slurm' else 'local processes'} "
+        log(f"{len(jobs)} trials as {'a Slurm job array' if cluster == 'slurm' else 'local processes'} "
             f"({jobs[0].job_id.split('_')[0] if jobs else '-'})")
         names = {job.job_id: trial.name for job, trial in zip(jobs, sweep.trials)}
         try:
@@ -56,7 +55,31 @@ def open_slurm(options: SweepOptions, log: Callable[[str], None]) -> Runner:
     return run
 
 
+def executor_for(submitit, sweep: Sweep, options: SweepOptions):
+    """Slurm's executor where Slurm is (submitit's own detection), else its local one; and which it is. Each job
+    is told to stop `signal_delay` seconds before its limit, and is requeued up to `max_failures` times."""
+    cluster = submitit.AutoExecutor.which()
+    folder, warning = sweep.folder / JOBS, signal_delay(options.slurm_minutes)
+    if cluster == "slurm":
+        executor = submitit.SlurmExecutor(folder, max_num_timeout=options.max_failures)
+        executor.update_parameters(job_name="bbt-onnx-sweep", time=max(1, int(options.slurm_minutes)),
+                                   cpus_per_task=options.cpus_per_trial, signal_delay_s=warning,
+                                   **({"partition": options.slurm_partition} if options.slurm_partition else {}))
+    else:  # processes here: a limit may be a fraction of a minute
+        executor = submitit.LocalExecutor(folder, max_num_timeout=options.max_failures)
+        executor.update_parameters(timeout_min=options.slurm_minutes, signal_delay_s=warning)
+    return executor, cluster
+
+
+def signal_delay(minutes: float) -> int:
+    """Seconds before the time limit at which a job is told to stop and requeue: submitit's 90 at most, a third of
+    the limit at most (a job only stops: its trial's state is its last checkpoint, already on disk)."""
+    return max(1, min(90, int(60 * minutes / 3)))
+
+
 def last_line(exc: Exception) -> str:
-    """The trial's exception, without the traceback submitit wraps around it."""
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return lines[-1].strip() if lines else type(exc).__name__
+    """The trial's exception (the last `...Error: message` line of the traceback submitit wraps around it), else
+    submitit's own first line (a job that ended without a result: killed, timed out too often)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    raised = [line for line in lines if EXCEPTION_LINE.match(line)]
+    return raised[-1] if raised else (lines[0] if lines else type(exc).__name__)
