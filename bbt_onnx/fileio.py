@@ -410,6 +410,13 @@ def read_text_bounded(path: str | Path, limit: int) -> str:
     return read_bounded(path, limit).decode("utf-8")
 
 
+def read_tail(path: str | Path, limit: int) -> str:
+    """A file's last `limit` bytes as text (a log or a traceback another program wrote, whatever its size)."""
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - limit))
+        return f.read(limit).decode(errors="replace")
+
+
 def check_npz(data: bytes, limit: int = NPZ_LIMIT) -> bytes:
     """`data` when it is a zip (an .npz) whose members inflate to at most `limit` bytes in all, as their headers
     say; a zip bomb is refused before anything is inflated (numpy then reads each member to its declared size)."""

@@ -47,7 +47,7 @@ def ray_start_stop() -> float:
             "from bbt_onnx.jobs.sweep import SweepOptions\n"
             "with environ(environment(local=True)):\n"
             "    import ray.tune\n"
-            "    with cluster(SweepOptions(), print):\n"
+            "    with cluster(SweepOptions()):\n"
             "        pass\n")
     started = time.monotonic()
     subprocess.run([sys.executable, "-c", code], check=True, stdout=subprocess.DEVNULL)

@@ -262,7 +262,8 @@ def test_a_local_cluster_listens_on_loopback_only_and_leaves_nothing_behind(tiny
     while not (run / "checkpoint.npz").is_file() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
     started = processes_under(scratch)
-    assert started and proc.poll() is None, ("the sweep's cluster runs under its temporary folder", proc.poll() and proc.communicate())
+    assert started and proc.poll() is None, ("the sweep's cluster runs under its temporary folder",
+                                             proc.poll() and proc.communicate())
     listening = listening_addresses(started)
     assert listening and all(host == "127.0.0.1" for host, _ in listening), listening
     proc.send_signal(signal.SIGINT)

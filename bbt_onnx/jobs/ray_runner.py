@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import SettingsError
+from ..fileio import read_tail
 from .sweep import Runner, Sweep, SweepOptions, Trial, TrialResult, run_trial
 
 LOOPBACK = "127.0.0.1"
 MAX_TEMP = 24  # characters of the folder a local cluster's temporary folder is made in
+ERROR_TAIL = 16 << 10  # bytes of a failed trial's traceback read back for its line
 RAY_RECORDS = "ray"  # Ray Tune's own records of each time the sweep ran, in the sweep's folder
 
 
@@ -39,7 +41,7 @@ def trainable(config: dict, trials: dict[str, Trial]) -> None:
 
 
 @contextmanager
-def cluster(options: SweepOptions, log: Callable[[str], None]):
+def cluster(options: SweepOptions):
     """The Ray cluster the trials run on: the one this process already joined, the one `address` names, or a
     local one started here (loopback only; its processes and files are gone when the sweep ends or is stopped)."""
     import ray
@@ -122,14 +124,14 @@ def open_ray(options: SweepOptions, log: Callable[[str], None]) -> Runner:
 
             trials = {t.name: t for t in sweep.trials}
             # Ray writes some notes (a worker that died) to stdout, which holds the sweep's JSON: they go to stderr
-            with contextlib.redirect_stdout(sys.stderr), cluster(options, log) as where:
+            with contextlib.redirect_stdout(sys.stderr), cluster(options) as where:
                 cpus = options.cpus_per_trial
                 log(f"{len(trials)} trials on {where}, {cpus} CPU{'s' if cpus > 1 else ''} a trial")
                 runnable = ray_tune.with_resources(ray_tune.with_parameters(trainable, trials=trials),
                                                    {"cpu": options.cpus_per_trial})
                 tuner = ray_tune.Tuner(
                     runnable, param_space={"trial": ray_tune.grid_search(list(trials))},
-                    tune_config=ray_tune.TuneConfig(reuse_actors=True),  # one worker runs trial after trial: imports once
+                    tune_config=ray_tune.TuneConfig(reuse_actors=True),  # a worker imports once, runs trials in turn
                     run_config=ray_tune.RunConfig(
                         name=time.strftime("%Y%m%d-%H%M%S"),
                         storage_path=str((sweep.folder / RAY_RECORDS).resolve()),
@@ -165,7 +167,7 @@ def last_error(trial) -> str:
     """The last line of the trial's error (its traceback's exception), or what Ray says of it."""
     path = getattr(trial, "error_file", None)
     if path and Path(path).is_file():
-        lines = [line for line in Path(path).read_text(errors="replace").splitlines() if line.strip()]
+        lines = [line for line in read_tail(path, ERROR_TAIL).splitlines() if line.strip()]
         if lines:
             return lines[-1].strip()
     return str(getattr(trial, "error_msg", None) or "the trial failed")
