@@ -51,8 +51,9 @@ def bar(label: str, total: int, detail: bool = False):
 class Progress:
     """Tuning's progress: calls, best loss, dev metric."""
 
-    def __init__(self, quiet: bool):
+    def __init__(self, quiet: bool, stream=None, every: float | None = None):
         self.quiet = quiet
+        self.stream, self.every = stream, every  # status lines into `stream` (a log file), not a bar on stderr
         self.bar = None
         self.dev: dict[int, float] = {}  # each seed's last dev metric
         self.calls: dict[int, int] = {}  # each seed's calls (seeds in lock-step share the bar)
@@ -60,7 +61,8 @@ class Progress:
     def start(self, total: int, done: int) -> None:
         if self.quiet:
             return
-        self.bar = bar("tuning", total, detail=True)
+        self.bar = StatusLines("tuning", total, self.every, self.stream) if self.stream else \
+            bar("tuning", total, detail=True)
         if done:
             self.bar.update(done)
 

@@ -84,6 +84,8 @@ def test_each_trial_is_an_ordinary_run_and_the_report_reads_the_sweep(cluster, t
         run = tmp_path / "sweep" / "runs" / f"pos-seed={seed}"
         alone = plain_tune(tiny_model, data_dir, tmp_path / f"alone{seed}", seed)
         assert z_of(run).tobytes() == z_of(alone).tobytes()  # bit for bit the tune the command line runs
+        log = (tmp_path / "sweep" / "logs" / f"pos-seed={seed}.log").read_text()
+        assert "tuning: 48/48, loss " in log and "done: 48 calls" in log, log  # its progress, and its end
         recorded = json.loads((run / "run.json").read_text())["settings"]["sweep"]
         assert recorded == {"trial": f"pos-seed={seed}", "task": "pos", "point": {"seed": seed}}
     report = invoke(["report", tmp_path / "sweep", "--format", "json"])

@@ -27,12 +27,14 @@ from ..engines import OrtSpec
 from ..manifest import load_manifest
 from ..methods import method_for
 from ..options import setting
+from ..progress import Progress
 from ..runs import CHECKPOINTS, RUN_JSON, read_run_json
 from .tune import Hooks, TuneRequest, tune
 
 SWEEP_JSON = "sweep.json"  # the spec and the trials, written before the first trial starts
 RUNS = "runs"  # one run directory per trial
-LOGS = "logs"  # one log per trial: its worker, and the tune's notes
+LOGS = "logs"  # one log per trial: its worker, the tune's notes and its progress
+PROGRESS_EVERY = 30.0  # seconds between a trial's status lines in its log
 SPEC_KEYS = ("model", "tasks", "settings", "grid")
 # tune's options a spec may not set: the sweep decides where runs go and resumes them itself
 NOT_IN_SPEC = ("out", "resume", "force", "force_any", "trust_checkpoint", "quiet", "track", "track_uri", "model")
@@ -266,8 +268,13 @@ def run_trial(trial: Trial) -> dict:
         request = trial.request
         if state == "resumable":
             request = TuneRequest.from_settings(read_run_json(Path(out) / RUN_JSON)["settings"], out, request.engine)
-        outcome = tune(request, Hooks(log=note), resume=state == "resumable", force=state == "new",
-                       force_any=state == "new")
+        progress = Progress(False, stream=log, every=PROGRESS_EVERY)
+        try:
+            outcome = tune(request, Hooks(log=note, start=progress.start, event=progress.update,
+                                          tuned=progress.close),
+                           resume=state == "resumable", force=state == "new", force_any=state == "new")
+        finally:
+            progress.close()
         note(outcome.summary())
         return outcome.metrics
 
