@@ -241,15 +241,16 @@ def sweep_of(folder: Path, spec, options, cwd: str):
             trial_options = dict(plan.options)
             if "server" not in trial_options:  # trials side by side each get their CPUs, not all of them
                 trial_options.setdefault("threads", options.cpus_per_trial)
-            request = replace(trial_request(plan.name, spec.model, folder / RUNS / plan.name, trial_options),
-                              sweep={"trial": plan.name, "task": plan.task, "point": plan.point})
-            trials.append(Trial(plan.name, request, cwd, str(folder / LOGS / f"{plan.name}.log")))
+            request, tracker = trial_request(plan.name, spec.model, folder / RUNS / plan.name, trial_options)
+            request = replace(request, sweep={"trial": plan.name, "task": plan.task, "point": plan.point})
+            trials.append(Trial(plan.name, request, cwd, str(folder / LOGS / f"{plan.name}.log"), tracker))
         check_inputs(trials)
     return Sweep(folder, spec, options, trials)
 
 
 def trial_request(name: str, model: str, out: Path, options: dict):
-    """A trial's request, its options parsed and checked by the tune command itself (types, choices, rules)."""
+    """A trial's request, its options parsed and checked by the tune command itself (types, choices, rules), and
+    its experiment tracker (track, track_uri) when it names one."""
     argv = ["--model", model, "--out", str(out)] + tune_argv(name, options)
     try:
         ctx = tune.make_context("tune", argv)
@@ -258,7 +259,9 @@ def trial_request(name: str, model: str, out: Path, options: dict):
             if message:
                 raise SettingsError(message)
         params = dict(ctx.params)
-        return tune_request(params.pop("model_dir"), out, params.pop("seeds"), params.pop("data_seed"), params)
+        tracker = (params["track"], params["track_uri"]) if params["track"] else None
+        return tune_request(params.pop("model_dir"), out, params.pop("seeds"), params.pop("data_seed"),
+                            params), tracker
     except click.ClickException as exc:
         raise SettingsError(f"trial {name}: {exc.format_message()}", "spec") from None
     except BBTError as exc:

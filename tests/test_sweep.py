@@ -199,11 +199,29 @@ def test_a_job_stopped_at_its_time_limit_is_requeued_and_resumes_bit_for_bit(tin
     assert z_of(tmp_path / "sweep" / "runs" / "pos-seed=4").tobytes() == z_of(alone).tobytes()
 
 
+def test_each_trial_is_tracked_as_its_own_mlflow_run(tiny_model, data_dir, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("submitit")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the trials' processes inherit it
+    store = f"file:{tmp_path / 'mlruns'}"
+    spec = write_spec(tmp_path / "spec.json", tiny_model, data_dir, settings={"track": "mlflow", "track-uri": store})
+    result = invoke(["sweep", spec, "--out", tmp_path / "sweep", "--executor", "slurm"])
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(store)
+    found = client.search_runs([client.get_experiment_by_name("bbt-onnx").experiment_id])
+    assert sorted(r.info.run_name for r in found) == ["pos-seed=1", "pos-seed=2"]
+    assert all(r.info.status == "FINISHED" and r.data.params["tune.budget"] == "48" for r in found)
+
+
 @pytest.mark.parametrize("change, words", [
     ({"tasks": {}}, "names no tasks"),
     ({"grid": {"seed": 3}}, "grid.seed is not a non-empty list"),
     ({"grid": {"seed": [1, 1]}}, "names a value twice"),
     ({"settings": {"out": "x"}}, "out is the sweep's to set"),
+    ({"settings": {"track": "wandb"}}, "trial pos-seed=1: Invalid value for '--track'"),
     ({"settings": {"budget": 0}}, "trial pos-seed=1: budget must be at least 1"),
     ({"settings": {"bugdet": 10}}, "trial pos-seed=1: bugdet is not a tune setting"),
     ({"settings": {"seeds": [1, 2]}}, "trial pos-seed=1: --seeds names every seed of the run; drop --seed"),

@@ -29,6 +29,7 @@ from ..methods import method_for
 from ..options import setting
 from ..progress import Progress
 from ..runs import CHECKPOINTS, RUN_JSON, read_run_json
+from ..tracking import open_tracker, track
 from .tune import Hooks, TuneRequest, tune
 
 SWEEP_JSON = "sweep.json"  # the spec and the trials, written before the first trial starts
@@ -37,7 +38,7 @@ LOGS = "logs"  # one log per trial: its worker, the tune's notes and its progres
 PROGRESS_EVERY = 30.0  # seconds between a trial's status lines in its log
 SPEC_KEYS = ("model", "tasks", "settings", "grid")
 # tune's options a spec may not set: the sweep decides where runs go and resumes them itself
-NOT_IN_SPEC = ("out", "resume", "force", "force_any", "trust_checkpoint", "quiet", "track", "track_uri", "model")
+NOT_IN_SPEC = ("out", "resume", "force", "force_any", "trust_checkpoint", "quiet", "model")
 MAX_TRIALS = 10_000
 TRIAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,250}")  # what trials() makes: a folder name, never a path
 EXECUTORS = ("ray", "slurm")
@@ -209,6 +210,7 @@ class Trial:
     request: TuneRequest
     cwd: str
     log: str  # the trial's log file
+    track: tuple[str, str | None] | None = None  # the experiment tracker and its store, as tune's track, track_uri
 
 
 @dataclass(frozen=True)
@@ -269,9 +271,9 @@ def run_trial(trial: Trial) -> dict:
         if state == "resumable":
             request = TuneRequest.from_settings(read_run_json(Path(out) / RUN_JSON)["settings"], out, request.engine)
         progress = Progress(False, stream=log, every=PROGRESS_EVERY)
+        hooks = Hooks(log=note, start=progress.start, event=progress.update, tuned=progress.close)
         try:
-            outcome = tune(request, Hooks(log=note, start=progress.start, event=progress.update,
-                                          tuned=progress.close),
+            outcome = tune(request, track(hooks, *trial.track) if trial.track else hooks,
                            resume=state == "resumable", force=state == "new", force_any=state == "new")
         finally:
             progress.close()
@@ -283,7 +285,7 @@ def check_inputs(trials: list[Trial]) -> None:
     """What tune checks before it writes, for every trial, before the first starts: the settings, the model (its
     manifest, the graph the trial opens, the task and prompt length against it) and every task's rows (each model
     and data read once). A server's graphs are its own: its trials meet it when they start."""
-    models, rows = {}, set()
+    models, rows, trackers = {}, set(), set()
     for trial in trials:
         request, config = trial.request, trial.request.config
         try:
@@ -295,6 +297,9 @@ def check_inputs(trials: list[Trial]) -> None:
             if isinstance(request.engine, OrtSpec):
                 manifest.graph(request.engine.precision, method_for(config.method).deep)  # the graph it opens
             Encoder(tokenizer, manifest, request.task, config.prompt_tokens, config.max_length)  # task and P fit
+            if trial.track and trial.track not in trackers:
+                trackers.add(trial.track)
+                open_tracker(*trial.track)  # its package is there (the store itself opens when a trial begins)
             key = json.dumps([request.data.to_json(), request.task.label_keys, request.demos.from_pool], default=str)
             if key not in rows:
                 load_splits(request.data, request.task.label_keys, request.demos.from_pool)
