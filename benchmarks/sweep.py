@@ -45,7 +45,7 @@ def ray_start_stop() -> float:
     own, as the sweep's is)."""
     code = ("from bbt_onnx.jobs.ray_runner import cluster, environ, environment\n"
             "from bbt_onnx.jobs.sweep import SweepOptions\n"
-            "with environ(environment(local=True)):\n"
+            "with environ(environment(SweepOptions())):\n"
             "    import ray.tune\n"
             "    with cluster(SweepOptions()):\n"
             "        pass\n")

@@ -33,9 +33,10 @@ def cluster():
     """One local Ray cluster for the file's in-process sweeps, set up as a sweep sets up its own (loopback, a token
     of its own): a sweep joins the cluster its process has."""
     from bbt_onnx.jobs.ray_runner import environ, environment
+    from bbt_onnx.jobs.sweep import SweepOptions
 
     scratch = tempfile.mkdtemp(prefix="bt", dir="/tmp")  # short: Ray's socket paths have a limit
-    with environ(environment(local=True)):
+    with environ(environment(SweepOptions())):
         import ray
 
         ray.init(num_cpus=2, include_dashboard=False, _temp_dir=scratch, log_to_driver=False)
@@ -245,6 +246,18 @@ def test_a_bad_spec_is_one_error_line_before_any_trial_and_nothing_is_written(ti
     assert not (tmp_path / "sweep").exists()
 
 
+def test_a_cluster_that_cannot_be_joined_is_one_line_and_leaves_nothing(tiny_model, data_dir, tmp_path):
+    """In a process of its own, as a user runs it (this file's own cluster would be the one joined here)."""
+    spec = write_spec(tmp_path / "spec.json", tiny_model, data_dir)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run([sys.executable, "-m", "bbt_onnx.cli", "sweep", str(spec), "--out", str(tmp_path / "s"),
+                             "--address", "127.0.0.1:1"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and result.stdout == "", result
+    assert result.stderr.splitlines()[-1].startswith("error: cannot join the Ray cluster at 127.0.0.1:1")
+    assert "Traceback" not in result.stderr and not (tmp_path / "s").exists()
+
+
 def test_sweep_flags_that_do_not_go_together(tmp_path):
     assert "--out is required" in cli_error(["sweep", tmp_path / "spec.json"])
     assert "drop SPEC and --out" in cli_error(["sweep", tmp_path / "spec.json", "--resume", tmp_path])
@@ -297,6 +310,46 @@ def test_a_local_cluster_listens_on_loopback_only_and_leaves_nothing_behind(tiny
     assert not (tmp_path / "home" / ".ray").exists()  # no token file written for the user
     written = [p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()]
     assert token not in stderr and not any(token.encode() in b for b in written)
+
+
+def test_a_sweep_joins_a_running_cluster_with_the_users_token(tiny_model, data_dir, tmp_path):
+    """`--address` joins a cluster started apart (`ray start --head`, on loopback, token mode): the user's token
+    reaches Ray through its own variable and is never shown or written by the sweep."""
+    scratch = Path(tempfile.mkdtemp(prefix="bt", dir="/tmp"))
+    token = "bbt-join-" + os.urandom(8).hex()
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_TOKEN": token, "HOME": str(tmp_path / "home"), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    head = {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    try:
+        subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2", f"--temp-dir={scratch}",
+                        "--include-dashboard=false", "--disable-usage-stats"], env=head, check=True, timeout=120,
+                       capture_output=True)
+        spec = write_spec(tmp_path / "spec.json", tiny_model, data_dir)
+        result = subprocess.run([sys.executable, "-m", "bbt_onnx.cli", "sweep", str(spec), "--out",
+                                 str(tmp_path / "s"), "--address", f"127.0.0.1:{port}"], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert f"on the Ray cluster at 127.0.0.1:{port}" in result.stderr
+        assert json.loads(result.stdout)["finished"] == 2
+        written = [p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()]
+        assert token not in result.stderr + result.stdout and not any(token.encode() in b for b in written)
+    finally:
+        for pid in processes_under(scratch):  # `ray stop` would stop every cluster of this machine
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def processes_under(folder: Path) -> list[int]:

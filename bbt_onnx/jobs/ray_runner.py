@@ -13,7 +13,9 @@ import json
 import logging
 import os
 import secrets
+import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -26,6 +28,9 @@ from ..fileio import read_tail
 from .sweep import Runner, Sweep, SweepOptions, Trial, TrialResult, run_trial
 
 LOOPBACK = "127.0.0.1"
+LOOPBACK_NAMES = (LOOPBACK, "localhost", "::1")
+ADDRESS = re.compile(r"(?:ray://)?(?P<host>\[[^\]]+\]|[^:/\s]+):(?P<port>\d{1,5})")
+REACH_SECONDS = 5.0
 MAX_TEMP = 24  # characters of the folder a local cluster's temporary folder is made in
 ERROR_TAIL = 16 << 10  # bytes of a failed trial's traceback read back for its line
 RAY_RECORDS = "ray"  # Ray Tune's own records of each time the sweep ran, in the sweep's folder
@@ -53,7 +58,12 @@ def cluster(options: SweepOptions):
     scratch = None
     try:
         if address:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.CRITICAL)
+            check_reachable(address)
+            try:
+                ray.init(address=address, log_to_driver=False, logging_level=logging.CRITICAL)
+            except ConnectionError as exc:
+                raise SettingsError(f"cannot join the Ray cluster at {address}: {' '.join(str(exc).split())}",
+                                    "address") from None
             where = f"the Ray cluster at {address}"
         else:
             scratch = tempfile.mkdtemp(prefix="bbt-ray-", dir=short_temp())
@@ -71,16 +81,38 @@ def joined(options: SweepOptions) -> str | None:
     return options.address or os.environ.get("RAY_ADDRESS") or None
 
 
-def environment(local: bool) -> dict[str, str]:
+def host_port(address: str) -> tuple[str, int] | None:
+    """HOST and PORT of a cluster's address (HOST:PORT or ray://HOST:PORT); None for `auto` and the like."""
+    found = ADDRESS.fullmatch(address.strip())
+    return (found["host"].strip("[]"), int(found["port"])) if found else None
+
+
+def check_reachable(address: str) -> None:
+    """A cluster's address that takes connections, checked in seconds (Ray itself retries for minutes)."""
+    where = host_port(address)
+    if where is None:
+        return
+    try:
+        socket.create_connection(where, timeout=REACH_SECONDS).close()
+    except OSError as exc:
+        raise SettingsError(f"cannot join the Ray cluster at {address}: nothing answers there "
+                            f"({exc.strerror or exc})", "address") from None
+
+
+def environment(options: SweepOptions) -> dict[str, str]:
     """What Ray is told through its environment, each only where the user set nothing: no usage reports and no
-    console tables; for a local cluster, a node address of 127.0.0.1 (so that every server Ray starts binds to
-    loopback: read when Ray is imported) and a token made for this sweep alone, held in the environment so that
-    none is written to ~/.ray; for a cluster joined, token mode wherever the user gave a token, which Ray reads
-    itself (RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)."""
+    console tables; a node address of 127.0.0.1 for a cluster started here or joined on loopback (so that every
+    server Ray starts binds to loopback, and a driver dials the loopback address it was given: read when Ray is
+    imported); for a cluster started here, a token made for this sweep alone, held in the environment so that none
+    is written to ~/.ray; for a cluster joined, token mode wherever the user gave a token, which Ray reads itself
+    (RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)."""
     env = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_AIR_NEW_OUTPUT": "0"}
     given_token = any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"))
-    if local:
+    address = joined(options)
+    where = host_port(address) if address else None
+    if not address or (where and where[0] in LOOPBACK_NAMES):
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    if not address:
         env["RAY_AUTH_MODE"] = "token"
         if not given_token:
             env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
@@ -112,14 +144,14 @@ def short_temp() -> str:
 
 def open_ray(options: SweepOptions, log: Callable[[str], None]) -> Runner:
     try:
-        with environ(environment(local=not joined(options))):  # before Ray is first imported: it reads some then
+        with environ(environment(options)):  # before Ray is first imported: it reads some then
             import ray  # noqa: F401
             from ray import tune as _  # noqa: F401
     except ImportError:
         raise SettingsError("executor ray needs Ray Tune: pip install 'bbt-onnx[ray]'", "executor") from None
 
     def run(sweep: Sweep, done: Callable[[TrialResult], None]) -> None:
-        with environ(environment(local=not joined(options))):
+        with environ(environment(options)):
             from ray import tune as ray_tune
 
             trials = {t.name: t for t in sweep.trials}

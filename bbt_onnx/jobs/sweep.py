@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -371,6 +372,14 @@ def check_new_folder(folder: Path) -> None:
         raise RunError(f"out {folder} exists and is not an empty folder; choose another", "out")
 
 
+def forget(folder: Path, fresh: bool) -> None:
+    """Take back a new sweep that no trial began: all it holds is ours (its folder was empty or absent before)."""
+    for entry in folder.iterdir():
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    if fresh:
+        folder.rmdir()
+
+
 Runner = Callable[[Sweep, Callable[[TrialResult], None]], None]  # an executor: run every trial, report each
 
 
@@ -378,6 +387,7 @@ def run_sweep(sweep: Sweep, runner: Runner, resume: bool = False, log: Callable[
     """Run every trial not finished yet on `runner`, one line on `log` per finished trial; the summary."""
     if not resume:
         check_new_folder(sweep.folder)
+    fresh = not sweep.folder.exists()
     start_sweep(sweep, resume)
     pending = [t for t in sweep.trials if run_dir_state(t.request.out) != "finished"]
     if len(pending) < len(sweep.trials):
@@ -390,7 +400,12 @@ def run_sweep(sweep: Sweep, runner: Runner, resume: bool = False, log: Callable[
         log(summary_line(result, len(results), len(pending)))
 
     if pending:
-        runner(Sweep(sweep.folder, sweep.spec, sweep.options, pending), done)
+        try:
+            runner(Sweep(sweep.folder, sweep.spec, sweep.options, pending), done)
+        except BaseException:
+            if not resume and not (sweep.folder / RUNS).exists():  # refused before a trial began: nothing to keep
+                forget(sweep.folder, fresh)
+            raise
     failed = [r.name for r in results if r.metrics is None]
     unreported = sorted({t.name for t in pending} - {r.name for r in results})
     return {"folder": str(sweep.folder), "trials": len(sweep.trials), "ran": len(results),
