@@ -258,6 +258,15 @@ def test_a_cluster_that_cannot_be_joined_is_one_line_and_leaves_nothing(tiny_mod
     assert "Traceback" not in result.stderr and not (tmp_path / "s").exists()
 
 
+def test_an_address_beside_the_cluster_this_process_joined_is_refused(cluster, tiny_model, data_dir, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = write_spec(tmp_path / "spec.json", tiny_model, data_dir)
+    message = cli_error(["sweep", spec, "--out", tmp_path / "sweep", "--address", "127.0.0.1:1"])
+    assert "has joined a Ray cluster already" in message and "drop --address" in message
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_sweep_flags_that_do_not_go_together(tmp_path):
     assert "--out is required" in cli_error(["sweep", tmp_path / "spec.json"])
     assert "drop SPEC and --out" in cli_error(["sweep", tmp_path / "spec.json", "--resume", tmp_path])

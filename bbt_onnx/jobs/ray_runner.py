@@ -52,6 +52,9 @@ def cluster(options: SweepOptions):
     import ray
 
     if ray.is_initialized():
+        if options.address:
+            raise SettingsError("this process has joined a Ray cluster already, which the trials would run on; "
+                                "drop address", "address")
         yield "the running cluster"
         return
     address = joined(options)
