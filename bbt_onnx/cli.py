@@ -196,9 +196,11 @@ def tune_request(model_dir, out, seeds, data_seed, params: dict):
               "spec (the executor options are this command's): finished trials are kept, interrupted ones continue "
               "from their checkpoints, the rest start.")
 @click_options(SweepOptions)
+@click.option("--dry-run", is_flag=True, help="Build and check every trial, print their names and settings as JSON, "
+              "and stop: nothing is written or run.")
 @quiet_option
 @click.pass_context
-def sweep(ctx, spec, out, resume, quiet, **params):
+def sweep(ctx, spec, out, resume, dry_run, quiet, **params):
     """Run a grid of tunes (tasks x settings), each an ordinary run, as trials on Ray Tune or a Slurm job array.
 
     SPEC (YAML or JSON) holds `model`, `tasks` (a name for each, with its tune settings: task, data, template,
@@ -217,6 +219,11 @@ def sweep(ctx, spec, out, resume, quiet, **params):
         folder, spec_of, cwd = resume, SweepSpec.from_json(plan["spec"], f"{resume}/sweep.json"), plan.get("cwd")
     else:
         folder, spec_of, cwd = out, read_spec(spec), os.getcwd()
+    if dry_run:
+        planned = sweep_of(folder, spec_of, options, cwd)
+        err(f"{len(planned.trials)} trials checked; nothing was run")
+        emit_json({"trials": [{"name": t.name, **t.request.sweep, "out": t.request.out} for t in planned.trials]})
+        return
     runner = open_runner(options, log)  # a missing extra is refused before any trial is built
     try:
         summary = run_sweep(sweep_of(folder, spec_of, options, cwd), runner, resume=bool(resume), log=log)

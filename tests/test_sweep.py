@@ -267,6 +267,20 @@ def test_an_address_beside_the_cluster_this_process_joined_is_refused(cluster, t
     assert not (tmp_path / "sweep").exists()
 
 
+def test_a_dry_run_checks_and_lists_every_trial_and_writes_nothing(tiny_model, data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = write_spec(tmp_path / "spec.json", tiny_model, data_dir, grid={"seed": [1, 2], "popsize": [4, 6]})
+    result = invoke(["sweep", spec, "--out", tmp_path / "sweep", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.stdout)["trials"]
+    assert [t["name"] for t in listed] == ["pos-seed=1-popsize=4", "pos-seed=1-popsize=6", "pos-seed=2-popsize=4",
+                                           "pos-seed=2-popsize=6"]
+    assert listed[3]["point"] == {"seed": 2, "popsize": 6} and listed[3]["task"] == "pos"
+    assert not (tmp_path / "sweep").exists()
+    bad = write_spec(tmp_path / "bad.json", tiny_model, data_dir, grid={"prompt-tokens": [4, 999]})
+    assert "prompt_tokens 999 is outside" in cli_error(["sweep", bad, "--out", tmp_path / "sweep", "--dry-run"])
+
+
 def test_sweep_flags_that_do_not_go_together(tmp_path):
     assert "--out is required" in cli_error(["sweep", tmp_path / "spec.json"])
     assert "drop SPEC and --out" in cli_error(["sweep", tmp_path / "spec.json", "--resume", tmp_path])
