@@ -133,6 +133,10 @@ def check_shape(raw: dict, path: Path) -> None:
     for key in ("value", "low"):
         if margin.get(key) is not None and not is_number(margin[key]):
             fail(f"choice.dev_margin.{key}", "a number")
+    sweep = obj(settings.get("sweep"), "settings.sweep", null=True)
+    obj(sweep.get("point"), "settings.sweep.point", null=True)
+    if not isinstance(sweep.get("task", ""), str):
+        fail("settings.sweep.task", "a string")
     words = obj(settings.get("verbalizer"), "settings.verbalizer", null=True)
     for key, chosen in obj(words.get("words"), "settings.verbalizer.words", null=True).items():
         if not isinstance(chosen, list) or not all(isinstance(w, list) and len(w) == 2 and isinstance(w[0], str)
@@ -158,8 +162,8 @@ def setting_of(run: dict) -> str:
 
 
 def sweep_of(run: dict) -> dict:
-    sweep = run["settings"].get("sweep")
-    return sweep if isinstance(sweep, dict) else {}
+    """A sweep's record of its trial (`check_shape` has checked it), or {} for a run tuned on its own."""
+    return run["settings"].get("sweep") or {}
 
 
 def task_of(run: dict) -> str:
