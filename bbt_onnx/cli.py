@@ -62,7 +62,8 @@ def cli():
     export makes a prompt graph; tune learns a prompt with CMA-ES (BBT, or BBTv2) and keeps it only
     when it beats the plain template; evaluate, predict and report use runs; deploy ships one as an
     ONNX graph from text to label; check compares engines; bench times them; serve puts graphs on
-    Triton (--server URL works through its API); triton-repo writes a production repository.
+    Triton (--server URL works through its API); triton-repo writes a production repository (and a
+    KServe InferenceService); sweep runs a grid of tunes on Ray Tune or a Slurm job array.
     """
 
 
@@ -207,7 +208,7 @@ def sweep(ctx, spec, out, resume, dry_run, quiet, **params):
     ...), `settings` (tune settings every trial shares) and `grid` (settings to vary: every combination runs for
     every task). Settings are tune's options by name, e.g. budget: 400, k-shot: 16, seeds: [1, 2, 3]. Every trial is
     checked before the first starts. One line per finished trial on stderr; the summary JSON on stdout; exit code
-    1 when a trial failed. `bbt-onnx report DIR` tabulates the sweep.
+    1 when a trial failed or did not run. `bbt-onnx report DIR` tabulates the sweep.
     """
     from .jobs.runners import open_runner
     from .jobs.sweep import SweepSpec, read_plan, read_spec, run_sweep
