@@ -25,7 +25,7 @@ from typing import Callable
 
 from ..errors import SettingsError
 from ..fileio import read_tail
-from .sweep import Runner, Sweep, SweepOptions, Trial, TrialResult, run_trial
+from .sweep import Runner, Sweep, SweepOptions, Trial, TrialResult, exception_line, run_trial
 
 LOOPBACK = "127.0.0.1"
 LOOPBACK_NAMES = (LOOPBACK, "localhost", "::1")
@@ -199,10 +199,10 @@ def reporter(done: Callable[[TrialResult], None], log: Callable[[str], None]):
 
 
 def last_error(trial) -> str:
-    """The last line of the trial's error (its traceback's exception), or what Ray says of it."""
+    """The trial's error as one line (`sweep.exception_line` of its traceback's tail), or what Ray says of it."""
     path = getattr(trial, "error_file", None)
     if path and Path(path).is_file():
-        lines = [line for line in read_tail(path, ERROR_TAIL).splitlines() if line.strip()]
-        if lines:
-            return lines[-1].strip()
+        line = exception_line(read_tail(path, ERROR_TAIL))
+        if line:
+            return line
     return str(getattr(trial, "error_msg", None) or "the trial failed")

@@ -8,16 +8,14 @@ continues from its run's own checkpoint; the job's own folder (submitit's pickle
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Callable
 
 from ..errors import SettingsError
-from .sweep import Runner, Sweep, SweepOptions, Trial, TrialResult, run_trial
+from .sweep import Runner, Sweep, SweepOptions, Trial, TrialResult, exception_line, run_trial
 
 JOBS = "slurm"  # submitit's folder in the sweep's
 POLL_SECONDS = 2.0
-EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*")
 
 
 def open_slurm(options: SweepOptions, log: Callable[[str], None]) -> Runner:
@@ -46,7 +44,7 @@ def open_slurm(options: SweepOptions, log: Callable[[str], None]) -> Runner:
                     metrics, seconds = job.result()
                     done(TrialResult(names[job.job_id], metrics, None, seconds))
                 except Exception as exc:  # the trial's own error, raised here by submitit
-                    done(TrialResult(names[job.job_id], None, last_line(exc)))
+                    done(TrialResult(names[job.job_id], None, exception_line(str(exc)) or type(exc).__name__))
         finally:
             for job in jobs:
                 if not job.done():
@@ -75,11 +73,3 @@ def signal_delay(minutes: float) -> int:
     """Seconds before the time limit at which a job is told to stop and requeue: submitit's 90 at most, a third of
     the limit at most (a job only stops: its trial's state is its last checkpoint, already on disk)."""
     return max(1, min(90, int(60 * minutes / 3)))
-
-
-def last_line(exc: Exception) -> str:
-    """The trial's exception (the last `...Error: message` line of the traceback submitit wraps around it), else
-    submitit's own first line (a job that ended without a result: killed, timed out too often)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    raised = [line for line in lines if EXCEPTION_LINE.match(line)]
-    return raised[-1] if raised else (lines[0] if lines else type(exc).__name__)

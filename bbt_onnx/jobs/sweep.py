@@ -43,6 +43,7 @@ NOT_IN_SPEC = ("out", "resume", "force", "force_any", "trust_checkpoint", "quiet
 MAX_TRIALS = 10_000
 TRIAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,250}")  # what trials() makes: a folder name, never a path
 EXECUTORS = ("ray", "slurm")
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*")  # `pkg.SomeError: message`
 
 
 @dataclass(frozen=True)
@@ -341,6 +342,14 @@ def sweep_runs(folder: str | Path) -> tuple[list[Path], list[str]]:
         else:
             missing.append(name)
     return done, missing
+
+
+def exception_line(text: str) -> str:
+    """A failed trial's cause out of the traceback an executor kept: the last `...Error: message` line, else the
+    text's first line (an executor's own words: a job killed, timed out too often)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    raised = [line for line in lines if EXCEPTION_LINE.match(line)]
+    return raised[-1] if raised else (lines[0] if lines else "")
 
 
 def summary_line(result: TrialResult, index: int, total: int) -> str:
