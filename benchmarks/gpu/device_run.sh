@@ -13,8 +13,9 @@
 #   bench640  `bbt-onnx bench --device cuda --batch 640 --seq 114 --json` (fp16, fp32, torch eager/SDPA fp16)
 #   e2e       8000-call tunes, full CMA-ES and --diagonal, 32 rows x ~64 tokens (benchmarks/gpu/e2e.py)
 #   bench32   `bbt-onnx bench --device cuda --batch 32 --seq 114 --precision fp16 --json`
-#   fewshot   benchmarks/real_fewshot.py --config gpu --device cuda --precision fp16 on MR, then BBC (each task
-#             an equal share of the time left; a task cut short keeps its finished seeds in its log)
+#   fewshot   benchmarks/real_fewshot.py --config gpu --device cuda --precision fp16 on MR, then BBC: one run per
+#             task and method, data seed 0, the BBT_GPU_SEEDS in lock-step (their ensemble), written to
+#             results/runs/NAME/run.json (each task an equal share of the time left; a run cut short has none)
 #   check     `bbt-onnx check --engines cpu:fp32,cuda:fp32,cuda:fp16 --json`, when the checkout has that command
 # Export runs with the device's own onnxruntime (CPU; its onnxruntime.transformers optimizer, which the GPU pack
 # drops); everything that runs a graph on CUDA runs with the pack first on PYTHONPATH.
@@ -251,8 +252,8 @@ if has_step fewshot; then
       [ -f "$REPO/.data/$task/pool.csv" ] || { record "fewshot_$task" skipped null 0 ".data/$task not carried"; continue; }
       # each task gets an equal share of what is left, so a slow first task leaves time for the next
       CAP=$(( $(left) / (${#tasks[@]} - i) )) PYTHONPATH=$PP_RUN run_step "fewshot_$task" 40 "$RES/fewshot_$task.md" "$PY" "$REPO/benchmarks/real_fewshot.py" \
-        --config "$FEWSHOT_CONFIG" --device "$DEV" --precision "$PREC" --seeds "$SEEDS" --tasks "$task" \
-        --methods "$METHODS" --model-dir "$SMOL_DIR" --data-dir "$REPO/.data" --json-out "$RES/fewshot.jsonl"
+        --config "$FEWSHOT_CONFIG" --device "$DEV" --precision "$PREC" --data-seeds 0 --tune-seeds "$SEEDS" \
+        --tasks "$task" --methods "$METHODS" --model-dir "$SMOL_DIR" --data-dir "$REPO/.data" --runs "$RES/runs"
     done
   else
     record fewshot skipped null 0 "no exported SmolLM2 (see smollm2_export.log)"

@@ -6,7 +6,6 @@ usage: python benchmarks/gpu/summarize.py RESULTS_DIR SUMMARY_JSON
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -31,6 +30,26 @@ def jsonl(path: Path) -> list[dict]:
             if line.strip():
                 out.append({"unparsed": line[:300]})
     return out
+
+
+def fewshot_runs(res: Path) -> list[dict]:
+    """What each finished few-shot run (results/runs/NAME/run.json, written by real_fewshot.py) kept and scored,
+    beside the plain framing best on dev, with its wall time and the time's split."""
+    rows = []
+    for path in sorted(res.glob("runs/*/run.json")):
+        run = load(path) or {}
+        if run.get("status") != "complete":
+            continue
+        m = run.get("metrics") or {}
+        plain = [b for b in run.get("baselines") or [] if b.get("dev_metric") is not None]
+        best = max(plain, key=lambda b: b["dev_metric"], default={})  # the first of equals, as the choice reads them
+        rows.append({"run": path.parent.name, "kept": m.get("kept"), "test": m.get("test_metric"),
+                     "tuned_test": m.get("tuned_test_metric"),
+                     "seeds_test": [s.get("test_metric") for s in run.get("seeds") or []],
+                     "dev_best_plain": best.get("name"), "dev_best_plain_test": best.get("test_metric"),
+                     **{k: m.get(k) for k in ("api_calls", "wall_seconds", "engine_seconds", "optimizer_seconds",
+                                              "host_seconds")}})
+    return rows
 
 
 def main() -> None:
@@ -64,9 +83,9 @@ def main() -> None:
     check = load(res / "check.json")
     if check:
         s["check"] = {"passed": check.get("passed"), "graphs": check.get("graphs"), "engines": check.get("engines")}
-    rows = [r for r in jsonl(res / "fewshot.jsonl") if "method" in r]  # tuned runs, not the plain-baseline lines
+    rows = fewshot_runs(res)
     if rows:
-        s["fewshot_rows"] = rows
+        s["fewshot_runs"] = rows
     out_path.write_text(json.dumps(s, indent=2))
 
     # the text
@@ -106,19 +125,16 @@ def main() -> None:
                      f"{r['wall_seconds']:.1f} s ({r['calls_per_second']:.0f} calls/s), engine {r['engine_seconds']:.1f} s, optimizer "
                      f"{r['optimizer_seconds']:.2f} s, host {r['host_seconds']:.2f} s, optimizer+host "
                      f"{r['optimizer_and_host_share']:.1%}")
-    groups: dict = {}
     for r in rows:
-        groups.setdefault((r["task"], r.get("setting", "prefix"), r["method"]), []).append(r)
-    for (task, setting, method), rs in groups.items():
-        acc = [r["tuned"] for r in rs]
-        lines.append(f"== fewshot {task} {setting} {method}: tuned {statistics.mean(acc):.3f} over {len(rs)} seed(s) "
-                     f"({', '.join(f'{a:.3f}' for a in acc)}), best plain {rs[0]['best_plain']:.3f}, "
-                     f"z=0 {rs[0]['zero']:.3f}, "
-                     f"tune {statistics.mean(r['tune_seconds'] for r in rs):.1f} s/run")
-    for f in sorted(res.glob("fewshot_*.log")):  # per-seed lines of a task cut short by the time limit
-        done = [ln for ln in f.read_text(errors="replace").splitlines()
-                if (" seed " in ln and " in " in ln) or ": plain " in ln]
-        if done and not any(r["task"] == f.stem.split("_", 1)[1] for r in rows):
+        seeds = ", ".join("n/a" if t is None else f"{t:.3f}" for t in r["seeds_test"])
+        split = f"engine {r['engine_seconds'] or 0:.1f} s, optimizer {r['optimizer_seconds'] or 0:.2f} s, host " \
+            f"{r['host_seconds'] or 0:.2f} s"
+        lines.append(f"== fewshot {r['run']}: kept {r['kept']} test {r['test']:.3f}; tuned {r['tuned_test']:.3f} "
+                     f"(seeds {seeds}); dev-best plain {r['dev_best_plain']} test {r['dev_best_plain_test']:.3f}; "
+                     f"{r['api_calls']} calls in {r['wall_seconds']:.1f} s ({split})")
+    for f in sorted(res.glob("fewshot_*.log")):  # what a task cut short by the time limit had finished
+        done = [ln for ln in f.read_text(errors="replace").splitlines() if ": kept " in ln]
+        if done and not any(r["run"].startswith(f.stem.split("_", 1)[1] + "-") for r in rows):
             lines += [f"   {ln}" for ln in done]
     if check:
         lines.append(f"== check (bbt-onnx check): passed {check.get('passed')}, graphs {check.get('graphs')}")
