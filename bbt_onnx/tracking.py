@@ -1,11 +1,13 @@
 """Experiment tracking at the edge of a tune: one record per tracker in `TRACKERS`, opened by name.
 
 A tracker hears the run's settings once, each generation as it ends, and the finished run (its run.json and
-files); it never changes what the run computes. MLflow is the one built in (`--track mlflow`, the `track` extra).
+files), or how it stopped unfinished; it never changes what the run computes. A sweep's trials are nested under
+a run of the sweep's own (a group). MLflow is the one built in (`--track mlflow`, the `track` extra).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -14,10 +16,14 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
-from .errors import SettingsError
+from .errors import BBTError, SettingsError
+from .fileio import JSON_LIMIT, read_text_bounded, write_json_atomic
 from .provenance import HIDDEN, SECRET_PARAM, hide_credentials
+from .runs import TRACKED
 
 FILES = ("prompt.npz", "loss.png", "run.json")  # logged as artifacts when the run wrote them
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI shows the run nested under that one
+ERROR_TAG = "bbt_onnx.error"  # the line of the error that stopped a run
 # MLflow's HTTP client retries a refused connection seven times with growing waits (minutes). Unless the user set
 # them, the tracker's calls wait this long for a server: the first (opening the store) one try, the later ones a few.
 CONNECT_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
@@ -26,11 +32,17 @@ _ENV_LOCK = threading.Lock()
 
 
 class Tracker(Protocol):
-    def start(self, name: str, settings: dict) -> None: ...
+    def start(self, run_dir: Path, settings: dict, resumed: bool) -> None: ...
 
     def generation(self, event) -> None: ...
 
     def finish(self, run_dir: Path, record: dict) -> None: ...
+
+    def stopped(self, exc: BaseException) -> None: ...
+
+    def open_group(self, name: str, settings: dict, known: str | None) -> str: ...
+
+    def close_group(self, group: str, counts: dict, status: str) -> None: ...
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -145,7 +157,7 @@ class MlflowTracker:
     Nothing touches the store until the run begins (`start`, after the job has checked every setting): a refused
     tune creates no database and no mlruns/. The URI is shown only with its credentials hidden."""
 
-    def __init__(self, uri: str | None = None, experiment: str = "bbt-onnx"):
+    def __init__(self, uri: str | None = None, experiment: str = "bbt-onnx", parent: str | None = None):
         try:
             import mlflow.tracking  # noqa: F401  (only the import: the store is opened at start)
         except ImportError:
@@ -153,6 +165,7 @@ class MlflowTracker:
         self.uri = uri
         self.client = None
         self.experiment = experiment
+        self.parent = parent  # a sweep's run, which this run is nested under
         self.run_id: str | None = None
         self.several = False  # several seeds: each seed's curves under its own keys (from the settings, at start)
 
@@ -191,16 +204,55 @@ class MlflowTracker:
         self.experiment_id = found.experiment_id if found is not None else \
             self._call(lambda: self.client.create_experiment(self.experiment), self.uri)
 
-    def start(self, name: str, settings: dict) -> None:
+    def start(self, run_dir: Path, settings: dict, resumed: bool) -> None:
+        """A new MLflow run named after the run directory, its id kept there (tracking.json); a resumed run
+        continues the MLflow run it began, when this store holds it."""
+        self._connect()
+        self.several = len(settings.get("seeds", ())) > 1
+        if resumed:
+            self.run_id = self._continued(Path(run_dir))
+            if self.run_id is not None:
+                return
+        self.run_id = self._new_run(Path(run_dir).name, settings)
+        write_json_atomic(Path(run_dir) / TRACKED, {"tracker": "mlflow", "run_id": self.run_id,
+                                                    "experiment_id": self.experiment_id})
+
+    def _new_run(self, name: str, settings: dict) -> str:
         from mlflow.entities import Param
 
-        self._connect()
-        run = self._call(lambda: self.client.create_run(self.experiment_id, run_name=name), self.uri)
-        self.run_id = run.info.run_id
-        self.several = len(settings.get("seeds", ())) > 1
+        tags = {} if self.parent is None else {PARENT_TAG: self.parent}
+        run = self._call(lambda: self.client.create_run(self.experiment_id, run_name=name, tags=tags), self.uri)
         params = [Param(k, v[:6000]) for k, v in flatten(settings).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per batch
-            self._call(lambda chunk=params[i:i + 100]: self.client.log_batch(self.run_id, params=chunk), self.uri)
+            self._call(lambda chunk=params[i:i + 100]: self.client.log_batch(run.info.run_id, params=chunk),
+                       self.uri)
+        return run.info.run_id
+
+    def _continued(self, run_dir: Path) -> str | None:
+        """The MLflow run this run directory began in this store, marked running again; None when there is none."""
+        try:
+            known = json.loads(read_text_bounded(run_dir / TRACKED, JSON_LIMIT)).get("run_id")
+        except (OSError, ValueError, AttributeError, BBTError):
+            return None
+        run = self._existing(known)
+        if run is None:
+            return None
+        self._call(lambda: self.client.update_run(known, status="RUNNING"), self.uri)
+        return known
+
+    def _existing(self, run_id) -> object | None:
+        """The run `run_id` in this store's experiment, or None (another store's, deleted, or not an id)."""
+        from mlflow.exceptions import MlflowException
+
+        if not isinstance(run_id, str) or not run_id.isalnum():
+            return None
+        try:
+            with http_limits(CALL_ENV):
+                run = self.client.get_run(run_id)
+        except MlflowException:
+            return None
+        live = run.info.lifecycle_stage == "active" and run.info.experiment_id == self.experiment_id
+        return run if live else None
 
     def generation(self, event) -> None:
         from mlflow.entities import Metric
@@ -227,27 +279,72 @@ class MlflowTracker:
                 self._call(lambda path=Path(run_dir) / name: self.client.log_artifact(self.run_id, str(path)),
                            self.uri)
         self._call(lambda: self.client.set_terminated(self.run_id), self.uri)
+        self.run_id = None
+
+    def stopped(self, exc: BaseException) -> None:
+        """The run stopped unfinished: KILLED after an interrupt, FAILED after an error, with the error's line.
+        Best effort: the error that stopped the run is the one the user sees."""
+        if self.run_id is None:
+            return
+        status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
+        try:
+            with http_limits(CALL_ENV):
+                if status == "FAILED":
+                    self.client.set_tag(self.run_id, ERROR_TAG, (str(exc).splitlines() or [type(exc).__name__])[0][:500])
+                self.client.set_terminated(self.run_id, status=status)
+        except Exception:  # noqa: BLE001 - the store may be what failed
+            pass
+        self.run_id = None
+
+    def open_group(self, name: str, settings: dict, known: str | None) -> str:
+        """A sweep's run, under which its trials' runs are nested: `known` (a resumed sweep's) running again when
+        this store holds it, else a new one with the sweep's settings."""
+        self._connect()
+        if known is not None and self._existing(known) is not None:
+            self._call(lambda: self.client.update_run(known, status="RUNNING"), self.uri)
+            return known
+        return self._new_run(name, settings)
+
+    def close_group(self, group: str, counts: dict, status: str) -> None:
+        """The sweep's counts (trials, finished, failed, not run) and its end: FINISHED, FAILED or KILLED; with no
+        status the run is deleted (a sweep refused before its first trial leaves nothing)."""
+        from mlflow.entities import Metric
+
+        if self.client is None:
+            self._connect()
+        if not status:
+            self._call(lambda: self.client.delete_run(group), self.uri)
+            return
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, 0) for k, v in counts.items()]
+        self._call(lambda: self.client.log_batch(group, metrics=metrics), self.uri)
+        self._call(lambda: self.client.set_terminated(group, status=status), self.uri)
 
 
 TRACKERS = {"mlflow": MlflowTracker}
 
 
-def track(hooks, name: str, uri: str | None = None):
-    """`hooks` that also log the run to the tracker `name` (its start, every generation, its end)."""
+def track(hooks, name: str, uri: str | None = None, parent: str | None = None):
+    """`hooks` that also log the run to the tracker `name` (its start, every generation, its end, or how it
+    stopped unfinished), nested under the tracker's run `parent` when given (a sweep's)."""
     from dataclasses import replace
 
-    tracker = open_tracker(name, uri)
+    tracker = open_tracker(name, uri, parent)
 
     def event(e) -> None:
         hooks.event(e)
         tracker.generation(e)
 
-    return replace(hooks, event=event, begin=tracker.start, end=tracker.finish)
+    def stopped(exc: BaseException) -> None:
+        hooks.stopped(exc)
+        tracker.stopped(exc)
+
+    return replace(hooks, event=event, begin=tracker.start, end=tracker.finish, stopped=stopped)
 
 
-def open_tracker(name: str, uri: str | None = None) -> Tracker:
+def open_tracker(name: str, uri: str | None = None, parent: str | None = None) -> Tracker:
     try:
         kind = TRACKERS[name]
     except KeyError:
         raise SettingsError(f"track {name!r} is not one of {', '.join(TRACKERS)}", "track") from None
-    return kind(uri)
+    return kind(uri, parent=parent)

@@ -213,8 +213,49 @@ def test_each_trial_is_tracked_as_its_own_mlflow_run(tiny_model, data_dir, tmp_p
     assert result.exit_code == 0, result.output
     client = MlflowClient(store)
     found = client.search_runs([client.get_experiment_by_name("bbt-onnx").experiment_id])
-    assert sorted(r.info.run_name for r in found) == ["pos-seed=1", "pos-seed=2"]
-    assert all(r.info.status == "FINISHED" and r.data.params["tune.budget"] == "48" for r in found)
+    (sweep,) = [r for r in found if r.info.run_name == "sweep"]  # the sweep's own run, the trials nested under it
+    trials = [r for r in found if r is not sweep]
+    assert sorted(r.info.run_name for r in trials) == ["pos-seed=1", "pos-seed=2"]
+    assert all(r.info.status == "FINISHED" and r.data.params["tune.budget"] == "48" for r in trials)
+    assert all(r.data.tags.get("mlflow.parentRunId") == sweep.info.run_id for r in trials)
+    assert sweep.info.status == "FINISHED" and sweep.data.metrics["finished"] == 2 and sweep.data.metrics["failed"] == 0
+    assert sweep.data.params["grid.seed"] == "[1, 2]"
+    plan = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert list(plan["tracking"].values()) == [sweep.info.run_id]
+    shutil.rmtree(tmp_path / "sweep" / "runs" / "pos-seed=2")  # lost: a resumed sweep runs it again, in its own run
+    again = invoke(["sweep", "--resume", tmp_path / "sweep", "--executor", "slurm"])
+    assert again.exit_code == 0, again.output
+    found = client.search_runs([client.get_experiment_by_name("bbt-onnx").experiment_id])
+    assert [r.info.run_id for r in found if r.info.run_name == "sweep"] == [sweep.info.run_id]
+    assert sorted(r.info.run_name for r in found if r.data.tags.get("mlflow.parentRunId") == sweep.info.run_id) == \
+        ["pos-seed=1", "pos-seed=2", "pos-seed=2"]
+    assert client.get_run(sweep.info.run_id).info.status == "FINISHED"
+
+
+def test_a_sweep_refused_before_its_first_trial_leaves_no_run_in_the_tracker(tiny_model, data_dir, tmp_path,
+                                                                              monkeypatch):
+    """An executor that fails before any trial begins: the folder is taken back, and so is the sweep's own run."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from bbt_onnx.cli import sweep_of
+    from bbt_onnx.jobs.sweep import SweepOptions, read_spec, run_sweep
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    store = f"file:{tmp_path / 'mlruns'}"
+    spec = read_spec(write_spec(tmp_path / "spec.json", tiny_model, data_dir,
+                                settings={"track": "mlflow", "track-uri": store}))
+    planned = sweep_of(tmp_path / "sweep", spec, SweepOptions(), str(tmp_path))
+
+    def refuses(_sweep, _done):
+        raise RuntimeError("no workers")
+
+    with pytest.raises(RuntimeError, match="no workers"):
+        run_sweep(planned, refuses)
+    assert not (tmp_path / "sweep").exists()
+    client = MlflowClient(store)
+    assert client.search_runs([client.get_experiment_by_name("bbt-onnx").experiment_id]) == []
 
 
 @pytest.mark.parametrize("change, words", [

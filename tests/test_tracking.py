@@ -3,6 +3,7 @@ store, and a tracking server that cannot be reached is one line within seconds. 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -127,7 +128,7 @@ def test_an_unreachable_tracking_server_is_one_line_within_seconds(tiny_model, d
     assert not any(name in os.environ for name in HTTP_KNOBS)  # MLflow's knobs set only for the tracker's calls
 
 
-def test_a_server_that_never_answers_is_given_up_on(no_mlflow_env):
+def test_a_server_that_never_answers_is_given_up_on(no_mlflow_env, tmp_path):
     """A listener that takes the connection and says nothing: MLflow would wait 120 s a try, eight tries."""
     from bbt_onnx.errors import SettingsError
     from bbt_onnx.tracking import MlflowTracker
@@ -137,7 +138,7 @@ def test_a_server_that_never_answers_is_given_up_on(no_mlflow_env):
         silent.listen(8)
         start = time.monotonic()
         with deadline(60), pytest.raises(SettingsError, match="tracking server at http://127.0.0.1:.*no answer"):
-            MlflowTracker(f"http://127.0.0.1:{silent.getsockname()[1]}").start("run", {})
+            MlflowTracker(f"http://127.0.0.1:{silent.getsockname()[1]}").start(tmp_path / "run", {}, False)
         assert time.monotonic() - start < 20
 
 
@@ -149,3 +150,86 @@ def test_the_users_own_http_settings_win(monkeypatch, no_mlflow_env):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
     seen = MlflowTracker._call(lambda: {k: os.environ.get(k) for k in CALL_ENV})
     assert seen["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "7" and os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "7"
+
+
+def stop_at(generation: int, exc: BaseException):
+    """Hooks whose event raises `exc` at `generation` (after the checkpoints before it were written)."""
+    from bbt_onnx.jobs.tune import Hooks
+
+    def event(e) -> None:
+        if e.generation >= generation:
+            raise exc
+    return Hooks(event=event)
+
+
+def small_tune(tiny_model, data_dir, out, hooks):
+    from bbt_onnx import ChoicePolicy, TuneConfig, tune
+
+    config = TuneConfig(prompt_tokens=4, intrinsic_dim=40, popsize=10, budget=200, eval_every=40, checkpoint_every=4)
+    return tune(tiny_model, "sst2", data_dir / "pool.csv", out, config=config, test=data_dir / "test.csv",
+                policy=ChoicePolicy(fallback=False), hooks=hooks)
+
+
+def test_an_interrupted_run_is_killed_in_mlflow_and_resuming_it_continues_that_run(tiny_model, data_dir, tmp_path,
+                                                                                 monkeypatch):
+    """Ctrl-C leaves the MLflow run KILLED, not running forever; `tune --resume --track` continues the same MLflow
+    run (its id kept in the run directory), so one run holds the whole curve."""
+    from mlflow.tracking import MlflowClient
+
+    from bbt_onnx.tracking import track
+    from helpers import generations, invoke
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    store, out = f"file:{tmp_path / 'mlruns'}", tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        small_tune(tiny_model, data_dir, out, track(stop_at(6, KeyboardInterrupt()), "mlflow", store))
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("bbt-onnx").experiment_id
+    (first,) = client.search_runs([experiment])
+    assert first.info.status == "KILLED" and first.info.run_name == "run"
+    assert json.loads((out / "tracking.json").read_text())["run_id"] == first.info.run_id
+
+    r = invoke(["tune", "--resume", out, "--track", "mlflow", "--track-uri", store, "-q"])
+    assert r.exit_code == 0, r.output
+    (after,) = client.search_runs([experiment])
+    assert after.info.run_id == first.info.run_id and after.info.status == "FINISHED"
+    steps = {m.step for m in client.get_metric_history(after.info.run_id, "train_loss")}
+    assert sorted(steps) == [g["calls"] for g in generations(out)] and max(steps) == 200
+    assert "test_metric" in after.data.metrics
+
+
+def test_a_failed_run_is_failed_in_mlflow_with_its_error(tiny_model, data_dir, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from bbt_onnx.tracking import ERROR_TAG, track
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    store = f"file:{tmp_path / 'mlruns'}"
+    with pytest.raises(RuntimeError, match="the engine fell over"):
+        small_tune(tiny_model, data_dir, tmp_path / "run",
+                   track(stop_at(2, RuntimeError("the engine fell over")), "mlflow", store))
+    client = MlflowClient(store)
+    (found,) = client.search_runs([client.get_experiment_by_name("bbt-onnx").experiment_id])
+    assert found.info.status == "FAILED" and found.data.tags[ERROR_TAG] == "the engine fell over"
+
+
+def test_a_resume_into_another_store_starts_a_run_there(tiny_model, data_dir, tmp_path, monkeypatch):
+    """The kept id names a run of the first store: the second store gets a run of its own, with the settings."""
+    from mlflow.tracking import MlflowClient
+
+    from bbt_onnx.tracking import track
+    from helpers import invoke
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    first, second, out = f"file:{tmp_path / 'one'}", f"file:{tmp_path / 'two'}", tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        small_tune(tiny_model, data_dir, out, track(stop_at(6, KeyboardInterrupt()), "mlflow", first))
+    r = invoke(["tune", "--resume", out, "--track", "mlflow", "--track-uri", second, "-q"])
+    assert r.exit_code == 0, r.output
+    client = MlflowClient(second)
+    (found,) = client.search_runs([client.get_experiment_by_name("bbt-onnx").experiment_id])
+    assert found.info.status == "FINISHED" and found.data.params["tune.budget"] == "200"
+    assert json.loads((out / "tracking.json").read_text())["run_id"] == found.info.run_id

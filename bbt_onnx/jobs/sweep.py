@@ -16,7 +16,7 @@ import re
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +30,7 @@ from ..methods import method_for
 from ..options import setting
 from ..progress import Progress
 from ..runs import CHECKPOINTS, RUN_JSON, read_run_json
-from ..tracking import open_tracker, track
+from ..tracking import open_tracker, redact, track
 from .tune import Hooks, TuneRequest, tune
 
 SWEEP_JSON = "sweep.json"  # the spec and the trials, written before the first trial starts
@@ -213,6 +213,7 @@ class Trial:
     cwd: str
     log: str  # the trial's log file
     track: tuple[str, str | None] | None = None  # the experiment tracker and its store, as tune's track, track_uri
+    track_parent: str | None = None  # the sweep's own run in that tracker, which the trial's is nested under
 
 
 @dataclass(frozen=True)
@@ -275,7 +276,7 @@ def run_trial(trial: Trial) -> dict:
         progress = Progress(False, stream=log, every=PROGRESS_EVERY)
         hooks = Hooks(log=note, start=progress.start, event=progress.update, tuned=progress.close)
         try:
-            outcome = tune(request, track(hooks, *trial.track) if trial.track else hooks,
+            outcome = tune(request, track(hooks, *trial.track, trial.track_parent) if trial.track else hooks,
                            resume=state == "resumable", force=state == "new", force_any=state == "new")
         finally:
             progress.close()
@@ -374,6 +375,38 @@ def start_sweep(sweep: Sweep, resume: bool) -> None:
         write_json_atomic(sweep.folder / SWEEP_JSON, plan_record(sweep))
 
 
+def track_key(track: tuple[str, str | None]) -> str:
+    """How sweep.json names a tracker's store (its URI without credentials)."""
+    name, uri = track
+    return f"{name} {redact(uri, uri) if uri else 'default'}"
+
+
+def open_groups(sweep: Sweep) -> dict[tuple, str]:
+    """The sweep's own run in each tracker its trials log to (a resumed sweep's again), kept in sweep.json."""
+    tracks = list(dict.fromkeys(t.track for t in sweep.trials if t.track))
+    if not tracks:
+        return {}
+    plan = read_plan(sweep.folder)
+    known = plan.get("tracking") if isinstance(plan.get("tracking"), dict) else {}
+    settings = {"model": sweep.spec.model, "tasks": ",".join(sweep.spec.tasks), "trials": len(sweep.trials),
+                "executor": sweep.options.executor, "grid": {k: json.dumps(v) for k, v in sweep.spec.grid.items()}}
+    groups = {t: open_tracker(*t).open_group(sweep.folder.name, settings, known.get(track_key(t))) for t in tracks}
+    write_json_atomic(sweep.folder / SWEEP_JSON, {**plan, "tracking": {**known, **{track_key(t): g
+                                                                                  for t, g in groups.items()}}})
+    return groups
+
+
+def close_groups(groups: dict[tuple, str], counts: dict, status: str, best_effort: bool = False) -> None:
+    """The sweep's runs closed with its counts (no status: deleted, for a sweep taken back before a trial began);
+    `best_effort` after an error, which stays the one the user sees."""
+    for store, group in groups.items():
+        try:
+            open_tracker(*store).close_group(group, counts, status)
+        except Exception:  # noqa: BLE001 - a tracker's own failure
+            if not best_effort:
+                raise
+
+
 def check_new_folder(folder: Path) -> None:
     if (folder / SWEEP_JSON).exists():
         raise RunError(f"{folder} holds a sweep already; continue it with resume, or choose another out", "out")
@@ -408,15 +441,33 @@ def run_sweep(sweep: Sweep, runner: Runner, resume: bool = False, log: Callable[
         results.append(result)
         log(summary_line(result, len(results), len(pending)))
 
+    groups: dict[tuple, str] = {}
+
+    def counts() -> dict:
+        return {"trials": len(sweep.trials), "ran": len(results),
+                "finished": sum(run_dir_state(t.request.out) == "finished" for t in sweep.trials),
+                "failed": [r.name for r in results if r.metrics is None],
+                "not_run": sorted({t.name for t in pending} - {r.name for r in results})}
+
     if pending:
         try:
+            groups = open_groups(sweep)
+            pending = [replace(t, track_parent=groups.get(t.track)) for t in pending]
             runner(Sweep(sweep.folder, sweep.spec, sweep.options, pending), done)
-        except BaseException:
+        except BaseException as exc:
             if not resume and not (sweep.folder / RUNS).exists():  # refused before a trial began: nothing to keep
                 forget(sweep.folder, fresh)
+                close_groups(groups, {}, "", best_effort=True)
+            elif groups:
+                close_groups(groups, numbers(counts()), "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
+                             best_effort=True)
             raise
-    failed = [r.name for r in results if r.metrics is None]
-    unreported = sorted({t.name for t in pending} - {r.name for r in results})
-    return {"folder": str(sweep.folder), "trials": len(sweep.trials), "ran": len(results),
-            "finished": sum(run_dir_state(t.request.out) == "finished" for t in sweep.trials),
-            "failed": failed, "not_run": unreported}
+    summary = counts()
+    if groups:
+        close_groups(groups, numbers(summary), "FAILED" if summary["failed"] or summary["not_run"] else "FINISHED")
+    return {"folder": str(sweep.folder), **summary}
+
+
+def numbers(summary: dict) -> dict[str, int]:
+    """A summary's counts (a list counts its names)."""
+    return {k: len(v) if isinstance(v, list) else v for k, v in summary.items()}

@@ -110,9 +110,11 @@ class Hooks:
     log: Callable[[str], None] = lambda _msg: None
     start: Callable[[int, int], None] = lambda _total, _done: None  # (budget of all seeds, calls already done)
     event: Callable[[GenerationEvent], None] = lambda _e: None
-    begin: Callable[[str, dict], None] = lambda _name, _settings: None  # the run's name and settings
+    # the run directory, its settings, and whether the run continues from a checkpoint
+    begin: Callable[[Path, dict, bool], None] = lambda _dir, _settings, _resumed: None
     tuned: Callable[[], None] = lambda: None  # the search is over (what follows scores and chooses)
     end: Callable[[Path, dict], None] = lambda _dir, _record: None  # the run directory and its run.json
+    stopped: Callable[[BaseException], None] = lambda _exc: None  # the run began, then stopped unfinished
 
 
 @dataclass
@@ -168,13 +170,17 @@ def tune(request: TuneRequest, hooks: Hooks = Hooks(), resume: bool = False, for
         else:
             job.run.check_empty(force, force_any)  # again, now that no other tune can be writing it
             job.run.start(job.settings)
-        hooks.begin(job.run.path.name, job.settings)
-        baselines = baselines_step(job, hooks, resume)
-        prompts, wall = search_step(job, hooks)
-        request = job.request  # with the demonstrations drawn
-        outcome = settle(job.model, request.task, request.config, request.policy, job.tuners, prompts, baselines,
-                         job.dev, job.test, hooks.log)
-        metrics, record = write_step(job, outcome, [public(b) for b in baselines], wall, hooks)
+        hooks.begin(job.run.path, job.settings, resume)
+        try:
+            baselines = baselines_step(job, hooks, resume)
+            prompts, wall = search_step(job, hooks)
+            request = job.request  # with the demonstrations drawn
+            outcome = settle(job.model, request.task, request.config, request.policy, job.tuners, prompts, baselines,
+                             job.dev, job.test, hooks.log)
+            metrics, record = write_step(job, outcome, [public(b) for b in baselines], wall, hooks)
+        except BaseException as exc:
+            hooks.stopped(exc)
+            raise
     return TuneOutcome(outcome.kept, metrics, job.run.path, job.tuners[0].warnings, record, outcome.tuned,
                        list(prompts))
 
