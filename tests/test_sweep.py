@@ -344,6 +344,30 @@ def test_yaml_spec_with_flag_spellings(tiny_model, data_dir, tmp_path):
     assert "is not valid YAML" in cli_error(["sweep", tmp_path / "bad.yaml", "--out", tmp_path / "o"])
 
 
+def test_yaml_aliases_are_read_within_a_bound(tiny_model, tmp_path):
+    """An alias repeats what its anchor names: shared settings work, and a 2 KB file that would expand to billions
+    of values (or an anchor that holds itself) is one line at once, not a hang."""
+    pytest.importorskip("yaml")
+    from bbt_onnx.jobs.sweep import read_spec
+
+    (tmp_path / "shared.yaml").write_text(f"model: {tiny_model}\ntasks:\n  pos: &common {{task: sst2, k-shot: 8}}\n"
+                                          "  again: *common\n")
+    assert [p.name for p in read_spec(tmp_path / "shared.yaml").trials()] == ["pos", "again"]
+    levels = ["  l0: &l0 [1, 2, 3, 4, 5, 6, 7, 8, 9]"]
+    for i in range(1, 8):  # each level 45 copies of the one before: 9 x 45^7 values
+        items = ", ".join("[" + ", ".join([f"*l{i - 1}"] * (j + 1)) + "]" for j in range(9))
+        levels.append(f"  l{i}: &l{i} [{items}]")
+    (tmp_path / "bomb.yaml").write_text(f"model: {tiny_model}\ntasks:\n  pos: {{task: sst2}}\ngrid:\n" +
+                                        "\n".join(levels) + "\n")
+    (tmp_path / "cycle.yaml").write_text(f"model: {tiny_model}\ntasks: &t\n  pos: {{task: sst2, data: *t}}\n")
+    for name in ("bomb.yaml", "cycle.yaml"):  # in a process of its own: an expansion in C would not stop for a test
+        done = subprocess.run([sys.executable, "-m", "bbt_onnx.cli", "sweep", str(tmp_path / name), "--out",
+                               str(tmp_path / "o"), "--dry-run"], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and done.stderr.startswith("error: "), done.stderr
+        assert "more than 100000 values once its YAML aliases are expanded" in done.stderr
+        assert not (tmp_path / "o").exists()
+
+
 def test_a_local_cluster_listens_on_loopback_only_and_leaves_nothing_behind(tiny_model, data_dir, tmp_path):
     """The command as a user runs it: its own cluster, on 127.0.0.1 only, with the user's Ray token passed through
     and never shown or written; after Ctrl-C no process it started is left and its temporary folder is gone."""

@@ -41,6 +41,7 @@ SPEC_KEYS = ("model", "tasks", "settings", "grid")
 # tune's options a spec may not set: the sweep decides where runs go and resumes them itself
 NOT_IN_SPEC = ("out", "resume", "force", "force_any", "trust_checkpoint", "quiet", "model")
 MAX_TRIALS = 10_000
+MAX_SPEC_VALUES = 100_000  # values in a spec once YAML aliases are expanded
 TRIAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,250}")  # what trials() makes: a folder name, never a path
 EXECUTORS = ("ray", "slurm")
 EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*")  # `pkg.SomeError: message`
@@ -177,6 +178,23 @@ def options_of(raw: Any, where: str) -> dict:
     return options
 
 
+def too_large(tree: Any, limit: int) -> bool:
+    """Whether a loaded document holds more than `limit` values, counting each place a shared (aliased) value
+    appears; stops counting at the limit, so a cycle or an alias bomb costs at most `limit` steps."""
+    stack, seen = [tree], 0
+    while stack:
+        seen += 1
+        if seen > limit:
+            return True
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+    return False
+
+
 def read_spec(path: str | Path) -> SweepSpec:
     """A spec from YAML (needs PyYAML, which the ray and slurm extras bring) or JSON."""
     path = Path(path)
@@ -192,8 +210,11 @@ def read_spec(path: str | Path) -> SweepSpec:
                                 "spec") from None
         try:
             raw = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, RecursionError) as exc:
             raise SettingsError(f"{path} is not valid YAML: {' '.join(str(exc).split())}", "spec") from None
+        if too_large(raw, MAX_SPEC_VALUES):  # aliases (*name) repeat what they name: a small file can hold billions
+            raise SettingsError(f"{path} holds more than {MAX_SPEC_VALUES} values once its YAML aliases are "
+                                "expanded; write the spec out without repeating aliases", "spec")
     else:
         try:
             raw = json.loads(text)
