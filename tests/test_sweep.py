@@ -200,6 +200,41 @@ def test_a_job_stopped_at_its_time_limit_is_requeued_and_resumes_bit_for_bit(tin
     assert z_of(tmp_path / "sweep" / "runs" / "pos-seed=4").tobytes() == z_of(alone).tobytes()
 
 
+@pytest.mark.parametrize("whom", ["group", "command"])
+def test_ctrl_c_on_local_slurm_jobs_is_one_line_and_leaves_no_process(tiny_model, data_dir, tmp_path, whom):
+    """Ctrl-C reaches the whole foreground group (the command, submitit's controllers, the trials); `kill -INT`
+    the command alone, which stops its jobs itself. Either way the command says how to resume, nothing prints a
+    traceback, and no process of the sweep outlives the command."""
+    pytest.importorskip("submitit")
+    long = {"budget": 3000, "popsize": 6, "checkpoint-every": 1, "eval-every": 3000}
+    spec = write_spec(tmp_path / "spec.json", tiny_model, data_dir, settings=long)
+    folder = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "bbt_onnx.cli", "sweep", str(spec), "--out", str(folder),
+                             "--executor", "slurm"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+    logs = [folder / "logs" / f"pos-seed={seed}.log" for seed in (1, 2)]
+    deadline = time.monotonic() + 60
+    while not all(log.is_file() and ": new" in log.read_text() for log in logs) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # the trials are tuning
+    if whom == "group":
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    else:
+        proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and out == "", (out, err)
+    assert "Traceback" not in err and "interrupted; continue with: bbt-onnx sweep --resume" in err, err
+
+    def of_sweep(pid: str) -> bool:
+        try:
+            return str(folder) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:  # gone meanwhile
+            return False
+    assert [pid for pid in os.listdir("/proc") if pid.isdigit() and of_sweep(pid)] == []
+    assert "KeyboardInterrupt" in (folder / "slurm" / "local-controllers.log").read_text()
+
+
 def test_each_trial_is_tracked_as_its_own_mlflow_run(tiny_model, data_dir, tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     pytest.importorskip("submitit")

@@ -8,14 +8,20 @@ continues from its run's own checkpoint; the job's own folder (submitit's pickle
 
 from __future__ import annotations
 
+import os
+import sys
 import time
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable
 
 from ..errors import SettingsError
 from .sweep import Runner, Sweep, SweepOptions, Trial, TrialResult, exception_line, run_trial
 
 JOBS = "slurm"  # submitit's folder in the sweep's
+CONTROLLERS_LOG = "local-controllers.log"  # what the local executor's controller processes print
 POLL_SECONDS = 2.0
+STOP_SECONDS = 15.0  # how long stopped local jobs get to end (submitit's controller kills its tasks after 1 s)
 
 
 def open_slurm(options: SweepOptions, log: Callable[[str], None]) -> Runner:
@@ -34,7 +40,12 @@ def open_slurm(options: SweepOptions, log: Callable[[str], None]) -> Runner:
 
     def run(sweep: Sweep, done: Callable[[TrialResult], None]) -> None:
         executor, cluster = executor_for(submitit, sweep, options)
-        jobs = executor.map_array(Requeued(), sweep.trials)
+        if cluster == "slurm":
+            jobs = executor.map_array(Requeued(), sweep.trials)
+        else:  # the local executor's controllers print tracebacks when Ctrl-C stops them: into their own log
+            (sweep.folder / JOBS).mkdir(parents=True, exist_ok=True)
+            with output_to(sweep.folder / JOBS / CONTROLLERS_LOG):
+                jobs = executor.map_array(Requeued(), sweep.trials)
         log(f"{len(jobs)} trials as {'a Slurm job array' if cluster == 'slurm' else 'local processes'} "
             f"({jobs[0].job_id.split('_')[0] if jobs else '-'})")
         names = {job.job_id: trial.name for job, trial in zip(jobs, sweep.trials)}
@@ -46,11 +57,36 @@ def open_slurm(options: SweepOptions, log: Callable[[str], None]) -> Runner:
                 except Exception as exc:  # the trial's own error, raised here by submitit
                     done(TrialResult(names[job.job_id], None, exception_line(str(exc)) or type(exc).__name__))
         finally:
-            for job in jobs:
-                if not job.done():
-                    job.cancel(check=False)
+            stopping = [job for job in jobs if not job.done()]
+            for job in stopping:
+                job.cancel(check=False)
+            if cluster != "slurm":  # processes here: gone before the command returns, so a resume finds runs free
+                deadline = time.monotonic() + STOP_SECONDS
+                while any(not job.done() for job in stopping) and time.monotonic() < deadline:
+                    time.sleep(0.05)
 
     return run
+
+
+@contextmanager
+def output_to(path: Path):
+    """Processes started inside inherit `path` as their stdout and stderr (ours are back afterwards): what they
+    print stays out of the command's output (the summary JSON on stdout, the lines on stderr)."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(target, 1)
+        os.dup2(target, 2)
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, target):
+            os.close(fd)
 
 
 def executor_for(submitit, sweep: Sweep, options: SweepOptions):
