@@ -312,11 +312,9 @@ class PromptEnsemble(Members, Scoring):
         return self.members[0].encoder(model)
 
     def raw_logits(self, model, enc: EncodedSet, batch_rows: int = EVAL_ROWS, on_batch=None) -> np.ndarray:
-        """log of the members' mean label probabilities, [N, K]."""
+        """log of the members' mean label probabilities, [N, K] (`losses.mixed` at equal weights)."""
         if not METHODS[self.method].shares_calls:  # a call carries one member's prompt (BBTv2's layers)
-            probs = [np.exp(losses.log_softmax(m.raw_logits(model, enc, batch_rows).astype(np.float64)))
-                     for m in self.members]
-            mean = np.mean(probs, axis=0)
+            parts = [m.raw_logits(model, enc, batch_rows) for m in self.members]
             if on_batch:
                 on_batch(len(enc))
         else:
@@ -326,8 +324,8 @@ class PromptEnsemble(Members, Scoring):
                 out[:, idx] = model.engine.label_logits(embeds, batch)
                 if on_batch:
                     on_batch(len(idx))
-            mean = np.exp(losses.log_softmax(out)).mean(axis=0)
-        return np.log(mean).astype(np.float32)
+            parts = list(out)
+        return losses.mixed(parts, [1 / len(parts)] * len(parts)).astype(np.float32)
 
     def save(self, path: str | Path) -> Path:
         for m in self.members:
