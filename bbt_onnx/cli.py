@@ -105,6 +105,7 @@ def parse_seeds(ctx, param, value):
     Rule("--k-shot samples --data; a --train file is used whole, so drop one of them", given=("train", "k_shot")),
     Rule("--eval-every scores a dev set, and --train without --dev has none; add --dev or drop --eval-every",
          given=("train", "eval_every"), absent=("dev",)),
+    Rule("--eval-every scores a dev set, and --no-dev has none; drop one of them", given=("no_dev", "eval_every")),
     Rule("--seeds names every seed of the run; drop --seed", given=("seeds", "seed")),
     Rule("--data-seed draws the k-shot split of --data; a --train file is used whole, so drop it",
          given=("train", "data_seed")),

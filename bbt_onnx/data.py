@@ -289,11 +289,18 @@ class DataSpec:
     dev: str | None = setting(None, "Explicit dev file.", path=True)
     test: str | None = setting(None, "Test file, scored once at the end.", path=True)
     k_shot: int = setting(16, "Examples per class for train (and again for dev).")
+    no_dev: bool = setting(False, "Tune on the dev rows too: the k per class drawn for dev from --data join train, "
+                           "and there is no dev set, so nothing compares the tuned prompt with the plain template.")
     seed: int = 42  # the run's seed: its sampling stream draws the k-shot split
 
     def check(self) -> None:
         if self.data and self.train:
             raise SettingsError("give data (k-shot sampled) or train (used whole), not both", ("data", "train"))
+        if self.no_dev and not self.data:
+            raise SettingsError("no_dev moves the dev rows drawn from data into train; a train file is used whole "
+                                "(give no dev file to tune without one)", ("no_dev", "train"))
+        if self.no_dev and self.dev:
+            raise SettingsError("no_dev means no dev set: drop the dev file, or no_dev", ("no_dev", "dev"))
         if not (self.data or self.train):
             raise SettingsError("no training rows: give data FILE to sample k per class, or train FILE",
                                 ("data", "train"))
@@ -328,7 +335,9 @@ def load_splits(spec: DataSpec, keys: Sequence[str], demos: int = 0) -> Splits:
     if spec.data:
         train, dev = k_shot_split(loaded["data"], keys, spec.k_shot, rng, with_dev=not spec.dev)
         dev = loaded.get("dev", dev)
-        taken = {id(e) for e in train + (dev if not spec.dev else [])}
+        if spec.no_dev:  # the same draw, its dev rows tuned on too
+            train, dev = train + dev, None
+        taken = {id(e) for e in train + (dev if dev and not spec.dev else [])}
         pool = [e for e in loaded["data"] if id(e) not in taken]
     else:
         train, dev = loaded["train"], loaded.get("dev")

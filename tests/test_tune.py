@@ -457,3 +457,20 @@ def test_the_tuner_takes_its_steps_in_order_and_any_rows(model, splits):
     fitter = BlackBoxTuner(model, PRESETS["sst2"], TuneConfig(budget=20, **SMALL))
     assert stepped.z.tobytes() == fitter.fit(train, dev).z.tobytes()
     assert tuner.start_scores == fitter.start_scores and len(tuner.start_scores) > 1
+
+
+def test_no_dev_tunes_on_every_drawn_row_and_says_nothing_checks_it(tiny_model, data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["tune", "--model", tiny_model, "--task", "sst2", "--data", data_dir / "pool.csv", "--k-shot", 8, "--test",
+            data_dir / "test.csv", "--prompt-tokens", PROMPT_TOKENS, "--intrinsic-dim", 20, "--popsize", 6,
+            "--budget", 24, "--no-dev"]
+    result = invoke([*args, "--out", tmp_path / "run"])
+    assert result.exit_code == 0, result.output
+    assert "no dev set" in result.stderr
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["settings"]["data"]["no_dev"] is True
+    assert record["metrics"]["train_rows"] == 32 and record["metrics"]["dev_rows"] == 0
+    assert record["choice"]["reason"] == "no dev set to compare with the template"
+    assert "--no-dev has none" in cli_error([*args, "--eval-every", 12, "--out", tmp_path / "other"])
+    assert "a train file is used whole" in cli_error(["tune", "--model", tiny_model, "--task", "sst2", "--train",
+                                                     data_dir / "pool.csv", "--no-dev", "--out", tmp_path / "x"])

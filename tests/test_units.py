@@ -204,6 +204,22 @@ def test_k_shot_split_takes_k_per_class_for_train_and_dev_deterministically():
     assert again == train and other != train
 
 
+def test_no_dev_tunes_on_the_same_draw_with_its_dev_rows(tmp_path):
+    """no_dev: train is the default draw's train and dev, in that order (so runs with and without compare on the
+    same 2k rows a class); the demonstrations come from the rest of the pool."""
+    pool = tmp_path / "pool.csv"
+    pool.write_text("text,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(60)))
+    plain = load_splits(DataSpec(data=str(pool), k_shot=4, seed=3), ["0", "1"])
+    merged = load_splits(DataSpec(data=str(pool), k_shot=4, seed=3, no_dev=True), ["0", "1"], demos=2)
+    assert merged.dev is None and merged.train == plain.train + plain.dev
+    assert len(merged.demos) == 4 and not set(map(id, merged.demos)) & set(map(id, merged.train))
+    with pytest.raises(BBTError, match="a train file is used whole") as caught:
+        load_splits(DataSpec(train=str(pool), no_dev=True), ["0", "1"])
+    assert caught.value.arguments == ("no_dev", "train")
+    with pytest.raises(BBTError, match="no_dev means no dev set"):
+        load_splits(DataSpec(data=str(pool), dev=str(pool), no_dev=True), ["0", "1"])
+
+
 def test_k_larger_than_a_class_names_it():
     rows = [Example("a", label="0")] * 10 + [Example("b", label="1")] * 5
     with pytest.raises(BBTError, match="class '1' has only 5 examples"):
