@@ -71,35 +71,38 @@ def as_task(task: str | Path | Task) -> Task:
     raise SettingsError(f"task must be a preset name, a task file or a Task, got {type(task).__name__}", "task")
 
 
-def as_data(data: str | Path | DataSpec, test: str | Path | None, k_shot: int | None, seed: int) -> DataSpec:
+def as_data(data: str | Path | DataSpec, test: str | Path | None, k_shot: int | None, seed: int,
+            no_dev: bool = False) -> DataSpec:
     """A DataSpec, or a labelled pool to draw k per class from (with the CLI's defaults: 16 per class, the run's
-    seed drawing them)."""
+    seed drawing them; `no_dev`: the dev rows drawn join train)."""
     if isinstance(data, DataSpec):
-        if test is not None or k_shot is not None:
-            raise SettingsError("test and k_shot go inside the DataSpec when data is one", ("test", "k_shot"))
+        if test is not None or k_shot is not None or no_dev:
+            raise SettingsError("test, k_shot and no_dev go inside the DataSpec when data is one",
+                                ("test", "k_shot", "no_dev"))
         return data
     if not isinstance(data, (str, Path)):
         raise SettingsError(f"data must be a file, hf:NAME or a DataSpec, got {type(data).__name__}", "data")
     return DataSpec(str(data), test=None if test is None else str(test),
-                    **({} if k_shot is None else {"k_shot": k_shot}), seed=seed)
+                    **({} if k_shot is None else {"k_shot": k_shot}), no_dev=no_dev, seed=seed)
 
 
 def tune(model_dir: str | Path, task: str | Path | Task, data: str | Path | DataSpec, out: str | Path, *,
          config: TuneConfig = TuneConfig(), seeds: Sequence[int] = (), policy: ChoicePolicy = ChoicePolicy(),
          engine: EngineSpec = OrtSpec(), test: str | Path | None = None, k_shot: int | None = None,
-         data_seed: int | None = None, demos: int | DemoSpec | None = None, force: bool = False,
-         log: Callable[[str], None] | None = None, hooks: Hooks | None = None) -> Run:
+         data_seed: int | None = None, demos: int | DemoSpec | None = None, no_dev: bool = False,
+         force: bool = False, log: Callable[[str], None] | None = None, hooks: Hooks | None = None) -> Run:
     """`bbt-onnx tune`: score the plain template in every framing, tune (several `seeds` in lock-step), keep the
     tuned prompt only when it beats the best template on dev (`policy`), score `test`, write the run into `out`.
 
     `task`: a preset name, a task JSON file or a Task. `data`: a labelled pool (a file or hf:NAME) drawn `k_shot`
-    per class (16) for train and again for dev, by `data_seed` [default: the run's seed]; or a DataSpec (explicit
-    train, dev and test files). `demos`: K demonstrations per class drawn from the pool after train and dev (`tune
+    per class (16) for train and again for dev, by `data_seed` [default: the run's seed], the dev rows tuned on too
+    with `no_dev` (no dev set: nothing compares the result with the template); or a DataSpec (explicit train, dev
+    and test files). `demos`: K demonstrations per class drawn from the pool after train and dev (`tune
     --demos K`), or a DemoSpec (a file's). `force` replaces an earlier run in `out`. `log` hears the messages the
     CLI prints; `hooks` every event. Every input is checked before anything is written (a `BBTError` otherwise)."""
     if seeds:
         config = replace(config, seed=seeds[0])  # as the CLI does; the config checks each seed
-    spec = as_data(data, test, k_shot, config.seed if data_seed is None else data_seed)
+    spec = as_data(data, test, k_shot, config.seed if data_seed is None else data_seed, no_dev)
     task_file = None if isinstance(task, Task) or str(task) in PRESETS else str(task)
     demo_spec = demos if isinstance(demos, DemoSpec) else DemoSpec(demos)
     request = TuneRequest(str(model_dir), demo_spec.apply(as_task(task), spec.seed, pool=True), spec, config,

@@ -15,6 +15,8 @@ import pytest
 
 import bbt_onnx
 from bbt_onnx import Classifier, DataError, Example, Model, PRESETS, SettingsError, TunedPrompt, read_examples
+from bbt_onnx.api import as_data
+from bbt_onnx.data import DataSpec
 from bbt_onnx.synthetic import sentiment_rows, write_csv
 
 from helpers import invoke
@@ -177,7 +179,11 @@ def test_tune_takes_a_task_and_data_spec_and_refuses_mistakes_before_writing(wor
                           k_shot=4)
         with pytest.raises(DataError):
             bbt_onnx.tune("models/roberta-large", PRESETS["sst2"], "missing.csv", tmp_path / "c")
+        with pytest.raises(SettingsError, match="no_dev go inside the DataSpec"):
+            bbt_onnx.tune("models/roberta-large", "sst2", bbt_onnx.DataSpec("reviews.csv"), tmp_path / "d",
+                          no_dev=True)
     assert not any(tmp_path.iterdir())  # nothing written
+    assert as_data("reviews.csv", None, None, 3, no_dev=True) == DataSpec("reviews.csv", no_dev=True, seed=3)
 
 
 # -- the classifier -------------------------------------------------------------------------------------------------

@@ -62,6 +62,8 @@ CASES = [  # (id, edit, the field the line names)
     ("settings-tune-budget-a-list", put(("settings", "tune", "budget"), [20]), "settings.tune.budget is not a plain"),
     ("settings-data-a-number", put(("settings", "data"), 5), "settings.data is not an object"),
     ("settings-data-seed-a-string", put(("settings", "data", "seed"), "1"), "settings.data.seed is not an integer"),
+    ("settings-data-no_dev-a-string", put(("settings", "data", "no_dev"), "yes"),
+     "settings.data.no_dev is not true or false"),
     ("settings-sweep-a-list", put(("settings", "sweep"), []), "settings.sweep is not an object"),
     ("settings-sweep-point-a-list", put(("settings", "sweep"), {"point": [1]}),
      "settings.sweep.point is not an object"),

@@ -471,6 +471,8 @@ def test_no_dev_tunes_on_every_drawn_row_and_says_nothing_checks_it(tiny_model, 
     assert record["settings"]["data"]["no_dev"] is True
     assert record["metrics"]["train_rows"] == 32 and record["metrics"]["dev_rows"] == 0
     assert record["choice"]["reason"] == "no dev set to compare with the template"
+    report = invoke(["report", tmp_path / "run"])
+    assert report.exit_code == 0 and "no dev" in report.stdout  # apart from runs of the same settings with a dev set
     assert "--no-dev has none" in cli_error([*args, "--eval-every", 12, "--out", tmp_path / "other"])
     assert "a train file is used whole" in cli_error(["tune", "--model", tiny_model, "--task", "sst2", "--train",
                                                      data_dir / "pool.csv", "--no-dev", "--out", tmp_path / "x"])

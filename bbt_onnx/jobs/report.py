@@ -112,6 +112,8 @@ def check_shape(raw: dict, path: Path) -> None:
     seed = settings.get("data", {}).get("seed")
     if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool)):
         fail("settings.data.seed", "an integer")
+    if not isinstance(settings.get("data", {}).get("no_dev", False), bool):
+        fail("settings.data.no_dev", "true or false")
     obj(raw.get("metrics", {}), "metrics")
     for i, base in enumerate(entries("baselines")):
         if not isinstance(base.get("name"), str):
@@ -155,6 +157,7 @@ def setting_of(run: dict) -> str:
     task = run["settings"].get("task", {})
     framing = ", ".join(f"{k} {task[k]}" for k in ("bos", "chat", "prompt_position") if k in task)
     parts = [f"{k} {tune[k]}" for k in SETTING_KEYS if tune.get(k) is not None]
+    parts += ["no dev"] if run["settings"].get("data", {}).get("no_dev") else []  # tuned on every drawn row
     point = sweep_of(run).get("point") or {}  # a sweep's grid may vary any setting: its runs stay apart by it
     shown = set(SETTING_KEYS) | {"bos", "chat", "prompt_position"}
     parts += [f"{k} {v}" for k, v in point.items() if k not in shown]
