@@ -13,7 +13,7 @@ usage: python benchmarks/real_fewshot.py [--config cpu|cpu-deep|gpu] [--tasks mr
        [--tune-seeds 0,1,2] [--methods bbt,bbtv2] [--settings suffix,prefix,suffix-chat,prefix-chat]
        [--calibrate [--search-calibration off|content-free|batch]] [--prompt-init auto|reference|TEXT]
        [--choose interval|max] [--patience N] [--demos K] [--verbalizer labels|auto[:K]] [--test-rows N]
-       [--runs DIR]
+       [--no-dev] [--runs DIR]
 
   --verbalizer auto[:K]: K more words a class chosen on the training rows (`tune --verbalizer`); the run also
          scores each plain framing read by those words among its baselines.
@@ -92,6 +92,7 @@ def run_name(task: str, setting: str, method: str, args, data_seed: int) -> str:
             *([f"demos{args.demos}"] if args.demos else []),
             *([f"words-{args.verbalizer.replace(':', '')}"] if args.verbalizer != "labels" else []),
             *([f"test{args.test_rows}"] if args.test_rows else []),
+            *(["nodev"] if args.no_dev else []),
             f"d{data_seed}"]
     return "-".join(tags)
 
@@ -115,7 +116,7 @@ def tune_one(args, task_name: str, setting: str, method: str, data: Path, data_s
         with open(test, "w", encoding="utf-8", newline="") as f:
             csv.writer(f).writerows(rows)
     request = TuneRequest(str(args.model_dir), task, DataSpec(str(data / "pool.csv"), test=str(test),
-                                                             k_shot=16, seed=data_seed),
+                                                             k_shot=16, seed=data_seed, no_dev=args.no_dev),
                           replace(cfg, seed=seeds[0]), str(out), OrtSpec(args.device, args.precision), seeds,
                           ChoicePolicy(choose=args.choose), demos=DemoSpec(args.demos))
     t0 = time.perf_counter()
@@ -142,6 +143,7 @@ def main() -> None:
     ap.add_argument("--demos", type=int, help="demonstrations per class before every row (tune --demos)")
     ap.add_argument("--verbalizer", default="labels", help="labels or auto[:K] (tune --verbalizer)")
     ap.add_argument("--test-rows", type=int, default=0, help="score the first N test rows [default: all]")
+    ap.add_argument("--no-dev", action="store_true", help="tune on the dev rows too, no dev set (tune --no-dev)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     ap.add_argument("--model-dir", type=Path, default=Path("models/smollm2"))
