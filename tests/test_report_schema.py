@@ -64,6 +64,7 @@ CASES = [  # (id, edit, the field the line names)
     ("settings-data-seed-a-string", put(("settings", "data", "seed"), "1"), "settings.data.seed is not an integer"),
     ("settings-data-no_dev-a-string", put(("settings", "data", "no_dev"), "yes"),
      "settings.data.no_dev is not true or false"),
+    ("settings-data-k_shot-a-list", put(("settings", "data", "k_shot"), [8]), "settings.data.k_shot is not a plain value"),
     ("settings-sweep-a-list", put(("settings", "sweep"), []), "settings.sweep is not an object"),
     ("settings-sweep-point-a-list", put(("settings", "sweep"), {"point": [1]}),
      "settings.sweep.point is not an object"),

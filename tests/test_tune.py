@@ -473,6 +473,7 @@ def test_no_dev_tunes_on_every_drawn_row_and_says_nothing_checks_it(tiny_model, 
     assert record["choice"]["reason"] == "no dev set to compare with the template"
     report = invoke(["report", tmp_path / "run"])
     assert report.exit_code == 0 and "no dev" in report.stdout  # apart from runs of the same settings with a dev set
+    assert "k_shot 8" in report.stdout  # and from runs drawn at another k
     assert "--no-dev has none" in cli_error([*args, "--eval-every", 12, "--out", tmp_path / "other"])
     assert "a train file is used whole" in cli_error(["tune", "--model", tiny_model, "--task", "sst2", "--train",
                                                      data_dir / "pool.csv", "--no-dev", "--out", tmp_path / "x"])

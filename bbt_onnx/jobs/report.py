@@ -114,6 +114,8 @@ def check_shape(raw: dict, path: Path) -> None:
         fail("settings.data.seed", "an integer")
     if not isinstance(settings.get("data", {}).get("no_dev", False), bool):
         fail("settings.data.no_dev", "true or false")
+    if not isinstance(settings.get("data", {}).get("k_shot", 16), SCALAR):
+        fail("settings.data.k_shot", "a plain value")
     obj(raw.get("metrics", {}), "metrics")
     for i, base in enumerate(entries("baselines")):
         if not isinstance(base.get("name"), str):
@@ -157,7 +159,10 @@ def setting_of(run: dict) -> str:
     task = run["settings"].get("task", {})
     framing = ", ".join(f"{k} {task[k]}" for k in ("bos", "chat", "prompt_position") if k in task)
     parts = [f"{k} {tune[k]}" for k in SETTING_KEYS if tune.get(k) is not None]
-    parts += ["no dev"] if run["settings"].get("data", {}).get("no_dev") else []  # tuned on every drawn row
+    data = run["settings"].get("data", {})
+    if data.get("data") and data.get("k_shot", 16) != 16:  # drawn from a pool: its size decides the numbers too
+        parts.append(f"k_shot {data['k_shot']}")
+    parts += ["no dev"] if data.get("no_dev") else []  # tuned on every drawn row
     point = sweep_of(run).get("point") or {}  # a sweep's grid may vary any setting: its runs stay apart by it
     shown = set(SETTING_KEYS) | {"bos", "chat", "prompt_position"}
     parts += [f"{k} {v}" for k, v in point.items() if k not in shown]
