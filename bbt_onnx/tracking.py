@@ -17,7 +17,7 @@ from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
 from .errors import BBTError, SettingsError
-from .fileio import JSON_LIMIT, read_text_bounded, write_json_atomic
+from .fileio import JSON_LIMIT, read_text_bounded, storage_error, write_json_atomic
 from .provenance import HIDDEN, SECRET_PARAM, hide_credentials
 from .runs import TRACKED
 
@@ -214,8 +214,13 @@ class MlflowTracker:
             if self.run_id is not None:
                 return
         self.run_id = self._new_run(Path(run_dir).name, settings)
-        write_json_atomic(Path(run_dir) / TRACKED, {"tracker": "mlflow", "run_id": self.run_id,
-                                                    "experiment_id": self.experiment_id})
+        try:
+            write_json_atomic(Path(run_dir) / TRACKED, {"tracker": "mlflow", "run_id": self.run_id,
+                                                        "experiment_id": self.experiment_id})
+        except OSError as exc:
+            error = storage_error(Path(run_dir) / TRACKED, exc)
+            self.stopped(error)
+            raise error from None
 
     def _new_run(self, name: str, settings: dict) -> str:
         from mlflow.entities import Param
@@ -290,7 +295,8 @@ class MlflowTracker:
         try:
             with http_limits(CALL_ENV):
                 if status == "FAILED":
-                    self.client.set_tag(self.run_id, ERROR_TAG, (str(exc).splitlines() or [type(exc).__name__])[0][:500])
+                    line = (str(exc).splitlines() or [type(exc).__name__])[0][:500]
+                    self.client.set_tag(self.run_id, ERROR_TAG, line)
                 self.client.set_terminated(self.run_id, status=status)
         except Exception:  # noqa: BLE001 - the store may be what failed
             pass

@@ -233,3 +233,26 @@ def test_a_resume_into_another_store_starts_a_run_there(tiny_model, data_dir, tm
     (found,) = client.search_runs([client.get_experiment_by_name("bbt-onnx").experiment_id])
     assert found.info.status == "FINISHED" and found.data.params["tune.budget"] == "200"
     assert json.loads((out / "tracking.json").read_text())["run_id"] == found.info.run_id
+
+
+def test_a_full_disk_at_the_tracking_record_is_one_error_and_a_failed_mlflow_run(tiny_model, data_dir, tmp_path,
+                                                                                monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    import bbt_onnx.tracking
+    from bbt_onnx.errors import BBTError
+    from bbt_onnx.jobs.tune import Hooks
+    from bbt_onnx.tracking import track
+
+    def full(path, _obj):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setattr(bbt_onnx.tracking, "write_json_atomic", full)
+    store = f"file:{tmp_path / 'mlruns'}"
+    with pytest.raises(BBTError, match="tracking.json"):
+        small_tune(tiny_model, data_dir, tmp_path / "run", track(Hooks(), "mlflow", store))
+    client = MlflowClient(store)
+    (found,) = client.search_runs([client.get_experiment_by_name("bbt-onnx").experiment_id])
+    assert found.info.status == "FAILED"
