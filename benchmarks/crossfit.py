@@ -15,7 +15,6 @@ usage: python benchmarks/crossfit.py [--task mr|bbc] [--setting suffix|suffix-ch
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -35,14 +34,11 @@ from bbt_onnx.engines import OrtSpec  # noqa: E402
 from bbt_onnx.model import Model  # noqa: E402
 from bbt_onnx import losses  # noqa: E402
 from bbt_onnx.prompt import PromptEnsemble, TunedPrompt, load_prompt  # noqa: E402
+from bbt_onnx.synthetic import write_csv  # noqa: E402
 
 
 def write_rows(path: Path, rows) -> Path:
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "label"])
-        w.writerows([r.text, r.label] for r in rows)
-    return path
+    return write_csv(path, [(r.text, r.label) for r in rows], header=("text", "label"))
 
 
 def accuracy(results, model, rows, keys) -> float:

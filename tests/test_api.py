@@ -4,9 +4,7 @@ and what it makes is compared with what the CLI makes from the same inputs."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import bbt_onnx
 from bbt_onnx import Classifier, DataError, Example, Model, PRESETS, SettingsError, TunedPrompt, read_examples
 from bbt_onnx.api import as_data
 from bbt_onnx.data import DataSpec
+from bbt_onnx.jobs.sweep import working_dir as cwd
 from bbt_onnx.synthetic import sentiment_rows, write_csv
 
 from helpers import invoke
@@ -46,14 +45,6 @@ def readme_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", python_section(), flags=re.S)
 
 
-@contextlib.contextmanager
-def cwd(path: Path):
-    before = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(before)
 
 
 @pytest.fixture(scope="module")

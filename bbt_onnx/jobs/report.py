@@ -109,12 +109,13 @@ def check_shape(raw: dict, path: Path) -> None:
     for key in SETTING_KEYS:
         if not isinstance(tune.get(key), SCALAR):
             fail(f"settings.tune.{key}", "a plain value")
-    seed = settings.get("data", {}).get("seed")
+    data = settings.get("data", {})
+    seed = data.get("seed")
     if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool)):
         fail("settings.data.seed", "an integer")
-    if not isinstance(settings.get("data", {}).get("no_dev", False), bool):
+    if not isinstance(data.get("no_dev", False), bool):
         fail("settings.data.no_dev", "true or false")
-    if not isinstance(settings.get("data", {}).get("k_shot", 16), SCALAR):
+    if not isinstance(data.get("k_shot", 16), SCALAR):
         fail("settings.data.k_shot", "a plain value")
     obj(raw.get("metrics", {}), "metrics")
     for i, base in enumerate(entries("baselines")):
